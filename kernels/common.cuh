@@ -1,0 +1,168 @@
+// Shared by every kernel: integer types, the kernel declaration macro,
+// loads and stores per dtype, and the block-wide primitives.
+//
+// This header is the one place where the GPU build (NVRTC) and the CPU build
+// (the test-only emulator in emu/, a plain C++17 compiler) differ. Everything
+// below the `#if` is ordinary code that both compile unchanged.
+#pragma once
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef int i32;
+typedef long long i64;
+typedef unsigned long long u64;
+
+#if defined(MULTIBOX_EMULATOR)
+// CUDA's built-ins (threadIdx, __syncthreads, shuffles, atomics, ...) for
+// the CPU; see emu/include/multibox_emu.h.
+#include "multibox_emu.h"
+#define MB_KERNEL(name, Params, threads) MB_EMU_KERNEL(name, Params)
+#define MB_DYNAMIC_SHARED(T, var) T* var = static_cast<T*>(::emu::dynamic_shared_memory())
+#else
+// Kernels take their host arguments as one struct, mirrored in Rust with a
+// size check on both sides, rather than ten loose integers.
+#define MB_KERNEL(name, Params, threads) \
+    extern "C" __global__ void __launch_bounds__(threads) name(const Params p)
+#define MB_DYNAMIC_SHARED(T, var)                                     \
+    extern __shared__ __align__(16) unsigned char mb_dynamic_smem_[]; \
+    T* var = reinterpret_cast<T*>(mb_dynamic_smem_)
+#endif
+
+// -inf without math.h, which NVRTC does not have.
+
+#define MB_ASSERT_SIZE(T, n) static_assert(sizeof(T) == (n), #T " must match its Rust mirror")
+
+// ---------------------------------------------------------------------------
+// Storage types. Half types travel as their bits; all arithmetic is f32.
+
+struct f16 { u16 bits; };
+struct bf16 { u16 bits; };
+
+__device__ __forceinline__ u32 f32_bits(float x) {
+#if defined(MULTIBOX_EMULATOR)
+    u32 u;
+    __builtin_memcpy(&u, &x, 4);
+    return u;
+#else
+    return __float_as_uint(x);
+#endif
+}
+
+__device__ __forceinline__ float f32_from_bits(u32 u) {
+#if defined(MULTIBOX_EMULATOR)
+    float x;
+    __builtin_memcpy(&x, &u, 4);
+    return x;
+#else
+    return __uint_as_float(u);
+#endif
+}
+
+// -inf without math.h, which NVRTC does not have.
+constexpr u32 NEG_INF_BITS = 0xff800000u;
+#define NEG_INF f32_from_bits(NEG_INF_BITS)
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+
+// bf16 is the top half of an f32: widening is exact everywhere.
+__device__ __forceinline__ float to_f32(bf16 x) { return f32_from_bits(u32(x.bits) << 16); }
+
+__device__ __forceinline__ float to_f32(f16 x) {
+#if defined(MULTIBOX_EMULATOR)
+    // Exact widening of IEEE binary16, subnormals included.
+    const u32 sign = u32(x.bits & 0x8000u) << 16;
+    const u32 exp = (x.bits >> 10) & 0x1fu;
+    u32 man = x.bits & 0x3ffu;
+    if (exp == 0x1f) return f32_from_bits(sign | 0x7f800000u | (man << 13));
+    if (exp != 0) return f32_from_bits(sign | ((exp + 112u) << 23) | (man << 13));
+    if (man == 0) return f32_from_bits(sign);
+    // Subnormal: shift the leading one up into the implicit bit.
+    u32 e = 113u;
+    while ((man & 0x400u) == 0) { man <<= 1; --e; }
+    return f32_from_bits(sign | (e << 23) | ((man & 0x3ffu) << 13));
+#else
+    float y;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(y) : "h"(x.bits));
+    return y;
+#endif
+}
+
+template <typename T> __device__ __forceinline__ T from_f32(float x);
+
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+
+// Round to nearest even, NaN to the canonical 0x7fff (what cvt.rn.bf16.f32
+// gives). Done in integer arithmetic on both builds, so it is bit-identical
+// by construction and needs no sm_80 instruction on sm_75.
+template <> __device__ __forceinline__ bf16 from_f32<bf16>(float x) {
+    const u32 u = f32_bits(x);
+    bf16 r;
+    if ((u & 0x7fffffffu) > 0x7f800000u) { r.bits = 0x7fffu; return r; }
+    r.bits = u16((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    return r;
+}
+
+template <> __device__ __forceinline__ f16 from_f32<f16>(float x) {
+    f16 r;
+#if defined(MULTIBOX_EMULATOR)
+    // IEEE round to nearest even, as cvt.rn.f16.f32 does; NaN becomes the
+    // canonical 0x7fff like on the GPU.
+    const u32 u = f32_bits(x);
+    const u32 sign = (u >> 16) & 0x8000u;
+    const u32 a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) { r.bits = 0x7fffu; return r; }
+    if (a >= 0x477ff000u) { r.bits = u16(sign | 0x7c00u); return r; }  // rounds to inf
+    if (a >= 0x38800000u) {                                            // normal f16
+        const u32 v = a - 0x38000000u;  // rebias exponent 127 -> 15
+        r.bits = u16(sign | ((v + 0xfffu + ((v >> 13) & 1u)) >> 13));
+        return r;
+    }
+    if (a < 0x33000000u) { r.bits = u16(sign); return r; }  // below half the smallest subnormal
+    // Subnormal f16: make the implicit bit explicit and shift it into place.
+    const u32 exp = a >> 23;
+    const u32 man = (a & 0x7fffffu) | 0x800000u;
+    const u32 shift = 126u - exp;  // 14 + (113 - exp) bits fall off
+    const u32 half_bit = 1u << (shift - 1);
+    u32 q = man >> shift;
+    const u32 rem = man & ((1u << shift) - 1u);
+    if (rem > half_bit || (rem == half_bit && (q & 1u))) ++q;
+    r.bits = u16(sign | q);
+#else
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.bits) : "f"(x));
+#endif
+    return r;
+}
+
+// ---------------------------------------------------------------------------
+// Warp and block primitives. Every kernel reduces through these.
+
+constexpr u32 FULL_MASK = 0xffffffffu;
+constexpr int WARP = 32;
+
+template <typename T> __device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+    for (int offset = WARP / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(FULL_MASK, v, offset);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int offset = WARP / 2; offset > 0; offset /= 2) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, offset));
+    return v;
+}
+
+// Sum over a block of THREADS threads, in a fixed order (so the result is
+// bit-identical run after run). Every thread gets the total. `scratch` holds
+// THREADS / 32 values and may be reused once this returns.
+template <int THREADS, typename T> __device__ __forceinline__ T block_sum(T v, T* scratch) {
+    static_assert(THREADS % WARP == 0 && THREADS <= 1024, "whole warps only");
+    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    v = warp_sum(v);
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    T total = lane < THREADS / WARP ? scratch[lane] : T(0);
+    total = warp_sum(total);
+    __syncthreads();
+    return total;
+}

@@ -1,0 +1,2 @@
+//! multibox (skeleton)
+pub mod kernels;
