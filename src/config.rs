@@ -1,0 +1,132 @@
+//! What a caller chooses once: the loss's parameters and the batch shape.
+
+use crate::{Error, Result};
+
+/// How the float sums (the two losses) are reduced across blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Reduction {
+    /// Per-block partial sums added in a fixed order by the last block:
+    /// bit-identical results run after run.
+    #[default]
+    Deterministic,
+}
+
+/// The parameters of the MultiBox loss.
+///
+/// ```
+/// let config = multibox::MultiboxConfig { neg_pos_ratio: 3.0, ..Default::default() };
+/// assert!(config.validate().is_ok());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MultiboxConfig {
+    /// Hard negatives mined per positive, per image (`k = floor(ratio * pos)`).
+    /// A positive, finite real; 3 by default.
+    pub neg_pos_ratio: f32,
+    /// Floor on the negatives mined per image, also for images with no
+    /// positive (0 by default, as in the reference).
+    pub min_negatives_per_image: u32,
+    /// The smooth-L1 transition point; positive and finite; 1 by default.
+    pub beta: f32,
+    /// How the losses are summed across blocks.
+    pub reduction: Reduction,
+}
+
+impl Default for MultiboxConfig {
+    fn default() -> Self {
+        Self { neg_pos_ratio: 3.0, min_negatives_per_image: 0, beta: 1.0, reduction: Reduction::Deterministic }
+    }
+}
+
+impl MultiboxConfig {
+    /// Checks every field's range.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.neg_pos_ratio.is_finite() && self.neg_pos_ratio > 0.0) {
+            return Err(Error::InvalidConfig(format!(
+                "neg_pos_ratio must be a positive finite number, got {}",
+                self.neg_pos_ratio
+            )));
+        }
+        if !(self.beta.is_finite() && self.beta > 0.0) {
+            return Err(Error::InvalidConfig(format!("beta must be a positive finite number, got {}", self.beta)));
+        }
+        Ok(())
+    }
+
+    /// Number of negatives image `b` mines: `min(max(floor(ratio * pos), min_neg), candidates)`.
+    ///
+    /// The product is taken in f64, so that `floor` is exact for every
+    /// `pos < 2^31` and an f32 ratio (the kernels do the same).
+    pub fn negatives_to_mine(&self, num_pos: u64, candidates: u64) -> u64 {
+        let by_ratio = (f64::from(self.neg_pos_ratio) * num_pos as f64).floor() as u64;
+        by_ratio.max(u64::from(self.min_negatives_per_image)).min(candidates)
+    }
+}
+
+/// The batch shape: `B` images, `P` priors per image, `C` classes (background included).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Shape {
+    /// B, the number of images.
+    pub batch: usize,
+    /// P, the number of priors (anchors) per image.
+    pub priors: usize,
+    /// C, the number of classes, background (label 0) included.
+    pub classes: usize,
+}
+
+impl std::fmt::Display for Shape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "[B={}, P={}, C={}]", self.batch, self.priors, self.classes)
+    }
+}
+
+impl Shape {
+    /// A shape of `batch` images, `priors` priors and `classes` classes.
+    pub const fn new(batch: usize, priors: usize, classes: usize) -> Self {
+        Self { batch, priors, classes }
+    }
+
+    /// `B * P`: one row of logits per prior.
+    pub const fn rows(&self) -> usize {
+        self.batch * self.priors
+    }
+
+    /// Elements of `confidence`: `B * P * C`.
+    pub const fn confidence_len(&self) -> usize {
+        self.batch * self.priors * self.classes
+    }
+
+    /// Elements of `predicted_locations` and `gt_locations`: `B * P * 4`.
+    pub const fn locations_len(&self) -> usize {
+        self.batch * self.priors * 4
+    }
+
+    /// Checks the ranges of SPEC.md and that the kernels' indices cannot overflow:
+    /// rows (`B * P`) index with 32-bit signed integers and so must stay below 2^31,
+    /// and so must `C`; element offsets are 64-bit.
+    pub fn validate(&self) -> Result<()> {
+        let invalid = |reason| Err(Error::InvalidShape { shape: *self, reason });
+        if self.batch == 0 {
+            return invalid("B (batch) must be at least 1");
+        }
+        if self.priors == 0 {
+            return invalid("P (priors) must be at least 1");
+        }
+        if self.classes < 2 {
+            return invalid("C (classes) must be at least 2: background plus one class");
+        }
+        let too_large = |reason: String| Err(Error::TooLarge { shape: *self, reason });
+        const LIMIT: u128 = i32::MAX as u128;
+        let rows = self.batch as u128 * self.priors as u128;
+        if rows > LIMIT {
+            return too_large(format!("B * P = {rows} priors exceed the kernels' 32-bit row index (at most {LIMIT})"));
+        }
+        if self.classes as u128 > LIMIT {
+            return too_large(format!("C = {} exceeds the kernels' 32-bit class index", self.classes));
+        }
+        let bytes = rows * self.classes as u128 * 4;
+        if bytes > isize::MAX as u128 {
+            return too_large(format!("B * P * C * 4 = {bytes} bytes exceed the address space"));
+        }
+        Ok(())
+    }
+}
