@@ -166,3 +166,69 @@ template <int THREADS, typename T> __device__ __forceinline__ T block_sum(T v, T
     __syncthreads();
     return total;
 }
+
+// Exclusive prefix sum over a block of THREADS threads, in thread order.
+// Returns this thread's exclusive prefix; `*total` gets the block's sum.
+// `scratch` holds THREADS / 32 + 1 values.
+template <int THREADS> __device__ __forceinline__ u32 block_exclusive_scan(u32 v, u32* scratch, u32* total) {
+    static_assert(THREADS % WARP == 0 && THREADS <= 1024, "whole warps only");
+    constexpr int WARPS = THREADS / WARP;
+    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    u32 inclusive = v;
+#pragma unroll
+    for (int offset = 1; offset < WARP; offset *= 2) {
+        const u32 up = __shfl_up_sync(FULL_MASK, inclusive, offset);
+        if (lane >= offset) inclusive += up;
+    }
+    if (lane == WARP - 1) scratch[warp] = inclusive;
+    __syncthreads();
+    if (warp == 0) {
+        u32 w = lane < WARPS ? scratch[lane] : 0u;
+        u32 w_inclusive = w;
+#pragma unroll
+        for (int offset = 1; offset < WARP; offset *= 2) {
+            const u32 up = __shfl_up_sync(FULL_MASK, w_inclusive, offset);
+            if (lane >= offset) w_inclusive += up;
+        }
+        if (lane < WARPS) scratch[lane] = w_inclusive - w;  // exclusive, per warp
+        if (lane == WARPS - 1) scratch[WARPS] = w_inclusive;
+    }
+    __syncthreads();
+    const u32 result = scratch[warp] + inclusive - v;
+    *total = scratch[WARPS];
+    __syncthreads();
+    return result;
+}
+
+// Bitwise OR over a block; every thread gets the result.
+template <int THREADS> __device__ __forceinline__ u32 block_or(u32 v, u32* scratch) {
+    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+#pragma unroll
+    for (int offset = WARP / 2; offset > 0; offset /= 2) v |= __shfl_xor_sync(FULL_MASK, v, offset);
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    u32 total = lane < THREADS / WARP ? scratch[lane] : 0u;
+#pragma unroll
+    for (int offset = WARP / 2; offset > 0; offset /= 2) total |= __shfl_xor_sync(FULL_MASK, total, offset);
+    __syncthreads();
+    return total;
+}
+
+// A load that bypasses L1: for values another block wrote during this
+// launch (the last-block reductions), which this SM's L1 may hold stale.
+template <typename T> __device__ __forceinline__ T load_global_coherent(const T* p) {
+    static_assert(sizeof(T) == 4 || sizeof(T) == 16, "4- or 16-byte records only");
+#if defined(MULTIBOX_EMULATOR)
+    return *p;
+#else
+    T v;
+    if constexpr (sizeof(T) == 4) {
+        const u32 bits = __ldcg(reinterpret_cast<const unsigned int*>(p));
+        memcpy(&v, &bits, 4);
+    } else {
+        const uint4 bits = __ldcg(reinterpret_cast<const uint4*>(p));
+        memcpy(&v, &bits, 16);
+    }
+    return v;
+#endif
+}

@@ -70,6 +70,12 @@ pub enum Error {
         /// C, the number of classes.
         classes: usize,
     },
+    /// A required device address is null.
+    #[error("`{name}` is a null device pointer")]
+    NullPointer {
+        /// The argument's name.
+        name: &'static str,
+    },
     /// A device pointer not aligned as the kernels require.
     #[error("`{name}` must be aligned to {align} bytes (address {addr:#x})")]
     Misaligned {

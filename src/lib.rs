@@ -5,8 +5,16 @@ mod config;
 mod dtype;
 mod error;
 pub mod kernels;
+mod launch;
+mod loss;
+pub mod plan;
 pub mod reference;
 
 pub use config::{MultiboxConfig, Reduction, Shape};
+/// cudarc, re-exported so callers use the same version.
+pub use cudarc;
 pub use dtype::{DType, Float, Label, LabelType};
 pub use error::{Error, Result};
+pub use launch::{launch_call, Backend, DeviceStatus, RawBuffers, RawCall, RawUpstream};
+pub use loss::{Gradients, Inputs, MultiboxLoss, Outputs, Upstream};
+pub use plan::{workspace_bytes, LaunchPlan};

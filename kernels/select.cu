@@ -1,0 +1,212 @@
+// Kernel 2 of 3: per image, choose the hard negatives by radix select; then
+// the last block to finish adds up the losses.
+//
+// Top-k by radix select instead of sorting: the reference sorts the
+// background losses twice (argsort of argsort) to rank them; we only need to
+// know, per image, which candidates are among the k largest. Keys are u32
+// (see multibox.cuh), examined 11 bits at a time from the top: count the
+// candidates per digit into a shared histogram, find the digit where the
+// k-th largest lies, keep only keys with that prefix, repeat. 11 + 11 + 10
+// bits resolve a key in at most 3 passes over the image's keys (which sit in
+// L2 after kernel 1), with a 2048-bucket histogram that fits shared memory
+// easily; 8-bit digits would need 4 passes, 16-bit ones a 256 KiB histogram.
+// A pass ends the search early when the chosen bucket holds exactly the keys
+// still needed. What remains are ties with the k-th key itself; they go to
+// the lowest prior indices, as a stable descending sort would order them, so
+// the result is a threshold key and a tie cutoff per image: no index list,
+// no sort.
+#include "multibox.cuh"
+
+constexpr int SELECT_THREADS = 512;
+constexpr int DIGIT_BITS = 11;
+constexpr u32 BUCKETS = 1u << DIGIT_BITS;
+constexpr u32 BUCKETS_PER_THREAD = BUCKETS / SELECT_THREADS;
+
+struct SelectShared {
+    u32 histogram[BUCKETS];
+    u32 scan[SELECT_THREADS / WARP + 1];
+    float sums[SELECT_THREADS / WARP];
+    u32 digit;
+    u32 above;  // keys with the current prefix and a larger digit
+    i32 tie_cutoff;
+    u32 is_last;
+};
+
+// Adds to the histogram the digit at `shift` of every candidate key whose
+// bits above the digit equal `prefix`.
+__device__ void count_digits(const u32* keys, u32 n, u32 prefix, u32 prefix_mask, u32 shift, u32* histogram) {
+    for (u32 b = threadIdx.x; b < BUCKETS; b += SELECT_THREADS) histogram[b] = 0;
+    __syncthreads();
+    for (u32 i = threadIdx.x; i < n; i += SELECT_THREADS) {
+        const u32 key = keys[i];
+        if (is_candidate(key) && (key & prefix_mask) == prefix) atomicAdd(&histogram[(key >> shift) & (BUCKETS - 1)], 1u);
+    }
+    __syncthreads();
+}
+
+// Finds the digit d holding the `remaining`-th largest key: fewer than
+// `remaining` keys have a larger digit, at least `remaining` have d or larger.
+// Each thread owns BUCKETS_PER_THREAD consecutive buckets counted from the
+// top; a block scan of the per-thread totals tells each thread how many
+// keys lie above its buckets.
+__device__ void find_digit(SelectShared& sh, u32 remaining) {
+    u32 counts[BUCKETS_PER_THREAD];
+    u32 local = 0;
+    for (u32 j = 0; j < BUCKETS_PER_THREAD; ++j) {
+        counts[j] = sh.histogram[BUCKETS - 1 - (threadIdx.x * BUCKETS_PER_THREAD + j)];
+        local += counts[j];
+    }
+    u32 total;
+    u32 above = block_exclusive_scan<SELECT_THREADS>(local, sh.scan, &total);
+    for (u32 j = 0; j < BUCKETS_PER_THREAD; ++j) {
+        if (above < remaining && above + counts[j] >= remaining) {
+            sh.digit = BUCKETS - 1 - (threadIdx.x * BUCKETS_PER_THREAD + j);
+            sh.above = above;
+        }
+        above += counts[j];
+    }
+    __syncthreads();
+}
+
+// The prior index of the `rank`-th (1-based) key equal to `key`, in index order.
+__device__ i32 nth_tie(SelectShared& sh, const u32* keys, u32 n, u32 key, u32 rank) {
+    u32 seen = 0;
+    for (u32 base = 0; base < n; base += SELECT_THREADS) {
+        const u32 i = base + threadIdx.x;
+        const u32 tie = i < n && keys[i] == key;
+        u32 in_chunk;
+        const u32 before = block_exclusive_scan<SELECT_THREADS>(tie, sh.scan, &in_chunk);
+        if (tie && seen + before + 1 == rank) sh.tie_cutoff = i32(i);
+        seen += in_chunk;  // the same on every thread, so the exit is uniform
+        if (seen >= rank) break;
+    }
+    __syncthreads();
+    return sh.tie_cutoff;
+}
+
+// Chooses the k largest candidate keys of one image.
+__device__ ImageSelection select_top_k(SelectShared& sh, const u32* keys, u32 n, u32 k, u32 candidates) {
+    ImageSelection s;
+    s.tie_cutoff = -1;
+    if (k == 0) {  // nothing: no key exceeds the largest
+        s.threshold = KEY_NAN;
+        return s;
+    }
+    if (k >= candidates) {  // everything: every candidate exceeds this
+        s.threshold = KEY_CANDIDATE - 1;
+        return s;
+    }
+    u32 prefix = 0, prefix_mask = 0, remaining = k;
+    const u32 shifts[3] = {32 - DIGIT_BITS, 32 - 2 * DIGIT_BITS, 0};
+    const u32 widths[3] = {DIGIT_BITS, DIGIT_BITS, 32 - 2 * DIGIT_BITS};
+    for (int pass = 0; pass < 3; ++pass) {
+        const u32 shift = shifts[pass], digit_mask = (1u << widths[pass]) - 1u;
+        count_digits(keys, n, prefix, prefix_mask, shift, sh.histogram);
+        find_digit(sh, remaining);
+        const u32 digit = sh.digit, in_bucket = sh.histogram[digit];
+        remaining -= sh.above;
+        prefix |= digit << shift;
+        prefix_mask |= digit_mask << shift;
+        __syncthreads();  // everyone has read sh before the next pass rewrites it
+        if (in_bucket == remaining) {
+            // The whole bucket is taken: every key >= its smallest key.
+            s.threshold = prefix - 1;
+            return s;
+        }
+    }
+    // The full key is known and more keys equal it than are still needed.
+    s.threshold = prefix;
+    s.tie_cutoff = nth_tie(sh, keys, n, prefix, remaining);
+    return s;
+}
+
+__device__ void select_and_reduce(const MultiboxParams& p) {
+    __shared__ SelectShared sh;
+    const u32 image = blockIdx.x;
+    const u32 n = p.priors;
+    const u32* keys = p.keys + u64(image) * n;
+
+    u32 positives = 0, candidates = 0;
+    for (u32 i = threadIdx.x; i < n; i += SELECT_THREADS) {
+        const u32 key = keys[i];
+        positives += key == KEY_POSITIVE;
+        candidates += is_candidate(key);
+    }
+    positives = block_sum<SELECT_THREADS>(positives, sh.scan);
+    candidates = block_sum<SELECT_THREADS>(candidates, sh.scan);
+
+    // k = min(max(floor(ratio * pos), min_neg), candidates), as in
+    // MultiboxConfig::negatives_to_mine: the product in f64 is exact.
+    const double by_ratio = floor(double(p.neg_pos_ratio) * double(positives));
+    u64 k = by_ratio > double(p.min_negatives) ? u64(by_ratio) : u64(p.min_negatives);
+    if (k > candidates) k = candidates;
+
+    ImageSelection s = select_top_k(sh, keys, n, u32(k), candidates);
+    s.num_pos = positives;
+
+    // The mined negatives' cross-entropy is their background loss, which the
+    // key holds exactly: add it up here, and write the mask on the way.
+    float negative_ce = 0.0f;
+    for (u32 i = threadIdx.x; i < n; i += SELECT_THREADS) {
+        const u32 key = keys[i];
+        const bool mined = is_mined(s, key, i);
+        if (mined) negative_ce += key_loss(key);
+        if (p.mask) p.mask[u64(image) * n + i] = u8(mined || key == KEY_POSITIVE);
+    }
+    s.negative_ce = block_sum<SELECT_THREADS>(negative_ce, sh.sums);
+    if (threadIdx.x == 0) p.images[image] = s;
+
+    // The last block to get here sums every image's and every row block's
+    // terms, in index order, and divides by N on the device: no host
+    // round-trip, and no float atomics, so the losses are bit-identical run
+    // after run.
+    __threadfence();
+    if (threadIdx.x == 0) sh.is_last = atomicAdd(&p.totals->images_done, 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (!sh.is_last) return;
+    __threadfence();
+
+    u32 num_pos = 0;
+    float negative = 0.0f;
+    for (u32 b = threadIdx.x; b < p.batch; b += SELECT_THREADS) {
+        const ImageSelection img = load_global_coherent(p.images + b);
+        num_pos += img.num_pos;
+        negative += img.negative_ce;
+    }
+    float regression = 0.0f, positive = 0.0f;
+    u32 status = 0;
+    for (u32 r = threadIdx.x; r < p.row_blocks; r += SELECT_THREADS) {
+        const RowBlockPartial part = load_global_coherent(p.partials + r);
+        regression += part.regression;
+        positive += part.positive_ce;
+        status |= part.status;
+    }
+    num_pos = block_sum<SELECT_THREADS>(num_pos, sh.scan);
+    negative = block_sum<SELECT_THREADS>(negative, sh.sums);
+    regression = block_sum<SELECT_THREADS>(regression, sh.sums);
+    positive = block_sum<SELECT_THREADS>(positive, sh.sums);
+    status = block_or<SELECT_THREADS>(status, sh.scan);
+    if (threadIdx.x == 0) {
+        float reg = 0.0f, cls = 0.0f;  // N == 0: both losses are 0, not 0 / 0
+        if (num_pos > 0) {
+            reg = regression / float(num_pos);
+            cls = (positive + negative) / float(num_pos);
+        }
+        if (status & STATUS_INVALID_LABEL) {
+            // A step with a bad label must not train: NaN makes loss scalers skip it.
+            reg = f32_from_bits(0x7fc00000u);
+            cls = reg;
+        }
+        *p.regression_loss = reg;
+        *p.classification_loss = cls;
+        *p.num_pos = i32(num_pos);
+        Totals t;
+        t.images_done = 0;
+        t.num_pos = num_pos;
+        t.status = status;
+        t.unused = 0;
+        *p.totals = t;
+    }
+}
+
+MB_KERNEL(multibox_select, MultiboxParams, SELECT_THREADS) { select_and_reduce(p); }

@@ -1,0 +1,258 @@
+//! One call's launch sequence, written once for every backend: the CUDA
+//! driver in [`crate::MultiboxLoss`], the CPU emulator in the tests.
+//!
+//! Everything a call needs is validated here, before the first launch.
+
+use crate::plan::{LaunchPlan, MultiboxParams};
+use crate::{DType, Error, LabelType, MultiboxConfig, Result, Shape};
+
+/// Where kernels run. The crate's own implementation drives the CUDA driver;
+/// the test suite plugs in a CPU emulator of the same kernels, so both run
+/// the same launch sequence.
+pub trait Backend {
+    /// Launches `kernel` with `grid` x `block` threads, `shared_bytes` of
+    /// dynamic shared memory, and `params` (the bytes of the kernel's
+    /// `#[repr(C)]` argument struct) as its single argument.
+    ///
+    /// # Safety
+    /// The addresses inside `params` must be valid for what the kernel reads
+    /// and writes on this backend, and stay valid until the work completes.
+    unsafe fn launch(
+        &self,
+        kernel: &'static str,
+        grid: u32,
+        block: u32,
+        shared_bytes: u32,
+        params: &[u8],
+    ) -> Result<()>;
+}
+
+/// The upstream gradients `g_reg` and `g_cls` (they carry loss scaling and
+/// loss weights).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RawUpstream {
+    /// Values known on the host.
+    Host {
+        /// d(total) / d(regression_loss).
+        g_reg: f32,
+        /// d(total) / d(classification_loss).
+        g_cls: f32,
+    },
+    /// Device address of two f32, `[g_reg, g_cls]`, read by the kernels
+    /// (so a loss scaler's value needs no round-trip to the host).
+    Device(u64),
+}
+
+impl Default for RawUpstream {
+    fn default() -> Self {
+        RawUpstream::Host {
+            g_reg: 1.0,
+            g_cls: 1.0,
+        }
+    }
+}
+
+/// Device addresses of one call's buffers, for the raw entry point
+/// ([`crate::MultiboxLoss::launch_raw`]). Arrays are contiguous and row-major,
+/// of the element types the call names.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RawBuffers {
+    /// `[B, P, C]` logits, T.
+    pub confidence: u64,
+    /// `[B, P, 4]` predicted box offsets, T.
+    pub predicted_locations: u64,
+    /// `[B, P]` labels, i32 or i64.
+    pub labels: u64,
+    /// `[B, P, 4]` target box offsets, T.
+    pub gt_locations: u64,
+    /// `[B, P, C]` gradient of the logits, T; forward_backward only.
+    pub grad_confidence: u64,
+    /// `[B, P, 4]` gradient of the predicted offsets, T; forward_backward only.
+    pub grad_locations: u64,
+    /// One f32.
+    pub regression_loss: u64,
+    /// One f32.
+    pub classification_loss: u64,
+    /// One i32.
+    pub num_pos: u64,
+    /// `[B, P]` u8 mask of the priors in the classification loss, or 0 for none.
+    pub mask: u64,
+    /// At least [`crate::workspace_bytes`] bytes, 256-byte aligned.
+    pub workspace: u64,
+    /// Size of the workspace in bytes.
+    pub workspace_bytes: usize,
+}
+
+/// Everything one raw call needs besides the configuration.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RawCall {
+    /// The batch shape.
+    pub shape: Shape,
+    /// Element type of confidence, the locations and the gradients.
+    pub dtype: DType,
+    /// Element type of labels.
+    pub label_type: LabelType,
+    /// Device addresses.
+    pub buffers: RawBuffers,
+    /// Upstream gradients (ignored by a forward-only call).
+    pub upstream: RawUpstream,
+    /// true: forward and backward; false: the losses only.
+    pub backward: bool,
+}
+
+/// Validates `call` and launches its kernels on `backend`, in order.
+///
+/// # Safety
+/// Every address in `call.buffers` must point to memory that `backend` can
+/// access, of at least the size the shape and types imply, and stay valid
+/// until the launched work completes; outputs must not overlap inputs.
+pub unsafe fn launch_call<B: Backend + ?Sized>(
+    config: &MultiboxConfig,
+    call: &RawCall,
+    backend: &B,
+) -> Result<LaunchPlan> {
+    config.validate()?;
+    let plan = LaunchPlan::new(call.shape)?;
+    let params = params(config, call, &plan)?;
+    for launch in plan.launches(call.backward) {
+        let kernel = launch.step.kernel_name(call.dtype, call.label_type);
+        // SAFETY: `params` holds the addresses the caller vouched for, checked
+        // against the shape above, in the layout of MultiboxParams.
+        unsafe {
+            backend.launch(
+                kernel,
+                launch.grid,
+                launch.block,
+                launch.shared_bytes,
+                bytemuck::bytes_of(&params),
+            )?
+        };
+    }
+    Ok(plan)
+}
+
+/// Checks the addresses of `call` and builds the kernels' argument struct.
+fn params(config: &MultiboxConfig, call: &RawCall, plan: &LaunchPlan) -> Result<MultiboxParams> {
+    let b = &call.buffers;
+    let t = call.dtype.size();
+    let l = call.label_type.size();
+    let mut required: Vec<(&'static str, u64, usize)> = vec![
+        ("confidence", b.confidence, t),
+        ("predicted_locations", b.predicted_locations, t),
+        ("labels", b.labels, l),
+        ("gt_locations", b.gt_locations, t),
+        ("regression_loss", b.regression_loss, 4),
+        ("classification_loss", b.classification_loss, 4),
+        ("num_pos", b.num_pos, 4),
+        ("workspace", b.workspace, 256),
+    ];
+    if call.backward {
+        required.push(("grad_confidence", b.grad_confidence, t));
+        required.push(("grad_locations", b.grad_locations, t));
+    }
+    for (name, addr, align) in required {
+        if addr == 0 {
+            return Err(Error::NullPointer { name });
+        }
+        check_alignment(name, addr, align)?;
+    }
+    if b.mask != 0 {
+        check_alignment("mask", b.mask, 1)?;
+    }
+    if b.workspace_bytes < plan.workspace.bytes {
+        return Err(Error::WorkspaceTooSmall {
+            expected: plan.workspace.bytes,
+            actual: b.workspace_bytes,
+            shape: call.shape,
+        });
+    }
+    let (upstream, g_reg, g_cls) = match call.upstream {
+        RawUpstream::Host { g_reg, g_cls } => {
+            for (name, value) in [("g_reg", g_reg), ("g_cls", g_cls)] {
+                if !value.is_finite() {
+                    return Err(Error::InvalidUpstream { name, value });
+                }
+            }
+            (0, g_reg, g_cls)
+        }
+        RawUpstream::Device(addr) if call.backward => {
+            if addr == 0 {
+                return Err(Error::NullPointer { name: "upstream" });
+            }
+            check_alignment("upstream", addr, 4)?;
+            (addr, 0.0, 0.0)
+        }
+        RawUpstream::Device(_) => (0, 0.0, 0.0),
+    };
+    let ws = &plan.workspace;
+    let at = |s: crate::plan::Section| b.workspace + s.offset as u64;
+    let shape = call.shape;
+    Ok(MultiboxParams {
+        confidence: b.confidence,
+        predicted_locations: b.predicted_locations,
+        labels: b.labels,
+        gt_locations: b.gt_locations,
+        upstream,
+        grad_confidence: if call.backward { b.grad_confidence } else { 0 },
+        grad_locations: if call.backward { b.grad_locations } else { 0 },
+        regression_loss: b.regression_loss,
+        classification_loss: b.classification_loss,
+        num_pos: b.num_pos,
+        mask: b.mask,
+        keys: at(ws.keys),
+        partials: at(ws.partials),
+        images: at(ws.images),
+        totals: at(ws.totals),
+        // LaunchPlan::new validated that these fit in 32 bits.
+        batch: shape.batch as u32,
+        priors: shape.priors as u32,
+        classes: shape.classes as u32,
+        lanes_per_row: plan.lanes_per_row,
+        row_blocks: plan.rows.grid,
+        min_negatives: config.min_negatives_per_image,
+        neg_pos_ratio: config.neg_pos_ratio,
+        beta: config.beta,
+        g_reg,
+        g_cls,
+    })
+}
+
+fn check_alignment(name: &'static str, addr: u64, align: usize) -> Result<()> {
+    if addr % align as u64 != 0 {
+        return Err(Error::Misaligned { name, align, addr });
+    }
+    Ok(())
+}
+
+/// What the kernels saw that only the device can see. Read it with
+/// [`crate::MultiboxLoss::status`] when you choose (it synchronises).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DeviceStatus {
+    /// A label outside `-1..C` was found; both losses are NaN for that call,
+    /// and the prior was treated as ignored (never used as an index).
+    pub invalid_label: bool,
+    /// A NaN or infinity was among the inputs the loss read; it propagates
+    /// into the losses as in the reference.
+    pub nonfinite_input: bool,
+}
+
+impl DeviceStatus {
+    /// Decodes the status word.
+    pub fn from_bits(bits: u32) -> Self {
+        Self {
+            invalid_label: bits & crate::plan::STATUS_INVALID_LABEL != 0,
+            nonfinite_input: bits & crate::plan::STATUS_NONFINITE_INPUT != 0,
+        }
+    }
+
+    /// Neither flag is set.
+    pub fn is_ok(&self) -> bool {
+        !self.invalid_label && !self.nonfinite_input
+    }
+}
+
+/// Where the status word lives in a workspace for `shape`.
+pub(crate) fn status_offset(shape: Shape) -> Result<usize> {
+    let plan = LaunchPlan::new(shape)?;
+    Ok(plan.workspace.totals.offset + std::mem::offset_of!(crate::plan::Totals, status))
+}

@@ -1,0 +1,410 @@
+//! The loss on a CUDA device: [`MultiboxLoss`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DevicePtr, DevicePtrMut, DeviceSlice};
+
+use crate::launch::{launch_call, Backend, DeviceStatus, RawBuffers, RawCall, RawUpstream};
+use crate::plan::Step;
+use crate::{kernels, Error, Float, Label, MultiboxConfig, Result, Shape};
+
+/// The inputs of one call, on the device. Any cudarc slice or view works
+/// (`&CudaSlice<T>`, `&CudaView<T>`, ...).
+pub struct Inputs<'a, T, L> {
+    /// `[B, P, C]` logits.
+    pub confidence: &'a dyn DevicePtr<T>,
+    /// `[B, P, 4]` predicted box offsets.
+    pub predicted_locations: &'a dyn DevicePtr<T>,
+    /// `[B, P]` labels: -1 ignore, 0 background, 1..C-1 class.
+    pub labels: &'a dyn DevicePtr<L>,
+    /// `[B, P, 4]` encoded target box offsets.
+    pub gt_locations: &'a dyn DevicePtr<T>,
+}
+
+/// Where a call writes the losses. Nothing is read back: the values stay on
+/// the device until the caller copies them.
+pub struct Outputs<'a> {
+    /// One f32: sum of smooth-L1 over positives / N.
+    pub regression_loss: &'a mut dyn DevicePtrMut<f32>,
+    /// One f32: cross-entropy over positives and mined negatives / N.
+    pub classification_loss: &'a mut dyn DevicePtrMut<f32>,
+    /// One i32: N, the batch's positives.
+    pub num_pos: &'a mut dyn DevicePtrMut<i32>,
+    /// Optional `[B, P]` u8: 1 for each prior in the classification loss.
+    pub mask: Option<&'a mut dyn DevicePtrMut<u8>>,
+}
+
+/// Where forward_backward writes the gradients (every element is written).
+pub struct Gradients<'a, T> {
+    /// `[B, P, C]`: d loss / d confidence.
+    pub confidence: &'a mut dyn DevicePtrMut<T>,
+    /// `[B, P, 4]`: d loss / d predicted_locations.
+    pub predicted_locations: &'a mut dyn DevicePtrMut<T>,
+}
+
+/// The upstream gradients of the two losses.
+pub enum Upstream<'a> {
+    /// Known on the host (1.0 and 1.0 for a plain sum of the losses).
+    Host {
+        /// d(total) / d(regression_loss).
+        g_reg: f32,
+        /// d(total) / d(classification_loss).
+        g_cls: f32,
+    },
+    /// Two f32 `[g_reg, g_cls]` on the device, read by the kernels.
+    Device(&'a dyn DevicePtr<f32>),
+}
+
+impl Default for Upstream<'_> {
+    fn default() -> Self {
+        Upstream::Host {
+            g_reg: 1.0,
+            g_cls: 1.0,
+        }
+    }
+}
+
+/// The MultiBox loss on one CUDA context. Build it once (it loads the
+/// kernels), then call it every step on the caller's stream: no allocation,
+/// no host synchronisation, so the calls can be captured in a CUDA graph.
+pub struct MultiboxLoss {
+    config: MultiboxConfig,
+    ctx: Arc<CudaContext>,
+    functions: HashMap<&'static str, CudaFunction>,
+}
+
+impl std::fmt::Debug for MultiboxLoss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MultiboxLoss")
+            .field("config", &self.config)
+            .field("device", &self.ctx.ordinal())
+            .finish()
+    }
+}
+
+impl MultiboxLoss {
+    /// Loads the kernels into `ctx`: the CUBIN for the device's architecture
+    /// where this build has one, else the PTX.
+    pub fn new(ctx: &Arc<CudaContext>, config: MultiboxConfig) -> Result<Self> {
+        config.validate()?;
+        let (major, minor) = ctx.compute_capability()?;
+        let mut functions = HashMap::new();
+        for name in Step::all_kernel_names() {
+            let source = match name {
+                n if n.starts_with("multibox_rows") => "rows",
+                n if n.starts_with("multibox_select") => "select",
+                _ => "gradient",
+            };
+            let image = kernels::image_for(source, major, minor).ok_or_else(|| {
+                Error::NoKernels(format!(
+                    "this build embeds no image of `{source}` for sm_{major}{minor} (built with MULTIBOX_SKIP_KERNELS=1?)"
+                ))
+            })?;
+            let module = ctx.load_module(cudarc::nvrtc::Ptx::from_binary(image.bytes.to_vec()))?;
+            functions.insert(name, module.load_function(name)?);
+        }
+        Ok(Self {
+            config,
+            ctx: ctx.clone(),
+            functions,
+        })
+    }
+
+    /// The configuration the loss was built with.
+    pub fn config(&self) -> &MultiboxConfig {
+        &self.config
+    }
+
+    /// The losses only (evaluation): two kernel launches on `stream`.
+    pub fn forward<T: Float, L: Label>(
+        &self,
+        stream: &Arc<CudaStream>,
+        shape: Shape,
+        inputs: &Inputs<'_, T, L>,
+        outputs: &mut Outputs<'_>,
+        workspace: &mut dyn DevicePtrMut<u8>,
+    ) -> Result<()> {
+        self.call(
+            stream,
+            shape,
+            inputs,
+            outputs,
+            None,
+            Upstream::default(),
+            workspace,
+        )
+    }
+
+    /// The losses and both gradients: three kernel launches on `stream`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_backward<T: Float, L: Label>(
+        &self,
+        stream: &Arc<CudaStream>,
+        shape: Shape,
+        inputs: &Inputs<'_, T, L>,
+        upstream: Upstream<'_>,
+        gradients: &mut Gradients<'_, T>,
+        outputs: &mut Outputs<'_>,
+        workspace: &mut dyn DevicePtrMut<u8>,
+    ) -> Result<()> {
+        self.call(
+            stream,
+            shape,
+            inputs,
+            outputs,
+            Some(gradients),
+            upstream,
+            workspace,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn call<T: Float, L: Label>(
+        &self,
+        stream: &Arc<CudaStream>,
+        shape: Shape,
+        inputs: &Inputs<'_, T, L>,
+        outputs: &mut Outputs<'_>,
+        gradients: Option<&mut Gradients<'_, T>>,
+        upstream: Upstream<'_>,
+        workspace: &mut dyn DevicePtrMut<u8>,
+    ) -> Result<()> {
+        shape.validate()?;
+        self.check_stream(stream)?;
+        let n = shape.confidence_len();
+        let loc = shape.locations_len();
+        check("confidence", inputs.confidence, n, shape, self)?;
+        check(
+            "predicted_locations",
+            inputs.predicted_locations,
+            loc,
+            shape,
+            self,
+        )?;
+        check("labels", inputs.labels, shape.rows(), shape, self)?;
+        check("gt_locations", inputs.gt_locations, loc, shape, self)?;
+        check("regression_loss", &*outputs.regression_loss, 1, shape, self)?;
+        check(
+            "classification_loss",
+            &*outputs.classification_loss,
+            1,
+            shape,
+            self,
+        )?;
+        check("num_pos", &*outputs.num_pos, 1, shape, self)?;
+        if let Some(mask) = outputs.mask.as_deref() {
+            check("mask", mask, shape.rows(), shape, self)?;
+        }
+        self.check_context("workspace", workspace.stream())?;
+        if let Some(g) = gradients.as_deref() {
+            check("grad_confidence", &*g.confidence, n, shape, self)?;
+            check("grad_locations", &*g.predicted_locations, loc, shape, self)?;
+        }
+        if let Upstream::Device(u) = &upstream {
+            check("upstream", *u, 2, shape, self)?;
+        }
+
+        // The guards record cudarc's read/write events when they drop, after
+        // the launches below were queued.
+        let s = stream.as_ref();
+        let (confidence, _g1) = inputs.confidence.device_ptr(s);
+        let (predicted_locations, _g2) = inputs.predicted_locations.device_ptr(s);
+        let (labels, _g3) = inputs.labels.device_ptr(s);
+        let (gt_locations, _g4) = inputs.gt_locations.device_ptr(s);
+        let workspace_bytes = workspace.num_bytes();
+        let (workspace, _g5) = workspace.device_ptr_mut(s);
+        let (regression_loss, _g6) = outputs.regression_loss.device_ptr_mut(s);
+        let (classification_loss, _g7) = outputs.classification_loss.device_ptr_mut(s);
+        let (num_pos, _g8) = outputs.num_pos.device_ptr_mut(s);
+        let (mask, _g9) = match outputs.mask.as_deref_mut() {
+            Some(m) => {
+                let (p, g) = m.device_ptr_mut(s);
+                (p, Some(g))
+            }
+            None => (0, None),
+        };
+        let backward = gradients.is_some();
+        let (grad_confidence, grad_locations, _g10, _g11) = match gradients {
+            Some(g) => {
+                let (c, gc) = g.confidence.device_ptr_mut(s);
+                let (l, gl) = g.predicted_locations.device_ptr_mut(s);
+                (c, l, Some(gc), Some(gl))
+            }
+            None => (0, 0, None, None),
+        };
+        let (upstream, _g12) = match upstream {
+            Upstream::Host { g_reg, g_cls } => (RawUpstream::Host { g_reg, g_cls }, None),
+            Upstream::Device(u) => {
+                let (p, g) = u.device_ptr(s);
+                (RawUpstream::Device(p), Some(g))
+            }
+        };
+        let call = RawCall {
+            shape,
+            dtype: T::DTYPE,
+            label_type: L::LABEL_TYPE,
+            buffers: RawBuffers {
+                confidence,
+                predicted_locations,
+                labels,
+                gt_locations,
+                grad_confidence,
+                grad_locations,
+                regression_loss,
+                classification_loss,
+                num_pos,
+                mask,
+                workspace,
+                workspace_bytes,
+            },
+            upstream,
+            backward,
+        };
+        // SAFETY: every address comes from a cudarc buffer of this context
+        // whose length was checked against the shape above, and the guards
+        // keep the buffers borrowed until the launches are queued; cudarc's
+        // stream ordering keeps them alive for the work itself.
+        unsafe { self.launch_raw(&call, stream.cu_stream()) }
+    }
+
+    /// The raw entry point, for other frameworks (PyTorch, C++): device
+    /// addresses and a `CUstream` of this loss's context.
+    ///
+    /// Validates the shape, the configuration, null and misaligned addresses
+    /// and the workspace size before launching anything. Launches 2 kernels
+    /// (forward) or 3 (forward and backward) on `stream`; allocates nothing,
+    /// reads nothing back, so it can be captured in a CUDA graph.
+    ///
+    /// # Safety
+    /// - Every address in `call.buffers` is a device allocation of this
+    ///   loss's context, at least as large as the shape and types imply
+    ///   (`B*P*C` elements of T for confidence and its gradient, `B*P*4` for
+    ///   the locations and their gradient, `B*P` labels and mask bytes, one
+    ///   element per loss output, [`crate::workspace_bytes`] of workspace).
+    /// - No output overlaps an input or another output.
+    /// - The buffers stay allocated, and untouched by other streams, until
+    ///   the work queued on `stream` completes.
+    /// - `stream` is a live stream of this loss's context (or null for the
+    ///   legacy default stream).
+    pub unsafe fn launch_raw(
+        &self,
+        call: &RawCall,
+        stream: cudarc::driver::sys::CUstream,
+    ) -> Result<()> {
+        self.ctx.bind_to_thread()?;
+        let backend = DriverBackend { loss: self, stream };
+        // SAFETY: the caller's contract above is launch_call's.
+        unsafe { launch_call(&self.config, call, &backend) }.map(|_| ())
+    }
+
+    /// Reads the device status word of the last call that used `workspace`
+    /// (with this `shape`). This synchronises with `stream`; call it when
+    /// you choose, for example once per epoch, or when a loss is NaN.
+    pub fn status(
+        &self,
+        stream: &Arc<CudaStream>,
+        shape: Shape,
+        workspace: &dyn DevicePtr<u8>,
+    ) -> Result<DeviceStatus> {
+        let offset = crate::launch::status_offset(shape)?;
+        if workspace.len() < offset + 4 {
+            return Err(Error::WorkspaceTooSmall {
+                expected: offset + 4,
+                actual: workspace.len(),
+                shape,
+            });
+        }
+        let (base, _guard) = workspace.device_ptr(stream);
+        let mut bits = [0u32; 1];
+        // SAFETY: the word lies inside the workspace (checked above), the
+        // destination is 4 bytes of host memory, and the stream is
+        // synchronised before `bits` is read.
+        unsafe {
+            cudarc::driver::result::memcpy_dtoh_async(
+                &mut bits,
+                base + offset as u64,
+                stream.cu_stream(),
+            )?;
+        }
+        stream.synchronize()?;
+        Ok(DeviceStatus::from_bits(bits[0]))
+    }
+
+    fn check_stream(&self, stream: &Arc<CudaStream>) -> Result<()> {
+        self.check_context("stream", stream)
+    }
+
+    fn check_context(&self, name: &'static str, stream: &Arc<CudaStream>) -> Result<()> {
+        if stream.context().cu_ctx() != self.ctx.cu_ctx() {
+            return Err(Error::WrongContext {
+                name,
+                expected_ordinal: self.ctx.ordinal(),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn check<T>(
+    name: &'static str,
+    buffer: &dyn DeviceSlice<T>,
+    expected: usize,
+    shape: Shape,
+    loss: &MultiboxLoss,
+) -> Result<()> {
+    loss.check_context(name, buffer.stream())?;
+    if buffer.len() != expected {
+        return Err(Error::LengthMismatch {
+            name,
+            expected,
+            actual: buffer.len(),
+            shape,
+        });
+    }
+    Ok(())
+}
+
+/// Launches through the CUDA driver on one stream.
+struct DriverBackend<'a> {
+    loss: &'a MultiboxLoss,
+    stream: cudarc::driver::sys::CUstream,
+}
+
+impl Backend for DriverBackend<'_> {
+    unsafe fn launch(
+        &self,
+        kernel: &'static str,
+        grid: u32,
+        block: u32,
+        shared_bytes: u32,
+        params: &[u8],
+    ) -> Result<()> {
+        let function = self
+            .loss
+            .functions
+            .get(kernel)
+            .ok_or_else(|| Error::Launch {
+                kernel,
+                message: "not loaded".into(),
+            })?;
+        // cuLaunchKernel reads (never writes) the argument bytes during the
+        // call, so pointing at the caller's bytes needs no copy.
+        let mut args = [params.as_ptr().cast_mut().cast::<std::ffi::c_void>()];
+        // SAFETY: the kernel takes exactly one argument, the params struct
+        // whose bytes `args[0]` points to (launch_call passes the bytes of a
+        // MultiboxParams, 8-byte aligned); the caller vouches for the
+        // addresses inside it.
+        unsafe {
+            cudarc::driver::result::launch_kernel(
+                function.cu_function(),
+                (grid, 1, 1),
+                (block, 1, 1),
+                shared_bytes,
+                self.stream,
+                &mut args,
+            )?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,275 @@
+//! The launch plan: grids, blocks, shared memory and the workspace layout,
+//! as a pure function of the shape, so that tests can check it and the GPU
+//! and the emulator run exactly the same sequence.
+//!
+//! The `#[repr(C)]` records here mirror `kernels/multibox.cuh`; their sizes
+//! are asserted on both sides.
+
+use crate::{DType, LabelType, Result, Shape};
+
+/// Threads per block of the two row passes (`ROW_THREADS` in multibox.cuh).
+pub const ROW_THREADS: u32 = 256;
+/// Threads per block of the per-image selection (`SELECT_THREADS` in select.cu).
+pub const SELECT_THREADS: u32 = 512;
+/// At most this many blocks walk the rows; each adds one partial sum, which
+/// the selection kernel's last block adds up. Enough to fill any current GPU
+/// several times over, few enough that the final sum is cheap.
+pub const MAX_ROW_BLOCKS: u32 = 2048;
+
+/// Workspace sections are aligned to this many bytes.
+const ALIGN: usize = 256;
+
+/// The three kernels of a call, in launch order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Step {
+    /// Per prior: log-sum-exp, mining key, the positives' loss terms.
+    Rows,
+    /// Per image: radix select of the hard negatives; the last block sums the losses.
+    Select,
+    /// Per prior: the gradients.
+    Gradient,
+}
+
+impl Step {
+    /// The kernel symbol for this step and these types.
+    pub fn kernel_name(self, dtype: DType, labels: LabelType) -> &'static str {
+        use DType::*;
+        use LabelType::*;
+        match (self, dtype, labels) {
+            (Step::Select, _, _) => "multibox_select",
+            (Step::Rows, F32, I32) => "multibox_rows_f32_i32",
+            (Step::Rows, F32, I64) => "multibox_rows_f32_i64",
+            (Step::Rows, F16, I32) => "multibox_rows_f16_i32",
+            (Step::Rows, F16, I64) => "multibox_rows_f16_i64",
+            (Step::Rows, BF16, I32) => "multibox_rows_bf16_i32",
+            (Step::Rows, BF16, I64) => "multibox_rows_bf16_i64",
+            (Step::Gradient, F32, I32) => "multibox_gradient_f32_i32",
+            (Step::Gradient, F32, I64) => "multibox_gradient_f32_i64",
+            (Step::Gradient, F16, I32) => "multibox_gradient_f16_i32",
+            (Step::Gradient, F16, I64) => "multibox_gradient_f16_i64",
+            (Step::Gradient, BF16, I32) => "multibox_gradient_bf16_i32",
+            (Step::Gradient, BF16, I64) => "multibox_gradient_bf16_i64",
+        }
+    }
+
+    /// Every kernel symbol the crate launches.
+    pub fn all_kernel_names() -> Vec<&'static str> {
+        let mut names = vec![Step::Select.kernel_name(DType::F32, LabelType::I32)];
+        for step in [Step::Rows, Step::Gradient] {
+            for dtype in [DType::F32, DType::F16, DType::BF16] {
+                for labels in [LabelType::I32, LabelType::I64] {
+                    names.push(step.kernel_name(dtype, labels));
+                }
+            }
+        }
+        names
+    }
+}
+
+/// One kernel launch: grid, block and dynamic shared memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Launch {
+    /// Which kernel.
+    pub step: Step,
+    /// Blocks (x only).
+    pub grid: u32,
+    /// Threads per block.
+    pub block: u32,
+    /// Dynamic shared memory in bytes.
+    pub shared_bytes: u32,
+}
+
+/// Byte ranges of the workspace's sections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkspaceLayout {
+    /// `u32` mining key per prior, `[B * P]`.
+    pub keys: Section,
+    /// One [`RowBlockPartial`] per row block.
+    pub partials: Section,
+    /// One [`ImageSelection`] per image.
+    pub images: Section,
+    /// One [`Totals`].
+    pub totals: Section,
+    /// Total bytes.
+    pub bytes: usize,
+}
+
+/// A byte range of the workspace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Section {
+    /// Offset from the workspace's start, a multiple of 256.
+    pub offset: usize,
+    /// Length in bytes.
+    pub len: usize,
+}
+
+/// Everything a call launches, and where it keeps its intermediates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LaunchPlan {
+    /// The shape this plan is for.
+    pub shape: Shape,
+    /// Lanes of a warp that share one row of logits (1, 2, 4, ..., 32).
+    pub lanes_per_row: u32,
+    /// Kernel 1: per prior.
+    pub rows: Launch,
+    /// Kernel 2: per image.
+    pub select: Launch,
+    /// Kernel 3: per prior (forward-backward only).
+    pub gradient: Launch,
+    /// Workspace sections.
+    pub workspace: WorkspaceLayout,
+}
+
+impl LaunchPlan {
+    /// The plan for `shape`; fails on the shapes [`Shape::validate`] rejects.
+    pub fn new(shape: Shape) -> Result<Self> {
+        shape.validate()?;
+        let lanes_per_row = lanes_per_row(shape.classes);
+        let rows_per_step = (ROW_THREADS / lanes_per_row) as usize;
+        let steps = shape.rows().div_ceil(rows_per_step);
+        let row_blocks = steps.min(MAX_ROW_BLOCKS as usize) as u32;
+        let row_launch = |step| Launch {
+            step,
+            grid: row_blocks,
+            block: ROW_THREADS,
+            shared_bytes: 0,
+        };
+
+        let mut offset = 0;
+        let mut section = |len: usize| {
+            let s = Section { offset, len };
+            offset = (offset + len).next_multiple_of(ALIGN);
+            s
+        };
+        let keys = section(shape.rows() * 4);
+        let partials = section(row_blocks as usize * std::mem::size_of::<RowBlockPartial>());
+        let images = section(shape.batch * std::mem::size_of::<ImageSelection>());
+        let totals = section(std::mem::size_of::<Totals>());
+        let bytes = totals.offset + totals.len;
+
+        Ok(Self {
+            shape,
+            lanes_per_row,
+            rows: row_launch(Step::Rows),
+            select: Launch {
+                step: Step::Select,
+                grid: shape.batch as u32,
+                block: SELECT_THREADS,
+                shared_bytes: 0,
+            },
+            gradient: row_launch(Step::Gradient),
+            workspace: WorkspaceLayout {
+                keys,
+                partials,
+                images,
+                totals,
+                bytes,
+            },
+        })
+    }
+
+    /// The launches of a call, in order: forward-only stops after the selection.
+    pub fn launches(&self, backward: bool) -> impl Iterator<Item = Launch> {
+        let gradient = backward.then_some(self.gradient);
+        [self.rows, self.select].into_iter().chain(gradient)
+    }
+}
+
+/// Bytes of workspace a call with this shape needs.
+///
+/// ```
+/// let shape = multibox::Shape::new(32, 3000, 21);
+/// assert!(multibox::workspace_bytes(shape)? >= 32 * 3000 * 4);
+/// # Ok::<(), multibox::Error>(())
+/// ```
+pub fn workspace_bytes(shape: Shape) -> Result<usize> {
+    Ok(LaunchPlan::new(shape)?.workspace.bytes)
+}
+
+/// Lanes per row: the smallest power of two that leaves each lane at most
+/// four classes, capped at a warp. C = 21 gets 8 lanes (4 rows per warp),
+/// C = 81 and up get 32.
+pub fn lanes_per_row(classes: usize) -> u32 {
+    (classes.div_ceil(4).next_power_of_two() as u32).clamp(1, 32)
+}
+
+/// Kernel 1's per-block sums (`RowBlockPartial` in multibox.cuh).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct RowBlockPartial {
+    /// Smooth-L1 sum over the block's positives.
+    pub regression: f32,
+    /// Cross-entropy sum over the block's positives.
+    pub positive_ce: f32,
+    /// Status bits seen by the block.
+    pub status: u32,
+    unused: u32,
+}
+
+/// Kernel 2's decision for one image (`ImageSelection` in multibox.cuh).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct ImageSelection {
+    /// Candidates with a larger key are mined.
+    pub threshold: u32,
+    /// Candidates with key == threshold and prior index <= this are mined.
+    pub tie_cutoff: i32,
+    /// Positives in the image.
+    pub num_pos: u32,
+    /// Sum of the mined negatives' background losses.
+    pub negative_ce: f32,
+}
+
+/// Batch-wide results (`Totals` in multibox.cuh).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct Totals {
+    /// Kernel 2's arrival counter.
+    pub images_done: u32,
+    /// N, the batch's positives.
+    pub num_pos: u32,
+    /// The device status word.
+    pub status: u32,
+    unused: u32,
+}
+
+/// The kernels' host arguments (`MultiboxParams` in multibox.cuh): device
+/// addresses, then the shape and the configuration.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+pub(crate) struct MultiboxParams {
+    pub(crate) confidence: u64,
+    pub(crate) predicted_locations: u64,
+    pub(crate) labels: u64,
+    pub(crate) gt_locations: u64,
+    pub(crate) upstream: u64,
+    pub(crate) grad_confidence: u64,
+    pub(crate) grad_locations: u64,
+    pub(crate) regression_loss: u64,
+    pub(crate) classification_loss: u64,
+    pub(crate) num_pos: u64,
+    pub(crate) mask: u64,
+    pub(crate) keys: u64,
+    pub(crate) partials: u64,
+    pub(crate) images: u64,
+    pub(crate) totals: u64,
+    pub(crate) batch: u32,
+    pub(crate) priors: u32,
+    pub(crate) classes: u32,
+    pub(crate) lanes_per_row: u32,
+    pub(crate) row_blocks: u32,
+    pub(crate) min_negatives: u32,
+    pub(crate) neg_pos_ratio: f32,
+    pub(crate) beta: f32,
+    pub(crate) g_reg: f32,
+    pub(crate) g_cls: f32,
+}
+
+const _: () = assert!(std::mem::size_of::<MultiboxParams>() == 160);
+const _: () = assert!(std::mem::size_of::<RowBlockPartial>() == 16);
+const _: () = assert!(std::mem::size_of::<ImageSelection>() == 16);
+const _: () = assert!(std::mem::size_of::<Totals>() == 16);
+
+/// Bits of the device status word (`STATUS_*` in multibox.cuh).
+pub(crate) const STATUS_INVALID_LABEL: u32 = 1;
+pub(crate) const STATUS_NONFINITE_INPUT: u32 = 2;
