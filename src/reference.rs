@@ -104,7 +104,10 @@ pub struct Upstream {
 
 impl Default for Upstream {
     fn default() -> Self {
-        Self { g_reg: 1.0, g_cls: 1.0 }
+        Self {
+            g_reg: 1.0,
+            g_cls: 1.0,
+        }
     }
 }
 
@@ -143,13 +146,19 @@ impl Output {
     /// The confidence gradient rounded once from f64 to `T` (as
     /// [`Float::from_f64`] rounds), the form the kernels write.
     pub fn grad_confidence_as<T: Float>(&self) -> Vec<T> {
-        self.grad_confidence.iter().map(|&g| T::from_f64(g)).collect()
+        self.grad_confidence
+            .iter()
+            .map(|&g| T::from_f64(g))
+            .collect()
     }
 
     /// The location gradient rounded once from f64 to `T` (as
     /// [`Float::from_f64`] rounds), the form the kernels write.
     pub fn grad_locations_as<T: Float>(&self) -> Vec<T> {
-        self.grad_locations.iter().map(|&g| T::from_f64(g)).collect()
+        self.grad_locations
+            .iter()
+            .map(|&g| T::from_f64(g))
+            .collect()
     }
 }
 
@@ -161,7 +170,11 @@ impl Output {
 /// [`Error::InvalidConfig`], [`Error::InvalidShape`], [`Error::TooLarge`],
 /// [`Error::LengthMismatch`] (naming the argument) or [`Error::InvalidLabel`]
 /// (the first invalid label in memory order); nothing is computed then.
-pub fn forward<T: Float, L: Label>(config: &MultiboxConfig, shape: Shape, inputs: &Inputs<T, L>) -> Result<Output> {
+pub fn forward<T: Float, L: Label>(
+    config: &MultiboxConfig,
+    shape: Shape,
+    inputs: &Inputs<T, L>,
+) -> Result<Output> {
     compute(config, shape, inputs, None)
 }
 
@@ -215,14 +228,31 @@ fn validate<T: Float, L: Label>(
     config.validate()?;
     shape.validate()?;
     let lengths = [
-        ("confidence", inputs.confidence.len(), shape.confidence_len()),
-        ("predicted_locations", inputs.predicted_locations.len(), shape.locations_len()),
+        (
+            "confidence",
+            inputs.confidence.len(),
+            shape.confidence_len(),
+        ),
+        (
+            "predicted_locations",
+            inputs.predicted_locations.len(),
+            shape.locations_len(),
+        ),
         ("labels", inputs.labels.len(), shape.rows()),
-        ("gt_locations", inputs.gt_locations.len(), shape.locations_len()),
+        (
+            "gt_locations",
+            inputs.gt_locations.len(),
+            shape.locations_len(),
+        ),
     ];
     for (name, actual, expected) in lengths {
         if actual != expected {
-            return Err(Error::LengthMismatch { name, expected, actual, shape });
+            return Err(Error::LengthMismatch {
+                name,
+                expected,
+                actual,
+                shape,
+            });
         }
     }
     if let Some(up) = upstream {
@@ -234,7 +264,11 @@ fn validate<T: Float, L: Label>(
     }
     // `C < 2^31` after `shape.validate()`, so the cast is exact.
     let classes = shape.classes as i64;
-    if let Some(row) = inputs.labels.iter().position(|l| !(-1..classes).contains(&l.to_i64())) {
+    if let Some(row) = inputs
+        .labels
+        .iter()
+        .position(|l| !(-1..classes).contains(&l.to_i64()))
+    {
         return Err(Error::InvalidLabel {
             image: row / shape.priors,
             prior: row % shape.priors,
@@ -264,7 +298,10 @@ fn compute<T: Float, L: Label>(
     let mut background_loss = Vec::with_capacity(shape.rows());
     for row in 0..shape.rows() {
         let x = row_logits(row);
-        let max = x.iter().map(|&v| widen(v)).fold(f64::NEG_INFINITY, f64::max);
+        let max = x
+            .iter()
+            .map(|&v| widen(v))
+            .fold(f64::NEG_INFINITY, f64::max);
         let sum: f64 = x.iter().map(|&v| (widen(v) - max).exp()).sum();
         row_max.push(max);
         row_sum.push(sum);
@@ -306,12 +343,31 @@ fn compute<T: Float, L: Label>(
     }
 
     let with_grads = upstream.is_some();
-    let mut grad_confidence = if with_grads { vec![0.0; shape.confidence_len()] } else { Vec::new() };
-    let mut grad_locations = if with_grads { vec![0.0; shape.locations_len()] } else { Vec::new() };
+    let mut grad_confidence = if with_grads {
+        vec![0.0; shape.confidence_len()]
+    } else {
+        Vec::new()
+    };
+    let mut grad_locations = if with_grads {
+        vec![0.0; shape.locations_len()]
+    } else {
+        Vec::new()
+    };
     if num_pos == 0 {
         // The reference would divide 0 by 0; SPEC.md asks for zeros.
-        let losses = Losses { regression_loss: 0.0, classification_loss: 0.0, num_pos };
-        return Ok(Output { losses, mask, background_loss, negatives_mined, grad_confidence, grad_locations });
+        let losses = Losses {
+            regression_loss: 0.0,
+            classification_loss: 0.0,
+            num_pos,
+        };
+        return Ok(Output {
+            losses,
+            mask,
+            background_loss,
+            negatives_mined,
+            grad_confidence,
+            grad_locations,
+        });
     }
 
     let n = num_pos as f64;
@@ -340,8 +396,11 @@ fn compute<T: Float, L: Label>(
         if target == 0 {
             continue; // a mined negative: no box regression
         }
-        for j in row * 4..row * 4 + 4 {
-            let d = widen(inputs.predicted_locations[j]) - widen(inputs.gt_locations[j]);
+        let boxes = row * 4..row * 4 + 4;
+        let pred = &inputs.predicted_locations[boxes.clone()];
+        let gt = &inputs.gt_locations[boxes.clone()];
+        for (j, (&p, &g)) in boxes.zip(pred.iter().zip(gt)) {
+            let d = widen(p) - widen(g);
             reg_sum += smooth_l1(d, beta);
             if with_grads {
                 grad_locations[j] = scale_reg * (d / beta).clamp(-1.0, 1.0);
@@ -349,6 +408,17 @@ fn compute<T: Float, L: Label>(
         }
     }
 
-    let losses = Losses { regression_loss: reg_sum / n, classification_loss: cls_sum / n, num_pos };
-    Ok(Output { losses, mask, background_loss, negatives_mined, grad_confidence, grad_locations })
+    let losses = Losses {
+        regression_loss: reg_sum / n,
+        classification_loss: cls_sum / n,
+        num_pos,
+    };
+    Ok(Output {
+        losses,
+        mask,
+        background_loss,
+        negatives_mined,
+        grad_confidence,
+        grad_locations,
+    })
 }
