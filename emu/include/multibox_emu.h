@@ -1,0 +1,264 @@
+// CUDA's device built-ins for a plain C++17 compiler: the test-only CPU
+// emulator of kernels/*.cu. Included by common.cuh when MULTIBOX_EMULATOR is
+// defined; the GPU build (NVRTC) never sees this file.
+//
+// Threads of a block run as fibers on the launching OS thread; they switch
+// only at barriers, warp collectives and exit (see emu/src/runtime.cpp).
+#pragma once
+
+#if !defined(MULTIBOX_EMULATOR)
+#error "multibox_emu.h is the CPU emulator's CUDA shim: include common.cuh instead"
+#endif
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <type_traits>
+
+// ---------------------------------------------------------------------------
+// Qualifiers. `__shared__` variables are per OS thread: a launch runs its
+// blocks one after another on the calling thread, all fibers of a block on
+// that same thread, so the block's threads share them and other launches
+// (on other OS threads) do not. `__restrict__` is a GCC keyword already.
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __noinline__ __attribute__((noinline))
+#define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
+#define __shared__ static __thread
+
+struct uint3 {
+    unsigned x, y, z;
+};
+struct dim3 {
+    unsigned x, y, z;
+};
+
+// Set by the scheduler each time it resumes a fiber.
+extern __thread uint3 threadIdx;
+extern __thread uint3 blockIdx;
+extern __thread dim3 blockDim;
+extern __thread dim3 gridDim;
+constexpr int warpSize = 32;
+
+namespace emu {
+namespace detail {
+
+struct Site {
+    const char* what;  // the intrinsic, e.g. "__syncthreads"
+    const char* file;
+    int line;
+};
+
+enum Op : int {
+    SYNCTHREADS, SYNCTHREADS_COUNT, SYNCTHREADS_OR, SYNCTHREADS_AND,
+    SYNCWARP, SHFL_IDX, SHFL_UP, SHFL_DOWN, SHFL_XOR, BALLOT, ANY, ALL,
+};
+
+using Trampoline = void (*)(const void* params);
+struct Registrar {
+    Registrar(const char* name, Trampoline fn, unsigned long params_size);
+};
+
+extern __thread void* dynamic_shared;
+
+int block_barrier(const Site& site, Op op, int pred);
+unsigned long long warp_op(const Site& site, Op op, unsigned mask, unsigned long long value, int arg, int width);
+unsigned active_mask();
+[[noreturn]] void trap(const Site& site);
+
+template <typename T> inline T shfl(const Site& site, Op op, unsigned mask, T var, int arg, int width = warpSize) {
+    static_assert(std::is_trivially_copyable<T>::value && sizeof(T) <= 8, "shuffles move at most 8 bytes");
+    unsigned long long bits = 0;
+    std::memcpy(&bits, &var, sizeof(T));
+    bits = warp_op(site, op, mask, bits, arg, width);
+    std::memcpy(&var, &bits, sizeof(T));
+    return var;
+}
+
+inline void syncwarp(const Site& site, unsigned mask = 0xffffffffu) { warp_op(site, SYNCWARP, mask, 0, 0, warpSize); }
+
+// Read-modify-write through a compare-and-swap loop (any 4 or 8 byte type).
+template <typename T, typename F> inline T atomic_rmw(T* addr, F f) {
+    T old;
+    __atomic_load(addr, &old, __ATOMIC_RELAXED);
+    T next = f(old);
+    while (!__atomic_compare_exchange(addr, &old, &next, false, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED)) next = f(old);
+    return old;
+}
+
+}  // namespace detail
+
+// 16-byte aligned, as large as the launch's dynamic_shared_bytes.
+inline void* dynamic_shared_memory() { return detail::dynamic_shared; }
+
+}  // namespace emu
+
+// ---------------------------------------------------------------------------
+// Kernel declaration: registers `name` with a trampoline that copies the
+// params bytes into a `Params` and calls the body that follows the macro.
+
+#define MB_EMU_KERNEL(name, Params)                                                                 \
+    static void name(const Params p);                                                               \
+    static_assert(std::is_trivially_copyable<Params>::value, #Params " must be trivially copyable"); \
+    static void name##_emu_trampoline(const void* bytes) {                                          \
+        Params params;                                                                              \
+        std::memcpy(static_cast<void*>(&params), bytes, sizeof(Params));                            \
+        name(params);                                                                               \
+    }                                                                                               \
+    static const ::emu::detail::Registrar name##_emu_registrar(#name, &name##_emu_trampoline, sizeof(Params)); \
+    static void name([[maybe_unused]] const Params p)
+
+// ---------------------------------------------------------------------------
+// Barriers and warp collectives. The macros record where they were called so
+// that a barrier that can never complete is reported by file:line.
+
+#define EMU_SITE(what) (::emu::detail::Site{what, __FILE__, __LINE__})
+#define __syncthreads() ((void)::emu::detail::block_barrier(EMU_SITE("__syncthreads"), ::emu::detail::SYNCTHREADS, 1))
+#define __syncthreads_count(pred) \
+    ::emu::detail::block_barrier(EMU_SITE("__syncthreads_count"), ::emu::detail::SYNCTHREADS_COUNT, (pred) != 0)
+#define __syncthreads_or(pred) \
+    ::emu::detail::block_barrier(EMU_SITE("__syncthreads_or"), ::emu::detail::SYNCTHREADS_OR, (pred) != 0)
+#define __syncthreads_and(pred) \
+    ::emu::detail::block_barrier(EMU_SITE("__syncthreads_and"), ::emu::detail::SYNCTHREADS_AND, (pred) != 0)
+#define __syncwarp(...) ::emu::detail::syncwarp(EMU_SITE("__syncwarp"), ##__VA_ARGS__)
+#define __shfl_sync(...) ::emu::detail::shfl(EMU_SITE("__shfl_sync"), ::emu::detail::SHFL_IDX, __VA_ARGS__)
+#define __shfl_up_sync(...) ::emu::detail::shfl(EMU_SITE("__shfl_up_sync"), ::emu::detail::SHFL_UP, __VA_ARGS__)
+#define __shfl_down_sync(...) ::emu::detail::shfl(EMU_SITE("__shfl_down_sync"), ::emu::detail::SHFL_DOWN, __VA_ARGS__)
+#define __shfl_xor_sync(...) ::emu::detail::shfl(EMU_SITE("__shfl_xor_sync"), ::emu::detail::SHFL_XOR, __VA_ARGS__)
+#define __ballot_sync(mask, pred) \
+    unsigned(::emu::detail::warp_op(EMU_SITE("__ballot_sync"), ::emu::detail::BALLOT, (mask), (pred) != 0, 0, warpSize))
+#define __any_sync(mask, pred) \
+    int(::emu::detail::warp_op(EMU_SITE("__any_sync"), ::emu::detail::ANY, (mask), (pred) != 0, 0, warpSize))
+#define __all_sync(mask, pred) \
+    int(::emu::detail::warp_op(EMU_SITE("__all_sync"), ::emu::detail::ALL, (mask), (pred) != 0, 0, warpSize))
+// Every lane of the calling warp: the emulator does not model divergence, so
+// this is what a converged warp gives (exited lanes included).
+#define __activemask() ::emu::detail::active_mask()
+#define __trap() ::emu::detail::trap(EMU_SITE("__trap"))
+
+// Fibers never run concurrently and a launch is synchronous: no fence needed
+// beyond the compiler's.
+inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+inline void __threadfence_block() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+
+// ---------------------------------------------------------------------------
+// Bits and reinterpretation.
+
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
+inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(unsigned(x)); }
+inline int __clzll(long long x) { return x == 0 ? 64 : __builtin_clzll((unsigned long long)x); }
+inline int __ffs(int x) { return __builtin_ffs(x); }
+inline int __ffsll(long long x) { return __builtin_ffsll(x); }
+inline unsigned __brev(unsigned x) {
+    unsigned r = 0;
+    for (int i = 0; i < 32; ++i, x >>= 1) r = (r << 1) | (x & 1u);
+    return r;
+}
+inline unsigned long long __brevll(unsigned long long x) {
+    return ((unsigned long long)__brev(unsigned(x)) << 32) | __brev(unsigned(x >> 32));
+}
+
+template <typename To, typename From> inline To emu_bit_cast(From x) {
+    static_assert(sizeof(To) == sizeof(From), "same size");
+    To y;
+    std::memcpy(&y, &x, sizeof y);
+    return y;
+}
+inline unsigned __float_as_uint(float x) { return emu_bit_cast<unsigned>(x); }
+inline float __uint_as_float(unsigned x) { return emu_bit_cast<float>(x); }
+inline int __float_as_int(float x) { return emu_bit_cast<int>(x); }
+inline float __int_as_float(int x) { return emu_bit_cast<float>(x); }
+inline long long __double_as_longlong(double x) { return emu_bit_cast<long long>(x); }
+inline double __longlong_as_double(long long x) { return emu_bit_cast<double>(x); }
+
+template <typename T> inline T __ldg(const T* p) { return *p; }
+
+// ---------------------------------------------------------------------------
+// Math: <cmath> has the float functions (expf, logf, log1pf, fmaxf, ...).
+// The fast intrinsics are the accurate ones here.
+
+using std::isfinite;
+using std::isinf;
+using std::isnan;
+using std::signbit;
+inline float __expf(float x) { return expf(x); }
+inline float __logf(float x) { return logf(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float __saturatef(float x) { return x > 0.0f ? (x < 1.0f ? x : 1.0f) : 0.0f; }  // NaN -> 0
+inline float __fmaf_rn(float a, float b, float c) { return fmaf(a, b, c); }
+inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+
+#define EMU_MIN_MAX(T)                             \
+    inline T min(T a, T b) { return b < a ? b : a; } \
+    inline T max(T a, T b) { return a < b ? b : a; }
+EMU_MIN_MAX(int)
+EMU_MIN_MAX(unsigned)
+EMU_MIN_MAX(long long)
+EMU_MIN_MAX(unsigned long long)
+#undef EMU_MIN_MAX
+inline unsigned min(int a, unsigned b) { return min(unsigned(a), b); }
+inline unsigned min(unsigned a, int b) { return min(a, unsigned(b)); }
+inline unsigned max(int a, unsigned b) { return max(unsigned(a), b); }
+inline unsigned max(unsigned a, int b) { return max(a, unsigned(b)); }
+inline float min(float a, float b) { return fminf(a, b); }
+inline float max(float a, float b) { return fmaxf(a, b); }
+inline double min(double a, double b) { return fmin(a, b); }
+inline double max(double a, double b) { return fmax(a, b); }
+
+// ---------------------------------------------------------------------------
+// Atomics. Blocks of a launch run on one OS thread, so these only need to be
+// atomic against other launches; they are real atomics all the same.
+
+#define EMU_ATOMIC_FETCH(name, builtin, T) \
+    inline T name(T* a, T v) { return builtin(a, v, __ATOMIC_SEQ_CST); }
+#define EMU_ATOMIC_INTS(name, builtin)                     \
+    EMU_ATOMIC_FETCH(name, builtin, int)                   \
+    EMU_ATOMIC_FETCH(name, builtin, unsigned)              \
+    EMU_ATOMIC_FETCH(name, builtin, unsigned long long)
+EMU_ATOMIC_INTS(atomicAdd, __atomic_fetch_add)
+EMU_ATOMIC_INTS(atomicSub, __atomic_fetch_sub)
+EMU_ATOMIC_INTS(atomicAnd, __atomic_fetch_and)
+EMU_ATOMIC_INTS(atomicOr, __atomic_fetch_or)
+EMU_ATOMIC_INTS(atomicXor, __atomic_fetch_xor)
+EMU_ATOMIC_INTS(atomicExch, __atomic_exchange_n)
+#undef EMU_ATOMIC_INTS
+#undef EMU_ATOMIC_FETCH
+
+inline float atomicAdd(float* a, float v) { return ::emu::detail::atomic_rmw(a, [v](float o) { return o + v; }); }
+inline double atomicAdd(double* a, double v) { return ::emu::detail::atomic_rmw(a, [v](double o) { return o + v; }); }
+inline float atomicExch(float* a, float v) {
+    float old;
+    __atomic_exchange(a, &v, &old, __ATOMIC_SEQ_CST);
+    return old;
+}
+
+#define EMU_ATOMIC_MIN_MAX(T)                                                                               \
+    inline T atomicMin(T* a, T v) { return ::emu::detail::atomic_rmw(a, [v](T o) { return v < o ? v : o; }); } \
+    inline T atomicMax(T* a, T v) { return ::emu::detail::atomic_rmw(a, [v](T o) { return o < v ? v : o; }); }
+EMU_ATOMIC_MIN_MAX(int)
+EMU_ATOMIC_MIN_MAX(unsigned)
+EMU_ATOMIC_MIN_MAX(long long)
+EMU_ATOMIC_MIN_MAX(unsigned long long)
+#undef EMU_ATOMIC_MIN_MAX
+
+inline unsigned atomicInc(unsigned* a, unsigned limit) {
+    return ::emu::detail::atomic_rmw(a, [limit](unsigned o) { return o >= limit ? 0u : o + 1u; });
+}
+inline unsigned atomicDec(unsigned* a, unsigned limit) {
+    return ::emu::detail::atomic_rmw(a, [limit](unsigned o) { return (o == 0u || o > limit) ? limit : o - 1u; });
+}
+
+template <typename T> inline T emu_atomic_cas(T* a, T compare, T value) {
+    __atomic_compare_exchange_n(a, &compare, value, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+    return compare;  // the old value either way
+}
+inline int atomicCAS(int* a, int c, int v) { return emu_atomic_cas(a, c, v); }
+inline unsigned atomicCAS(unsigned* a, unsigned c, unsigned v) { return emu_atomic_cas(a, c, v); }
+inline unsigned long long atomicCAS(unsigned long long* a, unsigned long long c, unsigned long long v) {
+    return emu_atomic_cas(a, c, v);
+}
