@@ -98,6 +98,9 @@ pub enum Error {
     /// this device can load.
     #[error("no kernel image for this device: {0}")]
     NoKernels(String),
+    /// No usable CUDA device (see [`crate::cuda_context`]).
+    #[error("no CUDA device: {0}")]
+    NoDevice(String),
     /// A CUDA driver call failed.
     #[error("CUDA driver: {0}")]
     Driver(#[from] cudarc::driver::DriverError),

@@ -9,6 +9,7 @@ mod launch;
 mod loss;
 pub mod plan;
 pub mod reference;
+pub mod synthetic;
 
 pub use config::{MultiboxConfig, Reduction, Shape};
 /// cudarc, re-exported so callers use the same version.
@@ -16,5 +17,5 @@ pub use cudarc;
 pub use dtype::{DType, Float, Label, LabelType};
 pub use error::{Error, Result};
 pub use launch::{launch_call, Backend, DeviceStatus, RawBuffers, RawCall, RawUpstream};
-pub use loss::{Gradients, Inputs, MultiboxLoss, Outputs, Upstream};
+pub use loss::{cuda_context, Gradients, Inputs, MultiboxLoss, Outputs, Upstream};
 pub use plan::{workspace_bytes, LaunchPlan};

@@ -408,3 +408,23 @@ impl Backend for DriverBackend<'_> {
         Ok(())
     }
 }
+
+/// Opens CUDA device `ordinal`, or says why there is none: no driver library
+/// (`libcuda.so`) on this machine, or no such device. Unlike
+/// `CudaContext::new`, it never panics when the driver is missing.
+pub fn cuda_context(ordinal: usize) -> Result<Arc<CudaContext>> {
+    // SAFETY: is_culib_present only tries to dlopen the driver library.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(Error::NoDevice(
+            "the CUDA driver library (libcuda.so) is not installed".into(),
+        ));
+    }
+    let count = CudaContext::device_count()
+        .map_err(|e| Error::NoDevice(format!("the CUDA driver failed: {e}")))?;
+    if ordinal >= count as usize {
+        return Err(Error::NoDevice(format!(
+            "device {ordinal} requested, {count} CUDA device(s) present"
+        )));
+    }
+    Ok(CudaContext::new(ordinal)?)
+}

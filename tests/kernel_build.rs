@@ -1,0 +1,71 @@
+//! Every kernel is compiled for every architecture, with nothing spilled.
+
+use multibox::kernels::{images_of, sources, ImageKind, BUILD_REPORT};
+use multibox::plan::Step;
+
+const ARCHS: [u32; 7] = [75, 80, 86, 89, 90, 100, 120];
+
+#[test]
+fn every_source_has_a_cubin_per_architecture_and_a_ptx_fallback() {
+    let sources = sources();
+    for expected in ["gradient", "rows", "select"] {
+        assert!(
+            sources.contains(&expected),
+            "kernels/{expected}.cu is not embedded: {sources:?}"
+        );
+    }
+    for source in sources {
+        let images = images_of(source);
+        for arch in ARCHS {
+            assert!(
+                images.contains(&(arch, ImageKind::Cubin)),
+                "{source}: no CUBIN for sm_{arch}"
+            );
+        }
+        assert!(
+            images.contains(&(75, ImageKind::Ptx)),
+            "{source}: no compute_75 PTX"
+        );
+    }
+}
+
+#[test]
+fn every_launched_kernel_exists_on_every_architecture_without_spills() {
+    for kernel in Step::all_kernel_names() {
+        for arch in ARCHS {
+            let report = BUILD_REPORT
+                .iter()
+                .find(|r| r.kernel == kernel && r.arch == arch)
+                .unwrap_or_else(|| panic!("{kernel} was not compiled for sm_{arch}"));
+            assert_eq!(
+                report.spill_store_bytes, 0,
+                "{kernel} spills on sm_{arch}: {report:?}"
+            );
+            assert_eq!(
+                report.spill_load_bytes, 0,
+                "{kernel} spills on sm_{arch}: {report:?}"
+            );
+            assert_eq!(
+                report.stack_frame_bytes, 0,
+                "{kernel} uses local memory on sm_{arch}: {report:?}"
+            );
+            // 256- and 512-thread blocks need <= 128 / 64 registers to launch at all;
+            // keep well inside that so several blocks fit per SM.
+            assert!(
+                report.registers > 0 && report.registers <= 64,
+                "{kernel} on sm_{arch}: {report:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn report_lists_each_kernel_once_per_architecture() {
+    for r in BUILD_REPORT {
+        let same = BUILD_REPORT
+            .iter()
+            .filter(|o| o.kernel == r.kernel && o.arch == r.arch)
+            .count();
+        assert_eq!(same, 1, "{} sm_{} reported {same} times", r.kernel, r.arch);
+    }
+}
