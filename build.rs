@@ -20,7 +20,12 @@ const PTX_ARCH: u32 = 75;
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=kernels");
-    for var in ["MULTIBOX_SKIP_KERNELS", "MULTIBOX_NVRTC", "CUDA_HOME", "CUDA_PATH"] {
+    for var in [
+        "MULTIBOX_SKIP_KERNELS",
+        "MULTIBOX_NVRTC",
+        "CUDA_HOME",
+        "CUDA_PATH",
+    ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
     println!("cargo::rustc-check-cfg=cfg(multibox_no_kernels)");
@@ -69,7 +74,9 @@ fn main() {
         for _ in 0..threads {
             scope.spawn(|| loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some((src, target)) = jobs.get(i) else { break };
+                let Some((src, target)) = jobs.get(i) else {
+                    break;
+                };
                 let compiled = nvrtc.compile(src, &kernel_dir, *target);
                 results.lock().unwrap().push((i, compiled));
             });
@@ -87,10 +94,20 @@ fn main() {
                 let stem = src.file_stem().unwrap().to_string_lossy().into_owned();
                 let file = out_dir.join(format!("{stem}.{}", target.file_suffix()));
                 write(&file, &compiled.image);
-                modules.push(Module { stem, target: *target, file, reports: compiled.reports });
+                modules.push(Module {
+                    stem,
+                    target: *target,
+                    file,
+                    reports: compiled.reports,
+                });
             }
             Err(log) => {
-                let _ = writeln!(failures, "--- {} for {}:\n{log}", src.display(), target.name());
+                let _ = writeln!(
+                    failures,
+                    "--- {} for {}:\n{log}",
+                    src.display(),
+                    target.name()
+                );
             }
         }
     }
@@ -154,7 +171,10 @@ fn parse_ptxas_log(log: &str) -> Vec<Report> {
     for line in log.lines() {
         if let Some(rest) = line.split("Compiling entry function '").nth(1) {
             let name = rest.split('\'').next().unwrap_or_default().to_string();
-            reports.push(Report { kernel: name, ..Report::default() });
+            reports.push(Report {
+                kernel: name,
+                ..Report::default()
+            });
         } else if let Some(r) = reports.last_mut() {
             if line.contains("bytes stack frame") {
                 r.stack_frame = number_before(line, "bytes stack frame").unwrap_or(0);
@@ -190,7 +210,9 @@ fn render(modules: &[Module], nvrtc_version: &str) -> String {
     s.push_str("/// Registers, spills and shared memory per kernel and architecture, as ptxas reported them.\n");
     s.push_str("pub static BUILD_REPORT: &[KernelReport] = &[\n");
     for m in modules {
-        let Target::Cubin(arch) = m.target else { continue };
+        let Target::Cubin(arch) = m.target else {
+            continue;
+        };
         for r in &m.reports {
             let _ = writeln!(
                 s,
@@ -268,7 +290,11 @@ impl Nvrtc {
                 }
             }
         }
-        for dir in ["/usr/local/cuda/lib64", "/usr/lib/x86_64-linux-gnu", "/usr/lib64"] {
+        for dir in [
+            "/usr/local/cuda/lib64",
+            "/usr/lib/x86_64-linux-gnu",
+            "/usr/lib64",
+        ] {
             candidates.push(Path::new(dir).join("libnvrtc.so"));
             candidates.push(Path::new(dir).join("libnvrtc.so.12"));
         }
@@ -340,7 +366,14 @@ impl Nvrtc {
         // string or a buffer of the size NVRTC itself reported; the program is
         // destroyed exactly once, below.
         unsafe {
-            let rc = (self.create)(&mut prog, text.as_ptr(), name.as_ptr(), 0, std::ptr::null(), std::ptr::null());
+            let rc = (self.create)(
+                &mut prog,
+                text.as_ptr(),
+                name.as_ptr(),
+                0,
+                std::ptr::null(),
+                std::ptr::null(),
+            );
             if rc != 0 {
                 return Err(format!("nvrtcCreateProgram failed with code {rc}"));
             }
@@ -349,11 +382,16 @@ impl Nvrtc {
             (self.log_size)(prog, &mut size);
             let mut log = vec![0u8; size.max(1)];
             (self.log)(prog, log.as_mut_ptr().cast());
-            let log = CStr::from_bytes_until_nul(&log).map(|c| c.to_string_lossy().into_owned()).unwrap_or_default();
+            let log = CStr::from_bytes_until_nul(&log)
+                .map(|c| c.to_string_lossy().into_owned())
+                .unwrap_or_default();
             let result = if rc != 0 {
                 Err(log)
             } else {
-                let (get_size, get): (unsafe extern "C" fn(Program, *mut usize) -> NvrtcResult, unsafe extern "C" fn(Program, *mut c_char) -> NvrtcResult) = match target {
+                let (get_size, get): (
+                    unsafe extern "C" fn(Program, *mut usize) -> NvrtcResult,
+                    unsafe extern "C" fn(Program, *mut c_char) -> NvrtcResult,
+                ) = match target {
                     Target::Cubin(_) => (self.cubin_size, self.cubin),
                     Target::Ptx(_) => (self.ptx_size, self.ptx),
                 };
@@ -361,7 +399,10 @@ impl Nvrtc {
                 get_size(prog, &mut size);
                 let mut image = vec![0u8; size];
                 get(prog, image.as_mut_ptr().cast());
-                Ok(Compiled { image, reports: parse_ptxas_log(&log) })
+                Ok(Compiled {
+                    image,
+                    reports: parse_ptxas_log(&log),
+                })
             };
             (self.destroy)(&mut prog);
             result

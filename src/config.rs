@@ -33,7 +33,12 @@ pub struct MultiboxConfig {
 
 impl Default for MultiboxConfig {
     fn default() -> Self {
-        Self { neg_pos_ratio: 3.0, min_negatives_per_image: 0, beta: 1.0, reduction: Reduction::Deterministic }
+        Self {
+            neg_pos_ratio: 3.0,
+            min_negatives_per_image: 0,
+            beta: 1.0,
+            reduction: Reduction::Deterministic,
+        }
     }
 }
 
@@ -47,7 +52,10 @@ impl MultiboxConfig {
             )));
         }
         if !(self.beta.is_finite() && self.beta > 0.0) {
-            return Err(Error::InvalidConfig(format!("beta must be a positive finite number, got {}", self.beta)));
+            return Err(Error::InvalidConfig(format!(
+                "beta must be a positive finite number, got {}",
+                self.beta
+            )));
         }
         Ok(())
     }
@@ -58,7 +66,9 @@ impl MultiboxConfig {
     /// `pos < 2^31` and an f32 ratio (the kernels do the same).
     pub fn negatives_to_mine(&self, num_pos: u64, candidates: u64) -> u64 {
         let by_ratio = (f64::from(self.neg_pos_ratio) * num_pos as f64).floor() as u64;
-        by_ratio.max(u64::from(self.min_negatives_per_image)).min(candidates)
+        by_ratio
+            .max(u64::from(self.min_negatives_per_image))
+            .min(candidates)
     }
 }
 
@@ -75,14 +85,22 @@ pub struct Shape {
 
 impl std::fmt::Display for Shape {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "[B={}, P={}, C={}]", self.batch, self.priors, self.classes)
+        write!(
+            f,
+            "[B={}, P={}, C={}]",
+            self.batch, self.priors, self.classes
+        )
     }
 }
 
 impl Shape {
     /// A shape of `batch` images, `priors` priors and `classes` classes.
     pub const fn new(batch: usize, priors: usize, classes: usize) -> Self {
-        Self { batch, priors, classes }
+        Self {
+            batch,
+            priors,
+            classes,
+        }
     }
 
     /// `B * P`: one row of logits per prior.
@@ -104,7 +122,12 @@ impl Shape {
     /// rows (`B * P`) index with 32-bit signed integers and so must stay below 2^31,
     /// and so must `C`; element offsets are 64-bit.
     pub fn validate(&self) -> Result<()> {
-        let invalid = |reason| Err(Error::InvalidShape { shape: *self, reason });
+        let invalid = |reason| {
+            Err(Error::InvalidShape {
+                shape: *self,
+                reason,
+            })
+        };
         if self.batch == 0 {
             return invalid("B (batch) must be at least 1");
         }
@@ -114,18 +137,30 @@ impl Shape {
         if self.classes < 2 {
             return invalid("C (classes) must be at least 2: background plus one class");
         }
-        let too_large = |reason: String| Err(Error::TooLarge { shape: *self, reason });
+        let too_large = |reason: String| {
+            Err(Error::TooLarge {
+                shape: *self,
+                reason,
+            })
+        };
         const LIMIT: u128 = i32::MAX as u128;
         let rows = self.batch as u128 * self.priors as u128;
         if rows > LIMIT {
-            return too_large(format!("B * P = {rows} priors exceed the kernels' 32-bit row index (at most {LIMIT})"));
+            return too_large(format!(
+                "B * P = {rows} priors exceed the kernels' 32-bit row index (at most {LIMIT})"
+            ));
         }
         if self.classes as u128 > LIMIT {
-            return too_large(format!("C = {} exceeds the kernels' 32-bit class index", self.classes));
+            return too_large(format!(
+                "C = {} exceeds the kernels' 32-bit class index",
+                self.classes
+            ));
         }
         let bytes = rows * self.classes as u128 * 4;
         if bytes > isize::MAX as u128 {
-            return too_large(format!("B * P * C * 4 = {bytes} bytes exceed the address space"));
+            return too_large(format!(
+                "B * P * C * 4 = {bytes} bytes exceed the address space"
+            ));
         }
         Ok(())
     }

@@ -69,7 +69,9 @@ mod sealed {
 }
 
 /// An input element type: `f32`, [`half::f16`] or [`half::bf16`].
-pub trait Float: sealed::Sealed + bytemuck::Pod + Default + Send + Sync + std::fmt::Debug + 'static {
+pub trait Float:
+    sealed::Sealed + bytemuck::Pod + Default + Send + Sync + std::fmt::Debug + 'static
+{
     /// The runtime tag of this type.
     const DTYPE: DType;
     /// Widens to f32 (exact).
@@ -120,7 +122,9 @@ impl Float for bf16 {
 }
 
 /// A label element type: `i32` or `i64`.
-pub trait Label: sealed::Sealed + bytemuck::Pod + Default + Send + Sync + std::fmt::Debug + 'static {
+pub trait Label:
+    sealed::Sealed + bytemuck::Pod + Default + Send + Sync + std::fmt::Debug + 'static
+{
     /// The runtime tag of this type.
     const LABEL_TYPE: LabelType;
     /// Widens to i64.
