@@ -253,6 +253,5 @@ impl DeviceStatus {
 
 /// Where the status word lives in a workspace for `shape`.
 pub(crate) fn status_offset(shape: Shape) -> Result<usize> {
-    let plan = LaunchPlan::new(shape)?;
-    Ok(plan.workspace.totals.offset + std::mem::offset_of!(crate::plan::Totals, status))
+    Ok(LaunchPlan::new(shape)?.workspace.status_offset())
 }

@@ -94,6 +94,13 @@ pub struct WorkspaceLayout {
     pub bytes: usize,
 }
 
+impl WorkspaceLayout {
+    /// Byte offset of the device status word (see [`crate::DeviceStatus`]).
+    pub fn status_offset(&self) -> usize {
+        self.totals.offset + std::mem::offset_of!(Totals, status)
+    }
+}
+
 /// A byte range of the workspace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Section {

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{check, list_cases, BackendResult, Case, CaseMeta, CaseVisitor, Report};
+use common::{check, emulated, list_cases, BackendResult, Case, CaseMeta, CaseVisitor, Report};
 use half::f16;
 use multibox::reference::{self, Upstream};
 use multibox::{DType, Float, Label};
@@ -16,7 +16,44 @@ type Backend<T, L> = (&'static str, fn(&Case<T, L>) -> Option<BackendResult<T>>)
 /// Every backend the goldens are checked against: add the emulated kernels
 /// and the GPU here.
 fn backends<T: Float, L: Label>() -> Vec<Backend<T, L>> {
-    vec![("cpu reference", cpu_reference::<T, L>)]
+    vec![
+        ("cpu reference", cpu_reference::<T, L>),
+        ("emulated kernels", emulated_kernels::<T, L>),
+    ]
+}
+
+/// The crate's CUDA kernels, run on the CPU by the emulator.
+fn emulated_kernels<T: Float, L: Label>(case: &Case<T, L>) -> Option<BackendResult<T>> {
+    let inputs = emulated::HostInputs {
+        confidence: &case.confidence,
+        predicted_locations: &case.predicted_locations,
+        labels: &case.labels,
+        gt_locations: &case.gt_locations,
+    };
+    let out = emulated::run(
+        &case.meta.config,
+        case.meta.shape,
+        &inputs,
+        emulated::Upstream::Host(1.0, 1.0),
+        true,
+        true,
+    )
+    .unwrap_or_else(|e| panic!("case {}: the emulated kernels failed: {e}", case.meta.name));
+    assert!(
+        out.status.is_ok(),
+        "case {}: status {:?}",
+        case.meta.name,
+        out.status
+    );
+    Some(BackendResult {
+        backend: "emulated kernels".into(),
+        regression_loss: f64::from(out.regression_loss),
+        classification_loss: f64::from(out.classification_loss),
+        num_pos: u64::try_from(out.num_pos).expect("num_pos >= 0"),
+        mask: out.mask,
+        grad_confidence: out.grad_confidence,
+        grad_locations: out.grad_locations,
+    })
 }
 
 fn cpu_reference<T: Float, L: Label>(case: &Case<T, L>) -> Option<BackendResult<T>> {

@@ -4,6 +4,7 @@
 #![allow(dead_code, unused_imports)] // each test binary uses a different part
 
 pub mod check;
+pub mod emulated;
 pub mod golden;
 
 pub use check::{check, BackendResult, Report};

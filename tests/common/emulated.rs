@@ -1,0 +1,173 @@
+//! The crate's own kernels run on the CPU through the emulator (emu/), driven
+//! by the same `launch_call` as the GPU: tests hold no launch sequence of
+//! their own.
+
+use multibox::plan::LaunchPlan;
+use multibox::{
+    launch_call, Backend, DeviceStatus, Float, Label, MultiboxConfig, RawBuffers, RawCall,
+    RawUpstream, Shape,
+};
+
+/// The emulator as a launch backend.
+pub struct Emulator;
+
+impl Backend for Emulator {
+    unsafe fn launch(
+        &self,
+        kernel: &'static str,
+        grid: u32,
+        block: u32,
+        shared_bytes: u32,
+        params: &[u8],
+    ) -> multibox::Result<()> {
+        // SAFETY: launch_call's caller vouched for the addresses in params;
+        // here they are host addresses of live Vecs (see `run`).
+        unsafe { multibox_emu::launch(kernel, [grid, 1, 1], [block, 1, 1], shared_bytes, params) }
+            .map_err(|e| multibox::Error::Launch {
+                kernel,
+                message: e.message,
+            })
+    }
+}
+
+/// Upstream gradients for an emulated call.
+#[derive(Debug, Clone, Copy)]
+pub enum Upstream {
+    /// Passed by value.
+    Host(f32, f32),
+    /// Read by the kernels from "device" memory.
+    Device(f32, f32),
+}
+
+/// What an emulated call wrote.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Emulated<T> {
+    pub regression_loss: f32,
+    pub classification_loss: f32,
+    pub num_pos: i32,
+    pub mask: Vec<u8>,
+    pub grad_confidence: Vec<T>,
+    pub grad_locations: Vec<T>,
+    pub status: DeviceStatus,
+}
+
+/// Inputs of one emulated call.
+pub struct HostInputs<'a, T, L> {
+    pub confidence: &'a [T],
+    pub predicted_locations: &'a [T],
+    pub labels: &'a [L],
+    pub gt_locations: &'a [T],
+}
+
+/// A 256-byte aligned buffer, filled with garbage so that a kernel that
+/// relies on zeroed memory fails.
+struct Aligned {
+    bytes: Vec<u8>,
+    offset: usize,
+}
+
+impl Aligned {
+    fn new(len: usize, fill: u8) -> Self {
+        let bytes = vec![fill; len + 256];
+        let offset = bytes.as_ptr().align_offset(256);
+        Self { bytes, offset }
+    }
+    fn addr(&mut self) -> u64 {
+        self.bytes[self.offset..].as_mut_ptr() as u64
+    }
+    fn slice(&self, len: usize) -> &[u8] {
+        &self.bytes[self.offset..self.offset + len]
+    }
+}
+
+/// Runs one call of the real kernels on the emulator. Outputs start as
+/// garbage (NaN bit patterns, 0xab bytes), so every element the test reads
+/// was written by a kernel.
+pub fn run<T: Float, L: Label>(
+    config: &MultiboxConfig,
+    shape: Shape,
+    inputs: &HostInputs<'_, T, L>,
+    upstream: Upstream,
+    backward: bool,
+    with_mask: bool,
+) -> multibox::Result<Emulated<T>> {
+    let garbage = T::from_f32(f32::NAN);
+    let mut grad_confidence = vec![garbage; if backward { shape.confidence_len() } else { 0 }];
+    let mut grad_locations = vec![garbage; if backward { shape.locations_len() } else { 0 }];
+    let mut losses = [f32::NAN; 2];
+    let mut num_pos = [-7i32];
+    let mut mask = vec![0xabu8; if with_mask { shape.rows() } else { 0 }];
+    let plan = LaunchPlan::new(shape)?;
+    let mut workspace = Aligned::new(plan.workspace.bytes, 0xab);
+    let mut device_upstream = [0.0f32; 2];
+    let upstream = match upstream {
+        Upstream::Host(g_reg, g_cls) => RawUpstream::Host { g_reg, g_cls },
+        Upstream::Device(g_reg, g_cls) => {
+            device_upstream = [g_reg, g_cls];
+            RawUpstream::Device(device_upstream.as_ptr() as u64)
+        }
+    };
+    let addr = |s: &[T]| s.as_ptr() as u64;
+    let call = RawCall {
+        shape,
+        dtype: T::DTYPE,
+        label_type: L::LABEL_TYPE,
+        buffers: RawBuffers {
+            confidence: addr(inputs.confidence),
+            predicted_locations: addr(inputs.predicted_locations),
+            labels: inputs.labels.as_ptr() as u64,
+            gt_locations: addr(inputs.gt_locations),
+            grad_confidence: grad_confidence.as_mut_ptr() as u64,
+            grad_locations: grad_locations.as_mut_ptr() as u64,
+            regression_loss: &mut losses[0] as *mut f32 as u64,
+            classification_loss: &mut losses[1] as *mut f32 as u64,
+            num_pos: num_pos.as_mut_ptr() as u64,
+            mask: if with_mask {
+                mask.as_mut_ptr() as u64
+            } else {
+                0
+            },
+            workspace: workspace.addr(),
+            workspace_bytes: plan.workspace.bytes,
+        },
+        upstream,
+        backward,
+    };
+    check_lengths(shape, inputs);
+    // SAFETY: every address points into a live Vec of the length the shape
+    // requires (checked above for the inputs, allocated so for the outputs);
+    // the emulator runs synchronously, so they outlive the work.
+    unsafe { launch_call(config, &call, &Emulator)? };
+    let status_at = plan.workspace.status_offset();
+    let status_bytes = workspace.slice(status_at + 4)[status_at..]
+        .try_into()
+        .unwrap();
+    Ok(Emulated {
+        regression_loss: losses[0],
+        classification_loss: losses[1],
+        num_pos: num_pos[0],
+        mask,
+        grad_confidence,
+        grad_locations,
+        status: DeviceStatus::from_bits(u32::from_le_bytes(status_bytes)),
+    })
+}
+
+fn check_lengths<T, L>(shape: Shape, inputs: &HostInputs<'_, T, L>) {
+    assert_eq!(
+        inputs.confidence.len(),
+        shape.confidence_len(),
+        "confidence"
+    );
+    assert_eq!(
+        inputs.predicted_locations.len(),
+        shape.locations_len(),
+        "predicted_locations"
+    );
+    assert_eq!(inputs.labels.len(), shape.rows(), "labels");
+    assert_eq!(
+        inputs.gt_locations.len(),
+        shape.locations_len(),
+        "gt_locations"
+    );
+}
