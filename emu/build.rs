@@ -16,7 +16,11 @@ fn cu_files(dir: &Path) -> Vec<PathBuf> {
 
 fn main() {
     let emu = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
-    let kernels = emu.join("../kernels");
+    // Canonical, so that error messages say kernels/x.cu, not emu/../kernels.
+    let kernels = emu
+        .join("../kernels")
+        .canonicalize()
+        .expect("the kernels/ directory");
     let include = emu.join("include");
     let runtime = emu.join("src/runtime.cpp");
     let test_kernels = emu.join("tests/kernels");
