@@ -1,0 +1,474 @@
+//! `forward_backward` on the GPU at the shapes of SSD training, timed with
+//! CUDA events.
+//!
+//!     cargo bench --bench gpu
+//!
+//! For each shape and input type (f32, f16, bf16; i64 labels) it prints:
+//!
+//! - the median device time of one call (CUDA events around each call, after
+//!   a warm-up, over many calls; the calls rotate among several input sets
+//!   whose bytes together exceed the L2 cache several times, so a repeated
+//!   call does not read its inputs from L2),
+//! - the median time of one replay of a CUDA graph holding the same call
+//!   (the three launches without the host's launch gaps),
+//! - the fewest bytes a call must move (logits read and their gradient
+//!   written, boxes read and their gradient written, labels read), the
+//!   bandwidth that implies at the graph time, and its share of the
+//!   device's peak where the device is in [`PEAK_BANDWIDTH`].
+//!
+//! With `MULTIBOX_BENCH_OUT=FILE` it also appends one JSON object per case
+//! to FILE (read by `scripts/gpu-check`). Without a GPU it says why each case
+//! is skipped and exits 0. A bench never asserts: it measures and reports.
+//!
+//! Environment: `MULTIBOX_BENCH_QUICK=1` times fewer calls (a smoke run).
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use half::{bf16, f16};
+use multibox::cudarc::driver::{
+    sys, CudaContext, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits,
+};
+use multibox::synthetic::{Batch, BatchSpec};
+use multibox::{Float, MultiboxConfig, MultiboxLoss, Shape};
+
+/// The shapes of SSD training that the crate is for.
+const CASES: &[(&str, Shape)] = &[
+    ("ssdlite_voc", Shape::new(32, 3000, 21)),
+    ("ssdlite_coco", Shape::new(32, 3000, 91)),
+    ("ssd300_coco", Shape::new(32, 8732, 81)),
+    ("ssd300_coco", Shape::new(256, 8732, 81)),
+];
+
+/// Peak DRAM bandwidth (bytes/s) of the GPUs we know, matched in this order
+/// against a substring of the device name (so "H100 PCIe" before "H100").
+/// Datasheet numbers: a measured device-to-device copy reaches about 90 %.
+const PEAK_BANDWIDTH: &[(&str, f64)] = &[
+    ("H200", 4.8e12),
+    ("H100 NVL", 3.9e12),
+    ("H100 PCIe", 2.0e12),
+    ("H100", 3.35e12),
+    ("GH200", 4.0e12),
+    ("A100-SXM4-80GB", 2.039e12),
+    ("A100 80GB PCIe", 1.935e12),
+    ("A100", 1.555e12),
+    ("L40S", 864e9),
+    ("L4", 300e9),
+    ("A10", 600e9),
+    ("RTX 4090", 1008e9),
+    ("RTX 3090", 936e9),
+    ("V100", 900e9),
+    ("T4", 320e9),
+];
+
+/// An input type the bench can put on the device.
+trait Elem: Float + DeviceRepr + ValidAsZeroBits {}
+impl<T: Float + DeviceRepr + ValidAsZeroBits> Elem for T {}
+
+/// L2 size assumed when the device does not say (H100/H200: 50 MB).
+const DEFAULT_L2_BYTES: usize = 50 << 20;
+
+fn main() {
+    // cargo bench passes `--bench` (and maybe a filter): a case runs when
+    // its name contains every free argument.
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let quick = std::env::var("MULTIBOX_BENCH_QUICK").is_ok_and(|v| v == "1");
+    let mut out = match std::env::var_os("MULTIBOX_BENCH_OUT") {
+        Some(path) => match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+        {
+            Ok(f) => Some(f),
+            Err(e) => {
+                eprintln!("cannot open MULTIBOX_BENCH_OUT={path:?}: {e}; not writing results");
+                None
+            }
+        },
+        None => None,
+    };
+
+    let ctx = match multibox::cuda_context(0) {
+        Ok(ctx) => ctx,
+        Err(why) => {
+            for (name, shape) in CASES {
+                for dtype in ["f32", "f16", "bf16"] {
+                    println!("skipped {name} {shape} {dtype}: no GPU ({why})");
+                }
+            }
+            return;
+        }
+    };
+    let device = ctx.name().unwrap_or_else(|e| format!("unknown ({e})"));
+    let peak = PEAK_BANDWIDTH
+        .iter()
+        .find(|(key, _)| device.contains(key))
+        .map(|&(_, bw)| bw);
+    let l2 = ctx
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
+        .ok()
+        .and_then(|b| usize::try_from(b).ok())
+        .filter(|&b| b > 0)
+        .unwrap_or(DEFAULT_L2_BYTES);
+    println!(
+        "device: {device}; L2 {} MB; peak DRAM bandwidth {}",
+        l2 >> 20,
+        peak.map_or("n/a (not in PEAK_BANDWIDTH)".to_string(), |p| format!(
+            "{:.2} TB/s",
+            p / 1e12
+        ))
+    );
+    println!(
+        "{:<13} {:>4} {:>5} {:>3} {:>5} | {:>9} {:>9} | {:>8} {:>8} {:>6} | sets",
+        "case", "B", "P", "C", "dtype", "call us", "graph us", "min MB", "GB/s", "%peak"
+    );
+    let bench = Bench {
+        ctx: &ctx,
+        device: &device,
+        peak,
+        l2,
+        quick,
+    };
+    for &(name, shape) in CASES {
+        // One host batch per shape, in f32, converted per dtype: drawing the
+        // 181 M logits of B=256 three times would take longer than timing them.
+        let wanted: Vec<&str> = ["f32", "f16", "bf16"]
+            .into_iter()
+            .filter(|d| {
+                let id = format!("{name}/{}/{d}", shape.batch);
+                filters.iter().all(|f| id.contains(f.as_str()))
+            })
+            .collect();
+        if wanted.is_empty() {
+            continue;
+        }
+        let host = synthetic_batch(shape);
+        for dtype in wanted {
+            let result = match dtype {
+                "f32" => bench.case::<f32>(name, &host),
+                "f16" => bench.case::<f16>(name, &host),
+                _ => bench.case::<bf16>(name, &host),
+            };
+            match result {
+                Ok(record) => {
+                    println!("{}", record.row());
+                    if let Some(f) = out.as_mut() {
+                        if let Err(e) = writeln!(f, "{}", record.json()) {
+                            eprintln!("writing MULTIBOX_BENCH_OUT: {e}");
+                        }
+                    }
+                }
+                Err(e) => println!("failed  {name} {shape} {dtype}: {e:#}"),
+            }
+        }
+    }
+}
+
+/// A batch of the shape, drawn once for at most 32 images and repeated to B
+/// (the timing does not depend on which images repeat).
+fn synthetic_batch(shape: Shape) -> Batch<f32, i64> {
+    let drawn = Shape::new(shape.batch.min(32), shape.priors, shape.classes);
+    let one = Batch::<f32, i64>::generate(drawn, BatchSpec::default());
+    let repeat =
+        |v: &[f32], len: usize| -> Vec<f32> { v.iter().copied().cycle().take(len).collect() };
+    Batch {
+        shape,
+        confidence: repeat(&one.confidence, shape.confidence_len()),
+        predicted_locations: repeat(&one.predicted_locations, shape.locations_len()),
+        labels: one
+            .labels
+            .iter()
+            .copied()
+            .cycle()
+            .take(shape.rows())
+            .collect(),
+        gt_locations: repeat(&one.gt_locations, shape.locations_len()),
+    }
+}
+
+struct Bench<'a> {
+    ctx: &'a Arc<CudaContext>,
+    device: &'a str,
+    peak: Option<f64>,
+    l2: usize,
+    quick: bool,
+}
+
+/// The buffers of one call: inputs, gradients and outputs.
+struct CallSet<T> {
+    confidence: CudaSlice<T>,
+    predicted_locations: CudaSlice<T>,
+    labels: CudaSlice<i64>,
+    gt_locations: CudaSlice<T>,
+    grad_confidence: CudaSlice<T>,
+    grad_locations: CudaSlice<T>,
+    regression_loss: CudaSlice<f32>,
+    classification_loss: CudaSlice<f32>,
+    num_pos: CudaSlice<i32>,
+    workspace: CudaSlice<u8>,
+}
+
+impl<T: Elem> CallSet<T> {
+    fn upload(stream: &Arc<CudaStream>, host: &Batch<f32, i64>) -> Result<Self> {
+        let shape = host.shape;
+        let cast = |v: &[f32]| -> Vec<T> { v.iter().map(|&x| T::from_f32(x)).collect() };
+        Ok(Self {
+            confidence: stream.clone_htod(&cast(&host.confidence))?,
+            predicted_locations: stream.clone_htod(&cast(&host.predicted_locations))?,
+            labels: stream.clone_htod(&host.labels)?,
+            gt_locations: stream.clone_htod(&cast(&host.gt_locations))?,
+            grad_confidence: stream.alloc_zeros(shape.confidence_len())?,
+            grad_locations: stream.alloc_zeros(shape.locations_len())?,
+            regression_loss: stream.alloc_zeros(1)?,
+            classification_loss: stream.alloc_zeros(1)?,
+            num_pos: stream.alloc_zeros(1)?,
+            workspace: stream.alloc_zeros(multibox::workspace_bytes(shape)?)?,
+        })
+    }
+
+    fn call(&mut self, loss: &MultiboxLoss, stream: &Arc<CudaStream>, shape: Shape) -> Result<()> {
+        loss.forward_backward(
+            stream,
+            shape,
+            &multibox::Inputs {
+                confidence: &self.confidence,
+                predicted_locations: &self.predicted_locations,
+                labels: &self.labels,
+                gt_locations: &self.gt_locations,
+            },
+            multibox::Upstream::default(),
+            &mut multibox::Gradients {
+                confidence: &mut self.grad_confidence,
+                predicted_locations: &mut self.grad_locations,
+            },
+            &mut multibox::Outputs {
+                regression_loss: &mut self.regression_loss,
+                classification_loss: &mut self.classification_loss,
+                num_pos: &mut self.num_pos,
+                mask: None,
+            },
+            &mut self.workspace,
+        )?;
+        Ok(())
+    }
+}
+
+/// The fewest bytes one forward_backward must move through device memory.
+fn min_bytes(shape: Shape, elem: usize) -> usize {
+    let logits = 2 * shape.confidence_len() * elem; // read + gradient written
+    let boxes = 3 * shape.locations_len() * elem; // pred + gt read, gradient written
+    let labels = shape.rows() * std::mem::size_of::<i64>();
+    logits + boxes + labels
+}
+
+struct Record {
+    name: String,
+    shape: Shape,
+    dtype: &'static str,
+    device: String,
+    call_us: f64,
+    graph_us: Option<f64>,
+    graph_error: Option<String>,
+    bytes: usize,
+    peak: Option<f64>,
+    sets: usize,
+    calls: usize,
+}
+
+impl Record {
+    /// Bandwidth at the best of the two times (the graph's, where it ran).
+    fn bandwidth(&self) -> f64 {
+        let us = self.graph_us.unwrap_or(self.call_us).min(self.call_us);
+        self.bytes as f64 / (us * 1e-6)
+    }
+
+    fn row(&self) -> String {
+        let graph = self
+            .graph_us
+            .map_or(format!("{:>9}", "n/a"), |us| format!("{us:9.1}"));
+        let pct = self.peak.map_or(format!("{:>6}", "n/a"), |p| {
+            format!("{:6.1}", 100.0 * self.bandwidth() / p)
+        });
+        let mut row = format!(
+            "{:<13} {:>4} {:>5} {:>3} {:>5} | {:9.1} {graph} | {:8.1} {:8.0} {pct} | {}",
+            self.name,
+            self.shape.batch,
+            self.shape.priors,
+            self.shape.classes,
+            self.dtype,
+            self.call_us,
+            self.bytes as f64 / 1e6,
+            self.bandwidth() / 1e9,
+            self.sets,
+        );
+        if let Some(e) = &self.graph_error {
+            row.push_str(&format!("  (graph: {e})"));
+        }
+        row
+    }
+
+    fn json(&self) -> String {
+        serde_json::json!({
+            "case": self.name,
+            "batch": self.shape.batch,
+            "priors": self.shape.priors,
+            "classes": self.shape.classes,
+            "dtype": self.dtype,
+            "labels": "i64",
+            "device": self.device,
+            "call_us": self.call_us,
+            "graph_us": self.graph_us,
+            "graph_error": self.graph_error,
+            "min_bytes": self.bytes,
+            "gbps": self.bandwidth() / 1e9,
+            "peak_gbps": self.peak.map(|p| p / 1e9),
+            "peak_pct": self.peak.map(|p| 100.0 * self.bandwidth() / p),
+            "sets": self.sets,
+            "calls": self.calls,
+        })
+        .to_string()
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
+impl Bench<'_> {
+    fn case<T: Elem>(&self, name: &str, host: &Batch<f32, i64>) -> Result<Record> {
+        let shape = host.shape;
+        let elem = std::mem::size_of::<T>();
+        let dtype = match T::DTYPE {
+            multibox::DType::F32 => "f32",
+            multibox::DType::F16 => "f16",
+            multibox::DType::BF16 => "bf16",
+        };
+        // Graph capture needs a stream other than the legacy default one, and
+        // cudarc's per-buffer events must stay out of the capture: every
+        // buffer lives on this one stream, so nothing needs them.
+        // SAFETY: all work below is on `stream`, which orders it.
+        unsafe { self.ctx.disable_event_tracking() };
+        let stream = self.ctx.new_stream()?;
+        let loss = MultiboxLoss::new(self.ctx, MultiboxConfig::default())?;
+
+        // Enough sets that together they hold 4x the L2 in inputs and
+        // gradients, at most 16.
+        let bytes = min_bytes(shape, elem);
+        let sets = (4 * self.l2).div_ceil(bytes).clamp(2, 16);
+        let mut calls: Vec<CallSet<T>> = (0..sets)
+            .map(|_| CallSet::upload(&stream, host))
+            .collect::<Result<_>>()
+            .context("allocating the input sets")?;
+
+        // Warm-up: module load, first-touch, clocks.
+        for i in 0..sets.max(10) {
+            calls[i % sets].call(&loss, &stream, shape)?;
+        }
+        stream.synchronize()?;
+
+        // As many calls as fit in ~0.3 s (0.05 s quick), at least 20.
+        let start = Instant::now();
+        for c in calls.iter_mut() {
+            c.call(&loss, &stream, shape)?;
+        }
+        stream.synchronize()?;
+        let per_call = start.elapsed().as_secs_f64() / sets as f64;
+        let target = if self.quick { 0.05 } else { 0.3 };
+        let n = ((target / per_call) as usize).clamp(20, if self.quick { 100 } else { 2000 });
+
+        let timing = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let events: Vec<_> = (0..=n)
+            .map(|_| self.ctx.new_event(timing))
+            .collect::<Result<_, _>>()?;
+        // Back to back: event i, call i, event i+1, ... so that the device
+        // never waits on the host between calls longer than the launches take.
+        events[0].record(&stream)?;
+        for i in 0..n {
+            calls[i % sets].call(&loss, &stream, shape)?;
+            events[i + 1].record(&stream)?;
+        }
+        stream.synchronize()?;
+        let times: Vec<f64> = events
+            .windows(2)
+            .map(|w| w[0].elapsed_ms(&w[1]).map(|ms| f64::from(ms) * 1e3))
+            .collect::<Result<_, _>>()?;
+        let call_us = median(times);
+
+        let (graph_us, graph_error) = match self.graph_time(&loss, &stream, shape, &mut calls, n) {
+            Ok(us) => (Some(us), None),
+            Err(e) => (None, Some(format!("{e:#}"))),
+        };
+
+        if let Ok(status) = loss.status(&stream, shape, &calls[0].workspace) {
+            if !status.is_ok() {
+                println!("note: {name} {dtype}: device status {status:?}");
+            }
+        }
+        Ok(Record {
+            name: name.to_string(),
+            shape,
+            dtype,
+            device: self.device.to_string(),
+            call_us,
+            graph_us,
+            graph_error,
+            bytes,
+            peak: self.peak,
+            sets,
+            calls: n,
+        })
+    }
+
+    /// One graph per input set, each holding one forward_backward; the
+    /// median time of one replay, rotating among the graphs.
+    fn graph_time<T: Elem>(
+        &self,
+        loss: &MultiboxLoss,
+        stream: &Arc<CudaStream>,
+        shape: Shape,
+        calls: &mut [CallSet<T>],
+        n: usize,
+    ) -> Result<f64> {
+        let mut graphs = Vec::with_capacity(calls.len());
+        for c in calls.iter_mut() {
+            stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+            let captured = c.call(loss, stream, shape);
+            // End the capture even when the call failed, so the stream is usable.
+            let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+            captured.context("forward_backward during capture")?;
+            let graph = graph?.context("the capture recorded no work")?;
+            graph.upload()?;
+            graphs.push(graph);
+        }
+        for g in graphs.iter().cycle().take(graphs.len().max(10)) {
+            g.launch()?;
+        }
+        stream.synchronize()?;
+        let timing = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let events: Vec<_> = (0..=n)
+            .map(|_| self.ctx.new_event(timing))
+            .collect::<Result<_, _>>()?;
+        events[0].record(stream)?;
+        for i in 0..n {
+            graphs[i % graphs.len()].launch()?;
+            events[i + 1].record(stream)?;
+        }
+        stream.synchronize()?;
+        let times: Vec<f64> = events
+            .windows(2)
+            .map(|w| w[0].elapsed_ms(&w[1]).map(|ms| f64::from(ms) * 1e3))
+            .collect::<Result<_, _>>()?;
+        Ok(median(times))
+    }
+}
