@@ -21,7 +21,7 @@
 #define EMU_ASAN 0
 #endif
 
-#if !defined(__x86_64__)
+#if !defined(__x86_64__) || defined(MULTIBOX_EMU_UCONTEXT)
 #include <ucontext.h>
 #endif
 
@@ -50,12 +50,13 @@ std::vector<Kernel>& registry() {
 
 // ---------------------------------------------------------------------------
 // Context switching: a hand-written switch on x86-64 (callee-saved registers
-// only; no signal mask syscall), ucontext elsewhere.
+// only; no signal mask syscall), ucontext elsewhere or with
+// -DMULTIBOX_EMU_UCONTEXT.
 
 constexpr size_t kStackBytes = 256 * 1024;
 constexpr size_t kGuardBytes = 4096;
 
-#if defined(__x86_64__)
+#if defined(__x86_64__) && !defined(MULTIBOX_EMU_UCONTEXT)
 extern "C" void multibox_emu_switch(void** save_sp, void* next_sp);
 asm(R"(
     .text
