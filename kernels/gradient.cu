@@ -37,18 +37,22 @@ template <typename T, typename L> __device__ void write_gradients(const Multibox
             const u32 image = u32(row / p.priors), prior = u32(row % p.priors);
             in_set = is_mined(p.images[image], key, prior);
         }
-        // Uniform per row group, so the shuffles below see all lanes.
+        const i64 label = positive ? load_label<L>(p.labels, row) : 0;
+        // Uniform per row group, so the shuffles inside see all lanes.
         const T* x = confidence + row * p.classes;
         bool nonfinite;
-        const RowStats stats = row_stats(x, p.classes, sub, lanes, in_set, &nonfinite);
+        const RowStats stats = row_stats(x, p.classes, sub, lanes, in_set, label, &nonfinite);
         if (!in_range) continue;
         T* g = grad_confidence + row * p.classes;
         if (in_set) {
-            const i64 label = positive ? load_label<L>(p.labels, row) : 0;
+            // softmax[label] - 1 would cancel to 0 in f32 for a confident row
+            // (1 - 1e-9 rounds to 1), though the true value is representable
+            // in every T. Written as -(sum of the other classes' exp) / sum,
+            // it keeps full relative precision.
             const float inv_sum = 1.0f / stats.sum_exp;
             for (u32 c = sub; c < p.classes; c += lanes) {
-                const float softmax = expf(to_f32(x[c]) - stats.max) * inv_sum;
-                g[c] = from_f32<T>(cls_scale * (softmax - (i64(c) == label ? 1.0f : 0.0f)));
+                const float d = i64(c) == label ? -stats.sum_exp_others * inv_sum : expf(to_f32(x[c]) - stats.max) * inv_sum;
+                g[c] = from_f32<T>(cls_scale * d);
             }
         } else {
             for (u32 c = sub; c < p.classes; c += lanes) g[c] = zero;

@@ -123,16 +123,26 @@ __device__ __forceinline__ u32 group_or(u32 v, u32 lanes) {
     return v;
 }
 
-// Row maximum and sum of exp(x - max) of one row, reduced over its lanes.
-// Every lane of the group gets both. Two passes over the row: the second hits L1.
+// Row maximum, sum of exp(x - max), and that sum without class `skip`, of
+// one row, reduced over its lanes; every lane of the group gets them. Two
+// passes over the row: the second hits L1.
 struct RowStats {
     float max;
     float sum_exp;
-    __device__ __forceinline__ float lse() const { return max + logf(sum_exp); }
+    float sum_exp_others;  // without class `skip`
+    // -log softmax[skip] = lse(x) - x[skip]. For a confident row (x[skip]
+    // the maximum, the other classes far below) max + log(sum) - x[skip]
+    // rounds to 0 in f32 although the loss is, say, 1e-9; log1p of the
+    // others' share keeps it, so mining still ranks such rows by their loss.
+    __device__ __forceinline__ float loss_of_skipped(float x_skip) const {
+        const float e = expf(x_skip - max);
+        return e >= 1e-6f ? log1pf(sum_exp_others / e) : (max - x_skip) + logf(sum_exp);
+    }
 };
 
 template <typename T>
-__device__ __forceinline__ RowStats row_stats(const T* x, u32 classes, u32 sub, u32 lanes, bool active, bool* nonfinite) {
+__device__ __forceinline__ RowStats row_stats(const T* x, u32 classes, u32 sub, u32 lanes, bool active, i64 skip,
+                                              bool* nonfinite) {
     float m = NEG_INF;
     bool bad = false;
     if (active) {
@@ -143,15 +153,19 @@ __device__ __forceinline__ RowStats row_stats(const T* x, u32 classes, u32 sub, 
         }
     }
     m = group_max(m, lanes);
-    float s = 0.0f;
+    float s = 0.0f, others = 0.0f;
     if (active) {
-        for (u32 c = sub; c < classes; c += lanes) s += expf(to_f32(x[c]) - m);
+        for (u32 c = sub; c < classes; c += lanes) {
+            const float e = expf(to_f32(x[c]) - m);
+            s += e;
+            if (i64(c) != skip) others += e;
+        }
     }
-    s = group_sum(s, lanes);
-    *nonfinite = bad;
     RowStats r;
     r.max = m;
-    r.sum_exp = s;
+    r.sum_exp = group_sum(s, lanes);
+    r.sum_exp_others = group_sum(others, lanes);
+    *nonfinite = bad;
     return r;
 }
 

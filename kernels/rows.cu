@@ -43,20 +43,22 @@ template <typename T, typename L> __device__ void mining_keys_and_positive_terms
         const bool active = label >= 0;
         const T* x = confidence + row * p.classes;
         bool nonfinite = false;
-        const RowStats stats = row_stats(x, p.classes, sub, lanes, active, &nonfinite);
+        const RowStats stats = row_stats(x, p.classes, sub, lanes, active, label, &nonfinite);
         if (nonfinite) status |= STATUS_NONFINITE_INPUT;
         if (!active) {
             if (in_range && sub == 0) p.keys[row] = KEY_IGNORED;
             continue;
         }
-        const float lse = stats.lse();
+        // row_stats left class `label` out of sum_exp_others: the loss of
+        // the background class for a candidate, of the object class for a positive.
+        const float loss = stats.loss_of_skipped(to_f32(x[label]));
         if (label == 0) {
-            if (sub == 0) p.keys[row] = candidate_key(lse - to_f32(x[0]));
+            if (sub == 0) p.keys[row] = candidate_key(loss);
             continue;
         }
         if (sub == 0) {
             p.keys[row] = KEY_POSITIVE;
-            positive_ce += lse - to_f32(x[label]);
+            positive_ce += loss;
         }
         for (u32 j = sub; j < 4; j += lanes) {
             const float d = to_f32(pred[row * 4 + j]) - to_f32(gt[row * 4 + j]);

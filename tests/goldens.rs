@@ -34,9 +34,7 @@ fn emulated_kernels<T: Float, L: Label>(case: &Case<T, L>) -> Option<BackendResu
         &case.meta.config,
         case.meta.shape,
         &inputs,
-        emulated::Upstream::Host(1.0, 1.0),
-        true,
-        true,
+        emulated::Call::default(),
     )
     .unwrap_or_else(|e| panic!("case {}: the emulated kernels failed: {e}", case.meta.name));
     assert!(

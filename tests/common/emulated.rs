@@ -51,6 +51,29 @@ pub struct Emulated<T> {
     pub status: DeviceStatus,
 }
 
+/// How one emulated call is made.
+#[derive(Debug, Clone, Copy)]
+pub struct Call {
+    pub upstream: Upstream,
+    /// Gradients too, or the losses only.
+    pub backward: bool,
+    /// Ask for the mined mask.
+    pub with_mask: bool,
+    /// The byte every output and the workspace start with.
+    pub fill: u8,
+}
+
+impl Default for Call {
+    fn default() -> Self {
+        Self {
+            upstream: Upstream::Host(1.0, 1.0),
+            backward: true,
+            with_mask: true,
+            fill: 0xab,
+        }
+    }
+}
+
 /// Inputs of one emulated call.
 pub struct HostInputs<'a, T, L> {
     pub confidence: &'a [T],
@@ -80,35 +103,40 @@ impl Aligned {
     }
 }
 
-/// Runs one call of the real kernels on the emulator. Outputs start as
-/// garbage (NaN bit patterns, 0xab bytes), so every element the test reads
-/// was written by a kernel.
+/// Runs one call of the real kernels on the emulator. Outputs and the
+/// workspace start as garbage (`call.fill` bytes), so every element the test
+/// reads was written by a kernel.
 pub fn run<T: Float, L: Label>(
     config: &MultiboxConfig,
     shape: Shape,
     inputs: &HostInputs<'_, T, L>,
-    upstream: Upstream,
-    backward: bool,
-    with_mask: bool,
+    call: Call,
 ) -> multibox::Result<Emulated<T>> {
-    let garbage = T::from_f32(f32::NAN);
+    let Call {
+        upstream,
+        backward,
+        with_mask,
+        fill,
+    } = call;
+    let garbage: T = bytemuck::cast_slice::<u8, T>(&[fill; 4][..std::mem::size_of::<T>()])[0];
     let mut grad_confidence = vec![garbage; if backward { shape.confidence_len() } else { 0 }];
     let mut grad_locations = vec![garbage; if backward { shape.locations_len() } else { 0 }];
-    let mut losses = [f32::NAN; 2];
+    let mut losses = [f32::from_bits(u32::from_ne_bytes([fill; 4])); 2];
     let mut num_pos = [-7i32];
-    let mut mask = vec![0xabu8; if with_mask { shape.rows() } else { 0 }];
+    let mut mask = vec![fill; if with_mask { shape.rows() } else { 0 }];
     let plan = LaunchPlan::new(shape)?;
-    let mut workspace = Aligned::new(plan.workspace.bytes, 0xab);
-    let mut device_upstream = [0.0f32; 2];
+    let mut workspace = Aligned::new(plan.workspace.bytes, fill);
+    // Two f32 in "device" memory, read by the kernels when asked to.
+    let device_upstream = match upstream {
+        Upstream::Device(g_reg, g_cls) => [g_reg, g_cls],
+        Upstream::Host(..) => [0.0; 2],
+    };
     let upstream = match upstream {
         Upstream::Host(g_reg, g_cls) => RawUpstream::Host { g_reg, g_cls },
-        Upstream::Device(g_reg, g_cls) => {
-            device_upstream = [g_reg, g_cls];
-            RawUpstream::Device(device_upstream.as_ptr() as u64)
-        }
+        Upstream::Device(..) => RawUpstream::Device(device_upstream.as_ptr() as u64),
     };
     let addr = |s: &[T]| s.as_ptr() as u64;
-    let call = RawCall {
+    let raw = RawCall {
         shape,
         dtype: T::DTYPE,
         label_type: L::LABEL_TYPE,
@@ -137,7 +165,7 @@ pub fn run<T: Float, L: Label>(
     // SAFETY: every address points into a live Vec of the length the shape
     // requires (checked above for the inputs, allocated so for the outputs);
     // the emulator runs synchronously, so they outlive the work.
-    unsafe { launch_call(config, &call, &Emulator)? };
+    unsafe { launch_call(config, &raw, &Emulator)? };
     let status_at = plan.workspace.status_offset();
     let status_bytes = workspace.slice(status_at + 4)[status_at..]
         .try_into()

@@ -1,0 +1,660 @@
+//! The crate's CUDA kernels, run on the CPU by the emulator, against the CPU
+//! reference on randomized cases; determinism; the device status word; and
+//! every bad input, refused before anything is launched.
+
+mod common;
+
+use common::emulated::{self, Call, Emulated, HostInputs, Upstream};
+use half::{bf16, f16};
+use multibox::reference;
+use multibox::synthetic::SplitMix64;
+use multibox::{
+    launch_call, Backend, Error, Float, Label, MultiboxConfig, RawBuffers, RawCall, RawUpstream,
+    Shape,
+};
+
+/// One randomized case, drawn to reach the corners: heavy ties, images with
+/// no positive or only positives, ignored priors, odd shapes.
+struct Drawn<T, L> {
+    shape: Shape,
+    config: MultiboxConfig,
+    confidence: Vec<T>,
+    predicted_locations: Vec<T>,
+    labels: Vec<L>,
+    gt_locations: Vec<T>,
+    upstream: (f32, f32),
+}
+
+impl<T: Float, L: Label> Drawn<T, L> {
+    fn draw(seed: u64, max_elements: usize) -> Self {
+        let mut rng = SplitMix64(seed);
+        let mut pick = |n: u64| rng.next() % n;
+        let classes = [2, 3, 21, 33, 81, 91, 200][pick(7) as usize];
+        let batch = 1 + pick(64) as usize;
+        let max_priors = (max_elements / (batch * classes)).clamp(1, 20000);
+        let priors = 1 + pick(max_priors as u64) as usize;
+        let shape = Shape::new(batch, priors, classes);
+        let config = MultiboxConfig {
+            neg_pos_ratio: [3.0, 0.5, 1.0, 2.5, 7.0][pick(5) as usize],
+            min_negatives_per_image: [0, 0, 1, 5, 50][pick(5) as usize],
+            beta: [1.0, 0.11, 2.0][pick(3) as usize],
+            ..Default::default()
+        };
+        // Ties: logits on a coarse grid make many rows (and keys) equal.
+        let ties = pick(3) == 0;
+        let positive_fraction = [0.0, 0.01, 0.05, 0.3, 1.0][pick(5) as usize];
+        let ignored_fraction = [0.0, 0.0, 0.1][pick(3) as usize];
+        let scale = [1.0, 4.0, 20.0][pick(3) as usize];
+        let mut rng = SplitMix64(seed ^ 0x5eed);
+        let confidence = (0..shape.confidence_len())
+            .map(|_| {
+                let x = rng.normal() * scale;
+                T::from_f64(if ties { (x * 0.5).round() } else { x })
+            })
+            .collect();
+        let predicted_locations = (0..shape.locations_len())
+            .map(|_| T::from_f64(rng.normal()))
+            .collect();
+        let gt_locations = (0..shape.locations_len())
+            .map(|_| T::from_f64(rng.normal()))
+            .collect();
+        let empty_image = rng.next() % 4 == 0;
+        let labels = (0..shape.rows())
+            .map(|r| {
+                let u = rng.uniform();
+                let label = if empty_image && r < priors {
+                    0 // the first image has no positive
+                } else if u < positive_fraction {
+                    1 + (rng.next() % (classes as u64 - 1)) as i64
+                } else if u < positive_fraction + ignored_fraction {
+                    -1
+                } else {
+                    0
+                };
+                L::from_i64(label)
+            })
+            .collect();
+        let upstream = [(1.0, 1.0), (0.5, 2.0), (1024.0, 1024.0)][(rng.next() % 3) as usize];
+        Self {
+            shape,
+            config,
+            confidence,
+            predicted_locations,
+            labels,
+            gt_locations,
+            upstream,
+        }
+    }
+
+    fn host(&self) -> HostInputs<'_, T, L> {
+        HostInputs {
+            confidence: &self.confidence,
+            predicted_locations: &self.predicted_locations,
+            labels: &self.labels,
+            gt_locations: &self.gt_locations,
+        }
+    }
+
+    fn reference(&self) -> reference::Output {
+        let inputs = reference::Inputs {
+            confidence: &self.confidence,
+            predicted_locations: &self.predicted_locations,
+            labels: &self.labels,
+            gt_locations: &self.gt_locations,
+        };
+        let upstream = reference::Upstream {
+            g_reg: self.upstream.0,
+            g_cls: self.upstream.1,
+        };
+        reference::forward_backward(&self.config, self.shape, &inputs, upstream).unwrap()
+    }
+}
+
+/// Holds the kernels' output to the reference within SPEC.md's tolerances.
+///
+/// The kernels compute mining keys in f32, the reference in f64; two keys
+/// within f32 rounding of each other may come out in either order. So a
+/// prior mined by one and not the other must be a candidate whose key lies
+/// within that rounding of the image's k-th key, each image must mine
+/// exactly k_b, and such a row's gradient is checked against the f64
+/// softmax gradient for the set the kernels chose.
+fn compare<T: Float, L: Label>(
+    what: &str,
+    case: &Drawn<T, L>,
+    want: &reference::Output,
+    got: &Emulated<T>,
+) {
+    let shape = case.shape;
+    let (p, c) = (shape.priors, shape.classes);
+    assert!(got.status.is_ok(), "{what}: status {:?}", got.status);
+    assert_eq!(got.num_pos as u64, want.losses.num_pos, "{what}: num_pos");
+    let n = want.losses.num_pos as f64;
+
+    let mut swapped_loss = 0.0f64; // cls difference the boundary choices explain
+    for b in 0..shape.batch {
+        let mined: usize = (0..p)
+            .filter(|&i| got.mask[b * p + i] == 1 && case.labels[b * p + i].to_i64() == 0)
+            .count();
+        assert_eq!(
+            mined as u64, want.negatives_mined[b],
+            "{what}: image {b} mined {mined} negatives"
+        );
+        let keys: Vec<f64> = (0..p)
+            .filter(|&i| want.mask[b * p + i] == 1 && case.labels[b * p + i].to_i64() == 0)
+            .map(|i| want.background_loss[b * p + i])
+            .collect();
+        let kth = keys.iter().copied().fold(f64::INFINITY, f64::min);
+        for i in 0..p {
+            let r = b * p + i;
+            if got.mask[r] == want.mask[r] {
+                continue;
+            }
+            assert_eq!(
+                case.labels[r].to_i64(),
+                0,
+                "{what}: prior {r} is not a candidate but masks differ"
+            );
+            let key = want.background_loss[r];
+            let tol = 4e-6 * kth.abs().max(1.0);
+            assert!(
+                (key - kth).abs() <= tol,
+                "{what}: prior {r} (key {key}) chosen differently, but the k-th key is {kth}"
+            );
+            swapped_loss += if got.mask[r] == 1 { key } else { -key };
+        }
+    }
+
+    let rel = |got: f64, want: f64| {
+        if want == 0.0 {
+            got.abs()
+        } else {
+            ((got - want) / want).abs()
+        }
+    };
+    let reg = f64::from(got.regression_loss);
+    assert!(
+        rel(reg, want.losses.regression_loss) <= 1e-6,
+        "{what}: reg {reg} vs {}",
+        want.losses.regression_loss
+    );
+    let cls = f64::from(got.classification_loss);
+    let want_cls = want.losses.classification_loss + if n > 0.0 { swapped_loss / n } else { 0.0 };
+    assert!(
+        rel(cls, want_cls) <= 1e-6,
+        "{what}: cls {cls} vs {want_cls}"
+    );
+
+    // The reference's gradient, with rows the kernels chose differently recomputed.
+    let mut grad = want.grad_confidence.clone();
+    for r in 0..shape.rows() {
+        if got.mask[r] == want.mask[r] {
+            continue;
+        }
+        let row = &case.confidence[r * c..(r + 1) * c];
+        let x: Vec<f64> = row.iter().map(|v| f64::from(v.to_f32())).collect();
+        let m = x.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let s: f64 = x.iter().map(|v| (v - m).exp()).sum();
+        for j in 0..c {
+            grad[r * c + j] = if got.mask[r] == 1 {
+                f64::from(case.upstream.1) / n
+                    * ((x[j] - m).exp() / s - if j == 0 { 1.0 } else { 0.0 })
+            } else {
+                0.0
+            };
+        }
+    }
+    check_grad(what, "grad_confidence", &grad, &got.grad_confidence);
+    check_grad(
+        what,
+        "grad_locations",
+        &want.grad_locations,
+        &got.grad_locations,
+    );
+}
+
+fn check_grad<T: Float>(what: &str, name: &str, want: &[f64], got: &[T]) {
+    assert_eq!(want.len(), got.len(), "{what}: {name} length");
+    let scale = want.iter().fold(0.0f64, |m, g| m.max(g.abs()));
+    for (i, (&w, &g)) in want.iter().zip(got).enumerate() {
+        let ok = if T::DTYPE == multibox::DType::F32 {
+            (f64::from(g.to_f32()) - w).abs() <= 1e-6 * scale
+        } else {
+            ulps_apart(g, T::from_f64(w)) <= 1
+        };
+        assert!(ok, "{what}: {name}[{i}] = {:?}, reference {w}", g.to_f32());
+    }
+}
+
+fn ulps_apart<T: Float>(a: T, b: T) -> u32 {
+    let ordered = |x: T| {
+        let bits = u32::from(bytemuck::cast::<T, u16>(x));
+        if bits & 0x8000 != 0 {
+            0x8000 - (bits & 0x7fff)
+        } else {
+            0x8000 + bits
+        }
+    };
+    ordered(a).abs_diff(ordered(b))
+}
+
+fn randomized<T: Float, L: Label>(seeds: std::ops::Range<u64>, max_elements: usize) {
+    for seed in seeds {
+        let case = Drawn::<T, L>::draw(seed, max_elements);
+        let what = format!(
+            "seed {seed} {:?}/{:?} {} {:?}",
+            T::DTYPE,
+            L::LABEL_TYPE,
+            case.shape,
+            case.config
+        );
+        let want = case.reference();
+        let call = Call {
+            upstream: Upstream::Host(case.upstream.0, case.upstream.1),
+            ..Call::default()
+        };
+        let got = emulated::run(&case.config, case.shape, &case.host(), call)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        compare(&what, &case, &want, &got);
+    }
+}
+
+#[test]
+fn randomized_f32_i64() {
+    randomized::<f32, i64>(0..12, 400_000);
+}
+
+#[test]
+fn randomized_f32_i32() {
+    randomized::<f32, i32>(100..108, 200_000);
+}
+
+#[test]
+fn randomized_f16_i64() {
+    randomized::<f16, i64>(200..208, 200_000);
+}
+
+#[test]
+fn randomized_f16_i32() {
+    randomized::<f16, i32>(300..306, 200_000);
+}
+
+#[test]
+fn randomized_bf16_i64() {
+    randomized::<bf16, i64>(400..408, 200_000);
+}
+
+#[test]
+fn randomized_bf16_i32() {
+    randomized::<bf16, i32>(500..506, 200_000);
+}
+
+/// Large images exercise every radix pass and the tie scan over many chunks.
+#[test]
+fn long_images_with_heavy_ties() {
+    let shape = Shape::new(2, 20000, 2);
+    let mut rng = SplitMix64(7);
+    // Two classes and logits in {-1, 0, 1}: only 9 distinct rows, so the k-th
+    // key is tied thousands of times and the lower-index rule decides.
+    let confidence: Vec<f32> = (0..shape.confidence_len())
+        .map(|_| (rng.next() % 3) as f32 - 1.0)
+        .collect();
+    let labels: Vec<i64> = (0..shape.rows())
+        .map(|_| i64::from(rng.next() % 50 == 0))
+        .collect();
+    let locations: Vec<f32> = (0..shape.locations_len())
+        .map(|_| rng.normal() as f32)
+        .collect();
+    let case = Drawn {
+        shape,
+        config: MultiboxConfig::default(),
+        confidence,
+        predicted_locations: locations.clone(),
+        labels,
+        gt_locations: locations.iter().map(|v| v * 0.5).collect(),
+        upstream: (1.0, 1.0),
+    };
+    let want = case.reference();
+    let got = emulated::run(&case.config, shape, &case.host(), Call::default()).unwrap();
+    // Equal rows give bit-equal keys on both sides: the masks agree exactly.
+    assert_eq!(got.mask, want.mask);
+    compare("heavy ties", &case, &want, &got);
+}
+
+#[test]
+fn outputs_are_bit_identical_whatever_the_workspace_held() {
+    let case = Drawn::<f32, i64>::draw(42, 300_000);
+    let run = |fill| {
+        let call = Call {
+            fill,
+            ..Call::default()
+        };
+        emulated::run(&case.config, case.shape, &case.host(), call).unwrap()
+    };
+    let (a, b, c) = (run(0x00), run(0xab), run(0xff));
+    let bits = |e: &Emulated<f32>| {
+        let mut v = vec![
+            e.regression_loss.to_bits(),
+            e.classification_loss.to_bits(),
+            e.num_pos as u32,
+        ];
+        v.extend(
+            e.grad_confidence
+                .iter()
+                .chain(&e.grad_locations)
+                .map(|g| g.to_bits()),
+        );
+        v.extend(e.mask.iter().map(|&m| u32::from(m)));
+        v
+    };
+    assert_eq!(bits(&a), bits(&b));
+    assert_eq!(bits(&a), bits(&c));
+}
+
+#[test]
+fn forward_only_gives_the_same_losses_and_mask() {
+    let case = Drawn::<bf16, i64>::draw(9, 200_000);
+    let both = emulated::run(&case.config, case.shape, &case.host(), Call::default()).unwrap();
+    let forward = emulated::run(
+        &case.config,
+        case.shape,
+        &case.host(),
+        Call {
+            backward: false,
+            ..Call::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        forward.regression_loss.to_bits(),
+        both.regression_loss.to_bits()
+    );
+    assert_eq!(
+        forward.classification_loss.to_bits(),
+        both.classification_loss.to_bits()
+    );
+    assert_eq!(forward.num_pos, both.num_pos);
+    assert_eq!(forward.mask, both.mask);
+    assert!(forward.grad_confidence.is_empty());
+}
+
+#[test]
+fn upstream_gradients_from_device_memory_match_host_values() {
+    let case = Drawn::<f16, i32>::draw(11, 100_000);
+    let host = emulated::run(
+        &case.config,
+        case.shape,
+        &case.host(),
+        Call {
+            upstream: Upstream::Host(0.25, 3.0),
+            ..Call::default()
+        },
+    )
+    .unwrap();
+    let device = emulated::run(
+        &case.config,
+        case.shape,
+        &case.host(),
+        Call {
+            upstream: Upstream::Device(0.25, 3.0),
+            ..Call::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(host, device);
+    let unit = emulated::run(&case.config, case.shape, &case.host(), Call::default()).unwrap();
+    assert!(host.num_pos > 0);
+    assert_ne!(
+        host.grad_confidence, unit.grad_confidence,
+        "g_cls must scale the gradient"
+    );
+}
+
+#[test]
+fn no_positive_in_the_batch_gives_zeros() {
+    let shape = Shape::new(3, 500, 21);
+    let case = Drawn::<f32, i64> {
+        shape,
+        config: MultiboxConfig {
+            min_negatives_per_image: 10,
+            ..Default::default()
+        },
+        confidence: (0..shape.confidence_len())
+            .map(|i| (i % 17) as f32 * 0.3)
+            .collect(),
+        predicted_locations: vec![1.0; shape.locations_len()],
+        labels: vec![0; shape.rows()],
+        gt_locations: vec![0.0; shape.locations_len()],
+        upstream: (1.0, 1.0),
+    };
+    let got = emulated::run(&case.config, shape, &case.host(), Call::default()).unwrap();
+    assert_eq!(
+        (got.regression_loss, got.classification_loss, got.num_pos),
+        (0.0, 0.0, 0)
+    );
+    assert!(got
+        .grad_confidence
+        .iter()
+        .chain(&got.grad_locations)
+        .all(|&g| g == 0.0));
+    // min_negatives_per_image still mines, so the mask shows the choice.
+    assert_eq!(got.mask.iter().filter(|&&m| m == 1).count(), 30);
+    compare("no positive", &case, &case.reference(), &got);
+}
+
+#[test]
+fn invalid_labels_make_the_losses_nan_and_set_the_status() {
+    let shape = Shape::new(2, 300, 3);
+    for bad in [3i64, 1000, -2, i64::MIN, i64::MAX] {
+        let mut case = Drawn::<f32, i64>::draw(5, 0);
+        case.shape = shape;
+        case.confidence = vec![0.5; shape.confidence_len()];
+        case.predicted_locations = vec![0.0; shape.locations_len()];
+        case.gt_locations = vec![0.0; shape.locations_len()];
+        case.labels = (0..shape.rows() as i64).map(|i| i % 3).collect();
+        case.labels[417] = bad;
+        let got = emulated::run(&case.config, shape, &case.host(), Call::default()).unwrap();
+        assert!(got.status.invalid_label, "label {bad}");
+        assert!(
+            got.regression_loss.is_nan() && got.classification_loss.is_nan(),
+            "label {bad}"
+        );
+        // The bad prior counts as ignored: no gradient, not in the mask.
+        assert_eq!(got.mask[417], 0);
+        assert!(got.grad_confidence[417 * 3..418 * 3]
+            .iter()
+            .all(|&g| g == 0.0));
+    }
+}
+
+#[test]
+fn non_finite_inputs_are_flagged_and_propagate() {
+    let shape = Shape::new(1, 100, 4);
+    let mut case = Drawn::<f32, i32>::draw(3, 0);
+    case.shape = shape;
+    case.confidence = (0..400).map(|i| (i % 7) as f32).collect();
+    case.predicted_locations = vec![0.5; 400];
+    case.gt_locations = vec![0.0; 400];
+    case.labels = (0..100).map(|i| if i % 10 == 0 { 1 } else { 0 }).collect();
+    case.confidence[4 * 33 + 2] = f32::NAN; // a candidate's logit
+    let got = emulated::run(&case.config, shape, &case.host(), Call::default()).unwrap();
+    assert!(got.status.nonfinite_input && !got.status.invalid_label);
+    let want = case.reference();
+    assert!(
+        want.losses.classification_loss.is_nan(),
+        "the reference mines the NaN row first"
+    );
+    assert!(got.classification_loss.is_nan());
+    assert_eq!(
+        f64::from(got.regression_loss),
+        want.losses.regression_loss as f32 as f64
+    );
+}
+
+/// A backend that fails the test if anything reaches it.
+struct MustNotLaunch;
+
+impl Backend for MustNotLaunch {
+    unsafe fn launch(
+        &self,
+        kernel: &'static str,
+        _: u32,
+        _: u32,
+        _: u32,
+        _: &[u8],
+    ) -> multibox::Result<()> {
+        panic!("{kernel} was launched for an invalid call");
+    }
+}
+
+#[test]
+fn every_bad_call_is_refused_before_any_launch() {
+    let shape = Shape::new(2, 10, 3);
+    let workspace_bytes = multibox::workspace_bytes(shape).unwrap();
+    let good = RawCall {
+        shape,
+        dtype: multibox::DType::F16,
+        label_type: multibox::LabelType::I64,
+        buffers: RawBuffers {
+            confidence: 0x1000,
+            predicted_locations: 0x2000,
+            labels: 0x3000,
+            gt_locations: 0x4000,
+            grad_confidence: 0x5000,
+            grad_locations: 0x6000,
+            regression_loss: 0x7000,
+            classification_loss: 0x7004,
+            num_pos: 0x7008,
+            mask: 0x8001,
+            workspace: 0x10000,
+            workspace_bytes,
+        },
+        upstream: RawUpstream::Host {
+            g_reg: 1.0,
+            g_cls: 1.0,
+        },
+        backward: true,
+    };
+    let config = MultiboxConfig::default();
+    let refuse = |edit: &dyn Fn(&mut RawCall, &mut MultiboxConfig)| {
+        let (mut call, mut config) = (good, config);
+        edit(&mut call, &mut config);
+        // SAFETY: MustNotLaunch never touches the addresses.
+        unsafe { launch_call(&config, &call, &MustNotLaunch) }.expect_err("a bad call was accepted")
+    };
+    assert!(matches!(
+        refuse(&|c, _| c.buffers.confidence = 0),
+        Error::NullPointer { name: "confidence" }
+    ));
+    assert!(matches!(
+        refuse(&|c, _| c.buffers.grad_locations = 0),
+        Error::NullPointer {
+            name: "grad_locations"
+        }
+    ));
+    assert!(matches!(
+        refuse(&|c, _| c.buffers.labels = 0x3004),
+        Error::Misaligned {
+            name: "labels",
+            align: 8,
+            ..
+        }
+    ));
+    assert!(matches!(
+        refuse(&|c, _| c.buffers.confidence = 0x1001),
+        Error::Misaligned {
+            name: "confidence",
+            align: 2,
+            ..
+        }
+    ));
+    assert!(matches!(
+        refuse(&|c, _| c.buffers.workspace = 0x10080),
+        Error::Misaligned {
+            name: "workspace",
+            ..
+        }
+    ));
+    assert!(matches!(
+        refuse(&|c, _| c.buffers.num_pos = 0x7002),
+        Error::Misaligned {
+            name: "num_pos",
+            ..
+        }
+    ));
+    assert!(matches!(
+        refuse(&|c, _| c.buffers.workspace_bytes -= 1),
+        Error::WorkspaceTooSmall { expected, .. } if expected == workspace_bytes
+    ));
+    assert!(matches!(
+        refuse(&|c, _| c.shape = Shape::new(0, 10, 3)),
+        Error::InvalidShape { .. }
+    ));
+    assert!(matches!(
+        refuse(&|c, _| c.shape = Shape::new(2, 10, 1)),
+        Error::InvalidShape { .. }
+    ));
+    assert!(matches!(
+        refuse(&|c, _| c.shape = Shape::new(1 << 20, 1 << 12, 3)),
+        Error::TooLarge { .. }
+    ));
+    assert!(matches!(
+        refuse(&|c, _| c.upstream = RawUpstream::Host {
+            g_reg: f32::NAN,
+            g_cls: 1.0
+        }),
+        Error::InvalidUpstream { name: "g_reg", .. }
+    ));
+    assert!(matches!(
+        refuse(&|c, _| c.upstream = RawUpstream::Device(0)),
+        Error::NullPointer { name: "upstream" }
+    ));
+    assert!(matches!(
+        refuse(&|c, _| c.upstream = RawUpstream::Device(0x9002)),
+        Error::Misaligned {
+            name: "upstream",
+            ..
+        }
+    ));
+    assert!(matches!(
+        refuse(&|_, k| k.neg_pos_ratio = 0.0),
+        Error::InvalidConfig(_)
+    ));
+    assert!(matches!(
+        refuse(&|_, k| k.beta = f32::INFINITY),
+        Error::InvalidConfig(_)
+    ));
+    // A forward-only call needs no gradient buffers.
+    let mut forward = good;
+    forward.backward = false;
+    forward.buffers.grad_confidence = 0;
+    forward.buffers.grad_locations = 0;
+    let launched = std::cell::Cell::new(0);
+    struct Count<'a>(&'a std::cell::Cell<usize>);
+    impl Backend for Count<'_> {
+        unsafe fn launch(
+            &self,
+            _: &'static str,
+            _: u32,
+            _: u32,
+            _: u32,
+            _: &[u8],
+        ) -> multibox::Result<()> {
+            self.0.set(self.0.get() + 1);
+            Ok(())
+        }
+    }
+    // SAFETY: Count never touches the addresses.
+    unsafe { launch_call(&config, &forward, &Count(&launched)) }.unwrap();
+    assert_eq!(launched.get(), 2);
+}
+
+#[test]
+fn the_emulator_knows_every_kernel_the_crate_launches() {
+    let known = multibox_emu::kernel_names();
+    for name in multibox::plan::Step::all_kernel_names() {
+        assert!(
+            known.iter().any(|k| k == name),
+            "{name} is not compiled into the emulator"
+        );
+    }
+}
