@@ -168,7 +168,7 @@ __thread Block* t_block;
 
 std::string fmt(const char* f, ...) __attribute__((format(printf, 1, 2)));
 std::string fmt(const char* f, ...) {
-    char buf[512];
+    char buf[2048];
     va_list ap;
     va_start(ap, f);
     vsnprintf(buf, sizeof buf, f, ap);
