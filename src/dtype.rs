@@ -103,8 +103,10 @@ impl Float for f16 {
         f16::from_f32(x)
     }
     fn from_f64(x: f64) -> Self {
-        // Directly from f64: rounding twice (f64 -> f32 -> f16) can be off by one ulp.
-        f16::from_f64(x)
+        // Rounding twice (f64 -> f32 -> f16) can be off by one ulp, and so is
+        // `half`'s `from_f64`, which drops the low 32 mantissa bits before
+        // rounding; rounding to odd first makes the second rounding exact.
+        f16::from_f32(f64_to_f32_round_to_odd(x))
     }
 }
 
@@ -117,8 +119,27 @@ impl Float for bf16 {
         bf16::from_f32(x)
     }
     fn from_f64(x: f64) -> Self {
-        bf16::from_f64(x)
+        bf16::from_f32(f64_to_f32_round_to_odd(x)) // see `f16::from_f64`
     }
+}
+
+/// `x` rounded to f32 toward zero, with the last bit set if that was
+/// inexact ("round to odd"). f32 keeps at least two more bits than f16 and
+/// bf16, so rounding this to nearest-even gives the correctly rounded
+/// f16 / bf16 of `x` (Boldo and Melquiond, "When double rounding is odd").
+fn f64_to_f32_round_to_odd(x: f64) -> f32 {
+    let nearest = x as f32;
+    if f64::from(nearest) == x || x.is_nan() {
+        return nearest;
+    }
+    let bits = nearest.to_bits();
+    // Sign-magnitude: one less is one step toward zero (inf becomes f32::MAX).
+    let toward_zero = if f64::from(nearest).abs() > x.abs() {
+        bits - 1
+    } else {
+        bits
+    };
+    f32::from_bits(toward_zero | 1)
 }
 
 /// A label element type: `i32` or `i64`.

@@ -682,3 +682,72 @@ fn non_finite_upstream_gradients_are_refused() {
         );
     }
 }
+
+// ---- rounding the f64 gradients to f16 / bf16 ----
+
+/// The value nearest to `x` among `r` and its two neighbours, ties to even:
+/// what a correctly rounded `from_f64` must return.
+fn assert_correctly_rounded<T: multibox::Float>(
+    x: f64,
+    r: T,
+    bits: fn(T) -> u16,
+    from_bits: fn(u16) -> T,
+) {
+    let b = bits(r);
+    let err = |t: T| (f64::from(t.to_f32()) - x).abs();
+    for nb in [b.wrapping_sub(1), b.wrapping_add(1)] {
+        let n = from_bits(nb);
+        if n.to_f32().is_finite() && (nb & 0x7fff) != 0x7fff && (b ^ nb) & 0x8000 == 0 {
+            let (e, en) = (err(r), err(n));
+            assert!(
+                e < en || (e == en && b & 1 == 0),
+                "{x:e} rounded to {:e}, but {:e} is nearer",
+                r.to_f32(),
+                n.to_f32()
+            );
+        }
+    }
+}
+
+#[test]
+fn f64_gradients_round_once_to_the_nearest_half_value() {
+    use half::{bf16, f16};
+    use multibox::Float;
+    // Just above a midpoint, by less than an f32 ulp: rounding f64 -> f32 -> T
+    // or dropping the low mantissa bits gives the tie's even neighbour instead.
+    let above = 1.0 + 2f64.powi(-40);
+    assert_eq!(
+        <bf16 as Float>::from_f64((1.0 + 2f64.powi(-8)) * above).to_bits(),
+        0x3f81
+    );
+    assert_eq!(
+        <f16 as Float>::from_f64((1.0 + 2f64.powi(-11)) * above).to_bits(),
+        0x3c01
+    );
+    assert_eq!(
+        <bf16 as Float>::from_f64(-(1.0 + 2f64.powi(-8)) * above).to_bits(),
+        0xbf81
+    );
+    // Exact ties still go to even.
+    assert_eq!(
+        <bf16 as Float>::from_f64(1.0 + 2f64.powi(-8)).to_bits(),
+        0x3f80
+    );
+    assert_eq!(
+        <f16 as Float>::from_f64(1.0 + 3.0 * 2f64.powi(-11)).to_bits(),
+        0x3c02
+    );
+
+    let mut rng = StdRng::seed_from_u64(23);
+    for _ in 0..200_000 {
+        // Values around midpoints, in the normal and subnormal ranges.
+        let x = rng.random_range(-1.0..1.0f64) * 2f64.powi(rng.random_range(-30..10));
+        assert_correctly_rounded(x, <f16 as Float>::from_f64(x), f16::to_bits, f16::from_bits);
+        assert_correctly_rounded(
+            x,
+            <bf16 as Float>::from_f64(x),
+            bf16::to_bits,
+            bf16::from_bits,
+        );
+    }
+}
