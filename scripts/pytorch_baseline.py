@@ -1,0 +1,314 @@
+#!/usr/bin/env python3
+"""The MultiBox loss in plain PyTorch, the baseline our kernels are measured
+against, and a check that both compute the same losses.
+
+    scripts/pytorch_baseline.py [--out FILE.jsonl] [--compare BENCH_COMPARE]
+                                [--budget SECONDS] [--quick] [--no-compile]
+
+1. Check: draws small batches (B=4) of each benchmark shape and input type
+   deterministically, writes them in the layout of tests/goldens/ and runs
+   BENCH_COMPARE (the `bench_compare` example: our losses on the GPU, else
+   our CPU reference) over them; compares with the reference algorithm below
+   run in float64 on the same values (relative 1e-5, num_pos exact).
+2. Timing (needs a CUDA device): forward + backward of the reference
+   algorithm, eager and under torch.compile, at the shapes and input types
+   of benches/gpu.rs. Each call is timed with CUDA events, after a warm-up,
+   rotating among input sets whose bytes exceed the L2 cache 4 times; the
+   median is reported. torch.compile runs with its defaults (after the first
+   shape of a dtype it recompiles with dynamic shapes, as a training run
+   that changes shapes would), and stops when --budget seconds are spent.
+
+One JSON object per line goes to --out (kind "compare" or "time"). The
+reference algorithm is docs/SPEC.md's, as the SSD training code writes it:
+a sort of the background losses, then a sort of the sort, boolean indexing
+(which synchronises with the host), cross_entropy and smooth_l1_loss.
+
+Exit status: 0 when done, 3 when skipped (no PyTorch), 1 when a comparison
+failed or something broke.
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+SHAPES = [  # name, B, P, C: the shapes of benches/gpu.rs
+    ("ssdlite_voc", 32, 3000, 21),
+    ("ssdlite_coco", 32, 3000, 91),
+    ("ssd300_coco", 32, 8732, 81),
+    ("ssd300_coco", 256, 8732, 81),
+]
+DTYPES = ["f32", "f16", "bf16"]
+NEG_POS_RATIO = 3.0
+POSITIVE_FRACTION = 0.02  # as multibox::synthetic::BatchSpec::default()
+RTOL = 1e-5
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def multibox_loss(confidence, predicted_locations, labels, gt_locations,
+                  neg_pos_ratio=NEG_POS_RATIO, stable=False):
+    """docs/SPEC.md's reference algorithm. `stable=True` sorts stably, so
+    that ties go to the lower prior index as in our kernels (used for the
+    check only; the timed version sorts as the reference code does)."""
+    import torch
+    import torch.nn.functional as F
+
+    num_classes = confidence.size(2)
+    with torch.no_grad():
+        bg = -F.log_softmax(confidence, dim=2)[:, :, 0]
+        pos = labels > 0
+        num_neg = pos.long().sum(dim=1, keepdim=True) * neg_pos_ratio
+        bg[pos] = -math.inf
+        _, indexes = bg.sort(dim=1, descending=True, stable=stable)
+        _, orders = indexes.sort(dim=1, stable=stable)
+        mask = pos | (orders < num_neg)
+    cls = F.cross_entropy(confidence[mask, :].reshape(-1, num_classes),
+                          labels[mask], reduction="sum")
+    pred = predicted_locations[pos, :].reshape(-1, 4)
+    gt = gt_locations[pos, :].reshape(-1, 4)
+    reg = F.smooth_l1_loss(pred, gt, reduction="sum")
+    num_pos = gt.size(0)
+    return reg / num_pos, cls / num_pos
+
+
+def torch_dtype(name):
+    import torch
+    return {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def draw(b, p, c, dtype, seed, device="cpu", label_dtype=None):
+    """Inputs like the crate's synthetic batches: normal logits and offsets,
+    2 % positives with a uniform class. Rounded to `dtype`."""
+    import torch
+    gen = torch.Generator(device=device).manual_seed(seed)
+    t = torch_dtype(dtype)
+    conf = torch.randn(b, p, c, generator=gen, device=device).to(t)
+    loc = torch.randn(b, p, 4, generator=gen, device=device).to(t)
+    gt = torch.randn(b, p, 4, generator=gen, device=device).to(t)
+    u = torch.rand(b, p, generator=gen, device=device)
+    cls = torch.randint(1, c, (b, p), generator=gen, device=device)
+    labels = torch.where(u < POSITIVE_FRACTION, cls, torch.zeros_like(cls))
+    if label_dtype is not None:
+        labels = labels.to(label_dtype)
+    return conf, loc, labels, gt
+
+
+# ---------------------------------------------------------------- the check
+
+def write_case(root, name, tensors, dtype, label_name):
+    import torch
+    conf, loc, labels, gt = tensors
+    b, p, c = conf.shape
+    d = os.path.join(root, name)
+    os.makedirs(d)
+    for fname, t in [("confidence.bin", conf), ("locations.bin", loc),
+                     ("gt_locations.bin", gt)]:
+        t.to(torch.float32).contiguous().cpu().numpy().tofile(os.path.join(d, fname))
+    labels.contiguous().cpu().numpy().tofile(os.path.join(d, "labels.bin"))
+    meta = {"name": name, "batch": b, "priors": p, "classes": c,
+            "neg_pos_ratio": NEG_POS_RATIO, "input_dtype": dtype,
+            "label_dtype": label_name}
+    with open(os.path.join(d, "case.json"), "w") as f:
+        json.dump(meta, f)
+
+
+def check(args, out):
+    import torch
+    cases = []
+    for (name, _, p, c) in SHAPES[:3]:
+        for dtype in DTYPES:
+            cases.append((f"{name}_{dtype}_i64", 4, p, c, dtype, torch.int64, "i64"))
+    cases.append(("ssdlite_voc_f32_i32", 4, 3000, 21, "f32", torch.int32, "i32"))
+    if args.quick:
+        cases = cases[:1] + cases[-1:]
+    if not args.compare or not os.path.exists(args.compare):
+        log(f"check skipped: no bench_compare binary ({args.compare!r})")
+        out.write(json.dumps({"kind": "compare", "skipped": "no bench_compare binary"}) + "\n")
+        return True
+    root = tempfile.mkdtemp(prefix="multibox_compare_")
+    expected = {}
+    try:
+        for i, (name, b, p, c, dtype, ldt, lname) in enumerate(cases):
+            tensors = draw(b, p, c, dtype, seed=1000 + i, label_dtype=ldt)
+            write_case(root, name, tensors, dtype, lname)
+            conf, loc, labels, gt = (t.to(torch.float64) if t.is_floating_point() else t.long()
+                                     for t in tensors)
+            reg, cls = multibox_loss(conf, loc, labels, gt, stable=True)
+            expected[name] = (float(reg), float(cls), int((labels > 0).sum()))
+        run = subprocess.run([args.compare, root], capture_output=True, text=True,
+                             timeout=max(30, args.budget / 3))
+        sys.stderr.write(run.stderr)
+        if run.returncode != 0:
+            log(f"check FAILED: bench_compare exited {run.returncode}")
+            return False
+        ours = {}
+        for line in run.stdout.splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                ours[rec.get("case")] = rec
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    ok = True
+    gpu = torch.cuda.is_available()
+    for name, (reg, cls, n) in expected.items():
+        rec = ours.get(name, {"error": "no output for this case"})
+        problems = []
+        if "error" in rec:
+            problems.append(rec["error"])
+        else:
+            for key, ref in [("regression_loss", reg), ("classification_loss", cls)]:
+                err = abs(rec[key] - ref) / max(abs(ref), 1e-30)
+                if not err <= RTOL:
+                    problems.append(f"{key} {rec[key]!r} vs {ref!r} (rel {err:.2e})")
+            if rec["num_pos"] != n:
+                problems.append(f"num_pos {rec['num_pos']} vs {n}")
+            if rec.get("status") != "ok":
+                problems.append(f"status {rec.get('status')}")
+            if gpu and not str(rec.get("backend", "")).startswith("gpu"):
+                problems.append(f"ours ran on {rec.get('backend')!r} while PyTorch sees a GPU")
+        good = not problems
+        ok &= good
+        log(f"check {name:24} {'ok    ' if good else 'FAILED'} ours "
+            f"{rec.get('backend', '?')}: reg {rec.get('regression_loss')} cls "
+            f"{rec.get('classification_loss')} N {rec.get('num_pos')}; float64 PyTorch: "
+            f"reg {reg:.9g} cls {cls:.9g} N {n}" + ("" if good else "  " + "; ".join(problems)))
+        out.write(json.dumps({"kind": "compare", "case": name, "ok": good,
+                              "backend": rec.get("backend"), "problems": problems,
+                              "ours": [rec.get("regression_loss"), rec.get("classification_loss"),
+                                       rec.get("num_pos")],
+                              "pytorch_f64": [reg, cls, n]}) + "\n")
+    return ok
+
+
+# --------------------------------------------------------------- the timing
+
+def time_calls(fn, sets, n, warmup):
+    """Median device time of one forward+backward, by CUDA events around
+    each call, calls back to back, rotating over `sets`."""
+    import torch
+
+    def step(i):
+        conf, loc, labels, gt = sets[i % len(sets)]
+        conf.grad = None
+        loc.grad = None
+        reg, cls = fn(conf, loc, labels, gt)
+        (reg + cls).backward()
+
+    for i in range(warmup):
+        step(i)
+    torch.cuda.synchronize()
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(n + 1)]
+    events[0].record()
+    for i in range(n):
+        step(i)
+        events[i + 1].record()
+    torch.cuda.synchronize()
+    return statistics.median(1e3 * a.elapsed_time(b) for a, b in zip(events, events[1:]))
+
+
+def min_bytes(b, p, c, elem):
+    return 2 * b * p * c * elem + 3 * b * p * 4 * elem + b * p * 8
+
+
+def timing(args, out, deadline):
+    import torch
+    if not torch.cuda.is_available():
+        log("timing skipped: PyTorch sees no CUDA device")
+        out.write(json.dumps({"kind": "time", "skipped": "no CUDA device"}) + "\n")
+        return True
+    props = torch.cuda.get_device_properties(0)
+    device = props.name
+    l2 = getattr(props, "L2_cache_size", 0) or (50 << 20)
+    log(f"device: {device}; torch {torch.__version__}; L2 {l2 >> 20} MB")
+    try:
+        import torch._dynamo as dynamo
+        for knob in ("cache_size_limit", "recompile_limit"):
+            if hasattr(dynamo.config, knob):
+                setattr(dynamo.config, knob, 64)
+    except Exception as e:  # noqa: BLE001 - older or newer torch: keep going
+        log(f"note: could not raise dynamo's recompile limit: {e}")
+    compiled = torch.compile(multibox_loss)
+
+    shapes = SHAPES[:1] if args.quick else SHAPES
+    n_target = 0.05 if args.quick else 0.3
+    ok = True
+    # Eager for every case first, then torch.compile while the budget lasts,
+    # dtype by dtype so that each dtype's recompiles happen once.
+    plan = [(impl, dtype, shape) for impl in (["eager"] if args.no_compile else ["eager", "compile"])
+            for dtype in DTYPES for shape in shapes]
+    for impl, dtype, (name, b, p, c) in plan:
+        rec = {"kind": "time", "impl": impl, "case": name, "batch": b, "priors": p,
+               "classes": c, "dtype": dtype, "labels": "i64", "device": device}
+        left = deadline - time.monotonic()
+        if left < (60 if impl == "compile" else 15):
+            rec["skipped"] = f"time budget spent ({left:.0f} s left)"
+            log(f"{impl:7} {name:12} B={b:<3} {dtype:4}: skipped, {rec['skipped']}")
+            out.write(json.dumps(rec) + "\n")
+            continue
+        try:
+            elem = torch.tensor([], dtype=torch_dtype(dtype)).element_size()
+            nsets = max(2, min(16, math.ceil(4 * l2 / min_bytes(b, p, c, elem))))
+            sets = []
+            for s in range(nsets):
+                conf, loc, labels, gt = draw(b, p, c, dtype, seed=s, device="cuda")
+                sets.append((conf.requires_grad_(), loc.requires_grad_(), labels, gt))
+            fn = multibox_loss if impl == "eager" else compiled
+            t0 = time.monotonic()
+            time_calls(fn, sets, n=1, warmup=1)  # compiles, for torch.compile
+            first_s = time.monotonic() - t0
+            t0 = time.monotonic()
+            time_calls(fn, sets, n=3, warmup=0)
+            per_call = (time.monotonic() - t0) / 3
+            n = int(max(10, min(500, n_target / max(per_call, 1e-6))))
+            us = time_calls(fn, sets, n=n, warmup=nsets)
+            rec.update({"us": us, "calls": n, "sets": nsets, "first_call_s": first_s})
+            log(f"{impl:7} {name:12} B={b:<3} {dtype:4}: {us:10.1f} us  "
+                f"(median of {n}, {nsets} sets; first call {first_s:.1f} s)")
+        except Exception as e:  # noqa: BLE001 - report and go on with the next case
+            ok = False
+            rec["error"] = f"{type(e).__name__}: {e}"[:500]
+            log(f"{impl:7} {name:12} B={b:<3} {dtype:4}: FAILED {rec['error']}")
+        finally:
+            sets = None
+            torch.cuda.empty_cache()
+        out.write(json.dumps(rec) + "\n")
+        out.flush()
+    return ok
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=os.devnull, help="JSON lines file")
+    ap.add_argument("--compare", help="the bench_compare binary (built by scripts/gpu-check --build)")
+    ap.add_argument("--budget", type=float, default=240.0, help="seconds for the whole run")
+    ap.add_argument("--quick", action="store_true", help="one shape, few calls")
+    ap.add_argument("--no-compile", action="store_true", help="eager only")
+    args = ap.parse_args()
+    deadline = time.monotonic() + args.budget
+    try:
+        import torch
+    except ImportError as e:
+        log(f"skipped: PyTorch is not installed here ({e})")
+        with open(args.out, "a") as out:
+            out.write(json.dumps({"kind": "skipped", "reason": f"no PyTorch: {e}"}) + "\n")
+        return 3
+    log(f"PyTorch {torch.__version__}, CUDA {'available' if torch.cuda.is_available() else 'not available'}")
+    with open(args.out, "a") as out:
+        ok = check(args, out)
+        out.flush()
+        ok &= timing(args, out, deadline)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
