@@ -70,7 +70,14 @@ mod sealed {
 
 /// An input element type: `f32`, [`half::f16`] or [`half::bf16`].
 pub trait Float:
-    sealed::Sealed + bytemuck::Pod + Default + Send + Sync + std::fmt::Debug + 'static
+    sealed::Sealed
+    + cudarc::driver::DeviceRepr
+    + bytemuck::Pod
+    + Default
+    + Send
+    + Sync
+    + std::fmt::Debug
+    + 'static
 {
     /// The runtime tag of this type.
     const DTYPE: DType;
@@ -144,7 +151,14 @@ fn f64_to_f32_round_to_odd(x: f64) -> f32 {
 
 /// A label element type: `i32` or `i64`.
 pub trait Label:
-    sealed::Sealed + bytemuck::Pod + Default + Send + Sync + std::fmt::Debug + 'static
+    sealed::Sealed
+    + cudarc::driver::DeviceRepr
+    + bytemuck::Pod
+    + Default
+    + Send
+    + Sync
+    + std::fmt::Debug
+    + 'static
 {
     /// The runtime tag of this type.
     const LABEL_TYPE: LabelType;

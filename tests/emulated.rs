@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::emulated::{self, Call, Emulated, HostInputs, Upstream};
+use common::emulated::{self, Call, HostInputs, KernelOutput, Upstream};
 use half::{bf16, f16};
 use multibox::reference;
 use multibox::synthetic::SplitMix64;
@@ -122,7 +122,7 @@ fn compare<T: Float, L: Label>(
     what: &str,
     case: &Drawn<T, L>,
     want: &reference::Output,
-    got: &Emulated<T>,
+    got: &KernelOutput<T>,
 ) {
     let shape = case.shape;
     let (p, c) = (shape.priors, shape.classes);
@@ -331,7 +331,7 @@ fn outputs_are_bit_identical_whatever_the_workspace_held() {
         emulated::run(&case.config, case.shape, &case.host(), call).unwrap()
     };
     let (a, b, c) = (run(0x00), run(0xab), run(0xff));
-    let bits = |e: &Emulated<f32>| {
+    let bits = |e: &KernelOutput<f32>| {
         let mut v = vec![
             e.regression_loss.to_bits(),
             e.classification_loss.to_bits(),

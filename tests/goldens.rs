@@ -4,7 +4,9 @@
 
 mod common;
 
-use common::{check, emulated, list_cases, BackendResult, Case, CaseMeta, CaseVisitor, Report};
+use common::{
+    check, emulated, gpu, list_cases, BackendResult, Case, CaseMeta, CaseVisitor, Report,
+};
 use half::f16;
 use multibox::reference::{self, Upstream};
 use multibox::{DType, Float, Label};
@@ -19,7 +21,28 @@ fn backends<T: Float, L: Label>() -> Vec<Backend<T, L>> {
     vec![
         ("cpu reference", cpu_reference::<T, L>),
         ("emulated kernels", emulated_kernels::<T, L>),
+        ("gpu", on_gpu::<T, L>),
     ]
+}
+
+/// The kernels on the GPU, when there is one.
+fn on_gpu<T: Float, L: Label>(case: &Case<T, L>) -> Option<BackendResult<T>> {
+    let ctx = gpu::device(&format!("golden case {} on the gpu", case.meta.name))?;
+    let inputs = emulated::HostInputs {
+        confidence: &case.confidence,
+        predicted_locations: &case.predicted_locations,
+        labels: &case.labels,
+        gt_locations: &case.gt_locations,
+    };
+    let out = gpu::run(
+        &ctx,
+        &case.meta.config,
+        case.meta.shape,
+        &inputs,
+        emulated::Call::default(),
+    )
+    .unwrap_or_else(|e| panic!("case {}: the GPU failed: {e}", case.meta.name));
+    Some(kernel_result("gpu", case, out))
 }
 
 /// The crate's CUDA kernels, run on the CPU by the emulator.
@@ -37,21 +60,30 @@ fn emulated_kernels<T: Float, L: Label>(case: &Case<T, L>) -> Option<BackendResu
         emulated::Call::default(),
     )
     .unwrap_or_else(|e| panic!("case {}: the emulated kernels failed: {e}", case.meta.name));
+    Some(kernel_result("emulated kernels", case, out))
+}
+
+/// What the kernels wrote, in the checker's form; their status must be clean.
+fn kernel_result<T: Float, L: Label>(
+    backend: &str,
+    case: &Case<T, L>,
+    out: emulated::KernelOutput<T>,
+) -> BackendResult<T> {
+    let name = &case.meta.name;
     assert!(
         out.status.is_ok(),
-        "case {}: status {:?}",
-        case.meta.name,
+        "case {name} on {backend}: status {:?}",
         out.status
     );
-    Some(BackendResult {
-        backend: "emulated kernels".into(),
+    BackendResult {
+        backend: backend.into(),
         regression_loss: f64::from(out.regression_loss),
         classification_loss: f64::from(out.classification_loss),
         num_pos: u64::try_from(out.num_pos).expect("num_pos >= 0"),
         mask: out.mask,
         grad_confidence: out.grad_confidence,
         grad_locations: out.grad_locations,
-    })
+    }
 }
 
 fn cpu_reference<T: Float, L: Label>(case: &Case<T, L>) -> Option<BackendResult<T>> {

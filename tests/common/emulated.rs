@@ -39,9 +39,9 @@ pub enum Upstream {
     Device(f32, f32),
 }
 
-/// What an emulated call wrote.
+/// What a call of the kernels wrote (on the emulator or the GPU).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Emulated<T> {
+pub struct KernelOutput<T> {
     pub regression_loss: f32,
     pub classification_loss: f32,
     pub num_pos: i32,
@@ -111,7 +111,7 @@ pub fn run<T: Float, L: Label>(
     shape: Shape,
     inputs: &HostInputs<'_, T, L>,
     call: Call,
-) -> multibox::Result<Emulated<T>> {
+) -> multibox::Result<KernelOutput<T>> {
     let Call {
         upstream,
         backward,
@@ -170,7 +170,7 @@ pub fn run<T: Float, L: Label>(
     let status_bytes = workspace.slice(status_at + 4)[status_at..]
         .try_into()
         .unwrap();
-    Ok(Emulated {
+    Ok(KernelOutput {
         regression_loss: losses[0],
         classification_loss: losses[1],
         num_pos: num_pos[0],

@@ -6,6 +6,7 @@
 pub mod check;
 pub mod emulated;
 pub mod golden;
+pub mod gpu;
 
 pub use check::{check, BackendResult, Report};
 pub use golden::{list_cases, Case, CaseMeta, CaseVisitor, Expected};

@@ -1,0 +1,173 @@
+//! The same calls on a real GPU, through the public typed API, when there is
+//! one. Without a GPU the tests say why and pass, unless
+//! MULTIBOX_REQUIRE_GPU=1, where they fail.
+
+use std::sync::Arc;
+
+use multibox::cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+use multibox::{
+    DeviceStatus, Float, Gradients, Inputs, Label, MultiboxConfig, MultiboxLoss, Outputs, Shape,
+};
+
+use super::emulated::{Call, HostInputs, KernelOutput, Upstream};
+
+/// The first GPU, or `None` with the reason printed.
+pub fn device(test: &str) -> Option<Arc<CudaContext>> {
+    match multibox::cuda_context(0) {
+        Ok(ctx) => Some(ctx),
+        Err(why) => {
+            if std::env::var("MULTIBOX_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                panic!("{test}: MULTIBOX_REQUIRE_GPU=1, but {why}");
+            }
+            // Straight to stderr, past the test harness's capture, so the
+            // reason shows in every run.
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "{test}: skipped, {why}");
+            None
+        }
+    }
+}
+
+/// Device buffers of one call.
+pub struct DeviceCall<T, L> {
+    pub shape: Shape,
+    pub confidence: CudaSlice<T>,
+    pub predicted_locations: CudaSlice<T>,
+    pub labels: CudaSlice<L>,
+    pub gt_locations: CudaSlice<T>,
+    pub grad_confidence: CudaSlice<T>,
+    pub grad_locations: CudaSlice<T>,
+    pub regression_loss: CudaSlice<f32>,
+    pub classification_loss: CudaSlice<f32>,
+    pub num_pos: CudaSlice<i32>,
+    pub mask: CudaSlice<u8>,
+    pub upstream: CudaSlice<f32>,
+    pub workspace: CudaSlice<u8>,
+}
+
+impl<T: Float, L: Label> DeviceCall<T, L> {
+    /// Copies the inputs; outputs and workspace start as 0xab garbage.
+    pub fn new(
+        stream: &Arc<CudaStream>,
+        shape: Shape,
+        inputs: &HostInputs<'_, T, L>,
+    ) -> multibox::Result<Self> {
+        let garbage = |n: usize| stream.clone_htod(&vec![0xabu8; n]);
+        let fill_t = |n: usize| stream.clone_htod(&vec![T::from_f32(f32::NAN); n]);
+        Ok(Self {
+            shape,
+            confidence: stream.clone_htod(inputs.confidence)?,
+            predicted_locations: stream.clone_htod(inputs.predicted_locations)?,
+            labels: stream.clone_htod(inputs.labels)?,
+            gt_locations: stream.clone_htod(inputs.gt_locations)?,
+            grad_confidence: fill_t(shape.confidence_len())?,
+            grad_locations: fill_t(shape.locations_len())?,
+            regression_loss: stream.clone_htod(&[f32::NAN])?,
+            classification_loss: stream.clone_htod(&[f32::NAN])?,
+            num_pos: stream.clone_htod(&[-7i32])?,
+            mask: garbage(shape.rows())?,
+            upstream: stream.clone_htod(&[1.0f32, 1.0])?,
+            workspace: garbage(multibox::workspace_bytes(shape)?)?,
+        })
+    }
+
+    /// Queues one call on `stream` (nothing is read back).
+    pub fn launch(
+        &mut self,
+        loss: &MultiboxLoss,
+        stream: &Arc<CudaStream>,
+        call: Call,
+    ) -> multibox::Result<()> {
+        let inputs = Inputs {
+            confidence: &self.confidence,
+            predicted_locations: &self.predicted_locations,
+            labels: &self.labels,
+            gt_locations: &self.gt_locations,
+        };
+        let mut outputs = Outputs {
+            regression_loss: &mut self.regression_loss,
+            classification_loss: &mut self.classification_loss,
+            num_pos: &mut self.num_pos,
+            mask: if call.with_mask {
+                Some(&mut self.mask)
+            } else {
+                None
+            },
+        };
+        if !call.backward {
+            return loss.forward(
+                stream,
+                self.shape,
+                &inputs,
+                &mut outputs,
+                &mut self.workspace,
+            );
+        }
+        let upstream = match call.upstream {
+            Upstream::Host(g_reg, g_cls) => multibox::Upstream::Host { g_reg, g_cls },
+            Upstream::Device(g_reg, g_cls) => {
+                stream.memcpy_htod(&[g_reg, g_cls], &mut self.upstream)?;
+                multibox::Upstream::Device(&self.upstream)
+            }
+        };
+        let mut gradients = Gradients {
+            confidence: &mut self.grad_confidence,
+            predicted_locations: &mut self.grad_locations,
+        };
+        loss.forward_backward(
+            stream,
+            self.shape,
+            &inputs,
+            upstream,
+            &mut gradients,
+            &mut outputs,
+            &mut self.workspace,
+        )
+    }
+
+    /// Copies everything back (synchronises).
+    pub fn read(
+        &self,
+        loss: &MultiboxLoss,
+        stream: &Arc<CudaStream>,
+        call: Call,
+    ) -> multibox::Result<KernelOutput<T>> {
+        let status: DeviceStatus = loss.status(stream, self.shape, &self.workspace)?;
+        Ok(KernelOutput {
+            regression_loss: stream.clone_dtoh(&self.regression_loss)?[0],
+            classification_loss: stream.clone_dtoh(&self.classification_loss)?[0],
+            num_pos: stream.clone_dtoh(&self.num_pos)?[0],
+            mask: if call.with_mask {
+                stream.clone_dtoh(&self.mask)?
+            } else {
+                Vec::new()
+            },
+            grad_confidence: if call.backward {
+                stream.clone_dtoh(&self.grad_confidence)?
+            } else {
+                Vec::new()
+            },
+            grad_locations: if call.backward {
+                stream.clone_dtoh(&self.grad_locations)?
+            } else {
+                Vec::new()
+            },
+            status,
+        })
+    }
+}
+
+/// One call on the GPU, like `emulated::run`.
+pub fn run<T: Float, L: Label>(
+    ctx: &Arc<CudaContext>,
+    config: &MultiboxConfig,
+    shape: Shape,
+    inputs: &HostInputs<'_, T, L>,
+    call: Call,
+) -> multibox::Result<KernelOutput<T>> {
+    let stream = ctx.default_stream();
+    let loss = MultiboxLoss::new(ctx, *config)?;
+    let mut buffers = DeviceCall::new(&stream, shape, inputs)?;
+    buffers.launch(&loss, &stream, call)?;
+    buffers.read(&loss, &stream, call)
+}
