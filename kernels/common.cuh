@@ -29,8 +29,6 @@ typedef unsigned long long u64;
     T* var = reinterpret_cast<T*>(mb_dynamic_smem_)
 #endif
 
-// -inf without math.h, which NVRTC does not have.
-
 #define MB_ASSERT_SIZE(T, n) static_assert(sizeof(T) == (n), #T " must match its Rust mirror")
 
 // ---------------------------------------------------------------------------
