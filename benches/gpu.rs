@@ -214,14 +214,13 @@ struct CallSet<T> {
 }
 
 impl<T: Elem> CallSet<T> {
-    fn upload(stream: &Arc<CudaStream>, host: &Batch<f32, i64>) -> Result<Self> {
+    fn upload(stream: &Arc<CudaStream>, host: &Batch<T, i64>) -> Result<Self> {
         let shape = host.shape;
-        let cast = |v: &[f32]| -> Vec<T> { v.iter().map(|&x| T::from_f32(x)).collect() };
         Ok(Self {
-            confidence: stream.clone_htod(&cast(&host.confidence))?,
-            predicted_locations: stream.clone_htod(&cast(&host.predicted_locations))?,
+            confidence: stream.clone_htod(&host.confidence)?,
+            predicted_locations: stream.clone_htod(&host.predicted_locations)?,
             labels: stream.clone_htod(&host.labels)?,
-            gt_locations: stream.clone_htod(&cast(&host.gt_locations))?,
+            gt_locations: stream.clone_htod(&host.gt_locations)?,
             grad_confidence: stream.alloc_zeros(shape.confidence_len())?,
             grad_locations: stream.alloc_zeros(shape.locations_len())?,
             regression_loss: stream.alloc_zeros(1)?,
@@ -366,8 +365,16 @@ impl Bench<'_> {
         // gradients, at most 16.
         let bytes = min_bytes(shape, elem);
         let sets = (4 * self.l2).div_ceil(bytes).clamp(2, 16);
+        let cast = |v: &[f32]| -> Vec<T> { v.iter().map(|&x| T::from_f32(x)).collect() };
+        let host = Batch {
+            shape,
+            confidence: cast(&host.confidence),
+            predicted_locations: cast(&host.predicted_locations),
+            labels: host.labels.clone(),
+            gt_locations: cast(&host.gt_locations),
+        };
         let mut calls: Vec<CallSet<T>> = (0..sets)
-            .map(|_| CallSet::upload(&stream, host))
+            .map(|_| CallSet::upload(&stream, &host))
             .collect::<Result<_>>()
             .context("allocating the input sets")?;
 

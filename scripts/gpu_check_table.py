@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""The closing table of scripts/gpu-check (standard library only).
+
+    scripts/gpu_check_table.py --status STATUS.tsv --bench BENCH.jsonl --pytorch PYTORCH.jsonl
+
+STATUS.tsv: one `stage<TAB>result<TAB>detail` line per stage, as gpu-check
+writes it. BENCH.jsonl: benches/gpu.rs's records (MULTIBOX_BENCH_OUT).
+PYTORCH.jsonl: scripts/pytorch_baseline.py's records. Missing files and
+missing cases print as n/a. The format is described in bench/results.md.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pytorch_baseline import DTYPES, SHAPES  # noqa: E402 - no torch needed
+
+
+def read_jsonl(path):
+    records = []
+    if path and os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if line:
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        pass
+    return records
+
+
+def fmt(x, spec):
+    return "n/a" if x is None else format(x, spec)
+
+
+def ratio(a, b):
+    return None if a is None or b is None or b <= 0 else a / b
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--status")
+    ap.add_argument("--bench")
+    ap.add_argument("--pytorch")
+    args = ap.parse_args()
+
+    stages = []
+    if args.status and os.path.exists(args.status):
+        with open(args.status) as f:
+            stages = [line.rstrip("\n").split("\t", 2) for line in f if line.strip()]
+    bench = {(r["case"], r["batch"], r["dtype"]): r
+             for r in read_jsonl(args.bench) if "case" in r and "call_us" in r}
+    torch_times = {}
+    compare = []
+    for r in read_jsonl(args.pytorch):
+        if r.get("kind") == "time" and "case" in r:
+            torch_times[(r["impl"], r["case"], r["batch"], r["dtype"])] = r
+        elif r.get("kind") == "compare" and "case" in r:
+            compare.append(r)
+
+    device = next((r.get("device") for r in bench.values()), None)
+    print("== gpu-check: stages ==")
+    for stage in stages:
+        stage += [""] * (3 - len(stage))
+        print(f"  {stage[0]:<22} {stage[1]:<9} {stage[2]}")
+    if compare:
+        bad = [r["case"] for r in compare if not r.get("ok")]
+        print(f"  {'losses vs PyTorch f64':<22} {'ok' if not bad else 'FAILED':<9} "
+              f"{len(compare) - len(bad)}/{len(compare)} cases within 1e-5"
+              + (f"; failed: {', '.join(bad)}" if bad else ""))
+
+    header = (f"{'shape':<13} {'B':>4} {'P':>5} {'C':>3} {'dtype':<5} | {'ours us':>8} "
+              f"{'graph us':>8} | {'eager us':>9} {'compile us':>10} | {'eager/ours':>10} "
+              f"{'compile/ours':>12} | {'% bw floor':>10}")
+    print()
+    print(f"== forward+backward, median device time per call"
+          f" ({device or 'no GPU run'}) ==")
+    print(header)
+    print("-" * len(header))
+    for dtype in DTYPES:
+        for (name, b, p, c) in SHAPES:
+            ours = bench.get((name, b, dtype), {})
+            eager = torch_times.get(("eager", name, b, dtype), {})
+            comp = torch_times.get(("compile", name, b, dtype), {})
+            call_us = ours.get("call_us")
+            graph_us = ours.get("graph_us")
+            print(f"{name:<13} {b:>4} {p:>5} {c:>3} {dtype:<5} | {fmt(call_us, '8.1f'):>8} "
+                  f"{fmt(graph_us, '8.1f'):>8} | {fmt(eager.get('us'), '9.1f'):>9} "
+                  f"{fmt(comp.get('us'), '10.1f'):>10} | "
+                  f"{fmt(ratio(eager.get('us'), call_us), '10.1f'):>10} "
+                  f"{fmt(ratio(comp.get('us'), call_us), '12.1f'):>12} | "
+                  f"{fmt(ours.get('peak_pct'), '10.1f'):>10}")
+    sanitizers = [s for s in stages if s[0].startswith("sanitizer")]
+    summary = ", ".join(f"{s[0].split(' ', 1)[-1]} {s[1]}" + ("" if s[1] == "0" else f" ({s[2]})")
+                        for s in sanitizers) or "n/a"
+    print("-" * len(header))
+    print(f"sanitizer errors (goldens): {summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
