@@ -41,7 +41,7 @@ fn main() {
              only the CPU reference works in this build"
         );
         println!("cargo:rustc-cfg=multibox_no_kernels");
-        write(&generated, &render(&[], "none (MULTIBOX_SKIP_KERNELS=1)"));
+        write(&generated, render(&[], "none (MULTIBOX_SKIP_KERNELS=1)"));
         return;
     }
 
@@ -114,7 +114,7 @@ fn main() {
     if !failures.is_empty() {
         panic!("NVRTC could not compile the kernels:\n{failures}");
     }
-    write(&generated, &render(&modules, &nvrtc.version()));
+    write(&generated, render(&modules, &nvrtc.version()));
 }
 
 #[derive(Clone, Copy)]

@@ -60,7 +60,7 @@ impl<T: Float, L: Label> Batch<T, L> {
             .map(|_| {
                 let u = rng.uniform();
                 let label = if u < spec.positive_fraction {
-                    1 + (rng.next() % (shape.classes as u64 - 1)) as i64
+                    1 + (rng.next_u64() % (shape.classes as u64 - 1)) as i64
                 } else if u < spec.positive_fraction + spec.ignored_fraction {
                     -1
                 } else {
@@ -95,7 +95,7 @@ pub struct SplitMix64(pub u64);
 
 impl SplitMix64 {
     /// The next 64 random bits.
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -105,7 +105,7 @@ impl SplitMix64 {
 
     /// Uniform in [0, 1).
     pub fn uniform(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 
     /// Standard normal (Box-Muller).

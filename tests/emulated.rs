@@ -28,7 +28,7 @@ struct Drawn<T, L> {
 impl<T: Float, L: Label> Drawn<T, L> {
     fn draw(seed: u64, max_elements: usize) -> Self {
         let mut rng = SplitMix64(seed);
-        let mut pick = |n: u64| rng.next() % n;
+        let mut pick = |n: u64| rng.next_u64() % n;
         let classes = [2, 3, 21, 33, 81, 91, 200][pick(7) as usize];
         let batch = 1 + pick(64) as usize;
         let max_priors = (max_elements / (batch * classes)).clamp(1, 20000);
@@ -58,14 +58,14 @@ impl<T: Float, L: Label> Drawn<T, L> {
         let gt_locations = (0..shape.locations_len())
             .map(|_| T::from_f64(rng.normal()))
             .collect();
-        let empty_image = rng.next() % 4 == 0;
+        let empty_image = rng.next_u64() % 4 == 0;
         let labels = (0..shape.rows())
             .map(|r| {
                 let u = rng.uniform();
                 let label = if empty_image && r < priors {
                     0 // the first image has no positive
                 } else if u < positive_fraction {
-                    1 + (rng.next() % (classes as u64 - 1)) as i64
+                    1 + (rng.next_u64() % (classes as u64 - 1)) as i64
                 } else if u < positive_fraction + ignored_fraction {
                     -1
                 } else {
@@ -74,7 +74,7 @@ impl<T: Float, L: Label> Drawn<T, L> {
                 L::from_i64(label)
             })
             .collect();
-        let upstream = [(1.0, 1.0), (0.5, 2.0), (1024.0, 1024.0)][(rng.next() % 3) as usize];
+        let upstream = [(1.0, 1.0), (0.5, 2.0), (1024.0, 1024.0)][(rng.next_u64() % 3) as usize];
         Self {
             shape,
             config,
@@ -296,10 +296,10 @@ fn long_images_with_heavy_ties() {
     // Two classes and logits in {-1, 0, 1}: only 9 distinct rows, so the k-th
     // key is tied thousands of times and the lower-index rule decides.
     let confidence: Vec<f32> = (0..shape.confidence_len())
-        .map(|_| (rng.next() % 3) as f32 - 1.0)
+        .map(|_| (rng.next_u64() % 3) as f32 - 1.0)
         .collect();
     let labels: Vec<i64> = (0..shape.rows())
-        .map(|_| i64::from(rng.next() % 50 == 0))
+        .map(|_| i64::from(rng.next_u64() % 50 == 0))
         .collect();
     let locations: Vec<f32> = (0..shape.locations_len())
         .map(|_| rng.normal() as f32)
