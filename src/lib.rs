@@ -59,6 +59,7 @@
 //! (embedded by build.rs, see [`kernels`]).
 #![warn(missing_docs)]
 
+pub mod capi;
 mod config;
 mod dtype;
 mod error;

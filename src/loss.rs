@@ -331,6 +331,48 @@ impl MultiboxLoss {
         Ok(DeviceStatus::from_bits(bits[0]))
     }
 
+    /// [`MultiboxLoss::status`] for the raw entry point: the workspace as a
+    /// device address of `workspace_bytes` bytes, and a `CUstream` of this
+    /// loss's context. Synchronises with `stream`.
+    ///
+    /// # Safety
+    /// `workspace` is a device allocation of this loss's context of at least
+    /// `workspace_bytes` bytes, and `stream` is a live stream of this context
+    /// (or null for the legacy default stream).
+    pub unsafe fn status_raw(
+        &self,
+        shape: Shape,
+        workspace: u64,
+        workspace_bytes: usize,
+        stream: cudarc::driver::sys::CUstream,
+    ) -> Result<DeviceStatus> {
+        let offset = crate::launch::status_offset(shape)?;
+        if workspace == 0 {
+            return Err(Error::NullPointer { name: "workspace" });
+        }
+        if workspace_bytes < offset + 4 {
+            return Err(Error::WorkspaceTooSmall {
+                expected: offset + 4,
+                actual: workspace_bytes,
+                shape,
+            });
+        }
+        self.ctx.bind_to_thread()?;
+        let mut bits = [0u32; 1];
+        // SAFETY: the word lies inside the caller's workspace (its size was
+        // checked above), the destination is 4 bytes of host memory, and
+        // the stream is synchronised before `bits` is read.
+        unsafe {
+            cudarc::driver::result::memcpy_dtoh_async(
+                &mut bits,
+                workspace + offset as u64,
+                stream,
+            )?;
+            cudarc::driver::result::stream::synchronize(stream)?;
+        }
+        Ok(DeviceStatus::from_bits(bits[0]))
+    }
+
     fn check_stream(&self, stream: &Arc<CudaStream>) -> Result<()> {
         self.check_context("stream", stream)
     }

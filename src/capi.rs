@@ -1,0 +1,803 @@
+//! The C ABI: what C, C++ and Python (ctypes) trainers link.
+//!
+//! `include/multibox.h` is generated from this file by cbindgen (with
+//! `cbindgen.toml`); `tests/c_abi.rs` fails when the two differ and says how
+//! to update the header (`MULTIBOX_BLESS=1 cargo test --test c_abi`).
+//!
+//! The rules every function here follows:
+//!
+//! - It returns a [`multibox_status_code`] (except [`multibox_version`] and
+//!   [`multibox_last_error`], which cannot fail). On failure,
+//!   [`multibox_last_error`] gives a readable message on the same thread.
+//! - It never unwinds across the boundary: a panic becomes
+//!   [`multibox_status_code::MULTIBOX_PANIC`].
+//! - Every pointer argument is checked for null, every enum value passed as
+//!   an integer is checked for range, and every shape, length and
+//!   configuration is validated as in the Rust API before anything runs.
+//!
+//! The device entry points ([`multibox_forward`],
+//! [`multibox_forward_backward`]) wrap [`crate::MultiboxLoss::launch_raw`]:
+//! device addresses and a `CUstream` (a `cudaStream_t` is the same pointer),
+//! on the device's primary context, the one the CUDA runtime and PyTorch use.
+//! The reference entry points run the CPU reference ([`crate::reference`]) on
+//! host arrays and need no GPU.
+#![allow(non_camel_case_types)]
+#![deny(unsafe_op_in_unsafe_fn)]
+
+use std::cell::RefCell;
+use std::ffi::{c_char, c_void, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use crate::{
+    reference, DType, Error, LabelType, MultiboxConfig, MultiboxLoss, RawBuffers, RawCall,
+    RawUpstream, Shape,
+};
+
+/// What every fallible function returns.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum multibox_status_code {
+    /// Success.
+    MULTIBOX_OK = 0,
+    /// A null pointer, a shape, length, configuration, enum value, label or
+    /// workspace size out of range; nothing was launched or written.
+    MULTIBOX_INVALID_ARGUMENT = 1,
+    /// No CUDA driver on this machine, or no device of that ordinal.
+    MULTIBOX_NO_DEVICE = 2,
+    /// This build has no kernel image the device can load.
+    MULTIBOX_NO_KERNELS = 3,
+    /// A CUDA driver call or a kernel launch failed.
+    MULTIBOX_CUDA_ERROR = 4,
+    /// A bug: the library panicked. The message says where.
+    MULTIBOX_PANIC = 5,
+}
+
+use multibox_status_code::*;
+
+/// Element type of confidence, the locations and the gradients; passed as
+/// an `int32_t` in `multibox_call.dtype`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum multibox_dtype {
+    /// float.
+    MULTIBOX_F32 = 0,
+    /// IEEE binary16.
+    MULTIBOX_F16 = 1,
+    /// bfloat16.
+    MULTIBOX_BF16 = 2,
+}
+
+/// Integer type of the labels; passed as an `int32_t` in
+/// `multibox_call.label_type` and `multibox_host_call_f32.label_type`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum multibox_label_type {
+    /// int32_t.
+    MULTIBOX_I32 = 0,
+    /// int64_t (PyTorch's default for class indices).
+    MULTIBOX_I64 = 1,
+}
+
+/// The loss's parameters; `multibox_config_default` fills in the defaults.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct multibox_config {
+    /// Hard negatives mined per positive, per image; positive, finite; 3 by default.
+    pub neg_pos_ratio: f32,
+    /// Floor on the negatives mined per image; 0 by default.
+    pub min_negatives_per_image: u32,
+    /// The smooth-L1 transition point; positive, finite; 1 by default.
+    pub beta: f32,
+}
+
+/// The batch shape: `B` images, `P` priors, `C` classes (background included).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct multibox_shape {
+    /// B >= 1.
+    pub batch: usize,
+    /// P >= 1.
+    pub priors: usize,
+    /// C >= 2.
+    pub classes: usize,
+}
+
+/// One device call: device addresses (`CUdeviceptr`, or a `void*` cast to
+/// `uint64_t`) of contiguous row-major arrays, all of one context.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct multibox_call {
+    /// The batch shape.
+    pub shape: multibox_shape,
+    /// A `multibox_dtype`: the type T of confidence, the locations and the gradients.
+    pub dtype: i32,
+    /// A `multibox_label_type`: the type of labels.
+    pub label_type: i32,
+    /// `[B, P, C]` logits, T.
+    pub confidence: u64,
+    /// `[B, P, 4]` predicted box offsets, T.
+    pub predicted_locations: u64,
+    /// `[B, P]` labels: -1 ignore, 0 background, 1..C-1 class.
+    pub labels: u64,
+    /// `[B, P, 4]` encoded target offsets, T.
+    pub gt_locations: u64,
+    /// `[B, P, C]` gradient of the logits, T; forward_backward only (0 otherwise).
+    pub grad_confidence: u64,
+    /// `[B, P, 4]` gradient of the predicted offsets, T; forward_backward only.
+    pub grad_locations: u64,
+    /// One float: sum of smooth-L1 over positives / N.
+    pub regression_loss: u64,
+    /// One float: cross-entropy over positives and mined negatives / N.
+    pub classification_loss: u64,
+    /// One int32_t: N.
+    pub num_pos: u64,
+    /// `[B, P]` uint8_t mask of the priors in the classification loss, or 0 for none.
+    pub mask: u64,
+    /// At least `multibox_workspace_bytes` bytes, 256-byte aligned.
+    pub workspace: u64,
+    /// Size of the workspace in bytes.
+    pub workspace_bytes: usize,
+    /// Device address of two floats `[g_reg, g_cls]` (e.g. a loss scaler's
+    /// value), or 0 to use `g_reg` and `g_cls` below. Backward only.
+    pub upstream: u64,
+    /// d(total) / d(regression_loss) when `upstream` is 0; finite.
+    pub g_reg: f32,
+    /// d(total) / d(classification_loss) when `upstream` is 0; finite.
+    pub g_cls: f32,
+}
+
+/// What the kernels saw that only the device can see.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct multibox_device_status {
+    /// A label outside `-1..C-1` was found; both losses are NaN.
+    pub invalid_label: bool,
+    /// A NaN or infinity was among the inputs the loss read.
+    pub nonfinite_input: bool,
+}
+
+/// One CPU reference call on host arrays: f32 inputs and gradients, i32 or
+/// i64 labels, each array with its length in elements. Outputs may be NULL
+/// where a function says so.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct multibox_host_call_f32 {
+    /// The batch shape.
+    pub shape: multibox_shape,
+    /// A `multibox_label_type`: what `labels` points to.
+    pub label_type: i32,
+    /// `[B, P, C]` logits.
+    pub confidence: *const f32,
+    /// Elements of `confidence`: B*P*C.
+    pub confidence_len: usize,
+    /// `[B, P, 4]` predicted box offsets.
+    pub predicted_locations: *const f32,
+    /// Elements of `predicted_locations`: B*P*4.
+    pub predicted_locations_len: usize,
+    /// `[B, P]` labels, int32_t or int64_t.
+    pub labels: *const c_void,
+    /// Elements of `labels`: B*P.
+    pub labels_len: usize,
+    /// `[B, P, 4]` encoded target offsets.
+    pub gt_locations: *const f32,
+    /// Elements of `gt_locations`: B*P*4.
+    pub gt_locations_len: usize,
+    /// d(total) / d(regression_loss); finite (backward only).
+    pub g_reg: f32,
+    /// d(total) / d(classification_loss); finite (backward only).
+    pub g_cls: f32,
+    /// `[B, P, C]` output: d total / d confidence (backward only).
+    pub grad_confidence: *mut f32,
+    /// Elements of `grad_confidence`: B*P*C.
+    pub grad_confidence_len: usize,
+    /// `[B, P, 4]` output: d total / d predicted_locations (backward only).
+    pub grad_locations: *mut f32,
+    /// Elements of `grad_locations`: B*P*4.
+    pub grad_locations_len: usize,
+    /// `[B, P]` output, or NULL: 1 where the prior is in the classification loss.
+    pub mask: *mut u8,
+    /// Elements of `mask`: B*P (ignored when `mask` is NULL).
+    pub mask_len: usize,
+}
+
+/// The losses from the CPU reference, in double.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct multibox_losses {
+    /// Smooth-L1 over positives / N (0 when N = 0).
+    pub regression_loss: f64,
+    /// Cross-entropy over positives and mined negatives / N (0 when N = 0).
+    pub classification_loss: f64,
+    /// N, the positives in the batch.
+    pub num_pos: u64,
+}
+
+/// A loss on one CUDA device (opaque): create it once with
+/// `multibox_loss_create`, free it with `multibox_loss_destroy`.
+pub struct multibox_loss {
+    loss: MultiboxLoss,
+}
+
+/// A failure on its way to the caller: the code and the message for
+/// `multibox_last_error`.
+struct Failure {
+    code: multibox_status_code,
+    message: String,
+}
+
+impl From<Error> for Failure {
+    fn from(error: Error) -> Self {
+        let code = match &error {
+            Error::InvalidShape { .. }
+            | Error::TooLarge { .. }
+            | Error::LengthMismatch { .. }
+            | Error::WorkspaceTooSmall { .. }
+            | Error::InvalidConfig(_)
+            | Error::InvalidUpstream { .. }
+            | Error::InvalidLabel { .. }
+            | Error::NullPointer { .. }
+            | Error::Misaligned { .. }
+            | Error::WrongContext { .. } => MULTIBOX_INVALID_ARGUMENT,
+            Error::NoKernels(_) => MULTIBOX_NO_KERNELS,
+            Error::NoDevice(_) => MULTIBOX_NO_DEVICE,
+            Error::Driver(_) | Error::Launch { .. } => MULTIBOX_CUDA_ERROR,
+        };
+        Failure {
+            code,
+            message: error.to_string(),
+        }
+    }
+}
+
+fn invalid(message: String) -> Failure {
+    Failure {
+        code: MULTIBOX_INVALID_ARGUMENT,
+        message,
+    }
+}
+
+thread_local! {
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+fn set_last_error(message: &str) {
+    let message = CString::new(message.replace('\0', " ")).unwrap_or_default();
+    LAST_ERROR.with(|last| *last.borrow_mut() = message);
+}
+
+/// Runs `body`, turning an error into its code (and the thread's last
+/// error message) and a panic into `MULTIBOX_PANIC`.
+fn guard(body: impl FnOnce() -> Result<(), Failure>) -> multibox_status_code {
+    match catch_unwind(AssertUnwindSafe(body)) {
+        Ok(Ok(())) => MULTIBOX_OK,
+        Ok(Err(failure)) => {
+            set_last_error(&failure.message);
+            failure.code
+        }
+        Err(payload) => {
+            let what = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic payload".into());
+            set_last_error(&format!("multibox panicked (a bug, please report): {what}"));
+            MULTIBOX_PANIC
+        }
+    }
+}
+
+/// `ptr` as a reference, or INVALID_ARGUMENT naming it.
+///
+/// # Safety
+/// A non-null `ptr` points to a valid, initialised `T` for `'a`.
+unsafe fn read_arg<'a, T>(name: &str, ptr: *const T) -> Result<&'a T, Failure> {
+    // SAFETY: the caller vouches for non-null pointers; null is rejected.
+    unsafe { ptr.as_ref() }.ok_or_else(|| invalid(format!("`{name}` is a null pointer")))
+}
+
+/// Writes `value` through `ptr`, or INVALID_ARGUMENT naming it.
+///
+/// # Safety
+/// A non-null `ptr` points to writable memory for one `T`.
+unsafe fn write_out<T>(name: &str, ptr: *mut T, value: T) -> Result<(), Failure> {
+    if ptr.is_null() {
+        return Err(invalid(format!("`{name}` is a null pointer")));
+    }
+    // SAFETY: non-null, and the caller vouches that it is writable.
+    unsafe { ptr.write(value) };
+    Ok(())
+}
+
+fn shape(s: &multibox_shape) -> Shape {
+    Shape::new(s.batch, s.priors, s.classes)
+}
+
+fn config(c: &multibox_config) -> Result<MultiboxConfig, Failure> {
+    let config = MultiboxConfig {
+        neg_pos_ratio: c.neg_pos_ratio,
+        min_negatives_per_image: c.min_negatives_per_image,
+        beta: c.beta,
+        ..Default::default()
+    };
+    config.validate()?;
+    Ok(config)
+}
+
+fn dtype(value: i32) -> Result<DType, Failure> {
+    match value {
+        0 => Ok(DType::F32),
+        1 => Ok(DType::F16),
+        2 => Ok(DType::BF16),
+        _ => Err(invalid(format!(
+            "dtype {value} is not a multibox_dtype (0 f32, 1 f16, 2 bf16)"
+        ))),
+    }
+}
+
+fn label_type(value: i32) -> Result<LabelType, Failure> {
+    match value {
+        0 => Ok(LabelType::I32),
+        1 => Ok(LabelType::I64),
+        _ => Err(invalid(format!(
+            "label_type {value} is not a multibox_label_type (0 i32, 1 i64)"
+        ))),
+    }
+}
+
+/// The library's version, e.g. `"0.1.0"`: a static string.
+#[no_mangle]
+pub extern "C" fn multibox_version() -> *const c_char {
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
+}
+
+/// The message of the last failure on this thread (empty if none): valid
+/// until the next failing call on this thread. Never NULL.
+#[no_mangle]
+pub extern "C" fn multibox_last_error() -> *const c_char {
+    LAST_ERROR.with(|last| last.borrow().as_ptr())
+}
+
+/// Writes the default configuration (ratio 3, no floor, beta 1) to `out`.
+///
+/// # Safety
+/// `out` is NULL or points to a writable `multibox_config`.
+#[no_mangle]
+pub unsafe extern "C" fn multibox_config_default(
+    out: *mut multibox_config,
+) -> multibox_status_code {
+    guard(|| {
+        let d = MultiboxConfig::default();
+        let value = multibox_config {
+            neg_pos_ratio: d.neg_pos_ratio,
+            min_negatives_per_image: d.min_negatives_per_image,
+            beta: d.beta,
+        };
+        // SAFETY: the caller's contract above.
+        unsafe { write_out("out", out, value) }
+    })
+}
+
+/// The workspace a device call of this shape needs, in bytes.
+///
+/// # Safety
+/// `out` is NULL or points to a writable `size_t`.
+#[no_mangle]
+pub unsafe extern "C" fn multibox_workspace_bytes(
+    batch: usize,
+    priors: usize,
+    classes: usize,
+    out: *mut usize,
+) -> multibox_status_code {
+    guard(|| {
+        let bytes = crate::workspace_bytes(Shape::new(batch, priors, classes))?;
+        // SAFETY: the caller's contract above.
+        unsafe { write_out("out", out, bytes) }
+    })
+}
+
+/// Creates the loss on CUDA device `device_ordinal`'s primary context (the
+/// one the CUDA runtime and PyTorch use) and loads the kernels. `config`
+/// may be NULL for the defaults. Returns `MULTIBOX_NO_DEVICE` where there is
+/// no driver or no such device; `*out` is NULL on any failure.
+///
+/// # Safety
+/// `config` is NULL or points to a `multibox_config`; `out` is NULL or
+/// points to a writable `multibox_loss*`.
+#[no_mangle]
+pub unsafe extern "C" fn multibox_loss_create(
+    device_ordinal: i32,
+    config: *const multibox_config,
+    out: *mut *mut multibox_loss,
+) -> multibox_status_code {
+    guard(|| {
+        // SAFETY: the caller's contract above.
+        unsafe { write_out("out", out, std::ptr::null_mut()) }?;
+        let config = if config.is_null() {
+            MultiboxConfig::default()
+        } else {
+            // SAFETY: non-null, and the caller vouches for it.
+            self::config(unsafe { &*config })?
+        };
+        let ordinal = usize::try_from(device_ordinal)
+            .map_err(|_| invalid(format!("device_ordinal {device_ordinal} is negative")))?;
+        // cuda_context checks that the driver and the device exist before
+        // CudaContext::new, which would panic without a driver.
+        let ctx = crate::cuda_context(ordinal)?;
+        let loss = MultiboxLoss::new(&ctx, config)?;
+        let handle = Box::into_raw(Box::new(multibox_loss { loss }));
+        // SAFETY: `out` was checked non-null and written above.
+        unsafe { out.write(handle) };
+        Ok(())
+    })
+}
+
+/// Frees a loss from `multibox_loss_create`; NULL is a no-op.
+///
+/// # Safety
+/// `loss` is NULL or came from `multibox_loss_create` and is not used again;
+/// no work queued through it is still to be launched.
+#[no_mangle]
+pub unsafe extern "C" fn multibox_loss_destroy(loss: *mut multibox_loss) -> multibox_status_code {
+    guard(|| {
+        if !loss.is_null() {
+            // SAFETY: the caller passes a pointer from Box::into_raw in
+            // multibox_loss_create, once.
+            drop(unsafe { Box::from_raw(loss) });
+        }
+        Ok(())
+    })
+}
+
+/// Validates `call` and launches it on `stream`.
+///
+/// # Safety
+/// As `MultiboxLoss::launch_raw`; `loss` and `call` NULL or valid.
+unsafe fn launch(
+    loss: *const multibox_loss,
+    call: *const multibox_call,
+    stream: *mut c_void,
+    backward: bool,
+) -> Result<(), Failure> {
+    // SAFETY: the caller's contract.
+    let loss = unsafe { read_arg("loss", loss) }?;
+    // SAFETY: the caller's contract.
+    let c = unsafe { read_arg("call", call) }?;
+    let upstream = if c.upstream != 0 {
+        RawUpstream::Device(c.upstream)
+    } else {
+        RawUpstream::Host {
+            g_reg: c.g_reg,
+            g_cls: c.g_cls,
+        }
+    };
+    let raw = RawCall {
+        shape: shape(&c.shape),
+        dtype: dtype(c.dtype)?,
+        label_type: label_type(c.label_type)?,
+        buffers: RawBuffers {
+            confidence: c.confidence,
+            predicted_locations: c.predicted_locations,
+            labels: c.labels,
+            gt_locations: c.gt_locations,
+            grad_confidence: c.grad_confidence,
+            grad_locations: c.grad_locations,
+            regression_loss: c.regression_loss,
+            classification_loss: c.classification_loss,
+            num_pos: c.num_pos,
+            mask: c.mask,
+            workspace: c.workspace,
+            workspace_bytes: c.workspace_bytes,
+        },
+        upstream,
+        backward,
+    };
+    // SAFETY: the caller's contract is launch_raw's.
+    unsafe { loss.loss.launch_raw(&raw, stream.cast()) }?;
+    Ok(())
+}
+
+/// The losses only (2 launches on `stream`, a `CUstream`/`cudaStream_t` of
+/// the loss's device, or NULL for the legacy default stream). Allocates
+/// nothing and reads nothing back; every host-visible problem is reported
+/// before the first launch.
+///
+/// # Safety
+/// `loss` is NULL or from `multibox_loss_create`; `call` is NULL or points
+/// to a `multibox_call` whose addresses are device allocations of the
+/// loss's device, as large as the shape and types imply, with no output
+/// overlapping an input, alive until the queued work completes; `stream`
+/// is a live stream of that device's primary context, or NULL.
+#[no_mangle]
+pub unsafe extern "C" fn multibox_forward(
+    loss: *const multibox_loss,
+    call: *const multibox_call,
+    stream: *mut c_void,
+) -> multibox_status_code {
+    // SAFETY: the caller's contract above.
+    guard(|| unsafe { launch(loss, call, stream, false) })
+}
+
+/// The losses and both gradients (3 launches on `stream`); as
+/// `multibox_forward`, plus `grad_confidence` and `grad_locations`.
+///
+/// # Safety
+/// As `multibox_forward`, and the gradient buffers (and `upstream`, when
+/// not 0) are device allocations of the loss's device too.
+#[no_mangle]
+pub unsafe extern "C" fn multibox_forward_backward(
+    loss: *const multibox_loss,
+    call: *const multibox_call,
+    stream: *mut c_void,
+) -> multibox_status_code {
+    // SAFETY: the caller's contract above.
+    guard(|| unsafe { launch(loss, call, stream, true) })
+}
+
+/// Reads the device status word the last call with this `workspace` (and
+/// `shape`) left. Synchronises with `stream`.
+///
+/// # Safety
+/// `loss`, `shape` and `out` are NULL or valid; `workspace` is a device
+/// allocation of the loss's device of `workspace_bytes` bytes; `stream` is a
+/// live stream of that device's primary context, or NULL.
+#[no_mangle]
+pub unsafe extern "C" fn multibox_status(
+    loss: *const multibox_loss,
+    shape: *const multibox_shape,
+    workspace: u64,
+    workspace_bytes: usize,
+    stream: *mut c_void,
+    out: *mut multibox_device_status,
+) -> multibox_status_code {
+    guard(|| {
+        // SAFETY: the caller's contract above.
+        let loss = unsafe { read_arg("loss", loss) }?;
+        // SAFETY: the caller's contract above.
+        let shape = self::shape(unsafe { read_arg("shape", shape) }?);
+        if out.is_null() {
+            return Err(invalid("`out` is a null pointer".into()));
+        }
+        // SAFETY: the caller's contract above.
+        let status = unsafe {
+            loss.loss
+                .status_raw(shape, workspace, workspace_bytes, stream.cast())
+        }?;
+        let value = multibox_device_status {
+            invalid_label: status.invalid_label,
+            nonfinite_input: status.nonfinite_input,
+        };
+        // SAFETY: the caller's contract above.
+        unsafe { write_out("out", out, value) }
+    })
+}
+
+/// A host array as a slice, after checking it for null, alignment and size.
+///
+/// # Safety
+/// A non-null `ptr` points to `len` initialised elements, alive and not
+/// written for `'a`.
+unsafe fn host_slice<'a, T>(name: &str, ptr: *const T, len: usize) -> Result<&'a [T], Failure> {
+    if ptr.is_null() {
+        return Err(invalid(format!("`{name}` is a null pointer")));
+    }
+    if ptr.align_offset(std::mem::align_of::<T>()) != 0 {
+        return Err(invalid(format!(
+            "`{name}` is not aligned to {} bytes",
+            std::mem::align_of::<T>()
+        )));
+    }
+    let too_large = match len.checked_mul(std::mem::size_of::<T>()) {
+        Some(bytes) => bytes > isize::MAX as usize,
+        None => true,
+    };
+    if too_large {
+        return Err(invalid(format!("`{name}` length {len} is too large")));
+    }
+    // SAFETY: non-null, aligned, and of at most isize::MAX bytes (checked
+    // above); the caller vouches for the rest.
+    Ok(unsafe { std::slice::from_raw_parts(ptr, len) })
+}
+
+/// Checks an output array for null and its length, before it is written
+/// with `write_host`.
+fn check_output<T>(name: &str, ptr: *mut T, len: usize, expected: usize) -> Result<(), Failure> {
+    if ptr.is_null() {
+        return Err(invalid(format!("`{name}` is a null pointer")));
+    }
+    if ptr.align_offset(std::mem::align_of::<T>()) != 0 {
+        return Err(invalid(format!(
+            "`{name}` is not aligned to {} bytes",
+            std::mem::align_of::<T>()
+        )));
+    }
+    if len != expected {
+        return Err(invalid(format!(
+            "`{name}` has {len} elements, but the shape needs {expected}"
+        )));
+    }
+    Ok(())
+}
+
+/// Copies `values` to `ptr`.
+///
+/// # Safety
+/// `ptr` passed `check_output` with `values.len()` elements and points to
+/// writable memory of that size, not borrowed anywhere else.
+unsafe fn write_host<T: Copy>(ptr: *mut T, values: &[T]) {
+    // SAFETY: the caller's contract; `values` is a separate Rust allocation.
+    unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), ptr, values.len()) };
+}
+
+/// The reference's forward or forward_backward for one label type.
+#[allow(clippy::too_many_arguments)]
+fn run_reference<L: crate::Label>(
+    config: &MultiboxConfig,
+    shape: Shape,
+    confidence: &[f32],
+    predicted_locations: &[f32],
+    labels: &[L],
+    gt_locations: &[f32],
+    upstream: reference::Upstream,
+    backward: bool,
+) -> crate::Result<reference::Output> {
+    let inputs = reference::Inputs {
+        confidence,
+        predicted_locations,
+        labels,
+        gt_locations,
+    };
+    if backward {
+        reference::forward_backward(config, shape, &inputs, upstream)
+    } else {
+        reference::forward(config, shape, &inputs)
+    }
+}
+
+/// Runs the CPU reference on `call` and writes its outputs.
+///
+/// # Safety
+/// As `multibox_reference_forward_backward_f32`.
+unsafe fn reference_f32(
+    config: *const multibox_config,
+    call: *const multibox_host_call_f32,
+    out: *mut multibox_losses,
+    backward: bool,
+) -> Result<(), Failure> {
+    let config = match config.is_null() {
+        true => MultiboxConfig::default(),
+        // SAFETY: non-null; the caller vouches for it.
+        false => self::config(unsafe { &*config })?,
+    };
+    // SAFETY: the caller's contract.
+    let c = unsafe { read_arg("call", call) }?;
+    if out.is_null() {
+        return Err(invalid("`out` is a null pointer".into()));
+    }
+    let shape = shape(&c.shape);
+    shape.validate()?;
+    if backward {
+        check_output(
+            "grad_confidence",
+            c.grad_confidence,
+            c.grad_confidence_len,
+            shape.confidence_len(),
+        )?;
+        check_output(
+            "grad_locations",
+            c.grad_locations,
+            c.grad_locations_len,
+            shape.locations_len(),
+        )?;
+    }
+    if !c.mask.is_null() {
+        check_output("mask", c.mask, c.mask_len, shape.rows())?;
+    }
+    let labels = label_type(c.label_type)?;
+    // The inputs are borrowed only inside this block; the outputs are
+    // written after it, so an output overlapping an input is no aliasing.
+    let result = {
+        // SAFETY (all four): the caller vouches for the arrays' contents;
+        // host_slice checks null, alignment and size.
+        let confidence = unsafe { host_slice("confidence", c.confidence, c.confidence_len) }?;
+        // SAFETY: as above.
+        let predicted_locations = unsafe {
+            host_slice(
+                "predicted_locations",
+                c.predicted_locations,
+                c.predicted_locations_len,
+            )
+        }?;
+        // SAFETY: as above.
+        let gt_locations =
+            unsafe { host_slice("gt_locations", c.gt_locations, c.gt_locations_len) }?;
+        let upstream = reference::Upstream {
+            g_reg: c.g_reg,
+            g_cls: c.g_cls,
+        };
+        match labels {
+            LabelType::I32 => {
+                // SAFETY: as above.
+                let l = unsafe { host_slice("labels", c.labels.cast::<i32>(), c.labels_len) }?;
+                run_reference(
+                    &config,
+                    shape,
+                    confidence,
+                    predicted_locations,
+                    l,
+                    gt_locations,
+                    upstream,
+                    backward,
+                )?
+            }
+            LabelType::I64 => {
+                // SAFETY: as above.
+                let l = unsafe { host_slice("labels", c.labels.cast::<i64>(), c.labels_len) }?;
+                run_reference(
+                    &config,
+                    shape,
+                    confidence,
+                    predicted_locations,
+                    l,
+                    gt_locations,
+                    upstream,
+                    backward,
+                )?
+            }
+        }
+    };
+    if backward {
+        // SAFETY: both checked by check_output above with these lengths;
+        // the caller vouches that they are writable.
+        unsafe {
+            write_host(c.grad_confidence, &result.grad_confidence_as::<f32>());
+            write_host(c.grad_locations, &result.grad_locations_as::<f32>());
+        }
+    }
+    if !c.mask.is_null() {
+        // SAFETY: as above.
+        unsafe { write_host(c.mask, &result.mask) };
+    }
+    let losses = multibox_losses {
+        regression_loss: result.losses.regression_loss,
+        classification_loss: result.losses.classification_loss,
+        num_pos: result.losses.num_pos,
+    };
+    // SAFETY: `out` is non-null (checked above); the caller vouches for it.
+    unsafe { write_out("out", out, losses) }
+}
+
+/// The losses (and the mask, when `call->mask` is not NULL) from the CPU
+/// reference, on host arrays; needs no GPU. The gradient fields of `call`
+/// are ignored. `config` may be NULL for the defaults.
+///
+/// # Safety
+/// `config`, `call` and `out` are NULL or valid; every non-NULL array in
+/// `call` holds the number of elements its length field says.
+#[no_mangle]
+pub unsafe extern "C" fn multibox_reference_forward_f32(
+    config: *const multibox_config,
+    call: *const multibox_host_call_f32,
+    out: *mut multibox_losses,
+) -> multibox_status_code {
+    // SAFETY: the caller's contract above.
+    guard(|| unsafe { reference_f32(config, call, out, false) })
+}
+
+/// The losses and the gradients (rounded once to float) from the CPU
+/// reference, on host arrays; needs no GPU. `grad_confidence` and
+/// `grad_locations` are required; the mask is optional. Every problem is
+/// reported before anything is written.
+///
+/// # Safety
+/// `config`, `call` and `out` are NULL or valid; every non-NULL array in
+/// `call` holds the number of elements its length field says, and the
+/// outputs are writable.
+#[no_mangle]
+pub unsafe extern "C" fn multibox_reference_forward_backward_f32(
+    config: *const multibox_config,
+    call: *const multibox_host_call_f32,
+    out: *mut multibox_losses,
+) -> multibox_status_code {
+    // SAFETY: the caller's contract above.
+    guard(|| unsafe { reference_f32(config, call, out, true) })
+}

@@ -1,0 +1,131 @@
+//! The C ABI as a C program sees it: the checked-in header is the one
+//! cbindgen generates from src/capi.rs, and tests/c/test_capi.c, compiled
+//! against it and linked with the staticlib, passes.
+//!
+//! Which library: `cargo test` builds the library target with all its crate
+//! types (Cargo.toml's `[lib] crate-type`), and a cdylib/staticlib target
+//! gets no hash in its file name, so `libmultibox.a` lies next to this test's
+//! executable in `target/<profile>/deps/`, built from the same sources before
+//! this test runs. No nested `cargo build` (slow, and fragile under cargo's
+//! locks). Linux and macOS with a C compiler as `cc` (or `$CC`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const BLESS: &str = "MULTIBOX_BLESS=1 cargo test --test c_abi";
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn generated_header() -> String {
+    let config =
+        cbindgen::Config::from_file(root().join("cbindgen.toml")).expect("cbindgen.toml parses");
+    let mut out = Vec::new();
+    cbindgen::Builder::new()
+        .with_config(config)
+        .with_src(root().join("src/capi.rs"))
+        .generate()
+        .expect("cbindgen generates the header from src/capi.rs")
+        .write(&mut out);
+    String::from_utf8(out).expect("the header is UTF-8")
+}
+
+#[test]
+fn header_is_current() {
+    let path = root().join("include/multibox.h");
+    let generated = generated_header();
+    if std::env::var_os("MULTIBOX_BLESS").is_some_and(|v| v == "1") {
+        std::fs::write(&path, &generated).expect("writes include/multibox.h");
+        return;
+    }
+    let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
+    if checked_in != generated {
+        let first = checked_in
+            .lines()
+            .zip(generated.lines())
+            .position(|(a, b)| a != b)
+            .unwrap_or(checked_in.lines().count().min(generated.lines().count()));
+        panic!(
+            "include/multibox.h is not what cbindgen generates from src/capi.rs \
+             (first difference at line {}). Update it with:\n\n    {BLESS}\n",
+            first + 1
+        );
+    }
+}
+
+/// The staticlib cargo built for this test run.
+fn staticlib() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's path");
+    let deps = exe.parent().expect("target/<profile>/deps");
+    let name = if cfg!(windows) {
+        "multibox.lib"
+    } else {
+        "libmultibox.a"
+    };
+    for dir in [deps, deps.parent().unwrap_or(deps)] {
+        let lib = dir.join(name);
+        if lib.exists() {
+            return lib;
+        }
+    }
+    panic!(
+        "no {name} next to {} (is crate-type \"staticlib\" still in Cargo.toml's [lib]?)",
+        exe.display()
+    );
+}
+
+#[test]
+fn c_program_passes() {
+    let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("c_abi");
+    std::fs::create_dir_all(&out_dir).expect("creates the output folder");
+    let exe = out_dir.join("test_capi");
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let mut compile = Command::new(&cc);
+    compile
+        .args([
+            "-std=c11",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-pedantic",
+            "-O1",
+        ])
+        .arg("-I")
+        .arg(root().join("include"))
+        .arg(root().join("tests/c/test_capi.c"))
+        .arg(staticlib())
+        .arg("-o")
+        .arg(&exe);
+    // The system libraries Rust's std and cudarc's run-time loading of
+    // libcuda need (`rustc --print native-static-libs`).
+    if cfg!(target_os = "macos") {
+        compile.args(["-lSystem", "-lc", "-lm", "-framework", "CoreFoundation"]);
+    } else {
+        compile.args([
+            "-lgcc_s",
+            "-lutil",
+            "-lrt",
+            "-lpthread",
+            "-lm",
+            "-ldl",
+            "-lc",
+        ]);
+    }
+    let status = compile
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run the C compiler `{cc}`: {e}"));
+    assert!(status.success(), "compiling tests/c/test_capi.c failed");
+
+    let output = Command::new(&exe).output().expect("runs test_capi");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    println!("{stdout}");
+    eprintln!("{stderr}");
+    assert!(
+        output.status.success(),
+        "tests/c/test_capi.c failed ({})",
+        output.status
+    );
+    assert!(stdout.contains("all C ABI checks passed"), "{stdout}");
+}
