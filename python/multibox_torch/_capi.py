@@ -1,0 +1,225 @@
+"""ctypes binding of the multibox C ABI (include/multibox.h). No PyTorch here.
+
+The library is found at ``$MULTIBOX_LIB`` if set, else next to this package
+(``libmultibox.so``), else in the repository's ``target/release`` or
+``target/debug`` (after ``cargo build --release --lib``).
+"""
+
+import ctypes
+import os
+import sys
+from pathlib import Path
+
+OK = 0
+INVALID_ARGUMENT = 1
+NO_DEVICE = 2
+NO_KERNELS = 3
+CUDA_ERROR = 4
+PANIC = 5
+CODE_NAMES = {
+    OK: "MULTIBOX_OK",
+    INVALID_ARGUMENT: "MULTIBOX_INVALID_ARGUMENT",
+    NO_DEVICE: "MULTIBOX_NO_DEVICE",
+    NO_KERNELS: "MULTIBOX_NO_KERNELS",
+    CUDA_ERROR: "MULTIBOX_CUDA_ERROR",
+    PANIC: "MULTIBOX_PANIC",
+}
+
+F32, F16, BF16 = 0, 1, 2
+I32, I64 = 0, 1
+
+
+class Shape(ctypes.Structure):
+    _fields_ = [
+        ("batch", ctypes.c_size_t),
+        ("priors", ctypes.c_size_t),
+        ("classes", ctypes.c_size_t),
+    ]
+
+
+class Config(ctypes.Structure):
+    _fields_ = [
+        ("neg_pos_ratio", ctypes.c_float),
+        ("min_negatives_per_image", ctypes.c_uint32),
+        ("beta", ctypes.c_float),
+    ]
+
+
+class Call(ctypes.Structure):
+    _fields_ = [
+        ("shape", Shape),
+        ("dtype", ctypes.c_int32),
+        ("label_type", ctypes.c_int32),
+        ("confidence", ctypes.c_uint64),
+        ("predicted_locations", ctypes.c_uint64),
+        ("labels", ctypes.c_uint64),
+        ("gt_locations", ctypes.c_uint64),
+        ("grad_confidence", ctypes.c_uint64),
+        ("grad_locations", ctypes.c_uint64),
+        ("regression_loss", ctypes.c_uint64),
+        ("classification_loss", ctypes.c_uint64),
+        ("num_pos", ctypes.c_uint64),
+        ("mask", ctypes.c_uint64),
+        ("workspace", ctypes.c_uint64),
+        ("workspace_bytes", ctypes.c_size_t),
+        ("upstream", ctypes.c_uint64),
+        ("g_reg", ctypes.c_float),
+        ("g_cls", ctypes.c_float),
+    ]
+
+
+class DeviceStatus(ctypes.Structure):
+    _fields_ = [
+        ("invalid_label", ctypes.c_bool),
+        ("nonfinite_input", ctypes.c_bool),
+    ]
+
+
+class HostCallF32(ctypes.Structure):
+    _fields_ = [
+        ("shape", Shape),
+        ("label_type", ctypes.c_int32),
+        ("confidence", ctypes.c_void_p),
+        ("confidence_len", ctypes.c_size_t),
+        ("predicted_locations", ctypes.c_void_p),
+        ("predicted_locations_len", ctypes.c_size_t),
+        ("labels", ctypes.c_void_p),
+        ("labels_len", ctypes.c_size_t),
+        ("gt_locations", ctypes.c_void_p),
+        ("gt_locations_len", ctypes.c_size_t),
+        ("g_reg", ctypes.c_float),
+        ("g_cls", ctypes.c_float),
+        ("grad_confidence", ctypes.c_void_p),
+        ("grad_confidence_len", ctypes.c_size_t),
+        ("grad_locations", ctypes.c_void_p),
+        ("grad_locations_len", ctypes.c_size_t),
+        ("mask", ctypes.c_void_p),
+        ("mask_len", ctypes.c_size_t),
+    ]
+
+
+class Losses(ctypes.Structure):
+    _fields_ = [
+        ("regression_loss", ctypes.c_double),
+        ("classification_loss", ctypes.c_double),
+        ("num_pos", ctypes.c_uint64),
+    ]
+
+
+# Every struct above, by its C name, for the layout check in the tests.
+STRUCTS = {
+    "multibox_shape": Shape,
+    "multibox_config": Config,
+    "multibox_call": Call,
+    "multibox_device_status": DeviceStatus,
+    "multibox_host_call_f32": HostCallF32,
+    "multibox_losses": Losses,
+}
+
+
+class MultiboxError(RuntimeError):
+    """A multibox call failed; ``code`` is its multibox_status_code."""
+
+    def __init__(self, function, code, message):
+        self.code = code
+        name = CODE_NAMES.get(code, str(code))
+        super().__init__(f"{function}: {name}: {message}")
+
+
+def _library_name():
+    if sys.platform == "darwin":
+        return "libmultibox.dylib"
+    if sys.platform == "win32":
+        return "multibox.dll"
+    return "libmultibox.so"
+
+
+def find_library():
+    """The path of the multibox shared library this package will load."""
+    env = os.environ.get("MULTIBOX_LIB")
+    if env:
+        return Path(env)
+    name = _library_name()
+    here = Path(__file__).resolve().parent
+    repo = here.parent.parent
+    candidates = [
+        here / name,
+        repo / "target" / "release" / name,
+        repo / "target" / "debug" / name,
+    ]
+    for path in candidates:
+        if path.exists():
+            return path
+    raise FileNotFoundError(
+        f"{name} not found (looked in {', '.join(str(p) for p in candidates)}); "
+        "build it with `cargo build --release --lib` or set MULTIBOX_LIB"
+    )
+
+
+_P = ctypes.POINTER
+
+
+def _declare(lib):
+    c = ctypes
+    sigs = {
+        "multibox_version": (c.c_char_p, []),
+        "multibox_last_error": (c.c_char_p, []),
+        "multibox_config_default": (c.c_int, [_P(Config)]),
+        "multibox_workspace_bytes": (c.c_int, [c.c_size_t, c.c_size_t, c.c_size_t, _P(c.c_size_t)]),
+        "multibox_loss_create": (c.c_int, [c.c_int32, _P(Config), _P(c.c_void_p)]),
+        "multibox_loss_destroy": (c.c_int, [c.c_void_p]),
+        "multibox_forward": (c.c_int, [c.c_void_p, _P(Call), c.c_void_p]),
+        "multibox_forward_backward": (c.c_int, [c.c_void_p, _P(Call), c.c_void_p]),
+        "multibox_status": (
+            c.c_int,
+            [c.c_void_p, _P(Shape), c.c_uint64, c.c_size_t, c.c_void_p, _P(DeviceStatus)],
+        ),
+        "multibox_reference_forward_f32": (c.c_int, [_P(Config), _P(HostCallF32), _P(Losses)]),
+        "multibox_reference_forward_backward_f32": (
+            c.c_int,
+            [_P(Config), _P(HostCallF32), _P(Losses)],
+        ),
+    }
+    for name, (restype, argtypes) in sigs.items():
+        f = getattr(lib, name)
+        f.restype = restype
+        f.argtypes = argtypes
+
+
+class Library:
+    """The loaded library; ``call(name, *args)`` raises MultiboxError on failure."""
+
+    def __init__(self, path=None):
+        self.path = Path(path) if path else find_library()
+        self.lib = ctypes.CDLL(str(self.path))
+        _declare(self.lib)
+
+    def version(self):
+        return self.lib.multibox_version().decode()
+
+    def last_error(self):
+        return self.lib.multibox_last_error().decode(errors="replace")
+
+    def call(self, name, *args):
+        code = getattr(self.lib, name)(*args)
+        if code != OK:
+            raise MultiboxError(name, code, self.last_error())
+
+    def workspace_bytes(self, batch, priors, classes):
+        out = ctypes.c_size_t()
+        self.call("multibox_workspace_bytes", batch, priors, classes, ctypes.byref(out))
+        return out.value
+
+    def config(self, neg_pos_ratio, min_negatives_per_image, beta):
+        return Config(neg_pos_ratio, min_negatives_per_image, beta)
+
+
+_library = None
+
+
+def library():
+    """The process's one Library (loaded on first use)."""
+    global _library
+    if _library is None:
+        _library = Library()
+    return _library

@@ -1,0 +1,99 @@
+"""The ctypes binding without PyTorch and without a GPU: struct layouts
+against include/multibox.h (compiled with the system C compiler), and the
+CPU reference entry point on the hand-computed case. Runs with pytest or
+as ``python3 python/tests/test_capi_ctypes.py`` (after ``cargo build --lib``).
+"""
+
+import ctypes
+import importlib.util
+import math
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("_capi", ROOT / "python" / "multibox_torch" / "_capi.py")
+capi = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(capi)
+
+
+def test_struct_layouts_match_the_header():
+    lines = ['#include <stdio.h>', '#include <stddef.h>', '#include "multibox.h"', "int main(void) {"]
+    for cname, cls in capi.STRUCTS.items():
+        lines.append(f'printf("{cname} size %zu\\n", sizeof({cname}));')
+        for field, _ in cls._fields_:
+            lines.append(f'printf("{cname} {field} %zu\\n", offsetof({cname}, {field}));')
+    lines.append("return 0; }")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "layout.c"
+        exe = Path(tmp) / "layout"
+        src.write_text("\n".join(lines))
+        cc = os.environ.get("CC", "cc")
+        subprocess.run([cc, "-I", str(ROOT / "include"), str(src), "-o", str(exe)], check=True)
+        out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        cname, what, value = line.split()
+        cls = capi.STRUCTS[cname]
+        got = ctypes.sizeof(cls) if what == "size" else getattr(cls, what).offset
+        assert got == int(value), f"{cname}.{what}: ctypes {got}, C {value}"
+
+
+def test_reference_on_the_hand_computed_case():
+    lib = capi.Library()
+    assert lib.version()
+    b, p, c = 1, 3, 2
+    confidence = (ctypes.c_float * (b * p * c))()
+    predicted = (ctypes.c_float * (b * p * 4))(0.5, 0.0, 0.0, 2.0)
+    gt = (ctypes.c_float * (b * p * 4))()
+    labels = (ctypes.c_int64 * (b * p))(1, 0, 0)
+    grad_confidence = (ctypes.c_float * (b * p * c))()
+    grad_locations = (ctypes.c_float * (b * p * 4))()
+    mask = (ctypes.c_uint8 * (b * p))()
+    addr = ctypes.addressof
+    call = capi.HostCallF32(
+        shape=capi.Shape(b, p, c), label_type=capi.I64,
+        confidence=addr(confidence), confidence_len=len(confidence),
+        predicted_locations=addr(predicted), predicted_locations_len=len(predicted),
+        labels=addr(labels), labels_len=len(labels),
+        gt_locations=addr(gt), gt_locations_len=len(gt),
+        g_reg=1.0, g_cls=1.0,
+        grad_confidence=addr(grad_confidence), grad_confidence_len=len(grad_confidence),
+        grad_locations=addr(grad_locations), grad_locations_len=len(grad_locations),
+        mask=addr(mask), mask_len=len(mask),
+    )
+    config = lib.config(1.0, 0, 1.0)
+    losses = capi.Losses()
+    lib.call("multibox_reference_forward_backward_f32", ctypes.byref(config), ctypes.byref(call), ctypes.byref(losses))
+    assert losses.num_pos == 1
+    assert abs(losses.classification_loss - 2 * math.log(2)) < 1e-12
+    assert losses.regression_loss == 1.625
+    assert list(mask) == [1, 1, 0]
+    assert list(grad_confidence) == [0.5, -0.5, -0.5, 0.5, 0.0, 0.0]
+    assert list(grad_locations)[:4] == [0.5, 0.0, 0.0, 1.0]
+
+    call.labels_len = 2
+    try:
+        lib.call("multibox_reference_forward_backward_f32", ctypes.byref(config), ctypes.byref(call), ctypes.byref(losses))
+    except capi.MultiboxError as e:
+        assert e.code == capi.INVALID_ARGUMENT and "labels" in str(e), e
+    else:
+        raise AssertionError("a wrong length was accepted")
+
+
+def test_workspace_and_no_device():
+    lib = capi.Library()
+    assert lib.workspace_bytes(4, 3000, 21) > 0
+    out = ctypes.c_void_p()
+    config = lib.config(3.0, 0, 1.0)
+    code = lib.lib.multibox_loss_create(0, ctypes.byref(config), ctypes.byref(out))
+    assert code in (capi.OK, capi.NO_DEVICE), (code, lib.last_error())
+    if code == capi.OK:
+        lib.call("multibox_loss_destroy", out)
+
+
+if __name__ == "__main__":
+    for name, f in list(globals().items()):
+        if name.startswith("test_"):
+            f()
+            print("ok", name)
