@@ -59,6 +59,8 @@
 //! (embedded by build.rs, see [`kernels`]).
 #![warn(missing_docs)]
 
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod capi;
 mod config;
 mod dtype;

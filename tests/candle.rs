@@ -1,0 +1,193 @@
+//! The candle adapter (feature `candle`) on CPU tensors: the losses and the
+//! gradients candle's autograd returns are the CPU reference's, rounded once
+//! to the input type, for any upstream gradients; bad input is an error.
+//! (The adapter's CUDA path is not built; see src/candle.rs.)
+#![cfg(feature = "candle")]
+
+use candle_core::{DType, Device, Tensor, Var};
+use half::f16;
+use multibox::candle::multibox_loss;
+use multibox::reference::{self, Upstream};
+use multibox::synthetic::{Batch, BatchSpec};
+use multibox::{MultiboxConfig, Shape};
+
+fn tensors<T: multibox::Float + candle_core::WithDType>(
+    batch: &Batch<T, i64>,
+    shape: Shape,
+) -> candle_core::Result<(Var, Var, Tensor, Tensor)> {
+    let (b, p, c) = (shape.batch, shape.priors, shape.classes);
+    let dev = Device::Cpu;
+    Ok((
+        Var::from_tensor(&Tensor::from_slice(&batch.confidence, (b, p, c), &dev)?)?,
+        Var::from_tensor(&Tensor::from_slice(
+            &batch.predicted_locations,
+            (b, p, 4),
+            &dev,
+        )?)?,
+        Tensor::from_slice(&batch.labels, (b, p), &dev)?,
+        Tensor::from_slice(&batch.gt_locations, (b, p, 4), &dev)?,
+    ))
+}
+
+/// Losses, then d(g_reg * reg + g_cls * cls) through candle, against the reference.
+fn matches_reference<T: multibox::Float + candle_core::WithDType>(
+    shape: Shape,
+    g_reg: f32,
+    g_cls: f32,
+) -> candle_core::Result<()> {
+    let config = MultiboxConfig::default();
+    let batch = Batch::<T, i64>::generate(shape, BatchSpec::default());
+    let (confidence, predicted, labels, gt) = tensors(&batch, shape)?;
+
+    let loss = multibox_loss(&config, &confidence, &predicted, &labels, &gt)?;
+    let total =
+        ((&loss.regression_loss * g_reg as f64)? + (&loss.classification_loss * g_cls as f64)?)?;
+    let grads = total.backward()?;
+
+    let want = reference::forward_backward(
+        &config,
+        shape,
+        &batch.reference_inputs(),
+        Upstream { g_reg, g_cls },
+    )
+    .map_err(candle_core::Error::wrap)?;
+    assert_eq!(loss.num_pos, want.losses.num_pos);
+    assert!(want.losses.num_pos > 0);
+    assert_eq!(
+        loss.regression_loss.to_scalar::<f32>()?,
+        want.losses.regression_loss as f32
+    );
+    assert_eq!(
+        loss.classification_loss.to_scalar::<f32>()?,
+        want.losses.classification_loss as f32
+    );
+    let grad_confidence = grads
+        .get(&confidence)
+        .expect("d confidence")
+        .flatten_all()?
+        .to_vec1::<T>()?;
+    let grad_locations = grads
+        .get(&predicted)
+        .expect("d locations")
+        .flatten_all()?
+        .to_vec1::<T>()?;
+    assert!(
+        grad_confidence == want.grad_confidence_as::<T>(),
+        "grad_confidence differs"
+    );
+    assert!(
+        grad_locations == want.grad_locations_as::<T>(),
+        "grad_locations differs"
+    );
+    assert!(grads.get(&gt).is_none(), "gt_locations gets no gradient");
+    Ok(())
+}
+
+#[test]
+fn f32_losses_and_gradients_are_the_references() -> candle_core::Result<()> {
+    matches_reference::<f32>(Shape::new(2, 300, 21), 1.0, 1.0)
+}
+
+#[test]
+fn upstream_gradients_scale_each_loss() -> candle_core::Result<()> {
+    matches_reference::<f32>(Shape::new(2, 100, 5), 2.0, 0.25)
+}
+
+#[test]
+fn f16_inputs() -> candle_core::Result<()> {
+    matches_reference::<f16>(Shape::new(1, 200, 8), 1.0, 1.0)
+}
+
+#[test]
+fn hand_computed_case() -> candle_core::Result<()> {
+    // One image, three priors, two classes, zero logits: CE ln 2 each; the
+    // tie between the two background priors goes to the lower index.
+    let dev = Device::Cpu;
+    let config = MultiboxConfig {
+        neg_pos_ratio: 1.0,
+        ..Default::default()
+    };
+    let confidence = Var::from_tensor(&Tensor::zeros((1, 3, 2), DType::F32, &dev)?)?;
+    let predicted = Var::from_tensor(&Tensor::new(
+        &[[[0.5f32, 0., 0., 2.], [0.; 4], [0.; 4]]],
+        &dev,
+    )?)?;
+    let labels = Tensor::new(&[[1i32, 0, 0]], &dev)?;
+    let gt = Tensor::zeros((1, 3, 4), DType::F32, &dev)?;
+    let loss = multibox_loss(&config, &confidence, &predicted, &labels, &gt)?;
+    assert_eq!(loss.num_pos, 1);
+    assert_eq!(loss.regression_loss.to_scalar::<f32>()?, 1.625);
+    assert!((loss.classification_loss.to_scalar::<f32>()? - 2.0 * 2f32.ln()).abs() < 1e-6);
+    let grads = (&loss.regression_loss + &loss.classification_loss)?.backward()?;
+    let d_conf = grads
+        .get(&confidence)
+        .unwrap()
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    assert_eq!(d_conf, [0.5, -0.5, -0.5, 0.5, 0.0, 0.0]);
+    let d_loc = grads
+        .get(&predicted)
+        .unwrap()
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    assert_eq!(d_loc[..4], [0.5, 0.0, 0.0, 1.0]);
+    assert!(d_loc[4..].iter().all(|&g| g == 0.0));
+    Ok(())
+}
+
+#[test]
+fn bad_input_is_an_error() -> candle_core::Result<()> {
+    let dev = Device::Cpu;
+    let config = MultiboxConfig::default();
+    let confidence = Tensor::zeros((1, 3, 2), DType::F32, &dev)?;
+    let locations = Tensor::zeros((1, 3, 4), DType::F32, &dev)?;
+    let labels = Tensor::new(&[[1i64, 0, 0]], &dev)?;
+    let err = |r: candle_core::Result<_>| {
+        r.err()
+            .map(|e: candle_core::Error| e.to_string())
+            .unwrap_or_default()
+    };
+
+    let short = Tensor::zeros((1, 2, 4), DType::F32, &dev)?;
+    assert!(err(multibox_loss(
+        &config,
+        &confidence,
+        &short,
+        &labels,
+        &locations
+    ))
+    .contains("predicted_locations"));
+    let float_labels = labels.to_dtype(DType::F32)?;
+    assert!(err(multibox_loss(
+        &config,
+        &confidence,
+        &locations,
+        &float_labels,
+        &locations
+    ))
+    .contains("labels"));
+    let f64_confidence = confidence.to_dtype(DType::F64)?;
+    assert!(err(multibox_loss(
+        &config,
+        &f64_confidence,
+        &locations,
+        &labels,
+        &locations
+    ))
+    .contains("f32, f16 or bf16"));
+    let bad_labels = Tensor::new(&[[1i64, 7, 0]], &dev)?;
+    assert!(err(multibox_loss(
+        &config,
+        &confidence,
+        &locations,
+        &bad_labels,
+        &locations
+    ))
+    .contains("label 7"));
+    let one_class = Tensor::zeros((1, 3, 1), DType::F32, &dev)?;
+    assert!(err(multibox_loss(
+        &config, &one_class, &locations, &labels, &locations
+    ))
+    .contains("C (classes)"));
+    Ok(())
+}
