@@ -292,6 +292,14 @@ impl MultiboxLoss {
         call: &RawCall,
         stream: cudarc::driver::sys::CUstream,
     ) -> Result<()> {
+        // Every entry point (typed, raw, C) comes through here, so nsys
+        // shows each call as one range with its kernels under it.
+        #[cfg(feature = "nvtx")]
+        let _range = nvtx::LocalRange::new(if call.backward {
+            c"multibox::forward_backward"
+        } else {
+            c"multibox::forward"
+        });
         self.ctx.bind_to_thread()?;
         let backend = DriverBackend { loss: self, stream };
         // SAFETY: the caller's contract above is launch_call's.
