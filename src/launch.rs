@@ -136,7 +136,8 @@ fn params(config: &MultiboxConfig, call: &RawCall, plan: &LaunchPlan) -> Result<
     let b = &call.buffers;
     let t = call.dtype.size();
     let l = call.label_type.size();
-    let mut required: Vec<(&'static str, u64, usize)> = vec![
+    // A fixed array, not a Vec: a call allocates nothing.
+    let required = [
         ("confidence", b.confidence, t),
         ("predicted_locations", b.predicted_locations, t),
         ("labels", b.labels, l),
@@ -145,12 +146,16 @@ fn params(config: &MultiboxConfig, call: &RawCall, plan: &LaunchPlan) -> Result<
         ("classification_loss", b.classification_loss, 4),
         ("num_pos", b.num_pos, 4),
         ("workspace", b.workspace, 256),
+        ("grad_confidence", b.grad_confidence, t),
+        ("grad_locations", b.grad_locations, t),
     ];
-    if call.backward {
-        required.push(("grad_confidence", b.grad_confidence, t));
-        required.push(("grad_locations", b.grad_locations, t));
-    }
-    for (name, addr, align) in required {
+    // The gradients (the last two) are needed by forward_backward only.
+    let needed = if call.backward {
+        required.len()
+    } else {
+        required.len() - 2
+    };
+    for &(name, addr, align) in &required[..needed] {
         if addr == 0 {
             return Err(Error::NullPointer { name });
         }
