@@ -90,19 +90,19 @@ impl MultiboxLoss {
         config.validate()?;
         let (major, minor) = ctx.compute_capability()?;
         let mut functions = HashMap::new();
-        for name in Step::all_kernel_names() {
-            let source = match name {
-                n if n.starts_with("multibox_rows") => "rows",
-                n if n.starts_with("multibox_select") => "select",
-                _ => "gradient",
-            };
+        // One module per kernel source, each loaded once; its kernels are
+        // every type instantiation of that step.
+        for step in [Step::Rows, Step::Select, Step::Gradient] {
+            let source = step.source();
             let image = kernels::image_for(source, major, minor).ok_or_else(|| {
                 Error::NoKernels(format!(
                     "this build embeds no image of `{source}` for sm_{major}{minor} (built with MULTIBOX_SKIP_KERNELS=1?)"
                 ))
             })?;
             let module = ctx.load_module(cudarc::nvrtc::Ptx::from_binary(image.bytes.to_vec()))?;
-            functions.insert(name, module.load_function(name)?);
+            for name in step.kernel_names() {
+                functions.insert(name, module.load_function(name)?);
+            }
         }
         Ok(Self {
             config,

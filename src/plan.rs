@@ -52,17 +52,36 @@ impl Step {
         }
     }
 
-    /// Every kernel symbol the crate launches.
-    pub fn all_kernel_names() -> Vec<&'static str> {
-        let mut names = vec![Step::Select.kernel_name(DType::F32, LabelType::I32)];
-        for step in [Step::Rows, Step::Gradient] {
-            for dtype in [DType::F32, DType::F16, DType::BF16] {
-                for labels in [LabelType::I32, LabelType::I64] {
-                    names.push(step.kernel_name(dtype, labels));
+    /// The file stem in `kernels/` that holds this step's kernels.
+    pub fn source(self) -> &'static str {
+        match self {
+            Step::Rows => "rows",
+            Step::Select => "select",
+            Step::Gradient => "gradient",
+        }
+    }
+
+    /// This step's kernel symbols, one per type combination it is built for
+    /// (the selection works on keys only, so it has one).
+    pub fn kernel_names(self) -> Vec<&'static str> {
+        let mut names: Vec<&'static str> = Vec::new();
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            for labels in [LabelType::I32, LabelType::I64] {
+                let name = self.kernel_name(dtype, labels);
+                if !names.contains(&name) {
+                    names.push(name);
                 }
             }
         }
         names
+    }
+
+    /// Every kernel symbol the crate launches.
+    pub fn all_kernel_names() -> Vec<&'static str> {
+        [Step::Rows, Step::Select, Step::Gradient]
+            .into_iter()
+            .flat_map(Step::kernel_names)
+            .collect()
     }
 }
 

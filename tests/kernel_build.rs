@@ -69,3 +69,16 @@ fn report_lists_each_kernel_once_per_architecture() {
         assert_eq!(same, 1, "{} sm_{} reported {same} times", r.kernel, r.arch);
     }
 }
+
+#[test]
+fn each_step_finds_its_kernels_in_the_source_it_loads() {
+    for step in [Step::Rows, Step::Select, Step::Gradient] {
+        for kernel in step.kernel_names() {
+            for r in BUILD_REPORT.iter().filter(|r| r.kernel == kernel) {
+                assert_eq!(r.source, step.source(), "{kernel} on sm_{}", r.arch);
+            }
+        }
+    }
+    assert_eq!(Step::Select.kernel_names(), ["multibox_select"]);
+    assert_eq!(Step::Rows.kernel_names().len(), 6);
+}
