@@ -1,10 +1,11 @@
-//! The real kernels of kernels/logsumexp.cu against an f64 log-sum-exp.
+//! emu/tests/kernels/logsumexp.cu (written like the loss kernels, on
+//! common.cuh) against an f64 log-sum-exp.
 mod common;
 
 use common::{addr, run};
 use half::{bf16, f16};
 
-/// `LseParams` of kernels/logsumexp.cu.
+/// `LseParams` of emu/tests/kernels/logsumexp.cu.
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct LseParams {

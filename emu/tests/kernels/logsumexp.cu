@@ -1,6 +1,6 @@
-// Per-prior log-sum-exp of the confidence logits: lse[r] = log(sum_c exp(x[r, c])).
-// The building block of every loss term here; kept as its own small kernel so
-// that the compile, embed and load path is exercised on its own.
+// Per-row log-sum-exp: lse[r] = log(sum_c exp(x[r, c])). A small kernel on
+// common.cuh's half loads and warp reductions, written like the loss
+// kernels, with an answer a test can compute independently.
 #include "common.cuh"
 
 struct LseParams {
