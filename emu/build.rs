@@ -1,5 +1,13 @@
 //! Compiles every `../kernels/*.cu` (and the emulator's own test kernels) as
-//! C++17 against the CUDA shim in `include/`, plus the fiber scheduler.
+//! C++17 against the CUDA shim in `include/`, plus the fiber scheduler and
+//! the checker.
+//!
+//! The kernel files are built with GCC's `-fsanitize=thread`
+//! instrumentation: every load and store calls a `__tsan_*` function, which
+//! the checker (`src/check.cpp`) implements to find races and out-of-bounds
+//! accesses and to count memory traffic. No TSan runtime is linked. Under
+//! `MULTIBOX_EMU_SANITIZE=address` they are built with AddressSanitizer
+//! instead (GCC cannot combine the two), and the checker is off.
 use std::env;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -14,6 +22,24 @@ fn cu_files(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
+/// The settings both builds share.
+fn base(include: &Path, kernels: &Path) -> cc::Build {
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .std("c++17")
+        // Fast tests even in debug builds: kernels run over ~1M elements.
+        .opt_level(2)
+        // Line tables, so that the checker's reports name file:line.
+        .debug(true)
+        .define("MULTIBOX_EMULATOR", None)
+        .include(include)
+        .include(kernels)
+        // Nothing references the kernels' registration objects: keep them.
+        .link_lib_modifier("+whole-archive");
+    build
+}
+
 fn main() {
     let emu = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
     // Canonical, so that error messages say kernels/x.cu, not emu/../kernels.
@@ -21,49 +47,57 @@ fn main() {
         .join("../kernels")
         .canonicalize()
         .expect("the kernels/ directory");
+    let root = kernels.parent().expect("the repository root").to_path_buf();
     let include = emu.join("include");
-    let runtime = emu.join("src/runtime.cpp");
+    let src = emu.join("src");
     let test_kernels = emu.join("tests/kernels");
     let asan_demo = emu.join("tests/asan_demo");
-    for path in [&kernels, &include, &runtime, &test_kernels, &asan_demo] {
+    for path in [&kernels, &include, &src, &test_kernels, &asan_demo] {
         println!("cargo:rerun-if-changed={}", path.display());
     }
     println!("cargo:rerun-if-env-changed=MULTIBOX_EMU_SANITIZE");
     println!("cargo:rerun-if-env-changed=MULTIBOX_EMU_ASAN_DEMO");
 
-    let mut build = cc::Build::new();
-    build
-        .cpp(true)
-        .std("c++17")
-        // Fast tests even in debug builds: kernels run over ~1M elements.
-        .opt_level(2)
-        .define("MULTIBOX_EMULATOR", None)
-        .include(&include)
-        .include(&kernels)
+    let asan = match env::var("MULTIBOX_EMU_SANITIZE").as_deref() {
+        Ok("address") => true,
+        Ok("") | Err(_) => false,
+        Ok(other) => panic!("MULTIBOX_EMU_SANITIZE={other}: only `address` is supported"),
+    };
+
+    let mut kernel_build = base(&include, &kernels);
+    kernel_build
         // Sources are .cu: compile them as C++. `#pragma unroll` is NVRTC's.
         .flag("-x")
         .flag("c++")
         .flag("-Wno-unknown-pragmas")
-        // Nothing references the kernels' registration objects: keep them.
-        .link_lib_modifier("+whole-archive")
-        .file(&runtime);
-    build
         .files(cu_files(&kernels))
         .files(cu_files(&test_kernels));
-
-    match env::var("MULTIBOX_EMU_SANITIZE").as_deref() {
-        Ok("address") => {
+    let mut runtime_build = base(&include, &kernels);
+    runtime_build
+        .file(src.join("runtime.cpp"))
+        .file(src.join("check.cpp"))
+        .define(
+            "MULTIBOX_EMU_ROOT",
+            Some(format!("\"{}/\"", root.display()).as_str()),
+        );
+    if asan {
+        for build in [&mut kernel_build, &mut runtime_build] {
             build
                 .flag("-fsanitize=address")
                 .flag("-fno-omit-frame-pointer");
-            // The runtime itself comes from LD_PRELOAD (see README.md).
-            println!("cargo:rustc-link-lib=dylib=asan");
-            if env::var_os("MULTIBOX_EMU_ASAN_DEMO").is_some() {
-                build.files(cu_files(&asan_demo));
-            }
         }
-        Ok("") | Err(_) => {}
-        Ok(other) => panic!("MULTIBOX_EMU_SANITIZE={other}: only `address` is supported"),
+        // The runtime itself comes from LD_PRELOAD (see README.md).
+        println!("cargo:rustc-link-lib=dylib=asan");
+        if env::var_os("MULTIBOX_EMU_ASAN_DEMO").is_some() {
+            kernel_build.files(cu_files(&asan_demo));
+        }
+    } else {
+        kernel_build
+            .flag("-fsanitize=thread")
+            // Only loads and stores: no calls at function entry and exit.
+            .flag("--param=tsan-instrument-func-entry-exit=0");
+        runtime_build.define("MULTIBOX_EMU_INSTRUMENTED", None);
     }
-    build.compile("multibox_emu_kernels");
+    runtime_build.compile("multibox_emu_runtime");
+    kernel_build.compile("multibox_emu_kernels");
 }

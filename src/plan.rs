@@ -5,6 +5,9 @@
 //! The `#[repr(C)]` records here mirror `kernels/multibox.cuh`; their sizes
 //! are asserted on both sides.
 
+use std::ops::Range;
+
+use crate::launch::{RawCall, RawUpstream};
 use crate::{DType, LabelType, Result, Shape};
 
 /// Threads per block of the two row passes (`ROW_THREADS` in multibox.cuh).
@@ -198,6 +201,147 @@ impl LaunchPlan {
     pub fn launches(&self, backward: bool) -> impl Iterator<Item = Launch> {
         let gradient = backward.then_some(self.gradient);
         [self.rows, self.select].into_iter().chain(gradient)
+    }
+
+    /// The memory `step` of `call` may touch, buffer by buffer and workspace
+    /// section by section: the kernels' reach, which the test suite's
+    /// emulator enforces (an access outside these regions, outside its
+    /// block's part, or a write to a read-only one fails the launch).
+    ///
+    /// The selection's block `b` works on image `b` only: its keys and its
+    /// row of the mask are separate regions, so a read one key past the
+    /// image is caught even though it stays inside the workspace.
+    pub fn regions(&self, step: Step, call: &RawCall) -> Vec<Region> {
+        let b = &call.buffers;
+        let shape = self.shape;
+        let t = call.dtype.size();
+        let ws = &self.workspace;
+        let section = |name: &str, s: Section, writable| {
+            Region::new(name, b.workspace + s.offset as u64, s.len, writable)
+        };
+        let inputs = || {
+            [
+                Region::new(
+                    "confidence",
+                    b.confidence,
+                    shape.confidence_len() * t,
+                    false,
+                ),
+                Region::new(
+                    "predicted_locations",
+                    b.predicted_locations,
+                    shape.locations_len() * t,
+                    false,
+                ),
+                Region::new(
+                    "labels",
+                    b.labels,
+                    shape.rows() * call.label_type.size(),
+                    false,
+                ),
+                Region::new(
+                    "gt_locations",
+                    b.gt_locations,
+                    shape.locations_len() * t,
+                    false,
+                ),
+            ]
+        };
+        let mut regions = Vec::new();
+        match step {
+            Step::Rows => {
+                regions.extend(inputs());
+                regions.push(section("keys", ws.keys, true));
+                regions.push(section("partials", ws.partials, true));
+                regions.push(section("totals", ws.totals, true));
+            }
+            Step::Select => {
+                let image_bytes = shape.priors * 4;
+                for image in 0..shape.batch {
+                    let blocks = Some(image as u32..image as u32 + 1);
+                    let offset = (image * image_bytes) as u64;
+                    let keys = Region::new(
+                        &format!("keys[image {image}]"),
+                        b.workspace + ws.keys.offset as u64 + offset,
+                        image_bytes,
+                        false,
+                    );
+                    regions.push(Region {
+                        blocks: blocks.clone(),
+                        ..keys
+                    });
+                    if b.mask != 0 {
+                        let mask = Region::new(
+                            &format!("mask[image {image}]"),
+                            b.mask + (image * shape.priors) as u64,
+                            shape.priors,
+                            true,
+                        );
+                        regions.push(Region { blocks, ..mask });
+                    }
+                }
+                regions.push(section("partials", ws.partials, false));
+                regions.push(section("images", ws.images, true));
+                regions.push(section("totals", ws.totals, true));
+                regions.push(Region::new("regression_loss", b.regression_loss, 4, true));
+                regions.push(Region::new(
+                    "classification_loss",
+                    b.classification_loss,
+                    4,
+                    true,
+                ));
+                regions.push(Region::new("num_pos", b.num_pos, 4, true));
+            }
+            Step::Gradient => {
+                regions.extend(inputs());
+                if let RawUpstream::Device(addr) = call.upstream {
+                    regions.push(Region::new("upstream", addr, 8, false));
+                }
+                regions.push(section("keys", ws.keys, false));
+                regions.push(section("images", ws.images, false));
+                regions.push(section("totals", ws.totals, false));
+                regions.push(Region::new(
+                    "grad_confidence",
+                    b.grad_confidence,
+                    shape.confidence_len() * t,
+                    true,
+                ));
+                regions.push(Region::new(
+                    "grad_locations",
+                    b.grad_locations,
+                    shape.locations_len() * t,
+                    true,
+                ));
+            }
+        }
+        regions
+    }
+}
+
+/// A byte range one kernel of a call may touch ([`LaunchPlan::regions`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Region {
+    /// The buffer or workspace section, e.g. `confidence`, `keys[image 3]`.
+    pub name: String,
+    /// Device (or, in the emulator, host) address of the first byte.
+    pub addr: u64,
+    /// Length in bytes.
+    pub len: usize,
+    /// Only these blocks may touch it; `None`: every block.
+    pub blocks: Option<Range<u32>>,
+    /// Whether the kernel writes it.
+    pub writable: bool,
+}
+
+impl Region {
+    fn new(name: &str, addr: u64, len: usize, writable: bool) -> Self {
+        Self {
+            name: name.to_owned(),
+            addr,
+            len,
+            blocks: None,
+            writable,
+        }
     }
 }
 

@@ -115,3 +115,80 @@ fn the_plan_rejects_what_the_shape_rejects() {
     assert!(LaunchPlan::new(Shape::new(2, 10, 1)).is_err());
     assert!(LaunchPlan::new(Shape::new(1 << 16, 1 << 16, 2)).is_err());
 }
+
+#[test]
+fn regions_give_each_kernel_its_buffers_and_the_selection_one_image_per_block() {
+    use multibox::{RawBuffers, RawCall, RawUpstream};
+    let shape = Shape::new(3, 1000, 21);
+    let plan = LaunchPlan::new(shape).unwrap();
+    let call = RawCall {
+        shape,
+        dtype: DType::F16,
+        label_type: LabelType::I64,
+        buffers: RawBuffers {
+            confidence: 0x10_0000,
+            predicted_locations: 0x20_0000,
+            labels: 0x30_0000,
+            gt_locations: 0x40_0000,
+            grad_confidence: 0x50_0000,
+            grad_locations: 0x60_0000,
+            regression_loss: 0x70_0000,
+            classification_loss: 0x70_0100,
+            num_pos: 0x70_0200,
+            mask: 0x80_0000,
+            workspace: 0x90_0000,
+            workspace_bytes: plan.workspace.bytes,
+        },
+        upstream: RawUpstream::Device(0x70_0300),
+        backward: true,
+    };
+    let find = |step, name: &str| {
+        plan.regions(step, &call)
+            .into_iter()
+            .find(|r| r.name == name)
+            .unwrap_or_else(|| panic!("{step:?} has no {name}"))
+    };
+    let confidence = find(Step::Rows, "confidence");
+    assert_eq!(
+        (confidence.len, confidence.writable),
+        (3 * 1000 * 21 * 2, false)
+    );
+    assert_eq!(find(Step::Rows, "labels").len, 3 * 1000 * 8);
+    assert!(find(Step::Rows, "keys").writable);
+    assert!(!find(Step::Gradient, "keys").writable);
+    assert!(find(Step::Gradient, "grad_confidence").writable);
+    assert_eq!(find(Step::Gradient, "upstream").len, 8);
+    for image in 0..3u32 {
+        let keys = find(Step::Select, &format!("keys[image {image}]"));
+        assert_eq!(keys.blocks, Some(image..image + 1));
+        assert_eq!(
+            keys.addr,
+            0x90_0000 + plan.workspace.keys.offset as u64 + u64::from(image) * 4000
+        );
+        assert_eq!(keys.len, 4000);
+        let mask = find(Step::Select, &format!("mask[image {image}]"));
+        assert_eq!(
+            (mask.addr, mask.len),
+            (0x80_0000 + u64::from(image) * 1000, 1000)
+        );
+    }
+    // Read-only inputs are never writable, and no kernel reaches a gradient
+    // it does not write.
+    for step in [Step::Rows, Step::Select, Step::Gradient] {
+        for r in plan.regions(step, &call) {
+            if [
+                "confidence",
+                "predicted_locations",
+                "labels",
+                "gt_locations",
+            ]
+            .contains(&r.name.as_str())
+            {
+                assert!(!r.writable, "{step:?} {}", r.name);
+            }
+            if r.name.starts_with("grad_") {
+                assert_eq!(step, Step::Gradient);
+            }
+        }
+    }
+}

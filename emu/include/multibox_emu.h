@@ -65,6 +65,14 @@ struct Registrar {
 
 extern __thread void* dynamic_shared;
 
+// The checker's hooks (emu/src/check.cpp). Plain loads and stores reach it
+// through GCC's -fsanitize=thread instrumentation of the kernel files (the
+// `__tsan_*` callbacks, implemented by the emulator: no TSan runtime is
+// linked); atomics and fences, which that instrumentation would fold into
+// calls the emulator does not model, announce themselves here instead.
+void on_atomic(const void* addr, unsigned size, const void* pc);
+void on_fence();
+
 int block_barrier(const Site& site, Op op, int pred);
 unsigned long long warp_op(const Site& site, Op op, unsigned mask, unsigned long long value, int arg, int width);
 unsigned active_mask();
@@ -81,8 +89,15 @@ template <typename T> inline T shfl(const Site& site, Op op, unsigned mask, T va
 
 inline void syncwarp(const Site& site, unsigned mask = 0xffffffffu) { warp_op(site, SYNCWARP, mask, 0, 0, warpSize); }
 
+// Atomics are functions of their own, never inlined and not instrumented, so
+// that the return address names the kernel's call site and the checker sees
+// one atomic access, not the loads and compare-and-swaps inside.
+#define EMU_ATOMIC __attribute__((noinline, no_sanitize_thread))
+#define EMU_NO_TSAN __attribute__((no_sanitize_thread))
+#define EMU_ATOMIC_HOOK(addr) ::emu::detail::on_atomic((addr), sizeof(*(addr)), __builtin_return_address(0))
+
 // Read-modify-write through a compare-and-swap loop (any 4 or 8 byte type).
-template <typename T, typename F> inline T atomic_rmw(T* addr, F f) {
+template <typename T, typename F> EMU_NO_TSAN inline T atomic_rmw(T* addr, F f) {
     T old;
     __atomic_load(addr, &old, __ATOMIC_RELAXED);
     T next = f(old);
@@ -104,7 +119,7 @@ inline void* dynamic_shared_memory() { return detail::dynamic_shared; }
 #define MB_EMU_KERNEL(name, Params)                                                                 \
     static void name(const Params p);                                                               \
     static_assert(std::is_trivially_copyable<Params>::value, #Params " must be trivially copyable"); \
-    static void name##_emu_trampoline(const void* bytes) {                                          \
+    EMU_NO_TSAN static void name##_emu_trampoline(const void* bytes) {                                          \
         Params params;                                                                              \
         std::memcpy(static_cast<void*>(&params), bytes, sizeof(Params));                            \
         name(params);                                                                               \
@@ -124,7 +139,7 @@ inline void* dynamic_shared_memory() { return detail::dynamic_shared; }
     ::emu::detail::block_barrier(EMU_SITE("__syncthreads_or"), ::emu::detail::SYNCTHREADS_OR, (pred) != 0)
 #define __syncthreads_and(pred) \
     ::emu::detail::block_barrier(EMU_SITE("__syncthreads_and"), ::emu::detail::SYNCTHREADS_AND, (pred) != 0)
-#define __syncwarp(...) ::emu::detail::syncwarp(EMU_SITE("__syncwarp"), ##__VA_ARGS__)
+#define __syncwarp(...) ::emu::detail::syncwarp(EMU_SITE("__syncwarp") __VA_OPT__(, ) __VA_ARGS__)
 #define __shfl_sync(...) ::emu::detail::shfl(EMU_SITE("__shfl_sync"), ::emu::detail::SHFL_IDX, __VA_ARGS__)
 #define __shfl_up_sync(...) ::emu::detail::shfl(EMU_SITE("__shfl_up_sync"), ::emu::detail::SHFL_UP, __VA_ARGS__)
 #define __shfl_down_sync(...) ::emu::detail::shfl(EMU_SITE("__shfl_down_sync"), ::emu::detail::SHFL_DOWN, __VA_ARGS__)
@@ -140,10 +155,13 @@ inline void* dynamic_shared_memory() { return detail::dynamic_shared; }
 #define __activemask() ::emu::detail::active_mask()
 #define __trap() ::emu::detail::trap(EMU_SITE("__trap"))
 
-// Fibers never run concurrently and a launch is synchronous: no fence needed
-// beyond the compiler's.
-inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
-inline void __threadfence_block() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+// Fibers never run concurrently and a launch is synchronous, so no hardware
+// fence is needed; the checker records the device-wide fence, which orders
+// this thread's writes before its next atomic (release) and that atomic's
+// observations before its next accesses (acquire) for other blocks.
+inline void __threadfence() { ::emu::detail::on_fence(); }
+// Orders accesses within the block only, which barriers already order here.
+inline void __threadfence_block() {}
 
 // ---------------------------------------------------------------------------
 // Bits and reinterpretation.
@@ -215,7 +233,10 @@ inline double max(double a, double b) { return fmax(a, b); }
 // atomic against other launches; they are real atomics all the same.
 
 #define EMU_ATOMIC_FETCH(name, builtin, T) \
-    inline T name(T* a, T v) { return builtin(a, v, __ATOMIC_SEQ_CST); }
+    EMU_ATOMIC inline T name(T* a, T v) {     \
+        EMU_ATOMIC_HOOK(a);                   \
+        return builtin(a, v, __ATOMIC_SEQ_CST); \
+    }
 #define EMU_ATOMIC_INTS(name, builtin)                     \
     EMU_ATOMIC_FETCH(name, builtin, int)                   \
     EMU_ATOMIC_FETCH(name, builtin, unsigned)              \
@@ -229,36 +250,58 @@ EMU_ATOMIC_INTS(atomicExch, __atomic_exchange_n)
 #undef EMU_ATOMIC_INTS
 #undef EMU_ATOMIC_FETCH
 
-inline float atomicAdd(float* a, float v) { return ::emu::detail::atomic_rmw(a, [v](float o) { return o + v; }); }
-inline double atomicAdd(double* a, double v) { return ::emu::detail::atomic_rmw(a, [v](double o) { return o + v; }); }
-inline float atomicExch(float* a, float v) {
+EMU_ATOMIC inline float atomicAdd(float* a, float v) {
+    EMU_ATOMIC_HOOK(a);
+    return ::emu::detail::atomic_rmw(a, [v](float o) { return o + v; });
+}
+EMU_ATOMIC inline double atomicAdd(double* a, double v) {
+    EMU_ATOMIC_HOOK(a);
+    return ::emu::detail::atomic_rmw(a, [v](double o) { return o + v; });
+}
+EMU_ATOMIC inline float atomicExch(float* a, float v) {
+    EMU_ATOMIC_HOOK(a);
     float old;
     __atomic_exchange(a, &v, &old, __ATOMIC_SEQ_CST);
     return old;
 }
 
-#define EMU_ATOMIC_MIN_MAX(T)                                                                               \
-    inline T atomicMin(T* a, T v) { return ::emu::detail::atomic_rmw(a, [v](T o) { return v < o ? v : o; }); } \
-    inline T atomicMax(T* a, T v) { return ::emu::detail::atomic_rmw(a, [v](T o) { return o < v ? v : o; }); }
+#define EMU_ATOMIC_MIN_MAX(T)                                                     \
+    EMU_ATOMIC inline T atomicMin(T* a, T v) {                                    \
+        EMU_ATOMIC_HOOK(a);                                                       \
+        return ::emu::detail::atomic_rmw(a, [v](T o) { return v < o ? v : o; }); \
+    }                                                                             \
+    EMU_ATOMIC inline T atomicMax(T* a, T v) {                                    \
+        EMU_ATOMIC_HOOK(a);                                                       \
+        return ::emu::detail::atomic_rmw(a, [v](T o) { return o < v ? v : o; }); \
+    }
 EMU_ATOMIC_MIN_MAX(int)
 EMU_ATOMIC_MIN_MAX(unsigned)
 EMU_ATOMIC_MIN_MAX(long long)
 EMU_ATOMIC_MIN_MAX(unsigned long long)
 #undef EMU_ATOMIC_MIN_MAX
 
-inline unsigned atomicInc(unsigned* a, unsigned limit) {
+EMU_ATOMIC inline unsigned atomicInc(unsigned* a, unsigned limit) {
+    EMU_ATOMIC_HOOK(a);
     return ::emu::detail::atomic_rmw(a, [limit](unsigned o) { return o >= limit ? 0u : o + 1u; });
 }
-inline unsigned atomicDec(unsigned* a, unsigned limit) {
+EMU_ATOMIC inline unsigned atomicDec(unsigned* a, unsigned limit) {
+    EMU_ATOMIC_HOOK(a);
     return ::emu::detail::atomic_rmw(a, [limit](unsigned o) { return (o == 0u || o > limit) ? limit : o - 1u; });
 }
 
-template <typename T> inline T emu_atomic_cas(T* a, T compare, T value) {
+template <typename T> EMU_NO_TSAN inline T emu_atomic_cas(T* a, T compare, T value) {
     __atomic_compare_exchange_n(a, &compare, value, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
     return compare;  // the old value either way
 }
-inline int atomicCAS(int* a, int c, int v) { return emu_atomic_cas(a, c, v); }
-inline unsigned atomicCAS(unsigned* a, unsigned c, unsigned v) { return emu_atomic_cas(a, c, v); }
-inline unsigned long long atomicCAS(unsigned long long* a, unsigned long long c, unsigned long long v) {
+EMU_ATOMIC inline int atomicCAS(int* a, int c, int v) {
+    EMU_ATOMIC_HOOK(a);
+    return emu_atomic_cas(a, c, v);
+}
+EMU_ATOMIC inline unsigned atomicCAS(unsigned* a, unsigned c, unsigned v) {
+    EMU_ATOMIC_HOOK(a);
+    return emu_atomic_cas(a, c, v);
+}
+EMU_ATOMIC inline unsigned long long atomicCAS(unsigned long long* a, unsigned long long c, unsigned long long v) {
+    EMU_ATOMIC_HOOK(a);
     return emu_atomic_cas(a, c, v);
 }

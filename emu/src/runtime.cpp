@@ -7,6 +7,8 @@
 
 #include <sys/mman.h>
 
+#include "check.hpp"
+
 #include <cstdarg>
 #include <new>
 #include <stdexcept>
@@ -278,6 +280,7 @@ std::string run_block(Block& b) {
             ran = true;
             b.cur = i;
             threadIdx = f.tid;
+            if (t_checker) t_checker->resume(i, uintptr_t(f.stack), uintptr_t(f.stack) + kStackBytes);
 #if EMU_ASAN
             void* fake = nullptr;
             __sanitizer_start_switch_fiber(&fake, f.stack, kStackBytes);
@@ -299,7 +302,8 @@ std::string run_block(Block& b) {
 }
 
 std::string launch(const char* name, const unsigned grid[3], const unsigned block[3], unsigned dyn_bytes,
-                   const void* params, size_t params_len) {
+                   const void* params, size_t params_len, unsigned checks, const EmuRegion* regions,
+                   size_t n_regions, EmuRegionTraffic* region_traffic, EmuTraffic* traffic) {
     const Kernel* k = nullptr;
     for (const Kernel& r : registry()) {
         if (std::strcmp(r.name, name) != 0) continue;
@@ -332,11 +336,23 @@ std::string launch(const char* name, const unsigned grid[3], const unsigned bloc
 
     blockDim = dim3{block[0], block[1], block[2]};
     gridDim = dim3{grid[0], grid[1], grid[2]};
+    static thread_local Checker checker;
+    checker.begin_launch(checks, regions, n_regions, smem.p, dyn_bytes, grid, unsigned(threads));
+    checker.exclude(&threadIdx, sizeof threadIdx);
+    checker.exclude(&blockIdx, sizeof blockIdx);
+    checker.exclude(&blockDim, sizeof blockDim);
+    checker.exclude(&gridDim, sizeof gridDim);
+    checker.exclude(&dynamic_shared, sizeof dynamic_shared);
+    struct Unset {
+        ~Unset() { t_checker = nullptr; }
+    } unset;
+    t_checker = checks ? &checker : nullptr;
     std::string error;
     for (unsigned z = 0; z < grid[2] && error.empty(); ++z) {
         for (unsigned y = 0; y < grid[1] && error.empty(); ++y) {
             for (unsigned x = 0; x < grid[0] && error.empty(); ++x) {
                 blockIdx = uint3{x, y, z};
+                checker.begin_block(x + grid[0] * (y + grid[1] * z));
                 std::memset(smem.p, 0xff, dyn_bytes);  // uninitialised shared memory reads as NaN / -1
                 dynamic_shared = smem.p;
                 Block b;
@@ -348,11 +364,17 @@ std::string launch(const char* name, const unsigned grid[3], const unsigned bloc
                 t_block = &b;
                 error = run_block(b);
                 t_block = nullptr;
-                if (!error.empty()) error = fmt("kernel `%s`, block (%u, %u, %u): ", name, x, y, z) + error;
+                checker.end_block();
+                if (checker.has_finding()) {
+                    error = fmt("kernel `%s`: ", name) + checker.describe(grid, block);
+                } else if (!error.empty()) {
+                    error = fmt("kernel `%s`, block (%u, %u, %u): ", name, x, y, z) + error;
+                }
             }
         }
     }
     dynamic_shared = nullptr;
+    if (error.empty()) checker.end_launch(region_traffic, traffic);
     return error;
 }
 
@@ -375,6 +397,7 @@ int block_barrier(const Site& site, Op op, int pred) {
     }
     // Every thread is at a block barrier: the same one, or never.
     b.at_barrier = 0;
+    if (t_checker) t_checker->barrier();
     unsigned count = 0;
     for (unsigned i = 0; i < b.n; ++i) {
         const Fiber& g = b.fibers[i];
@@ -421,6 +444,7 @@ unsigned long long warp_op(const Site& site, Op op, unsigned mask, unsigned long
             return f.out;
         }
     }
+    if (t_checker) t_checker->warp_sync(base, group);
     unsigned ballot = 0;
     for (unsigned l = 0; l < 32; ++l)
         if (((group >> l) & 1u) && b.fibers[base + l].in) ballot |= 1u << l;
@@ -472,17 +496,34 @@ unsigned active_mask() {
 
 void trap(const Site& site) { fail_here(where(site) + " was called"); }
 
+void stop_for_finding() { fail_here("stopped by the checker"); }
+
 }  // namespace detail
 }  // namespace emu
 
 // ---------------------------------------------------------------------------
 // C interface for the Rust side (emu/src/lib.rs).
 
+// Whether the kernels were built with the access instrumentation the race
+// and bounds checks need (not under AddressSanitizer, which excludes it).
+extern "C" int multibox_emu_checks_available() noexcept {
+#if defined(MULTIBOX_EMU_INSTRUMENTED)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 extern "C" int multibox_emu_launch(const char* name, const unsigned* grid, const unsigned* block, unsigned dyn_bytes,
-                                   const void* params, size_t params_len, char* err, size_t err_cap) noexcept {
+                                   const void* params, size_t params_len, unsigned checks,
+                                   const emu::detail::EmuRegion* regions, size_t n_regions,
+                                   emu::detail::EmuRegionTraffic* region_traffic, emu::detail::EmuTraffic* traffic,
+                                   char* err, size_t err_cap) noexcept {
     std::string e;
+    if (!multibox_emu_checks_available()) checks = 0;
     try {
-        e = emu::detail::launch(name, grid, block, dyn_bytes, params, params_len);
+        e = emu::detail::launch(name, grid, block, dyn_bytes, params, params_len, checks, regions, n_regions,
+                                region_traffic, traffic);
     } catch (const std::exception& ex) {
         e = std::string("emulator failure: ") + ex.what();
     }

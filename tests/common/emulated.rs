@@ -2,14 +2,58 @@
 //! by the same `launch_call` as the GPU: tests hold no launch sequence of
 //! their own.
 
+use std::cell::RefCell;
+
 use multibox::plan::LaunchPlan;
 use multibox::{
     launch_call, Backend, DeviceStatus, Float, Label, MultiboxConfig, RawBuffers, RawCall,
     RawUpstream, Shape,
 };
+use multibox_emu::{Checks, Region, Traffic};
 
-/// The emulator as a launch backend.
-pub struct Emulator;
+/// The emulator as a launch backend, with its checker: data races always
+/// (unless `MULTIBOX_EMU_RACECHECK=0`), and, for a call it was made for
+/// ([`Emulator::for_call`]), the bounds of [`LaunchPlan::regions`]: each
+/// kernel may touch its regions only.
+#[derive(Default)]
+pub struct Emulator {
+    /// Per kernel: the regions it may touch (none listed: no bounds check).
+    regions: Vec<(&'static str, Vec<Region>)>,
+    /// Model each launch's memory traffic into `traffic`.
+    pub model_traffic: bool,
+    /// Per launch, in order: the kernel and its traffic model.
+    pub traffic: RefCell<Vec<(&'static str, Traffic)>>,
+}
+
+impl Emulator {
+    /// An emulator that holds each kernel of `call` to its regions.
+    pub fn for_call(plan: &LaunchPlan, call: &RawCall) -> Self {
+        let regions = plan
+            .launches(true)
+            .map(|launch| {
+                let regions = plan
+                    .regions(launch.step, call)
+                    .into_iter()
+                    .map(|r| Region {
+                        name: r.name,
+                        start: r.addr,
+                        len: r.len as u64,
+                        blocks: r.blocks,
+                        writable: r.writable,
+                    })
+                    .collect();
+                (
+                    launch.step.kernel_name(call.dtype, call.label_type),
+                    regions,
+                )
+            })
+            .collect();
+        Self {
+            regions,
+            ..Self::default()
+        }
+    }
+}
 
 impl Backend for Emulator {
     unsafe fn launch(
@@ -20,13 +64,36 @@ impl Backend for Emulator {
         shared_bytes: u32,
         params: &[u8],
     ) -> multibox::Result<()> {
+        let checks = Checks {
+            races: multibox_emu::races_checked_by_default(),
+            traffic: self.model_traffic,
+            regions: self
+                .regions
+                .iter()
+                .find(|(k, _)| *k == kernel)
+                .map(|(_, r)| r.clone())
+                .unwrap_or_default(),
+        };
         // SAFETY: launch_call's caller vouched for the addresses in params;
         // here they are host addresses of live Vecs (see `run`).
-        unsafe { multibox_emu::launch(kernel, [grid, 1, 1], [block, 1, 1], shared_bytes, params) }
-            .map_err(|e| multibox::Error::Launch {
+        let traffic = unsafe {
+            multibox_emu::launch_checked(
                 kernel,
-                message: e.message,
-            })
+                [grid, 1, 1],
+                [block, 1, 1],
+                shared_bytes,
+                params,
+                &checks,
+            )
+        }
+        .map_err(|e| multibox::Error::Launch {
+            kernel,
+            message: e.message,
+        })?;
+        if let Some(traffic) = traffic {
+            self.traffic.borrow_mut().push((kernel, traffic));
+        }
+        Ok(())
     }
 }
 
@@ -49,6 +116,8 @@ pub struct KernelOutput<T> {
     pub grad_confidence: Vec<T>,
     pub grad_locations: Vec<T>,
     pub status: DeviceStatus,
+    /// Per launch: the kernel and its traffic model, if asked for.
+    pub traffic: Vec<(&'static str, Traffic)>,
 }
 
 /// How one emulated call is made.
@@ -61,6 +130,8 @@ pub struct Call {
     pub with_mask: bool,
     /// The byte every output and the workspace start with.
     pub fill: u8,
+    /// Model each launch's memory traffic (`KernelOutput::traffic`).
+    pub model_traffic: bool,
 }
 
 impl Default for Call {
@@ -70,6 +141,7 @@ impl Default for Call {
             backward: true,
             with_mask: true,
             fill: 0xab,
+            model_traffic: false,
         }
     }
 }
@@ -117,6 +189,7 @@ pub fn run<T: Float, L: Label>(
         backward,
         with_mask,
         fill,
+        ..
     } = call;
     let garbage: T = bytemuck::cast_slice::<u8, T>(&[fill; 4][..std::mem::size_of::<T>()])[0];
     let mut grad_confidence = vec![garbage; if backward { shape.confidence_len() } else { 0 }];
@@ -162,10 +235,12 @@ pub fn run<T: Float, L: Label>(
         backward,
     };
     check_lengths(shape, inputs);
+    let mut emulator = Emulator::for_call(&plan, &raw);
+    emulator.model_traffic = call.model_traffic;
     // SAFETY: every address points into a live Vec of the length the shape
     // requires (checked above for the inputs, allocated so for the outputs);
     // the emulator runs synchronously, so they outlive the work.
-    unsafe { launch_call(config, &raw, &Emulator)? };
+    unsafe { launch_call(config, &raw, &emulator)? };
     let status_at = plan.workspace.status_offset();
     let status_bytes = workspace.slice(status_at + 4)[status_at..]
         .try_into()
@@ -178,6 +253,7 @@ pub fn run<T: Float, L: Label>(
         grad_confidence,
         grad_locations,
         status: DeviceStatus::from_bits(u32::from_le_bytes(status_bytes)),
+        traffic: emulator.traffic.into_inner(),
     })
 }
 

@@ -153,6 +153,7 @@ impl<T: Float, L: Label> DeviceCall<T, L> {
                 Vec::new()
             },
             status,
+            traffic: Vec::new(),
         })
     }
 }

@@ -7,10 +7,16 @@ struct FaultParams {
     int* out;
 };
 
+// Each thread of the grid writes its own element: the faults below are the
+// only thing wrong with these kernels (no race between blocks).
+__device__ __forceinline__ u32 global_thread() {
+    return (blockIdx.x + gridDim.x * blockIdx.y) * blockDim.x + threadIdx.x;
+}
+
 // Block 1: threads 16.. exit while 0..15 wait.
 MB_KERNEL(emu_fault_partial_syncthreads, FaultParams, 32) {
     if (blockIdx.x == 0 || threadIdx.x < 16) __syncthreads();  // MARK:partial_syncthreads
-    p.out[threadIdx.x] = 1;
+    p.out[global_thread()] = 1;
 }
 
 // Two different __syncthreads: never the same barrier.
@@ -55,5 +61,5 @@ MB_KERNEL(emu_fault_mask_without_self, FaultParams, 32) {
 
 MB_KERNEL(emu_fault_trap, FaultParams, 32) {
     if (threadIdx.x == 7 && blockIdx.y == 1) __trap();  // MARK:trap
-    p.out[threadIdx.x] = 1;
+    p.out[global_thread()] = 1;
 }

@@ -127,12 +127,14 @@ MB_KERNEL(emu_test_atomics, AtomicParams, 128) {
     atomicMin(&c->min_i64, i64(key) << 32);
     atomicMax(&c->max_u64, u64(key + 5000) << 32);
     atomicMin(&c->min_u64, u64(key + 5000) << 32);
-    for (int old = c->cas_i;;) {
+    // The loops start from a guess, not a plain read of the counter, which
+    // would race with the other blocks' atomics.
+    for (int old = 0;;) {
         const int seen = atomicCAS(&c->cas_i, old, old + 3);
         if (seen == old) break;
         old = seen;
     }
-    for (u32 old = c->cas_u;;) {
+    for (u32 old = 0;;) {
         const u32 seen = atomicCAS(&c->cas_u, old, old + 1u);
         if (seen == old) break;
         old = seen;

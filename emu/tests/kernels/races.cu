@@ -1,0 +1,131 @@
+// Planted bugs for the checker, each next to its correct twin:
+// emu/tests/races.rs checks that each bug is reported with the right kind and
+// both lines (found by their MARK comments), and that each twin runs clean.
+#include "common.cuh"
+
+struct RaceParams {
+    int* out;        // [blocks * threads]
+    const int* in;   // [n]
+    u32 n;
+    u32 variant;     // 0: the correct kernel; 1..: a planted bug
+    u32* counter;    // for the last-block reductions
+    int* partials;   // [blocks]
+};
+
+constexpr int RACE_THREADS = 128;
+
+// Each thread publishes a value, then reads a neighbour's from another warp.
+// Variant 1 drops the barrier: thread 32 reads what thread 0 wrote (RAW).
+MB_KERNEL(emu_race_missing_barrier, RaceParams, RACE_THREADS) {
+    __shared__ int s[RACE_THREADS];
+    const u32 t = threadIdx.x;
+    s[t] = int(t) * 3;  // MARK:missing_barrier_write
+    if (p.variant == 0) __syncthreads();
+    p.out[blockIdx.x * blockDim.x + t] = t >= 32 ? s[t - 32] : 0;  // MARK:missing_barrier_read
+}
+
+// Two block sums through one scratch array, as block_sum does. Variant 1
+// drops the barrier after the first sum's reads: a fast warp overwrites its
+// slot for the second sum while slower warps still read the first (WAR).
+MB_KERNEL(emu_race_scratch_reuse, RaceParams, RACE_THREADS) {
+    __shared__ int scratch[RACE_THREADS / WARP];
+    const u32 lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    int total = 0;
+    for (int round = 0; round < 2; ++round) {
+        const int v = warp_sum(int(threadIdx.x) + round);
+        if (lane == 0) scratch[warp] = v;  // MARK:scratch_write
+        __syncthreads();
+        total += scratch[lane % (RACE_THREADS / WARP)];  // MARK:scratch_read
+        if (p.variant == 0) __syncthreads();
+    }
+    p.out[blockIdx.x * blockDim.x + threadIdx.x] = total;
+}
+
+// Lane 0 writes, the other lanes of its warp read. Variant 0 orders them with
+// __syncwarp; variant 1 relies on the warp running in lockstep (RAW), which
+// independent thread scheduling (sm_70+) does not promise.
+MB_KERNEL(emu_race_warp_synchronous, RaceParams, WARP) {
+    __shared__ int s[1];
+    if (threadIdx.x == 0) s[0] = 42;  // MARK:warp_write
+    if (p.variant == 0) __syncwarp();
+    p.out[blockIdx.x * blockDim.x + threadIdx.x] = s[0];  // MARK:warp_read
+}
+
+// Variant 0: each block writes its own element. Variant 1: every block
+// writes element 0 (WAW between blocks).
+MB_KERNEL(emu_race_blocks_write_write, RaceParams, RACE_THREADS) {
+    const u32 i = p.variant == 0 ? blockIdx.x : 0u;
+    if (threadIdx.x == 0) p.out[i] = int(blockIdx.x);  // MARK:blocks_write
+}
+
+// The last block to finish adds up every block's partial sum, as the loss's
+// selection kernel does. Variant 0 is the correct pattern: write, fence,
+// atomic; the last block fences, then reads. Variant 1 drops the writer's
+// fence, 2 the reader's, 3 reads the earlier blocks' sums before the atomic
+// (and reports what the last block read so).
+MB_KERNEL(emu_race_last_block, RaceParams, RACE_THREADS) {
+    __shared__ int partial[RACE_THREADS / WARP];
+    __shared__ bool is_last;
+    const u32 lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    int v = warp_sum(int(threadIdx.x + blockIdx.x));
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int sum = 0;
+        for (int w = 0; w < RACE_THREADS / WARP; ++w) sum += partial[w];
+        p.partials[blockIdx.x] = sum;  // MARK:last_write
+        if (p.variant != 1) __threadfence();
+    }
+    int early = 0;
+    if (p.variant == 3 && threadIdx.x == 0)
+        for (u32 b = 0; b < blockIdx.x; ++b) early += p.partials[b];  // MARK:last_early_read
+    if (threadIdx.x == 0) is_last = atomicAdd(p.counter, 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (!is_last) return;
+    if (p.variant != 2) __threadfence();
+    if (threadIdx.x == 0) {
+        int total = 0;
+        for (u32 b = 0; b < gridDim.x; ++b) total += p.partials[b];  // MARK:last_read
+        p.out[0] = p.variant == 3 ? early : total;
+        *p.counter = 0;
+    }
+}
+
+// Reads `in[0..n)`; variant 1 reads one element more (past its region).
+MB_KERNEL(emu_race_bounds, RaceParams, RACE_THREADS) {
+    const u32 end = p.n + (p.variant == 1 ? 1u : 0u);
+    int sum = 0;
+    for (u32 i = threadIdx.x; i < end; i += blockDim.x) sum += p.in[i];  // MARK:bounds_read
+    p.out[blockIdx.x * blockDim.x + threadIdx.x] = sum;
+}
+
+// ---------------------------------------------------------------------------
+// Traffic: patterns with known sector and bank counts.
+
+// out[i] = in[i]: 32 lanes x 4 bytes = 4 sectors per request, all used.
+MB_KERNEL(emu_traffic_copy, RaceParams, RACE_THREADS) {
+    const u32 i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < p.n) p.out[i] = p.in[i];
+}
+
+// out[i] = in[32 i]: every lane in its own sector, 4 of 32 bytes used.
+MB_KERNEL(emu_traffic_gather, RaceParams, RACE_THREADS) {
+    const u32 i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < p.n) p.out[i] = p.in[32 * i];
+}
+
+// Lane l reads word 32 l of shared memory: all 32 in bank 0, 32 ways.
+// Variant 1 reads word 33 l: one word per bank, 1 way.
+MB_KERNEL(emu_traffic_banks, RaceParams, WARP) {
+    __shared__ int s[WARP * 33];
+    for (u32 i = threadIdx.x; i < WARP * 33; i += WARP) s[i] = int(i);
+    __syncwarp();
+    const u32 stride = p.variant == 0 ? 32u : 33u;
+    p.out[blockIdx.x * blockDim.x + threadIdx.x] = s[threadIdx.x * stride];
+}
+
+// Every thread adds to one counter: as many atomics on it as threads.
+MB_KERNEL(emu_traffic_atomics, RaceParams, RACE_THREADS) {
+    atomicAdd(p.counter, 1u);
+    p.out[blockIdx.x * blockDim.x + threadIdx.x] = 0;
+}
