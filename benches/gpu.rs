@@ -257,14 +257,6 @@ impl<T: Elem> CallSet<T> {
     }
 }
 
-/// The fewest bytes one forward_backward must move through device memory.
-fn min_bytes(shape: Shape, elem: usize) -> usize {
-    let logits = 2 * shape.confidence_len() * elem; // read + gradient written
-    let boxes = 3 * shape.locations_len() * elem; // pred + gt read, gradient written
-    let labels = shape.rows() * std::mem::size_of::<i64>();
-    logits + boxes + labels
-}
-
 struct Record {
     name: String,
     shape: Shape,
@@ -347,7 +339,6 @@ fn median(mut v: Vec<f64>) -> f64 {
 impl Bench<'_> {
     fn case<T: Elem>(&self, name: &str, host: &Batch<f32, i64>) -> Result<Record> {
         let shape = host.shape;
-        let elem = std::mem::size_of::<T>();
         let dtype = match T::DTYPE {
             multibox::DType::F32 => "f32",
             multibox::DType::F16 => "f16",
@@ -363,7 +354,7 @@ impl Bench<'_> {
 
         // Enough sets that together they hold 4x the L2 in inputs and
         // gradients, at most 16.
-        let bytes = min_bytes(shape, elem);
+        let bytes = multibox::plan::bytes_floor(shape, T::DTYPE, multibox::LabelType::I64, true);
         let sets = (4 * self.l2).div_ceil(bytes).clamp(2, 16);
         let cast = |v: &[f32]| -> Vec<T> { v.iter().map(|&x| T::from_f32(x)).collect() };
         let host = Batch {

@@ -356,6 +356,22 @@ pub fn workspace_bytes(shape: Shape) -> Result<usize> {
     Ok(LaunchPlan::new(shape)?.workspace.bytes)
 }
 
+/// The fewest bytes one call must move through device memory: every input
+/// read once and, with `backward`, every gradient written once. The yardstick
+/// of the benches and of the emulator's traffic model.
+///
+/// ```
+/// use multibox::{DType, LabelType, Shape};
+/// let floor = multibox::plan::bytes_floor(Shape::new(1, 10, 3), DType::F32, LabelType::I64, true);
+/// assert_eq!(floor, 2 * 10 * 3 * 4 + 3 * 10 * 4 * 4 + 10 * 8);
+/// ```
+pub fn bytes_floor(shape: Shape, dtype: DType, labels: LabelType, backward: bool) -> usize {
+    let passes = if backward { 2 } else { 1 };
+    let logits = passes * shape.confidence_len() * dtype.size();
+    let boxes = (passes + 1) * shape.locations_len() * dtype.size(); // pred and gt read
+    logits + boxes + shape.rows() * labels.size()
+}
+
 /// Lanes per row: the smallest power of two that leaves each lane at most
 /// four classes, capped at a warp. C = 21 gets 8 lanes (4 rows per warp),
 /// C = 81 and up get 32.

@@ -15,10 +15,11 @@ use multibox_emu::{Checks, Region, Traffic};
 /// (unless `MULTIBOX_EMU_RACECHECK=0`), and, for a call it was made for
 /// ([`Emulator::for_call`]), the bounds of [`LaunchPlan::regions`]: each
 /// kernel may touch its regions only.
-#[derive(Default)]
 pub struct Emulator {
     /// Per kernel: the regions it may touch (none listed: no bounds check).
     regions: Vec<(&'static str, Vec<Region>)>,
+    /// Check for data races (default: [`multibox_emu::races_checked_by_default`]).
+    pub races: bool,
     /// Model each launch's memory traffic into `traffic`.
     pub model_traffic: bool,
     /// Per launch, in order: the kernel and its traffic model.
@@ -55,6 +56,17 @@ impl Emulator {
     }
 }
 
+impl Default for Emulator {
+    fn default() -> Self {
+        Self {
+            regions: Vec::new(),
+            races: multibox_emu::races_checked_by_default(),
+            model_traffic: false,
+            traffic: RefCell::default(),
+        }
+    }
+}
+
 impl Backend for Emulator {
     unsafe fn launch(
         &self,
@@ -65,12 +77,13 @@ impl Backend for Emulator {
         params: &[u8],
     ) -> multibox::Result<()> {
         let checks = Checks {
-            races: multibox_emu::races_checked_by_default(),
+            races: self.races,
             traffic: self.model_traffic,
+            // AddressSanitizer builds have no checker; ASan watches the bounds.
             regions: self
                 .regions
                 .iter()
-                .find(|(k, _)| *k == kernel)
+                .find(|(k, _)| *k == kernel && multibox_emu::checks_available())
                 .map(|(_, r)| r.clone())
                 .unwrap_or_default(),
         };
@@ -132,6 +145,9 @@ pub struct Call {
     pub fill: u8,
     /// Model each launch's memory traffic (`KernelOutput::traffic`).
     pub model_traffic: bool,
+    /// Check for data races (the shadow memory costs ~18 bytes per byte
+    /// touched: large shapes may turn it off).
+    pub races: bool,
 }
 
 impl Default for Call {
@@ -142,6 +158,7 @@ impl Default for Call {
             with_mask: true,
             fill: 0xab,
             model_traffic: false,
+            races: multibox_emu::races_checked_by_default(),
         }
     }
 }
@@ -237,6 +254,7 @@ pub fn run<T: Float, L: Label>(
     check_lengths(shape, inputs);
     let mut emulator = Emulator::for_call(&plan, &raw);
     emulator.model_traffic = call.model_traffic;
+    emulator.races = call.races;
     // SAFETY: every address points into a live Vec of the length the shape
     // requires (checked above for the inputs, allocated so for the outputs);
     // the emulator runs synchronously, so they outlive the work.

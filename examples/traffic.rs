@@ -1,0 +1,153 @@
+//! The emulator's memory traffic model for one forward_backward call: per
+//! kernel and buffer, the warp requests, 32-byte sectors per request, sector
+//! efficiency and distinct sectors touched (the lower bound of DRAM
+//! traffic), shared-memory bank conflicts and atomics, against the call's
+//! bytes floor (inputs read once, gradients written once). A model of what
+//! the kernels ask of memory, counted on the CPU; not a measured speed.
+//!
+//!     cargo run --release --example traffic -- 32x3000x21 f16
+//!     cargo run --release --example traffic -- 32x8732x81 bf16 [i32]
+use anyhow::{bail, Context, Result};
+use multibox::synthetic::{Batch, BatchSpec};
+use multibox::{DType, Float, Label, LabelType, MultiboxConfig, Shape};
+
+#[path = "../tests/common/emulated.rs"]
+#[allow(dead_code)]
+mod emulated;
+
+use emulated::{Call, HostInputs};
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let usage = "usage: traffic BxPxC f32|f16|bf16 [i64|i32]";
+    let dims: Vec<usize> = args
+        .first()
+        .context(usage)?
+        .split('x')
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .context(usage)?;
+    let [batch, priors, classes] = dims[..] else {
+        bail!(usage)
+    };
+    let shape = Shape::new(batch, priors, classes);
+    let dtype = match args.get(1).map(String::as_str) {
+        Some("f32") => DType::F32,
+        Some("f16") => DType::F16,
+        Some("bf16") => DType::BF16,
+        _ => bail!(usage),
+    };
+    let labels = match args.get(2).map(String::as_str) {
+        None | Some("i64") => LabelType::I64,
+        Some("i32") => LabelType::I32,
+        _ => bail!(usage),
+    };
+    match (dtype, labels) {
+        (DType::F32, LabelType::I64) => report::<f32, i64>(shape),
+        (DType::F32, LabelType::I32) => report::<f32, i32>(shape),
+        (DType::F16, LabelType::I64) => report::<half::f16, i64>(shape),
+        (DType::F16, LabelType::I32) => report::<half::f16, i32>(shape),
+        (DType::BF16, LabelType::I64) => report::<half::bf16, i64>(shape),
+        (DType::BF16, LabelType::I32) => report::<half::bf16, i32>(shape),
+    }
+}
+
+fn report<T: Float, L: Label>(shape: Shape) -> Result<()> {
+    let batch = Batch::<T, L>::generate(shape, BatchSpec::default());
+    let inputs = HostInputs {
+        confidence: &batch.confidence,
+        predicted_locations: &batch.predicted_locations,
+        labels: &batch.labels,
+        gt_locations: &batch.gt_locations,
+    };
+    let call = Call {
+        model_traffic: true,
+        // Race checking keeps a shadow of every byte touched; the model
+        // needs none of it.
+        races: false,
+        ..Call::default()
+    };
+    let out = emulated::run(&MultiboxConfig::default(), shape, &inputs, call)?;
+    let floor = multibox::plan::bytes_floor(shape, T::DTYPE, L::LABEL_TYPE, true);
+    println!(
+        "traffic model: {}x{}x{} {:?} {:?}, forward_backward (emulator; a model, not a measurement)",
+        shape.batch, shape.priors, shape.classes, T::DTYPE, L::LABEL_TYPE
+    );
+    println!(
+        "{:<28} {:<22} {:>6} {:>10} {:>7} {:>6} {:>12}",
+        "kernel", "buffer", "kind", "requests", "sec/req", "eff", "unique MB"
+    );
+    let mut total = 0;
+    for (kernel, traffic) in &out.traffic {
+        let mut rows: Vec<(&str, &multibox_emu::RegionTraffic)> = Vec::new();
+        // Per-image regions (keys[image 3]) are summed under their buffer.
+        let mut merged: Vec<(String, multibox_emu::RegionTraffic)> = Vec::new();
+        for (name, t) in &traffic.regions {
+            let base = name.split('[').next().unwrap_or(name).to_owned();
+            match merged.iter_mut().find(|(n, _)| *n == base) {
+                Some((_, m)) => add(m, t),
+                None => merged.push((base, *t)),
+            }
+        }
+        if traffic.unregistered != Default::default() {
+            merged.push(("(unregistered)".to_owned(), traffic.unregistered));
+        }
+        rows.extend(merged.iter().map(|(n, t)| (n.as_str(), t)));
+        for (name, t) in rows {
+            for (kind, a) in [
+                ("load", &t.loads),
+                ("store", &t.stores),
+                ("atomic", &t.atomics),
+            ] {
+                if a.requests == 0 {
+                    continue;
+                }
+                println!(
+                    "{:<28} {:<22} {:>6} {:>10} {:>7.2} {:>5.0}% {:>12.3}",
+                    kernel,
+                    name,
+                    kind,
+                    a.requests,
+                    a.sectors_per_request(),
+                    100.0 * a.efficiency(),
+                    t.unique_bytes() as f64 / 1e6
+                );
+            }
+        }
+        let s = &traffic.shared;
+        let unique = traffic.unique_bytes();
+        total += unique;
+        println!(
+            "{:<28} shared: {} requests, {:.2} ways on average, {} at worst, {} conflicted; atomics on one address: {} global, {} shared; unique DRAM {:.3} MB",
+            kernel,
+            s.requests,
+            if s.requests == 0 { 0.0 } else { s.wavefronts as f64 / s.requests as f64 },
+            s.max_ways,
+            s.conflicted,
+            traffic.max_global_atomics_per_address,
+            traffic.max_shared_atomics_per_address,
+            unique as f64 / 1e6
+        );
+    }
+    println!(
+        "total unique DRAM bytes {:.3} MB, bytes floor {:.3} MB: {:.2}x the floor",
+        total as f64 / 1e6,
+        floor as f64 / 1e6,
+        total as f64 / floor as f64
+    );
+    Ok(())
+}
+
+fn add(into: &mut multibox_emu::RegionTraffic, t: &multibox_emu::RegionTraffic) {
+    for (a, b) in [
+        (&mut into.loads, &t.loads),
+        (&mut into.stores, &t.stores),
+        (&mut into.atomics, &t.atomics),
+    ] {
+        a.requests += b.requests;
+        a.sectors += b.sectors;
+        a.bytes += b.bytes;
+        a.used_bytes += b.used_bytes;
+    }
+    into.unique_sectors += t.unique_sectors;
+}
