@@ -212,6 +212,68 @@ template <int THREADS> __device__ __forceinline__ u32 block_or(u32 v, u32* scrat
     return total;
 }
 
+// ---------------------------------------------------------------------------
+// Vector memory access. User buffers are only element-aligned (a PyTorch
+// slice can start anywhere), so these take the wide path when the address
+// allows and fall back to element accesses otherwise.
+
+__device__ __forceinline__ void copy_bytes(void* to, const void* from, u32 n) {
+#if defined(MULTIBOX_EMULATOR)
+    __builtin_memcpy(to, from, n);
+#else
+    memcpy(to, from, n);
+#endif
+}
+
+// The vector type as wide as four elements of T: one prior's box.
+template <typename T> struct Vec4Of;
+template <> struct Vec4Of<float> { typedef uint4 type; };
+template <> struct Vec4Of<f16> { typedef uint2 type; };
+template <> struct Vec4Of<bf16> { typedef uint2 type; };
+
+// Four consecutive elements (one prior's box), as one 16-byte (f32) or
+// 8-byte (f16, bf16) access when the address is aligned for it.
+template <typename T> __device__ __forceinline__ void load4(const T* p, float out[4]) {
+    typedef typename Vec4Of<T>::type V;
+    T v[4];
+    if ((u64(p) & (sizeof(V) - 1)) == 0) {
+        const V bits = *reinterpret_cast<const V*>(p);
+        copy_bytes(v, &bits, sizeof(V));
+    } else {
+        for (int j = 0; j < 4; ++j) v[j] = p[j];
+    }
+    for (int j = 0; j < 4; ++j) out[j] = to_f32(v[j]);
+}
+
+template <typename T> __device__ __forceinline__ void store4(T* p, const float in[4]) {
+    typedef typename Vec4Of<T>::type V;
+    T v[4];
+    for (int j = 0; j < 4; ++j) v[j] = from_f32<T>(in[j]);
+    if ((u64(p) & (sizeof(V) - 1)) == 0) {
+        V bits;
+        copy_bytes(&bits, v, sizeof(V));
+        *reinterpret_cast<V*>(p) = bits;
+    } else {
+        for (int j = 0; j < 4; ++j) p[j] = v[j];
+    }
+}
+
+// Zeros over `n` elements from `p` by the LANES lanes of a warp (or group):
+// element stores up to the first 16-byte boundary, 16-byte stores, then
+// element stores for the tail.
+template <typename T>
+__device__ __forceinline__ void zero_span(T* p, u64 n, u32 lane, u32 lanes) {
+    constexpr u32 PER_VECTOR = 16 / sizeof(T);
+    const T zero = from_f32<T>(0.0f);
+    u64 head = ((16u - u32(u64(p) & 15u)) & 15u) / sizeof(T);
+    if (head > n) head = n;
+    for (u64 i = lane; i < head; i += lanes) p[i] = zero;
+    const u64 vectors = (n - head) / PER_VECTOR;
+    uint4* v = reinterpret_cast<uint4*>(p + head);
+    for (u64 i = lane; i < vectors; i += lanes) v[i] = make_uint4(0u, 0u, 0u, 0u);
+    for (u64 i = head + vectors * PER_VECTOR + lane; i < n; i += lanes) p[i] = zero;
+}
+
 // A load that bypasses L1: for values another block wrote during this
 // launch (the last-block reductions), which this SM's L1 may hold stale.
 template <typename T> __device__ __forceinline__ T load_global_coherent(const T* p) {

@@ -143,7 +143,7 @@ pub struct LaunchPlan {
     pub rows: Launch,
     /// Kernel 2: per image.
     pub select: Launch,
-    /// Kernel 3: per prior (forward-backward only).
+    /// Kernel 3: per tile of [`ROW_THREADS`] priors (forward-backward only).
     pub gradient: Launch,
     /// Workspace sections.
     pub workspace: WorkspaceLayout,
@@ -186,7 +186,17 @@ impl LaunchPlan {
                 block: SELECT_THREADS,
                 shared_bytes: 0,
             },
-            gradient: row_launch(Step::Gradient),
+            // Kernel 3 walks tiles of ROW_THREADS rows, one row per thread
+            // for its decisions (see gradient.cu).
+            gradient: Launch {
+                step: Step::Gradient,
+                grid: shape
+                    .rows()
+                    .div_ceil(ROW_THREADS as usize)
+                    .min(MAX_ROW_BLOCKS as usize) as u32,
+                block: ROW_THREADS,
+                shared_bytes: 0,
+            },
             workspace: WorkspaceLayout {
                 keys,
                 partials,

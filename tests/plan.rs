@@ -70,16 +70,16 @@ fn grids_cover_every_row_and_image() {
         let plan = LaunchPlan::new(shape).unwrap();
         let rows_per_step = (ROW_THREADS / plan.lanes_per_row) as usize;
         let steps = shape.rows().div_ceil(rows_per_step);
-        // Kernels 1 and 3 walk the rows with a block stride; every step is one block's turn.
+        // Kernel 1 walks the rows with a block stride; every step is one block's turn.
         assert_eq!(plan.rows.grid as usize, steps.min(MAX_ROW_BLOCKS as usize));
         assert!(plan.rows.grid >= 1);
+        // Kernel 3 walks tiles of one row per thread.
+        let tiles = shape.rows().div_ceil(ROW_THREADS as usize);
         assert_eq!(
-            plan.rows,
-            multibox::plan::Launch {
-                step: Step::Rows,
-                ..plan.gradient
-            }
+            plan.gradient.grid as usize,
+            tiles.min(MAX_ROW_BLOCKS as usize)
         );
+        assert_eq!(plan.gradient.block, ROW_THREADS);
         assert_eq!(plan.select.grid as usize, shape.batch);
         assert_eq!(plan.select.block, SELECT_THREADS);
         let forward: Vec<Step> = plan.launches(false).map(|l| l.step).collect();

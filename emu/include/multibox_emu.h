@@ -33,6 +33,15 @@
 struct uint3 {
     unsigned x, y, z;
 };
+// CUDA's vector types, as wide as the GPU's: a 16-byte store is one access.
+struct alignas(8) uint2 {
+    unsigned x, y;
+};
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
+};
+inline uint2 make_uint2(unsigned x, unsigned y) { return uint2{x, y}; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
 struct dim3 {
     unsigned x, y, z;
 };
