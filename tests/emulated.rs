@@ -350,6 +350,58 @@ fn outputs_are_bit_identical_whatever_the_workspace_held() {
     assert_eq!(bits(&a), bits(&c));
 }
 
+/// Buffers that start one element into an allocation (a slice of a user's
+/// tensor): the kernels' vector accesses fall back to element accesses where
+/// the address is not aligned, with the same results.
+fn misaligned_buffers_give_identical_outputs<T: Float, L: Label>(seed: u64) {
+    let case = Drawn::<T, L>::draw(seed, 200_000);
+    let aligned = emulated::run(&case.config, case.shape, &case.host(), Call::default()).unwrap();
+    let shift = |v: &[T]| -> Vec<T> { std::iter::once(v[0]).chain(v.iter().copied()).collect() };
+    let (confidence, predicted, gt) = (
+        shift(&case.confidence),
+        shift(&case.predicted_locations),
+        shift(&case.gt_locations),
+    );
+    let inputs = HostInputs {
+        confidence: &confidence[1..],
+        predicted_locations: &predicted[1..],
+        labels: &case.labels,
+        gt_locations: &gt[1..],
+    };
+    let call = Call {
+        misaligned: true,
+        ..Call::default()
+    };
+    let misaligned = emulated::run(&case.config, case.shape, &inputs, call).unwrap();
+    let bits = |v: &[T]| -> Vec<u8> { bytemuck::cast_slice(v).to_vec() };
+    assert_eq!(
+        bits(&aligned.grad_confidence),
+        bits(&misaligned.grad_confidence),
+        "seed {seed}"
+    );
+    assert_eq!(
+        bits(&aligned.grad_locations),
+        bits(&misaligned.grad_locations),
+        "seed {seed}"
+    );
+    assert_eq!(aligned.mask, misaligned.mask);
+    assert_eq!(
+        aligned.regression_loss.to_bits(),
+        misaligned.regression_loss.to_bits()
+    );
+    assert_eq!(
+        aligned.classification_loss.to_bits(),
+        misaligned.classification_loss.to_bits()
+    );
+}
+
+#[test]
+fn element_aligned_buffers_give_the_same_bits() {
+    misaligned_buffers_give_identical_outputs::<f32, i64>(11);
+    misaligned_buffers_give_identical_outputs::<f16, i32>(12);
+    misaligned_buffers_give_identical_outputs::<bf16, i64>(13);
+}
+
 #[test]
 fn forward_only_gives_the_same_losses_and_mask() {
     let case = Drawn::<bf16, i64>::draw(9, 200_000);

@@ -148,6 +148,9 @@ pub struct Call {
     /// Check for data races (the shadow memory costs ~18 bytes per byte
     /// touched: large shapes may turn it off).
     pub races: bool,
+    /// Start the gradient buffers one element past an allocation's start:
+    /// only element-aligned, as a slice of a user's tensor can be.
+    pub misaligned: bool,
 }
 
 impl Default for Call {
@@ -159,6 +162,7 @@ impl Default for Call {
             fill: 0xab,
             model_traffic: false,
             races: multibox_emu::races_checked_by_default(),
+            misaligned: false,
         }
     }
 }
@@ -209,8 +213,23 @@ pub fn run<T: Float, L: Label>(
         ..
     } = call;
     let garbage: T = bytemuck::cast_slice::<u8, T>(&[fill; 4][..std::mem::size_of::<T>()])[0];
-    let mut grad_confidence = vec![garbage; if backward { shape.confidence_len() } else { 0 }];
-    let mut grad_locations = vec![garbage; if backward { shape.locations_len() } else { 0 }];
+    let skip = usize::from(call.misaligned);
+    let mut grad_confidence = vec![
+        garbage;
+        if backward {
+            shape.confidence_len() + skip
+        } else {
+            0
+        }
+    ];
+    let mut grad_locations = vec![
+        garbage;
+        if backward {
+            shape.locations_len() + skip
+        } else {
+            0
+        }
+    ];
     let mut losses = [f32::from_bits(u32::from_ne_bytes([fill; 4])); 2];
     let mut num_pos = [-7i32];
     let mut mask = vec![fill; if with_mask { shape.rows() } else { 0 }];
@@ -235,8 +254,8 @@ pub fn run<T: Float, L: Label>(
             predicted_locations: addr(inputs.predicted_locations),
             labels: inputs.labels.as_ptr() as u64,
             gt_locations: addr(inputs.gt_locations),
-            grad_confidence: grad_confidence.as_mut_ptr() as u64,
-            grad_locations: grad_locations.as_mut_ptr() as u64,
+            grad_confidence: grad_confidence.as_mut_ptr().wrapping_add(skip) as u64,
+            grad_locations: grad_locations.as_mut_ptr().wrapping_add(skip) as u64,
             regression_loss: &mut losses[0] as *mut f32 as u64,
             classification_loss: &mut losses[1] as *mut f32 as u64,
             num_pos: num_pos.as_mut_ptr() as u64,
@@ -268,8 +287,8 @@ pub fn run<T: Float, L: Label>(
         classification_loss: losses[1],
         num_pos: num_pos[0],
         mask,
-        grad_confidence,
-        grad_locations,
+        grad_confidence: grad_confidence.split_off(skip.min(grad_confidence.len())),
+        grad_locations: grad_locations.split_off(skip.min(grad_locations.len())),
         status: DeviceStatus::from_bits(u32::from_le_bytes(status_bytes)),
         traffic: emulator.traffic.into_inner(),
     })
