@@ -99,6 +99,20 @@ __device__ __forceinline__ bool is_mined(const ImageSelection& s, u32 key, u32 p
     return is_candidate(key) && (key > s.threshold || (key == s.threshold && i32(prior) <= s.tie_cutoff));
 }
 
+// floor(ratio * positives), exactly, without f64 (slow on most GPUs): a
+// finite f32 ratio >= 0 is m * 2^e with an integer m < 2^24, so the product
+// is the integer m * positives < 2^55, shifted by e. Saturates past 2^64.
+__device__ __forceinline__ u64 floor_ratio_times(float ratio, u32 positives) {
+    const u32 bits = f32_bits(ratio);
+    const u32 biased = (bits >> 23) & 0xffu;
+    const u64 m = biased == 0 ? (bits & 0x7fffffu) : ((bits & 0x7fffffu) | 0x800000u);
+    const int e = biased == 0 ? -149 : int(biased) - 150;
+    const u64 product = m * positives;
+    if (product == 0) return 0;
+    if (e >= 0) return e >= 64 || product > (~0ull >> e) ? ~0ull : product << e;
+    return -e >= 64 ? 0ull : product >> -e;
+}
+
 // ---------------------------------------------------------------------------
 // Rows. Kernels 1 and 3 give each row `lanes_per_row` consecutive lanes of a
 // warp (a power of two, chosen from C by the plan so that each lane holds a

@@ -10,6 +10,8 @@
 // bits resolve a key in at most 3 passes over the image's keys (which sit in
 // L2 after kernel 1), with a 2048-bucket histogram that fits shared memory
 // easily; 8-bit digits would need 4 passes, 16-bit ones a 256 KiB histogram.
+// The first pass is also the one that counts the image's positives and
+// candidates, which k needs.
 // A pass ends the search early when the chosen bucket holds exactly the keys
 // still needed. What remains are ties with the k-th key itself; they go to
 // the lowest prior indices, as a stable descending sort would order them, so
@@ -84,7 +86,8 @@ __device__ i32 nth_tie(SelectShared& sh, const u32* keys, u32 n, u32 key, u32 ra
     return sh.tie_cutoff;
 }
 
-// Chooses the k largest candidate keys of one image.
+// Chooses the k largest candidate keys of one image. The histogram of the
+// first digit over every candidate is already in `sh.histogram`.
 __device__ ImageSelection select_top_k(SelectShared& sh, const u32* keys, u32 n, u32 k, u32 candidates) {
     ImageSelection s;
     s.tie_cutoff = -1;
@@ -101,7 +104,7 @@ __device__ ImageSelection select_top_k(SelectShared& sh, const u32* keys, u32 n,
     const u32 widths[3] = {DIGIT_BITS, DIGIT_BITS, 32 - 2 * DIGIT_BITS};
     for (int pass = 0; pass < 3; ++pass) {
         const u32 shift = shifts[pass], digit_mask = (1u << widths[pass]) - 1u;
-        count_digits(keys, n, prefix, prefix_mask, shift, sh.histogram);
+        if (pass > 0) count_digits(keys, n, prefix, prefix_mask, shift, sh.histogram);
         find_digit(sh, remaining);
         const u32 digit = sh.digit, in_bucket = sh.histogram[digit];
         remaining -= sh.above;
@@ -126,19 +129,27 @@ __device__ void select_and_reduce(const MultiboxParams& p) {
     const u32 n = p.priors;
     const u32* keys = p.keys + u64(image) * n;
 
+    // One read of the keys counts the positives and candidates (k needs
+    // them) and builds the first radix pass's histogram over all candidates.
+    for (u32 b = threadIdx.x; b < BUCKETS; b += SELECT_THREADS) sh.histogram[b] = 0;
+    __syncthreads();
     u32 positives = 0, candidates = 0;
     for (u32 i = threadIdx.x; i < n; i += SELECT_THREADS) {
         const u32 key = keys[i];
         positives += key == KEY_POSITIVE;
-        candidates += is_candidate(key);
+        if (is_candidate(key)) {
+            ++candidates;
+            atomicAdd(&sh.histogram[key >> (32 - DIGIT_BITS)], 1u);
+        }
     }
+    // The sums' barriers also complete the histogram.
     positives = block_sum<SELECT_THREADS>(positives, sh.scan);
     candidates = block_sum<SELECT_THREADS>(candidates, sh.scan);
 
     // k = min(max(floor(ratio * pos), min_neg), candidates), as in
-    // MultiboxConfig::negatives_to_mine: the product in f64 is exact.
-    const double by_ratio = floor(double(p.neg_pos_ratio) * double(positives));
-    u64 k = by_ratio > double(p.min_negatives) ? u64(by_ratio) : u64(p.min_negatives);
+    // MultiboxConfig::negatives_to_mine.
+    u64 k = floor_ratio_times(p.neg_pos_ratio, positives);
+    if (k < p.min_negatives) k = p.min_negatives;
     if (k > candidates) k = candidates;
 
     ImageSelection s = select_top_k(sh, keys, n, u32(k), candidates);
@@ -159,12 +170,16 @@ __device__ void select_and_reduce(const MultiboxParams& p) {
     // The last block to get here sums every image's and every row block's
     // terms, in index order, and divides by N on the device: no host
     // round-trip, and no float atomics, so the losses are bit-identical run
-    // after run.
-    __threadfence();
-    if (threadIdx.x == 0) sh.is_last = atomicAdd(&p.totals->images_done, 1u) == gridDim.x - 1;
+    // after run. Thread 0 wrote this image's selection: its fence releases
+    // it before the arrival count; the last block's thread 0 fences again
+    // to acquire the others', and the barrier passes that on to every thread.
+    if (threadIdx.x == 0) {
+        __threadfence();
+        sh.is_last = atomicAdd(&p.totals->images_done, 1u) == gridDim.x - 1;
+        if (sh.is_last) __threadfence();
+    }
     __syncthreads();
     if (!sh.is_last) return;
-    __threadfence();
 
     u32 num_pos = 0;
     float negative = 0.0f;

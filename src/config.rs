@@ -62,14 +62,35 @@ impl MultiboxConfig {
 
     /// Number of negatives image `b` mines: `min(max(floor(ratio * pos), min_neg), candidates)`.
     ///
-    /// The product is taken in f64, so that `floor` is exact for every
-    /// `pos < 2^31` and an f32 ratio (the kernels do the same).
+    /// `floor(ratio * pos)` is exact for every count: the f32 ratio is
+    /// `m * 2^e` with an integer `m < 2^24`, so the product is the integer
+    /// `m * pos` shifted by `e` (the kernels do the same, without f64).
     pub fn negatives_to_mine(&self, num_pos: u64, candidates: u64) -> u64 {
-        let by_ratio = (f64::from(self.neg_pos_ratio) * num_pos as f64).floor() as u64;
-        by_ratio
+        floor_ratio_times(self.neg_pos_ratio, num_pos)
             .max(u64::from(self.min_negatives_per_image))
             .min(candidates)
     }
+}
+
+/// `floor(ratio * n)` for a finite `ratio >= 0`, exactly; saturates at `u64::MAX`.
+fn floor_ratio_times(ratio: f32, n: u64) -> u64 {
+    let bits = ratio.to_bits();
+    let biased = (bits >> 23) & 0xff;
+    let (m, e) = if biased == 0 {
+        (u128::from(bits & 0x7f_ffff), -149)
+    } else {
+        (
+            u128::from((bits & 0x7f_ffff) | 0x80_0000),
+            biased as i32 - 150,
+        )
+    };
+    let product = m * u128::from(n); // < 2^88
+    let floor = if e >= 0 {
+        product.checked_shl(e as u32).filter(|p| p >> e == product)
+    } else {
+        Some(product.checked_shr((-e) as u32).unwrap_or(0))
+    };
+    floor.map_or(u64::MAX, |f| u64::try_from(f).unwrap_or(u64::MAX))
 }
 
 /// The batch shape: `B` images, `P` priors per image, `C` classes (background included).

@@ -751,3 +751,28 @@ fn f64_gradients_round_once_to_the_nearest_half_value() {
         );
     }
 }
+
+#[test]
+fn negatives_to_mine_takes_the_exact_floor_of_ratio_times_positives() {
+    let k = |ratio: f32, pos: u64| {
+        MultiboxConfig {
+            neg_pos_ratio: ratio,
+            ..Default::default()
+        }
+        .negatives_to_mine(pos, u64::MAX)
+    };
+    // Where f64 is exact, the same as its floor.
+    for pos in [0u64, 1, 7, 8732, (1 << 29) - 1] {
+        for ratio in [0.1f32, 1.0 / 3.0, 2.9999998, 3.0, 3.0000002, 7.0] {
+            assert_eq!(
+                k(ratio, pos),
+                (f64::from(ratio) * pos as f64).floor() as u64
+            );
+        }
+    }
+    // 3.0000002384185791015625 * 2147483647 = 6442451452.99999976...,
+    // which f64 rounds up to an integer.
+    assert_eq!(k(f32::from_bits(0x4040_0001), 2_147_483_647), 6_442_451_452);
+    assert_eq!(k(f32::MAX, 2), u64::MAX);
+    assert_eq!(k(1e30, 0), 0);
+}
