@@ -227,6 +227,7 @@ void Checker::begin_block(uint32_t linear_block) {
         t.pending.clear();
         t.acquired.clear();
         t.occurrences.clear();
+        t.touched.clear();
     }
     block_pending_.clear();
     block_acquired_.clear();
@@ -235,6 +236,8 @@ void Checker::begin_block(uint32_t linear_block) {
 
 void Checker::barrier() {
     ++epoch_;
+    for (unsigned base = 0; base < threads_; base += 32)
+        converge(base, threads_ - base >= 32 ? 0xffffffffu : (1u << (threads_ - base)) - 1u);
     // What any thread acquired, or observed with an atomic, before the
     // barrier is known to every thread after it.
     for (ThreadState& t : threads_state_) {
@@ -245,7 +248,33 @@ void Checker::barrier() {
     }
 }
 
+// Lanes that meet at a collective or barrier run converged from there, as if
+// they had executed each access site equally often: a lane that skipped an
+// access (a shorter loop, a false branch) catches up, so that the n-th
+// execution of a site groups the same warp instruction across lanes.
+void Checker::converge(unsigned base, unsigned group) {
+    if (!(flags_ & CHECK_TRAFFIC)) return;
+    std::vector<const void*> sites;
+    for (unsigned l = 0; l < 32; ++l) {
+        if (!((group >> l) & 1u)) continue;
+        std::unordered_set<const void*>& t = threads_state_[base + l].touched;
+        sites.insert(sites.end(), t.begin(), t.end());
+        t.clear();
+    }
+    if (sites.empty()) return;
+    std::sort(sites.begin(), sites.end());
+    sites.erase(std::unique(sites.begin(), sites.end()), sites.end());
+    for (const void* site : sites) {
+        uint32_t most = 0;
+        for (unsigned l = 0; l < 32; ++l)
+            if ((group >> l) & 1u) most = std::max(most, threads_state_[base + l].occurrences[site]);
+        for (unsigned l = 0; l < 32; ++l)
+            if ((group >> l) & 1u) threads_state_[base + l].occurrences[site] = most;
+    }
+}
+
 void Checker::warp_sync(unsigned base, unsigned group) {
+    converge(base, group);
     uint32_t joined[32] = {};
     for (unsigned l = 0; l < 32; ++l) {
         if (!((group >> l) & 1u)) continue;
@@ -470,7 +499,9 @@ bool Checker::check_global(uintptr_t addr, uint8_t bytes, unsigned kind, const v
 
 void Checker::record_traffic(Space space, int region, uintptr_t addr, unsigned size, unsigned kind, const void* pc) {
     ThreadState& t = threads_state_[cur_];
-    const uint32_t occurrence = t.occurrences[pc]++;
+    uint32_t& count = t.occurrences[pc];
+    t.touched.insert(pc);
+    const uint32_t occurrence = count++;
     Request& r = requests_[RequestKey{cur_ / 32, occurrence, pc}];
     if (r.lanes.empty()) {
         r.space = space;

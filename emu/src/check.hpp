@@ -130,6 +130,7 @@ class Checker {
         uint32_t fences = 0, fence_epoch = 0;
         std::vector<Acquire> pending, acquired;
         std::unordered_map<const void*, uint32_t> occurrences;  // traffic: per site
+        std::unordered_set<const void*> touched;  // traffic: sites executed since the warp last converged
     };
     enum Space : uint8_t { SPACE_LOCAL, SPACE_SHARED, SPACE_GLOBAL };
     struct RequestKey {
@@ -165,6 +166,7 @@ class Checker {
     bool race(const char* space, const char* order, uintptr_t granule, const Access& earlier, const Access& now);
     void record_traffic(Space space, int region, uintptr_t addr, unsigned size, unsigned kind, const void* pc);
     bool out_of_bounds(uintptr_t addr, unsigned size, unsigned kind, const void* pc, std::string detail);
+    void converge(unsigned base, unsigned group);
 
     unsigned flags_ = 0;
     std::vector<RegionState> regions_;  // the caller's order

@@ -431,3 +431,16 @@ fn atomics_on_one_address_are_counted() {
     );
     assert_eq!(b.counter[0], 3 * THREADS);
 }
+
+#[test]
+fn lanes_reconverge_at_warp_synchronisation() {
+    let mut b = Buffers::new(1);
+    let t = b
+        .launch("emu_traffic_ragged", 1, 32, 0, true)
+        .unwrap()
+        .unwrap();
+    let out = t.region("out").unwrap().stores;
+    assert_eq!(out.requests, 6);
+    assert_eq!(out.sectors, 3 * (4 + 1));
+    assert_eq!(out.efficiency(), 1.0);
+}

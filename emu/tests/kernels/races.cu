@@ -129,3 +129,13 @@ MB_KERNEL(emu_traffic_atomics, RaceParams, RACE_THREADS) {
     atomicAdd(p.counter, 1u);
     p.out[blockIdx.x * blockDim.x + threadIdx.x] = 0;
 }
+
+// Three spans of 40 elements, a warp-strided loop each: lanes 0..7 store
+// twice per span, the rest once. __syncwarp after each span reconverges
+// the warp, so each span is two requests: 32 lanes, then 8.
+MB_KERNEL(emu_traffic_ragged, RaceParams, WARP) {
+    for (u32 s = 0; s < 3; ++s) {
+        for (u32 i = threadIdx.x; i < 40; i += WARP) p.out[s * 64 + i] = int(i);
+        __syncwarp();
+    }
+}
