@@ -33,12 +33,28 @@
 struct uint3 {
     unsigned x, y, z;
 };
-// CUDA's vector types, as wide as the GPU's: a 16-byte store is one access.
+// CUDA's vector types. A copy is one access of the whole width, as on the
+// GPU (LDG.E.128, STG.E.64), not one per member: the checker and the traffic
+// model see what the GPU does.
 struct alignas(8) uint2 {
     unsigned x, y;
+    uint2() = default;
+    constexpr uint2(unsigned x_, unsigned y_) : x(x_), y(y_) {}
+    uint2(const uint2& o) { __builtin_memcpy(static_cast<void*>(this), &o, sizeof *this); }
+    uint2& operator=(const uint2& o) {
+        __builtin_memcpy(static_cast<void*>(this), &o, sizeof *this);
+        return *this;
+    }
 };
 struct alignas(16) uint4 {
     unsigned x, y, z, w;
+    uint4() = default;
+    constexpr uint4(unsigned x_, unsigned y_, unsigned z_, unsigned w_) : x(x_), y(y_), z(z_), w(w_) {}
+    uint4(const uint4& o) { __builtin_memcpy(static_cast<void*>(this), &o, sizeof *this); }
+    uint4& operator=(const uint4& o) {
+        __builtin_memcpy(static_cast<void*>(this), &o, sizeof *this);
+        return *this;
+    }
 };
 inline uint2 make_uint2(unsigned x, unsigned y) { return uint2{x, y}; }
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }

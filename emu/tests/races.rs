@@ -444,3 +444,29 @@ fn lanes_reconverge_at_warp_synchronisation() {
     assert_eq!(out.sectors, 3 * (4 + 1));
     assert_eq!(out.efficiency(), 1.0);
 }
+
+#[test]
+fn a_16_byte_vector_copy_is_one_access_per_lane() {
+    let n = 4096;
+    let mut b = Buffers::new(n);
+    let t = b
+        .launch(
+            "emu_traffic_vector",
+            (n as u32 / 4).div_ceil(THREADS),
+            THREADS,
+            0,
+            true,
+        )
+        .unwrap()
+        .unwrap();
+    for a in [
+        t.region("in").unwrap().loads,
+        t.region("out").unwrap().stores,
+    ] {
+        assert_eq!(a.requests, n as u64 / 4 / 32);
+        assert_eq!(a.sectors_per_request(), 16.0);
+        assert_eq!(a.efficiency(), 1.0);
+        assert_eq!(a.bytes, 4 * n as u64);
+    }
+    assert_eq!(&b.out()[..n], b.input());
+}

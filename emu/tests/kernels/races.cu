@@ -139,3 +139,9 @@ MB_KERNEL(emu_traffic_ragged, RaceParams, WARP) {
         __syncwarp();
     }
 }
+
+// 16-byte vector copies: 32 lanes x 16 bytes = 16 sectors per request.
+MB_KERNEL(emu_traffic_vector, RaceParams, RACE_THREADS) {
+    const u32 i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < p.n / 4) reinterpret_cast<uint4*>(p.out)[i] = reinterpret_cast<const uint4*>(p.in)[i];
+}
