@@ -237,7 +237,11 @@ impl From<Error> for Failure {
             | Error::InvalidLabel { .. }
             | Error::NullPointer { .. }
             | Error::Misaligned { .. }
-            | Error::WrongContext { .. } => MULTIBOX_INVALID_ARGUMENT,
+            | Error::WrongContext { .. }
+            | Error::InvalidTargetShape { .. }
+            | Error::TargetLengthMismatch { .. }
+            | Error::TargetWorkspaceTooSmall { .. }
+            | Error::InvalidPriors(_) => MULTIBOX_INVALID_ARGUMENT,
             Error::NoKernels(_) => MULTIBOX_NO_KERNELS,
             Error::NoDevice(_) => MULTIBOX_NO_DEVICE,
             Error::Driver(_) | Error::Launch { .. } => MULTIBOX_CUDA_ERROR,

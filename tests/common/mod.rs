@@ -7,6 +7,7 @@ pub mod check;
 pub mod emulated;
 pub mod golden;
 pub mod gpu;
+pub mod target_golden;
 
 pub use check::{check, BackendResult, Report};
 pub use golden::{list_cases, Case, CaseMeta, CaseVisitor, Expected};
