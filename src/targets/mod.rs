@@ -9,6 +9,8 @@
 //! - [`reference`]: the CPU reference, in the reference's f32 order of
 //!   operations;
 //! - [`plan`]: the kernels' launches and workspace, a pure function of the shape;
+//! - [`launch`]: one call's launch sequence on any [`crate::Backend`];
+//! - [`TargetAssigner`]: the kernels on a CUDA context, priors uploaded once.
 //!
 //! ```
 //! use multibox::targets::{self, priors, TargetConfig, TargetShape};
@@ -24,10 +26,14 @@
 //! # Ok::<(), multibox::Error>(())
 //! ```
 
+mod assigner;
+pub mod launch;
 pub mod plan;
 pub mod priors;
 pub mod reference;
 
+pub use assigner::{TargetAssigner, TargetInputs, TargetOutputs};
+pub use launch::{launch_assign, RawTargetBuffers, RawTargetCall};
 
 use crate::{Error, Result};
 

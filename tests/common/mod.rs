@@ -5,6 +5,7 @@
 
 pub mod check;
 pub mod emulated;
+pub mod emulated_targets;
 pub mod golden;
 pub mod gpu;
 pub mod target_golden;
