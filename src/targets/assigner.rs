@@ -231,10 +231,10 @@ impl TargetAssigner {
         max_boxes: usize,
         workspace: &dyn DevicePtr<u8>,
     ) -> Result<TargetStatus> {
+        self.check_context("stream", stream)?;
         let (base, _guard) = workspace.device_ptr(stream);
         // SAFETY: the workspace is a live cudarc buffer of `workspace.len()`
-        // bytes, and `stream` belongs to this context (checked first).
-        self.check_context("stream", stream)?;
+        // bytes, and `stream` belongs to this context (checked above).
         unsafe {
             self.status_raw(
                 self.shape(batch, max_boxes),
