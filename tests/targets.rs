@@ -304,3 +304,102 @@ fn recorded_bad_inputs_are_handled_as_spec_says() {
     assert_eq!(r.labels, only_first.labels);
     assert_eq!(r.gt_locations, only_first.gt_locations);
 }
+
+#[test]
+fn c_abi_reference_and_priors_match_the_rust_api() {
+    use multibox::capi::*;
+    use std::ffi::c_void;
+    let cases = load_target_cases();
+    let case = cases.iter().find(|c| !c.labels_i64).expect("an i32 case");
+    let labels32: Vec<i32> = case.gt_labels_as();
+    let mut out_labels = vec![0i32; case.shape.labels_len()];
+    let mut out_loc = vec![0f32; case.shape.locations_len()];
+    let call = multibox_target_host_call {
+        shape: multibox_target_shape {
+            batch: case.shape.batch,
+            priors: case.shape.priors,
+            max_boxes: case.shape.max_boxes,
+        },
+        label_type: multibox_label_type::MULTIBOX_I32 as i32,
+        priors: case.priors.as_ptr(),
+        priors_len: case.priors.len(),
+        gt_boxes: case.gt_boxes.as_ptr(),
+        gt_boxes_len: case.gt_boxes.len(),
+        gt_labels: labels32.as_ptr().cast::<c_void>(),
+        gt_labels_len: labels32.len(),
+        gt_counts: case.gt_counts.as_ptr(),
+        gt_counts_len: case.gt_counts.len(),
+        labels: out_labels.as_mut_ptr().cast::<c_void>(),
+        labels_len: out_labels.len(),
+        gt_locations: out_loc.as_mut_ptr(),
+        gt_locations_len: out_loc.len(),
+    };
+    let mut config = multibox_target_config {
+        iou_threshold: 0.0,
+        center_variance: 0.0,
+        size_variance: 0.0,
+        num_classes: 7,
+    };
+    // SAFETY: every pointer is a live local of the stated length.
+    unsafe {
+        assert_eq!(
+            multibox_target_config_default(&mut config),
+            multibox_status_code::MULTIBOX_OK
+        );
+        config.iou_threshold = case.config.iou_threshold;
+        let mut status = multibox_target_status::default();
+        assert_eq!(
+            multibox_reference_assign_targets(&config, &call, &mut status),
+            multibox_status_code::MULTIBOX_OK
+        );
+        assert!(!status.count_clamped && !status.invalid_box_label && !status.degenerate_box);
+        let wide: Vec<i64> = out_labels.iter().map(|&l| i64::from(l)).collect();
+        check_against(case, "C ABI reference", &wide, &out_loc);
+
+        // A short output is refused before anything is written.
+        let mut short = call;
+        short.gt_locations_len -= 1;
+        assert_eq!(
+            multibox_reference_assign_targets(&config, &short, std::ptr::null_mut()),
+            multibox_status_code::MULTIBOX_INVALID_ARGUMENT
+        );
+        let bad = multibox_target_config {
+            iou_threshold: 2.0,
+            ..config
+        };
+        assert_eq!(
+            multibox_reference_assign_targets(&bad, &call, std::ptr::null_mut()),
+            multibox_status_code::MULTIBOX_INVALID_ARGUMENT
+        );
+
+        let mut len = 0usize;
+        assert_eq!(
+            multibox_standard_priors(1, std::ptr::null_mut(), 0, &mut len),
+            multibox_status_code::MULTIBOX_OK
+        );
+        assert_eq!(len, 8732 * 4);
+        let mut p = vec![0f32; len];
+        assert_eq!(
+            multibox_standard_priors(1, p.as_mut_ptr(), p.len(), &mut len),
+            multibox_status_code::MULTIBOX_OK
+        );
+        assert_eq!(p, priors::ssd300());
+        assert_eq!(
+            multibox_standard_priors(2, p.as_mut_ptr(), p.len(), &mut len),
+            multibox_status_code::MULTIBOX_INVALID_ARGUMENT
+        );
+        let mut bytes = 0usize;
+        assert_eq!(
+            multibox_target_workspace_bytes(32, 8732, 100, &mut bytes),
+            multibox_status_code::MULTIBOX_OK
+        );
+        assert_eq!(
+            bytes,
+            targets::plan::workspace_bytes(TargetShape::new(32, 8732, 100)).unwrap()
+        );
+        assert_eq!(
+            multibox_target_workspace_bytes(0, 8732, 100, &mut bytes),
+            multibox_status_code::MULTIBOX_INVALID_ARGUMENT
+        );
+    }
+}

@@ -6,7 +6,7 @@
 //! The pieces, one idea per module:
 //!
 //! - [`priors`]: the standard SSD priors (SSDLite-300, SSD300, or any specs);
-//! - [`reference`]: the CPU reference, in the reference's f32 order of
+//! - [`reference`](mod@reference): the CPU reference, in the reference's f32 order of
 //!   operations;
 //! - [`plan`]: the kernels' launches and workspace, a pure function of the shape;
 //! - [`launch`]: one call's launch sequence on any [`crate::Backend`];
