@@ -35,6 +35,58 @@ pub struct TargetOutputs<'a, T, L> {
 /// (uploaded here, once) and the settings, then call [`TargetAssigner::assign`]
 /// every step on the caller's stream, before the loss: three launches, no
 /// allocation, no host synchronisation, capturable in a CUDA graph.
+///
+/// Targets, then the loss (the README's example):
+///
+/// ```
+/// use multibox::cudarc::driver::CudaSlice;
+/// use multibox::targets::{priors, TargetAssigner, TargetConfig, TargetInputs, TargetOutputs};
+/// use multibox::{Gradients, Inputs, MultiboxConfig, MultiboxLoss, Outputs, Shape, Upstream};
+///
+/// let priors = priors::ssdlite300(); // [3000, 4] center form, as the reference's config.priors
+/// let (batch, max_boxes) = (2, 3); // B images padded to T box rows
+/// let shape = Shape::new(batch, priors.len() / 4, 21);
+/// // [B, T, 4] corner form, [B, T] classes 1..C-1, [B] rows used; padding is never read.
+/// let gt_boxes = [0.1, 0.1, 0.4, 0.5, 0.5, 0.5, 0.9, 0.8, 0.0, 0.0, 0.0, 0.0,
+///                 0.2, 0.3, 0.6, 0.7, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0f32];
+/// let gt_labels = [3i64, 7, 0, 12, 0, 0];
+/// let gt_counts = [2i32, 1];
+///
+/// // Without a GPU: the CPU references (targets in f32, bit for bit; loss in f64).
+/// let t = multibox::targets::reference::assign::<i64>(&TargetConfig::default(),
+///     multibox::targets::TargetShape::new(batch, shape.priors, max_boxes), &priors, &gt_boxes, &gt_labels, &gt_counts)?;
+/// println!("{} positive priors", t.labels.iter().filter(|&&l| l > 0).count());
+///
+/// if let Ok(ctx) = multibox::cuda_context(0) {
+///     let stream = ctx.default_stream();
+///     let assigner = TargetAssigner::new(&ctx, &priors, TargetConfig::default())?; // once: kernels, priors uploaded
+///     let loss = MultiboxLoss::new(&ctx, MultiboxConfig::default())?;
+///     let (boxes, box_labels, counts) = (stream.clone_htod(&gt_boxes)?, stream.clone_htod(&gt_labels)?, stream.clone_htod(&gt_counts)?);
+///     let mut labels: CudaSlice<i64> = stream.alloc_zeros(shape.rows())?;
+///     let mut gt_locations: CudaSlice<f32> = stream.alloc_zeros(shape.locations_len())?;
+///     let mut target_ws = stream.alloc_zeros::<u8>(assigner.workspace_bytes(batch, max_boxes)?)?;
+///     // Three launches; nothing read back.
+///     assigner.assign(&stream, batch, max_boxes,
+///         &TargetInputs { gt_boxes: &boxes, gt_labels: &box_labels, gt_counts: &counts },
+///         &mut TargetOutputs { labels: &mut labels, gt_locations: &mut gt_locations },
+///         &mut target_ws)?;
+///
+///     // The network's outputs would go here.
+///     let confidence: CudaSlice<f32> = stream.alloc_zeros(shape.confidence_len())?;
+///     let predicted_locations: CudaSlice<f32> = stream.alloc_zeros(shape.locations_len())?;
+///     let mut grad_confidence: CudaSlice<f32> = stream.alloc_zeros(shape.confidence_len())?;
+///     let mut grad_locations: CudaSlice<f32> = stream.alloc_zeros(shape.locations_len())?;
+///     let (mut reg, mut cls, mut num_pos) = (stream.alloc_zeros::<f32>(1)?, stream.alloc_zeros::<f32>(1)?, stream.alloc_zeros::<i32>(1)?);
+///     let mut loss_ws = stream.alloc_zeros::<u8>(multibox::workspace_bytes(shape)?)?;
+///     loss.forward_backward(&stream, shape,
+///         &Inputs { confidence: &confidence, predicted_locations: &predicted_locations, labels: &labels, gt_locations: &gt_locations },
+///         Upstream::default(),
+///         &mut Gradients { confidence: &mut grad_confidence, predicted_locations: &mut grad_locations },
+///         &mut Outputs { regression_loss: &mut reg, classification_loss: &mut cls, num_pos: &mut num_pos, mask: None },
+///         &mut loss_ws)?;
+/// }
+/// # Ok::<(), multibox::Error>(())
+/// ```
 pub struct TargetAssigner {
     config: TargetConfig,
     ctx: Arc<CudaContext>,
