@@ -10,10 +10,15 @@ use serde_json::Value;
 pub fn target_goldens_dir() -> PathBuf {
     match std::env::var_os("MULTIBOX_TARGET_GOLDENS") {
         Some(dir) => PathBuf::from(dir),
-        None => Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests")
-            .join("goldens-targets"),
+        None => committed_target_goldens_dir(),
     }
+}
+
+/// `tests/goldens-targets/`, whatever the environment says.
+pub fn committed_target_goldens_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("goldens-targets")
 }
 
 /// One case, its arrays read.
@@ -68,7 +73,12 @@ fn ints(bytes: &[u8], i64s: bool) -> Vec<i64> {
 /// every subfolder with a `case.json`. Panics when none is found: a test
 /// that checks nothing must not pass.
 pub fn load_target_cases() -> Vec<TargetCase> {
-    let dir = target_goldens_dir();
+    load_target_cases_from(&target_goldens_dir())
+}
+
+/// Every case of `dir` (see [`load_target_cases`]).
+pub fn load_target_cases_from(dir: &Path) -> Vec<TargetCase> {
+    let dir = dir.to_path_buf();
     let names: Vec<String> = match std::fs::read_to_string(dir.join("cases.json")) {
         Ok(text) => serde_json::from_str(&text).expect("cases.json is a list of names"),
         Err(_) => {
