@@ -53,6 +53,14 @@ typedef enum multibox_label_type {
   MULTIBOX_I64 = 1,
 } multibox_label_type;
 
+// Which standard priors `multibox_standard_priors` writes.
+typedef enum multibox_priors_kind {
+  // SSDLite-300 / MobileNet SSD: 3000 priors.
+  MULTIBOX_PRIORS_SSDLITE300 = 0,
+  // SSD300 (VGG16): 8732 priors.
+  MULTIBOX_PRIORS_SSD300 = 1,
+} multibox_priors_kind;
+
 // Target assignment on one CUDA device (opaque): create it with
 // `multibox_assigner_create`, free it with `multibox_assigner_destroy`.
 typedef struct multibox_assigner multibox_assigner;
