@@ -20,6 +20,12 @@
 //! to FILE (read by `scripts/gpu-check`). Without a GPU it says why each case
 //! is skipped and exits 0. A bench never asserts: it measures and reports.
 //!
+//! Then target assignment ([`multibox::targets::TargetAssigner::assign`]) at
+//! B = 32 and 256, the SSDLite-300 and SSD300 priors, T = 20 and 100 boxes
+//! per image (about T/2 real boxes each, the rest padding): the median device
+//! time of one call and of one graph replay, as records with an
+//! `assign_case` key.
+//!
 //! Environment: `MULTIBOX_BENCH_QUICK=1` times fewer calls (a smoke run).
 
 use std::io::Write;
@@ -31,7 +37,8 @@ use half::{bf16, f16};
 use multibox::cudarc::driver::{
     sys, CudaContext, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits,
 };
-use multibox::synthetic::{Batch, BatchSpec};
+use multibox::synthetic::{Batch, BatchSpec, SplitMix64};
+use multibox::targets::{priors, TargetAssigner, TargetConfig, TargetInputs, TargetOutputs};
 use multibox::{Float, MultiboxConfig, MultiboxLoss, Shape};
 
 /// The shapes of SSD training that the crate is for.
@@ -101,6 +108,9 @@ fn main() {
                     println!("skipped {name} {shape} {dtype}: no GPU ({why})");
                 }
             }
+            for (name, batch, max_boxes) in assign_cases() {
+                println!("skipped assign {name} B={batch} T={max_boxes}: no GPU ({why})");
+            }
             return;
         }
     };
@@ -166,6 +176,148 @@ fn main() {
                 Err(e) => println!("failed  {name} {shape} {dtype}: {e:#}"),
             }
         }
+    }
+
+    println!();
+    println!(
+        "{:<16} {:>4} {:>5} {:>4} | {:>9} {:>9}",
+        "assign", "B", "P", "T", "call us", "graph us"
+    );
+    for (name, batch, max_boxes) in assign_cases() {
+        let id = format!("assign/{name}/{batch}/t{max_boxes}");
+        if !filters.iter().all(|f| id.contains(f.as_str())) {
+            continue;
+        }
+        match bench.assign_case(name, batch, max_boxes) {
+            Ok(record) => {
+                println!("{}", record.row());
+                if let Some(f) = out.as_mut() {
+                    if let Err(e) = writeln!(f, "{}", record.json()) {
+                        eprintln!("writing MULTIBOX_BENCH_OUT: {e}");
+                    }
+                }
+            }
+            Err(e) => println!("failed  assign {name} B={batch} T={max_boxes}: {e:#}"),
+        }
+    }
+}
+
+/// Target assignment's cases: (priors, B, T).
+fn assign_cases() -> Vec<(&'static str, usize, usize)> {
+    let mut cases = Vec::new();
+    for name in ["ssdlite300", "ssd300"] {
+        for batch in [32, 256] {
+            for max_boxes in [20, 100] {
+                cases.push((name, batch, max_boxes));
+            }
+        }
+    }
+    cases
+}
+
+/// A padded batch: image b has between T/4 and 3T/4 boxes of random size.
+fn synthetic_boxes(batch: usize, max_boxes: usize, seed: u64) -> (Vec<f32>, Vec<i64>, Vec<i32>) {
+    let mut rng = SplitMix64(seed);
+    let mut boxes = vec![0.0f32; batch * max_boxes * 4];
+    let mut labels = vec![0i64; batch * max_boxes];
+    let mut counts = Vec::with_capacity(batch);
+    for b in 0..batch {
+        let n = max_boxes / 4 + (rng.next_u64() % (max_boxes as u64 / 2 + 1)) as usize;
+        counts.push(n as i32);
+        for t in 0..n {
+            let row = b * max_boxes + t;
+            let (w, h) = (0.02 + 0.5 * rng.uniform(), 0.02 + 0.5 * rng.uniform());
+            let (x0, y0) = ((1.0 - w) * rng.uniform(), (1.0 - h) * rng.uniform());
+            boxes[row * 4..row * 4 + 4].copy_from_slice(&[
+                x0 as f32,
+                y0 as f32,
+                (x0 + w) as f32,
+                (y0 + h) as f32,
+            ]);
+            labels[row] = 1 + (rng.next_u64() % 20) as i64;
+        }
+    }
+    (boxes, labels, counts)
+}
+
+/// The buffers of one assignment.
+struct AssignSet {
+    gt_boxes: CudaSlice<f32>,
+    gt_labels: CudaSlice<i64>,
+    gt_counts: CudaSlice<i32>,
+    labels: CudaSlice<i64>,
+    gt_locations: CudaSlice<f32>,
+    workspace: CudaSlice<u8>,
+}
+
+impl AssignSet {
+    fn call(
+        &mut self,
+        assigner: &TargetAssigner,
+        stream: &Arc<CudaStream>,
+        batch: usize,
+        max_boxes: usize,
+    ) -> Result<()> {
+        assigner.assign(
+            stream,
+            batch,
+            max_boxes,
+            &TargetInputs {
+                gt_boxes: &self.gt_boxes,
+                gt_labels: &self.gt_labels,
+                gt_counts: &self.gt_counts,
+            },
+            &mut TargetOutputs {
+                labels: &mut self.labels,
+                gt_locations: &mut self.gt_locations,
+            },
+            &mut self.workspace,
+        )?;
+        Ok(())
+    }
+}
+
+struct AssignRecord {
+    name: String,
+    batch: usize,
+    priors: usize,
+    max_boxes: usize,
+    device: String,
+    call_us: f64,
+    graph_us: Option<f64>,
+    graph_error: Option<String>,
+    calls: usize,
+}
+
+impl AssignRecord {
+    fn row(&self) -> String {
+        let graph = self
+            .graph_us
+            .map_or(format!("{:>9}", "n/a"), |us| format!("{us:9.1}"));
+        let mut row = format!(
+            "{:<16} {:>4} {:>5} {:>4} | {:9.1} {graph}",
+            self.name, self.batch, self.priors, self.max_boxes, self.call_us
+        );
+        if let Some(e) = &self.graph_error {
+            row.push_str(&format!("  (graph: {e})"));
+        }
+        row
+    }
+
+    fn json(&self) -> String {
+        serde_json::json!({
+            "assign_case": self.name,
+            "batch": self.batch,
+            "priors": self.priors,
+            "max_boxes": self.max_boxes,
+            "labels": "i64",
+            "device": self.device,
+            "call_us": self.call_us,
+            "graph_us": self.graph_us,
+            "graph_error": self.graph_error,
+            "calls": self.calls,
+        })
+        .to_string()
     }
 }
 
@@ -468,5 +620,94 @@ impl Bench<'_> {
             .map(|w| w[0].elapsed_ms(&w[1]).map(|ms| f64::from(ms) * 1e3))
             .collect::<Result<_, _>>()?;
         Ok(median(times))
+    }
+
+    /// Target assignment: median of `n` calls (CUDA events around each),
+    /// rotating among four batches, then of one graph replay per batch.
+    fn assign_case(&self, name: &str, batch: usize, max_boxes: usize) -> Result<AssignRecord> {
+        // SAFETY: all work below is on `stream`, which orders it.
+        unsafe { self.ctx.disable_event_tracking() };
+        let stream = self.ctx.new_stream()?;
+        let priors = if name == "ssd300" {
+            priors::ssd300()
+        } else {
+            priors::ssdlite300()
+        };
+        let p = priors.len() / 4;
+        let assigner = TargetAssigner::new(self.ctx, &priors, TargetConfig::default())?;
+        let ws = assigner.workspace_bytes(batch, max_boxes)?;
+        let mut sets: Vec<AssignSet> = (0..4u64)
+            .map(|seed| -> Result<AssignSet> {
+                let (boxes, labels, counts) = synthetic_boxes(batch, max_boxes, seed);
+                Ok(AssignSet {
+                    gt_boxes: stream.clone_htod(&boxes)?,
+                    gt_labels: stream.clone_htod(&labels)?,
+                    gt_counts: stream.clone_htod(&counts)?,
+                    labels: stream.alloc_zeros(batch * p)?,
+                    gt_locations: stream.alloc_zeros(batch * p * 4)?,
+                    workspace: stream.alloc_zeros(ws)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        for i in 0..10 {
+            sets[i % 4].call(&assigner, &stream, batch, max_boxes)?;
+        }
+        stream.synchronize()?;
+        let start = Instant::now();
+        for s in sets.iter_mut() {
+            s.call(&assigner, &stream, batch, max_boxes)?;
+        }
+        stream.synchronize()?;
+        let per_call = start.elapsed().as_secs_f64() / 4.0;
+        let target = if self.quick { 0.05 } else { 0.3 };
+        let n = ((target / per_call) as usize).clamp(20, if self.quick { 100 } else { 2000 });
+        let timing = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let time = |launch: &mut dyn FnMut(usize) -> Result<()>| -> Result<f64> {
+            let events: Vec<_> = (0..=n)
+                .map(|_| self.ctx.new_event(timing))
+                .collect::<Result<_, _>>()?;
+            events[0].record(&stream)?;
+            for i in 0..n {
+                launch(i)?;
+                events[i + 1].record(&stream)?;
+            }
+            stream.synchronize()?;
+            let times: Vec<f64> = events
+                .windows(2)
+                .map(|w| w[0].elapsed_ms(&w[1]).map(|ms| f64::from(ms) * 1e3))
+                .collect::<Result<_, _>>()?;
+            Ok(median(times))
+        };
+        let call_us = time(&mut |i| sets[i % 4].call(&assigner, &stream, batch, max_boxes))?;
+        let graphs = (|| -> Result<Vec<_>> {
+            let mut graphs = Vec::new();
+            for s in sets.iter_mut() {
+                stream
+                    .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+                let captured = s.call(&assigner, &stream, batch, max_boxes);
+                let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+                captured.context("assign during capture")?;
+                let graph = graph?.context("the capture recorded no work")?;
+                graph.upload()?;
+                graphs.push(graph);
+            }
+            Ok(graphs)
+        })();
+        let (graph_us, graph_error) =
+            match graphs.and_then(|g| time(&mut |i| Ok(g[i % g.len()].launch()?))) {
+                Ok(us) => (Some(us), None),
+                Err(e) => (None, Some(format!("{e:#}"))),
+            };
+        Ok(AssignRecord {
+            name: name.to_string(),
+            batch,
+            priors: p,
+            max_boxes,
+            device: self.device.to_string(),
+            call_us,
+            graph_us,
+            graph_error,
+            calls: n,
+        })
     }
 }

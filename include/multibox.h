@@ -53,6 +53,18 @@ typedef enum multibox_label_type {
   MULTIBOX_I64 = 1,
 } multibox_label_type;
 
+// Which standard priors `multibox_standard_priors` writes.
+typedef enum multibox_priors_kind {
+  // SSDLite-300 / MobileNet SSD: 3000 priors.
+  MULTIBOX_PRIORS_SSDLITE300 = 0,
+  // SSD300 (VGG16): 8732 priors.
+  MULTIBOX_PRIORS_SSD300 = 1,
+} multibox_priors_kind;
+
+// Target assignment on one CUDA device (opaque): create it with
+// `multibox_assigner_create`, free it with `multibox_assigner_destroy`.
+typedef struct multibox_assigner multibox_assigner;
+
 // A loss on one CUDA device (opaque): create it once with
 // `multibox_loss_create`, free it with `multibox_loss_destroy`.
 typedef struct multibox_loss multibox_loss;
@@ -179,6 +191,100 @@ typedef struct multibox_losses {
   uint64_t num_pos;
 } multibox_losses;
 
+// The settings of target assignment; `multibox_target_config_default`
+// fills in the defaults.
+typedef struct multibox_target_config {
+  // In (0, 1]; 0.5 by default.
+  float iou_threshold;
+  // Positive, finite; 0.1 by default.
+  float center_variance;
+  // Positive, finite; 0.2 by default.
+  float size_variance;
+  // C of the loss that follows, so that box labels >= C are reported;
+  // 0 when unknown (the default).
+  uint32_t num_classes;
+} multibox_target_config;
+
+// The shape of an assignment: `B` images, `P` priors, `T` box rows per image.
+typedef struct multibox_target_shape {
+  // B >= 1.
+  size_t batch;
+  // P >= 1.
+  size_t priors;
+  // T >= 1 (padding included).
+  size_t max_boxes;
+} multibox_target_shape;
+
+// One device assignment: device addresses of contiguous row-major arrays
+// of the assigner's device.
+typedef struct multibox_target_call {
+  // The shape.
+  struct multibox_target_shape shape;
+  // A `multibox_dtype`: the type of `gt_locations`.
+  int32_t dtype;
+  // A `multibox_label_type`: the type of `gt_labels` and `labels`.
+  int32_t label_type;
+  // `[P, 4]` float priors, center form; 0 for the assigner's own priors.
+  uint64_t priors;
+  // `[B, T, 4]` float boxes, corner form; rows past `gt_counts[b]` are never read.
+  uint64_t gt_boxes;
+  // `[B, T]` box labels, 1..C-1.
+  uint64_t gt_labels;
+  // `[B]` int32_t boxes per image.
+  uint64_t gt_counts;
+  // `[B, P]` output labels.
+  uint64_t labels;
+  // `[B, P, 4]` output offsets.
+  uint64_t gt_locations;
+  // At least `multibox_target_workspace_bytes` bytes, 256-byte aligned.
+  uint64_t workspace;
+  // Size of the workspace in bytes.
+  size_t workspace_bytes;
+} multibox_target_call;
+
+// What assignment recorded about its inputs (SPEC.md): nothing stops it.
+typedef struct multibox_target_status {
+  // A `gt_counts[b]` outside 0..T, clamped.
+  bool count_clamped;
+  // A box label below 1 (or >= C when C is known), copied as it is.
+  bool invalid_box_label;
+  // A non-finite box, or one with x1 <= x0 or y1 <= y0: skipped.
+  bool degenerate_box;
+} multibox_target_status;
+
+// One CPU reference assignment on host arrays, each with its length in
+// elements; offsets are float.
+typedef struct multibox_target_host_call {
+  // The shape.
+  struct multibox_target_shape shape;
+  // A `multibox_label_type`: what `gt_labels` and `labels` point to.
+  int32_t label_type;
+  // `[P, 4]` priors, center form.
+  const float *priors;
+  // Elements of `priors`: P*4.
+  size_t priors_len;
+  // `[B, T, 4]` boxes, corner form.
+  const float *gt_boxes;
+  // Elements of `gt_boxes`: B*T*4.
+  size_t gt_boxes_len;
+  // `[B, T]` box labels, int32_t or int64_t.
+  const void *gt_labels;
+  // Elements of `gt_labels`: B*T.
+  size_t gt_labels_len;
+  // `[B]` boxes per image.
+  const int32_t *gt_counts;
+  // Elements of `gt_counts`: B.
+  size_t gt_counts_len;
+  // `[B, P]` output labels, of the label type.
+  void *labels;
+  // Elements of `labels`: B*P.
+  size_t labels_len;
+  // `[B, P, 4]` output offsets.
+  float *gt_locations;
+  // Elements of `gt_locations`: B*P*4.
+  size_t gt_locations_len;
+} multibox_target_host_call;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -286,6 +392,94 @@ enum multibox_status_code multibox_reference_forward_f32(const struct multibox_c
 enum multibox_status_code multibox_reference_forward_backward_f32(const struct multibox_config *config,
                                                                   const struct multibox_host_call_f32 *call,
                                                                   struct multibox_losses *out);
+
+// Writes the default assignment settings (0.5, 0.1, 0.2, C unknown) to `out`.
+//
+// # Safety
+// `out` is NULL or points to a writable `multibox_target_config`.
+enum multibox_status_code multibox_target_config_default(struct multibox_target_config *out);
+
+// The workspace an assignment of this shape needs, in bytes.
+//
+// # Safety
+// `out` is NULL or points to a writable `size_t`.
+enum multibox_status_code multibox_target_workspace_bytes(size_t batch,
+                                                          size_t priors,
+                                                          size_t max_boxes,
+                                                          size_t *out);
+
+// Writes the standard priors `kind` (a `multibox_priors_kind`), `[P, 4]`
+// float center form, to `out` (`out_len` floats, exactly P*4), and P*4 to
+// `*len_out`. With `out` NULL, only `*len_out` is written (to size `out`).
+//
+// # Safety
+// `len_out` is NULL or writable; `out` is NULL or holds `out_len` writable floats.
+enum multibox_status_code multibox_standard_priors(int32_t kind,
+                                                   float *out,
+                                                   size_t out_len,
+                                                   size_t *len_out);
+
+// Creates target assignment on CUDA device `device_ordinal`'s primary
+// context: loads the kernels and uploads `priors` (`priors_len` floats,
+// `[P, 4]` center form, from host memory) once. `config` may be NULL for
+// the defaults. `*out` is NULL on any failure.
+//
+// # Safety
+// `priors` is NULL or holds `priors_len` floats; `config` is NULL or
+// valid; `out` is NULL or points to a writable `multibox_assigner*`.
+enum multibox_status_code multibox_assigner_create(int32_t device_ordinal,
+                                                   const float *priors,
+                                                   size_t priors_len,
+                                                   const struct multibox_target_config *config,
+                                                   struct multibox_assigner **out);
+
+// Frees an assigner from `multibox_assigner_create`; NULL is a no-op.
+//
+// # Safety
+// `assigner` is NULL or came from `multibox_assigner_create` and is not
+// used again; no work queued through it is still to be launched.
+enum multibox_status_code multibox_assigner_destroy(struct multibox_assigner *assigner);
+
+// Assigns targets (3 launches on `stream`, a `CUstream`/`cudaStream_t` of
+// the assigner's device, or NULL for the legacy default stream): allocates
+// nothing, reads nothing back; every host-visible problem is reported
+// before the first launch.
+//
+// # Safety
+// `assigner` is NULL or from `multibox_assigner_create`; `call` is NULL or
+// points to a `multibox_target_call` whose addresses are device
+// allocations of the assigner's device, as large as the shape and types
+// imply, outputs not overlapping inputs, alive until the work completes;
+// `stream` is a live stream of that device's primary context, or NULL.
+enum multibox_status_code multibox_assign_targets(const struct multibox_assigner *assigner,
+                                                  const struct multibox_target_call *call,
+                                                  void *stream);
+
+// Reads the status word the last assignment with this `workspace` (and
+// `shape`) left. Synchronises with `stream`.
+//
+// # Safety
+// `assigner`, `shape` and `out` are NULL or valid; `workspace` is a device
+// allocation of the assigner's device of `workspace_bytes` bytes; `stream`
+// is a live stream of that device's primary context, or NULL.
+enum multibox_status_code multibox_assigner_status(const struct multibox_assigner *assigner,
+                                                   const struct multibox_target_shape *shape,
+                                                   uint64_t workspace,
+                                                   size_t workspace_bytes,
+                                                   void *stream,
+                                                   struct multibox_target_status *out);
+
+// Target assignment by the CPU reference on host arrays; needs no GPU.
+// `config` may be NULL for the defaults; `status` may be NULL. Every
+// problem is reported before anything is written.
+//
+// # Safety
+// `config`, `call` and `status` are NULL or valid; every array in `call`
+// holds the number of elements its length field says, and the outputs are
+// writable.
+enum multibox_status_code multibox_reference_assign_targets(const struct multibox_target_config *config,
+                                                            const struct multibox_target_host_call *call,
+                                                            struct multibox_target_status *status);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -98,6 +98,29 @@ def main():
                         for s in sanitizers) or "n/a"
     print("-" * len(header))
     print(f"sanitizer errors (goldens): {summary}")
+
+    # Target assignment: ours (benches/gpu.rs, `assign_case` records) against
+    # the reference MatchPrior per image on the CPU and batched on the GPU
+    # (scripts/pytorch_baseline.py, kind "assign_time").
+    ours_assign = {(r["assign_case"], r["batch"], r["max_boxes"]): r
+                   for r in read_jsonl(args.bench) if "assign_case" in r and "call_us" in r}
+    torch_assign = {(r["assign_case"], r["batch"], r["max_boxes"]): r
+                    for r in read_jsonl(args.pytorch) if r.get("kind") == "assign_time"}
+    header = (f"{'priors':<11} {'B':>4} {'T':>4} | {'ours us':>8} {'graph us':>8} | "
+              f"{'torch GPU us':>12} {'CPU/image us':>12} {'CPU/batch us':>12} | {'GPU/ours':>8}")
+    print()
+    print("== target assignment, median device time per batch ==")
+    print(header)
+    print("-" * len(header))
+    for priors in ("ssdlite300", "ssd300"):
+        for b in (32, 256):
+            for t in (20, 100):
+                ours = ours_assign.get((priors, b, t), {})
+                ref = torch_assign.get((priors, b, t), {})
+                print(f"{priors:<11} {b:>4} {t:>4} | {fmt(ours.get('call_us'), '8.1f'):>8} "
+                      f"{fmt(ours.get('graph_us'), '8.1f'):>8} | {fmt(ref.get('gpu_batched_us'), '12.1f'):>12} "
+                      f"{fmt(ref.get('cpu_per_image_us'), '12.1f'):>12} {fmt(ref.get('cpu_batch_us'), '12.1f'):>12} | "
+                      f"{fmt(ratio(ref.get('gpu_batched_us'), ours.get('call_us')), '8.1f'):>8}")
     return 0
 
 

@@ -18,7 +18,16 @@ against, and a check that both compute the same losses.
    shape of a dtype it recompiles with dynamic shapes, as a training run
    that changes shapes would), and stops when --budget seconds are spent.
 
-One JSON object per line goes to --out (kind "compare" or "time"). The
+3. Target assignment (SPEC.md, "Target assignment"): the reference's
+   `MatchPrior` written below in plain PyTorch, timed per image on the CPU
+   (as the data loader's workers run it; wall clock, median image, times B)
+   and batched on the GPU (one padded batch, CUDA events, median), at the
+   cases of benches/gpu.rs's assignment (B 32/256, SSDLite-300 and SSD300
+   priors, T 20/100). First a check that the batched version gives the
+   per-image version's labels on small batches.
+
+One JSON object per line goes to --out (kind "compare", "time",
+"assign_compare" or "assign_time"). The
 reference algorithm is docs/SPEC.md's, as the SSD training code writes it:
 a sort of the background losses, then a sort of the sort, boolean indexing
 (which synchronises with the host), cross_entropy and smooth_l1_loss.
@@ -286,6 +295,192 @@ def timing(args, out, deadline):
     return ok
 
 
+# ------------------------------------------------------ target assignment
+
+ASSIGN_CASES = [(priors, b, t) for priors in ("ssdlite300", "ssd300") for b in (32, 256) for t in (20, 100)]
+PRIOR_SPECS = {  # (feature map, shrinkage, min size, max size, aspect ratios), image 300
+    "ssdlite300": [(19, 16, 60, 105, [2, 3]), (10, 32, 105, 150, [2, 3]), (5, 64, 150, 195, [2, 3]),
+                   (3, 100, 195, 240, [2, 3]), (2, 150, 240, 285, [2, 3]), (1, 300, 285, 330, [2, 3])],
+    "ssd300": [(38, 8, 30, 60, [2]), (19, 16, 60, 111, [2, 3]), (10, 32, 111, 162, [2, 3]),
+               (5, 64, 162, 213, [2, 3]), (3, 100, 213, 264, [2]), (1, 300, 264, 315, [2])],
+}
+
+
+def ssd_priors(name, image_size=300):
+    """The standard SSD priors [P, 4] (center form, float32, clamped)."""
+    import torch
+    rows = []
+    for fm, shrinkage, small, big, ratios in PRIOR_SPECS[name]:
+        scale = image_size / shrinkage
+        for j in range(fm):
+            for i in range(fm):
+                cx, cy = (i + 0.5) / scale, (j + 0.5) / scale
+                s = small / image_size
+                rows.append([cx, cy, s, s])
+                s2 = math.sqrt(big * small) / image_size
+                rows.append([cx, cy, s2, s2])
+                for r in ratios:
+                    r = math.sqrt(r)
+                    rows.append([cx, cy, s * r, s / r])
+                    rows.append([cx, cy, s / r, s * r])
+    return torch.tensor(rows, dtype=torch.float32).clamp_(0.0, 1.0)
+
+
+def _area(lt, rb):
+    hw = (rb - lt).clamp(min=0.0)
+    return hw[..., 0] * hw[..., 1]
+
+
+def _iou(boxes0, boxes1, eps=1e-5):
+    import torch
+    lt = torch.max(boxes0[..., :2], boxes1[..., :2])
+    rb = torch.min(boxes0[..., 2:], boxes1[..., 2:])
+    overlap = _area(lt, rb)
+    return overlap / (_area(boxes0[..., :2], boxes0[..., 2:]) + _area(boxes1[..., :2], boxes1[..., 2:]) - overlap + eps)
+
+
+def _corners(priors):
+    import torch
+    return torch.cat([priors[..., :2] - priors[..., 2:] / 2, priors[..., :2] + priors[..., 2:] / 2], -1)
+
+
+def _encode(boxes, priors, center_variance=0.1, size_variance=0.2):
+    import torch
+    center = torch.cat([(boxes[..., :2] + boxes[..., 2:]) / 2, boxes[..., 2:] - boxes[..., :2]], -1)
+    return torch.cat([(center[..., :2] - priors[..., :2]) / priors[..., 2:] / center_variance,
+                      torch.log(center[..., 2:] / priors[..., 2:]) / size_variance], -1)
+
+
+def match_prior(priors, corner_priors, gt_boxes, gt_labels, iou_threshold=0.5):
+    """The reference's MatchPrior for one image: (gt_locations, labels)."""
+    ious = _iou(gt_boxes.unsqueeze(0), corner_priors.unsqueeze(1))  # [P, n]
+    best_target, best_target_index = ious.max(1)
+    _, best_prior_index = ious.max(0)
+    for target_index, prior_index in enumerate(best_prior_index):
+        best_target_index[prior_index] = target_index
+    best_target.index_fill_(0, best_prior_index, 2)
+    labels = gt_labels[best_target_index]
+    labels[best_target < iou_threshold] = 0
+    return _encode(gt_boxes[best_target_index], priors), labels
+
+
+def match_prior_batched(priors, corner_priors, gt_boxes, gt_labels, gt_counts, iou_threshold=0.5):
+    """The same for a padded batch [B, T, 4] in one go (padding masked out);
+    an image without a box gets labels 0 and offsets 0."""
+    import torch
+    b, t, _ = gt_boxes.shape
+    p = priors.shape[0]
+    valid = torch.arange(t, device=gt_boxes.device)[None, :] < gt_counts[:, None].long()  # [B, T]
+    boxes = torch.where(valid[..., None], gt_boxes, torch.zeros_like(gt_boxes))
+    ious = _iou(boxes[:, None, :, :], corner_priors[None, :, None, :])  # [B, P, T]
+    ious = torch.where(valid[:, None, :], ious, torch.full_like(ious, -1.0))
+    best_target, best_target_index = ious.max(2)  # [B, P]
+    _, best_prior_index = ious.max(1)  # [B, T]
+    # Forced matches: the last box whose best prior is p wins p.
+    hits = (best_prior_index[:, None, :] == torch.arange(p, device=gt_boxes.device)[None, :, None]) & valid[:, None, :]
+    last = torch.where(hits, torch.arange(t, device=gt_boxes.device)[None, None, :], torch.full_like(best_prior_index[:, None, :], -1)).max(2).values
+    forced = last >= 0
+    best_target_index = torch.where(forced, last, best_target_index)
+    best_target = torch.where(forced, torch.full_like(best_target, 2.0), best_target)
+    labels = torch.gather(gt_labels, 1, best_target_index)
+    labels = torch.where(best_target < iou_threshold, torch.zeros_like(labels), labels)
+    matched = torch.gather(boxes, 1, best_target_index[..., None].expand(b, p, 4))
+    locations = _encode(matched, priors[None])
+    empty = ~valid.any(1)
+    labels = torch.where(empty[:, None], torch.zeros_like(labels), labels)
+    locations = torch.where(empty[:, None, None], torch.zeros_like(locations), locations)
+    return locations, labels
+
+
+def draw_boxes(b, t, seed, device="cpu"):
+    """A padded batch: image i has between t/4 and 3t/4 boxes of random size."""
+    import torch
+    gen = torch.Generator().manual_seed(seed)
+    counts = torch.randint(t // 4, t // 4 + t // 2 + 1, (b,), generator=gen, dtype=torch.int32)
+    wh = 0.02 + 0.5 * torch.rand(b, t, 2, generator=gen)
+    xy = (1 - wh) * torch.rand(b, t, 2, generator=gen)
+    boxes = torch.cat([xy, xy + wh], -1)
+    labels = torch.randint(1, 21, (b, t), generator=gen)
+    return boxes.to(device), labels.to(device), counts.to(device)
+
+
+def assign_check(out):
+    import torch
+    ok = True
+    for name in ("ssdlite300", "ssd300"):
+        priors = ssd_priors(name)
+        corners = _corners(priors)
+        boxes, labels, counts = draw_boxes(4, 20, seed=5)
+        counts[1] = 0
+        loc, lab = match_prior_batched(priors, corners, boxes, labels, counts)
+        good = True
+        for i in range(4):
+            n = int(counts[i])
+            if n == 0:
+                good &= bool((lab[i] == 0).all()) and bool((loc[i] == 0).all())
+                continue
+            l1, lab1 = match_prior(priors, corners, boxes[i, :n], labels[i, :n])
+            good &= torch.equal(lab1, lab[i]) and bool(torch.allclose(l1, loc[i], rtol=1e-6, atol=1e-6))
+        ok &= good
+        log(f"assign check {name:10} {'ok' if good else 'FAILED'}: batched MatchPrior vs per image")
+        out.write(json.dumps({"kind": "assign_compare", "priors": name, "ok": good}) + "\n")
+    return ok
+
+
+def assign_timing(args, out, deadline):
+    import torch
+    ok = True
+    cases = ASSIGN_CASES[:1] if args.quick else ASSIGN_CASES
+    gpu = torch.cuda.is_available()
+    for name, b, t in cases:
+        priors = ssd_priors(name)
+        corners = _corners(priors)
+        boxes, labels, counts = draw_boxes(b, t, seed=b + t)
+        rec = {"kind": "assign_time", "assign_case": name, "batch": b, "priors": priors.shape[0], "max_boxes": t}
+        if deadline - time.monotonic() < 10:
+            rec["skipped"] = "time budget spent"
+            out.write(json.dumps(rec) + "\n")
+            continue
+        try:
+            # Per image on the CPU, as a data loader worker: the median image, times B.
+            per_image = []
+            for i in range(min(b, 8 if args.quick else 32)):
+                n = int(counts[i])
+                t0 = time.perf_counter()
+                match_prior(priors, corners, boxes[i, :n], labels[i, :n])
+                per_image.append(time.perf_counter() - t0)
+            rec["cpu_per_image_us"] = 1e6 * statistics.median(per_image)
+            rec["cpu_batch_us"] = rec["cpu_per_image_us"] * b
+            line = f"assign {name:10} B={b:<3} T={t:<3}: CPU per image {rec['cpu_per_image_us']:9.1f} us"
+            if gpu:
+                dev = [x.cuda() for x in (priors, corners, boxes, labels, counts)]
+                fn = lambda: match_prior_batched(*dev)  # noqa: E731
+                for _ in range(3):
+                    fn()
+                torch.cuda.synchronize()
+                n = 5 if args.quick else 30
+                events = [torch.cuda.Event(enable_timing=True) for _ in range(n + 1)]
+                events[0].record()
+                for k in range(n):
+                    fn()
+                    events[k + 1].record()
+                torch.cuda.synchronize()
+                rec["gpu_batched_us"] = statistics.median(1e3 * x.elapsed_time(y) for x, y in zip(events, events[1:]))
+                line += f"; GPU batched {rec['gpu_batched_us']:9.1f} us"
+                rec["device"] = torch.cuda.get_device_properties(0).name
+            log(line)
+        except Exception as e:  # noqa: BLE001 - report and go on
+            ok = False
+            rec["error"] = f"{type(e).__name__}: {e}"[:500]
+            log(f"assign {name} B={b} T={t}: FAILED {rec['error']}")
+        finally:
+            if gpu:
+                torch.cuda.empty_cache()
+        out.write(json.dumps(rec) + "\n")
+        out.flush()
+    return ok
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.devnull, help="JSON lines file")
@@ -306,6 +501,10 @@ def main():
     with open(args.out, "a") as out:
         ok = check(args, out)
         out.flush()
+        ok &= assign_check(out)
+        # The assignment's timing is short; the loss's torch.compile may use
+        # the rest of the budget.
+        ok &= assign_timing(args, out, deadline)
         ok &= timing(args, out, deadline)
     return 0 if ok else 1
 

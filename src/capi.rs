@@ -237,7 +237,11 @@ impl From<Error> for Failure {
             | Error::InvalidLabel { .. }
             | Error::NullPointer { .. }
             | Error::Misaligned { .. }
-            | Error::WrongContext { .. } => MULTIBOX_INVALID_ARGUMENT,
+            | Error::WrongContext { .. }
+            | Error::InvalidTargetShape { .. }
+            | Error::TargetLengthMismatch { .. }
+            | Error::TargetWorkspaceTooSmall { .. }
+            | Error::InvalidPriors(_) => MULTIBOX_INVALID_ARGUMENT,
             Error::NoKernels(_) => MULTIBOX_NO_KERNELS,
             Error::NoDevice(_) => MULTIBOX_NO_DEVICE,
             Error::Driver(_) | Error::Launch { .. } => MULTIBOX_CUDA_ERROR,
@@ -800,4 +804,461 @@ pub unsafe extern "C" fn multibox_reference_forward_backward_f32(
 ) -> multibox_status_code {
     // SAFETY: the caller's contract above.
     guard(|| unsafe { reference_f32(config, call, out, true) })
+}
+
+// ---------------------------------------------------------------------------
+// Target assignment (SPEC.md, "Target assignment"): the labels and
+// gt_locations the loss takes, from padded ground-truth boxes.
+
+/// The settings of target assignment; `multibox_target_config_default`
+/// fills in the defaults.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct multibox_target_config {
+    /// In (0, 1]; 0.5 by default.
+    pub iou_threshold: f32,
+    /// Positive, finite; 0.1 by default.
+    pub center_variance: f32,
+    /// Positive, finite; 0.2 by default.
+    pub size_variance: f32,
+    /// C of the loss that follows, so that box labels >= C are reported;
+    /// 0 when unknown (the default).
+    pub num_classes: u32,
+}
+
+/// The shape of an assignment: `B` images, `P` priors, `T` box rows per image.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct multibox_target_shape {
+    /// B >= 1.
+    pub batch: usize,
+    /// P >= 1.
+    pub priors: usize,
+    /// T >= 1 (padding included).
+    pub max_boxes: usize,
+}
+
+/// Which standard priors `multibox_standard_priors` writes.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum multibox_priors_kind {
+    /// SSDLite-300 / MobileNet SSD: 3000 priors.
+    MULTIBOX_PRIORS_SSDLITE300 = 0,
+    /// SSD300 (VGG16): 8732 priors.
+    MULTIBOX_PRIORS_SSD300 = 1,
+}
+
+/// One device assignment: device addresses of contiguous row-major arrays
+/// of the assigner's device.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct multibox_target_call {
+    /// The shape.
+    pub shape: multibox_target_shape,
+    /// A `multibox_dtype`: the type of `gt_locations`.
+    pub dtype: i32,
+    /// A `multibox_label_type`: the type of `gt_labels` and `labels`.
+    pub label_type: i32,
+    /// `[P, 4]` float priors, center form; 0 for the assigner's own priors.
+    pub priors: u64,
+    /// `[B, T, 4]` float boxes, corner form; rows past `gt_counts[b]` are never read.
+    pub gt_boxes: u64,
+    /// `[B, T]` box labels, 1..C-1.
+    pub gt_labels: u64,
+    /// `[B]` int32_t boxes per image.
+    pub gt_counts: u64,
+    /// `[B, P]` output labels.
+    pub labels: u64,
+    /// `[B, P, 4]` output offsets.
+    pub gt_locations: u64,
+    /// At least `multibox_target_workspace_bytes` bytes, 256-byte aligned.
+    pub workspace: u64,
+    /// Size of the workspace in bytes.
+    pub workspace_bytes: usize,
+}
+
+/// What assignment recorded about its inputs (SPEC.md): nothing stops it.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct multibox_target_status {
+    /// A `gt_counts[b]` outside 0..T, clamped.
+    pub count_clamped: bool,
+    /// A box label below 1 (or >= C when C is known), copied as it is.
+    pub invalid_box_label: bool,
+    /// A non-finite box, or one with x1 <= x0 or y1 <= y0: skipped.
+    pub degenerate_box: bool,
+}
+
+/// One CPU reference assignment on host arrays, each with its length in
+/// elements; offsets are float.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct multibox_target_host_call {
+    /// The shape.
+    pub shape: multibox_target_shape,
+    /// A `multibox_label_type`: what `gt_labels` and `labels` point to.
+    pub label_type: i32,
+    /// `[P, 4]` priors, center form.
+    pub priors: *const f32,
+    /// Elements of `priors`: P*4.
+    pub priors_len: usize,
+    /// `[B, T, 4]` boxes, corner form.
+    pub gt_boxes: *const f32,
+    /// Elements of `gt_boxes`: B*T*4.
+    pub gt_boxes_len: usize,
+    /// `[B, T]` box labels, int32_t or int64_t.
+    pub gt_labels: *const c_void,
+    /// Elements of `gt_labels`: B*T.
+    pub gt_labels_len: usize,
+    /// `[B]` boxes per image.
+    pub gt_counts: *const i32,
+    /// Elements of `gt_counts`: B.
+    pub gt_counts_len: usize,
+    /// `[B, P]` output labels, of the label type.
+    pub labels: *mut c_void,
+    /// Elements of `labels`: B*P.
+    pub labels_len: usize,
+    /// `[B, P, 4]` output offsets.
+    pub gt_locations: *mut f32,
+    /// Elements of `gt_locations`: B*P*4.
+    pub gt_locations_len: usize,
+}
+
+/// Target assignment on one CUDA device (opaque): create it with
+/// `multibox_assigner_create`, free it with `multibox_assigner_destroy`.
+pub struct multibox_assigner {
+    assigner: crate::targets::TargetAssigner,
+}
+
+fn target_config(c: &multibox_target_config) -> Result<crate::targets::TargetConfig, Failure> {
+    let config = crate::targets::TargetConfig {
+        iou_threshold: c.iou_threshold,
+        center_variance: c.center_variance,
+        size_variance: c.size_variance,
+        num_classes: (c.num_classes != 0).then_some(c.num_classes),
+    };
+    config.validate()?;
+    Ok(config)
+}
+
+/// `config` or the defaults when NULL.
+///
+/// # Safety
+/// `config` is NULL or points to a valid `multibox_target_config`.
+unsafe fn target_config_or_default(
+    config: *const multibox_target_config,
+) -> Result<crate::targets::TargetConfig, Failure> {
+    match config.is_null() {
+        true => Ok(Default::default()),
+        // SAFETY: non-null; the caller vouches for it.
+        false => target_config(unsafe { &*config }),
+    }
+}
+
+fn target_shape(s: &multibox_target_shape) -> crate::targets::TargetShape {
+    crate::targets::TargetShape::new(s.batch, s.priors, s.max_boxes)
+}
+
+/// Writes the default assignment settings (0.5, 0.1, 0.2, C unknown) to `out`.
+///
+/// # Safety
+/// `out` is NULL or points to a writable `multibox_target_config`.
+#[no_mangle]
+pub unsafe extern "C" fn multibox_target_config_default(
+    out: *mut multibox_target_config,
+) -> multibox_status_code {
+    guard(|| {
+        let d = crate::targets::TargetConfig::default();
+        let value = multibox_target_config {
+            iou_threshold: d.iou_threshold,
+            center_variance: d.center_variance,
+            size_variance: d.size_variance,
+            num_classes: 0,
+        };
+        // SAFETY: the caller's contract above.
+        unsafe { write_out("out", out, value) }
+    })
+}
+
+/// The workspace an assignment of this shape needs, in bytes.
+///
+/// # Safety
+/// `out` is NULL or points to a writable `size_t`.
+#[no_mangle]
+pub unsafe extern "C" fn multibox_target_workspace_bytes(
+    batch: usize,
+    priors: usize,
+    max_boxes: usize,
+    out: *mut usize,
+) -> multibox_status_code {
+    guard(|| {
+        let shape = crate::targets::TargetShape::new(batch, priors, max_boxes);
+        let bytes = crate::targets::plan::workspace_bytes(shape)?;
+        // SAFETY: the caller's contract above.
+        unsafe { write_out("out", out, bytes) }
+    })
+}
+
+/// Writes the standard priors `kind` (a `multibox_priors_kind`), `[P, 4]`
+/// float center form, to `out` (`out_len` floats, exactly P*4), and P*4 to
+/// `*len_out`. With `out` NULL, only `*len_out` is written (to size `out`).
+///
+/// # Safety
+/// `len_out` is NULL or writable; `out` is NULL or holds `out_len` writable floats.
+#[no_mangle]
+pub unsafe extern "C" fn multibox_standard_priors(
+    kind: i32,
+    out: *mut f32,
+    out_len: usize,
+    len_out: *mut usize,
+) -> multibox_status_code {
+    guard(|| {
+        let priors = match kind {
+            0 => crate::targets::priors::ssdlite300(),
+            1 => crate::targets::priors::ssd300(),
+            _ => {
+                return Err(invalid(format!(
+                    "kind {kind} is not a multibox_priors_kind (0 SSDLite-300, 1 SSD300)"
+                )))
+            }
+        };
+        // SAFETY: the caller's contract above.
+        unsafe { write_out("len_out", len_out, priors.len()) }?;
+        if !out.is_null() {
+            check_output("out", out, out_len, priors.len())?;
+            // SAFETY: checked above; the caller vouches that it is writable.
+            unsafe { write_host(out, &priors) };
+        }
+        Ok(())
+    })
+}
+
+/// Creates target assignment on CUDA device `device_ordinal`'s primary
+/// context: loads the kernels and uploads `priors` (`priors_len` floats,
+/// `[P, 4]` center form, from host memory) once. `config` may be NULL for
+/// the defaults. `*out` is NULL on any failure.
+///
+/// # Safety
+/// `priors` is NULL or holds `priors_len` floats; `config` is NULL or
+/// valid; `out` is NULL or points to a writable `multibox_assigner*`.
+#[no_mangle]
+pub unsafe extern "C" fn multibox_assigner_create(
+    device_ordinal: i32,
+    priors: *const f32,
+    priors_len: usize,
+    config: *const multibox_target_config,
+    out: *mut *mut multibox_assigner,
+) -> multibox_status_code {
+    guard(|| {
+        // SAFETY: the caller's contract above.
+        unsafe { write_out("out", out, std::ptr::null_mut()) }?;
+        // SAFETY: the caller's contract above.
+        let config = unsafe { target_config_or_default(config) }?;
+        // SAFETY: the caller's contract above; host_slice checks null and alignment.
+        let priors = unsafe { host_slice("priors", priors, priors_len) }?;
+        let ordinal = usize::try_from(device_ordinal)
+            .map_err(|_| invalid(format!("device_ordinal {device_ordinal} is negative")))?;
+        let ctx = crate::cuda_context(ordinal)?;
+        let assigner = crate::targets::TargetAssigner::new(&ctx, priors, config)?;
+        let handle = Box::into_raw(Box::new(multibox_assigner { assigner }));
+        // SAFETY: `out` was checked non-null and written above.
+        unsafe { out.write(handle) };
+        Ok(())
+    })
+}
+
+/// Frees an assigner from `multibox_assigner_create`; NULL is a no-op.
+///
+/// # Safety
+/// `assigner` is NULL or came from `multibox_assigner_create` and is not
+/// used again; no work queued through it is still to be launched.
+#[no_mangle]
+pub unsafe extern "C" fn multibox_assigner_destroy(
+    assigner: *mut multibox_assigner,
+) -> multibox_status_code {
+    guard(|| {
+        if !assigner.is_null() {
+            // SAFETY: a pointer from Box::into_raw in multibox_assigner_create, once.
+            drop(unsafe { Box::from_raw(assigner) });
+        }
+        Ok(())
+    })
+}
+
+/// Assigns targets (3 launches on `stream`, a `CUstream`/`cudaStream_t` of
+/// the assigner's device, or NULL for the legacy default stream): allocates
+/// nothing, reads nothing back; every host-visible problem is reported
+/// before the first launch.
+///
+/// # Safety
+/// `assigner` is NULL or from `multibox_assigner_create`; `call` is NULL or
+/// points to a `multibox_target_call` whose addresses are device
+/// allocations of the assigner's device, as large as the shape and types
+/// imply, outputs not overlapping inputs, alive until the work completes;
+/// `stream` is a live stream of that device's primary context, or NULL.
+#[no_mangle]
+pub unsafe extern "C" fn multibox_assign_targets(
+    assigner: *const multibox_assigner,
+    call: *const multibox_target_call,
+    stream: *mut c_void,
+) -> multibox_status_code {
+    guard(|| {
+        // SAFETY: the caller's contract above.
+        let assigner = unsafe { read_arg("assigner", assigner) }?;
+        // SAFETY: the caller's contract above.
+        let c = unsafe { read_arg("call", call) }?;
+        let raw = crate::targets::RawTargetCall {
+            shape: target_shape(&c.shape),
+            dtype: dtype(c.dtype)?,
+            label_type: label_type(c.label_type)?,
+            buffers: crate::targets::RawTargetBuffers {
+                priors: c.priors,
+                gt_boxes: c.gt_boxes,
+                gt_labels: c.gt_labels,
+                gt_counts: c.gt_counts,
+                labels: c.labels,
+                gt_locations: c.gt_locations,
+                workspace: c.workspace,
+                workspace_bytes: c.workspace_bytes,
+            },
+        };
+        // SAFETY: the caller's contract is launch_raw's.
+        unsafe { assigner.assigner.launch_raw(&raw, stream.cast()) }?;
+        Ok(())
+    })
+}
+
+/// Reads the status word the last assignment with this `workspace` (and
+/// `shape`) left. Synchronises with `stream`.
+///
+/// # Safety
+/// `assigner`, `shape` and `out` are NULL or valid; `workspace` is a device
+/// allocation of the assigner's device of `workspace_bytes` bytes; `stream`
+/// is a live stream of that device's primary context, or NULL.
+#[no_mangle]
+pub unsafe extern "C" fn multibox_assigner_status(
+    assigner: *const multibox_assigner,
+    shape: *const multibox_target_shape,
+    workspace: u64,
+    workspace_bytes: usize,
+    stream: *mut c_void,
+    out: *mut multibox_target_status,
+) -> multibox_status_code {
+    guard(|| {
+        // SAFETY: the caller's contract above.
+        let assigner = unsafe { read_arg("assigner", assigner) }?;
+        // SAFETY: the caller's contract above.
+        let shape = target_shape(unsafe { read_arg("shape", shape) }?);
+        if out.is_null() {
+            return Err(invalid("`out` is a null pointer".into()));
+        }
+        // SAFETY: the caller's contract above.
+        let s = unsafe {
+            assigner
+                .assigner
+                .status_raw(shape, workspace, workspace_bytes, stream.cast())
+        }?;
+        let value = multibox_target_status {
+            count_clamped: s.count_clamped,
+            invalid_box_label: s.invalid_box_label,
+            degenerate_box: s.degenerate_box,
+        };
+        // SAFETY: the caller's contract above.
+        unsafe { write_out("out", out, value) }
+    })
+}
+
+/// The CPU reference's assignment for one label type, written to the
+/// caller's outputs.
+///
+/// # Safety
+/// As `multibox_reference_assign_targets`; the outputs passed check_output.
+unsafe fn reference_assign<L: crate::Label>(
+    config: &crate::targets::TargetConfig,
+    c: &multibox_target_host_call,
+) -> Result<crate::targets::TargetStatus, Failure> {
+    let shape = target_shape(&c.shape);
+    // Computed into Rust vectors, then copied: an output overlapping an
+    // input is no aliasing.
+    let result = {
+        // SAFETY (all four): the caller vouches for the arrays' contents;
+        // host_slice checks null, alignment and size.
+        let priors = unsafe { host_slice("priors", c.priors, c.priors_len) }?;
+        // SAFETY: as above.
+        let boxes = unsafe { host_slice("gt_boxes", c.gt_boxes, c.gt_boxes_len) }?;
+        // SAFETY: as above.
+        let labels = unsafe { host_slice("gt_labels", c.gt_labels.cast::<L>(), c.gt_labels_len) }?;
+        // SAFETY: as above.
+        let counts = unsafe { host_slice("gt_counts", c.gt_counts, c.gt_counts_len) }?;
+        crate::targets::reference::assign::<L>(config, shape, priors, boxes, labels, counts)?
+    };
+    // SAFETY: both passed check_output with these lengths (the caller of
+    // this function checked them); the caller vouches that they are writable.
+    unsafe {
+        write_host(c.labels.cast::<L>(), &result.labels);
+        write_host(c.gt_locations, &result.gt_locations);
+    }
+    Ok(result.status)
+}
+
+/// Target assignment by the CPU reference on host arrays; needs no GPU.
+/// `config` may be NULL for the defaults; `status` may be NULL. Every
+/// problem is reported before anything is written.
+///
+/// # Safety
+/// `config`, `call` and `status` are NULL or valid; every array in `call`
+/// holds the number of elements its length field says, and the outputs are
+/// writable.
+#[no_mangle]
+pub unsafe extern "C" fn multibox_reference_assign_targets(
+    config: *const multibox_target_config,
+    call: *const multibox_target_host_call,
+    status: *mut multibox_target_status,
+) -> multibox_status_code {
+    guard(|| {
+        // SAFETY: the caller's contract above.
+        let config = unsafe { target_config_or_default(config) }?;
+        // SAFETY: the caller's contract above.
+        let c = unsafe { read_arg("call", call) }?;
+        let shape = target_shape(&c.shape);
+        shape.validate()?;
+        let label_type = label_type(c.label_type)?;
+        match label_type {
+            LabelType::I32 => check_output(
+                "labels",
+                c.labels.cast::<i32>(),
+                c.labels_len,
+                shape.labels_len(),
+            )?,
+            LabelType::I64 => check_output(
+                "labels",
+                c.labels.cast::<i64>(),
+                c.labels_len,
+                shape.labels_len(),
+            )?,
+        }
+        check_output(
+            "gt_locations",
+            c.gt_locations,
+            c.gt_locations_len,
+            shape.locations_len(),
+        )?;
+        // SAFETY: the caller's contract above; the outputs were checked.
+        let s = unsafe {
+            match label_type {
+                LabelType::I32 => reference_assign::<i32>(&config, c),
+                LabelType::I64 => reference_assign::<i64>(&config, c),
+            }
+        }?;
+        if !status.is_null() {
+            let value = multibox_target_status {
+                count_clamped: s.count_clamped,
+                invalid_box_label: s.invalid_box_label,
+                degenerate_box: s.degenerate_box,
+            };
+            // SAFETY: non-null; the caller vouches that it is writable.
+            unsafe { status.write(value) };
+        }
+        Ok(())
+    })
 }

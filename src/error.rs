@@ -101,6 +101,39 @@ pub enum Error {
     /// No usable CUDA device (see [`crate::cuda_context`]).
     #[error("no CUDA device: {0}")]
     NoDevice(String),
+    /// A target-assignment shape out of range (`B, P, T >= 1`, indices in 32 bits).
+    #[error("invalid target shape {shape}: {reason}")]
+    InvalidTargetShape {
+        /// The shape that was passed.
+        shape: crate::targets::TargetShape,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A target-assignment buffer whose length does not match the shape.
+    #[error("`{name}` has {actual} elements, but target shape {shape} needs {expected}")]
+    TargetLengthMismatch {
+        /// The argument's name (`gt_boxes`, `labels`, ...).
+        name: &'static str,
+        /// What the shape requires.
+        expected: usize,
+        /// What was passed.
+        actual: usize,
+        /// The shape.
+        shape: crate::targets::TargetShape,
+    },
+    /// The workspace passed is smaller than [`crate::targets::plan::workspace_bytes`] says.
+    #[error("workspace has {actual} bytes, target shape {shape} needs {expected}")]
+    TargetWorkspaceTooSmall {
+        /// Bytes required.
+        expected: usize,
+        /// Bytes passed.
+        actual: usize,
+        /// The shape.
+        shape: crate::targets::TargetShape,
+    },
+    /// Priors that are not `[P, 4]` finite center-form boxes with positive sizes.
+    #[error("invalid priors: {0}")]
+    InvalidPriors(String),
     /// A CUDA driver call failed.
     #[error("CUDA driver: {0}")]
     Driver(#[from] cudarc::driver::DriverError),

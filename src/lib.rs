@@ -71,6 +71,7 @@ mod loss;
 pub mod plan;
 pub mod reference;
 pub mod synthetic;
+pub mod targets;
 
 pub use config::{MultiboxConfig, Reduction, Shape};
 /// cudarc, re-exported so callers use the same version.

@@ -2,13 +2,14 @@
 
 use multibox::kernels::{images_of, sources, ImageKind, BUILD_REPORT};
 use multibox::plan::Step;
+use multibox::targets::plan::TargetStep;
 
 const ARCHS: [u32; 7] = [75, 80, 86, 89, 90, 100, 120];
 
 #[test]
 fn every_source_has_a_cubin_per_architecture_and_a_ptx_fallback() {
     let sources = sources();
-    for expected in ["gradient", "rows", "select"] {
+    for expected in ["gradient", "rows", "select", "targets"] {
         assert!(
             sources.contains(&expected),
             "kernels/{expected}.cu is not embedded: {sources:?}"
@@ -31,7 +32,8 @@ fn every_source_has_a_cubin_per_architecture_and_a_ptx_fallback() {
 
 #[test]
 fn every_launched_kernel_exists_on_every_architecture_without_spills() {
-    for kernel in Step::all_kernel_names() {
+    let target_kernels = TargetStep::all_kernel_names();
+    for kernel in Step::all_kernel_names().into_iter().chain(target_kernels) {
         for arch in ARCHS {
             let report = BUILD_REPORT
                 .iter()
@@ -81,4 +83,17 @@ fn each_step_finds_its_kernels_in_the_source_it_loads() {
     }
     assert_eq!(Step::Select.kernel_names(), ["multibox_select"]);
     assert_eq!(Step::Rows.kernel_names().len(), 6);
+}
+
+#[test]
+fn target_assignment_kernels_live_in_targets_cu() {
+    let names = TargetStep::all_kernel_names();
+    assert_eq!(names.len(), 1 + 2 + 6, "{names:?}");
+    for kernel in names {
+        let reports: Vec<_> = BUILD_REPORT.iter().filter(|r| r.kernel == kernel).collect();
+        assert!(!reports.is_empty(), "{kernel} is not in the build report");
+        for r in reports {
+            assert_eq!(r.source, "targets", "{kernel} on sm_{}", r.arch);
+        }
+    }
 }

@@ -235,6 +235,12 @@ inline float __fdividef(float a, float b) { return a / b; }
 inline float __saturatef(float x) { return x > 0.0f ? (x < 1.0f ? x : 1.0f) : 0.0f; }  // NaN -> 0
 inline float __fmaf_rn(float a, float b, float c) { return fmaf(a, b, c); }
 inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+// IEEE operations rounded to nearest, never contracted: what the CPU build
+// does for plain operators already (no -ffp-contract=fast, no -mfma).
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
 
 #define EMU_MIN_MAX(T)                             \
     inline T min(T a, T b) { return b < a ? b : a; } \

@@ -259,3 +259,9 @@ def multibox_loss(
         bool(need_grad),
     )
     return reg, cls, num_pos
+
+
+# Target assignment and the drop-in MultiboxLoss module (targets.py).
+from .targets import MultiboxLoss, assign_targets, pad_targets, standard_priors  # noqa: E402
+
+__all__ += ["assign_targets", "pad_targets", "standard_priors", "MultiboxLoss"]

@@ -202,6 +202,59 @@ int main(void) {
         CHECK(multibox_loss_destroy(loss) == MULTIBOX_OK);
     }
 
+    /* Target assignment: the standard priors, the CPU reference on one box
+       (the prior that contains it best is positive), and the refusals. */
+    {
+        size_t n = 0;
+        CHECK(multibox_standard_priors(MULTIBOX_PRIORS_SSDLITE300, NULL, 0, &n) == MULTIBOX_OK);
+        CHECK(n == 3000 * 4);
+        static float priors[3000 * 4];
+        CHECK(multibox_standard_priors(MULTIBOX_PRIORS_SSDLITE300, priors, n, &n) == MULTIBOX_OK);
+        CHECK_INVALID(multibox_standard_priors(7, priors, n, &n), "kind");
+        multibox_target_config tconfig;
+        CHECK(multibox_target_config_default(&tconfig) == MULTIBOX_OK);
+        CHECK(tconfig.iou_threshold == 0.5f && tconfig.center_variance == 0.1f && tconfig.size_variance == 0.2f);
+        float boxes[4] = {0.1f, 0.1f, 0.4f, 0.5f};
+        int64_t box_labels[1] = {7};
+        int32_t counts[1] = {1};
+        static int64_t labels[3000];
+        static float locations[3000 * 4];
+        multibox_target_host_call tcall = {
+            .shape = {1, 3000, 1},
+            .label_type = MULTIBOX_I64,
+            .priors = priors, .priors_len = 3000 * 4,
+            .gt_boxes = boxes, .gt_boxes_len = 4,
+            .gt_labels = box_labels, .gt_labels_len = 1,
+            .gt_counts = counts, .gt_counts_len = 1,
+            .labels = labels, .labels_len = 3000,
+            .gt_locations = locations, .gt_locations_len = 3000 * 4,
+        };
+        multibox_target_status tstatus;
+        CHECK(multibox_reference_assign_targets(&tconfig, &tcall, &tstatus) == MULTIBOX_OK);
+        CHECK(!tstatus.count_clamped && !tstatus.invalid_box_label && !tstatus.degenerate_box);
+        int positives = 0;
+        for (int i = 0; i < 3000; ++i) positives += labels[i] == 7;
+        CHECK(positives >= 1);
+        tcall.gt_locations_len -= 1;
+        CHECK_INVALID(multibox_reference_assign_targets(&tconfig, &tcall, NULL), "gt_locations");
+        tcall.gt_locations_len += 1;
+        tconfig.iou_threshold = 0.0f;
+        CHECK_INVALID(multibox_reference_assign_targets(&tconfig, &tcall, NULL), "iou_threshold");
+        size_t bytes = 0;
+        CHECK(multibox_target_workspace_bytes(32, 8732, 100, &bytes) == MULTIBOX_OK && bytes > 0);
+        multibox_assigner* assigner = NULL;
+        CHECK_INVALID(multibox_assigner_create(0, NULL, 0, NULL, &assigner), "priors");
+        CHECK(assigner == NULL);
+        CHECK_INVALID(multibox_assign_targets(NULL, NULL, NULL), "assigner");
+        CHECK(multibox_assigner_destroy(NULL) == MULTIBOX_OK);
+        code = multibox_assigner_create(0, priors, 3000 * 4, NULL, &assigner);
+        CHECK(code == MULTIBOX_OK || code == MULTIBOX_NO_DEVICE);
+        if (code == MULTIBOX_OK) {
+            CHECK_INVALID(multibox_assign_targets(assigner, NULL, NULL), "call");
+            CHECK(multibox_assigner_destroy(assigner) == MULTIBOX_OK);
+        }
+    }
+
     if (failures) {
         fprintf(stderr, "%d C ABI check(s) failed\n", failures);
         return 1;

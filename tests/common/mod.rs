@@ -5,8 +5,10 @@
 
 pub mod check;
 pub mod emulated;
+pub mod emulated_targets;
 pub mod golden;
 pub mod gpu;
+pub mod target_golden;
 
 pub use check::{check, BackendResult, Report};
 pub use golden::{list_cases, Case, CaseMeta, CaseVisitor, Expected};

@@ -1,0 +1,313 @@
+"""Target assignment (prior matching and box encoding) as a PyTorch custom
+op, and ``MultiboxLoss``, a drop-in for the reference training code's module.
+
+    from multibox_torch import MultiboxLoss, pad_targets
+    criterion = MultiboxLoss(config.priors, iou_threshold=0.5, neg_pos_ratio=3,
+                             center_variance=0.1, size_variance=0.2, device=device)
+    gt_boxes, gt_labels, gt_counts = pad_targets(boxes_per_image, labels_per_image)
+    labels, gt_locations = criterion.assign(gt_boxes.cuda(), gt_labels.cuda(), gt_counts.cuda())
+    regression_loss, classification_loss = criterion(confidence, locations, labels, gt_locations)
+
+The assignment is the reference's ``MatchPrior`` (SPEC.md, "Target
+assignment"), for a whole padded batch at once: on CUDA tensors the crate's
+kernels on the current stream (no host synchronisation, capturable in a
+CUDA graph), on CPU tensors the crate's CPU reference. Either way the labels
+equal the reference's float32 labels bit for bit.
+"""
+
+import ctypes
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from . import _capi, _capi_targets
+
+__all__ = ["assign_targets", "pad_targets", "standard_priors", "MultiboxLoss"]
+
+_LABEL_TYPES = {torch.int32: _capi.I32, torch.int64: _capi.I64}
+
+# (device index, iou_threshold, center_variance, size_variance) ->
+# multibox_assigner*. An assigner loads the kernels once per device and
+# settings and lives as long as the process. Every call passes its own
+# priors tensor, so one assigner serves any priors.
+_assigners = {}
+
+
+def standard_priors(name: str = "ssdlite300") -> Tensor:
+    """The standard SSD priors ``[P, 4]`` (center form, float32, CPU),
+    bit-identical to the reference's ``config.priors``: ``"ssdlite300"``
+    (the MobileNet SSD / SSDLite configs, 3000 priors) or ``"ssd300"`` (VGG,
+    8732 priors)."""
+    kinds = {"ssdlite300": _capi_targets.PRIORS_SSDLITE300, "ssd300": _capi_targets.PRIORS_SSD300}
+    if name not in kinds:
+        raise ValueError(f"unknown priors {name!r}: expected one of {sorted(kinds)}")
+    values = _capi_targets.standard_priors(kinds[name])
+    return torch.frombuffer(bytearray(values), dtype=torch.float32).reshape(-1, 4)
+
+
+def pad_targets(
+    boxes: Sequence[Tensor],
+    labels: Sequence[Tensor],
+    max_boxes: Optional[int] = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Pads per-image boxes ``[n_b, 4]`` (corner form) and labels ``[n_b]``
+    into ``(gt_boxes [B, T, 4] float32, gt_labels [B, T], gt_counts [B] int32)``,
+    on the device of the first tensor. ``T`` is ``max_boxes`` if given (it
+    must hold every image), else the largest count (at least 1). The labels
+    keep their integer type (int64 or int32). Padding rows hold zeros; the
+    assignment never reads them."""
+    if len(boxes) != len(labels):
+        raise ValueError(f"{len(boxes)} box tensors but {len(labels)} label tensors")
+    if len(boxes) == 0:
+        raise ValueError("pad_targets needs at least one image")
+    counts = []
+    for i, (b, l) in enumerate(zip(boxes, labels)):
+        if b.dim() != 2 or b.shape[-1] != 4:
+            raise ValueError(f"image {i}: boxes must be [n, 4], got {tuple(b.shape)}")
+        if l.dim() != 1 or l.shape[0] != b.shape[0]:
+            raise ValueError(f"image {i}: labels must be [{b.shape[0]}], got {tuple(l.shape)}")
+        if l.dtype not in _LABEL_TYPES:
+            raise ValueError(f"image {i}: labels must be int64 or int32, got {l.dtype}")
+        counts.append(int(b.shape[0]))
+    longest = max(counts)
+    t = max(1, longest) if max_boxes is None else int(max_boxes)
+    if t < max(1, longest):
+        raise ValueError(f"max_boxes={max_boxes} is smaller than an image's {longest} boxes")
+    device = boxes[0].device
+    label_dtype = labels[0].dtype
+    gt_boxes = torch.zeros((len(boxes), t, 4), dtype=torch.float32, device=device)
+    gt_labels = torch.zeros((len(boxes), t), dtype=label_dtype, device=device)
+    for i, (b, l) in enumerate(zip(boxes, labels)):
+        gt_boxes[i, : b.shape[0]] = b.to(device=device, dtype=torch.float32)
+        gt_labels[i, : l.shape[0]] = l.to(device=device, dtype=label_dtype)
+    gt_counts = torch.tensor(counts, dtype=torch.int32, device=device)
+    return gt_boxes, gt_labels, gt_counts
+
+
+def _check(priors, gt_boxes, gt_labels, gt_counts):
+    torch._check(priors.dim() == 2 and priors.shape[-1] == 4, lambda: f"priors must be [P, 4], got {tuple(priors.shape)}")
+    torch._check(
+        gt_boxes.dim() == 3 and gt_boxes.shape[-1] == 4,
+        lambda: f"gt_boxes must be [B, T, 4], got {tuple(gt_boxes.shape)}",
+    )
+    b, t = gt_boxes.shape[0], gt_boxes.shape[1]
+    torch._check(tuple(gt_labels.shape) == (b, t), lambda: f"gt_labels must be [{b}, {t}], got {tuple(gt_labels.shape)}")
+    torch._check(tuple(gt_counts.shape) == (b,), lambda: f"gt_counts must be [{b}], got {tuple(gt_counts.shape)}")
+    torch._check(gt_labels.dtype in _LABEL_TYPES, lambda: f"gt_labels must be int64 or int32, got {gt_labels.dtype}")
+    torch._check(priors.is_floating_point(), lambda: f"priors must be floating point, got {priors.dtype}")
+    torch._check(gt_boxes.is_floating_point(), lambda: f"gt_boxes must be floating point, got {gt_boxes.dtype}")
+    torch._check(
+        not gt_counts.is_floating_point() and not gt_counts.is_complex(),
+        lambda: f"gt_counts must be integers, got {gt_counts.dtype}",
+    )
+    for name, x in (("priors", priors), ("gt_labels", gt_labels), ("gt_counts", gt_counts)):
+        torch._check(x.device == gt_boxes.device, lambda: f"{name} is on {x.device}, gt_boxes on {gt_boxes.device}")
+    return priors.shape[0], b, t
+
+
+def _config(iou_threshold, center_variance, size_variance):
+    return _capi_targets.TargetConfig(float(iou_threshold), float(center_variance), float(size_variance), 0)
+
+
+def _assigner(device_index, priors_host, iou_threshold, center_variance, size_variance):
+    key = (device_index, float(iou_threshold), float(center_variance), float(size_variance))
+    handle = _assigners.get(key)
+    if handle is None:
+        lib = _capi_targets.library()
+        config = _config(iou_threshold, center_variance, size_variance)
+        out = ctypes.c_void_p()
+        lib.call(
+            "multibox_assigner_create",
+            device_index,
+            priors_host.data_ptr(),
+            priors_host.numel(),
+            ctypes.byref(config),
+            ctypes.byref(out),
+        )
+        handle = out.value
+        _assigners[key] = handle
+    return handle
+
+
+def _cuda_assign(priors, gt_boxes, gt_labels, gt_counts, thr, cv, sv):
+    lib = _capi_targets.library()
+    device = gt_boxes.device
+    p, b, t = priors.shape[0], gt_boxes.shape[0], gt_boxes.shape[1]
+    priors = priors.to(torch.float32).contiguous()
+    gt_boxes = gt_boxes.to(torch.float32).contiguous()
+    gt_labels = gt_labels.contiguous()
+    gt_counts = gt_counts.to(torch.int32).contiguous()
+    labels = torch.empty((b, p), dtype=gt_labels.dtype, device=device)
+    gt_locations = torch.empty((b, p, 4), dtype=torch.float32, device=device)
+    # From PyTorch's caching allocator (512-byte aligned blocks; the kernels
+    # need 256): the library allocates nothing.
+    workspace = torch.empty(_capi_targets.workspace_bytes(b, p, t), dtype=torch.uint8, device=device)
+    with torch.cuda.device(device):
+        handle = _assigners.get((device.index, float(thr), float(cv), float(sv)))
+        if handle is None:
+            # Once per device and settings: the first priors are checked on
+            # the host (a copy, outside any graph capture).
+            handle = _assigner(device.index, priors.cpu(), thr, cv, sv)
+        call = _capi_targets.TargetCall(
+            shape=_capi_targets.TargetShape(b, p, t),
+            dtype=_capi.F32,
+            label_type=_LABEL_TYPES[gt_labels.dtype],
+            priors=priors.data_ptr(),
+            gt_boxes=gt_boxes.data_ptr(),
+            gt_labels=gt_labels.data_ptr(),
+            gt_counts=gt_counts.data_ptr(),
+            labels=labels.data_ptr(),
+            gt_locations=gt_locations.data_ptr(),
+            workspace=workspace.data_ptr(),
+            workspace_bytes=workspace.numel(),
+        )
+        stream = torch.cuda.current_stream(device).cuda_stream
+        lib.call("multibox_assign_targets", handle, ctypes.byref(call), ctypes.c_void_p(stream))
+    return labels, gt_locations
+
+
+def _cpu_assign(priors, gt_boxes, gt_labels, gt_counts, thr, cv, sv):
+    lib = _capi_targets.library()
+    p, b, t = priors.shape[0], gt_boxes.shape[0], gt_boxes.shape[1]
+    priors = priors.to(torch.float32).contiguous()
+    gt_boxes = gt_boxes.to(torch.float32).contiguous()
+    gt_labels = gt_labels.contiguous()
+    gt_counts = gt_counts.to(torch.int32).contiguous()
+    labels = torch.empty((b, p), dtype=gt_labels.dtype)
+    gt_locations = torch.empty((b, p, 4), dtype=torch.float32)
+    call = _capi_targets.TargetHostCall(
+        shape=_capi_targets.TargetShape(b, p, t),
+        label_type=_LABEL_TYPES[gt_labels.dtype],
+        priors=priors.data_ptr(),
+        priors_len=priors.numel(),
+        gt_boxes=gt_boxes.data_ptr(),
+        gt_boxes_len=gt_boxes.numel(),
+        gt_labels=gt_labels.data_ptr(),
+        gt_labels_len=gt_labels.numel(),
+        gt_counts=gt_counts.data_ptr(),
+        gt_counts_len=gt_counts.numel(),
+        labels=labels.data_ptr(),
+        labels_len=labels.numel(),
+        gt_locations=gt_locations.data_ptr(),
+        gt_locations_len=gt_locations.numel(),
+    )
+    config = _config(thr, cv, sv)
+    lib.call("multibox_reference_assign_targets", ctypes.byref(config), ctypes.byref(call), None)
+    return labels, gt_locations
+
+
+@torch.library.custom_op("multibox::assign_targets", mutates_args=())
+def _assign_op(
+    priors: Tensor,
+    gt_boxes: Tensor,
+    gt_labels: Tensor,
+    gt_counts: Tensor,
+    iou_threshold: float,
+    center_variance: float,
+    size_variance: float,
+) -> Tuple[Tensor, Tensor]:
+    """(labels [B, P], gt_locations [B, P, 4] float32)."""
+    _check(priors, gt_boxes, gt_labels, gt_counts)
+    args = (priors, gt_boxes, gt_labels, gt_counts, iou_threshold, center_variance, size_variance)
+    if gt_boxes.is_cuda:
+        return _cuda_assign(*args)
+    torch._check(gt_boxes.device.type == "cpu", lambda: f"unsupported device {gt_boxes.device}")
+    return _cpu_assign(*args)
+
+
+@_assign_op.register_fake
+def _(priors, gt_boxes, gt_labels, gt_counts, iou_threshold, center_variance, size_variance):
+    p, b, _ = _check(priors, gt_boxes, gt_labels, gt_counts)
+    labels = gt_labels.new_empty((b, p))
+    gt_locations = gt_boxes.new_empty((b, p, 4), dtype=torch.float32)
+    return labels, gt_locations
+
+
+def assign_targets(
+    priors: Tensor,
+    gt_boxes: Tensor,
+    gt_labels: Tensor,
+    gt_counts: Tensor,
+    iou_threshold: float = 0.5,
+    center_variance: float = 0.1,
+    size_variance: float = 0.2,
+) -> Tuple[Tensor, Tensor]:
+    """The reference's ``MatchPrior`` for a padded batch: ``(labels,
+    gt_locations)`` ready for the loss.
+
+    priors ``[P, 4]`` center form; gt_boxes ``[B, T, 4]`` corner form
+    (relative to the image); gt_labels ``[B, T]`` (int64 or int32, classes
+    1..C-1); gt_counts ``[B]``: image b's boxes are rows ``0..gt_counts[b]``,
+    the rest is padding and never read (see ``pad_targets``). All on one
+    device. Returns labels ``[B, P]`` (gt_labels' type; 0 background) and
+    gt_locations ``[B, P, 4]`` float32 (every prior's best box, encoded).
+
+    An image with no box gets labels 0 and offsets 0. Settings out of range
+    (threshold outside (0, 1], variances <= 0) raise; on the GPU, bad counts
+    (clamped), box labels below 1 and degenerate boxes (skipped) are recorded
+    in the device status word instead, as SPEC.md says; on the CPU they are
+    handled the same way, silently.
+    """
+    return _assign_op(
+        priors,
+        gt_boxes,
+        gt_labels,
+        gt_counts,
+        float(iou_threshold),
+        float(center_variance),
+        float(size_variance),
+    )
+
+
+class MultiboxLoss(nn.Module):
+    """The reference training code's ``MultiboxLoss``, on the crate's kernels.
+
+    Same constructor, same ``forward(confidence, predicted_locations, labels,
+    gt_locations) -> (regression_loss, classification_loss)``: a training
+    script switches by changing one import. Differences, from SPEC.md: a
+    batch with no positive gives 0 losses (the reference divides by 0), and
+    ties among hard-negative candidates go to the lower prior index.
+
+    ``assign(gt_boxes, gt_labels, gt_counts)`` makes ``labels`` and
+    ``gt_locations`` from padded boxes with the stored priors and settings
+    (lists of per-image tensors are padded first), on the boxes' device.
+    """
+
+    def __init__(self, priors, iou_threshold, neg_pos_ratio, center_variance, size_variance, device):
+        super().__init__()
+        self.iou_threshold = iou_threshold
+        self.neg_pos_ratio = neg_pos_ratio
+        self.center_variance = center_variance
+        self.size_variance = size_variance
+        self.priors = priors.to(device)
+
+    def forward(self, confidence: Tensor, predicted_locations: Tensor, labels: Tensor, gt_locations: Tensor):
+        from . import multibox_loss
+
+        regression_loss, classification_loss, _ = multibox_loss(
+            confidence,
+            predicted_locations,
+            labels,
+            gt_locations,
+            neg_pos_ratio=float(self.neg_pos_ratio),
+        )
+        return regression_loss, classification_loss
+
+    def assign(self, gt_boxes, gt_labels, gt_counts: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """``(labels, gt_locations)`` for a padded batch (``gt_counts`` given)
+        or for lists of per-image boxes and labels (``gt_counts`` None)."""
+        if gt_counts is None:
+            if isinstance(gt_boxes, Tensor):
+                raise ValueError("gt_counts is required with padded gt_boxes; pass lists to have them padded")
+            gt_boxes, gt_labels, gt_counts = pad_targets(list(gt_boxes), list(gt_labels))
+        priors = self.priors.to(gt_boxes.device)
+        return assign_targets(
+            priors,
+            gt_boxes,
+            gt_labels,
+            gt_counts,
+            self.iou_threshold,
+            self.center_variance,
+            self.size_variance,
+        )

@@ -1,0 +1,191 @@
+"""Target assignment and the drop-in MultiboxLoss in PyTorch: every target
+golden case through ``assign_targets`` (CPU tensors, the crate's CPU
+reference; CUDA too when there is a GPU), the pad helper, the standard
+priors, ``torch.library.opcheck``, and the module against the reference
+algorithm's losses. Skips when PyTorch is not installed.
+
+    cargo build --lib && python3 -m pytest -q python/tests/test_targets.py
+"""
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "python"))
+import multibox_torch  # noqa: E402
+from multibox_torch import MultiboxLoss, assign_targets, pad_targets, standard_priors  # noqa: E402
+from multibox_torch.targets import _assign_op  # noqa: E402
+
+COMMITTED = ROOT / "tests" / "goldens-targets"
+GOLDENS = Path(os.environ.get("MULTIBOX_TARGET_GOLDENS", COMMITTED))
+CASES = (json.loads((GOLDENS / "cases.json").read_text()) if (GOLDENS / "cases.json").exists()
+         else sorted(p.name for p in GOLDENS.iterdir() if (p / "case.json").exists()))
+_DT = {"f32": torch.float32, "i32": torch.int32, "i64": torch.int64}
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+def load(name, folder=None):
+    """A case of the goldens folder (the committed one for the named cases
+    the other tests use)."""
+    d = (folder or GOLDENS) / name
+    meta = json.loads((d / "case.json").read_text())
+    arrays = {}
+    for file, spec in meta["files"].items():
+        data = bytearray((d / file).read_bytes())
+        arrays[file[: -len(".bin")]] = torch.frombuffer(data, dtype=_DT[spec["dtype"]]).reshape(spec["shape"])
+    return meta, arrays
+
+
+def settings(meta):
+    return dict(
+        iou_threshold=meta["iou_threshold"],
+        center_variance=meta["center_variance"],
+        size_variance=meta["size_variance"],
+    )
+
+
+def check_case(name, labels, gt_locations, arrays):
+    assert labels.dtype == arrays["labels"].dtype, name
+    assert torch.equal(labels.cpu(), arrays["labels"]), f"{name}: labels differ"
+    want = arrays["gt_locations"]
+    err = (gt_locations.cpu() - want).abs() / want.abs().clamp(min=1.0)
+    assert err.max().item() <= 1e-6, f"{name}: offsets off by {err.max().item()}"
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_cpu_matches_the_golden(name):
+    meta, a = load(name)
+    labels, gt_locations = assign_targets(a["priors"], a["gt_boxes"], a["gt_labels"], a["gt_counts"], **settings(meta))
+    check_case(name, labels, gt_locations, a)
+
+
+@needs_gpu
+@pytest.mark.parametrize("name", CASES)
+def test_cuda_matches_the_golden(name):
+    meta, a = load(name)
+    cuda = {k: v.cuda() for k, v in a.items()}
+    labels, gt_locations = assign_targets(
+        cuda["priors"], cuda["gt_boxes"], cuda["gt_labels"], cuda["gt_counts"], **settings(meta)
+    )
+    assert labels.is_cuda and gt_locations.is_cuda
+    check_case(name, labels, gt_locations, a)
+
+
+def test_standard_priors_are_the_goldens():
+    for name, priors in (("t_ssdlite_voc", "ssdlite300"), ("t_ssd300", "ssd300")):
+        _, a = load(name, COMMITTED)
+        assert torch.equal(standard_priors(priors), a["priors"]), name
+    with pytest.raises(ValueError):
+        standard_priors("ssd512")
+
+
+def test_pad_targets():
+    boxes = [torch.tensor([[0.1, 0.1, 0.4, 0.5]]), torch.zeros((0, 4)), torch.rand(3, 4)]
+    labels = [torch.tensor([3]), torch.zeros((0,), dtype=torch.int64), torch.tensor([1, 2, 3])]
+    gt_boxes, gt_labels, gt_counts = pad_targets(boxes, labels)
+    assert gt_boxes.shape == (3, 3, 4) and gt_boxes.dtype == torch.float32
+    assert gt_labels.shape == (3, 3) and gt_labels.dtype == torch.int64
+    assert gt_counts.tolist() == [1, 0, 3] and gt_counts.dtype == torch.int32
+    assert torch.equal(gt_boxes[2], boxes[2]) and torch.equal(gt_labels[2], labels[2])
+    assert pad_targets(boxes, labels, max_boxes=8)[0].shape == (3, 8, 4)
+    # Every image empty: one padding row, count 0.
+    gb, gl, gc = pad_targets([torch.zeros((0, 4))], [torch.zeros((0,), dtype=torch.int32)])
+    assert gb.shape == (1, 1, 4) and gl.dtype == torch.int32 and gc.tolist() == [0]
+    with pytest.raises(ValueError):
+        pad_targets(boxes, labels, max_boxes=2)
+    with pytest.raises(ValueError):
+        pad_targets(boxes, labels[:2])
+    with pytest.raises(ValueError):
+        pad_targets([torch.zeros(3)], [torch.zeros(3, dtype=torch.int64)])
+
+
+def test_empty_image_and_bad_settings():
+    priors = standard_priors("ssdlite300")
+    gt_boxes, gt_labels, gt_counts = pad_targets(
+        [torch.tensor([[0.1, 0.1, 0.4, 0.5]]), torch.zeros((0, 4))],
+        [torch.tensor([5]), torch.zeros((0,), dtype=torch.int64)],
+    )
+    labels, gt_locations = assign_targets(priors, gt_boxes, gt_labels, gt_counts)
+    assert (labels[0] == 5).any() and (labels[1] == 0).all() and (gt_locations[1] == 0).all()
+    for bad in (dict(iou_threshold=0.0), dict(iou_threshold=1.5), dict(center_variance=0.0), dict(size_variance=-1.0)):
+        with pytest.raises(RuntimeError):
+            assign_targets(priors, gt_boxes, gt_labels, gt_counts, **bad)
+    with pytest.raises(RuntimeError):
+        assign_targets(priors, gt_boxes, gt_labels.float(), gt_counts)
+    with pytest.raises(RuntimeError):
+        assign_targets(priors[:, :3], gt_boxes, gt_labels, gt_counts)
+
+
+def test_opcheck():
+    meta, a = load("t_threshold_045", COMMITTED)
+    args = (a["priors"], a["gt_boxes"], a["gt_labels"], a["gt_counts"], 0.45, 0.1, 0.2)
+    torch.library.opcheck(_assign_op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def reference_losses(confidence, predicted_locations, labels, gt_locations, neg_pos_ratio):
+    """The reference MultiboxLoss.forward, in plain PyTorch (float64)."""
+    num_classes = confidence.size(2)
+    with torch.no_grad():
+        loss = -F.log_softmax(confidence, dim=2)[:, :, 0]
+        pos_mask = labels > 0
+        num_pos = pos_mask.long().sum(dim=1, keepdim=True)
+        num_neg = num_pos * neg_pos_ratio
+        loss[pos_mask] = -math.inf
+        _, indexes = loss.sort(dim=1, descending=True)
+        _, orders = indexes.sort(dim=1)
+        mask = pos_mask | (orders < num_neg)
+    classification_loss = F.cross_entropy(confidence[mask, :].reshape(-1, num_classes), labels[mask], reduction="sum")
+    predicted = predicted_locations[pos_mask, :].reshape(-1, 4)
+    gt = gt_locations[pos_mask, :].reshape(-1, 4)
+    smooth_l1_loss = F.smooth_l1_loss(predicted, gt, reduction="sum")
+    n = gt.size(0)
+    return smooth_l1_loss / n, classification_loss / n
+
+
+def test_module_reproduces_the_reference_losses():
+    meta, a = load("t_ssdlite_voc", COMMITTED)
+    priors = a["priors"]
+    criterion = MultiboxLoss(priors, iou_threshold=0.5, neg_pos_ratio=3, center_variance=0.1, size_variance=0.2, device="cpu")
+    labels, gt_locations = criterion.assign(a["gt_boxes"], a["gt_labels"], a["gt_counts"])
+    check_case("t_ssdlite_voc", labels, gt_locations, a)
+    b, p = labels.shape
+    g = torch.Generator().manual_seed(0)
+    confidence = torch.randn((b, p, 21), generator=g, requires_grad=True)
+    predicted = (0.5 * torch.randn((b, p, 4), generator=g)).requires_grad_()
+    reg, cls = criterion(confidence, predicted, labels, gt_locations)
+    want_reg, want_cls = reference_losses(confidence.double(), predicted.double(), labels, gt_locations.double(), 3)
+    assert math.isclose(reg.item(), want_reg.item(), rel_tol=1e-5), (reg.item(), want_reg.item())
+    assert math.isclose(cls.item(), want_cls.item(), rel_tol=1e-5), (cls.item(), want_cls.item())
+    (reg + cls).backward()
+    c64 = confidence.detach().double().requires_grad_()
+    p64 = predicted.detach().double().requires_grad_()
+    r64, k64 = reference_losses(c64, p64, labels, gt_locations.double(), 3)
+    (r64 + k64).backward()
+    assert torch.allclose(confidence.grad.double(), c64.grad, atol=1e-6)
+    assert torch.allclose(predicted.grad.double(), p64.grad, atol=1e-6)
+
+
+def test_module_assign_pads_lists():
+    meta, a = load("t_empty_image", COMMITTED)
+    criterion = MultiboxLoss(a["priors"], 0.5, 3, 0.1, 0.2, "cpu")
+    counts = a["gt_counts"].tolist()
+    boxes = [a["gt_boxes"][i, :n] for i, n in enumerate(counts)]
+    labels = [a["gt_labels"][i, :n] for i, n in enumerate(counts)]
+    got_labels, got_loc = criterion.assign(boxes, labels)
+    check_case("t_empty_image", got_labels, got_loc, a)
+    with pytest.raises(ValueError):
+        criterion.assign(a["gt_boxes"], a["gt_labels"])
+
+
+def test_exports():
+    for name in ("assign_targets", "pad_targets", "standard_priors", "MultiboxLoss"):
+        assert name in multibox_torch.__all__ and hasattr(multibox_torch, name)

@@ -1,0 +1,423 @@
+//! Target assignment's kernels (kernels/targets.cu) on the CPU emulator:
+//! every golden case, randomized cases against the CPU reference, the
+//! device status word for each recorded bad input (with guards around every
+//! output: nothing is written out of bounds), the host's refusals before any
+//! launch, and the plan's workspace layout.
+
+mod common;
+
+use common::emulated_targets::{assign, Assigned};
+use common::target_golden::{check_against, load_target_cases, TargetCase};
+use half::{bf16, f16};
+use multibox::synthetic::SplitMix64;
+use multibox::targets::plan::{TargetPlan, PRIOR_TILE};
+use multibox::targets::{
+    launch_assign, priors, reference, RawTargetBuffers, RawTargetCall, TargetConfig, TargetShape,
+};
+use multibox::{DType, Error, Float, Label, LabelType};
+
+fn emulate_case<L: Label>(case: &TargetCase) -> Assigned<f32, L> {
+    assign::<f32, L>(
+        &case.config,
+        case.shape,
+        &case.priors,
+        &case.gt_boxes,
+        &case.gt_labels_as::<L>(),
+        &case.gt_counts,
+    )
+    .unwrap_or_else(|e| panic!("{}: {e}", case.name))
+}
+
+#[test]
+fn emulated_kernels_match_every_golden_case() {
+    let cases = load_target_cases();
+    let mut worst = 0.0f64;
+    for case in &cases {
+        let (labels, locations, status) = if case.labels_i64 {
+            let a = emulate_case::<i64>(case);
+            (a.labels, a.gt_locations, a.status)
+        } else {
+            let a = emulate_case::<i32>(case);
+            (
+                a.labels.iter().map(|&l| i64::from(l)).collect(),
+                a.gt_locations,
+                a.status,
+            )
+        };
+        if !status.is_ok() {
+            println!("{}: status {status:?}", case.name);
+        }
+        worst = worst.max(check_against(case, "emulated kernels", &labels, &locations));
+    }
+    println!("{} target cases on the emulated kernels; largest offset error / max(1, |golden|): {worst:e}", cases.len());
+}
+
+/// A random batch drawn to reach the corners: random or standard priors,
+/// priors and boxes on a coarse grid (many equal ious), duplicated boxes,
+/// boxes outside [0, 1], tiny and huge boxes, empty images, more boxes than
+/// one shared-memory chunk.
+struct Drawn {
+    shape: TargetShape,
+    config: TargetConfig,
+    priors: Vec<f32>,
+    boxes: Vec<f32>,
+    labels: Vec<i64>,
+    counts: Vec<i32>,
+}
+
+fn draw(seed: u64) -> Drawn {
+    let mut rng = SplitMix64(seed);
+    let grid = rng.next_u64() % 3 == 0;
+    let coord = |rng: &mut SplitMix64, lo: f64, hi: f64| {
+        let v = lo + (hi - lo) * rng.uniform();
+        (if grid { (v * 8.0).round() / 8.0 } else { v }) as f32
+    };
+    let (priors, p) = match rng.next_u64() % 5 {
+        0 => (priors::ssdlite300(), 3000),
+        _ => {
+            let p = 1 + (rng.next_u64() % 700) as usize;
+            let mut v = Vec::with_capacity(p * 4);
+            for _ in 0..p {
+                let cx = coord(&mut rng, -0.1, 1.1);
+                let cy = coord(&mut rng, -0.1, 1.1);
+                let w = coord(&mut rng, 0.01, 0.9).max(0.01);
+                let h = coord(&mut rng, 0.01, 0.9).max(0.01);
+                v.extend([cx, cy, w, h]);
+            }
+            (v, p)
+        }
+    };
+    let batch = 1 + (rng.next_u64() % 4) as usize;
+    let max_boxes = match rng.next_u64() % 6 {
+        0 => 260 + (rng.next_u64() % 60) as usize, // more than one chunk of 256
+        _ => 1 + (rng.next_u64() % 30) as usize,
+    };
+    let shape = TargetShape::new(batch, p, max_boxes);
+    let mut boxes = vec![f32::NAN; shape.boxes_len()];
+    let mut labels = vec![-7i64; shape.box_labels_len()];
+    let mut counts = Vec::with_capacity(batch);
+    for b in 0..batch {
+        let n = match rng.next_u64() % 5 {
+            0 => 0,
+            1 => max_boxes,
+            _ => (rng.next_u64() % (max_boxes as u64 + 1)) as usize,
+        };
+        counts.push(n as i32);
+        for t in 0..n {
+            let row = b * max_boxes + t;
+            let bx = if t > 0 && rng.next_u64() % 6 == 0 {
+                // A duplicate of an earlier box: they share their best prior.
+                let src = b * max_boxes + (rng.next_u64() % t as u64) as usize;
+                [
+                    boxes[src * 4],
+                    boxes[src * 4 + 1],
+                    boxes[src * 4 + 2],
+                    boxes[src * 4 + 3],
+                ]
+            } else {
+                let size = [0.002, 0.05, 0.3, 1.2][(rng.next_u64() % 4) as usize];
+                let x0 = coord(&mut rng, -0.3, 1.1);
+                let y0 = coord(&mut rng, -0.3, 1.1);
+                let w = coord(&mut rng, 0.0, size).max(0.001);
+                let h = coord(&mut rng, 0.0, size).max(0.001);
+                [x0, y0, x0 + w, y0 + h]
+            };
+            boxes[row * 4..row * 4 + 4].copy_from_slice(&bx);
+            labels[row] = 1 + (rng.next_u64() % 20) as i64;
+        }
+    }
+    let config = TargetConfig {
+        iou_threshold: [0.5, 0.45, 0.3, 1.0, 0.01][(rng.next_u64() % 5) as usize],
+        center_variance: [0.1, 0.2][(rng.next_u64() % 2) as usize],
+        size_variance: [0.2, 0.1][(rng.next_u64() % 2) as usize],
+        num_classes: None,
+    };
+    Drawn {
+        shape,
+        config,
+        priors,
+        boxes,
+        labels,
+        counts,
+    }
+}
+
+/// The emulated kernels against the CPU reference: labels exact, offsets
+/// within SPEC's tolerance (in f32), status identical.
+fn compare<T: Float, L: Label>(d: &Drawn, what: &str) {
+    let labels: Vec<L> = d.labels.iter().map(|&l| L::from_i64(l)).collect();
+    let want = reference::assign::<L>(&d.config, d.shape, &d.priors, &d.boxes, &labels, &d.counts)
+        .unwrap_or_else(|e| panic!("{what}: reference: {e}"));
+    let got = assign::<T, L>(&d.config, d.shape, &d.priors, &d.boxes, &labels, &d.counts)
+        .unwrap_or_else(|e| panic!("{what}: emulated: {e}"));
+    assert_eq!(got.status, want.status, "{what}: status");
+    let p = d.shape.priors;
+    if let Some(i) = got
+        .labels
+        .iter()
+        .zip(&want.labels)
+        .position(|(a, b)| a.to_i64() != b.to_i64())
+    {
+        panic!(
+            "{what}: label of image {} prior {}: kernels {:?}, reference {:?}",
+            i / p,
+            i % p,
+            got.labels[i],
+            want.labels[i]
+        );
+    }
+    // Rounded to T once, from f32 values within 1e-6 relative: within one
+    // rounding of T of the reference's rounding.
+    let tolerance = match T::DTYPE {
+        DType::F32 => 1e-6,
+        DType::F16 => 1e-3,
+        DType::BF16 => 8e-3,
+    };
+    for (i, (g, w)) in got.gt_locations.iter().zip(&want.gt_locations).enumerate() {
+        let (g, w) = (f64::from(g.to_f32()), f64::from(*w));
+        assert!(
+            (g - w).abs() <= tolerance * w.abs().max(1.0),
+            "{what}: gt_locations of image {} prior {} [{}]: kernels {g}, reference {w}",
+            i / (4 * p),
+            (i / 4) % p,
+            i % 4
+        );
+    }
+}
+
+#[test]
+fn randomized_cases_match_the_reference() {
+    for seed in 0..40u64 {
+        let d = draw(seed);
+        let what = format!("seed {seed} {}", d.shape);
+        match seed % 4 {
+            0 | 1 => compare::<f32, i64>(&d, &what),
+            2 => compare::<f32, i32>(&d, &what),
+            _ => compare::<f32, i64>(&d, &what),
+        }
+    }
+}
+
+#[test]
+fn half_outputs_round_the_same_offsets() {
+    for seed in 100..106u64 {
+        let d = draw(seed);
+        compare::<f16, i64>(&d, &format!("f16, seed {seed}"));
+        compare::<bf16, i32>(&d, &format!("bf16, seed {seed}"));
+    }
+}
+
+#[test]
+fn device_status_records_each_bad_input_and_matches_the_reference() {
+    let priors = priors::ssdlite300();
+    let shape = TargetShape::new(3, 3000, 4);
+    let good = [0.1f32, 0.1, 0.4, 0.5];
+    let mut boxes = vec![f32::NAN; shape.boxes_len()];
+    for row in 0..12 {
+        boxes[row * 4..row * 4 + 4].copy_from_slice(&[
+            good[0] + 0.05 * row as f32,
+            good[1],
+            good[2] + 0.05 * row as f32,
+            good[3],
+        ]);
+    }
+    let labels = vec![1i64; 12];
+    let config = TargetConfig {
+        num_classes: Some(21),
+        ..Default::default()
+    };
+    let run = |boxes: &[f32], labels: &[i64], counts: &[i32]| {
+        let want =
+            reference::assign::<i64>(&config, shape, &priors, boxes, labels, counts).unwrap();
+        let got = assign::<f32, i64>(&config, shape, &priors, boxes, labels, counts).unwrap();
+        assert_eq!(got.status, want.status);
+        assert_eq!(got.labels, want.labels);
+        for (g, w) in got.gt_locations.iter().zip(&want.gt_locations) {
+            assert!((g - w).abs() <= 1e-6 * w.abs().max(1.0));
+        }
+        got.status
+    };
+    assert!(run(&boxes, &labels, &[4, 2, 0]).is_ok());
+
+    for counts in [[5, 2, 0], [4, -1, 0], [i32::MAX, i32::MIN, 3]] {
+        let s = run(&boxes, &labels, &counts);
+        assert!(s.count_clamped, "{counts:?}: {s:?}");
+    }
+    for bad in [0i64, -1, 21, i64::MAX] {
+        let mut l = labels.clone();
+        l[5] = bad;
+        let s = run(&boxes, &l, &[4, 2, 0]);
+        assert!(
+            s.invalid_box_label && !s.count_clamped && !s.degenerate_box,
+            "label {bad}: {s:?}"
+        );
+        // A label in a padding row is never read.
+        let mut l = labels.clone();
+        l[7] = bad;
+        assert!(run(&boxes, &l, &[4, 2, 0]).is_ok(), "padding label {bad}");
+    }
+    let degenerate = [
+        [f32::NAN, 0.1, 0.4, 0.5],
+        [0.1, 0.1, f32::INFINITY, 0.5],
+        [f32::NEG_INFINITY, 0.1, 0.4, 0.5],
+        [0.4, 0.1, 0.4, 0.5],
+        [0.1, 0.5, 0.4, 0.1],
+        [0.5, 0.1, 0.4, 0.5],
+    ];
+    for bx in degenerate {
+        let mut b = boxes.clone();
+        b[4..8].copy_from_slice(&bx);
+        let s = run(&b, &labels, &[4, 2, 0]);
+        assert!(s.degenerate_box && !s.invalid_box_label, "{bx:?}: {s:?}");
+        // Every box of an image degenerate: the image is as if empty.
+        let mut b = boxes.clone();
+        for t in 0..4 {
+            b[t * 4..t * 4 + 4].copy_from_slice(&bx);
+        }
+        let got = assign::<f32, i64>(&config, shape, &priors, &b, &labels, &[4, 2, 0]).unwrap();
+        assert!(got.labels[..3000].iter().all(|&l| l == 0));
+        assert!(got.gt_locations[..12000].iter().all(|&v| v == 0.0));
+    }
+}
+
+fn raw_call(shape: TargetShape, addr: u64, workspace_bytes: usize) -> RawTargetCall {
+    RawTargetCall {
+        shape,
+        dtype: DType::F32,
+        label_type: LabelType::I64,
+        buffers: RawTargetBuffers {
+            priors: addr,
+            gt_boxes: addr,
+            gt_labels: addr,
+            gt_counts: addr,
+            labels: addr,
+            gt_locations: addr,
+            workspace: addr,
+            workspace_bytes,
+        },
+    }
+}
+
+/// A backend that fails the test if anything is launched.
+struct NoLaunch;
+impl multibox::Backend for NoLaunch {
+    unsafe fn launch(
+        &self,
+        kernel: &'static str,
+        _: u32,
+        _: u32,
+        _: u32,
+        _: &[u8],
+    ) -> multibox::Result<()> {
+        panic!("{kernel} launched for a call that should have been refused");
+    }
+}
+
+#[test]
+fn host_refuses_bad_calls_before_launching() {
+    let shape = TargetShape::new(2, 300, 5);
+    let bytes = TargetPlan::new(shape).unwrap().workspace.bytes;
+    let ok = raw_call(shape, 4096, bytes);
+    let c = TargetConfig::default();
+    let refused = |config: &TargetConfig, call: &RawTargetCall| {
+        // SAFETY: NoLaunch dereferences nothing.
+        unsafe { launch_assign(config, call, &NoLaunch) }.expect_err("refused")
+    };
+    for name in [
+        "priors",
+        "gt_boxes",
+        "gt_labels",
+        "gt_counts",
+        "labels",
+        "gt_locations",
+        "workspace",
+    ] {
+        let mut call = ok;
+        let b = &mut call.buffers;
+        let field = match name {
+            "priors" => &mut b.priors,
+            "gt_boxes" => &mut b.gt_boxes,
+            "gt_labels" => &mut b.gt_labels,
+            "gt_counts" => &mut b.gt_counts,
+            "labels" => &mut b.labels,
+            "gt_locations" => &mut b.gt_locations,
+            _ => &mut b.workspace,
+        };
+        *field = 0;
+        assert!(
+            matches!(refused(&c, &call), Error::NullPointer { name: n } if n == name),
+            "{name}"
+        );
+        let mut call = ok;
+        let b = &mut call.buffers;
+        let field = match name {
+            "priors" => &mut b.priors,
+            "gt_boxes" => &mut b.gt_boxes,
+            "gt_labels" => &mut b.gt_labels,
+            "gt_counts" => &mut b.gt_counts,
+            "labels" => &mut b.labels,
+            "gt_locations" => &mut b.gt_locations,
+            _ => &mut b.workspace,
+        };
+        *field = 4098;
+        assert!(
+            matches!(refused(&c, &call), Error::Misaligned { name: n, .. } if n == name),
+            "{name}"
+        );
+    }
+    let small = raw_call(shape, 4096, bytes - 1);
+    assert!(matches!(
+        refused(&c, &small),
+        Error::TargetWorkspaceTooSmall { .. }
+    ));
+    let bad_config = TargetConfig {
+        iou_threshold: 0.0,
+        ..c
+    };
+    assert!(matches!(refused(&bad_config, &ok), Error::InvalidConfig(_)));
+    let bad_shape = raw_call(TargetShape::new(2, 300, 0), 4096, bytes);
+    assert!(matches!(
+        refused(&c, &bad_shape),
+        Error::InvalidTargetShape { .. }
+    ));
+    let huge = raw_call(TargetShape::new(1 << 20, 1 << 20, 5), 4096, usize::MAX);
+    assert!(matches!(
+        refused(&c, &huge),
+        Error::InvalidTargetShape { .. }
+    ));
+}
+
+#[test]
+fn plan_lays_out_the_workspace_without_overlap() {
+    for shape in [
+        TargetShape::new(1, 1, 1),
+        TargetShape::new(32, 3000, 20),
+        TargetShape::new(256, 8732, 100),
+        TargetShape::new(3, 257, 300),
+    ] {
+        let plan = TargetPlan::new(shape).unwrap();
+        let ws = plan.workspace;
+        let sections = [ws.box_best, ws.prior_best, ws.status];
+        for s in sections {
+            assert_eq!(s.offset % 256, 0, "{shape}");
+        }
+        assert_eq!(ws.box_best.len, shape.batch * shape.max_boxes * 8);
+        assert_eq!(ws.prior_best.len, shape.batch * shape.priors * 8);
+        assert_eq!(ws.status.len, 4);
+        for pair in sections.windows(2) {
+            assert!(pair[0].offset + pair[0].len <= pair[1].offset, "{shape}");
+        }
+        assert_eq!(ws.bytes, ws.status.offset + 4);
+        let tiles = shape.priors.div_ceil(PRIOR_TILE as usize) as u32;
+        assert_eq!(plan.tiles_per_image, tiles);
+        assert_eq!(plan.matching.grid, shape.batch as u32 * tiles);
+        assert_eq!(plan.encode.grid, plan.matching.grid);
+        assert!(
+            plan.reset.grid as usize * plan.reset.block as usize >= shape.batch * shape.max_boxes
+        );
+        assert_eq!(
+            multibox::targets::plan::workspace_bytes(shape).unwrap(),
+            ws.bytes
+        );
+    }
+}
