@@ -78,7 +78,7 @@ pub fn assign<T: Float, L: Label>(
     // SAFETY: every address points into a live Vec of the length the shape
     // requires (asserted above, allocated so for the outputs); the emulator
     // runs synchronously.
-    unsafe { launch_assign(config, &call, &Emulator)? };
+    unsafe { launch_assign(config, &call, &Emulator::default())? };
     let guard_ok = |bytes: &[u8]| bytes.iter().all(|&b| b == FILL);
     let lb: &[u8] = bytemuck::cast_slice(&labels);
     let tb: &[u8] = bytemuck::cast_slice(&locations);
