@@ -97,11 +97,11 @@ template <typename T, typename L> __device__ void write_gradients(const Multibox
 
         // 2. Zeros over the spans, a warp per span. The lanes leave a span's
         // loop after different trip counts; __syncwarp reconverges them, so
-        // that the next span's stores issue as whole-warp requests.
+        // that each span's stores issue as whole-warp requests.
         for (u32 s = warp; s < span_count; s += ROW_THREADS / WARP) {
+            __syncwarp();
             const u64 row = first + sh.span_first[s];
             zero_span(grad_confidence + row * classes, u64(sh.span_end[s] - sh.span_first[s]) * classes, lane, WARP);
-            __syncwarp();
         }
 
         // 3. The set's rows, a lane group each. Every thread walks the same
