@@ -43,8 +43,10 @@ struct MultiboxParams {
     float beta;
     float g_reg;
     float g_cls;
+    u32 tile_rows;      // kernel 1's rows per tile in shared memory; 0: rows read from global memory
+    u32 unused;
 };
-MB_ASSERT_SIZE(MultiboxParams, 160);
+MB_ASSERT_SIZE(MultiboxParams, 168);
 
 // Kernel 1's per-block sums, added up in block order by kernel 2's last block
 // so that the losses are bit-identical run after run.

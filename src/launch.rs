@@ -219,6 +219,8 @@ fn params(config: &MultiboxConfig, call: &RawCall, plan: &LaunchPlan) -> Result<
         beta: config.beta,
         g_reg,
         g_cls,
+        tile_rows: plan.tile_rows,
+        unused: 0,
     })
 }
 

@@ -139,6 +139,9 @@ pub struct LaunchPlan {
     pub shape: Shape,
     /// Lanes of a warp that share one row of logits (1, 2, 4, ..., 32).
     pub lanes_per_row: u32,
+    /// Rows of kernel 1's tiles in shared memory ([`tile_rows`]); 0: rows
+    /// too long for a tile, read from global memory.
+    pub tile_rows: u32,
     /// Kernel 1: per prior.
     pub rows: Launch,
     /// Kernel 2: per image.
@@ -154,14 +157,22 @@ impl LaunchPlan {
     pub fn new(shape: Shape) -> Result<Self> {
         shape.validate()?;
         let lanes_per_row = lanes_per_row(shape.classes);
-        let rows_per_step = (ROW_THREADS / lanes_per_row) as usize;
-        let steps = shape.rows().div_ceil(rows_per_step);
-        let row_blocks = steps.min(MAX_ROW_BLOCKS as usize) as u32;
-        let row_launch = |step| Launch {
-            step,
+        let tile_rows = tile_rows(shape.classes, lanes_per_row);
+        // Without a tile, a block's turn is one step of its lane groups.
+        let turn = if tile_rows > 0 {
+            tile_rows
+        } else {
+            ROW_THREADS / lanes_per_row
+        };
+        let row_blocks = shape
+            .rows()
+            .div_ceil(turn as usize)
+            .min(MAX_ROW_BLOCKS as usize) as u32;
+        let rows_launch = Launch {
+            step: Step::Rows,
             grid: row_blocks,
             block: ROW_THREADS,
-            shared_bytes: 0,
+            shared_bytes: tile_shared_bytes(shape.classes, tile_rows),
         };
 
         let mut offset = 0;
@@ -179,7 +190,8 @@ impl LaunchPlan {
         Ok(Self {
             shape,
             lanes_per_row,
-            rows: row_launch(Step::Rows),
+            tile_rows,
+            rows: rows_launch,
             select: Launch {
                 step: Step::Select,
                 grid: shape.batch as u32,
@@ -382,6 +394,31 @@ pub fn bytes_floor(shape: Shape, dtype: DType, labels: LabelType, backward: bool
     logits + boxes + shape.rows() * labels.size()
 }
 
+/// Dynamic shared memory kernel 1 stages a tile of logits in, at most. A
+/// quarter of an H100's 228 KiB per SM, so that 8 blocks of 256 threads (a
+/// full SM) fit, and under the 48 KiB a kernel may take without opting in.
+pub const ROW_TILE_BYTES: usize = 24 * 1024;
+
+/// Kernel 1's rows per tile: as many as fit [`ROW_TILE_BYTES`] (counted at 4
+/// bytes per logit, so that the plan does not depend on the type), at most
+/// one per thread, a whole number of steps of the lane groups; 0 when not
+/// even one step fits (very long rows are then read from global memory).
+pub fn tile_rows(classes: usize, lanes_per_row: u32) -> u32 {
+    let step = (ROW_THREADS / lanes_per_row) as usize;
+    let fit = ((ROW_TILE_BYTES - 16) / (classes * 4)).min(ROW_THREADS as usize);
+    (fit / step * step) as u32
+}
+
+/// Kernel 1's dynamic shared memory: the tile, plus 16 bytes so that the
+/// copy keeps the logits' offset within a 16-byte line.
+fn tile_shared_bytes(classes: usize, tile_rows: u32) -> u32 {
+    if tile_rows == 0 {
+        0
+    } else {
+        (tile_rows as usize * classes * 4 + 16) as u32
+    }
+}
+
 /// Lanes per row: the smallest power of two that leaves each lane at most
 /// four classes, capped at a warp. C = 21 gets 8 lanes (4 rows per warp),
 /// C = 81 and up get 32.
@@ -459,9 +496,11 @@ pub(crate) struct MultiboxParams {
     pub(crate) beta: f32,
     pub(crate) g_reg: f32,
     pub(crate) g_cls: f32,
+    pub(crate) tile_rows: u32,
+    pub(crate) unused: u32,
 }
 
-const _: () = assert!(std::mem::size_of::<MultiboxParams>() == 160);
+const _: () = assert!(std::mem::size_of::<MultiboxParams>() == 168);
 const _: () = assert!(std::mem::size_of::<RowBlockPartial>() == 16);
 const _: () = assert!(std::mem::size_of::<ImageSelection>() == 16);
 const _: () = assert!(std::mem::size_of::<Totals>() == 16);

@@ -320,6 +320,40 @@ fn long_images_with_heavy_ties() {
     compare("heavy ties", &case, &want, &got);
 }
 
+/// Rows too long for kernel 1's shared-memory tile (the plan's tile_rows is
+/// 0) are read from global memory, with the same results.
+#[test]
+fn rows_too_long_for_a_tile_are_read_from_global_memory() {
+    let shape = Shape::new(3, 40, 7000);
+    assert_eq!(multibox::plan::LaunchPlan::new(shape).unwrap().tile_rows, 0);
+    let mut rng = SplitMix64(77);
+    let confidence: Vec<f32> = (0..shape.confidence_len())
+        .map(|_| (rng.normal() * 3.0) as f32)
+        .collect();
+    let labels: Vec<i64> = (0..shape.rows())
+        .map(|i| match i % 9 {
+            0 => 1 + (rng.next_u64() % 6999) as i64,
+            1 => -1,
+            _ => 0,
+        })
+        .collect();
+    let locations: Vec<f32> = (0..shape.locations_len())
+        .map(|_| rng.normal() as f32)
+        .collect();
+    let case = Drawn {
+        shape,
+        config: MultiboxConfig::default(),
+        confidence,
+        predicted_locations: locations.clone(),
+        labels,
+        gt_locations: locations.iter().map(|v| v * 0.5).collect(),
+        upstream: (1.0, 1.0),
+    };
+    let want = case.reference();
+    let got = emulated::run(&case.config, shape, &case.host(), Call::default()).unwrap();
+    compare("long rows", &case, &want, &got);
+}
+
 #[test]
 fn outputs_are_bit_identical_whatever_the_workspace_held() {
     let case = Drawn::<f32, i64>::draw(42, 300_000);

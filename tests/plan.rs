@@ -69,9 +69,15 @@ fn grids_cover_every_row_and_image() {
     ] {
         let plan = LaunchPlan::new(shape).unwrap();
         let rows_per_step = (ROW_THREADS / plan.lanes_per_row) as usize;
-        let steps = shape.rows().div_ceil(rows_per_step);
-        // Kernel 1 walks the rows with a block stride; every step is one block's turn.
-        assert_eq!(plan.rows.grid as usize, steps.min(MAX_ROW_BLOCKS as usize));
+        // Kernel 1 walks tiles with a block stride (a tile is one step of
+        // the lane groups when the rows are too long to stage).
+        let turn = if plan.tile_rows > 0 {
+            plan.tile_rows as usize
+        } else {
+            rows_per_step
+        };
+        let turns = shape.rows().div_ceil(turn);
+        assert_eq!(plan.rows.grid as usize, turns.min(MAX_ROW_BLOCKS as usize));
         assert!(plan.rows.grid >= 1);
         // Kernel 3 walks tiles of one row per thread.
         let tiles = shape.rows().div_ceil(ROW_THREADS as usize);
@@ -191,4 +197,38 @@ fn regions_give_each_kernel_its_buffers_and_the_selection_one_image_per_block() 
             }
         }
     }
+}
+
+#[test]
+fn kernel_1_tiles_fit_shared_memory_in_whole_steps() {
+    use multibox::plan::{tile_rows, ROW_TILE_BYTES};
+    for classes in [2, 3, 21, 81, 91, 200, 1000, 5000, 100_000] {
+        let shape = Shape::new(2, 500, classes);
+        let plan = LaunchPlan::new(shape).unwrap();
+        let step = ROW_THREADS / plan.lanes_per_row;
+        assert_eq!(plan.tile_rows, tile_rows(classes, plan.lanes_per_row));
+        assert!(plan.tile_rows <= ROW_THREADS, "C={classes}");
+        assert_eq!(plan.tile_rows % step, 0, "C={classes}");
+        if plan.tile_rows == 0 {
+            // Not one step fits: rows are read from global memory.
+            assert!(
+                step as usize * classes * 4 + 16 > ROW_TILE_BYTES,
+                "C={classes}"
+            );
+            assert_eq!(plan.rows.shared_bytes, 0);
+        } else {
+            // As many whole steps as fit, four bytes per logit whatever the type.
+            let bytes = plan.tile_rows as usize * classes * 4 + 16;
+            assert_eq!(plan.rows.shared_bytes as usize, bytes);
+            assert!(bytes <= ROW_TILE_BYTES, "C={classes}");
+            assert!(
+                plan.tile_rows == ROW_THREADS
+                    || bytes + step as usize * classes * 4 > ROW_TILE_BYTES,
+                "C={classes}: room for another step"
+            );
+        }
+    }
+    assert_eq!(tile_rows(21, 8), 256);
+    assert_eq!(tile_rows(81, 32), 72);
+    assert_eq!(tile_rows(5000, 32), 0);
 }
