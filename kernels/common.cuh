@@ -22,8 +22,14 @@ typedef unsigned long long u64;
 #else
 // Kernels take their host arguments as one struct, mirrored in Rust with a
 // size check on both sides, rather than ten loose integers.
+//
+// Kernels of up to 256 threads promise ptxas 1024 resident threads per SM
+// (at most 64 registers): left to itself, ptxas for sm_100 aims at full
+// occupancy, 32 registers, and spills. Larger blocks (the 512-thread
+// selection) state no minimum (0), which leaves them as they were.
+#define MB_MIN_BLOCKS(threads) ((threads) <= 256 ? 1024 / (threads) : 0)
 #define MB_KERNEL(name, Params, threads) \
-    extern "C" __global__ void __launch_bounds__(threads) name(const Params p)
+    extern "C" __global__ void __launch_bounds__(threads, MB_MIN_BLOCKS(threads)) name(const Params p)
 #define MB_DYNAMIC_SHARED(T, var)                                     \
     extern __shared__ __align__(16) unsigned char mb_dynamic_smem_[]; \
     T* var = reinterpret_cast<T*>(mb_dynamic_smem_)

@@ -129,7 +129,9 @@ template <typename T, typename L> __device__ void write_gradients(const Multibox
                 g[c] = from_f32<T>(cls_scale * d);
             }
         }
-        __syncthreads();  // the next tile rewrites the lists
+        // No barrier here: the next tile writes in_set, read only before
+        // "the lists are complete", and rewrites the lists only after its
+        // own first barrier, which every thread reaches after this tile.
     }
 }
 

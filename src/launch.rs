@@ -3,7 +3,7 @@
 //!
 //! Everything a call needs is validated here, before the first launch.
 
-use crate::plan::{LaunchPlan, MultiboxParams};
+use crate::plan::{GridLimits, LaunchPlan, MultiboxParams};
 use crate::{DType, Error, LabelType, MultiboxConfig, Result, Shape};
 
 /// Where kernels run. The crate's own implementation drives the CUDA driver;
@@ -25,6 +25,12 @@ pub trait Backend {
         shared_bytes: u32,
         params: &[u8],
     ) -> Result<()>;
+
+    /// How many blocks of the row kernels this backend's device keeps
+    /// resident ([`crate::plan::GridLimits`]); the default knows no device.
+    fn grid_limits(&self) -> GridLimits {
+        GridLimits::default()
+    }
 }
 
 /// The upstream gradients `g_reg` and `g_cls` (they carry loss scaling and
@@ -112,7 +118,7 @@ pub unsafe fn launch_call<B: Backend + ?Sized>(
     backend: &B,
 ) -> Result<LaunchPlan> {
     config.validate()?;
-    let plan = LaunchPlan::new(call.shape)?;
+    let plan = LaunchPlan::with_limits(call.shape, backend.grid_limits())?;
     let params = params(config, call, &plan)?;
     for launch in plan.launches(call.backward) {
         let kernel = launch.step.kernel_name(call.dtype, call.label_type);

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DevicePtr, DevicePtrMut, DeviceSlice};
 
 use crate::launch::{launch_call, Backend, DeviceStatus, RawBuffers, RawCall, RawUpstream};
-use crate::plan::Step;
+use crate::plan::{GridLimits, Step, ROW_THREADS, ROW_TILE_BYTES};
 use crate::{kernels, Error, Float, Label, MultiboxConfig, Result, Shape};
 
 /// The inputs of one call, on the device. Any cudarc slice or view works
@@ -72,6 +72,7 @@ pub struct MultiboxLoss {
     config: MultiboxConfig,
     ctx: Arc<CudaContext>,
     functions: HashMap<&'static str, CudaFunction>,
+    grid_limits: GridLimits,
 }
 
 impl std::fmt::Debug for MultiboxLoss {
@@ -104,11 +105,19 @@ impl MultiboxLoss {
                 functions.insert(name, module.load_function(name)?);
             }
         }
+        let grid_limits = resident_blocks(ctx, &functions)?;
         Ok(Self {
             config,
             ctx: ctx.clone(),
             functions,
+            grid_limits,
         })
+    }
+
+    /// How many blocks of the row kernels the device keeps resident: their
+    /// grids (from the occupancy calculator, so there is no tail wave).
+    pub fn grid_limits(&self) -> GridLimits {
+        self.grid_limits
     }
 
     /// The configuration the loss was built with.
@@ -415,6 +424,36 @@ fn check<T>(
     Ok(())
 }
 
+/// SMs x the fewest blocks per SM of any type instantiation of kernels 1
+/// and 3; kernel 1 counted with its largest tile of shared memory, so the
+/// limit holds for every shape.
+fn resident_blocks(
+    ctx: &Arc<CudaContext>,
+    functions: &HashMap<&'static str, CudaFunction>,
+) -> Result<GridLimits> {
+    use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT;
+    let sms = ctx
+        .attribute(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
+        .max(1) as u32;
+    let per_sm = |step: Step, shared: usize| -> Result<u32> {
+        let mut fewest = u32::MAX;
+        for name in step.kernel_names() {
+            let blocks = functions[name].occupancy_max_active_blocks_per_multiprocessor(
+                ROW_THREADS,
+                shared,
+                None,
+            )?;
+            fewest = fewest.min(blocks.max(1));
+        }
+        Ok(fewest)
+    };
+    Ok(GridLimits::resident(
+        sms,
+        per_sm(Step::Rows, ROW_TILE_BYTES + 16)?,
+        per_sm(Step::Gradient, 0)?,
+    ))
+}
+
 /// Launches through the CUDA driver on one stream.
 struct DriverBackend<'a> {
     loss: &'a MultiboxLoss,
@@ -422,6 +461,10 @@ struct DriverBackend<'a> {
 }
 
 impl Backend for DriverBackend<'_> {
+    fn grid_limits(&self) -> GridLimits {
+        self.loss.grid_limits
+    }
+
     unsafe fn launch(
         &self,
         kernel: &'static str,

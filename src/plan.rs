@@ -152,9 +152,51 @@ pub struct LaunchPlan {
     pub workspace: WorkspaceLayout,
 }
 
+/// How many blocks of each row kernel the device keeps resident at once
+/// (SMs x blocks per SM, from the occupancy calculator). The row kernels'
+/// grids stop there: their blocks walk the rows with a stride, so more
+/// blocks would only wait for a second wave. Without a device
+/// ([`GridLimits::default`]) the grids stop at [`MAX_ROW_BLOCKS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GridLimits {
+    /// Kernel 1's resident blocks.
+    pub rows: u32,
+    /// Kernel 3's resident blocks.
+    pub gradient: u32,
+}
+
+impl Default for GridLimits {
+    fn default() -> Self {
+        Self {
+            rows: MAX_ROW_BLOCKS,
+            gradient: MAX_ROW_BLOCKS,
+        }
+    }
+}
+
+impl GridLimits {
+    /// `sms` multiprocessors, each holding `rows_per_sm` blocks of kernel 1
+    /// and `gradient_per_sm` of kernel 3.
+    pub fn resident(sms: u32, rows_per_sm: u32, gradient_per_sm: u32) -> Self {
+        Self {
+            rows: sms.saturating_mul(rows_per_sm),
+            gradient: sms.saturating_mul(gradient_per_sm),
+        }
+    }
+}
+
 impl LaunchPlan {
-    /// The plan for `shape`; fails on the shapes [`Shape::validate`] rejects.
+    /// The plan for `shape` on no particular device ([`GridLimits::default`]);
+    /// fails on the shapes [`Shape::validate`] rejects.
     pub fn new(shape: Shape) -> Result<Self> {
+        Self::with_limits(shape, GridLimits::default())
+    }
+
+    /// The plan for `shape` on a device that keeps `limits` blocks resident.
+    /// Only the row kernels' grids depend on the device: the workspace
+    /// layout is the same for every device (its per-block partials are sized
+    /// for the largest grid), so [`workspace_bytes`] fits them all.
+    pub fn with_limits(shape: Shape, limits: GridLimits) -> Result<Self> {
         shape.validate()?;
         let lanes_per_row = lanes_per_row(shape.classes);
         let tile_rows = tile_rows(shape.classes, lanes_per_row);
@@ -164,10 +206,10 @@ impl LaunchPlan {
         } else {
             ROW_THREADS / lanes_per_row
         };
-        let row_blocks = shape
-            .rows()
-            .div_ceil(turn as usize)
-            .min(MAX_ROW_BLOCKS as usize) as u32;
+        let turns = shape.rows().div_ceil(turn as usize);
+        let grid =
+            |limit: u32, blocks: usize| blocks.min(limit.clamp(1, MAX_ROW_BLOCKS) as usize) as u32;
+        let row_blocks = grid(limits.rows, turns);
         let rows_launch = Launch {
             step: Step::Rows,
             grid: row_blocks,
@@ -182,7 +224,8 @@ impl LaunchPlan {
             s
         };
         let keys = section(shape.rows() * 4);
-        let partials = section(row_blocks as usize * std::mem::size_of::<RowBlockPartial>());
+        let most_row_blocks = turns.min(MAX_ROW_BLOCKS as usize);
+        let partials = section(most_row_blocks * std::mem::size_of::<RowBlockPartial>());
         let images = section(shape.batch * std::mem::size_of::<ImageSelection>());
         let totals = section(std::mem::size_of::<Totals>());
         let bytes = totals.offset + totals.len;
@@ -202,10 +245,7 @@ impl LaunchPlan {
             // for its decisions (see gradient.cu).
             gradient: Launch {
                 step: Step::Gradient,
-                grid: shape
-                    .rows()
-                    .div_ceil(ROW_THREADS as usize)
-                    .min(MAX_ROW_BLOCKS as usize) as u32,
+                grid: grid(limits.gradient, shape.rows().div_ceil(ROW_THREADS as usize)),
                 block: ROW_THREADS,
                 shared_bytes: 0,
             },

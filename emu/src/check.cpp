@@ -180,8 +180,7 @@ bool both_atomic(uint8_t a, unsigned b) { return (a & ACCESS_ATOMIC) && (b & ACC
 // Launch and block state.
 
 void Checker::begin_launch(unsigned flags, const EmuRegion* regions, size_t n_regions, const void* smem,
-                           size_t smem_bytes, const unsigned grid[3], unsigned threads) {
-    (void)grid;
+                           size_t smem_bytes, unsigned threads) {
     flags_ = flags;
     excluded_.clear();
     regions_.clear();
@@ -599,7 +598,7 @@ std::string Checker::describe(const unsigned grid[3], const unsigned block[3]) c
             where = fmt("`%s` +%" PRIu64 " (0x%" PRIx64 ")", r.name.c_str(), f.addr - r.r.start, f.addr);
     if (!f.first.kind) {
         // Bounds: one access.
-        return fmt("%s: %s %s %u bytes at 0x%" PRIx64 " at %s: %s", f.what.c_str(), who(f.second).c_str(),
+        return fmt("%s: %s %s %u bytes at 0x%" PRIx64 " in %s: %s", f.what.c_str(), who(f.second).c_str(),
                    is_write(f.second.kind) ? "writes" : "reads", f.size, f.addr, site(f.second.pc).c_str(),
                    f.detail.c_str());
     }

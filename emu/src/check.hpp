@@ -83,7 +83,7 @@ class Checker {
   public:
     // Before the first block.
     void begin_launch(unsigned flags, const EmuRegion* regions, size_t n_regions, const void* smem,
-                      size_t smem_bytes, const unsigned grid[3], unsigned threads);
+                      size_t smem_bytes, unsigned threads);
     // Memory the kernel code reads that is the emulator's, not the kernel's:
     // the built-ins threadIdx, blockIdx, ... (thread-local like static
     // __shared__ variables, and never written by the kernels).

@@ -337,7 +337,7 @@ std::string launch(const char* name, const unsigned grid[3], const unsigned bloc
     blockDim = dim3{block[0], block[1], block[2]};
     gridDim = dim3{grid[0], grid[1], grid[2]};
     static thread_local Checker checker;
-    checker.begin_launch(checks, regions, n_regions, smem.p, dyn_bytes, grid, unsigned(threads));
+    checker.begin_launch(checks, regions, n_regions, smem.p, dyn_bytes, unsigned(threads));
     checker.exclude(&threadIdx, sizeof threadIdx);
     checker.exclude(&blockIdx, sizeof blockIdx);
     checker.exclude(&blockDim, sizeof blockDim);

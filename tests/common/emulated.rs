@@ -4,7 +4,7 @@
 
 use std::cell::RefCell;
 
-use multibox::plan::LaunchPlan;
+use multibox::plan::{GridLimits, LaunchPlan};
 use multibox::{
     launch_call, Backend, DeviceStatus, Float, Label, MultiboxConfig, RawBuffers, RawCall,
     RawUpstream, Shape,
@@ -24,6 +24,9 @@ pub struct Emulator {
     pub model_traffic: bool,
     /// Per launch, in order: the kernel and its traffic model.
     pub traffic: RefCell<Vec<(&'static str, Traffic)>>,
+    /// The device this emulator pretends to be: few resident blocks make
+    /// every block of the row kernels walk several tiles.
+    pub grid_limits: GridLimits,
 }
 
 impl Emulator {
@@ -63,11 +66,16 @@ impl Default for Emulator {
             races: multibox_emu::races_checked_by_default(),
             model_traffic: false,
             traffic: RefCell::default(),
+            grid_limits: GridLimits::default(),
         }
     }
 }
 
 impl Backend for Emulator {
+    fn grid_limits(&self) -> GridLimits {
+        self.grid_limits
+    }
+
     unsafe fn launch(
         &self,
         kernel: &'static str,
@@ -151,6 +159,8 @@ pub struct Call {
     /// Start the gradient buffers one element past an allocation's start:
     /// only element-aligned, as a slice of a user's tensor can be.
     pub misaligned: bool,
+    /// The resident blocks of the device the emulator pretends to be.
+    pub grid_limits: GridLimits,
 }
 
 impl Default for Call {
@@ -163,6 +173,7 @@ impl Default for Call {
             model_traffic: false,
             races: multibox_emu::races_checked_by_default(),
             misaligned: false,
+            grid_limits: GridLimits::default(),
         }
     }
 }
@@ -274,6 +285,7 @@ pub fn run<T: Float, L: Label>(
     let mut emulator = Emulator::for_call(&plan, &raw);
     emulator.model_traffic = call.model_traffic;
     emulator.races = call.races;
+    emulator.grid_limits = call.grid_limits;
     // SAFETY: every address points into a live Vec of the length the shape
     // requires (checked above for the inputs, allocated so for the outputs);
     // the emulator runs synchronously, so they outlive the work.
