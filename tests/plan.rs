@@ -232,3 +232,39 @@ fn kernel_1_tiles_fit_shared_memory_in_whole_steps() {
     assert_eq!(tile_rows(81, 32), 72);
     assert_eq!(tile_rows(5000, 32), 0);
 }
+
+#[test]
+fn grids_stop_at_the_resident_blocks_and_the_workspace_does_not_move() {
+    use multibox::plan::GridLimits;
+    let shape = Shape::new(256, 8732, 81);
+    let free = LaunchPlan::new(shape).unwrap();
+    // An H100-like device: 132 SMs, 4 blocks of kernel 1 and 8 of kernel 3 each.
+    let limits = GridLimits::resident(132, 4, 8);
+    assert_eq!(
+        limits,
+        GridLimits {
+            rows: 528,
+            gradient: 1056
+        }
+    );
+    let plan = LaunchPlan::with_limits(shape, limits).unwrap();
+    assert_eq!(plan.rows.grid, 528);
+    assert_eq!(plan.gradient.grid, 1056);
+    assert_eq!(plan.workspace, free.workspace);
+    assert_eq!(free.rows.grid, MAX_ROW_BLOCKS);
+    // A small shape needs fewer blocks than the device holds.
+    let small = Shape::new(1, 300, 21);
+    let plan = LaunchPlan::with_limits(small, limits).unwrap();
+    assert_eq!(plan.rows.grid, 2); // tiles of 256 rows
+    assert_eq!(plan.gradient.grid, 2);
+    // A limit of 0 (an occupancy query that found none) still launches.
+    let zero = LaunchPlan::with_limits(
+        shape,
+        GridLimits {
+            rows: 0,
+            gradient: 0,
+        },
+    )
+    .unwrap();
+    assert_eq!((zero.rows.grid, zero.gradient.grid), (1, 1));
+}
