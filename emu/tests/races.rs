@@ -470,3 +470,20 @@ fn a_16_byte_vector_copy_is_one_access_per_lane() {
     }
     assert_eq!(&b.out()[..n], b.input());
 }
+
+#[test]
+fn block_primitives_leave_their_scratch_free_for_reuse() {
+    let mut b = Buffers::new(1);
+    b.launch("emu_race_primitives_reuse_scratch", 2, THREADS, 0, false)
+        .unwrap();
+    let out: &[i32] = b.out();
+    let sum = (0..THREADS).sum::<u32>();
+    for t in 0..2 * THREADS as usize {
+        let got: Vec<u32> = out[4 * t..4 * t + 4].iter().map(|&x| x as u32).collect();
+        assert_eq!(
+            got,
+            [t as u32 % THREADS, THREADS, u32::MAX, sum],
+            "thread {t}"
+        );
+    }
+}

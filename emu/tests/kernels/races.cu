@@ -145,3 +145,28 @@ MB_KERNEL(emu_traffic_vector, RaceParams, RACE_THREADS) {
     const u32 i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < p.n / 4) reinterpret_cast<uint4*>(p.out)[i] = reinterpret_cast<const uint4*>(p.in)[i];
 }
+
+// The block primitives promise that their scratch may be reused once they
+// return: thread 0 overwrites it at once after each one (then a barrier
+// hands it to the next). Without their closing barriers, that write races
+// with slower warps still reading.
+MB_KERNEL(emu_race_primitives_reuse_scratch, RaceParams, RACE_THREADS) {
+    __shared__ u32 scratch[RACE_THREADS / WARP + 1];
+    auto reuse = [&] {
+        if (threadIdx.x == 0)
+            for (u32 i = 0; i <= RACE_THREADS / WARP; ++i) scratch[i] = 0xdeadu;
+        __syncthreads();
+    };
+    u32 total;
+    const u32 before = block_exclusive_scan<RACE_THREADS>(1u, scratch, &total);
+    reuse();
+    const u32 bits = block_or<RACE_THREADS>(1u << (threadIdx.x % 32), scratch);
+    reuse();
+    const u32 sum = block_sum<RACE_THREADS>(u32(threadIdx.x), scratch);
+    reuse();
+    u32* out = reinterpret_cast<u32*>(p.out) + 4 * (blockIdx.x * blockDim.x + threadIdx.x);
+    out[0] = before;
+    out[1] = total;
+    out[2] = bits;
+    out[3] = sum;
+}
