@@ -4,7 +4,7 @@
 
 use multibox::plan::LaunchPlan;
 use multibox::{
-    launch_call, Backend, DeviceStatus, Float, Label, MultiboxConfig, RawBuffers, RawCall,
+    launch_call, Backend, DeviceStatus, Float, Label, MultiboxConfig, Pass, RawBuffers, RawCall,
     RawUpstream, Shape,
 };
 
@@ -57,6 +57,9 @@ pub struct Call {
     pub upstream: Upstream,
     /// Gradients too, or the losses only.
     pub backward: bool,
+    /// With `backward`: the forward, then the backward as a call of its own
+    /// on the same workspace (instead of one forward_backward call).
+    pub split: bool,
     /// Ask for the mined mask.
     pub with_mask: bool,
     /// The byte every output and the workspace start with.
@@ -68,6 +71,7 @@ impl Default for Call {
         Self {
             upstream: Upstream::Host(1.0, 1.0),
             backward: true,
+            split: false,
             with_mask: true,
             fill: 0xab,
         }
@@ -115,6 +119,7 @@ pub fn run<T: Float, L: Label>(
     let Call {
         upstream,
         backward,
+        split,
         with_mask,
         fill,
     } = call;
@@ -159,13 +164,36 @@ pub fn run<T: Float, L: Label>(
             workspace_bytes: plan.workspace.bytes,
         },
         upstream,
-        backward,
+        pass: Pass::from_backward(backward),
     };
     check_lengths(shape, inputs);
-    // SAFETY: every address points into a live Vec of the length the shape
-    // requires (checked above for the inputs, allocated so for the outputs);
-    // the emulator runs synchronously, so they outlive the work.
-    unsafe { launch_call(config, &raw, &Emulator)? };
+    if backward && split {
+        let forward = RawCall {
+            pass: Pass::Forward,
+            ..raw
+        };
+        // The backward needs no loss output: give it none, so that a write
+        // to one would fault.
+        let mut backward = RawCall {
+            pass: Pass::Backward,
+            ..raw
+        };
+        backward.buffers.regression_loss = 0;
+        backward.buffers.classification_loss = 0;
+        backward.buffers.num_pos = 0;
+        backward.buffers.mask = 0;
+        // SAFETY: as below; the backward reads the workspace the forward
+        // filled, on the same inputs.
+        unsafe {
+            launch_call(config, &forward, &Emulator)?;
+            launch_call(config, &backward, &Emulator)?;
+        }
+    } else {
+        // SAFETY: every address points into a live Vec of the length the
+        // shape requires (checked above for the inputs, allocated so for the
+        // outputs); the emulator runs synchronously, so they outlive the work.
+        unsafe { launch_call(config, &raw, &Emulator)? };
+    }
     let status_at = plan.workspace.status_offset();
     let status_bytes = workspace.slice(status_at + 4)[status_at..]
         .try_into()
