@@ -101,8 +101,8 @@ def test_golden(case, device):
     reg, cls, num_pos = multibox_loss(confidence, locations, t["labels"], t["gt_locations"], meta["neg_pos_ratio"])
     (reg + cls).backward()
     assert int(num_pos) == meta["num_pos"]
-    for got, want in [(reg, meta["regression_loss"]), (cls, meta["classification_loss"])]:
-        assert abs(float(got) - want) <= LOSS_RTOL[dtype] * max(abs(want), 1e-30), (float(got), want)
+    for got, want in [(reg.item(), meta["regression_loss"]), (cls.item(), meta["classification_loss"])]:
+        assert abs(got - want) <= LOSS_RTOL[dtype] * max(abs(want), 1e-30), (got, want)
     for got, want in [(confidence.grad, t["grad_confidence"]), (locations.grad, t["grad_locations"])]:
         assert got.dtype == dtype and got.shape == want.shape
         scale = want.abs().max().clamp(min=1e-30)
@@ -213,6 +213,7 @@ def test_gradients_match_autograd_on_the_plain_pytorch_reference(device):
         assert torch.allclose(l1.grad.double(), l2.grad, rtol=1e-4, atol=1e-6), layout
 
 
+@pytest.mark.filterwarnings("ignore:Input #[01] requires gradient and is not a double")
 def test_gradcheck_f32_finite_differences():
     # gradcheck on the op itself in float32 with loose tolerances: an input
     # whose mining is stable under eps (background losses far apart, no
@@ -456,12 +457,20 @@ def test_cpu_autocast_casts_to_float32():
 
 # --- the package -------------------------------------------------------------
 
+# Installed with pip: the library is bundled next to the package. Otherwise
+# (scripts/gpu-check: PYTHONPATH=python, MULTIBOX_LIB=the carried library)
+# the tests of the installation itself do not apply.
+PACKAGE_DIR = Path(multibox_torch.__file__).resolve().parent
+INSTALLED = _capi._bundled(PACKAGE_DIR) is not None
+needs_install = pytest.mark.skipif(not INSTALLED, reason="multibox_torch is not pip-installed here")
+
 
 def _clean_env():
-    env = {k: v for k, v in os.environ.items() if k not in ("MULTIBOX_LIB", "PYTHONPATH")}
-    return env
+    drop = ("MULTIBOX_LIB", "PYTHONPATH") if INSTALLED else ("MULTIBOX_LIB",)
+    return {k: v for k, v in os.environ.items() if k not in drop}
 
 
+@needs_install
 def test_imports_from_any_directory_without_environment_variables(tmp_path):
     code = (
         "import multibox_torch, torch\n"
@@ -498,5 +507,6 @@ def test_a_wrong_multibox_lib_names_the_variable_and_the_path(tmp_path):
 def test_the_version_follows_the_crate():
     manifest = (ROOT / "Cargo.toml").read_text()
     crate = re.search(r'^\[package\][^\[]*?^version\s*=\s*"([^"]+)"', manifest, re.M | re.S).group(1)
-    assert multibox_torch.__version__ == crate
     assert _capi.library().version() == crate
+    if INSTALLED:
+        assert multibox_torch.__version__ == crate
