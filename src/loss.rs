@@ -526,6 +526,10 @@ impl Backend for DriverBackend<'_> {
 /// (`libcuda.so`) on this machine, or no such device. Unlike
 /// `CudaContext::new`, it never panics when the driver is missing.
 pub fn cuda_context(ordinal: usize) -> Result<Arc<CudaContext>> {
+    // With candle's CUDA build (feature candle-cuda), cudarc links the
+    // driver library at build time instead of loading it, so a process that
+    // runs at all has it.
+    #[cfg(not(feature = "candle-cuda"))]
     // SAFETY: is_culib_present only tries to dlopen the driver library.
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
         return Err(Error::NoDevice(
