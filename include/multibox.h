@@ -106,24 +106,30 @@ typedef struct multibox_call {
   uint64_t labels;
   // `[B, P, 4]` encoded target offsets, T.
   uint64_t gt_locations;
-  // `[B, P, C]` gradient of the logits, T; forward_backward only (0 otherwise).
+  // `[B, P, C]` gradient of the logits, T; backward and forward_backward
+  // only (0 for the forward).
   uint64_t grad_confidence;
-  // `[B, P, 4]` gradient of the predicted offsets, T; forward_backward only.
+  // `[B, P, 4]` gradient of the predicted offsets, T; as `grad_confidence`.
   uint64_t grad_locations;
-  // One float: sum of smooth-L1 over positives / N.
+  // One float: sum of smooth-L1 over positives / N; forward and
+  // forward_backward only (0 for the backward).
   uint64_t regression_loss;
-  // One float: cross-entropy over positives and mined negatives / N.
+  // One float: cross-entropy over positives and mined negatives / N; as
+  // `regression_loss`.
   uint64_t classification_loss;
-  // One int32_t: N.
+  // One int32_t: N; as `regression_loss`.
   uint64_t num_pos;
-  // `[B, P]` uint8_t mask of the priors in the classification loss, or 0 for none.
+  // `[B, P]` uint8_t mask of the priors in the classification loss, or 0
+  // for none; written by the forward.
   uint64_t mask;
-  // At least `multibox_workspace_bytes` bytes, 256-byte aligned.
+  // At least `multibox_workspace_bytes` bytes, 256-byte aligned. The
+  // forward fills it; `multibox_backward` reads what the forward left.
   uint64_t workspace;
   // Size of the workspace in bytes.
   size_t workspace_bytes;
   // Device address of two floats `[g_reg, g_cls]` (e.g. a loss scaler's
-  // value), or 0 to use `g_reg` and `g_cls` below. Backward only.
+  // value, or autograd's upstream gradients), or 0 to use `g_reg` and
+  // `g_cls` below. Backward and forward_backward only.
   uint64_t upstream;
   // d(total) / d(regression_loss) when `upstream` is 0; finite.
   float g_reg;
@@ -163,15 +169,15 @@ typedef struct multibox_host_call_f32 {
   const float *gt_locations;
   // Elements of `gt_locations`: B*P*4.
   size_t gt_locations_len;
-  // d(total) / d(regression_loss); finite (backward only).
+  // d(total) / d(regression_loss); finite (gradients only).
   float g_reg;
-  // d(total) / d(classification_loss); finite (backward only).
+  // d(total) / d(classification_loss); finite (gradients only).
   float g_cls;
-  // `[B, P, C]` output: d total / d confidence (backward only).
+  // `[B, P, C]` output: d total / d confidence (gradients only).
   float *grad_confidence;
   // Elements of `grad_confidence`: B*P*C.
   size_t grad_confidence_len;
-  // `[B, P, 4]` output: d total / d predicted_locations (backward only).
+  // `[B, P, 4]` output: d total / d predicted_locations (gradients only).
   float *grad_locations;
   // Elements of `grad_locations`: B*P*4.
   size_t grad_locations_len;
@@ -345,6 +351,26 @@ enum multibox_status_code multibox_forward(const struct multibox_loss *loss,
                                            const struct multibox_call *call,
                                            void *stream);
 
+// The gradients of an earlier `multibox_forward` (1 launch on `stream`),
+// with the upstream gradients known only now: `call->upstream` (two floats
+// on the device, e.g. autograd's) or `call->g_reg`, `call->g_cls`. Needs
+// the inputs, the workspace and the two gradient buffers of `call`; the
+// loss outputs and the mask are ignored (they may be 0). The result is bit
+// for bit that of `multibox_forward_backward` with the same upstream.
+//
+// The workspace carries the forward's mining decisions to this call: it
+// must hold what the last `multibox_forward` with this loss, this shape
+// and inputs of the same contents wrote, untouched since, and that forward
+// must be ordered before this call on `stream`. Otherwise the gradients
+// are wrong, though every access stays in bounds.
+//
+// # Safety
+// As `multibox_forward_backward`, and the workspace holds a forward's
+// results as above.
+enum multibox_status_code multibox_backward(const struct multibox_loss *loss,
+                                            const struct multibox_call *call,
+                                            void *stream);
+
 // The losses and both gradients (3 launches on `stream`); as
 // `multibox_forward`, plus `grad_confidence` and `grad_locations`.
 //
@@ -392,6 +418,20 @@ enum multibox_status_code multibox_reference_forward_f32(const struct multibox_c
 enum multibox_status_code multibox_reference_forward_backward_f32(const struct multibox_config *config,
                                                                   const struct multibox_host_call_f32 *call,
                                                                   struct multibox_losses *out);
+
+// The gradients from the CPU reference, for a caller that ran
+// `multibox_reference_forward_f32` on the same arrays and learned the
+// upstream gradients (`call->g_reg`, `call->g_cls`) since. The reference
+// keeps no state between calls, so this recomputes the mining from the
+// inputs; the gradients equal those of
+// `multibox_reference_forward_backward_f32`. `grad_confidence` and
+// `grad_locations` are required; `out` and the mask may be NULL.
+//
+// # Safety
+// As `multibox_reference_forward_backward_f32`.
+enum multibox_status_code multibox_reference_backward_f32(const struct multibox_config *config,
+                                                          const struct multibox_host_call_f32 *call,
+                                                          struct multibox_losses *out);
 
 // Writes the default assignment settings (0.5, 0.1, 0.2, C unknown) to `out`.
 //

@@ -2,13 +2,20 @@
 //! on candle tensors, differentiable with respect to `confidence` and
 //! `predicted_locations` through candle's autograd.
 //!
-//! **CPU tensors only.** The forward and backward run the crate's CPU
-//! reference ([`crate::reference`]: f64 arithmetic, results rounded once to
-//! the input type). A CUDA path (candle's `cuda_fwd` over
-//! [`crate::MultiboxLoss::launch_raw`]) is not built: candle's `cuda`
-//! feature needs `nvcc` and the CUDA toolkit, which the machines this crate
-//! is built and tested on do not have. CUDA tensors get an error that says
-//! so, never a silent copy to the host.
+//! - **CPU tensors**: the forward and backward run the crate's CPU reference
+//!   ([`crate::reference`]: f64 arithmetic, results rounded once to the input
+//!   type).
+//! - **CUDA tensors** (feature `candle-cuda`): the kernels, on candle's own
+//!   stream, through [`crate::MultiboxLoss`] (one per CUDA context and
+//!   configuration, built on first use). The forward runs kernels 1 and 2
+//!   and keeps its workspace in the op; the backward runs kernel 3 with
+//!   candle's upstream gradients read from device memory, each gradient
+//!   rounded once. `MultiboxLosses::num_pos` is read back after the forward
+//!   (one 4-byte copy, which synchronises candle's stream). candle's `cuda`
+//!   feature compiles candle's own kernels with `nvcc` at build time:
+//!   `scripts/setup-nvcc` installs one from PyPI (see the README). Without
+//!   `candle-cuda`, CUDA tensors get an error that says so, never a silent
+//!   copy to the host.
 //!
 //! ```
 //! use candle_core::{Device, Tensor, Var};
@@ -37,6 +44,9 @@ use half::{bf16, f16};
 
 use crate::reference::{self, Inputs, Upstream};
 use crate::{Float, MultiboxConfig, Shape};
+
+#[cfg(feature = "candle-cuda")]
+use cuda::CudaState;
 
 /// The losses of one call, as candle scalars (f32) in the autograd graph.
 #[derive(Debug, Clone)]
@@ -84,18 +94,41 @@ pub fn multibox_loss(
         }
     }
     for (name, t) in [
-        ("confidence", confidence),
         ("predicted_locations", predicted_locations),
         ("labels", labels),
         ("gt_locations", gt_locations),
     ] {
-        if !t.device().is_cpu() {
+        if !t.device().same_device(confidence.device()) {
             candle_core::bail!(
-                "multibox: `{name}` is on {:?}; the candle adapter runs on CPU tensors only \
-                 (its CUDA path is not built; use multibox::MultiboxLoss or the C ABI on the GPU)",
-                t.device()
+                "multibox: `{name}` is on {:?}, confidence on {:?}; all four tensors must be on one device",
+                t.device(),
+                confidence.device()
             );
         }
+    }
+    if confidence.device().is_cuda() {
+        #[cfg(feature = "candle-cuda")]
+        return cuda::multibox_loss(
+            config,
+            shape,
+            confidence,
+            predicted_locations,
+            labels,
+            gt_locations,
+        );
+        #[cfg(not(feature = "candle-cuda"))]
+        candle_core::bail!(
+            "multibox: the tensors are on {:?}, and this build of the candle adapter runs on CPU \
+             tensors only: enable the feature `candle-cuda` (candle's CUDA build needs nvcc, see \
+             the README) or use multibox::MultiboxLoss or the C ABI on the GPU",
+            confidence.device()
+        );
+    }
+    if !confidence.device().is_cpu() {
+        candle_core::bail!(
+            "multibox: the tensors are on {:?}; the candle adapter runs on CPU and CUDA tensors",
+            confidence.device()
+        );
     }
     let dtype = confidence.dtype();
     if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
@@ -118,6 +151,8 @@ pub fn multibox_loss(
         config: *config,
         shape,
         labels,
+        #[cfg(feature = "candle-cuda")]
+        cuda: Default::default(),
     };
     let gt_locations = gt_locations.to_dtype(dtype)?;
     let losses = confidence.contiguous()?.apply_op3(
@@ -137,7 +172,12 @@ pub fn multibox_loss(
 struct MultiboxOp {
     config: MultiboxConfig,
     shape: Shape,
+    /// On the host, for the CPU reference (empty on CUDA).
     labels: Vec<i64>,
+    /// CUDA: the labels on the device, and the forward's workspace for the
+    /// backward.
+    #[cfg(feature = "candle-cuda")]
+    cuda: std::sync::Arc<std::sync::Mutex<CudaState>>,
 }
 
 /// A contiguous CPU tensor's elements.
@@ -227,6 +267,19 @@ impl candle_core::CustomOp3 for MultiboxOp {
         Ok((CpuStorage::F32(losses), candle_core::Shape::from(2)))
     }
 
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        cuda::forward(self, [(s1, l1), (s2, l2), (s3, l3)])
+    }
+
     fn bwd(
         &self,
         confidence: &Tensor,
@@ -235,6 +288,16 @@ impl candle_core::CustomOp3 for MultiboxOp {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "candle-cuda")]
+        if confidence.device().is_cuda() {
+            return cuda::backward(
+                self,
+                confidence,
+                predicted_locations,
+                gt_locations,
+                grad_res,
+            );
+        }
         let g = grad_res.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         let upstream = Upstream {
             g_reg: g[0],
@@ -273,4 +336,347 @@ impl candle_core::CustomOp3 for MultiboxOp {
 /// Rounds f64 gradients once to `T`, as the kernels write them.
 fn to<T: Float>(grad: &[f64]) -> Vec<T> {
     grad.iter().map(|&g| T::from_f64(g)).collect()
+}
+
+/// The CUDA path: [`crate::MultiboxLoss`] on candle's stream.
+#[cfg(feature = "candle-cuda")]
+mod cuda {
+    use std::sync::{Arc, Mutex, OnceLock};
+
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda::CudaDType;
+    use candle_core::{CudaStorage, DType, Layout, Storage, Tensor};
+    use cudarc::driver::{CudaSlice, CudaStream, CudaView, DeviceRepr, ValidAsZeroBits};
+    use half::{bf16, f16};
+
+    use super::{MultiboxLosses, MultiboxOp};
+    use crate::{Float, Gradients, Inputs, MultiboxConfig, MultiboxLoss, Outputs, Shape};
+
+    /// What the forward leaves for the backward, shared by the op and the caller.
+    #[derive(Default)]
+    pub(super) struct CudaState {
+        /// `[B, P]` labels on the device, i32 or i64, contiguous.
+        labels: Option<Tensor>,
+        /// The forward's workspace: the mining decisions kernel 3 reads.
+        workspace: Option<CudaSlice<u8>>,
+        /// The forward's `num_pos` (one i32).
+        num_pos: Option<CudaSlice<i32>>,
+    }
+
+    fn err(e: impl std::fmt::Display) -> candle_core::Error {
+        candle_core::Error::Cuda(format!("multibox: {e}").into())
+    }
+
+    fn lock(state: &Mutex<CudaState>) -> candle_core::Result<std::sync::MutexGuard<'_, CudaState>> {
+        state
+            .lock()
+            .map_err(|_| err("the op's state was poisoned by an earlier panic"))
+    }
+
+    /// One loss per CUDA context and configuration: building one loads the
+    /// kernels, which is the expensive part.
+    fn loss_for(
+        stream: &Arc<CudaStream>,
+        config: &MultiboxConfig,
+    ) -> candle_core::Result<Arc<MultiboxLoss>> {
+        type Cache = Mutex<Vec<(usize, MultiboxConfig, Arc<MultiboxLoss>)>>;
+        static CACHE: OnceLock<Cache> = OnceLock::new();
+        let ctx = stream.context();
+        let key = ctx.cu_ctx() as usize;
+        let mut cache = CACHE
+            .get_or_init(Default::default)
+            .lock()
+            .map_err(|_| err("the loss cache was poisoned by an earlier panic"))?;
+        if let Some((_, _, loss)) = cache.iter().find(|(k, c, _)| *k == key && c == config) {
+            return Ok(loss.clone());
+        }
+        let loss = Arc::new(MultiboxLoss::new(ctx, *config).map_err(err)?);
+        cache.push((key, *config, loss.clone()));
+        Ok(loss)
+    }
+
+    /// The elements of a contiguous CUDA storage, as a view.
+    fn view<'a, T: CudaDType>(
+        storage: &'a CudaStorage,
+        layout: &Layout,
+        name: &str,
+    ) -> candle_core::Result<CudaView<'a, T>> {
+        let slice = storage.as_cuda_slice::<T>()?;
+        match layout.contiguous_offsets() {
+            Some((start, end)) => Ok(slice.slice(start..end)),
+            None => Err(err(format!("`{name}` is not contiguous"))),
+        }
+    }
+
+    /// The CUDA half of `multibox_loss`: labels kept on the device, the op
+    /// applied, `num_pos` read back.
+    pub(super) fn multibox_loss(
+        config: &MultiboxConfig,
+        shape: Shape,
+        confidence: &Tensor,
+        predicted_locations: &Tensor,
+        labels: &Tensor,
+        gt_locations: &Tensor,
+    ) -> candle_core::Result<MultiboxLosses> {
+        let dtype = confidence.dtype();
+        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+            candle_core::bail!("multibox: confidence is {dtype:?}; f32, f16 or bf16 expected");
+        }
+        if predicted_locations.dtype() != dtype {
+            candle_core::bail!(
+                "multibox: predicted_locations is {:?}, confidence {dtype:?}; they must match",
+                predicted_locations.dtype()
+            );
+        }
+        let labels = match labels.dtype() {
+            DType::I64 | DType::I32 => labels.contiguous()?,
+            DType::I16 | DType::U32 | DType::U8 => labels.to_dtype(DType::I64)?,
+            other => {
+                candle_core::bail!("multibox: labels are {other:?}; an integer dtype expected")
+            }
+        };
+        let state = Arc::new(Mutex::new(CudaState {
+            labels: Some(labels),
+            ..Default::default()
+        }));
+        let op = MultiboxOp {
+            config: *config,
+            shape,
+            labels: Vec::new(),
+            cuda: state.clone(),
+        };
+        let gt_locations = gt_locations.to_dtype(dtype)?;
+        let losses = confidence.contiguous()?.apply_op3(
+            &predicted_locations.contiguous()?,
+            &gt_locations.contiguous()?,
+            op,
+        )?;
+        let num_pos = {
+            let state = lock(&state)?;
+            let slice = state
+                .num_pos
+                .as_ref()
+                .ok_or_else(|| err("the forward did not run"))?;
+            slice.stream().clone_dtoh(slice).map_err(err)?[0]
+        };
+        Ok(MultiboxLosses {
+            regression_loss: losses.get(0)?,
+            classification_loss: losses.get(1)?,
+            num_pos: u64::try_from(num_pos).map_err(err)?,
+        })
+    }
+
+    /// The labels tensor's elements on the device.
+    fn labels_view<'a, L: CudaDType>(
+        storage: &'a CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<CudaView<'a, L>> {
+        view::<L>(storage, layout, "labels")
+    }
+
+    /// Kernels 1 and 2: the losses into a 2-element f32 storage; the
+    /// workspace and `num_pos` into the op's state.
+    pub(super) fn forward(
+        op: &MultiboxOp,
+        s: [(&CudaStorage, &Layout); 3],
+    ) -> candle_core::Result<(CudaStorage, candle_core::Shape)> {
+        match s[0].0.dtype() {
+            DType::F32 => forward_typed::<f32>(op, s),
+            DType::F16 => forward_typed::<f16>(op, s),
+            DType::BF16 => forward_typed::<bf16>(op, s),
+            other => {
+                candle_core::bail!("multibox: confidence is {other:?}; f32, f16 or bf16 expected")
+            }
+        }
+    }
+
+    fn forward_typed<T: Float + CudaDType + DeviceRepr>(
+        op: &MultiboxOp,
+        s: [(&CudaStorage, &Layout); 3],
+    ) -> candle_core::Result<(CudaStorage, candle_core::Shape)> {
+        let device = s[0].0.device.clone();
+        let stream = device.cuda_stream();
+        let loss = loss_for(&stream, &op.config)?;
+        let mut state = lock(&op.cuda)?;
+        let labels = state.labels.clone().ok_or_else(|| err("no labels"))?;
+        let (labels_storage, labels_layout) = labels.storage_and_layout();
+        let Storage::Cuda(labels_storage) = &*labels_storage else {
+            candle_core::bail!("multibox: labels are not on the GPU");
+        };
+        let mut losses = stream.alloc_zeros::<f32>(2).map_err(err)?;
+        let mut num_pos = stream.alloc_zeros::<i32>(1).map_err(err)?;
+        let mut workspace = stream
+            .alloc_zeros::<u8>(crate::workspace_bytes(op.shape).map_err(err)?)
+            .map_err(err)?;
+        {
+            let confidence = view::<T>(s[0].0, s[0].1, "confidence")?;
+            let predicted_locations = view::<T>(s[1].0, s[1].1, "predicted_locations")?;
+            let gt_locations = view::<T>(s[2].0, s[2].1, "gt_locations")?;
+            let (mut reg, mut cls) = losses.split_at_mut(1);
+            let mut outputs = Outputs {
+                regression_loss: &mut reg,
+                classification_loss: &mut cls,
+                num_pos: &mut num_pos,
+                mask: None,
+            };
+            macro_rules! run {
+                ($l:ty) => {{
+                    let labels = labels_view::<$l>(labels_storage, labels_layout)?;
+                    let inputs = Inputs {
+                        confidence: &confidence,
+                        predicted_locations: &predicted_locations,
+                        labels: &labels,
+                        gt_locations: &gt_locations,
+                    };
+                    loss.forward(&stream, op.shape, &inputs, &mut outputs, &mut workspace)
+                }};
+            }
+            match labels.dtype() {
+                DType::I32 => run!(i32),
+                _ => run!(i64),
+            }
+            .map_err(err)?;
+        }
+        state.workspace = Some(workspace);
+        state.num_pos = Some(num_pos);
+        Ok((
+            CudaStorage::wrap_cuda_slice(losses, device),
+            candle_core::Shape::from(2),
+        ))
+    }
+
+    /// The gradients as one candle op with no backward of its own: kernel 3
+    /// into one flat `[B*P*C + B*P*4]` buffer of T, split by the caller.
+    struct GradientOp {
+        shape: Shape,
+        config: MultiboxConfig,
+        state: Arc<Mutex<CudaState>>,
+        /// `[2]` f32 on the device: `[g_reg, g_cls]`.
+        upstream: Tensor,
+    }
+
+    impl candle_core::CustomOp3 for GradientOp {
+        fn name(&self) -> &'static str {
+            "multibox-loss-gradient"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &Layout,
+            _: &candle_core::CpuStorage,
+            _: &Layout,
+            _: &candle_core::CpuStorage,
+            _: &Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            candle_core::bail!("multibox: the CUDA gradient op got CPU tensors")
+        }
+
+        fn cuda_fwd(
+            &self,
+            s1: &CudaStorage,
+            l1: &Layout,
+            s2: &CudaStorage,
+            l2: &Layout,
+            s3: &CudaStorage,
+            l3: &Layout,
+        ) -> candle_core::Result<(CudaStorage, candle_core::Shape)> {
+            let s = [(s1, l1), (s2, l2), (s3, l3)];
+            match s1.dtype() {
+                DType::F32 => self.run::<f32>(s),
+                DType::F16 => self.run::<f16>(s),
+                DType::BF16 => self.run::<bf16>(s),
+                other => candle_core::bail!(
+                    "multibox: confidence is {other:?}; f32, f16 or bf16 expected"
+                ),
+            }
+        }
+    }
+
+    impl GradientOp {
+        fn run<T: Float + CudaDType + DeviceRepr + ValidAsZeroBits>(
+            &self,
+            s: [(&CudaStorage, &Layout); 3],
+        ) -> candle_core::Result<(CudaStorage, candle_core::Shape)> {
+            let device = s[0].0.device.clone();
+            let stream = device.cuda_stream();
+            let loss = loss_for(&stream, &self.config)?;
+            let mut state = lock(&self.state)?;
+            let labels = state.labels.clone().ok_or_else(|| err("no labels"))?;
+            let (labels_storage, labels_layout) = labels.storage_and_layout();
+            let Storage::Cuda(labels_storage) = &*labels_storage else {
+                candle_core::bail!("multibox: labels are not on the GPU");
+            };
+            let (upstream_storage, upstream_layout) = self.upstream.storage_and_layout();
+            let Storage::Cuda(upstream_storage) = &*upstream_storage else {
+                candle_core::bail!("multibox: the upstream gradient is not on the GPU");
+            };
+            let upstream = view::<f32>(upstream_storage, upstream_layout, "upstream")?;
+            let workspace = state
+                .workspace
+                .as_mut()
+                .ok_or_else(|| err("backward before forward: no workspace"))?;
+            let (n, m) = (self.shape.confidence_len(), self.shape.locations_len());
+            let mut grads = stream.alloc_zeros::<T>(n + m).map_err(err)?;
+            {
+                let confidence = view::<T>(s[0].0, s[0].1, "confidence")?;
+                let predicted_locations = view::<T>(s[1].0, s[1].1, "predicted_locations")?;
+                let gt_locations = view::<T>(s[2].0, s[2].1, "gt_locations")?;
+                let (mut grad_confidence, mut grad_locations) = grads.split_at_mut(n);
+                let mut gradients = Gradients {
+                    confidence: &mut grad_confidence,
+                    predicted_locations: &mut grad_locations,
+                };
+                macro_rules! run {
+                    ($l:ty) => {{
+                        let labels = labels_view::<$l>(labels_storage, labels_layout)?;
+                        let inputs = Inputs {
+                            confidence: &confidence,
+                            predicted_locations: &predicted_locations,
+                            labels: &labels,
+                            gt_locations: &gt_locations,
+                        };
+                        loss.backward(
+                            &stream,
+                            self.shape,
+                            &inputs,
+                            crate::Upstream::Device(&upstream),
+                            &mut gradients,
+                            workspace,
+                        )
+                    }};
+                }
+                match labels.dtype() {
+                    DType::I32 => run!(i32),
+                    _ => run!(i64),
+                }
+                .map_err(err)?;
+            }
+            Ok((
+                CudaStorage::wrap_cuda_slice(grads, device),
+                candle_core::Shape::from(n + m),
+            ))
+        }
+    }
+
+    /// Kernel 3 with candle's upstream gradients (`grad_res`, on the device).
+    pub(super) fn backward(
+        op: &MultiboxOp,
+        confidence: &Tensor,
+        predicted_locations: &Tensor,
+        gt_locations: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let gradient = GradientOp {
+            shape: op.shape,
+            config: op.config,
+            state: op.cuda.clone(),
+            upstream: grad_res.to_dtype(DType::F32)?.contiguous()?,
+        };
+        let grads = confidence.apply_op3_no_bwd(predicted_locations, gt_locations, &gradient)?;
+        let (n, m) = (op.shape.confidence_len(), op.shape.locations_len());
+        let grad_confidence = grads.narrow(0, 0, n)?.reshape(confidence.dims())?;
+        let grad_locations = grads.narrow(0, n, m)?.reshape(predicted_locations.dims())?;
+        Ok((Some(grad_confidence), Some(grad_locations), None))
+    }
 }

@@ -15,7 +15,7 @@
 //!   an integer is checked for range, and every shape, length and
 //!   configuration is validated as in the Rust API before anything runs.
 //!
-//! The device entry points ([`multibox_forward`],
+//! The device entry points ([`multibox_forward`], [`multibox_backward`],
 //! [`multibox_forward_backward`]) wrap [`crate::MultiboxLoss::launch_raw`]:
 //! device addresses and a `CUstream` (a `cudaStream_t` is the same pointer),
 //! on the device's primary context, the one the CUDA runtime and PyTorch use.
@@ -28,6 +28,7 @@ use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
+use crate::plan::Pass;
 use crate::{
     reference, DType, Error, LabelType, MultiboxConfig, MultiboxLoss, RawBuffers, RawCall,
     RawUpstream, Shape,
@@ -121,24 +122,30 @@ pub struct multibox_call {
     pub labels: u64,
     /// `[B, P, 4]` encoded target offsets, T.
     pub gt_locations: u64,
-    /// `[B, P, C]` gradient of the logits, T; forward_backward only (0 otherwise).
+    /// `[B, P, C]` gradient of the logits, T; backward and forward_backward
+    /// only (0 for the forward).
     pub grad_confidence: u64,
-    /// `[B, P, 4]` gradient of the predicted offsets, T; forward_backward only.
+    /// `[B, P, 4]` gradient of the predicted offsets, T; as `grad_confidence`.
     pub grad_locations: u64,
-    /// One float: sum of smooth-L1 over positives / N.
+    /// One float: sum of smooth-L1 over positives / N; forward and
+    /// forward_backward only (0 for the backward).
     pub regression_loss: u64,
-    /// One float: cross-entropy over positives and mined negatives / N.
+    /// One float: cross-entropy over positives and mined negatives / N; as
+    /// `regression_loss`.
     pub classification_loss: u64,
-    /// One int32_t: N.
+    /// One int32_t: N; as `regression_loss`.
     pub num_pos: u64,
-    /// `[B, P]` uint8_t mask of the priors in the classification loss, or 0 for none.
+    /// `[B, P]` uint8_t mask of the priors in the classification loss, or 0
+    /// for none; written by the forward.
     pub mask: u64,
-    /// At least `multibox_workspace_bytes` bytes, 256-byte aligned.
+    /// At least `multibox_workspace_bytes` bytes, 256-byte aligned. The
+    /// forward fills it; `multibox_backward` reads what the forward left.
     pub workspace: u64,
     /// Size of the workspace in bytes.
     pub workspace_bytes: usize,
     /// Device address of two floats `[g_reg, g_cls]` (e.g. a loss scaler's
-    /// value), or 0 to use `g_reg` and `g_cls` below. Backward only.
+    /// value, or autograd's upstream gradients), or 0 to use `g_reg` and
+    /// `g_cls` below. Backward and forward_backward only.
     pub upstream: u64,
     /// d(total) / d(regression_loss) when `upstream` is 0; finite.
     pub g_reg: f32,
@@ -182,15 +189,15 @@ pub struct multibox_host_call_f32 {
     pub gt_locations: *const f32,
     /// Elements of `gt_locations`: B*P*4.
     pub gt_locations_len: usize,
-    /// d(total) / d(regression_loss); finite (backward only).
+    /// d(total) / d(regression_loss); finite (gradients only).
     pub g_reg: f32,
-    /// d(total) / d(classification_loss); finite (backward only).
+    /// d(total) / d(classification_loss); finite (gradients only).
     pub g_cls: f32,
-    /// `[B, P, C]` output: d total / d confidence (backward only).
+    /// `[B, P, C]` output: d total / d confidence (gradients only).
     pub grad_confidence: *mut f32,
     /// Elements of `grad_confidence`: B*P*C.
     pub grad_confidence_len: usize,
-    /// `[B, P, 4]` output: d total / d predicted_locations (backward only).
+    /// `[B, P, 4]` output: d total / d predicted_locations (gradients only).
     pub grad_locations: *mut f32,
     /// Elements of `grad_locations`: B*P*4.
     pub grad_locations_len: usize,
@@ -460,7 +467,7 @@ unsafe fn launch(
     loss: *const multibox_loss,
     call: *const multibox_call,
     stream: *mut c_void,
-    backward: bool,
+    pass: Pass,
 ) -> Result<(), Failure> {
     // SAFETY: the caller's contract.
     let loss = unsafe { read_arg("loss", loss) }?;
@@ -493,7 +500,7 @@ unsafe fn launch(
             workspace_bytes: c.workspace_bytes,
         },
         upstream,
-        backward,
+        pass,
     };
     // SAFETY: the caller's contract is launch_raw's.
     unsafe { loss.loss.launch_raw(&raw, stream.cast()) }?;
@@ -518,7 +525,33 @@ pub unsafe extern "C" fn multibox_forward(
     stream: *mut c_void,
 ) -> multibox_status_code {
     // SAFETY: the caller's contract above.
-    guard(|| unsafe { launch(loss, call, stream, false) })
+    guard(|| unsafe { launch(loss, call, stream, Pass::Forward) })
+}
+
+/// The gradients of an earlier `multibox_forward` (1 launch on `stream`),
+/// with the upstream gradients known only now: `call->upstream` (two floats
+/// on the device, e.g. autograd's) or `call->g_reg`, `call->g_cls`. Needs
+/// the inputs, the workspace and the two gradient buffers of `call`; the
+/// loss outputs and the mask are ignored (they may be 0). The result is bit
+/// for bit that of `multibox_forward_backward` with the same upstream.
+///
+/// The workspace carries the forward's mining decisions to this call: it
+/// must hold what the last `multibox_forward` with this loss, this shape
+/// and inputs of the same contents wrote, untouched since, and that forward
+/// must be ordered before this call on `stream`. Otherwise the gradients
+/// are wrong, though every access stays in bounds.
+///
+/// # Safety
+/// As `multibox_forward_backward`, and the workspace holds a forward's
+/// results as above.
+#[no_mangle]
+pub unsafe extern "C" fn multibox_backward(
+    loss: *const multibox_loss,
+    call: *const multibox_call,
+    stream: *mut c_void,
+) -> multibox_status_code {
+    // SAFETY: the caller's contract above.
+    guard(|| unsafe { launch(loss, call, stream, Pass::Backward) })
 }
 
 /// The losses and both gradients (3 launches on `stream`); as
@@ -534,7 +567,7 @@ pub unsafe extern "C" fn multibox_forward_backward(
     stream: *mut c_void,
 ) -> multibox_status_code {
     // SAFETY: the caller's contract above.
-    guard(|| unsafe { launch(loss, call, stream, true) })
+    guard(|| unsafe { launch(loss, call, stream, Pass::ForwardBackward) })
 }
 
 /// Reads the device status word the last call with this `workspace` (and
@@ -632,7 +665,7 @@ unsafe fn write_host<T: Copy>(ptr: *mut T, values: &[T]) {
     unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), ptr, values.len()) };
 }
 
-/// The reference's forward or forward_backward for one label type.
+/// The reference's pass for one label type.
 #[allow(clippy::too_many_arguments)]
 fn run_reference<L: crate::Label>(
     config: &MultiboxConfig,
@@ -642,7 +675,7 @@ fn run_reference<L: crate::Label>(
     labels: &[L],
     gt_locations: &[f32],
     upstream: reference::Upstream,
-    backward: bool,
+    pass: Pass,
 ) -> crate::Result<reference::Output> {
     let inputs = reference::Inputs {
         confidence,
@@ -650,10 +683,10 @@ fn run_reference<L: crate::Label>(
         labels,
         gt_locations,
     };
-    if backward {
-        reference::forward_backward(config, shape, &inputs, upstream)
-    } else {
-        reference::forward(config, shape, &inputs)
+    match pass {
+        Pass::Forward => reference::forward(config, shape, &inputs),
+        Pass::Backward => reference::backward(config, shape, &inputs, upstream),
+        Pass::ForwardBackward => reference::forward_backward(config, shape, &inputs, upstream),
     }
 }
 
@@ -665,8 +698,9 @@ unsafe fn reference_f32(
     config: *const multibox_config,
     call: *const multibox_host_call_f32,
     out: *mut multibox_losses,
-    backward: bool,
+    pass: Pass,
 ) -> Result<(), Failure> {
+    let backward = pass.writes_gradients();
     let config = match config.is_null() {
         true => MultiboxConfig::default(),
         // SAFETY: non-null; the caller vouches for it.
@@ -674,7 +708,8 @@ unsafe fn reference_f32(
     };
     // SAFETY: the caller's contract.
     let c = unsafe { read_arg("call", call) }?;
-    if out.is_null() {
+    // The backward's losses are optional: its caller has them from the forward.
+    if out.is_null() && pass != Pass::Backward {
         return Err(invalid("`out` is a null pointer".into()));
     }
     let shape = shape(&c.shape);
@@ -730,7 +765,7 @@ unsafe fn reference_f32(
                     l,
                     gt_locations,
                     upstream,
-                    backward,
+                    pass,
                 )?
             }
             LabelType::I64 => {
@@ -744,7 +779,7 @@ unsafe fn reference_f32(
                     l,
                     gt_locations,
                     upstream,
-                    backward,
+                    pass,
                 )?
             }
         }
@@ -766,6 +801,9 @@ unsafe fn reference_f32(
         classification_loss: result.losses.classification_loss,
         num_pos: result.losses.num_pos,
     };
+    if out.is_null() {
+        return Ok(());
+    }
     // SAFETY: `out` is non-null (checked above); the caller vouches for it.
     unsafe { write_out("out", out, losses) }
 }
@@ -784,7 +822,7 @@ pub unsafe extern "C" fn multibox_reference_forward_f32(
     out: *mut multibox_losses,
 ) -> multibox_status_code {
     // SAFETY: the caller's contract above.
-    guard(|| unsafe { reference_f32(config, call, out, false) })
+    guard(|| unsafe { reference_f32(config, call, out, Pass::Forward) })
 }
 
 /// The losses and the gradients (rounded once to float) from the CPU
@@ -803,7 +841,27 @@ pub unsafe extern "C" fn multibox_reference_forward_backward_f32(
     out: *mut multibox_losses,
 ) -> multibox_status_code {
     // SAFETY: the caller's contract above.
-    guard(|| unsafe { reference_f32(config, call, out, true) })
+    guard(|| unsafe { reference_f32(config, call, out, Pass::ForwardBackward) })
+}
+
+/// The gradients from the CPU reference, for a caller that ran
+/// `multibox_reference_forward_f32` on the same arrays and learned the
+/// upstream gradients (`call->g_reg`, `call->g_cls`) since. The reference
+/// keeps no state between calls, so this recomputes the mining from the
+/// inputs; the gradients equal those of
+/// `multibox_reference_forward_backward_f32`. `grad_confidence` and
+/// `grad_locations` are required; `out` and the mask may be NULL.
+///
+/// # Safety
+/// As `multibox_reference_forward_backward_f32`.
+#[no_mangle]
+pub unsafe extern "C" fn multibox_reference_backward_f32(
+    config: *const multibox_config,
+    call: *const multibox_host_call_f32,
+    out: *mut multibox_losses,
+) -> multibox_status_code {
+    // SAFETY: the caller's contract above.
+    guard(|| unsafe { reference_f32(config, call, out, Pass::Backward) })
 }
 
 // ---------------------------------------------------------------------------

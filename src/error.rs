@@ -59,7 +59,11 @@ pub enum Error {
     },
     /// A label outside `-1..C` (found by the CPU reference; the kernels
     /// report it through the device status word instead).
-    #[error("label {value} at image {image}, prior {prior} is invalid: labels must be -1 (ignore), 0 (background) or 1..{classes}")]
+    #[error(
+        "label {value} at image {image}, prior {prior} is invalid: labels must be -1 (ignore), \
+         0 (background) or a class from 1 to {} (C = {classes} classes, background included)",
+        .classes.saturating_sub(1)
+    )]
     InvalidLabel {
         /// Image index.
         image: usize,

@@ -3,7 +3,7 @@
 //!
 //! Everything a call needs is validated here, before the first launch.
 
-use crate::plan::{GridLimits, LaunchPlan, MultiboxParams};
+use crate::plan::{GridLimits, LaunchPlan, MultiboxParams, Pass};
 use crate::{DType, Error, LabelType, MultiboxConfig, Result, Shape};
 
 /// Where kernels run. The crate's own implementation drives the CUDA driver;
@@ -71,19 +71,22 @@ pub struct RawBuffers {
     pub labels: u64,
     /// `[B, P, 4]` target box offsets, T.
     pub gt_locations: u64,
-    /// `[B, P, C]` gradient of the logits, T; forward_backward only.
+    /// `[B, P, C]` gradient of the logits, T; a pass that writes gradients
+    /// only (else ignored, may be 0).
     pub grad_confidence: u64,
-    /// `[B, P, 4]` gradient of the predicted offsets, T; forward_backward only.
+    /// `[B, P, 4]` gradient of the predicted offsets, T; as `grad_confidence`.
     pub grad_locations: u64,
-    /// One f32.
+    /// One f32; a pass that runs the forward only (else ignored, may be 0).
     pub regression_loss: u64,
-    /// One f32.
+    /// One f32; as `regression_loss`.
     pub classification_loss: u64,
-    /// One i32.
+    /// One i32; as `regression_loss`.
     pub num_pos: u64,
-    /// `[B, P]` u8 mask of the priors in the classification loss, or 0 for none.
+    /// `[B, P]` u8 mask of the priors in the classification loss, or 0 for
+    /// none; written by the forward.
     pub mask: u64,
-    /// At least [`crate::workspace_bytes`] bytes, 256-byte aligned.
+    /// At least [`crate::workspace_bytes`] bytes, 256-byte aligned. The
+    /// forward fills it; a [`Pass::Backward`] reads what the forward left.
     pub workspace: u64,
     /// Size of the workspace in bytes.
     pub workspace_bytes: usize,
@@ -100,10 +103,11 @@ pub struct RawCall {
     pub label_type: LabelType,
     /// Device addresses.
     pub buffers: RawBuffers,
-    /// Upstream gradients (ignored by a forward-only call).
+    /// Upstream gradients (ignored by [`Pass::Forward`]).
     pub upstream: RawUpstream,
-    /// true: forward and backward; false: the losses only.
-    pub backward: bool,
+    /// What the call computes: the losses, the gradients, or both.
+    /// [`Pass::from_backward`] maps the older `backward: bool` flag.
+    pub pass: Pass,
 }
 
 /// Validates `call` and launches its kernels on `backend`, in order.
@@ -120,7 +124,7 @@ pub unsafe fn launch_call<B: Backend + ?Sized>(
     config.validate()?;
     let plan = LaunchPlan::with_limits(call.shape, backend.grid_limits())?;
     let params = params(config, call, &plan)?;
-    for launch in plan.launches(call.backward) {
+    for launch in plan.launches(call.pass) {
         let kernel = launch.step.kernel_name(call.dtype, call.label_type);
         // SAFETY: `params` holds the addresses the caller vouched for, checked
         // against the shape above, in the layout of MultiboxParams.
@@ -142,32 +146,33 @@ fn params(config: &MultiboxConfig, call: &RawCall, plan: &LaunchPlan) -> Result<
     let b = &call.buffers;
     let t = call.dtype.size();
     let l = call.label_type.size();
-    // A fixed array, not a Vec: a call allocates nothing.
+    let (forward, backward) = (call.pass.runs_forward(), call.pass.writes_gradients());
+    // A fixed array, not a Vec: a call allocates nothing. The last field
+    // says whether this pass uses the buffer: every pass reads the inputs
+    // and the workspace; the forward writes the losses, the backward the
+    // gradients.
     let required = [
-        ("confidence", b.confidence, t),
-        ("predicted_locations", b.predicted_locations, t),
-        ("labels", b.labels, l),
-        ("gt_locations", b.gt_locations, t),
-        ("regression_loss", b.regression_loss, 4),
-        ("classification_loss", b.classification_loss, 4),
-        ("num_pos", b.num_pos, 4),
-        ("workspace", b.workspace, 256),
-        ("grad_confidence", b.grad_confidence, t),
-        ("grad_locations", b.grad_locations, t),
+        ("confidence", b.confidence, t, true),
+        ("predicted_locations", b.predicted_locations, t, true),
+        ("labels", b.labels, l, true),
+        ("gt_locations", b.gt_locations, t, true),
+        ("regression_loss", b.regression_loss, 4, forward),
+        ("classification_loss", b.classification_loss, 4, forward),
+        ("num_pos", b.num_pos, 4, forward),
+        ("workspace", b.workspace, 256, true),
+        ("grad_confidence", b.grad_confidence, t, backward),
+        ("grad_locations", b.grad_locations, t, backward),
     ];
-    // The gradients (the last two) are needed by forward_backward only.
-    let needed = if call.backward {
-        required.len()
-    } else {
-        required.len() - 2
-    };
-    for &(name, addr, align) in &required[..needed] {
+    for &(name, addr, align, used) in &required {
+        if !used {
+            continue;
+        }
         if addr == 0 {
             return Err(Error::NullPointer { name });
         }
         check_alignment(name, addr, align)?;
     }
-    if b.mask != 0 {
+    if b.mask != 0 && forward {
         check_alignment("mask", b.mask, 1)?;
     }
     if b.workspace_bytes < plan.workspace.bytes {
@@ -178,7 +183,7 @@ fn params(config: &MultiboxConfig, call: &RawCall, plan: &LaunchPlan) -> Result<
         });
     }
     let (upstream, g_reg, g_cls) = match call.upstream {
-        RawUpstream::Host { g_reg, g_cls } => {
+        RawUpstream::Host { g_reg, g_cls } if backward => {
             for (name, value) in [("g_reg", g_reg), ("g_cls", g_cls)] {
                 if !value.is_finite() {
                     return Err(Error::InvalidUpstream { name, value });
@@ -186,14 +191,15 @@ fn params(config: &MultiboxConfig, call: &RawCall, plan: &LaunchPlan) -> Result<
             }
             (0, g_reg, g_cls)
         }
-        RawUpstream::Device(addr) if call.backward => {
+        RawUpstream::Device(addr) if backward => {
             if addr == 0 {
                 return Err(Error::NullPointer { name: "upstream" });
             }
             check_alignment("upstream", addr, 4)?;
             (addr, 0.0, 0.0)
         }
-        RawUpstream::Device(_) => (0, 0.0, 0.0),
+        // The forward alone never reads the upstream gradients.
+        RawUpstream::Host { .. } | RawUpstream::Device(_) => (0, 0.0, 0.0),
     };
     let ws = &plan.workspace;
     let at = |s: crate::plan::Section| b.workspace + s.offset as u64;
@@ -204,12 +210,14 @@ fn params(config: &MultiboxConfig, call: &RawCall, plan: &LaunchPlan) -> Result<
         labels: b.labels,
         gt_locations: b.gt_locations,
         upstream,
-        grad_confidence: if call.backward { b.grad_confidence } else { 0 },
-        grad_locations: if call.backward { b.grad_locations } else { 0 },
-        regression_loss: b.regression_loss,
-        classification_loss: b.classification_loss,
-        num_pos: b.num_pos,
-        mask: b.mask,
+        grad_confidence: if backward { b.grad_confidence } else { 0 },
+        grad_locations: if backward { b.grad_locations } else { 0 },
+        // The backward writes no loss and no mask: null them so that a
+        // stale address in a reused call struct is never written.
+        regression_loss: if forward { b.regression_loss } else { 0 },
+        classification_loss: if forward { b.classification_loss } else { 0 },
+        num_pos: if forward { b.num_pos } else { 0 },
+        mask: if forward { b.mask } else { 0 },
         keys: at(ws.keys),
         partials: at(ws.partials),
         images: at(ws.images),

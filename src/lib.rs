@@ -80,4 +80,4 @@ pub use dtype::{DType, Float, Label, LabelType};
 pub use error::{Error, Result};
 pub use launch::{launch_call, Backend, DeviceStatus, RawBuffers, RawCall, RawUpstream};
 pub use loss::{cuda_context, Gradients, Inputs, MultiboxLoss, Outputs, Upstream};
-pub use plan::{workspace_bytes, LaunchPlan};
+pub use plan::{workspace_bytes, LaunchPlan, Pass};

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DevicePtr, DevicePtrMut, DeviceSlice};
 
 use crate::launch::{launch_call, Backend, DeviceStatus, RawBuffers, RawCall, RawUpstream};
-use crate::plan::{GridLimits, Step, ROW_THREADS, ROW_TILE_BYTES};
+use crate::plan::{GridLimits, Pass, Step, ROW_THREADS, ROW_TILE_BYTES};
 use crate::{kernels, Error, Float, Label, MultiboxConfig, Result, Shape};
 
 /// The inputs of one call, on the device. Any cudarc slice or view works
@@ -35,7 +35,8 @@ pub struct Outputs<'a> {
     pub mask: Option<&'a mut dyn DevicePtrMut<u8>>,
 }
 
-/// Where forward_backward writes the gradients (every element is written).
+/// Where [`MultiboxLoss::forward_backward`] and [`MultiboxLoss::backward`]
+/// write the gradients (every element is written).
 pub struct Gradients<'a, T> {
     /// `[B, P, C]`: d loss / d confidence.
     pub confidence: &'a mut dyn DevicePtrMut<T>,
@@ -125,7 +126,11 @@ impl MultiboxLoss {
         &self.config
     }
 
-    /// The losses only (evaluation): two kernel launches on `stream`.
+    /// The losses only: two kernel launches on `stream` (rows, selection).
+    ///
+    /// Besides the losses, it leaves the mining decisions in `workspace`
+    /// (one key per prior, the per-image selections, the positive count),
+    /// from which [`MultiboxLoss::backward`] computes the gradients later.
     pub fn forward<T: Float, L: Label>(
         &self,
         stream: &Arc<CudaStream>,
@@ -138,9 +143,53 @@ impl MultiboxLoss {
             stream,
             shape,
             inputs,
-            outputs,
+            Some(outputs),
             None,
             Upstream::default(),
+            workspace,
+        )
+    }
+
+    /// The gradients of an earlier [`MultiboxLoss::forward`]: one kernel
+    /// launch on `stream`, with the upstream gradients known only now (from
+    /// autograd, from a loss scaler on the device).
+    ///
+    /// The result is bit for bit that of [`MultiboxLoss::forward_backward`]
+    /// with the same upstream, and each gradient is rounded to T once. The
+    /// workspace is all it keeps between the two calls: a `[B, P]` u32 of
+    /// keys and a few bytes per image, no `[B, P, C]` buffer.
+    ///
+    /// # Preconditions
+    /// Checked: the shape, the lengths and the contexts, as for the forward.
+    /// Not checkable on the host, and the caller's to keep:
+    /// - `workspace` holds what the last `forward` on it wrote, and nothing
+    ///   has written to it since (not another call of this loss, of this or
+    ///   another shape);
+    /// - that forward ran with this `shape`, on this loss (so the same
+    ///   configuration), on inputs with the same contents as `inputs` (the
+    ///   same buffers, unmodified, in the usual case);
+    /// - the forward was queued on `stream`, or on a stream `stream` has
+    ///   waited on since.
+    ///
+    /// Otherwise the gradients are wrong (computed from stale mining
+    /// decisions), though every access stays in bounds: the keys are read
+    /// as data, never as indices.
+    pub fn backward<T: Float, L: Label>(
+        &self,
+        stream: &Arc<CudaStream>,
+        shape: Shape,
+        inputs: &Inputs<'_, T, L>,
+        upstream: Upstream<'_>,
+        gradients: &mut Gradients<'_, T>,
+        workspace: &mut dyn DevicePtrMut<u8>,
+    ) -> Result<()> {
+        self.call(
+            stream,
+            shape,
+            inputs,
+            None,
+            Some(gradients),
+            upstream,
             workspace,
         )
     }
@@ -161,20 +210,22 @@ impl MultiboxLoss {
             stream,
             shape,
             inputs,
-            outputs,
+            Some(outputs),
             Some(gradients),
             upstream,
             workspace,
         )
     }
 
+    /// The pass follows from what is given: outputs for the forward,
+    /// gradients for the backward.
     #[allow(clippy::too_many_arguments)]
     fn call<T: Float, L: Label>(
         &self,
         stream: &Arc<CudaStream>,
         shape: Shape,
         inputs: &Inputs<'_, T, L>,
-        outputs: &mut Outputs<'_>,
+        outputs: Option<&mut Outputs<'_>>,
         gradients: Option<&mut Gradients<'_, T>>,
         upstream: Upstream<'_>,
         workspace: &mut dyn DevicePtrMut<u8>,
@@ -193,17 +244,19 @@ impl MultiboxLoss {
         )?;
         check("labels", inputs.labels, shape.rows(), shape, self)?;
         check("gt_locations", inputs.gt_locations, loc, shape, self)?;
-        check("regression_loss", &*outputs.regression_loss, 1, shape, self)?;
-        check(
-            "classification_loss",
-            &*outputs.classification_loss,
-            1,
-            shape,
-            self,
-        )?;
-        check("num_pos", &*outputs.num_pos, 1, shape, self)?;
-        if let Some(mask) = outputs.mask.as_deref() {
-            check("mask", mask, shape.rows(), shape, self)?;
+        if let Some(outputs) = outputs.as_deref() {
+            check("regression_loss", &*outputs.regression_loss, 1, shape, self)?;
+            check(
+                "classification_loss",
+                &*outputs.classification_loss,
+                1,
+                shape,
+                self,
+            )?;
+            check("num_pos", &*outputs.num_pos, 1, shape, self)?;
+            if let Some(mask) = outputs.mask.as_deref() {
+                check("mask", mask, shape.rows(), shape, self)?;
+            }
         }
         self.check_context("workspace", workspace.stream())?;
         if let Some(g) = gradients.as_deref() {
@@ -223,17 +276,25 @@ impl MultiboxLoss {
         let (gt_locations, _g4) = inputs.gt_locations.device_ptr(s);
         let workspace_bytes = workspace.num_bytes();
         let (workspace, _g5) = workspace.device_ptr_mut(s);
-        let (regression_loss, _g6) = outputs.regression_loss.device_ptr_mut(s);
-        let (classification_loss, _g7) = outputs.classification_loss.device_ptr_mut(s);
-        let (num_pos, _g8) = outputs.num_pos.device_ptr_mut(s);
-        let (mask, _g9) = match outputs.mask.as_deref_mut() {
-            Some(m) => {
-                let (p, g) = m.device_ptr_mut(s);
-                (p, Some(g))
-            }
-            None => (0, None),
+        let pass = match (outputs.is_some(), gradients.is_some()) {
+            (true, true) => Pass::ForwardBackward,
+            (false, true) => Pass::Backward,
+            _ => Pass::Forward,
         };
-        let backward = gradients.is_some();
+        let (mut regression_loss, mut classification_loss, mut num_pos, mut mask) = (0, 0, 0, 0);
+        let (mut _g6, mut _g7, mut _g8, mut _g9) = (None, None, None, None);
+        if let Some(outputs) = outputs {
+            let (p, g) = outputs.regression_loss.device_ptr_mut(s);
+            (regression_loss, _g6) = (p, Some(g));
+            let (p, g) = outputs.classification_loss.device_ptr_mut(s);
+            (classification_loss, _g7) = (p, Some(g));
+            let (p, g) = outputs.num_pos.device_ptr_mut(s);
+            (num_pos, _g8) = (p, Some(g));
+            if let Some(m) = outputs.mask.as_deref_mut() {
+                let (p, g) = m.device_ptr_mut(s);
+                (mask, _g9) = (p, Some(g));
+            }
+        }
         let (grad_confidence, grad_locations, _g10, _g11) = match gradients {
             Some(g) => {
                 let (c, gc) = g.confidence.device_ptr_mut(s);
@@ -268,7 +329,7 @@ impl MultiboxLoss {
                 workspace_bytes,
             },
             upstream,
-            backward,
+            pass,
         };
         // SAFETY: every address comes from a cudarc buffer of this context
         // whose length was checked against the shape above, and the guards
@@ -282,8 +343,10 @@ impl MultiboxLoss {
     ///
     /// Validates the shape, the configuration, null and misaligned addresses
     /// and the workspace size before launching anything. Launches 2 kernels
-    /// (forward) or 3 (forward and backward) on `stream`; allocates nothing,
-    /// reads nothing back, so it can be captured in a CUDA graph.
+    /// ([`Pass::Forward`]), 1 ([`Pass::Backward`], with the preconditions of
+    /// [`MultiboxLoss::backward`]) or 3 ([`Pass::ForwardBackward`]) on
+    /// `stream`; allocates nothing, reads nothing back, so it can be
+    /// captured in a CUDA graph.
     ///
     /// # Safety
     /// - Every address in `call.buffers` is a device allocation of this
@@ -304,10 +367,10 @@ impl MultiboxLoss {
         // Every entry point (typed, raw, C) comes through here, so nsys
         // shows each call as one range with its kernels under it.
         #[cfg(feature = "nvtx")]
-        let _range = nvtx::LocalRange::new(if call.backward {
-            c"multibox::forward_backward"
-        } else {
-            c"multibox::forward"
+        let _range = nvtx::LocalRange::new(match call.pass {
+            Pass::Forward => c"multibox::forward",
+            Pass::Backward => c"multibox::backward",
+            Pass::ForwardBackward => c"multibox::forward_backward",
         });
         self.ctx.bind_to_thread()?;
         let backend = DriverBackend { loss: self, stream };
@@ -506,6 +569,10 @@ impl Backend for DriverBackend<'_> {
 /// (`libcuda.so`) on this machine, or no such device. Unlike
 /// `CudaContext::new`, it never panics when the driver is missing.
 pub fn cuda_context(ordinal: usize) -> Result<Arc<CudaContext>> {
+    // With candle's CUDA build (feature candle-cuda), cudarc links the
+    // driver library at build time instead of loading it, so a process that
+    // runs at all has it.
+    #[cfg(not(feature = "candle-cuda"))]
     // SAFETY: is_culib_present only tries to dlopen the driver library.
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
         return Err(Error::NoDevice(

@@ -88,6 +88,48 @@ impl Step {
     }
 }
 
+/// Which part of the loss a call computes.
+///
+/// The forward (kernels 1 and 2) writes the losses and leaves the mining
+/// decisions (keys, per-image selections, the positive count) in the
+/// workspace; the backward (kernel 3) reads them back and writes the
+/// gradients. [`Pass::ForwardBackward`] runs all three in one call, for
+/// callers who know the upstream gradients before the forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Pass {
+    /// The losses only (kernels 1 and 2); no gradient buffer is touched.
+    Forward,
+    /// The gradients only (kernel 3), from the workspace that a
+    /// [`Pass::Forward`] call on the same inputs, shape and configuration
+    /// left; no loss output is touched.
+    Backward,
+    /// The losses and the gradients (kernels 1, 2 and 3).
+    #[default]
+    ForwardBackward,
+}
+
+impl Pass {
+    /// Kernels 1 and 2 run: the losses are written, the workspace filled.
+    pub fn runs_forward(self) -> bool {
+        matches!(self, Pass::Forward | Pass::ForwardBackward)
+    }
+
+    /// Kernel 3 runs: the gradients are written.
+    pub fn writes_gradients(self) -> bool {
+        matches!(self, Pass::Backward | Pass::ForwardBackward)
+    }
+
+    /// The pass of the older `backward: bool` flag: `true` is
+    /// [`Pass::ForwardBackward`], `false` [`Pass::Forward`].
+    pub fn from_backward(backward: bool) -> Self {
+        if backward {
+            Pass::ForwardBackward
+        } else {
+            Pass::Forward
+        }
+    }
+}
+
 /// One kernel launch: grid, block and dynamic shared memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Launch {
@@ -146,7 +188,7 @@ pub struct LaunchPlan {
     pub rows: Launch,
     /// Kernel 2: per image.
     pub select: Launch,
-    /// Kernel 3: per tile of [`ROW_THREADS`] priors (forward-backward only).
+    /// Kernel 3: per tile of [`ROW_THREADS`] priors (the backward).
     pub gradient: Launch,
     /// Workspace sections.
     pub workspace: WorkspaceLayout,
@@ -259,10 +301,12 @@ impl LaunchPlan {
         })
     }
 
-    /// The launches of a call, in order: forward-only stops after the selection.
-    pub fn launches(&self, backward: bool) -> impl Iterator<Item = Launch> {
-        let gradient = backward.then_some(self.gradient);
-        [self.rows, self.select].into_iter().chain(gradient)
+    /// The launches of `pass`, in order: the forward is the rows and the
+    /// selection, the backward the gradient kernel alone.
+    pub fn launches(&self, pass: Pass) -> impl Iterator<Item = Launch> {
+        let forward = pass.runs_forward().then_some([self.rows, self.select]);
+        let gradient = pass.writes_gradients().then_some(self.gradient);
+        forward.into_iter().flatten().chain(gradient)
     }
 
     /// The memory `step` of `call` may touch, buffer by buffer and workspace

@@ -194,6 +194,24 @@ pub fn forward_backward<T: Float, L: Label>(
     compute(config, shape, inputs, Some(upstream))
 }
 
+/// The gradients of an earlier [`forward`] on the same inputs, scaled by
+/// upstream gradients learned since (the split that autograd frameworks
+/// use). The reference keeps no state between calls, so this computes the
+/// mining again from `inputs`: the result is [`forward_backward`]'s, losses
+/// included.
+///
+/// # Errors
+///
+/// As [`forward_backward`].
+pub fn backward<T: Float, L: Label>(
+    config: &MultiboxConfig,
+    shape: Shape,
+    inputs: &Inputs<T, L>,
+    upstream: Upstream,
+) -> Result<Output> {
+    compute(config, shape, inputs, Some(upstream))
+}
+
 /// Smooth-L1 with transition point `beta`: `0.5 d² / beta` below `beta`, `|d| - 0.5 beta` above.
 fn smooth_l1(d: f64, beta: f64) -> f64 {
     if d.abs() < beta {

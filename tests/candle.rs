@@ -1,7 +1,9 @@
 //! The candle adapter (feature `candle`) on CPU tensors: the losses and the
 //! gradients candle's autograd returns are the CPU reference's, rounded once
 //! to the input type, for any upstream gradients; bad input is an error.
-//! (The adapter's CUDA path is not built; see src/candle.rs.)
+//! With the feature `candle-cuda`, the same on a GPU when there is one (the
+//! test says why it is skipped otherwise, and fails under
+//! MULTIBOX_REQUIRE_GPU=1).
 #![cfg(feature = "candle")]
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -189,5 +191,91 @@ fn bad_input_is_an_error() -> candle_core::Result<()> {
         &config, &one_class, &locations, &labels, &locations
     ))
     .contains("C (classes)"));
+    Ok(())
+}
+
+/// The CUDA path (feature `candle-cuda`): the same batch on the GPU gives the
+/// reference's losses, `num_pos` and gradients (f32 and f16, upstream
+/// gradients other than 1), through candle's autograd on candle's stream.
+#[cfg(feature = "candle-cuda")]
+#[test]
+fn cuda_tensors_match_the_reference() -> candle_core::Result<()> {
+    let device = match multibox::cuda_context(0) {
+        Ok(_) => Device::new_cuda(0)?,
+        Err(why) => {
+            if std::env::var("MULTIBOX_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                panic!("cuda_tensors_match_the_reference: MULTIBOX_REQUIRE_GPU=1, but {why}");
+            }
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "cuda_tensors_match_the_reference: skipped, {why}"
+            );
+            return Ok(());
+        }
+    };
+    fn check<T: multibox::Float + candle_core::WithDType>(
+        device: &Device,
+        tolerance: f64,
+    ) -> candle_core::Result<()> {
+        let shape = Shape::new(3, 3000, 21);
+        let (g_reg, g_cls) = (0.5f32, 2.0f32);
+        let config = MultiboxConfig::default();
+        let batch = Batch::<T, i64>::generate(shape, BatchSpec::default());
+        let (confidence, predicted, labels, gt) = tensors(&batch, shape)?;
+        let on = |t: &Tensor| t.to_device(device);
+        let confidence = Var::from_tensor(&on(confidence.as_tensor())?)?;
+        let predicted = Var::from_tensor(&on(predicted.as_tensor())?)?;
+        let (labels, gt) = (on(&labels)?, on(&gt)?);
+
+        let loss = multibox_loss(&config, &confidence, &predicted, &labels, &gt)?;
+        let total = ((&loss.regression_loss * g_reg as f64)?
+            + (&loss.classification_loss * g_cls as f64)?)?;
+        let grads = total.backward()?;
+        let want = reference::forward_backward(
+            &config,
+            shape,
+            &batch.reference_inputs(),
+            Upstream { g_reg, g_cls },
+        )
+        .map_err(candle_core::Error::wrap)?;
+        assert_eq!(loss.num_pos, want.losses.num_pos);
+        let rel = |got: f32, want: f64| ((got as f64 - want) / want.abs().max(1e-30)).abs();
+        let reg = loss
+            .regression_loss
+            .to_device(&Device::Cpu)?
+            .to_scalar::<f32>()?;
+        let cls = loss
+            .classification_loss
+            .to_device(&Device::Cpu)?
+            .to_scalar::<f32>()?;
+        assert!(rel(reg, want.losses.regression_loss) < 1e-5);
+        assert!(rel(cls, want.losses.classification_loss) < 1e-5);
+        for (var, want) in [
+            (&confidence, &want.grad_confidence),
+            (&predicted, &want.grad_locations),
+        ] {
+            let got: Vec<f32> = grads
+                .get(var)
+                .expect("a gradient")
+                .to_device(&Device::Cpu)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1()?;
+            let scale = want.iter().fold(0f64, |m, g| m.max(g.abs())).max(1e-30);
+            let err = got
+                .iter()
+                .zip(want)
+                .fold(0f64, |m, (g, w)| m.max((*g as f64 - w).abs()));
+            assert!(
+                err <= tolerance * scale,
+                "{:?} error {err}",
+                <T as multibox::Float>::DTYPE
+            );
+        }
+        Ok(())
+    }
+    check::<f32>(&device, 1e-5)?;
+    check::<f16>(&device, 1e-3)?;
     Ok(())
 }

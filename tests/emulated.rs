@@ -9,8 +9,8 @@ use half::{bf16, f16};
 use multibox::reference;
 use multibox::synthetic::SplitMix64;
 use multibox::{
-    launch_call, Backend, Error, Float, Label, MultiboxConfig, RawBuffers, RawCall, RawUpstream,
-    Shape,
+    launch_call, Backend, Error, Float, Label, MultiboxConfig, Pass, RawBuffers, RawCall,
+    RawUpstream, Shape,
 };
 
 /// One randomized case, drawn to reach the corners: heavy ties, images with
@@ -503,6 +503,58 @@ fn forward_only_gives_the_same_losses_and_mask() {
     assert!(forward.grad_confidence.is_empty());
 }
 
+/// The backward as a call of its own after the forward, on the same
+/// workspace, gives forward_backward's outputs bit for bit: every dtype and
+/// label type, upstream from the host and from device memory, randomized
+/// cases with ties, empty images and ignored priors.
+#[test]
+fn forward_then_backward_equals_forward_backward_bit_for_bit() {
+    fn check<T: Float, L: Label>(seed: u64) {
+        let case = Drawn::<T, L>::draw(seed, 60_000);
+        let (g_reg, g_cls) = case.upstream;
+        for upstream in [Upstream::Host(g_reg, g_cls), Upstream::Device(0.75, 3.0)] {
+            let fused = Call {
+                upstream,
+                ..Call::default()
+            };
+            let split = Call {
+                split: true,
+                ..fused
+            };
+            let run = |call| emulated::run(&case.config, case.shape, &case.host(), call).unwrap();
+            let (a, b) = (run(fused), run(split));
+            let what = format!("seed {seed} {} {upstream:?}", case.shape);
+            assert_eq!(
+                a.regression_loss.to_bits(),
+                b.regression_loss.to_bits(),
+                "{what}"
+            );
+            assert_eq!(
+                a.classification_loss.to_bits(),
+                b.classification_loss.to_bits(),
+                "{what}"
+            );
+            assert_eq!(a.num_pos, b.num_pos, "{what}");
+            assert_eq!(a.mask, b.mask, "{what}");
+            let bits = |g: &[T]| -> Vec<u8> { bytemuck::cast_slice(g).to_vec() };
+            assert!(
+                bits(&a.grad_confidence) == bits(&b.grad_confidence),
+                "{what}: grad_confidence"
+            );
+            assert!(
+                bits(&a.grad_locations) == bits(&b.grad_locations),
+                "{what}: grad_locations"
+            );
+            assert_eq!(a.status, b.status, "{what}");
+        }
+    }
+    for seed in 0..4 {
+        check::<f32, i64>(100 + seed);
+        check::<f16, i32>(200 + seed);
+        check::<bf16, i64>(300 + seed);
+    }
+}
+
 #[test]
 fn upstream_gradients_from_device_memory_match_host_values() {
     let case = Drawn::<f16, i32>::draw(11, 100_000);
@@ -658,7 +710,7 @@ fn every_bad_call_is_refused_before_any_launch() {
             g_reg: 1.0,
             g_cls: 1.0,
         },
-        backward: true,
+        pass: Pass::ForwardBackward,
     };
     let config = MultiboxConfig::default();
     let refuse = |edit: &dyn Fn(&mut RawCall, &mut MultiboxConfig)| {
@@ -749,9 +801,50 @@ fn every_bad_call_is_refused_before_any_launch() {
         refuse(&|_, k| k.beta = f32::INFINITY),
         Error::InvalidConfig(_)
     ));
+    // The backward alone needs the gradients, the inputs and the workspace,
+    // and checks its upstream.
+    let backward_only = |edit: &dyn Fn(&mut RawCall)| {
+        let mut call = good;
+        call.pass = Pass::Backward;
+        edit(&mut call);
+        // SAFETY: MustNotLaunch never touches the addresses.
+        unsafe { launch_call(&config, &call, &MustNotLaunch) }
+            .expect_err("a bad backward was accepted")
+    };
+    assert!(matches!(
+        backward_only(&|c| c.buffers.grad_confidence = 0),
+        Error::NullPointer {
+            name: "grad_confidence"
+        }
+    ));
+    assert!(matches!(
+        backward_only(&|c| c.buffers.workspace = 0),
+        Error::NullPointer { name: "workspace" }
+    ));
+    assert!(matches!(
+        backward_only(&|c| c.buffers.gt_locations = 0),
+        Error::NullPointer {
+            name: "gt_locations"
+        }
+    ));
+    assert!(matches!(
+        backward_only(&|c| c.buffers.workspace_bytes = 0),
+        Error::WorkspaceTooSmall { .. }
+    ));
+    assert!(matches!(
+        backward_only(&|c| c.upstream = RawUpstream::Device(0)),
+        Error::NullPointer { name: "upstream" }
+    ));
+    assert!(matches!(
+        backward_only(&|c| c.upstream = RawUpstream::Host {
+            g_reg: 1.0,
+            g_cls: f32::INFINITY
+        }),
+        Error::InvalidUpstream { name: "g_cls", .. }
+    ));
     // A forward-only call needs no gradient buffers.
     let mut forward = good;
-    forward.backward = false;
+    forward.pass = Pass::Forward;
     forward.buffers.grad_confidence = 0;
     forward.buffers.grad_locations = 0;
     let launched = std::cell::Cell::new(0);
@@ -772,6 +865,17 @@ fn every_bad_call_is_refused_before_any_launch() {
     // SAFETY: Count never touches the addresses.
     unsafe { launch_call(&config, &forward, &Count(&launched)) }.unwrap();
     assert_eq!(launched.get(), 2);
+    // A backward-only call needs no loss outputs and launches one kernel.
+    let mut backward = good;
+    backward.pass = Pass::Backward;
+    backward.buffers.regression_loss = 0;
+    backward.buffers.classification_loss = 0;
+    backward.buffers.num_pos = 0;
+    backward.buffers.mask = 0;
+    launched.set(0);
+    // SAFETY: Count never touches the addresses.
+    unsafe { launch_call(&config, &backward, &Count(&launched)) }.unwrap();
+    assert_eq!(launched.get(), 1);
 }
 
 #[test]

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::emulated::{self, Call, HostInputs};
+use common::emulated::{self, Call, HostInputs, Upstream};
 use common::gpu::{self, DeviceCall};
 use multibox::synthetic::{Batch, BatchSpec};
 use multibox::{Error, MultiboxConfig, MultiboxLoss, Shape};
@@ -59,6 +59,34 @@ fn gpu_matches_the_emulated_kernels() {
             rel(on_gpu.regression_loss, emulated.regression_loss) < 1e-6,
             "{shape}"
         );
+    }
+}
+
+/// forward, then backward on the same workspace, equals forward_backward
+/// bit for bit on the GPU too (upstream from the host and from device memory).
+#[test]
+fn gpu_forward_then_backward_equals_forward_backward() {
+    let Some(ctx) = gpu::device("gpu_forward_then_backward_equals_forward_backward") else {
+        return;
+    };
+    let config = MultiboxConfig::default();
+    for (shape, seed) in [(Shape::new(4, 3000, 21), 5), (Shape::new(2, 8732, 81), 6)] {
+        let b = batch(shape, seed);
+        for upstream in [Upstream::Host(0.5, 3.0), Upstream::Device(0.25, 1024.0)] {
+            let fused = Call {
+                upstream,
+                ..Call::default()
+            };
+            let split = Call {
+                split: true,
+                ..fused
+            };
+            let a = gpu::run(&ctx, &config, shape, &host(&b), fused).unwrap();
+            let s = gpu::run(&ctx, &config, shape, &host(&b), split).unwrap();
+            assert_eq!(a, s, "{shape} {upstream:?}");
+            let bits = |g: &[f32]| g.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&a.grad_confidence), bits(&s.grad_confidence));
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 use multibox::plan::{
     lanes_per_row, LaunchPlan, Step, MAX_ROW_BLOCKS, ROW_THREADS, SELECT_THREADS,
 };
-use multibox::{DType, LabelType, Shape};
+use multibox::{DType, LabelType, Pass, Shape};
 
 #[test]
 fn lanes_per_row_leave_at_most_four_classes_per_lane() {
@@ -88,10 +88,15 @@ fn grids_cover_every_row_and_image() {
         assert_eq!(plan.gradient.block, ROW_THREADS);
         assert_eq!(plan.select.grid as usize, shape.batch);
         assert_eq!(plan.select.block, SELECT_THREADS);
-        let forward: Vec<Step> = plan.launches(false).map(|l| l.step).collect();
-        let backward: Vec<Step> = plan.launches(true).map(|l| l.step).collect();
-        assert_eq!(forward, [Step::Rows, Step::Select]);
-        assert_eq!(backward, [Step::Rows, Step::Select, Step::Gradient]);
+        let steps = |pass| plan.launches(pass).map(|l| l.step).collect::<Vec<Step>>();
+        assert_eq!(steps(Pass::Forward), [Step::Rows, Step::Select]);
+        assert_eq!(steps(Pass::Backward), [Step::Gradient]);
+        assert_eq!(
+            steps(Pass::ForwardBackward),
+            [Step::Rows, Step::Select, Step::Gradient]
+        );
+        assert_eq!(Pass::from_backward(true), Pass::ForwardBackward);
+        assert_eq!(Pass::from_backward(false), Pass::Forward);
     }
 }
 
@@ -146,7 +151,7 @@ fn regions_give_each_kernel_its_buffers_and_the_selection_one_image_per_block() 
             workspace_bytes: plan.workspace.bytes,
         },
         upstream: RawUpstream::Device(0x70_0300),
-        backward: true,
+        pass: multibox::plan::Pass::ForwardBackward,
     };
     let find = |step, name: &str| {
         plan.regions(step, &call)

@@ -590,6 +590,12 @@ fn invalid_labels_are_reported_with_their_position() {
             matches!(err, Error::InvalidLabel { image: 1, prior: 2, value, classes: 3 } if value == bad),
             "label {bad}: {err}"
         );
+        // The message names the valid classes, 1 to C-1, not 1 to C.
+        let message = err.to_string();
+        assert!(
+            message.contains("from 1 to 2 (C = 3 classes"),
+            "label {bad}: {message}"
+        );
     }
     // The edges are valid.
     let mut case = small();

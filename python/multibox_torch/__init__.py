@@ -8,14 +8,21 @@
 CUDA tensors (f32, f16 or bf16; i64 or i32 labels) run the crate's fused
 kernels on the current stream, with the workspace from PyTorch's caching
 allocator: no host synchronisation, so the call can be captured in a CUDA
-graph and traced by torch.compile (the op has a fake implementation). CPU
-tensors (f32 only) run the crate's CPU reference, the same semantics in f64.
+graph and traced by torch.compile (the ops have fake implementations). CPU
+tensors (f32) run the crate's CPU reference, the same semantics in f64.
 
-The library is loaded with ctypes from ``$MULTIBOX_LIB``, or next to this
-package, or from the repository's ``target/release`` / ``target/debug``
-(see ``_capi.find_library``).
+The forward (``multibox::forward``: kernels 1 and 2) computes the losses and
+keeps the mining decisions in a small workspace (one u32 per prior and a
+few bytes per image); the backward (``multibox::backward``: kernel 3) reads
+them with autograd's upstream gradients from device memory, so each gradient
+is rounded once and no ``[B, P, C]`` tensor lives between the two.
+
+``pip install ./python`` bundles the library in this package;
+``$MULTIBOX_LIB`` overrides it (see ``_capi.find_library``).
 """
 
+import math
+import operator
 from typing import Tuple
 
 import torch
@@ -23,10 +30,20 @@ from torch import Tensor
 
 from . import _capi
 
-__all__ = ["multibox_loss", "library_path"]
+__all__ = ["multibox_loss", "library_path", "MultiboxError", "__version__"]
+
+MultiboxError = _capi.MultiboxError
+
+try:
+    from importlib.metadata import PackageNotFoundError, version as _dist_version
+
+    __version__ = _dist_version("multibox-torch")
+except PackageNotFoundError:  # a source checkout used without installing
+    __version__ = "0+unknown"
 
 _DTYPES = {torch.float32: _capi.F32, torch.float16: _capi.F16, torch.bfloat16: _capi.BF16}
 _LABEL_TYPES = {torch.int32: _capi.I32, torch.int64: _capi.I64}
+_F32_MAX = 3.4028234663852886e38
 
 # (device index, neg_pos_ratio, min_negatives_per_image, beta) -> multibox_loss*
 # A loss loads the kernels once per device and configuration; it lives as
@@ -52,6 +69,28 @@ def _loss_handle(device_index, neg_pos_ratio, min_negatives_per_image, beta):
     return handle
 
 
+def _check_settings(neg_pos_ratio, min_negatives_per_image, beta):
+    """The settings as the C ABI takes them, checked before they reach ctypes
+    (whose uint32 would wrap -1 to 4294967295 and 2**32 to 0, and whose
+    float would turn 1e39 into infinity)."""
+    for name, value in (("neg_pos_ratio", neg_pos_ratio), ("beta", beta)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"multibox_loss: {name} must be a real number, got {value!r}")
+        if not (math.isfinite(value) and 0 < value <= _F32_MAX):
+            raise ValueError(f"multibox_loss: {name} must be positive and finite (as a float32), got {value!r}")
+    if isinstance(min_negatives_per_image, bool):
+        raise TypeError(f"multibox_loss: min_negatives_per_image must be an integer, got {min_negatives_per_image!r}")
+    try:
+        min_neg = operator.index(min_negatives_per_image)
+    except TypeError:
+        raise TypeError(
+            f"multibox_loss: min_negatives_per_image must be an integer, got {min_negatives_per_image!r}"
+        ) from None
+    if not 0 <= min_neg < 2**32:
+        raise ValueError(f"multibox_loss: min_negatives_per_image must be in 0..2**32-1, got {min_neg}")
+    return float(neg_pos_ratio), min_neg, float(beta)
+
+
 def _check(confidence, predicted_locations, labels, gt_locations):
     torch._check(confidence.dim() == 3, lambda: f"confidence must be [B, P, C], got {tuple(confidence.shape)}")
     b, p, c = confidence.shape
@@ -64,36 +103,50 @@ def _check(confidence, predicted_locations, labels, gt_locations):
         tuple(gt_locations.shape) == (b, p, 4),
         lambda: f"gt_locations must be [{b}, {p}, 4], got {tuple(gt_locations.shape)}",
     )
+    devices = [t.device for t in (confidence, predicted_locations, labels, gt_locations)]
+    torch._check(
+        all(d == devices[0] for d in devices),
+        lambda: "confidence, predicted_locations, labels and gt_locations must be on one device, got "
+        + ", ".join(str(d) for d in devices),
+    )
+    torch._check(
+        devices[0].type in ("cuda", "cpu"),
+        lambda: f"multibox_loss runs on CUDA and CPU tensors, got {devices[0]}",
+    )
     torch._check(confidence.dtype in _DTYPES, lambda: f"confidence must be f32, f16 or bf16, got {confidence.dtype}")
     torch._check(
         predicted_locations.dtype == confidence.dtype,
-        lambda: f"predicted_locations is {predicted_locations.dtype}, confidence {confidence.dtype}",
+        lambda: f"predicted_locations is {predicted_locations.dtype}, confidence {confidence.dtype}: they must match",
     )
     torch._check(labels.dtype in _LABEL_TYPES, lambda: f"labels must be int64 or int32, got {labels.dtype}")
+    torch._check(
+        gt_locations.dtype.is_floating_point,
+        lambda: f"gt_locations must be a floating-point tensor (it is converted to confidence's dtype), "
+        f"got {gt_locations.dtype}",
+    )
+    if devices[0].type == "cpu":
+        torch._check(
+            confidence.dtype == torch.float32,
+            lambda: f"on the CPU (the crate's reference) only float32 is supported, got {confidence.dtype}; "
+            "under torch.autocast the inputs are cast to float32 for you",
+        )
     return b, p, c
 
 
-def _cuda_forward(confidence, predicted_locations, labels, gt_locations, ratio, min_neg, beta, need_grad):
-    lib = _capi.library()
-    b, p, c = confidence.shape
-    device = confidence.device
-    confidence = confidence.contiguous()
-    predicted_locations = predicted_locations.contiguous()
-    labels = labels.contiguous()
-    gt_locations = gt_locations.to(confidence.dtype).contiguous()
-    reg = torch.empty((), dtype=torch.float32, device=device)
-    cls = torch.empty((), dtype=torch.float32, device=device)
-    num_pos = torch.empty((), dtype=torch.int32, device=device)
-    # PyTorch's caching allocator: blocks are 512-byte aligned, the kernels
-    # need 256; nothing is allocated inside the library.
-    workspace = torch.empty(lib.workspace_bytes(b, p, c), dtype=torch.uint8, device=device)
-    if need_grad:
-        grad_confidence = torch.empty_like(confidence)
-        grad_locations = torch.empty_like(predicted_locations)
-    else:
-        grad_confidence = confidence.new_empty(0)
-        grad_locations = predicted_locations.new_empty(0)
-    call = _capi.Call(
+def _contiguous(confidence, predicted_locations, labels, gt_locations):
+    """The arrays as the C ABI reads them: contiguous, gt in confidence's
+    dtype. A copy only where the input is not so already; the copies are
+    temporaries, never saved for the backward."""
+    return (
+        confidence.contiguous(),
+        predicted_locations.contiguous(),
+        labels.contiguous(),
+        gt_locations.to(confidence.dtype).contiguous(),
+    )
+
+
+def _device_call(b, p, c, confidence, predicted_locations, labels, gt_locations, workspace, **outputs):
+    return _capi.Call(
         shape=_capi.Shape(b, p, c),
         dtype=_DTYPES[confidence.dtype],
         label_type=_LABEL_TYPES[labels.dtype],
@@ -101,43 +154,31 @@ def _cuda_forward(confidence, predicted_locations, labels, gt_locations, ratio, 
         predicted_locations=predicted_locations.data_ptr(),
         labels=labels.data_ptr(),
         gt_locations=gt_locations.data_ptr(),
-        grad_confidence=grad_confidence.data_ptr() if need_grad else 0,
-        grad_locations=grad_locations.data_ptr() if need_grad else 0,
-        regression_loss=reg.data_ptr(),
-        classification_loss=cls.data_ptr(),
-        num_pos=num_pos.data_ptr(),
+        grad_confidence=outputs.get("grad_confidence", 0),
+        grad_locations=outputs.get("grad_locations", 0),
+        regression_loss=outputs.get("regression_loss", 0),
+        classification_loss=outputs.get("classification_loss", 0),
+        num_pos=outputs.get("num_pos", 0),
         mask=0,
         workspace=workspace.data_ptr(),
         workspace_bytes=workspace.numel(),
-        upstream=0,
+        upstream=outputs.get("upstream", 0),
         g_reg=1.0,
         g_cls=1.0,
     )
-    with torch.cuda.device(device):
-        handle = _loss_handle(device.index, ratio, min_neg, beta)
-        stream = torch.cuda.current_stream(device).cuda_stream
-        name = "multibox_forward_backward" if need_grad else "multibox_forward"
-        lib.call(name, handle, _capi.ctypes.byref(call), _capi.ctypes.c_void_p(stream))
-    # The workspace goes back to the caching allocator when this function
-    # returns; the allocator does not hand it out to work on another stream
-    # before the kernels queued on this one have run.
-    return reg, cls, num_pos, grad_confidence, grad_locations
 
 
-def _cpu_forward(confidence, predicted_locations, labels, gt_locations, ratio, min_neg, beta, need_grad):
-    torch._check(
-        confidence.dtype == torch.float32,
-        lambda: f"on the CPU (the crate's reference) only float32 is supported, got {confidence.dtype}",
-    )
+def _launch(name, device, settings, call):
     lib = _capi.library()
-    b, p, c = confidence.shape
-    confidence = confidence.contiguous()
-    predicted_locations = predicted_locations.contiguous()
-    labels = labels.contiguous()
-    gt_locations = gt_locations.to(torch.float32).contiguous()
-    grad_confidence = torch.empty_like(confidence) if need_grad else confidence.new_empty(0)
-    grad_locations = torch.empty_like(predicted_locations) if need_grad else predicted_locations.new_empty(0)
-    call = _capi.HostCallF32(
+    with torch.cuda.device(device):
+        handle = _loss_handle(device.index, *settings)
+        stream = torch.cuda.current_stream(device).cuda_stream
+        lib.call(name, handle, _capi.ctypes.byref(call), _capi.ctypes.c_void_p(stream))
+
+
+def _host_call(b, p, c, confidence, predicted_locations, labels, gt_locations, upstream=(1.0, 1.0), grads=None):
+    grad_confidence, grad_locations = grads if grads is not None else (None, None)
+    return _capi.HostCallF32(
         shape=_capi.Shape(b, p, c),
         label_type=_LABEL_TYPES[labels.dtype],
         confidence=confidence.data_ptr(),
@@ -148,27 +189,27 @@ def _cpu_forward(confidence, predicted_locations, labels, gt_locations, ratio, m
         labels_len=labels.numel(),
         gt_locations=gt_locations.data_ptr(),
         gt_locations_len=gt_locations.numel(),
-        g_reg=1.0,
-        g_cls=1.0,
-        grad_confidence=grad_confidence.data_ptr() if need_grad else None,
-        grad_confidence_len=grad_confidence.numel(),
-        grad_locations=grad_locations.data_ptr() if need_grad else None,
-        grad_locations_len=grad_locations.numel(),
+        g_reg=upstream[0],
+        g_cls=upstream[1],
+        grad_confidence=None if grad_confidence is None else grad_confidence.data_ptr(),
+        grad_confidence_len=0 if grad_confidence is None else grad_confidence.numel(),
+        grad_locations=None if grad_locations is None else grad_locations.data_ptr(),
+        grad_locations_len=0 if grad_locations is None else grad_locations.numel(),
         mask=None,
         mask_len=0,
     )
-    config = lib.config(ratio, min_neg, beta)
-    losses = _capi.Losses()
-    name = "multibox_reference_forward_backward_f32" if need_grad else "multibox_reference_forward_f32"
-    lib.call(name, _capi.ctypes.byref(config), _capi.ctypes.byref(call), _capi.ctypes.byref(losses))
-    reg = torch.tensor(losses.regression_loss, dtype=torch.float32)
-    cls = torch.tensor(losses.classification_loss, dtype=torch.float32)
-    num_pos = torch.tensor(losses.num_pos, dtype=torch.int32)
-    return reg, cls, num_pos, grad_confidence, grad_locations
 
 
-@torch.library.custom_op("multibox::loss", mutates_args=())
-def _loss_op(
+def _workspace_bytes(device, b, p, c):
+    """The forward's workspace: what the kernels need on CUDA; none on the
+    CPU, whose reference keeps no state between forward and backward."""
+    if device.type != "cuda":
+        return 0
+    return _capi.library().workspace_bytes(b, p, c)
+
+
+@torch.library.custom_op("multibox::forward", mutates_args=())
+def _forward_op(
     confidence: Tensor,
     predicted_locations: Tensor,
     labels: Tensor,
@@ -176,52 +217,178 @@ def _loss_op(
     neg_pos_ratio: float,
     min_negatives_per_image: int,
     beta: float,
-    need_grad: bool,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(reg, cls, num_pos, d cls / d confidence, d reg / d predicted_locations);
-    the two gradients are for upstream 1 and empty unless need_grad."""
-    _check(confidence, predicted_locations, labels, gt_locations)
-    args = (confidence, predicted_locations, labels, gt_locations, neg_pos_ratio, min_negatives_per_image, beta)
-    if confidence.is_cuda:
-        return _cuda_forward(*args, need_grad)
-    torch._check(confidence.device.type == "cpu", lambda: f"unsupported device {confidence.device}")
-    return _cpu_forward(*args, need_grad)
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(regression_loss, classification_loss, num_pos, workspace): the losses
+    (kernels 1 and 2), and the mining decisions ``multibox::backward`` needs
+    (a uint8 workspace on CUDA; empty on the CPU)."""
+    settings = _check_settings(neg_pos_ratio, min_negatives_per_image, beta)
+    b, p, c = _check(confidence, predicted_locations, labels, gt_locations)
+    device = confidence.device
+    args = _contiguous(confidence, predicted_locations, labels, gt_locations)
+    # PyTorch's caching allocator: blocks are 512-byte aligned, the kernels
+    # need 256; nothing is allocated inside the library.
+    workspace = torch.empty(_workspace_bytes(device, b, p, c), dtype=torch.uint8, device=device)
+    if device.type == "cuda":
+        reg = torch.empty((), dtype=torch.float32, device=device)
+        cls = torch.empty((), dtype=torch.float32, device=device)
+        num_pos = torch.empty((), dtype=torch.int32, device=device)
+        call = _device_call(
+            b, p, c, *args, workspace,
+            regression_loss=reg.data_ptr(),
+            classification_loss=cls.data_ptr(),
+            num_pos=num_pos.data_ptr(),
+        )
+        _launch("multibox_forward", device, settings, call)
+        # The input copies (if any) go back to the caching allocator here;
+        # it does not hand them out to another stream before the kernels
+        # queued on this one have run.
+        return reg, cls, num_pos, workspace
+    lib = _capi.library()
+    losses = _capi.Losses()
+    config = lib.config(*settings)
+    call = _host_call(b, p, c, *args)
+    lib.call("multibox_reference_forward_f32", _capi.ctypes.byref(config), _capi.ctypes.byref(call),
+             _capi.ctypes.byref(losses))
+    reg = torch.tensor(losses.regression_loss, dtype=torch.float32)
+    cls = torch.tensor(losses.classification_loss, dtype=torch.float32)
+    num_pos = torch.tensor(losses.num_pos, dtype=torch.int32)
+    return reg, cls, num_pos, workspace
 
 
-@_loss_op.register_fake
-def _(confidence, predicted_locations, labels, gt_locations, neg_pos_ratio, min_negatives_per_image, beta, need_grad):
+@_forward_op.register_fake
+def _(confidence, predicted_locations, labels, gt_locations, neg_pos_ratio, min_negatives_per_image, beta):
+    _check_settings(neg_pos_ratio, min_negatives_per_image, beta)
+    b, p, c = _check(confidence, predicted_locations, labels, gt_locations)
+    device = confidence.device
+    if device.type != "cuda":
+        size = 0
+    elif all(isinstance(n, int) for n in (b, p, c)):
+        size = _workspace_bytes(device, b, p, c)
+    else:
+        # Symbolic shapes (torch.compile with dynamic=True): the layout is
+        # the crate's business, so its size is a fresh symbol here.
+        size = torch.library.get_ctx().new_dynamic_size()
+    reg = torch.empty((), dtype=torch.float32, device=device)
+    cls = torch.empty((), dtype=torch.float32, device=device)
+    num_pos = torch.empty((), dtype=torch.int32, device=device)
+    workspace = torch.empty((size,), dtype=torch.uint8, device=device)
+    return reg, cls, num_pos, workspace
+
+
+@torch.library.custom_op("multibox::backward", mutates_args=())
+def _backward_op(
+    confidence: Tensor,
+    predicted_locations: Tensor,
+    labels: Tensor,
+    gt_locations: Tensor,
+    workspace: Tensor,
+    upstream: Tensor,
+    neg_pos_ratio: float,
+    min_negatives_per_image: int,
+    beta: float,
+) -> Tuple[Tensor, Tensor]:
+    """(d total / d confidence, d total / d predicted_locations), contiguous,
+    in the inputs' dtype, for ``upstream = [g_reg, g_cls]`` (two float32 on
+    the inputs' device): kernel 3 on the workspace of a ``multibox::forward``
+    on the same inputs and settings. The CPU recomputes through the crate's
+    reference instead (it keeps no workspace)."""
+    settings = _check_settings(neg_pos_ratio, min_negatives_per_image, beta)
+    b, p, c = _check(confidence, predicted_locations, labels, gt_locations)
+    device = confidence.device
+    torch._check(
+        upstream.shape == (2,) and upstream.device == device,
+        lambda: f"upstream must be [2] on {device}, got {tuple(upstream.shape)} on {upstream.device}",
+    )
+    args = _contiguous(confidence, predicted_locations, labels, gt_locations)
+    grad_confidence = torch.empty(confidence.shape, dtype=confidence.dtype, device=device)
+    grad_locations = torch.empty(predicted_locations.shape, dtype=predicted_locations.dtype, device=device)
+    if device.type == "cuda":
+        torch._check(workspace.dtype == torch.uint8 and workspace.is_contiguous(), lambda: "bad workspace")
+        upstream = upstream.to(torch.float32).contiguous()
+        call = _device_call(
+            b, p, c, *args, workspace,
+            grad_confidence=grad_confidence.data_ptr(),
+            grad_locations=grad_locations.data_ptr(),
+            upstream=upstream.data_ptr(),
+        )
+        _launch("multibox_backward", device, settings, call)
+        return grad_confidence, grad_locations
+    lib = _capi.library()
+    config = lib.config(*settings)
+    g_reg, g_cls = upstream.to(torch.float32).tolist()
+    call = _host_call(b, p, c, *args, upstream=(g_reg, g_cls), grads=(grad_confidence, grad_locations))
+    lib.call("multibox_reference_backward_f32", _capi.ctypes.byref(config), _capi.ctypes.byref(call), None)
+    return grad_confidence, grad_locations
+
+
+@_backward_op.register_fake
+def _(confidence, predicted_locations, labels, gt_locations, workspace, upstream, neg_pos_ratio,
+      min_negatives_per_image, beta):
+    _check_settings(neg_pos_ratio, min_negatives_per_image, beta)
     _check(confidence, predicted_locations, labels, gt_locations)
-    reg = confidence.new_empty((), dtype=torch.float32)
-    cls = confidence.new_empty((), dtype=torch.float32)
-    num_pos = confidence.new_empty((), dtype=torch.int32)
-    if need_grad:
-        return reg, cls, num_pos, torch.empty_like(confidence), torch.empty_like(predicted_locations)
-    return reg, cls, num_pos, confidence.new_empty(0), predicted_locations.new_empty(0)
+    # Exactly what the real implementation allocates: contiguous, the
+    # inputs' shapes and dtypes, whatever the inputs' strides.
+    grad_confidence = torch.empty(confidence.shape, dtype=confidence.dtype, device=confidence.device)
+    grad_locations = torch.empty(
+        predicted_locations.shape, dtype=predicted_locations.dtype, device=predicted_locations.device
+    )
+    return grad_confidence, grad_locations
 
 
 def _setup_context(ctx, inputs, output):
-    need_grad = inputs[7]
-    _, _, _, grad_confidence, grad_locations = output
-    ctx.need_grad = need_grad
-    ctx.save_for_backward(grad_confidence, grad_locations)
-    ctx.mark_non_differentiable(output[2], output[3], output[4])
+    confidence, predicted_locations, labels, gt_locations, neg_pos_ratio, min_negatives_per_image, beta = inputs
+    _, _, num_pos, workspace = output
+    # The inputs themselves (no copy) and the small workspace: nothing of
+    # [B, P, C] is allocated to live until the backward.
+    ctx.save_for_backward(confidence, predicted_locations, labels, gt_locations, workspace)
+    ctx.settings = (neg_pos_ratio, min_negatives_per_image, beta)
+    ctx.mark_non_differentiable(num_pos, workspace)
 
 
-def _backward(ctx, g_reg, g_cls, _g_num_pos, _g_grad_confidence, _g_grad_locations):
-    # d conf depends on the classification loss only and d loc on the
-    # regression loss only, so the upstream-1 gradients of the forward are
-    # scaled here, on the device, without a synchronisation. A power-of-two
-    # upstream (loss scaling) scales exactly; any other value rounds a
-    # second time in f16/bf16 (the kernels' own Upstream rounds once).
-    grad_confidence, grad_locations = ctx.saved_tensors
-    if not ctx.need_grad:
-        raise RuntimeError("multibox::loss: backward of a call made with need_grad=False")
-    d_conf = None if g_cls is None else (grad_confidence.float() * g_cls.float()).to(grad_confidence.dtype)
-    d_loc = None if g_reg is None else (grad_locations.float() * g_reg.float()).to(grad_locations.dtype)
-    return d_conf, d_loc, None, None, None, None, None, None
+def _backward(ctx, g_reg, g_cls, _g_num_pos, _g_workspace):
+    confidence, predicted_locations, labels, gt_locations, workspace = ctx.saved_tensors
+    need_confidence, need_locations = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    # SPEC.md: no gradient flows to gt_locations (targets are constants);
+    # a gt_locations that requires grad gets zeros rather than an error.
+    d_gt = torch.zeros_like(gt_locations) if ctx.needs_input_grad[3] else None
+    d_confidence = d_locations = None
+    if need_confidence or need_locations:
+        zero = torch.zeros((), dtype=torch.float32, device=confidence.device)
+        g_reg = zero if g_reg is None else g_reg.to(torch.float32).reshape(())
+        g_cls = zero if g_cls is None else g_cls.to(torch.float32).reshape(())
+        # [g_reg, g_cls] stays on the device: kernel 3 reads it there.
+        upstream = torch.stack([g_reg, g_cls])
+        d_confidence, d_locations = _backward_op(
+            confidence, predicted_locations, labels, gt_locations, workspace, upstream, *ctx.settings
+        )
+        d_confidence = d_confidence if need_confidence else None
+        d_locations = d_locations if need_locations else None
+    return d_confidence, d_locations, None, d_gt, None, None, None
 
 
-_loss_op.register_autograd(_backward, setup_context=_setup_context)
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _autocast(confidence, predicted_locations, gt_locations):
+    """Under torch.autocast, the floating inputs are cast to one dtype the
+    loss supports rather than refused: float32 on the CPU (whose reference
+    is float32 only); on CUDA, the common dtype of confidence and
+    predicted_locations when the kernels have it (so f16 or bf16 heads stay
+    in their dtype), else float32. Gradients flow back through the casts."""
+    device_type = confidence.device.type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return confidence, predicted_locations, gt_locations
+    if device_type == "cpu":
+        target = torch.float32
+    else:
+        target = torch.promote_types(confidence.dtype, predicted_locations.dtype)
+        if target not in _DTYPES:
+            target = torch.float32
+
+    def cast(t):
+        return t.to(target) if t.dtype.is_floating_point and t.dtype != target else t
+
+    return cast(confidence), cast(predicted_locations), cast(gt_locations)
 
 
 def multibox_loss(
@@ -235,29 +402,30 @@ def multibox_loss(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """The SSD MultiBox loss: ``(regression_loss, classification_loss, num_pos)``.
 
-    confidence ``[B, P, C]`` logits and predicted_locations ``[B, P, 4]`` (f32,
-    f16 or bf16 on CUDA; f32 on the CPU), labels ``[B, P]`` (int64 or int32:
-    -1 ignore, 0 background, 1..C-1 class), gt_locations ``[B, P, 4]``. The
-    losses are 0-dim float32 tensors (0 when there is no positive), num_pos
-    a 0-dim int32 tensor, all on the inputs' device; nothing is copied to the
-    host. Differentiable with respect to confidence and predicted_locations;
-    the gradients are computed in the forward call (three fused launches)
-    only when one of them requires grad (else two launches).
+    confidence ``[B, P, C]`` logits and predicted_locations ``[B, P, 4]`` (one
+    dtype: f32, f16 or bf16 on CUDA; f32 on the CPU), labels ``[B, P]`` (int64
+    or int32: -1 ignore, 0 background, 1..C-1 class), gt_locations
+    ``[B, P, 4]`` (any floating dtype; converted to confidence's). All four on
+    one device. Any strides: non-contiguous inputs are copied for the call.
+    Under ``torch.autocast`` the inputs are cast to a supported dtype (f32 on
+    the CPU).
 
-    An invalid label makes both losses NaN on the GPU (the device status
-    word records it) and raises on the CPU.
+    The losses are 0-dim float32 tensors (0 when there is no positive),
+    num_pos a 0-dim int32 tensor, all on the inputs' device; nothing is copied
+    to the host. Differentiable with respect to confidence and
+    predicted_locations: the forward runs two launches and keeps only the
+    mining decisions; the backward runs one, scaled by the upstream gradients
+    before the one rounding to the inputs' dtype. gt_locations gets a zero
+    gradient if it requires one (no gradient flows to the targets).
+
+    neg_pos_ratio and beta must be positive and finite,
+    min_negatives_per_image an integer in ``0..2**32-1``. An invalid label
+    makes both losses NaN on the GPU (the device status word records it) and
+    raises on the CPU.
     """
-    need_grad = torch.is_grad_enabled() and (confidence.requires_grad or predicted_locations.requires_grad)
-    reg, cls, num_pos, _, _ = _loss_op(
-        confidence,
-        predicted_locations,
-        labels,
-        gt_locations,
-        float(neg_pos_ratio),
-        int(min_negatives_per_image),
-        float(beta),
-        bool(need_grad),
-    )
+    settings = _check_settings(neg_pos_ratio, min_negatives_per_image, beta)
+    confidence, predicted_locations, gt_locations = _autocast(confidence, predicted_locations, gt_locations)
+    reg, cls, num_pos, _ = _forward_op(confidence, predicted_locations, labels, gt_locations, *settings)
     return reg, cls, num_pos
 
 

@@ -1,7 +1,9 @@
 """ctypes binding of the multibox C ABI (include/multibox.h). No PyTorch here.
 
-The library is found at ``$MULTIBOX_LIB`` if set, else next to this package
-(``libmultibox.so``), else in the repository's ``target/release`` or
+The library is, in order: ``$MULTIBOX_LIB`` if set (an override: it must
+exist), else the one bundled in this package by ``pip install`` (built by
+cargo through setuptools-rust, ``_libmultibox*.so``), else, for a source
+checkout used without installing, the repository's ``target/release`` or
 ``target/debug`` (after ``cargo build --release --lib``).
 """
 
@@ -134,25 +136,46 @@ def _library_name():
     return "libmultibox.so"
 
 
+class LibraryNotFound(FileNotFoundError):
+    """The multibox library is not where it was looked for."""
+
+
+def _bundled(here):
+    """The library that `pip install` put in the package, if any. Its name
+    carries the interpreter's extension suffix of the build
+    (``_libmultibox.cpython-311-x86_64-linux-gnu.so``); it links no Python,
+    so any such file in the package will do."""
+    found = sorted(p for p in here.glob("_libmultibox*") if p.suffix in (".so", ".dylib", ".pyd", ".dll"))
+    return found[0] if found else None
+
+
 def find_library():
     """The path of the multibox shared library this package will load."""
     env = os.environ.get("MULTIBOX_LIB")
     if env:
-        return Path(env)
-    name = _library_name()
+        path = Path(env)
+        if not path.is_file():
+            raise LibraryNotFound(
+                f"MULTIBOX_LIB is set to {env!r}, which is not a file; point it at libmultibox.so "
+                "(from `cargo build --release --lib`: target/release/libmultibox.so) or unset it "
+                "to use the library bundled with the package"
+            )
+        return path
     here = Path(__file__).resolve().parent
+    bundled = _bundled(here)
+    if bundled is not None:
+        return bundled
+    name = _library_name()
     repo = here.parent.parent
-    candidates = [
-        here / name,
-        repo / "target" / "release" / name,
-        repo / "target" / "debug" / name,
-    ]
+    candidates = [repo / "target" / "release" / name, repo / "target" / "debug" / name]
     for path in candidates:
         if path.exists():
             return path
-    raise FileNotFoundError(
-        f"{name} not found (looked in {', '.join(str(p) for p in candidates)}); "
-        "build it with `cargo build --release --lib` or set MULTIBOX_LIB"
+    looked = [str(here / "_libmultibox*.so")] + [str(p) for p in candidates]
+    raise LibraryNotFound(
+        f"the multibox library was not found (looked for {', '.join(looked)}). Install the package "
+        "with `pip install ./python` from the repository (it builds and bundles the library), "
+        "or build it with `cargo build --release --lib` and set MULTIBOX_LIB to its path"
     )
 
 
@@ -170,6 +193,7 @@ def _declare(lib):
         "multibox_loss_destroy": (c.c_int, [c.c_void_p]),
         "multibox_forward": (c.c_int, [c.c_void_p, _P(Call), c.c_void_p]),
         "multibox_forward_backward": (c.c_int, [c.c_void_p, _P(Call), c.c_void_p]),
+        "multibox_backward": (c.c_int, [c.c_void_p, _P(Call), c.c_void_p]),
         "multibox_status": (
             c.c_int,
             [c.c_void_p, _P(Shape), c.c_uint64, c.c_size_t, c.c_void_p, _P(DeviceStatus)],
@@ -179,6 +203,7 @@ def _declare(lib):
             c.c_int,
             [_P(Config), _P(HostCallF32), _P(Losses)],
         ),
+        "multibox_reference_backward_f32": (c.c_int, [_P(Config), _P(HostCallF32), _P(Losses)]),
     }
     for name, (restype, argtypes) in sigs.items():
         f = getattr(lib, name)
@@ -191,8 +216,18 @@ class Library:
 
     def __init__(self, path=None):
         self.path = Path(path) if path else find_library()
-        self.lib = ctypes.CDLL(str(self.path))
-        _declare(self.lib)
+        try:
+            self.lib = ctypes.CDLL(str(self.path))
+        except OSError as e:
+            source = "MULTIBOX_LIB" if os.environ.get("MULTIBOX_LIB") and not path else "the package"
+            raise OSError(f"could not load the multibox library {self.path} (from {source}): {e}") from e
+        try:
+            _declare(self.lib)
+        except AttributeError as e:
+            raise OSError(
+                f"{self.path} is not a multibox library of this package's version "
+                f"(a C function is missing: {e}); rebuild it or unset MULTIBOX_LIB"
+            ) from e
 
     def version(self):
         return self.lib.multibox_version().decode()

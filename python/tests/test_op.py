@@ -1,22 +1,27 @@
-"""The PyTorch op against a plain-PyTorch reference on the golden cases,
-torch.library.opcheck, and the autograd formula. Needs PyTorch and a CUDA
-GPU (the CPU path, f32 through the crate's reference, is checked too).
+"""The PyTorch op as a user installs it (``pip install ./python``): the golden
+cases against the crate's expectations, ``torch.library.opcheck`` and
+``torch.compile`` on non-contiguous, sliced and expanded inputs, gradients
+against autograd through a plain-PyTorch reference, what the backward keeps,
+and every bad input. CPU tensors here (the crate's reference); the CUDA cases
+run where a GPU is present (``scripts/gpu-check``).
 
-    MULTIBOX_LIB=target/release/libmultibox.so python3 -m pytest -q python/tests/test_op.py
+    pip install ./python && python -m pytest -q python/tests
 """
 
 import json
+import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "python"))
-import multibox_torch  # noqa: E402
-from multibox_torch import _loss_op, multibox_loss  # noqa: E402
+import multibox_torch
+from multibox_torch import _backward_op, _capi, _forward_op, multibox_loss
 
+ROOT = Path(__file__).resolve().parents[2]
 GOLDENS = ROOT / "tests" / "goldens"
 CASES = sorted(p.name for p in GOLDENS.iterdir() if (p / "case.json").exists())
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -26,26 +31,30 @@ LOSS_RTOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 GRAD_TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_gpu)]
 
 
-def _array(case, name, meta_name, dtype):
+def _meta(case):
+    return json.loads((GOLDENS / case / "case.json").read_text())
+
+
+def _array(case, name, dtype):
     raw = bytearray((GOLDENS / case / f"{name}.bin").read_bytes())
-    shape = json.loads((GOLDENS / case / "case.json").read_text())["files"][meta_name]["shape"]
+    shape = _meta(case)["files"][name]["shape"]
     return torch.frombuffer(raw, dtype=dtype).reshape(shape).clone()
 
 
 def load(case, device):
-    meta = json.loads((GOLDENS / case / "case.json").read_text())
+    meta = _meta(case)
     dtype = DTYPES[meta["input_dtype"]]
     label_dtype = torch.int64 if meta["label_dtype"] == "i64" else torch.int32
     t = {
-        "confidence": _array(case, "confidence", "confidence", torch.float32).to(dtype),
-        "locations": _array(case, "locations", "locations", torch.float32).to(dtype),
-        "labels": _array(case, "labels", "labels", label_dtype),
-        "gt_locations": _array(case, "gt_locations", "gt_locations", torch.float32).to(dtype),
-        "mask": _array(case, "mask", "mask", torch.uint8).bool(),
-        "grad_confidence": _array(case, "grad_confidence", "grad_confidence", torch.float32),
-        "grad_locations": _array(case, "grad_locations", "grad_locations", torch.float32),
+        "confidence": _array(case, "confidence", torch.float32).to(dtype),
+        "locations": _array(case, "locations", torch.float32).to(dtype),
+        "labels": _array(case, "labels", label_dtype),
+        "gt_locations": _array(case, "gt_locations", torch.float32).to(dtype),
+        "grad_confidence": _array(case, "grad_confidence", torch.float32),
+        "grad_locations": _array(case, "grad_locations", torch.float32),
     }
     return meta, {k: v.to(device) for k, v in t.items()}
 
@@ -77,33 +86,38 @@ def torch_reference(confidence, locations, labels, gt, neg_pos_ratio, min_neg=0,
     return reg / n, cls / n, mask
 
 
-@needs_gpu
-@pytest.mark.parametrize("case", CASES)
-def test_golden(case):
-    meta, t = load(case, "cuda")
+# Every f32 case on the CPU (the reference is f32 only there), every case on CUDA.
+GOLDEN_PARAMS = [pytest.param(case, "cpu", id=f"{case}-cpu") for case in CASES if _meta(case)["input_dtype"] == "f32"] + [
+    pytest.param(case, "cuda", id=f"{case}-cuda", marks=needs_gpu) for case in CASES
+]
+
+
+@pytest.mark.parametrize("case,device", GOLDEN_PARAMS)
+def test_golden(case, device):
+    meta, t = load(case, device)
     dtype = t["confidence"].dtype
     confidence = t["confidence"].clone().requires_grad_()
     locations = t["locations"].clone().requires_grad_()
     reg, cls, num_pos = multibox_loss(confidence, locations, t["labels"], t["gt_locations"], meta["neg_pos_ratio"])
     (reg + cls).backward()
     assert int(num_pos) == meta["num_pos"]
-    for got, want in [(reg, meta["regression_loss"]), (cls, meta["classification_loss"])]:
-        assert abs(float(got) - want) <= LOSS_RTOL[dtype] * max(abs(want), 1e-30), (float(got), want)
+    for got, want in [(reg.item(), meta["regression_loss"]), (cls.item(), meta["classification_loss"])]:
+        assert abs(got - want) <= LOSS_RTOL[dtype] * max(abs(want), 1e-30), (got, want)
     for got, want in [(confidence.grad, t["grad_confidence"]), (locations.grad, t["grad_locations"])]:
+        assert got.dtype == dtype and got.shape == want.shape
         scale = want.abs().max().clamp(min=1e-30)
         err = ((got.float() - want).abs().max() / scale).item()
         assert err <= GRAD_TOL[dtype], err
     # The plain-PyTorch reference agrees with the golden numbers too.
-    r_reg, r_cls, r_mask = torch_reference(
+    r_reg, r_cls, _ = torch_reference(
         t["confidence"], t["locations"], t["labels"], t["gt_locations"], meta["neg_pos_ratio"]
     )
     assert abs(r_reg.item() - meta["regression_loss"]) <= 1e-9 * max(abs(meta["regression_loss"]), 1.0)
     assert abs(r_cls.item() - meta["classification_loss"]) <= 1e-6 * max(abs(meta["classification_loss"]), 1.0)
 
 
-def _small(device, dtype=torch.float32, seed=0):
+def _small(device, dtype=torch.float32, seed=0, b=2, p=64, c=5):
     g = torch.Generator().manual_seed(seed)
-    b, p, c = 2, 64, 5
     confidence = (torch.randn(b, p, c, generator=g) * 2).to(device, dtype)
     locations = torch.randn(b, p, 4, generator=g).to(device, dtype)
     gt = torch.randn(b, p, 4, generator=g).to(device, dtype)
@@ -113,45 +127,103 @@ def _small(device, dtype=torch.float32, seed=0):
     return confidence, locations, labels.to(device), gt
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_gpu)])
-def test_opcheck(device):
-    confidence, locations, labels, gt = _small(device)
-    for need_grad in (True, False):
-        args = (confidence.requires_grad_(need_grad), locations.requires_grad_(need_grad), labels, gt, 3.0, 0, 1.0, need_grad)
-        torch.library.opcheck(_loss_op, args)
+def _layouts(device, dtype=torch.float32):
+    """The same values in layouts the op must accept: contiguous, transposed
+    (channel-major storage), sliced out of larger tensors, and expanded
+    (stride 0 over the batch)."""
+    confidence, locations, labels, gt = _small(device, dtype)
+    b, p, c = confidence.shape
+
+    def transposed(t):
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+    def sliced(t):
+        big = torch.zeros((b, 2 * p, t.shape[2] + 3), dtype=t.dtype, device=device)
+        big[:, ::2, 1:1 + t.shape[2]] = t
+        return big[:, ::2, 1:1 + t.shape[2]]
+
+    one = _small(device, dtype, seed=1, b=1)
+    expanded = tuple(t.expand(b, *t.shape[1:]) for t in one)
+    return {
+        "contiguous": (confidence, locations, labels, gt),
+        "transposed": (transposed(confidence), transposed(locations), labels.t().contiguous().t(), transposed(gt)),
+        "sliced": (sliced(confidence), sliced(locations), torch.stack([labels, labels], 2)[..., 0], sliced(gt)),
+        "expanded": expanded,
+    }
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_gpu)])
-def test_autograd_formula_matches_torch_autograd_on_the_reference(device):
-    # Our kernels have no float64 path, so gradcheck's float64 finite
-    # differences cannot run on them. Instead: (1) torch.autograd through
-    # the plain-PyTorch reference (float64) with the same mining gives the
-    # gradient our backward must return, for arbitrary upstream values;
-    confidence, locations, labels, gt = _small(device)
-    c1 = confidence.clone().requires_grad_()
-    l1 = locations.clone().requires_grad_()
-    reg, cls, _ = multibox_loss(c1, l1, labels, gt, 3.0)
-    (0.75 * reg + 2.5 * cls).backward()
-    c2 = confidence.double().requires_grad_()
-    l2 = locations.double().requires_grad_()
-    r_reg, r_cls, _ = torch_reference(c2, l2, labels, gt, 3.0)
-    (0.75 * r_reg + 2.5 * r_cls).backward()
-    assert torch.allclose(reg.double(), r_reg, rtol=1e-5) and torch.allclose(cls.double(), r_cls, rtol=1e-5)
-    assert torch.allclose(c1.grad.double(), c2.grad, rtol=1e-4, atol=1e-6)
-    assert torch.allclose(l1.grad.double(), l2.grad, rtol=1e-4, atol=1e-6)
+LAYOUTS = ["contiguous", "transposed", "sliced", "expanded"]
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_gpu)])
-def test_gradcheck_f32_finite_differences(device):
-    # (2) gradcheck on the op itself in float32 with loose tolerances: an
-    # input whose mining is stable under eps (background losses far apart,
-    # no |pred - gt| near beta), so the loss is smooth where it is probed.
-    b, p, c = 1, 6, 3
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_opcheck_forward_and_backward(device, layout):
+    confidence, locations, labels, gt = _layouts(device)[layout]
+    if layout != "contiguous":
+        assert not confidence.is_contiguous()
+    for requires_grad in (True, False):
+        conf = confidence.detach().requires_grad_(requires_grad)
+        loc = locations.detach().requires_grad_(requires_grad)
+        torch.library.opcheck(_forward_op, (conf, loc, labels, gt, 3.0, 0, 1.0))
+    _, _, _, workspace = _forward_op(confidence, locations, labels, gt, 3.0, 0, 1.0)
+    upstream = torch.tensor([0.75, 2.5], device=device)
+    torch.library.opcheck(_backward_op, (confidence, locations, labels, gt, workspace, upstream, 3.0, 0, 1.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["transposed", "sliced", "expanded"])
+def test_torch_compile_fullgraph_matches_eager(device, layout):
+    confidence, locations, labels, gt = _layouts(device)[layout]
+
+    def step(confidence, locations, labels, gt):
+        reg, cls, num_pos = multibox_loss(confidence, locations, labels, gt, 3.0)
+        return 0.5 * reg + 2.0 * cls, num_pos
+
+    def run(f):
+        conf = confidence.detach().requires_grad_()
+        loc = locations.detach().requires_grad_()
+        total, num_pos = f(conf, loc, labels, gt)
+        total.backward()
+        return total.detach(), num_pos, conf.grad, loc.grad
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    for got, want in zip(run(compiled), run(step)):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradients_match_autograd_on_the_plain_pytorch_reference(device):
+    # The kernels have no float64 path, so gradcheck's float64 finite
+    # differences cannot run on them. Instead torch.autograd through the
+    # plain-PyTorch reference (float64, same mining) gives the gradient our
+    # backward must return, for arbitrary upstream values.
+    for layout, (confidence, locations, labels, gt) in _layouts(device).items():
+        c1 = confidence.detach().requires_grad_()
+        l1 = locations.detach().requires_grad_()
+        reg, cls, _ = multibox_loss(c1, l1, labels, gt, 3.0)
+        (0.75 * reg + 2.5 * cls).backward()
+        c2 = confidence.detach().double().requires_grad_()
+        l2 = locations.detach().double().requires_grad_()
+        r_reg, r_cls, _ = torch_reference(c2, l2, labels, gt, 3.0)
+        (0.75 * r_reg + 2.5 * r_cls).backward()
+        assert torch.allclose(reg.double(), r_reg, rtol=1e-5), layout
+        assert torch.allclose(cls.double(), r_cls, rtol=1e-5), layout
+        assert torch.allclose(c1.grad.double(), c2.grad, rtol=1e-4, atol=1e-6), layout
+        assert torch.allclose(l1.grad.double(), l2.grad, rtol=1e-4, atol=1e-6), layout
+
+
+@pytest.mark.filterwarnings("ignore:Input #[01] requires gradient and is not a double")
+def test_gradcheck_f32_finite_differences():
+    # gradcheck on the op itself in float32 with loose tolerances: an input
+    # whose mining is stable under eps (background losses far apart, no
+    # |pred - gt| near beta), so the loss is smooth where it is probed.
+    b, p = 1, 6
     confidence = torch.tensor([[[4.0, 0.0, 0.0], [0.0, 3.0, 0.0], [3.0, 0.0, 0.0], [0.0, 0.0, 0.0],
-                                [1.5, 0.0, 0.0], [-2.0, 0.0, 1.0]]], device=device)
-    labels = torch.tensor([[0, 1, 0, 0, 0, 2]], device=device)
-    locations = torch.tensor([[[0.1, -0.2, 2.0, 0.3]] * p], device=device)
-    gt = torch.zeros(b, p, 4, device=device)
+                                [1.5, 0.0, 0.0], [-2.0, 0.0, 1.0]]])
+    labels = torch.tensor([[0, 1, 0, 0, 0, 2]])
+    locations = torch.tensor([[[0.1, -0.2, 2.0, 0.3]] * p])
+    gt = torch.zeros(b, p, 4)
 
     def f(conf, loc):
         reg, cls, _ = multibox_loss(conf, loc, labels, gt, 1.0)
@@ -162,6 +234,111 @@ def test_gradcheck_f32_finite_differences(device):
         (confidence.requires_grad_(), locations.requires_grad_()),
         eps=1e-2, atol=1e-2, rtol=1e-2, fast_mode=False,
     )
+
+
+def _fused_reference_gradients(confidence, locations, labels, gt, g_reg, g_cls):
+    """The crate's CPU reference in one forward_backward call with the
+    upstream gradients given: f64 arithmetic, each gradient rounded once."""
+    lib = _capi.library()
+    b, p, c = confidence.shape
+    grad_confidence = torch.empty_like(confidence)
+    grad_locations = torch.empty_like(locations)
+    call = multibox_torch._host_call(
+        b, p, c, confidence, locations, labels, gt, upstream=(g_reg, g_cls), grads=(grad_confidence, grad_locations)
+    )
+    losses = _capi.Losses()
+    config = lib.config(3.0, 0, 1.0)
+    lib.call("multibox_reference_forward_backward_f32", _capi.ctypes.byref(config), _capi.ctypes.byref(call),
+             _capi.ctypes.byref(losses))
+    return grad_confidence, grad_locations
+
+
+def test_cpu_gradients_are_rounded_once():
+    # Scaling upstream-1 gradients afterwards (the op's old backward) rounds
+    # twice; the reference scales in f64 and rounds once. Bit for bit.
+    confidence, locations, labels, gt = _small("cpu", seed=3)
+    g_reg, g_cls = 0.3, 1.7
+    conf = confidence.clone().requires_grad_()
+    loc = locations.clone().requires_grad_()
+    reg, cls, _ = multibox_loss(conf, loc, labels, gt)
+    (g_reg * reg + g_cls * cls).backward()
+    want_conf, want_loc = _fused_reference_gradients(confidence, locations, labels, gt, g_reg, g_cls)
+    assert torch.equal(conf.grad, want_conf)
+    assert torch.equal(loc.grad, want_loc)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_backward_equals_the_fused_kernels_bit_for_bit(dtype):
+    # multibox::backward (kernel 3, upstream from device memory) against the
+    # fused forward_backward with the same upstream from the host: one
+    # rounding each, so identical bits.
+    confidence, locations, labels, gt = _small("cuda", dtype, seed=4, p=3000, c=21)
+    g_reg, g_cls = 0.3, 1.7
+    conf = confidence.clone().requires_grad_()
+    loc = locations.clone().requires_grad_()
+    reg, cls, _ = multibox_loss(conf, loc, labels, gt)
+    (g_reg * reg + g_cls * cls).backward()
+    b, p, c = confidence.shape
+    lib = _capi.library()
+    workspace = torch.empty(lib.workspace_bytes(b, p, c), dtype=torch.uint8, device="cuda")
+    want_conf = torch.empty_like(confidence)
+    want_loc = torch.empty_like(locations)
+    outs = [torch.empty((), dtype=torch.float32, device="cuda") for _ in range(2)]
+    num_pos = torch.empty((), dtype=torch.int32, device="cuda")
+    call = multibox_torch._device_call(
+        b, p, c, confidence, locations, labels, gt, workspace,
+        grad_confidence=want_conf.data_ptr(), grad_locations=want_loc.data_ptr(),
+        regression_loss=outs[0].data_ptr(), classification_loss=outs[1].data_ptr(), num_pos=num_pos.data_ptr(),
+    )
+    call.g_reg, call.g_cls = g_reg, g_cls
+    multibox_torch._launch("multibox_forward_backward", confidence.device, (3.0, 0, 1.0), call)
+    assert torch.equal(conf.grad, want_conf)
+    assert torch.equal(loc.grad, want_loc)
+    assert torch.equal(reg, outs[0]) and torch.equal(cls, outs[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_keeps_no_gradient_sized_tensor(device):
+    # Every tensor autograd saves between forward and backward is one of the
+    # caller's inputs (the same storage, no copy, even for non-contiguous
+    # inputs) or the workspace (a few bytes per prior); no [B, P, C] tensor.
+    confidence, locations, labels, gt = _layouts(device)["transposed"]
+    conf = confidence.detach().requires_grad_()
+    loc = locations.detach().requires_grad_()
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        reg, cls, _ = multibox_loss(conf, loc, labels, gt)
+    b, p, c = confidence.shape
+    inputs = {(t.data_ptr(), t.shape, t.stride()) for t in (conf, loc, labels, gt)}
+    workspace_bytes = _capi.library().workspace_bytes(b, p, c) if device == "cuda" else 0
+    new = [t for t in saved if (t.data_ptr(), t.shape, t.stride()) not in inputs]
+    assert [tuple(t.shape) for t in new] == [(workspace_bytes,)], [tuple(t.shape) for t in saved]
+    assert sum(t.numel() * t.element_size() for t in new) <= max(workspace_bytes, 0)
+    assert workspace_bytes < b * p * c * confidence.element_size()
+    (reg + cls).backward()
+    assert conf.grad is not None and loc.grad is not None
+
+
+@needs_gpu
+def test_cuda_memory_between_forward_and_backward_is_the_workspace():
+    confidence, locations, labels, gt = _small("cuda", torch.bfloat16, p=8732, c=81, b=4)
+    conf = confidence.clone().requires_grad_()
+    loc = locations.clone().requires_grad_()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    reg, cls, _ = multibox_loss(conf, loc, labels, gt)
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated() - before
+    b, p, c = confidence.shape
+    # The workspace (~B*P*4 bytes) and three scalars, in 512-byte blocks.
+    assert held <= _capi.library().workspace_bytes(b, p, c) + 4 * 512, held
+    (reg + cls).backward()
 
 
 @needs_gpu
@@ -176,13 +353,160 @@ def test_runs_on_the_current_stream_without_synchronising():
     assert torch.allclose(cls.double(), want_cls, rtol=1e-5)
 
 
-def test_bad_input_raises():
+# --- bad input -------------------------------------------------------------
+
+
+def test_shapes_and_dtypes_are_checked():
     confidence, locations, labels, gt = _small("cpu")
     with pytest.raises(Exception, match="predicted_locations"):
         multibox_loss(confidence, locations[:, :10], labels, gt)
-    with pytest.raises(Exception, match="labels"):
+    with pytest.raises(Exception, match="labels must be int64 or int32"):
         multibox_loss(confidence, locations, labels.float(), gt)
+    with pytest.raises(Exception, match="gt_locations must be a floating-point tensor"):
+        multibox_loss(confidence, locations, labels, gt.to(torch.int64))
+    with pytest.raises(Exception, match="only float32 is supported"):
+        multibox_loss(confidence.half(), locations.half(), labels, gt)
+
+
+def test_tensors_on_different_devices_are_refused():
+    # Before, labels or gt_locations on another device than confidence gave
+    # uninitialised losses; now the call is refused before anything runs.
+    # The meta device stands in for a second device on a machine without a GPU.
+    confidence, locations, labels, gt = _small("cpu")
+    for i, name in enumerate(["predicted_locations", "labels", "gt_locations"]):
+        args = [confidence, locations, labels, gt]
+        args[i + 1] = args[i + 1].to("meta")
+        with pytest.raises(Exception, match="must be on one device"):
+            multibox_loss(*args)
+
+
+@needs_gpu
+def test_cuda_and_cpu_tensors_together_are_refused():
+    confidence, locations, labels, gt = _small("cuda")
+    with pytest.raises(Exception, match="must be on one device"):
+        multibox_loss(confidence, locations, labels.cpu(), gt)
+    with pytest.raises(Exception, match="must be on one device"):
+        multibox_loss(confidence.cpu(), locations.cpu(), labels, gt.cpu())
+
+
+@pytest.mark.parametrize("value", [-1, 2**32, 2**40])
+def test_min_negatives_out_of_range_is_refused(value):
+    # Before, ctypes' uint32 wrapped -1 to 4294967295 and 2**32 to 0.
+    confidence, locations, labels, gt = _small("cpu")
+    with pytest.raises(ValueError, match="min_negatives_per_image must be in 0..2\\*\\*32-1"):
+        multibox_loss(confidence, locations, labels, gt, min_negatives_per_image=value)
+
+
+def test_min_negatives_must_be_an_integer_and_the_edges_work():
+    confidence, locations, labels, gt = _small("cpu")
+    with pytest.raises(TypeError, match="min_negatives_per_image must be an integer"):
+        multibox_loss(confidence, locations, labels, gt, min_negatives_per_image=2.5)
+    for value in (0, 2**32 - 1):
+        _, _, num_pos = multibox_loss(confidence, locations, labels, gt, min_negatives_per_image=value)
+        assert int(num_pos) == int((labels > 0).sum())
+
+
+@pytest.mark.parametrize("name", ["neg_pos_ratio", "beta"])
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf"), 1e39])
+def test_ratio_and_beta_must_be_positive_and_finite(name, value):
+    confidence, locations, labels, gt = _small("cpu")
+    with pytest.raises(ValueError, match=f"{name} must be positive and finite"):
+        multibox_loss(confidence, locations, labels, gt, **{name: value})
+
+
+def test_invalid_label_message_names_the_valid_classes():
+    # C = 5: the classes are 1..4 (the message used to say 1..5).
+    confidence, locations, labels, gt = _small("cpu", c=5)
     bad = labels.clone()
-    bad[0, 0] = 99
-    with pytest.raises(multibox_torch._capi.MultiboxError, match="label 99"):
+    bad[0, 0] = 5
+    with pytest.raises(multibox_torch.MultiboxError, match="label 5 .* a class from 1 to 4 \\(C = 5"):
         multibox_loss(confidence, locations, bad, gt)
+
+
+def test_only_gt_locations_requiring_grad_gets_a_zero_gradient():
+    # SPEC.md: no gradient flows to gt_locations. Before, backward raised
+    # "backward of a call made with need_grad=False".
+    confidence, locations, labels, gt = _small("cpu")
+    gt = gt.clone().requires_grad_()
+    reg, cls, _ = multibox_loss(confidence, locations, labels, gt)
+    (reg + cls).backward()
+    assert torch.equal(gt.grad, torch.zeros_like(gt))
+    # With the predictions too: theirs as usual, gt's still zero.
+    loc = locations.clone().requires_grad_()
+    gt.grad = None
+    reg, cls, _ = multibox_loss(confidence, loc, labels, gt)
+    (reg + cls).backward()
+    assert loc.grad.abs().sum() > 0 and torch.equal(gt.grad, torch.zeros_like(gt))
+
+
+def test_cpu_autocast_casts_to_float32():
+    # Before, CPU autocast to bf16 was refused ("only float32 is supported").
+    confidence, locations, labels, gt = _small("cpu")
+    head = torch.nn.Linear(5, 5)
+    torch.nn.init.eye_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = head(confidence)
+        assert logits.dtype == torch.bfloat16
+        reg, cls, num_pos = multibox_loss(logits, locations.bfloat16(), labels, gt)
+    (reg + cls).backward()
+    want_reg, want_cls, want_n = multibox_loss(logits.detach().float(), locations.bfloat16().float(), labels, gt)
+    assert torch.equal(reg, want_reg) and torch.equal(cls, want_cls) and torch.equal(num_pos, want_n)
+    assert head.weight.grad is not None and head.weight.grad.dtype == torch.float32
+
+
+# --- the package -------------------------------------------------------------
+
+# Installed with pip: the library is bundled next to the package. Otherwise
+# (scripts/gpu-check: PYTHONPATH=python, MULTIBOX_LIB=the carried library)
+# the tests of the installation itself do not apply.
+PACKAGE_DIR = Path(multibox_torch.__file__).resolve().parent
+INSTALLED = _capi._bundled(PACKAGE_DIR) is not None
+needs_install = pytest.mark.skipif(not INSTALLED, reason="multibox_torch is not pip-installed here")
+
+
+def _clean_env():
+    drop = ("MULTIBOX_LIB", "PYTHONPATH") if INSTALLED else ("MULTIBOX_LIB",)
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
+@needs_install
+def test_imports_from_any_directory_without_environment_variables(tmp_path):
+    code = (
+        "import multibox_torch, torch\n"
+        "c = torch.zeros(1, 3, 2); l = torch.zeros(1, 3, 4)\n"
+        "r, k, n = multibox_torch.multibox_loss(c, l, torch.tensor([[1, 0, 0]]), l)\n"
+        "print(multibox_torch.library_path(), int(n))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_clean_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    path, n = out.stdout.split()
+    assert Path(path).parent == Path(multibox_torch.__file__).parent, "the bundled library is loaded"
+    assert n == "1"
+
+
+def test_a_wrong_multibox_lib_names_the_variable_and_the_path(tmp_path):
+    missing = tmp_path / "no" / "libmultibox.so"
+    code = "import multibox_torch; multibox_torch.library_path()"
+    env = dict(_clean_env(), MULTIBOX_LIB=str(missing))
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode != 0
+    assert "MULTIBOX_LIB" in out.stderr and str(missing) in out.stderr, out.stderr
+    # A file that is not a library: the loader's error, with the variable.
+    junk = tmp_path / "junk.so"
+    junk.write_text("not a library")
+    env["MULTIBOX_LIB"] = str(junk)
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode != 0
+    assert "MULTIBOX_LIB" in out.stderr and str(junk) in out.stderr, out.stderr
+
+
+def test_the_version_follows_the_crate():
+    manifest = (ROOT / "Cargo.toml").read_text()
+    crate = re.search(r'^\[package\][^\[]*?^version\s*=\s*"([^"]+)"', manifest, re.M | re.S).group(1)
+    assert _capi.library().version() == crate
+    if INSTALLED:
+        assert multibox_torch.__version__ == crate

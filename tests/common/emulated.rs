@@ -6,7 +6,7 @@ use std::cell::RefCell;
 
 use multibox::plan::{GridLimits, LaunchPlan};
 use multibox::{
-    launch_call, Backend, DeviceStatus, Float, Label, MultiboxConfig, RawBuffers, RawCall,
+    launch_call, Backend, DeviceStatus, Float, Label, MultiboxConfig, Pass, RawBuffers, RawCall,
     RawUpstream, Shape,
 };
 use multibox_emu::{Checks, Region, Traffic};
@@ -33,7 +33,7 @@ impl Emulator {
     /// An emulator that holds each kernel of `call` to its regions.
     pub fn for_call(plan: &LaunchPlan, call: &RawCall) -> Self {
         let regions = plan
-            .launches(true)
+            .launches(Pass::ForwardBackward)
             .map(|launch| {
                 let regions = plan
                     .regions(launch.step, call)
@@ -147,6 +147,9 @@ pub struct Call {
     pub upstream: Upstream,
     /// Gradients too, or the losses only.
     pub backward: bool,
+    /// With `backward`: the forward, then the backward as a call of its own
+    /// on the same workspace (instead of one forward_backward call).
+    pub split: bool,
     /// Ask for the mined mask.
     pub with_mask: bool,
     /// The byte every output and the workspace start with.
@@ -168,6 +171,7 @@ impl Default for Call {
         Self {
             upstream: Upstream::Host(1.0, 1.0),
             backward: true,
+            split: false,
             with_mask: true,
             fill: 0xab,
             model_traffic: false,
@@ -219,6 +223,7 @@ pub fn run<T: Float, L: Label>(
     let Call {
         upstream,
         backward,
+        split,
         with_mask,
         fill,
         ..
@@ -279,17 +284,40 @@ pub fn run<T: Float, L: Label>(
             workspace_bytes: plan.workspace.bytes,
         },
         upstream,
-        backward,
+        pass: Pass::from_backward(backward),
     };
     check_lengths(shape, inputs);
     let mut emulator = Emulator::for_call(&plan, &raw);
     emulator.model_traffic = call.model_traffic;
     emulator.races = call.races;
     emulator.grid_limits = call.grid_limits;
-    // SAFETY: every address points into a live Vec of the length the shape
-    // requires (checked above for the inputs, allocated so for the outputs);
-    // the emulator runs synchronously, so they outlive the work.
-    unsafe { launch_call(config, &raw, &emulator)? };
+    if backward && split {
+        let forward = RawCall {
+            pass: Pass::Forward,
+            ..raw
+        };
+        // The backward needs no loss output: give it none, so that a write
+        // to one would fault.
+        let mut backward = RawCall {
+            pass: Pass::Backward,
+            ..raw
+        };
+        backward.buffers.regression_loss = 0;
+        backward.buffers.classification_loss = 0;
+        backward.buffers.num_pos = 0;
+        backward.buffers.mask = 0;
+        // SAFETY: as below; the backward reads the workspace the forward
+        // filled, on the same inputs.
+        unsafe {
+            launch_call(config, &forward, &emulator)?;
+            launch_call(config, &backward, &emulator)?;
+        }
+    } else {
+        // SAFETY: every address points into a live Vec of the length the
+        // shape requires (checked above for the inputs, allocated so for the
+        // outputs); the emulator runs synchronously, so they outlive the work.
+        unsafe { launch_call(config, &raw, &emulator)? };
+    }
     let status_at = plan.workspace.status_offset();
     let status_bytes = workspace.slice(status_at + 4)[status_at..]
         .try_into()

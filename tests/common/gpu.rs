@@ -114,6 +114,23 @@ impl<T: Float, L: Label> DeviceCall<T, L> {
             confidence: &mut self.grad_confidence,
             predicted_locations: &mut self.grad_locations,
         };
+        if call.split {
+            loss.forward(
+                stream,
+                self.shape,
+                &inputs,
+                &mut outputs,
+                &mut self.workspace,
+            )?;
+            return loss.backward(
+                stream,
+                self.shape,
+                &inputs,
+                upstream,
+                &mut gradients,
+                &mut self.workspace,
+            );
+        }
         loss.forward_backward(
             stream,
             self.shape,
