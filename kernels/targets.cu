@@ -178,7 +178,8 @@ template <typename L> __device__ void match(const TargetParams& p) {
         }
         __syncthreads();
         if (threadIdx.x < len && valid[threadIdx.x]) atomicMax(&p.box_best[first_row + chunk + threadIdx.x], keys[threadIdx.x]);
-        __syncthreads();  // the next chunk overwrites the shared tiles
+        // No barrier here: after the one above, each thread reads only its
+        // own box's entries, which only it rewrites for the next chunk.
     }
     if (has_prior) p.prior_best[u64(image) * p.priors_count + prior] = PriorMatch{best_iou, best_index};
     if (status) atomicOr(p.status, status);
