@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use multibox::synthetic::{Batch, BatchSpec, SplitMix64};
+use multibox::synthetic::{Batch, BatchSpec, BoxBatch};
 use multibox::targets::{self, priors, TargetConfig, TargetShape};
 use multibox::{reference, MultiboxConfig, Shape};
 
@@ -42,31 +42,6 @@ fn forward_backward(c: &mut Criterion) {
     group.finish();
 }
 
-/// A padded batch: image b has between T/4 and 3T/4 boxes of random size.
-fn boxes(batch: usize, max_boxes: usize) -> (Vec<f32>, Vec<i64>, Vec<i32>) {
-    let mut rng = SplitMix64(7);
-    let mut gt_boxes = vec![0.0f32; batch * max_boxes * 4];
-    let mut labels = vec![0i64; batch * max_boxes];
-    let mut counts = Vec::with_capacity(batch);
-    for b in 0..batch {
-        let n = max_boxes / 4 + (rng.next_u64() % (max_boxes as u64 / 2 + 1)) as usize;
-        counts.push(n as i32);
-        for t in 0..n {
-            let row = b * max_boxes + t;
-            let (w, h) = (0.02 + 0.5 * rng.uniform(), 0.02 + 0.5 * rng.uniform());
-            let (x0, y0) = ((1.0 - w) * rng.uniform(), (1.0 - h) * rng.uniform());
-            gt_boxes[row * 4..row * 4 + 4].copy_from_slice(&[
-                x0 as f32,
-                y0 as f32,
-                (x0 + w) as f32,
-                (y0 + h) as f32,
-            ]);
-            labels[row] = 1 + (rng.next_u64() % 20) as i64;
-        }
-    }
-    (gt_boxes, labels, counts)
-}
-
 fn assign_targets(c: &mut Criterion) {
     let config = TargetConfig::default();
     let mut group = c.benchmark_group("cpu_reference_assign_targets");
@@ -81,12 +56,17 @@ fn assign_targets(c: &mut Criterion) {
     ] {
         let batch = 32;
         let shape = TargetShape::new(batch, priors.len() / 4, max_boxes);
-        let (gt_boxes, gt_labels, gt_counts) = boxes(batch, max_boxes);
+        let boxes = BoxBatch::generate(batch, max_boxes, 21, 7);
         group.throughput(Throughput::Elements(batch as u64));
         group.bench_function(BenchmarkId::from_parameter(name), |b| {
             b.iter(|| {
                 targets::reference::assign::<i64>(
-                    &config, shape, &priors, &gt_boxes, &gt_labels, &gt_counts,
+                    &config,
+                    shape,
+                    &priors,
+                    &boxes.gt_boxes,
+                    &boxes.gt_labels,
+                    &boxes.gt_counts,
                 )
             })
         });

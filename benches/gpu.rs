@@ -37,7 +37,7 @@ use half::{bf16, f16};
 use multibox::cudarc::driver::{
     sys, CudaContext, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits,
 };
-use multibox::synthetic::{Batch, BatchSpec, SplitMix64};
+use multibox::synthetic::{Batch, BatchSpec, BoxBatch};
 use multibox::targets::{priors, TargetAssigner, TargetConfig, TargetInputs, TargetOutputs};
 use multibox::{Float, MultiboxConfig, MultiboxLoss, Shape};
 
@@ -213,31 +213,6 @@ fn assign_cases() -> Vec<(&'static str, usize, usize)> {
         }
     }
     cases
-}
-
-/// A padded batch: image b has between T/4 and 3T/4 boxes of random size.
-fn synthetic_boxes(batch: usize, max_boxes: usize, seed: u64) -> (Vec<f32>, Vec<i64>, Vec<i32>) {
-    let mut rng = SplitMix64(seed);
-    let mut boxes = vec![0.0f32; batch * max_boxes * 4];
-    let mut labels = vec![0i64; batch * max_boxes];
-    let mut counts = Vec::with_capacity(batch);
-    for b in 0..batch {
-        let n = max_boxes / 4 + (rng.next_u64() % (max_boxes as u64 / 2 + 1)) as usize;
-        counts.push(n as i32);
-        for t in 0..n {
-            let row = b * max_boxes + t;
-            let (w, h) = (0.02 + 0.5 * rng.uniform(), 0.02 + 0.5 * rng.uniform());
-            let (x0, y0) = ((1.0 - w) * rng.uniform(), (1.0 - h) * rng.uniform());
-            boxes[row * 4..row * 4 + 4].copy_from_slice(&[
-                x0 as f32,
-                y0 as f32,
-                (x0 + w) as f32,
-                (y0 + h) as f32,
-            ]);
-            labels[row] = 1 + (rng.next_u64() % 20) as i64;
-        }
-    }
-    (boxes, labels, counts)
 }
 
 /// The buffers of one assignment.
@@ -638,11 +613,11 @@ impl Bench<'_> {
         let ws = assigner.workspace_bytes(batch, max_boxes)?;
         let mut sets: Vec<AssignSet> = (0..4u64)
             .map(|seed| -> Result<AssignSet> {
-                let (boxes, labels, counts) = synthetic_boxes(batch, max_boxes, seed);
+                let boxes = BoxBatch::generate(batch, max_boxes, 21, seed);
                 Ok(AssignSet {
-                    gt_boxes: stream.clone_htod(&boxes)?,
-                    gt_labels: stream.clone_htod(&labels)?,
-                    gt_counts: stream.clone_htod(&counts)?,
+                    gt_boxes: stream.clone_htod(&boxes.gt_boxes)?,
+                    gt_labels: stream.clone_htod(&boxes.gt_labels)?,
+                    gt_counts: stream.clone_htod(&boxes.gt_counts)?,
                     labels: stream.alloc_zeros(batch * p)?,
                     gt_locations: stream.alloc_zeros(batch * p * 4)?,
                     workspace: stream.alloc_zeros(ws)?,

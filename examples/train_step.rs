@@ -1,6 +1,6 @@
 //! One training step from ground-truth boxes: target assignment (prior
 //! matching and box encoding), then the MultiBox loss forward and backward,
-//! on one stream, for a synthetic batch of 16 images with up to 20 boxes
+//! on one stream, for a synthetic batch of 16 images with 5 to 15 boxes
 //! each over the SSDLite-300 priors. On the GPU when there is one, else with
 //! the CPU references.
 //!
@@ -8,7 +8,7 @@
 
 use anyhow::Result;
 use multibox::cudarc::driver::CudaSlice;
-use multibox::synthetic::SplitMix64;
+use multibox::synthetic::{BoxBatch, SplitMix64};
 use multibox::targets::{self, priors, TargetAssigner, TargetConfig, TargetInputs, TargetOutputs};
 use multibox::{
     reference, Gradients, Inputs, MultiboxConfig, MultiboxLoss, Outputs, Shape, Upstream,
@@ -17,43 +17,10 @@ use multibox::{
 const CLASSES: usize = 21;
 const MAX_BOXES: usize = 20;
 
-/// A padded batch of boxes: `[B, T, 4]` corners, `[B, T]` labels, `[B]` counts.
-struct Boxes {
-    gt_boxes: Vec<f32>,
-    gt_labels: Vec<i64>,
-    gt_counts: Vec<i32>,
-}
-
-fn synthetic_boxes(batch: usize, seed: u64) -> Boxes {
-    let mut rng = SplitMix64(seed);
-    let mut b = Boxes {
-        gt_boxes: vec![0.0; batch * MAX_BOXES * 4],
-        gt_labels: vec![0; batch * MAX_BOXES],
-        gt_counts: Vec::with_capacity(batch),
-    };
-    for image in 0..batch {
-        let n = 1 + (rng.next_u64() % MAX_BOXES as u64) as usize;
-        b.gt_counts.push(n as i32);
-        for t in 0..n {
-            let row = image * MAX_BOXES + t;
-            let (w, h) = (0.05 + 0.5 * rng.uniform(), 0.05 + 0.5 * rng.uniform());
-            let (x0, y0) = ((1.0 - w) * rng.uniform(), (1.0 - h) * rng.uniform());
-            b.gt_boxes[row * 4..row * 4 + 4].copy_from_slice(&[
-                x0 as f32,
-                y0 as f32,
-                (x0 + w) as f32,
-                (y0 + h) as f32,
-            ]);
-            b.gt_labels[row] = 1 + (rng.next_u64() % (CLASSES as u64 - 1)) as i64;
-        }
-    }
-    b
-}
-
 fn main() -> Result<()> {
     let priors = priors::ssdlite300();
     let shape = Shape::new(16, priors.len() / 4, CLASSES);
-    let boxes = synthetic_boxes(shape.batch, 1);
+    let boxes = BoxBatch::generate(shape.batch, MAX_BOXES, CLASSES, 1);
     let mut rng = SplitMix64(2);
     // Stand-ins for the network's outputs.
     let confidence: Vec<f32> = (0..shape.confidence_len())

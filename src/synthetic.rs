@@ -18,6 +18,50 @@ pub struct Batch<T, L> {
     pub gt_locations: Vec<T>,
 }
 
+/// A padded batch of ground-truth boxes, the inputs of target assignment
+/// (`crate::targets`): image b's boxes are rows `0..gt_counts[b]` of its
+/// `max_boxes`; the rest is zero padding.
+#[derive(Debug, Clone)]
+pub struct BoxBatch {
+    /// `[B, T, 4]` corners `(x0, y0, x1, y1)`, relative to the image.
+    pub gt_boxes: Vec<f32>,
+    /// `[B, T]` labels in `1..classes`.
+    pub gt_labels: Vec<i64>,
+    /// `[B]` boxes per image.
+    pub gt_counts: Vec<i32>,
+}
+
+impl BoxBatch {
+    /// Draws `batch` images of between T/4 and 3T/4 boxes (`T = max_boxes`),
+    /// each 2 to 52 % of the image wide and high, inside the image, with a
+    /// label in `1..classes`. Deterministic for a given seed.
+    pub fn generate(batch: usize, max_boxes: usize, classes: usize, seed: u64) -> Self {
+        let mut rng = SplitMix64(seed);
+        let mut b = Self {
+            gt_boxes: vec![0.0; batch * max_boxes * 4],
+            gt_labels: vec![0; batch * max_boxes],
+            gt_counts: Vec::with_capacity(batch),
+        };
+        for image in 0..batch {
+            let n = max_boxes / 4 + (rng.next_u64() % (max_boxes as u64 / 2 + 1)) as usize;
+            b.gt_counts.push(n as i32);
+            for t in 0..n {
+                let row = image * max_boxes + t;
+                let (w, h) = (0.02 + 0.5 * rng.uniform(), 0.02 + 0.5 * rng.uniform());
+                let (x0, y0) = ((1.0 - w) * rng.uniform(), (1.0 - h) * rng.uniform());
+                b.gt_boxes[row * 4..row * 4 + 4].copy_from_slice(&[
+                    x0 as f32,
+                    y0 as f32,
+                    (x0 + w) as f32,
+                    (y0 + h) as f32,
+                ]);
+                b.gt_labels[row] = 1 + (rng.next_u64() % (classes as u64 - 1)) as i64;
+            }
+        }
+        b
+    }
+}
+
 /// How a synthetic batch is drawn.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BatchSpec {
