@@ -86,6 +86,21 @@ impl<T: Float, L: Label> Drawn<T, L> {
         }
     }
 
+    /// A case with the given logits and labels, random box offsets from
+    /// `rng`, the default configuration and unit upstream gradients.
+    fn with(shape: Shape, confidence: Vec<T>, labels: Vec<L>, rng: &mut SplitMix64) -> Self {
+        let locations: Vec<f64> = (0..shape.locations_len()).map(|_| rng.normal()).collect();
+        Self {
+            shape,
+            config: MultiboxConfig::default(),
+            confidence,
+            predicted_locations: locations.iter().map(|&v| T::from_f64(v)).collect(),
+            labels,
+            gt_locations: locations.iter().map(|&v| T::from_f64(v * 0.5)).collect(),
+            upstream: (1.0, 1.0),
+        }
+    }
+
     fn host(&self) -> HostInputs<'_, T, L> {
         HostInputs {
             confidence: &self.confidence,
@@ -301,18 +316,7 @@ fn long_images_with_heavy_ties() {
     let labels: Vec<i64> = (0..shape.rows())
         .map(|_| i64::from(rng.next_u64() % 50 == 0))
         .collect();
-    let locations: Vec<f32> = (0..shape.locations_len())
-        .map(|_| rng.normal() as f32)
-        .collect();
-    let case = Drawn {
-        shape,
-        config: MultiboxConfig::default(),
-        confidence,
-        predicted_locations: locations.clone(),
-        labels,
-        gt_locations: locations.iter().map(|v| v * 0.5).collect(),
-        upstream: (1.0, 1.0),
-    };
+    let case = Drawn::with(shape, confidence, labels, &mut rng);
     let want = case.reference();
     let got = emulated::run(&case.config, shape, &case.host(), Call::default()).unwrap();
     // Equal rows give bit-equal keys on both sides: the masks agree exactly.
@@ -337,18 +341,7 @@ fn rows_too_long_for_a_tile_are_read_from_global_memory() {
             _ => 0,
         })
         .collect();
-    let locations: Vec<f32> = (0..shape.locations_len())
-        .map(|_| rng.normal() as f32)
-        .collect();
-    let case = Drawn {
-        shape,
-        config: MultiboxConfig::default(),
-        confidence,
-        predicted_locations: locations.clone(),
-        labels,
-        gt_locations: locations.iter().map(|v| v * 0.5).collect(),
-        upstream: (1.0, 1.0),
-    };
+    let case = Drawn::with(shape, confidence, labels, &mut rng);
     let want = case.reference();
     let got = emulated::run(&case.config, shape, &case.host(), Call::default()).unwrap();
     compare("long rows", &case, &want, &got);
