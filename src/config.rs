@@ -93,6 +93,81 @@ fn floor_ratio_times(ratio: f32, n: u64) -> u64 {
     floor.map_or(u64::MAX, |f| u64::try_from(f).unwrap_or(u64::MAX))
 }
 
+/// How the four tensors of a call are laid out in memory (one setting for
+/// all of them; the gradients are written in the same layout).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Layout {
+    /// `[B, P, C]` logits and `[B, P, 4]` boxes: one prior's values are
+    /// contiguous (a head whose outputs were permuted to channels-last and
+    /// concatenated, as in pytorch-ssd and mmdetection).
+    #[default]
+    RowMajor,
+    /// `[B, C, P]` logits and `[B, 4, P]` boxes: one class's (one
+    /// coordinate's) values over the priors are contiguous (heads
+    /// concatenated without a transpose, as in NVIDIA's SSD).
+    ChannelMajor,
+}
+
+impl Layout {
+    /// Element offset of class (or box coordinate) `c` of prior `p` of image
+    /// `b`, in an array of `per_prior` values per prior (`C` or 4).
+    pub const fn offset(
+        self,
+        shape: Shape,
+        per_prior: usize,
+        b: usize,
+        p: usize,
+        c: usize,
+    ) -> usize {
+        match self {
+            Layout::RowMajor => (b * shape.priors + p) * per_prior + c,
+            Layout::ChannelMajor => (b * per_prior + c) * shape.priors + p,
+        }
+    }
+
+    /// `data`, an array of `per_prior` values per prior (`C` for the logits,
+    /// 4 for the boxes) in layout `self`, rearranged into layout `to`: a
+    /// host-side transpose for tests and for checking results, never needed
+    /// to call the loss.
+    ///
+    /// ```
+    /// use multibox::{Layout, Shape};
+    /// let shape = Shape::new(1, 3, 2);
+    /// let row_major = [0, 1, 10, 11, 20, 21]; // prior p, class c: 10 p + c
+    /// let channel_major = Layout::RowMajor.convert(&row_major, shape, 2, Layout::ChannelMajor);
+    /// assert_eq!(channel_major, [0, 10, 20, 1, 11, 21]);
+    /// ```
+    ///
+    /// # Panics
+    /// When `data.len()` is not `B * P * per_prior`.
+    pub fn convert<T: Copy>(
+        self,
+        data: &[T],
+        shape: Shape,
+        per_prior: usize,
+        to: Layout,
+    ) -> Vec<T> {
+        assert_eq!(
+            data.len(),
+            shape.rows() * per_prior,
+            "Layout::convert: {} values for {shape} with {per_prior} per prior",
+            data.len()
+        );
+        let mut out = data.to_vec();
+        if self != to {
+            for b in 0..shape.batch {
+                for p in 0..shape.priors {
+                    for c in 0..per_prior {
+                        out[to.offset(shape, per_prior, b, p, c)] =
+                            data[self.offset(shape, per_prior, b, p, c)];
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
 /// The batch shape: `B` images, `P` priors per image, `C` classes (background included).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Shape {

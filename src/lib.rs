@@ -73,7 +73,7 @@ pub mod reference;
 pub mod synthetic;
 pub mod targets;
 
-pub use config::{MultiboxConfig, Reduction, Shape};
+pub use config::{Layout, MultiboxConfig, Reduction, Shape};
 /// cudarc, re-exported so callers use the same version.
 pub use cudarc;
 pub use dtype::{DType, Float, Label, LabelType};

@@ -14,7 +14,8 @@
 //!    `k_b = config.negatives_to_mine(pos_b, candidates_b)` with the largest
 //!    key are mined; ties go to the lower prior index, NaN keys rank above
 //!    everything (as a stable descending `torch.sort` would).
-//! 4. **Losses**: with `N` the number of positives in the whole batch,
+//! 4. **Losses**: with `N` the number of positives in the whole batch (the
+//!    default [`Normalizer`]; [`Options`] chooses another, and the layout),
 //!    `cls = Σ_set (lse - x[label]) / N` over positives and mined negatives,
 //!    `reg = Σ_positives Σ_4 smooth_l1(pred - gt, beta) / N`. If `N == 0`
 //!    both losses and every gradient are 0 (not NaN).
@@ -77,7 +78,7 @@
 
 use std::cmp::Ordering;
 
-use crate::{Error, Float, Label, MultiboxConfig, Result, Shape};
+use crate::{Error, Float, Label, Layout, MultiboxConfig, Result, Shape};
 
 /// The four input arrays of one call, contiguous and row-major.
 #[derive(Debug, Clone, Copy)]
@@ -109,6 +110,32 @@ impl Default for Upstream {
             g_cls: 1.0,
         }
     }
+}
+
+/// What the loss sums are divided by (SPEC.md, "Normalisation").
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum Normalizer {
+    /// N, the batch's positive count (the reference's; the default).
+    #[default]
+    Positives,
+    /// A divisor the caller chose, typically the positive count summed over
+    /// the ranks of a data-parallel job. `n <= 0` gives zero losses and
+    /// gradients, as N == 0 does; a non-finite `n` gives NaN losses (and NaN
+    /// gradients for the priors in the set).
+    Given(f32),
+    /// NVIDIA's SSD: each image's sums over its own positive count (an image
+    /// without positives adds 0), averaged over the B images.
+    PerImage,
+}
+
+/// The per-call settings besides the upstream gradients; the default is
+/// today's row-major call normalised by N.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Options {
+    /// The layout of the inputs, and of the gradients written.
+    pub layout: Layout,
+    /// The divisor of the losses and gradients.
+    pub normalizer: Normalizer,
 }
 
 /// The two losses and the positive count, in f64.
@@ -175,7 +202,22 @@ pub fn forward<T: Float, L: Label>(
     shape: Shape,
     inputs: &Inputs<T, L>,
 ) -> Result<Output> {
-    compute(config, shape, inputs, None)
+    compute(config, shape, inputs, None, &Options::default())
+}
+
+/// [`forward`] with a layout and a normaliser ([`Options`]).
+///
+/// # Errors
+///
+/// As [`forward`]. A [`Normalizer::Given`] divisor that is not positive or
+/// not finite is not an error: it gives the zeros or NaN SPEC.md asks for.
+pub fn forward_with<T: Float, L: Label>(
+    config: &MultiboxConfig,
+    shape: Shape,
+    inputs: &Inputs<T, L>,
+    options: &Options,
+) -> Result<Output> {
+    compute(config, shape, inputs, None, options)
 }
 
 /// The loss and its gradients with respect to `confidence` and
@@ -191,7 +233,23 @@ pub fn forward_backward<T: Float, L: Label>(
     inputs: &Inputs<T, L>,
     upstream: Upstream,
 ) -> Result<Output> {
-    compute(config, shape, inputs, Some(upstream))
+    compute(config, shape, inputs, Some(upstream), &Options::default())
+}
+
+/// [`forward_backward`] with a layout and a normaliser ([`Options`]); the
+/// gradients are in the inputs' layout.
+///
+/// # Errors
+///
+/// As [`forward_backward`].
+pub fn forward_backward_with<T: Float, L: Label>(
+    config: &MultiboxConfig,
+    shape: Shape,
+    inputs: &Inputs<T, L>,
+    upstream: Upstream,
+    options: &Options,
+) -> Result<Output> {
+    compute(config, shape, inputs, Some(upstream), options)
 }
 
 /// The gradients of an earlier [`forward`] on the same inputs, scaled by
@@ -209,7 +267,7 @@ pub fn backward<T: Float, L: Label>(
     inputs: &Inputs<T, L>,
     upstream: Upstream,
 ) -> Result<Output> {
-    compute(config, shape, inputs, Some(upstream))
+    compute(config, shape, inputs, Some(upstream), &Options::default())
 }
 
 /// Smooth-L1 with transition point `beta`: `0.5 d² / beta` below `beta`, `|d| - 0.5 beta` above.
@@ -302,8 +360,40 @@ fn compute<T: Float, L: Label>(
     shape: Shape,
     inputs: &Inputs<T, L>,
     upstream: Option<Upstream>,
+    options: &Options,
 ) -> Result<Output> {
     validate(config, shape, inputs, upstream)?;
+    if options.layout == Layout::RowMajor {
+        return compute_row_major(config, shape, inputs, upstream, options.normalizer);
+    }
+    // Channel-major: the same computation on a row-major copy, the
+    // gradients transposed back. Clarity over speed, as everywhere here.
+    let (from, to) = (options.layout, Layout::RowMajor);
+    let confidence = from.convert(inputs.confidence, shape, shape.classes, to);
+    let predicted_locations = from.convert(inputs.predicted_locations, shape, 4, to);
+    let gt_locations = from.convert(inputs.gt_locations, shape, 4, to);
+    let row_major = Inputs {
+        confidence: &confidence,
+        predicted_locations: &predicted_locations,
+        labels: inputs.labels,
+        gt_locations: &gt_locations,
+    };
+    let mut out = compute_row_major(config, shape, &row_major, upstream, options.normalizer)?;
+    if upstream.is_some() {
+        out.grad_confidence = to.convert(&out.grad_confidence, shape, shape.classes, from);
+        out.grad_locations = to.convert(&out.grad_locations, shape, 4, from);
+    }
+    Ok(out)
+}
+
+/// [`compute`] on validated row-major inputs.
+fn compute_row_major<T: Float, L: Label>(
+    config: &MultiboxConfig,
+    shape: Shape,
+    inputs: &Inputs<T, L>,
+    upstream: Option<Upstream>,
+    normalizer: Normalizer,
+) -> Result<Output> {
     let (b_count, p_count, c_count) = (shape.batch, shape.priors, shape.classes);
     let widen = |x: T| f64::from(x.to_f32());
     let label = |row: usize| inputs.labels[row].to_i64();
@@ -329,7 +419,6 @@ fn compute<T: Float, L: Label>(
     // Mining, per image.
     let mut mask = vec![0u8; shape.rows()];
     let mut negatives_mined = Vec::with_capacity(b_count);
-    let mut num_pos = 0u64;
     let mut candidates = Vec::with_capacity(p_count);
     for b in 0..b_count {
         let base = b * p_count;
@@ -356,81 +445,80 @@ fn compute<T: Float, L: Label>(
         for &p in &candidates[..k_usize] {
             mask[base + p] = 1;
         }
-        num_pos += pos_b;
         negatives_mined.push(k);
     }
 
-    let with_grads = upstream.is_some();
-    let mut grad_confidence = if with_grads {
-        vec![0.0; shape.confidence_len()]
-    } else {
-        Vec::new()
+    // Per image: the positives and the two loss sums over its set.
+    let beta = f64::from(config.beta);
+    let mut positives = vec![0u64; b_count];
+    let mut cls_sums = vec![0.0; b_count];
+    let mut reg_sums = vec![0.0; b_count];
+    for row in 0..shape.rows() {
+        if mask[row] == 0 {
+            continue;
+        }
+        let image = row / p_count;
+        // Labels were validated: in the set, 0 <= label < C.
+        let target = label(row) as usize;
+        cls_sums[image] += row_max[row] + row_sum[row].ln() - widen(row_logits(row)[target]);
+        if target == 0 {
+            continue; // a mined negative: no box regression
+        }
+        positives[image] += 1;
+        for j in row * 4..row * 4 + 4 {
+            let d = widen(inputs.predicted_locations[j]) - widen(inputs.gt_locations[j]);
+            reg_sums[image] += smooth_l1(d, beta);
+        }
+    }
+    let num_pos: u64 = positives.iter().sum();
+    let divisor = Divisor::new(normalizer, &positives, num_pos);
+    let (regression_loss, classification_loss) = divisor.losses(&reg_sums, &cls_sums);
+    let losses = Losses {
+        regression_loss,
+        classification_loss,
+        num_pos,
     };
-    let mut grad_locations = if with_grads {
-        vec![0.0; shape.locations_len()]
-    } else {
-        Vec::new()
-    };
-    if num_pos == 0 {
-        // The reference would divide 0 by 0; SPEC.md asks for zeros.
-        let losses = Losses {
-            regression_loss: 0.0,
-            classification_loss: 0.0,
-            num_pos,
-        };
+
+    let Some(up) = upstream else {
         return Ok(Output {
             losses,
             mask,
             background_loss,
             negatives_mined,
-            grad_confidence,
-            grad_locations,
+            grad_confidence: Vec::new(),
+            grad_locations: Vec::new(),
         });
-    }
-
-    let n = num_pos as f64;
-    let beta = f64::from(config.beta);
-    let up = upstream.unwrap_or_default();
-    let (scale_cls, scale_reg) = (f64::from(up.g_cls) / n, f64::from(up.g_reg) / n);
-    let mut cls_sum = 0.0;
-    let mut reg_sum = 0.0;
+    };
+    let mut grad_confidence = vec![0.0; shape.confidence_len()];
+    let mut grad_locations = vec![0.0; shape.locations_len()];
     for row in 0..shape.rows() {
+        // An image whose divisor is "none" (N == 0, n <= 0, an image
+        // without positives under PerImage) gets zeros, its logits unread.
+        let Some(d) = divisor.of_image(row / p_count) else {
+            continue;
+        };
         if mask[row] == 0 {
             continue;
         }
-        // Labels were validated: in the set, 0 <= label < C.
         let target = label(row) as usize;
         let x = row_logits(row);
         let (max, sum) = (row_max[row], row_sum[row]);
-        cls_sum += max + sum.ln() - widen(x[target]);
-        if with_grads {
-            let grad = &mut grad_confidence[row * c_count..(row + 1) * c_count];
-            for (c, (g, &v)) in grad.iter_mut().zip(x).enumerate() {
-                let softmax = (widen(v) - max).exp() / sum;
-                let onehot = if c == target { 1.0 } else { 0.0 };
-                *g = scale_cls * (softmax - onehot);
-            }
+        let scale_cls = f64::from(up.g_cls) / d;
+        let grad = &mut grad_confidence[row * c_count..(row + 1) * c_count];
+        for (c, (g, &v)) in grad.iter_mut().zip(x).enumerate() {
+            let softmax = (widen(v) - max).exp() / sum;
+            let onehot = if c == target { 1.0 } else { 0.0 };
+            *g = scale_cls * (softmax - onehot);
         }
         if target == 0 {
-            continue; // a mined negative: no box regression
+            continue;
         }
-        let boxes = row * 4..row * 4 + 4;
-        let pred = &inputs.predicted_locations[boxes.clone()];
-        let gt = &inputs.gt_locations[boxes.clone()];
-        for (j, (&p, &g)) in boxes.zip(pred.iter().zip(gt)) {
-            let d = widen(p) - widen(g);
-            reg_sum += smooth_l1(d, beta);
-            if with_grads {
-                grad_locations[j] = scale_reg * (d / beta).clamp(-1.0, 1.0);
-            }
+        let scale_reg = f64::from(up.g_reg) / d;
+        for j in row * 4..row * 4 + 4 {
+            let d = widen(inputs.predicted_locations[j]) - widen(inputs.gt_locations[j]);
+            grad_locations[j] = scale_reg * (d / beta).clamp(-1.0, 1.0);
         }
     }
-
-    let losses = Losses {
-        regression_loss: reg_sum / n,
-        classification_loss: cls_sum / n,
-        num_pos,
-    };
     Ok(Output {
         losses,
         mask,
@@ -439,4 +527,63 @@ fn compute<T: Float, L: Label>(
         grad_confidence,
         grad_locations,
     })
+}
+
+/// What the loss sums of each image are divided by (SPEC.md,
+/// "Normalisation"); `None` for an image that contributes 0 (losses and
+/// gradients), `Some(NaN)` when a given divisor is not finite.
+enum Divisor {
+    /// One divisor for the whole batch: N, or the caller's n.
+    Batch(Option<f64>),
+    /// `B * pos_b` per image (None for an image without positives).
+    PerImage(Vec<Option<f64>>),
+}
+
+impl Divisor {
+    fn new(normalizer: Normalizer, positives: &[u64], num_pos: u64) -> Self {
+        match normalizer {
+            // N == 0: both losses and every gradient are 0, not 0 / 0.
+            Normalizer::Positives => Divisor::Batch((num_pos > 0).then_some(num_pos as f64)),
+            Normalizer::Given(n) if !n.is_finite() => Divisor::Batch(Some(f64::NAN)),
+            Normalizer::Given(n) => Divisor::Batch((n > 0.0).then_some(f64::from(n))),
+            Normalizer::PerImage => {
+                let b = positives.len() as f64;
+                Divisor::PerImage(
+                    positives
+                        .iter()
+                        .map(|&pos| (pos > 0).then_some(b * pos as f64))
+                        .collect(),
+                )
+            }
+        }
+    }
+
+    fn of_image(&self, image: usize) -> Option<f64> {
+        match self {
+            Divisor::Batch(d) => *d,
+            Divisor::PerImage(d) => d[image],
+        }
+    }
+
+    /// `(reg, cls)` from the per-image sums.
+    fn losses(&self, reg_sums: &[f64], cls_sums: &[f64]) -> (f64, f64) {
+        let total = |sums: &[f64], image_divisor: &dyn Fn(usize) -> Option<f64>| -> f64 {
+            sums.iter()
+                .enumerate()
+                .map(|(b, s)| image_divisor(b).map_or(0.0, |d| s / d))
+                .sum()
+        };
+        match self {
+            Divisor::Batch(None) => (0.0, 0.0),
+            Divisor::Batch(Some(d)) => (
+                reg_sums.iter().sum::<f64>() / d,
+                cls_sums.iter().sum::<f64>() / d,
+            ),
+            // mean_b (sum_b / pos_b): B * pos_b is each image's divisor.
+            Divisor::PerImage(_) => (
+                total(reg_sums, &|b| self.of_image(b)),
+                total(cls_sums, &|b| self.of_image(b)),
+            ),
+        }
+    }
 }

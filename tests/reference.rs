@@ -1,8 +1,8 @@
 //! The CPU reference against hand-computed values, finite differences, a
 //! naive re-implementation of the mining, and every kind of bad input.
 
-use multibox::reference::{self, Inputs, Output, Upstream};
-use multibox::{Error, MultiboxConfig, Shape};
+use multibox::reference::{self, Inputs, Normalizer, Options, Output, Upstream};
+use multibox::{Error, Layout, MultiboxConfig, Shape};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -781,4 +781,214 @@ fn negatives_to_mine_takes_the_exact_floor_of_ratio_times_positives() {
     assert_eq!(k(f32::from_bits(0x4040_0001), 2_147_483_647), 6_442_451_452);
     assert_eq!(k(f32::MAX, 2), u64::MAX);
     assert_eq!(k(1e30, 0), 0);
+}
+
+// ---------------------------------------------------------------------------
+// Normalisers and layouts (SPEC.md, "Normalisation" and "Layouts").
+
+fn run_options(case: &Case, options: Options) -> Output {
+    reference::forward_backward_with(
+        &MultiboxConfig::default(),
+        case.shape,
+        &case.inputs(),
+        Upstream {
+            g_reg: 0.5,
+            g_cls: 2.0,
+        },
+        &options,
+    )
+    .expect("valid input")
+}
+
+fn given(n: f32) -> Options {
+    Options {
+        normalizer: Normalizer::Given(n),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_given_divisor_rescales_losses_and_gradients_by_n_over_it() {
+    let mut rng = StdRng::seed_from_u64(41);
+    let case = Case::random(&mut rng, Shape::new(3, 50, 6), 0.1, 0.05);
+    let by_positives = run_options(&case, Options::default());
+    let n_pos = by_positives.losses.num_pos as f64;
+    assert!(n_pos > 0.0);
+    for n in [1.0f32, 7.5, 1234.0] {
+        let out = run_options(&case, given(n));
+        let factor = n_pos / f64::from(n);
+        assert_eq!(out.mask, by_positives.mask, "mining does not see n");
+        assert_eq!(
+            out.losses.num_pos, by_positives.losses.num_pos,
+            "num_pos stays local"
+        );
+        let l = |o: &Output| [o.losses.regression_loss, o.losses.classification_loss];
+        for (got, want) in l(&out).into_iter().zip(l(&by_positives)) {
+            assert_close(got, want * factor, 1e-14, &format!("loss, n = {n}"));
+        }
+        for (got, want) in out.grad_confidence.iter().chain(&out.grad_locations).zip(
+            by_positives
+                .grad_confidence
+                .iter()
+                .chain(&by_positives.grad_locations),
+        ) {
+            assert!((got - want * factor).abs() <= 1e-15 * want.abs().max(1e-300) * 4.0);
+        }
+    }
+}
+
+#[test]
+fn a_given_divisor_of_zero_or_less_gives_zeros_and_a_non_finite_one_nan() {
+    let mut rng = StdRng::seed_from_u64(43);
+    let case = Case::random(&mut rng, Shape::new(2, 40, 5), 0.15, 0.0);
+    for n in [0.0f32, -0.0, -3.0, f32::NEG_INFINITY] {
+        let out = run_options(&case, given(n));
+        if n.is_finite() {
+            assert_eq!(out.losses.regression_loss, 0.0, "n = {n}");
+            assert_eq!(out.losses.classification_loss, 0.0, "n = {n}");
+            assert!(out
+                .grad_confidence
+                .iter()
+                .chain(&out.grad_locations)
+                .all(|&g| g == 0.0));
+        } else {
+            assert!(out.losses.regression_loss.is_nan() && out.losses.classification_loss.is_nan());
+        }
+        assert!(out.losses.num_pos > 0);
+    }
+    for n in [f32::NAN, f32::INFINITY] {
+        let out = run_options(&case, given(n));
+        assert!(out.losses.regression_loss.is_nan(), "n = {n}");
+        assert!(out.losses.classification_loss.is_nan(), "n = {n}");
+        // The set's gradients are NaN, every other one 0.
+        for (row, &m) in out.mask.iter().enumerate() {
+            let g = &out.grad_confidence[row * 5..row * 5 + 5];
+            assert!(g
+                .iter()
+                .all(|v| if m == 1 { v.is_nan() } else { *v == 0.0 }));
+        }
+    }
+}
+
+#[test]
+fn per_image_normalisation_averages_each_images_own_ratio() {
+    // Image 0: 1 positive; image 1: 4; image 2: none (adds 0, still counts in B).
+    let mut rng = StdRng::seed_from_u64(47);
+    let mut case = Case::random(&mut rng, Shape::new(3, 20, 4), 0.0, 0.0);
+    for (image, positives) in [(0, 1), (1, 4)] {
+        for p in 0..positives {
+            case.labels[image * 20 + p] = 1 + p as i64 % 3;
+        }
+    }
+    let config = MultiboxConfig {
+        min_negatives_per_image: 2,
+        ..Default::default()
+    };
+    let per_image = Options {
+        normalizer: Normalizer::PerImage,
+        ..Default::default()
+    };
+    let run = |options: &Options, case: &Case| {
+        reference::forward_backward_with(
+            &config,
+            case.shape,
+            &case.inputs(),
+            Upstream::default(),
+            options,
+        )
+        .unwrap()
+    };
+    let out = run(&per_image, &case);
+    let whole = run(&Options::default(), &case);
+    assert_eq!(out.mask, whole.mask);
+    assert_eq!(out.losses.num_pos, 5);
+    // Each image alone, normalised by its own positives (the default on a
+    // one-image batch), then the mean over the three images.
+    let mut want = [0.0f64; 2];
+    for image in 0..3 {
+        let one = Case {
+            shape: Shape::new(1, 20, 4),
+            confidence: case.confidence[image * 80..(image + 1) * 80].to_vec(),
+            predicted_locations: case.predicted_locations[image * 80..(image + 1) * 80].to_vec(),
+            labels: case.labels[image * 20..(image + 1) * 20].to_vec(),
+            gt_locations: case.gt_locations[image * 80..(image + 1) * 80].to_vec(),
+        };
+        let o = run(&Options::default(), &one);
+        want[0] += o.losses.regression_loss / 3.0;
+        want[1] += o.losses.classification_loss / 3.0;
+        // Gradients: image b's rows scaled by 1 / (B pos_b), i.e. the
+        // one-image gradient divided by B; zero for the image without positives.
+        let rows = image * 20..(image + 1) * 20;
+        for (got, w) in out.grad_confidence[rows.start * 4..rows.end * 4]
+            .iter()
+            .zip(&o.grad_confidence)
+        {
+            assert_close(*got, w / 3.0, 1e-15, "grad_confidence");
+        }
+        if image == 2 {
+            assert!(out.grad_confidence[rows.start * 4..rows.end * 4]
+                .iter()
+                .all(|&g| g == 0.0));
+            assert!(
+                out.mask[rows.clone()].iter().any(|&m| m == 1),
+                "its mined negatives are in the mask"
+            );
+        }
+    }
+    assert_close(out.losses.regression_loss, want[0], 1e-15, "reg");
+    assert_close(out.losses.classification_loss, want[1], 1e-15, "cls");
+}
+
+#[test]
+fn channel_major_inputs_give_the_row_major_result_transposed() {
+    let mut rng = StdRng::seed_from_u64(53);
+    let case = Case::random(&mut rng, Shape::new(2, 33, 5), 0.1, 0.05);
+    let shape = case.shape;
+    let (rm, cm) = (Layout::RowMajor, Layout::ChannelMajor);
+    let confidence = rm.convert(&case.confidence, shape, 5, cm);
+    let predicted_locations = rm.convert(&case.predicted_locations, shape, 4, cm);
+    let gt_locations = rm.convert(&case.gt_locations, shape, 4, cm);
+    let inputs = Inputs {
+        confidence: &confidence,
+        predicted_locations: &predicted_locations,
+        labels: &case.labels,
+        gt_locations: &gt_locations,
+    };
+    for normalizer in [
+        Normalizer::Positives,
+        Normalizer::Given(3.0),
+        Normalizer::PerImage,
+    ] {
+        let want = run_options(
+            &case,
+            Options {
+                normalizer,
+                ..Default::default()
+            },
+        );
+        let got = reference::forward_backward_with(
+            &MultiboxConfig::default(),
+            shape,
+            &inputs,
+            Upstream {
+                g_reg: 0.5,
+                g_cls: 2.0,
+            },
+            &Options {
+                layout: cm,
+                normalizer,
+            },
+        )
+        .unwrap();
+        assert_eq!(got.losses, want.losses);
+        assert_eq!(got.mask, want.mask);
+        assert_eq!(
+            got.grad_confidence,
+            rm.convert(&want.grad_confidence, shape, 5, cm)
+        );
+        assert_eq!(
+            got.grad_locations,
+            rm.convert(&want.grad_locations, shape, 4, cm)
+        );
+    }
 }
