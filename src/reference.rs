@@ -514,9 +514,12 @@ fn compute_row_major<T: Float, L: Label>(
             continue;
         }
         let scale_reg = f64::from(up.g_reg) / d;
-        for j in row * 4..row * 4 + 4 {
-            let d = widen(inputs.predicted_locations[j]) - widen(inputs.gt_locations[j]);
-            grad_locations[j] = scale_reg * (d / beta).clamp(-1.0, 1.0);
+        let boxes = row * 4..row * 4 + 4;
+        let pairs = inputs.predicted_locations[boxes.clone()]
+            .iter()
+            .zip(&inputs.gt_locations[boxes.clone()]);
+        for (g, (&p, &t)) in grad_locations[boxes].iter_mut().zip(pairs) {
+            *g = scale_reg * ((widen(p) - widen(t)) / beta).clamp(-1.0, 1.0);
         }
     }
     Ok(Output {
