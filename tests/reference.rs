@@ -930,7 +930,7 @@ fn per_image_normalisation_averages_each_images_own_ratio() {
                 .iter()
                 .all(|&g| g == 0.0));
             assert!(
-                out.mask[rows.clone()].iter().any(|&m| m == 1),
+                out.mask[rows.clone()].contains(&1),
                 "its mined negatives are in the mask"
             );
         }
