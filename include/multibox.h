@@ -53,6 +53,28 @@ typedef enum multibox_label_type {
   MULTIBOX_I64 = 1,
 } multibox_label_type;
 
+// The layout of confidence, the locations and the gradients; passed as an
+// `int32_t` in `multibox_call.layout` and `multibox_host_call_f32.layout`.
+typedef enum multibox_layout {
+  // `[B, P, C]` logits, `[B, P, 4]` boxes (0, the default).
+  MULTIBOX_ROW_MAJOR = 0,
+  // `[B, C, P]` logits, `[B, 4, P]` boxes (NVIDIA's SSD heads).
+  MULTIBOX_CHANNEL_MAJOR = 1,
+} multibox_layout;
+
+// What the losses and gradients are divided by; passed as an `int32_t` in
+// `multibox_call.normalizer` and `multibox_host_call_f32.normalizer`.
+typedef enum multibox_normalizer {
+  // N, the batch's positive count (0, the default).
+  MULTIBOX_NORMALIZE_POSITIVES = 0,
+  // The caller's divisor n: `normalizer_value`, or the float at
+  // `normalizer_device` when that is not 0. n <= 0 gives zero losses and
+  // gradients; a non-finite n NaN losses.
+  MULTIBOX_NORMALIZE_GIVEN = 1,
+  // Each image by its own positive count, averaged over the B images.
+  MULTIBOX_NORMALIZE_PER_IMAGE = 2,
+} multibox_normalizer;
+
 // Which standard priors `multibox_standard_priors` writes.
 typedef enum multibox_priors_kind {
   // SSDLite-300 / MobileNet SSD: 3000 priors.
@@ -90,7 +112,10 @@ typedef struct multibox_shape {
 } multibox_shape;
 
 // One device call: device addresses (`CUdeviceptr`, or a `void*` cast to
-// `uint64_t`) of contiguous row-major arrays, all of one context.
+// `uint64_t`) of contiguous arrays, all of one context. The shapes below
+// are row-major's; with `layout` MULTIBOX_CHANNEL_MAJOR they are `[B, C, P]`
+// and `[B, 4, P]`. A zero-initialised call (`multibox_call call = {0};`)
+// is row-major and normalised by N.
 typedef struct multibox_call {
   // The batch shape.
   struct multibox_shape shape;
@@ -135,6 +160,16 @@ typedef struct multibox_call {
   float g_reg;
   // d(total) / d(classification_loss) when `upstream` is 0; finite.
   float g_cls;
+  // A `multibox_layout`.
+  int32_t layout;
+  // A `multibox_normalizer`. The backward ignores it: it divides by what
+  // its forward divided by, which the workspace holds.
+  int32_t normalizer;
+  // MULTIBOX_NORMALIZE_GIVEN's n when `normalizer_device` is 0.
+  float normalizer_value;
+  // Device address of MULTIBOX_NORMALIZE_GIVEN's n (one float, read by
+  // the kernels: e.g. an all-reduced positive count), or 0.
+  uint64_t normalizer_device;
 } multibox_call;
 
 // What the kernels saw that only the device can see.
@@ -185,6 +220,12 @@ typedef struct multibox_host_call_f32 {
   uint8_t *mask;
   // Elements of `mask`: B*P (ignored when `mask` is NULL).
   size_t mask_len;
+  // A `multibox_layout` (the shapes above are row-major's).
+  int32_t layout;
+  // A `multibox_normalizer`.
+  int32_t normalizer;
+  // MULTIBOX_NORMALIZE_GIVEN's n.
+  float normalizer_value;
 } multibox_host_call_f32;
 
 // The losses from the CPU reference, in double.

@@ -264,6 +264,24 @@ template <typename T> __device__ __forceinline__ void store4(T* p, const float i
     }
 }
 
+// One prior's box, whose coordinates are `stride` elements apart: one
+// vector access when they are contiguous (row-major), else four.
+template <typename T> __device__ __forceinline__ void load_box(const T* p, u64 stride, float out[4]) {
+    if (stride == 1) {
+        load4(p, out);
+    } else {
+        for (int j = 0; j < 4; ++j) out[j] = to_f32(p[j * stride]);
+    }
+}
+
+template <typename T> __device__ __forceinline__ void store_box(T* p, u64 stride, const float in[4]) {
+    if (stride == 1) {
+        store4(p, in);
+    } else {
+        for (int j = 0; j < 4; ++j) p[j * stride] = from_f32<T>(in[j]);
+    }
+}
+
 // Zeros over `n` elements from `p` by the LANES lanes of a warp (or group):
 // element stores up to the first 16-byte boundary, 16-byte stores, then
 // element stores for the tail.

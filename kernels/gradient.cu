@@ -1,12 +1,15 @@
 // Kernel 3 of 3: the gradients, written once, for every prior.
 //
 // Rows in the classification set (positives and mined negatives, ~10 % of
-// rows at neg_pos_ratio 3) get g_cls / N * (softmax(x) - one_hot(label));
+// rows at neg_pos_ratio 3) get g_cls / D * (softmax(x) - one_hot(label));
 // every other row gets zeros, without its logits being read. Positives get
-// g_reg / N * clamp(d / beta, -1, 1) for their box offsets, the rest zeros.
-// The scale is applied in f32 before the one rounding to T.
+// g_reg / D * clamp(d / beta, -1, 1) for their box offsets, the rest zeros.
+// D is the divisor the forward's losses used, which kernel 2 left in Totals
+// (N, the caller's n, or B * pos_b for the row's image), so a backward call
+// needs no normaliser. The scale is applied in f32 before the one rounding
+// to T.
 //
-// Blocks walk tiles of ROW_THREADS consecutive rows. In a tile:
+// Row-major, blocks walk tiles of ROW_THREADS consecutive rows. In a tile:
 //   1. One thread per row reads its key (a coalesced 4-byte load per lane),
 //      decides whether the row is in the set, and writes its four box
 //      gradients (one 8- or 16-byte store). A block scan lists, in row order,
@@ -24,10 +27,88 @@ struct GradientShared {
     u32 set_labels[ROW_THREADS];    // their labels (0 for mined negatives)
     u32 span_first[ROW_THREADS];    // spans of consecutive rows outside the set
     u32 span_end[ROW_THREADS];
+    float set_scales[ROW_THREADS];  // their g_cls / divisor
     u8 in_set[ROW_THREADS];
 };
 
-template <typename T, typename L> __device__ void write_gradients(const MultiboxParams& p) {
+// The upstream gradients, and the divisor the forward used (Totals).
+struct Scales {
+    float g_reg, g_cls;
+    u32 normalizer_kind;
+    float divisor;
+};
+
+__device__ __forceinline__ Scales gradient_scales(const MultiboxParams& p) {
+    Scales s;
+    s.g_reg = p.upstream ? p.upstream[0] : p.g_reg;
+    s.g_cls = p.upstream ? p.upstream[1] : p.g_cls;
+    s.normalizer_kind = load_global_coherent(&p.totals->normalizer_kind);
+    s.divisor = load_global_coherent(&p.totals->divisor);
+    return s;
+}
+
+// One row's part in the gradients.
+struct RowDecision {
+    bool in_set;    // a positive or a mined negative, whose divisor is not 0
+    bool positive;
+    u32 label;      // for a positive; 0 otherwise
+    float cls_scale, reg_scale;
+};
+
+// A row whose divisor is 0 (N == 0, n <= 0, or an image without positives
+// when normalising per image) is left out of the set: its gradients are
+// zeros, and its logits are never read.
+template <typename L>
+__device__ __forceinline__ RowDecision decide(const MultiboxParams& p, const Scales& s, u64 row, bool in_range) {
+    RowDecision d;
+    d.in_set = d.positive = false;
+    d.label = 0;
+    d.cls_scale = d.reg_scale = 0.0f;
+    if (!in_range) return d;
+    const u32 key = p.keys[row];
+    if (key != KEY_POSITIVE && !is_candidate(key)) return d;
+    const u32 image = u32(row / p.priors), prior = u32(row % p.priors);
+    const bool per_image = s.normalizer_kind == NORMALIZER_PER_IMAGE;
+    ImageSelection sel = {};
+    if (per_image || key != KEY_POSITIVE) sel = p.images[image];
+    const float divisor = row_divisor(s.normalizer_kind, s.divisor, p.batch, per_image ? sel.num_pos : 0u);
+    if (divisor == 0.0f) return d;
+    if (key == KEY_POSITIVE) {
+        // Kernel 1 keyed invalid labels as ignored: this one is in 1..C-1.
+        d.positive = d.in_set = true;
+        d.label = u32(load_label<L>(p.labels, row));
+    } else {
+        d.in_set = is_mined(sel, key, prior);
+    }
+    d.cls_scale = divide_or_zero(s.g_cls, divisor);
+    d.reg_scale = divide_or_zero(s.g_reg, divisor);
+    return d;
+}
+
+// A positive's box gradient g_reg / divisor * clamp(d / beta, -1, 1); zeros
+// for every other row. Coordinates `stride` elements apart.
+template <typename T>
+__device__ __forceinline__ void box_gradient(const MultiboxParams& p, const RowDecision& row, const T* pred,
+                                             const T* gt, u64 stride, float g[4]) {
+    for (int j = 0; j < 4; ++j) g[j] = 0.0f;
+    if (!row.positive) return;
+    float a[4], b[4];
+    load_box(pred, stride, a);
+    load_box(gt, stride, b);
+    for (int j = 0; j < 4; ++j) g[j] = row.reg_scale * fminf(fmaxf((a[j] - b[j]) / p.beta, -1.0f), 1.0f);
+}
+
+// softmax(x)[c] - onehot(label)[c]. softmax[label] - 1 would cancel to 0 in
+// f32 for a confident row (1 - 1e-9 rounds to 1), though the true value is
+// representable in every T. Written as -(sum of the other classes' exp) /
+// sum, it keeps full relative precision.
+template <typename T>
+__device__ __forceinline__ float softmax_minus_onehot(const RowStats& stats, float inv_sum, const T* x, u64 stride, u32 c,
+                                                      i64 label) {
+    return i64(c) == label ? -stats.sum_exp_others * inv_sum : expf(to_f32(x[c * stride]) - stats.max) * inv_sum;
+}
+
+template <typename T, typename L> __device__ void write_gradients_row_major(const MultiboxParams& p) {
     __shared__ GradientShared sh;
     const T* confidence = static_cast<const T*>(p.confidence);
     const T* pred = static_cast<const T*>(p.predicted_locations);
@@ -38,42 +119,20 @@ template <typename T, typename L> __device__ void write_gradients(const Multibox
     const u64 rows = u64(p.batch) * p.priors;
     const u64 classes = p.classes;
 
-    const u32 num_pos = load_global_coherent(&p.totals->num_pos);
-    const float g_reg = p.upstream ? p.upstream[0] : p.g_reg;
-    const float g_cls = p.upstream ? p.upstream[1] : p.g_cls;
-    // N == 0: every gradient is 0 (and no logit is read).
-    const float cls_scale = num_pos > 0 ? g_cls / float(num_pos) : 0.0f;
-    const float reg_scale = num_pos > 0 ? g_reg / float(num_pos) : 0.0f;
+    const Scales scales = gradient_scales(p);
 
     for (u64 first = u64(blockIdx.x) * ROW_THREADS; first < rows; first += u64(gridDim.x) * ROW_THREADS) {
         const u32 count = u32(rows - first < ROW_THREADS ? rows - first : ROW_THREADS);
 
         // 1. This thread's row: in the set? Its box gradients.
-        bool in_set = false, positive = false;
-        u32 label = 0;
-        if (t < count && num_pos > 0) {
-            const u64 row = first + t;
-            const u32 key = p.keys[row];
-            if (key == KEY_POSITIVE) {
-                // Kernel 1 keyed invalid labels as ignored: this one is in 1..C-1.
-                positive = in_set = true;
-                label = u32(load_label<L>(p.labels, row));
-            } else if (is_candidate(key)) {
-                const u32 image = u32(row / p.priors), prior = u32(row % p.priors);
-                in_set = is_mined(p.images[image], key, prior);
-            }
-        }
+        const RowDecision mine = decide<L>(p, scales, first + t, t < count);
         if (t < count) {
-            const u64 row = first + t;
-            float g[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            if (positive) {
-                float a[4], b[4];
-                load4(pred + row * 4, a);
-                load4(gt + row * 4, b);
-                for (int j = 0; j < 4; ++j) g[j] = reg_scale * fminf(fmaxf((a[j] - b[j]) / p.beta, -1.0f), 1.0f);
-            }
-            store4(grad_locations + row * 4, g);
+            float g[4];
+            box_gradient(p, mine, pred + (first + t) * 4, gt + (first + t) * 4, 1, g);
+            store4(grad_locations + (first + t) * 4, g);
         }
+        const bool in_set = mine.in_set;
+        const u32 label = mine.label;
         sh.in_set[t] = in_set;
         __syncthreads();
         // A span of rows outside the set starts here if the row before is in
@@ -86,6 +145,7 @@ template <typename T, typename L> __device__ void write_gradients(const Multibox
         if (in_set) {
             sh.set_rows[slots & 0xffffu] = t;
             sh.set_labels[slots & 0xffffu] = label;
+            sh.set_scales[slots & 0xffffu] = mine.cls_scale;
         }
         if (span_start) {
             u32 end = t + 1;
@@ -115,24 +175,68 @@ template <typename T, typename L> __device__ void write_gradients(const Multibox
             const i64 row_label = active ? i64(sh.set_labels[i]) : 0;
             const T* x = confidence + row * classes;
             bool nonfinite;
-            const RowStats stats = row_stats(x, p.classes, sub, lanes, active, row_label, &nonfinite);
+            const RowStats stats = row_stats(x, 1, p.classes, sub, lanes, active, row_label, &nonfinite);
             if (!active) continue;
-            // softmax[label] - 1 would cancel to 0 in f32 for a confident row
-            // (1 - 1e-9 rounds to 1), though the true value is representable
-            // in every T. Written as -(sum of the other classes' exp) / sum,
-            // it keeps full relative precision.
-            const float inv_sum = 1.0f / stats.sum_exp;
+            const float scale = sh.set_scales[i], inv_sum = 1.0f / stats.sum_exp;
             T* g = grad_confidence + row * classes;
-            for (u32 c = sub; c < p.classes; c += lanes) {
-                const float d =
-                    i64(c) == row_label ? -stats.sum_exp_others * inv_sum : expf(to_f32(x[c]) - stats.max) * inv_sum;
-                g[c] = from_f32<T>(cls_scale * d);
-            }
+            for (u32 c = sub; c < p.classes; c += lanes)
+                g[c] = from_f32<T>(scale * softmax_minus_onehot(stats, inv_sum, x, 1, c, row_label));
         }
         // No barrier here: the next tile writes in_set, read only before
         // "the lists are complete", and rewrites the lists only after its
         // own first barrier, which every thread reaches after this tile.
     }
+}
+
+// Channel-major: tiles of ROW_THREADS consecutive priors of one image, a
+// thread per prior. Every class plane and box coordinate is then a
+// contiguous run across the block, so each thread writes its prior's
+// gradient of class c and the warp's stores are one contiguous request,
+// zeros included; no shared memory, no barrier. A thread whose prior is in
+// the set computes its row's statistics alone (lanes_per_row 1: no
+// shuffle), reading its class column with the warp's loads coalesced over
+// the set's priors.
+template <typename T, typename L> __device__ void write_gradients_channel_major(const MultiboxParams& p) {
+    const T* confidence = static_cast<const T*>(p.confidence);
+    const T* pred = static_cast<const T*>(p.predicted_locations);
+    const T* gt = static_cast<const T*>(p.gt_locations);
+    T* grad_confidence = static_cast<T*>(p.grad_confidence);
+    T* grad_locations = static_cast<T*>(p.grad_locations);
+    const u64 priors = p.priors;
+    const u32 per_image = (p.priors + ROW_THREADS - 1) / ROW_THREADS;
+    const u64 tiles = u64(p.batch) * per_image;
+    const Scales scales = gradient_scales(p);
+
+    for (u64 tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        const u64 image = tile / per_image;
+        const u32 prior = u32(tile % per_image) * ROW_THREADS + threadIdx.x;
+        if (prior >= p.priors) continue;
+        const RowDecision mine = decide<L>(p, scales, image * priors + prior, true);
+
+        const u64 box = image * 4 * priors + prior;
+        float g[4];
+        box_gradient(p, mine, pred + box, gt + box, priors, g);
+        store_box(grad_locations + box, priors, g);
+
+        const u64 column = image * p.classes * priors + prior;
+        const T* x = confidence + column;
+        const i64 label = i64(mine.label);
+        bool nonfinite;
+        const RowStats stats = row_stats(x, priors, p.classes, 0, 1, mine.in_set, label, &nonfinite);
+        const float inv_sum = 1.0f / stats.sum_exp;
+        T* out = grad_confidence + column;
+        for (u32 c = 0; c < p.classes; ++c) {
+            const float d = mine.in_set ? mine.cls_scale * softmax_minus_onehot(stats, inv_sum, x, priors, c, label) : 0.0f;
+            out[c * priors] = from_f32<T>(d);
+        }
+    }
+}
+
+template <typename T, typename L> __device__ void write_gradients(const MultiboxParams& p) {
+    if (p.layout == LAYOUT_CHANNEL_MAJOR)
+        write_gradients_channel_major<T, L>(p);
+    else
+        write_gradients_row_major<T, L>(p);
 }
 
 MB_KERNEL(multibox_gradient_f32_i32, MultiboxParams, ROW_THREADS) { write_gradients<float, i32>(p); }

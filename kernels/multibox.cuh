@@ -16,65 +16,99 @@
 constexpr u32 STATUS_INVALID_LABEL = 1u;    // a label outside -1..C-1
 constexpr u32 STATUS_NONFINITE_INPUT = 2u;  // a NaN or inf among the values the loss read
 
+// The layouts of a call's four tensors (Layout in src/config.rs).
+constexpr u32 LAYOUT_ROW_MAJOR = 0u;      // [B, P, C] logits, [B, P, 4] boxes
+constexpr u32 LAYOUT_CHANNEL_MAJOR = 1u;  // [B, C, P] logits, [B, 4, P] boxes
+
+// What the loss sums are divided by (SPEC.md, "Normalisation").
+constexpr u32 NORMALIZER_POSITIVES = 0u;  // N, the batch's positives
+constexpr u32 NORMALIZER_GIVEN = 1u;      // the caller's n: `normalizer` on the device, else normalizer_value
+constexpr u32 NORMALIZER_PER_IMAGE = 2u;  // each image by B * pos_b
+
 struct MultiboxParams {
-    const void* confidence;           // [B, P, C] T
-    const void* predicted_locations;  // [B, P, 4] T
+    const void* confidence;           // [B, P, C] or [B, C, P] T
+    const void* predicted_locations;  // [B, P, 4] or [B, 4, P] T
     const void* labels;               // [B, P] L
-    const void* gt_locations;         // [B, P, 4] T
+    const void* gt_locations;         // as predicted_locations
     const float* upstream;            // [g_reg, g_cls] on the device, or null: use g_reg, g_cls below
-    void* grad_confidence;            // [B, P, C] T
-    void* grad_locations;             // [B, P, 4] T
+    void* grad_confidence;            // as confidence
+    void* grad_locations;             // as predicted_locations
     float* regression_loss;           // [1]
     float* classification_loss;       // [1]
     i32* num_pos;                     // [1]
     u8* mask;                         // [B, P], or null
+    const float* normalizer;          // NORMALIZER_GIVEN's n on the device, or null: normalizer_value
     // Workspace sections; the layout is planned in src/plan.rs.
     u32* keys;                        // [B * P]
-    struct RowBlockPartial* partials; // [row_blocks]
+    struct PositiveTerms* terms;      // [B * P], written and read at positives only
+    u32* block_status;                // [row_blocks]
     struct ImageSelection* images;    // [B]
     struct Totals* totals;            // [1]
     u32 batch;
     u32 priors;
     u32 classes;
     u32 lanes_per_row;  // power of two in 1..32: lanes that share one row
-    u32 row_blocks;     // grid of kernels 1 and 3, = entries of `partials`
+    u32 row_blocks;     // grid of kernel 1, = entries of `block_status`
     u32 min_negatives;
     float neg_pos_ratio;
     float beta;
     float g_reg;
     float g_cls;
-    u32 tile_rows;      // kernel 1's rows per tile in shared memory; 0: rows read from global memory
-    u32 unused;
+    u32 tile_rows;      // kernel 1's priors per tile in shared memory; 0: rows read from global memory
+    u32 layout;         // LAYOUT_*
+    u32 normalizer_kind;     // NORMALIZER_*
+    float normalizer_value;  // NORMALIZER_GIVEN's n when `normalizer` is null
 };
-MB_ASSERT_SIZE(MultiboxParams, 168);
+MB_ASSERT_SIZE(MultiboxParams, 192);
 
-// Kernel 1's per-block sums, added up in block order by kernel 2's last block
-// so that the losses are bit-identical run after run.
-struct RowBlockPartial {
-    float regression;   // smooth-L1 over this block's positives
-    float positive_ce;  // lse - x[label] over this block's positives
-    u32 status;
-    u32 unused;
+// A positive prior's two loss terms, from kernel 1 to kernel 2, which adds
+// them up per image (for NORMALIZER_PER_IMAGE, and so that every normaliser
+// sums in the same order).
+struct PositiveTerms {
+    float cross_entropy;  // lse - x[label]
+    float regression;     // smooth-L1 over the four offsets
 };
-MB_ASSERT_SIZE(RowBlockPartial, 16);
+MB_ASSERT_SIZE(PositiveTerms, 8);
 
-// What kernel 2 decided for one image. A negative candidate with key `k`
-// at prior `i` is mined iff k > threshold, or k == threshold and i <= tie_cutoff.
+// What kernel 2 decided for one image, and its loss sums. A negative
+// candidate with key `k` at prior `i` is mined iff k > threshold, or
+// k == threshold and i <= tie_cutoff.
 struct ImageSelection {
     u32 threshold;
     i32 tie_cutoff;
     u32 num_pos;
     float negative_ce;  // sum of the mined negatives' background losses
+    float positive_ce;  // sum of the positives' cross-entropy
+    float regression;   // sum of the positives' smooth-L1
+    u32 unused[2];
 };
-MB_ASSERT_SIZE(ImageSelection, 16);
+MB_ASSERT_SIZE(ImageSelection, 32);
 
+// Batch-wide results of kernel 2's last block, for kernel 3: the divisor
+// its gradients use is the one the losses used, whatever a later backward
+// call is given.
 struct Totals {
-    u32 images_done;  // kernel 2's arrival counter; kernel 1 zeroes it
-    u32 num_pos;      // N, for kernel 3
+    u32 images_done;      // kernel 2's arrival counter; kernel 1 zeroes it
+    u32 num_pos;          // N
     u32 status;
-    u32 unused;
+    u32 normalizer_kind;  // NORMALIZER_*
+    float divisor;        // the batch's divisor (N or n); 0: zeros; NaN: NaN. Unused per image
+    u32 unused[3];
 };
-MB_ASSERT_SIZE(Totals, 16);
+MB_ASSERT_SIZE(Totals, 32);
+
+// The divisor a set row's gradients use: the batch's, or its image's
+// B * pos_b under NORMALIZER_PER_IMAGE (0 for an image without positives).
+__device__ __forceinline__ float row_divisor(u32 kind, float batch_divisor, u32 batch, u32 image_positives) {
+    if (kind != NORMALIZER_PER_IMAGE) return batch_divisor;
+    return float(u64(batch) * image_positives);  // one rounding, from the exact product
+}
+
+// g / divisor, with the divisor's two special values: 0 (no positives,
+// n <= 0) gives 0, NaN (a non-finite n) gives NaN.
+__device__ __forceinline__ float divide_or_zero(float g, float divisor) {
+    return divisor > 0.0f ? g / divisor : divisor == 0.0f ? 0.0f : f32_from_bits(0x7fc00000u);
+}
 
 // ---------------------------------------------------------------------------
 // Mining keys: one u32 per prior, ordered like the background loss.
@@ -156,14 +190,16 @@ struct RowStats {
     }
 };
 
+// Class c of the row is x[c * stride]: 1 for a row-major row, the priors
+// between two classes for a channel-major one.
 template <typename T>
-__device__ __forceinline__ RowStats row_stats(const T* x, u32 classes, u32 sub, u32 lanes, bool active, i64 skip,
-                                              bool* nonfinite) {
+__device__ __forceinline__ RowStats row_stats(const T* x, u64 stride, u32 classes, u32 sub, u32 lanes, bool active,
+                                              i64 skip, bool* nonfinite) {
     float m = NEG_INF;
     bool bad = false;
     if (active) {
         for (u32 c = sub; c < classes; c += lanes) {
-            const float v = to_f32(x[c]);
+            const float v = to_f32(x[c * stride]);
             bad |= !isfinite(v);
             m = fmaxf(m, v);
         }
@@ -172,7 +208,7 @@ __device__ __forceinline__ RowStats row_stats(const T* x, u32 classes, u32 sub, 
     float s = 0.0f, others = 0.0f;
     if (active) {
         for (u32 c = sub; c < classes; c += lanes) {
-            const float e = expf(to_f32(x[c]) - m);
+            const float e = expf(to_f32(x[c * stride]) - m);
             s += e;
             if (i64(c) != skip) others += e;
         }

@@ -123,6 +123,18 @@ __device__ ImageSelection select_top_k(SelectShared& sh, const u32* keys, u32 n,
     return s;
 }
 
+// Another block's selection, read past this SM's L1 (which may hold a
+// stale copy) in two 16-byte halves.
+__device__ __forceinline__ ImageSelection load_image(const ImageSelection* at) {
+    struct Half { u32 w[4]; };
+    const Half* halves = reinterpret_cast<const Half*>(at);
+    const Half lo = load_global_coherent(halves), hi = load_global_coherent(halves + 1);
+    ImageSelection s;
+    copy_bytes(&s, &lo, 16);
+    copy_bytes(reinterpret_cast<unsigned char*>(&s) + 16, &hi, 16);
+    return s;
+}
+
 __device__ void select_and_reduce(const MultiboxParams& p) {
     __shared__ SelectShared sh;
     const u32 image = blockIdx.x;
@@ -156,19 +168,30 @@ __device__ void select_and_reduce(const MultiboxParams& p) {
     s.num_pos = positives;
 
     // The mined negatives' cross-entropy is their background loss, which the
-    // key holds exactly: add it up here, and write the mask on the way.
-    float negative_ce = 0.0f;
+    // key holds exactly; the positives' terms are where kernel 1 left them.
+    // Add up the image's sums here, and write the mask on the way.
+    const PositiveTerms* terms = p.terms + u64(image) * n;
+    float negative_ce = 0.0f, positive_ce = 0.0f, regression = 0.0f;
     for (u32 i = threadIdx.x; i < n; i += SELECT_THREADS) {
         const u32 key = keys[i];
         const bool mined = is_mined(s, key, i);
         if (mined) negative_ce += key_loss(key);
+        if (key == KEY_POSITIVE) {
+            const PositiveTerms t = terms[i];
+            positive_ce += t.cross_entropy;
+            regression += t.regression;
+        }
         if (p.mask) p.mask[u64(image) * n + i] = u8(mined || key == KEY_POSITIVE);
     }
     s.negative_ce = block_sum<SELECT_THREADS>(negative_ce, sh.sums);
+    s.positive_ce = block_sum<SELECT_THREADS>(positive_ce, sh.sums);
+    s.regression = block_sum<SELECT_THREADS>(regression, sh.sums);
+    s.unused[0] = s.unused[1] = 0;
     if (threadIdx.x == 0) p.images[image] = s;
 
-    // The last block to get here sums every image's and every row block's
-    // terms, in index order, and divides by N on the device: no host
+    // The last block to get here sums every image's terms and every row
+    // block's status, in index order, and divides by the normaliser's
+    // divisor on the device (reading a device-side n here): no host
     // round-trip, and no float atomics, so the losses are bit-identical run
     // after run. Thread 0 wrote this image's selection: its fence releases
     // it before the arrival count; the last block's thread 0 fences again
@@ -181,32 +204,43 @@ __device__ void select_and_reduce(const MultiboxParams& p) {
     __syncthreads();
     if (!sh.is_last) return;
 
+    // Per image in index order, then over the block in a fixed order. Under
+    // NORMALIZER_PER_IMAGE each image's sums are divided by B * pos_b first.
+    const bool per_image = p.normalizer_kind == NORMALIZER_PER_IMAGE;
     u32 num_pos = 0;
-    float negative = 0.0f;
+    float total_regression = 0.0f, total_classification = 0.0f;
     for (u32 b = threadIdx.x; b < p.batch; b += SELECT_THREADS) {
-        const ImageSelection img = load_global_coherent(p.images + b);
+        const ImageSelection img = load_image(p.images + b);
         num_pos += img.num_pos;
-        negative += img.negative_ce;
+        const float cls = img.positive_ce + img.negative_ce;
+        if (per_image) {
+            const float d = row_divisor(NORMALIZER_PER_IMAGE, 0.0f, p.batch, img.num_pos);
+            total_regression += divide_or_zero(img.regression, d);
+            total_classification += divide_or_zero(cls, d);
+        } else {
+            total_regression += img.regression;
+            total_classification += cls;
+        }
     }
-    float regression = 0.0f, positive = 0.0f;
     u32 status = 0;
-    for (u32 r = threadIdx.x; r < p.row_blocks; r += SELECT_THREADS) {
-        const RowBlockPartial part = load_global_coherent(p.partials + r);
-        regression += part.regression;
-        positive += part.positive_ce;
-        status |= part.status;
-    }
+    for (u32 r = threadIdx.x; r < p.row_blocks; r += SELECT_THREADS)
+        status |= load_global_coherent(p.block_status + r);
     num_pos = block_sum<SELECT_THREADS>(num_pos, sh.scan);
-    negative = block_sum<SELECT_THREADS>(negative, sh.sums);
-    regression = block_sum<SELECT_THREADS>(regression, sh.sums);
-    positive = block_sum<SELECT_THREADS>(positive, sh.sums);
+    total_regression = block_sum<SELECT_THREADS>(total_regression, sh.sums);
+    total_classification = block_sum<SELECT_THREADS>(total_classification, sh.sums);
     status = block_or<SELECT_THREADS>(status, sh.scan);
     if (threadIdx.x == 0) {
-        float reg = 0.0f, cls = 0.0f;  // N == 0: both losses are 0, not 0 / 0
-        if (num_pos > 0) {
-            reg = regression / float(num_pos);
-            cls = (positive + negative) / float(num_pos);
+        // The batch's divisor: N == 0 and n <= 0 make both losses 0, not
+        // 0 / 0; a non-finite n makes them NaN.
+        float divisor = 1.0f;  // per image: the division is done
+        if (p.normalizer_kind == NORMALIZER_POSITIVES) {
+            divisor = float(num_pos);
+        } else if (p.normalizer_kind == NORMALIZER_GIVEN) {
+            const float n = p.normalizer ? *p.normalizer : p.normalizer_value;
+            divisor = !isfinite(n) ? f32_from_bits(0x7fc00000u) : n > 0.0f ? n : 0.0f;
         }
+        float reg = divide_or_zero(total_regression, divisor);
+        float cls = divide_or_zero(total_classification, divisor);
         if (status & STATUS_INVALID_LABEL) {
             // A step with a bad label must not train: NaN makes loss scalers skip it.
             reg = f32_from_bits(0x7fc00000u);
@@ -219,7 +253,9 @@ __device__ void select_and_reduce(const MultiboxParams& p) {
         t.images_done = 0;
         t.num_pos = num_pos;
         t.status = status;
-        t.unused = 0;
+        t.normalizer_kind = p.normalizer_kind;
+        t.divisor = divisor;
+        t.unused[0] = t.unused[1] = t.unused[2] = 0;
         *p.totals = t;
     }
 }

@@ -30,8 +30,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use crate::plan::Pass;
 use crate::{
-    reference, DType, Error, LabelType, MultiboxConfig, MultiboxLoss, RawBuffers, RawCall,
-    RawUpstream, Shape,
+    reference, DType, Error, LabelType, Layout, MultiboxConfig, MultiboxLoss, RawBuffers, RawCall,
+    RawNormalizer, RawUpstream, Shape,
 };
 
 /// What every fallible function returns.
@@ -79,6 +79,32 @@ pub enum multibox_label_type {
     MULTIBOX_I64 = 1,
 }
 
+/// The layout of confidence, the locations and the gradients; passed as an
+/// `int32_t` in `multibox_call.layout` and `multibox_host_call_f32.layout`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum multibox_layout {
+    /// `[B, P, C]` logits, `[B, P, 4]` boxes (0, the default).
+    MULTIBOX_ROW_MAJOR = 0,
+    /// `[B, C, P]` logits, `[B, 4, P]` boxes (NVIDIA's SSD heads).
+    MULTIBOX_CHANNEL_MAJOR = 1,
+}
+
+/// What the losses and gradients are divided by; passed as an `int32_t` in
+/// `multibox_call.normalizer` and `multibox_host_call_f32.normalizer`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum multibox_normalizer {
+    /// N, the batch's positive count (0, the default).
+    MULTIBOX_NORMALIZE_POSITIVES = 0,
+    /// The caller's divisor n: `normalizer_value`, or the float at
+    /// `normalizer_device` when that is not 0. n <= 0 gives zero losses and
+    /// gradients; a non-finite n NaN losses.
+    MULTIBOX_NORMALIZE_GIVEN = 1,
+    /// Each image by its own positive count, averaged over the B images.
+    MULTIBOX_NORMALIZE_PER_IMAGE = 2,
+}
+
 /// The loss's parameters; `multibox_config_default` fills in the defaults.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -104,7 +130,10 @@ pub struct multibox_shape {
 }
 
 /// One device call: device addresses (`CUdeviceptr`, or a `void*` cast to
-/// `uint64_t`) of contiguous row-major arrays, all of one context.
+/// `uint64_t`) of contiguous arrays, all of one context. The shapes below
+/// are row-major's; with `layout` MULTIBOX_CHANNEL_MAJOR they are `[B, C, P]`
+/// and `[B, 4, P]`. A zero-initialised call (`multibox_call call = {0};`)
+/// is row-major and normalised by N.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct multibox_call {
@@ -151,6 +180,16 @@ pub struct multibox_call {
     pub g_reg: f32,
     /// d(total) / d(classification_loss) when `upstream` is 0; finite.
     pub g_cls: f32,
+    /// A `multibox_layout`.
+    pub layout: i32,
+    /// A `multibox_normalizer`. The backward ignores it: it divides by what
+    /// its forward divided by, which the workspace holds.
+    pub normalizer: i32,
+    /// MULTIBOX_NORMALIZE_GIVEN's n when `normalizer_device` is 0.
+    pub normalizer_value: f32,
+    /// Device address of MULTIBOX_NORMALIZE_GIVEN's n (one float, read by
+    /// the kernels: e.g. an all-reduced positive count), or 0.
+    pub normalizer_device: u64,
 }
 
 /// What the kernels saw that only the device can see.
@@ -205,6 +244,12 @@ pub struct multibox_host_call_f32 {
     pub mask: *mut u8,
     /// Elements of `mask`: B*P (ignored when `mask` is NULL).
     pub mask_len: usize,
+    /// A `multibox_layout` (the shapes above are row-major's).
+    pub layout: i32,
+    /// A `multibox_normalizer`.
+    pub normalizer: i32,
+    /// MULTIBOX_NORMALIZE_GIVEN's n.
+    pub normalizer_value: f32,
 }
 
 /// The losses from the CPU reference, in double.
@@ -343,6 +388,41 @@ fn dtype(value: i32) -> Result<DType, Failure> {
             "dtype {value} is not a multibox_dtype (0 f32, 1 f16, 2 bf16)"
         ))),
     }
+}
+
+fn layout(value: i32) -> Result<Layout, Failure> {
+    match value {
+        0 => Ok(Layout::RowMajor),
+        1 => Ok(Layout::ChannelMajor),
+        _ => Err(invalid(format!(
+            "layout {value} is not a multibox_layout (0 row-major, 1 channel-major)"
+        ))),
+    }
+}
+
+/// The normaliser of a call: `kind` a `multibox_normalizer`, `value` or the
+/// float at `device` (when not 0) its divisor.
+fn normalizer(kind: i32, value: f32, device: u64) -> Result<RawNormalizer, Failure> {
+    match kind {
+        0 => Ok(RawNormalizer::Positives),
+        1 if device != 0 => Ok(RawNormalizer::GivenOnDevice(device)),
+        1 => Ok(RawNormalizer::Given(value)),
+        2 => Ok(RawNormalizer::PerImage),
+        _ => Err(invalid(format!(
+            "normalizer {kind} is not a multibox_normalizer (0 positives, 1 given, 2 per image)"
+        ))),
+    }
+}
+
+/// The reference's form of a host call's normaliser.
+fn host_normalizer(kind: i32, value: f32) -> Result<reference::Normalizer, Failure> {
+    Ok(match normalizer(kind, value, 0)? {
+        RawNormalizer::Given(n) => reference::Normalizer::Given(n),
+        RawNormalizer::PerImage => reference::Normalizer::PerImage,
+        RawNormalizer::Positives | RawNormalizer::GivenOnDevice(_) => {
+            reference::Normalizer::Positives
+        }
+    })
 }
 
 fn label_type(value: i32) -> Result<LabelType, Failure> {
@@ -501,6 +581,8 @@ unsafe fn launch(
         },
         upstream,
         pass,
+        layout: layout(c.layout)?,
+        normalizer: normalizer(c.normalizer, c.normalizer_value, c.normalizer_device)?,
     };
     // SAFETY: the caller's contract is launch_raw's.
     unsafe { loss.loss.launch_raw(&raw, stream.cast()) }?;
@@ -676,6 +758,7 @@ fn run_reference<L: crate::Label>(
     gt_locations: &[f32],
     upstream: reference::Upstream,
     pass: Pass,
+    options: &reference::Options,
 ) -> crate::Result<reference::Output> {
     let inputs = reference::Inputs {
         confidence,
@@ -683,10 +766,12 @@ fn run_reference<L: crate::Label>(
         labels,
         gt_locations,
     };
+    // The reference keeps no state: its backward is the whole computation.
     match pass {
-        Pass::Forward => reference::forward(config, shape, &inputs),
-        Pass::Backward => reference::backward(config, shape, &inputs, upstream),
-        Pass::ForwardBackward => reference::forward_backward(config, shape, &inputs, upstream),
+        Pass::Forward => reference::forward_with(config, shape, &inputs, options),
+        Pass::Backward | Pass::ForwardBackward => {
+            reference::forward_backward_with(config, shape, &inputs, upstream, options)
+        }
     }
 }
 
@@ -732,6 +817,10 @@ unsafe fn reference_f32(
         check_output("mask", c.mask, c.mask_len, shape.rows())?;
     }
     let labels = label_type(c.label_type)?;
+    let options = reference::Options {
+        layout: layout(c.layout)?,
+        normalizer: host_normalizer(c.normalizer, c.normalizer_value)?,
+    };
     // The inputs are borrowed only inside this block; the outputs are
     // written after it, so an output overlapping an input is no aliasing.
     let result = {
@@ -766,6 +855,7 @@ unsafe fn reference_f32(
                     gt_locations,
                     upstream,
                     pass,
+                    &options,
                 )?
             }
             LabelType::I64 => {
@@ -780,6 +870,7 @@ unsafe fn reference_f32(
                     gt_locations,
                     upstream,
                     pass,
+                    &options,
                 )?
             }
         }

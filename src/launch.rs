@@ -3,8 +3,11 @@
 //!
 //! Everything a call needs is validated here, before the first launch.
 
-use crate::plan::{GridLimits, LaunchPlan, MultiboxParams, Pass};
-use crate::{DType, Error, LabelType, MultiboxConfig, Result, Shape};
+use crate::plan::{
+    layout_code, GridLimits, LaunchPlan, MultiboxParams, Pass, NORMALIZER_GIVEN,
+    NORMALIZER_PER_IMAGE, NORMALIZER_POSITIVES,
+};
+use crate::{DType, Error, LabelType, Layout, MultiboxConfig, Result, Shape};
 
 /// Where kernels run. The crate's own implementation drives the CUDA driver;
 /// the test suite plugs in a CPU emulator of the same kernels, so both run
@@ -58,9 +61,27 @@ impl Default for RawUpstream {
     }
 }
 
+/// What the losses and gradients are divided by (SPEC.md, "Normalisation"),
+/// for the raw entry point.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum RawNormalizer {
+    /// N, the batch's positive count (the default).
+    #[default]
+    Positives,
+    /// A divisor known on the host: `n <= 0` gives zero losses and
+    /// gradients, a non-finite `n` NaN losses.
+    Given(f32),
+    /// Device address of one f32 divisor, read by the kernels when they run
+    /// (an all-reduced count needs no trip to the host); as `Given`.
+    GivenOnDevice(u64),
+    /// Each image by its own positive count, averaged over the images.
+    PerImage,
+}
+
 /// Device addresses of one call's buffers, for the raw entry point
-/// ([`crate::MultiboxLoss::launch_raw`]). Arrays are contiguous and row-major,
-/// of the element types the call names.
+/// ([`crate::MultiboxLoss::launch_raw`]). Arrays are contiguous, in the
+/// call's [`Layout`] (the shapes below are row-major's; channel-major has
+/// `[B, C, P]` and `[B, 4, P]`), of the element types the call names.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RawBuffers {
     /// `[B, P, C]` logits, T.
@@ -108,6 +129,11 @@ pub struct RawCall {
     /// What the call computes: the losses, the gradients, or both.
     /// [`Pass::from_backward`] maps the older `backward: bool` flag.
     pub pass: Pass,
+    /// The layout of confidence, the locations and the gradients.
+    pub layout: Layout,
+    /// The divisor of the losses and gradients. Ignored by [`Pass::Backward`]:
+    /// the forward left the divisor it used in the workspace.
+    pub normalizer: RawNormalizer,
 }
 
 /// Validates `call` and launches its kernels on `backend`, in order.
@@ -122,7 +148,7 @@ pub unsafe fn launch_call<B: Backend + ?Sized>(
     backend: &B,
 ) -> Result<LaunchPlan> {
     config.validate()?;
-    let plan = LaunchPlan::with_limits(call.shape, backend.grid_limits())?;
+    let plan = LaunchPlan::with_limits(call.shape, call.layout, backend.grid_limits())?;
     let params = params(config, call, &plan)?;
     for launch in plan.launches(call.pass) {
         let kernel = launch.step.kernel_name(call.dtype, call.label_type);
@@ -201,6 +227,20 @@ fn params(config: &MultiboxConfig, call: &RawCall, plan: &LaunchPlan) -> Result<
         // The forward alone never reads the upstream gradients.
         RawUpstream::Host { .. } | RawUpstream::Device(_) => (0, 0.0, 0.0),
     };
+    let (normalizer_kind, normalizer, normalizer_value) = match call.normalizer {
+        RawNormalizer::Positives => (NORMALIZER_POSITIVES, 0, 0.0),
+        RawNormalizer::Given(n) => (NORMALIZER_GIVEN, 0, n),
+        RawNormalizer::GivenOnDevice(addr) => {
+            if forward {
+                if addr == 0 {
+                    return Err(Error::NullPointer { name: "normalizer" });
+                }
+                check_alignment("normalizer", addr, 4)?;
+            }
+            (NORMALIZER_GIVEN, addr, 0.0)
+        }
+        RawNormalizer::PerImage => (NORMALIZER_PER_IMAGE, 0, 0.0),
+    };
     let ws = &plan.workspace;
     let at = |s: crate::plan::Section| b.workspace + s.offset as u64;
     let shape = call.shape;
@@ -218,8 +258,10 @@ fn params(config: &MultiboxConfig, call: &RawCall, plan: &LaunchPlan) -> Result<
         classification_loss: if forward { b.classification_loss } else { 0 },
         num_pos: if forward { b.num_pos } else { 0 },
         mask: if forward { b.mask } else { 0 },
+        normalizer: if forward { normalizer } else { 0 },
         keys: at(ws.keys),
-        partials: at(ws.partials),
+        terms: at(ws.terms),
+        block_status: at(ws.block_status),
         images: at(ws.images),
         totals: at(ws.totals),
         // LaunchPlan::new validated that these fit in 32 bits.
@@ -234,7 +276,9 @@ fn params(config: &MultiboxConfig, call: &RawCall, plan: &LaunchPlan) -> Result<
         g_reg,
         g_cls,
         tile_rows: plan.tile_rows,
-        unused: 0,
+        layout: layout_code(call.layout),
+        normalizer_kind,
+        normalizer_value,
     })
 }
 

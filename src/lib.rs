@@ -78,6 +78,10 @@ pub use config::{Layout, MultiboxConfig, Reduction, Shape};
 pub use cudarc;
 pub use dtype::{DType, Float, Label, LabelType};
 pub use error::{Error, Result};
-pub use launch::{launch_call, Backend, DeviceStatus, RawBuffers, RawCall, RawUpstream};
-pub use loss::{cuda_context, Gradients, Inputs, MultiboxLoss, Outputs, Upstream};
+pub use launch::{
+    launch_call, Backend, DeviceStatus, RawBuffers, RawCall, RawNormalizer, RawUpstream,
+};
+pub use loss::{
+    cuda_context, CallOptions, Gradients, Inputs, MultiboxLoss, Normalizer, Outputs, Upstream,
+};
 pub use plan::{workspace_bytes, LaunchPlan, Pass};

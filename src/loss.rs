@@ -5,12 +5,16 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DevicePtr, DevicePtrMut, DeviceSlice};
 
-use crate::launch::{launch_call, Backend, DeviceStatus, RawBuffers, RawCall, RawUpstream};
+use crate::launch::{
+    launch_call, Backend, DeviceStatus, RawBuffers, RawCall, RawNormalizer, RawUpstream,
+};
 use crate::plan::{GridLimits, Pass, Step, ROW_THREADS, ROW_TILE_BYTES};
-use crate::{kernels, Error, Float, Label, MultiboxConfig, Result, Shape};
+use crate::{kernels, Error, Float, Label, Layout, MultiboxConfig, Result, Shape};
 
 /// The inputs of one call, on the device. Any cudarc slice or view works
-/// (`&CudaSlice<T>`, `&CudaView<T>`, ...).
+/// (`&CudaSlice<T>`, `&CudaView<T>`, ...). The shapes are those of
+/// [`Layout::RowMajor`]; a channel-major call ([`CallOptions::layout`]) has
+/// `[B, C, P]` logits and `[B, 4, P]` boxes (and gradients) instead.
 pub struct Inputs<'a, T, L> {
     /// `[B, P, C]` logits.
     pub confidence: &'a dyn DevicePtr<T>,
@@ -64,6 +68,36 @@ impl Default for Upstream<'_> {
             g_cls: 1.0,
         }
     }
+}
+
+/// What the losses and gradients are divided by (SPEC.md, "Normalisation").
+#[derive(Default)]
+pub enum Normalizer<'a> {
+    /// N, the batch's positive count (the reference's; the default).
+    #[default]
+    Positives,
+    /// A divisor known on the host. `n <= 0` gives zero losses and
+    /// gradients (as N == 0 does); a non-finite `n` gives NaN losses, and
+    /// NaN gradients for the priors in the set.
+    Given(f32),
+    /// One f32 on the device, read by the kernels when they run, never by
+    /// the host: the positive count all-reduced across data-parallel ranks
+    /// (NCCL), without a synchronisation, capturable in a graph. As `Given`.
+    GivenOnDevice(&'a dyn DevicePtr<f32>),
+    /// NVIDIA's SSD: each image's sums over its own positives (an image
+    /// without positives adds 0), averaged over the B images.
+    PerImage,
+}
+
+/// The per-call settings of [`MultiboxLoss::forward_with`] and
+/// [`MultiboxLoss::forward_backward_with`]; the default is that of
+/// [`MultiboxLoss::forward`]: row-major, normalised by N.
+#[derive(Default)]
+pub struct CallOptions<'a> {
+    /// The layout of confidence, the locations and the gradients.
+    pub layout: Layout,
+    /// The divisor of the losses and gradients.
+    pub normalizer: Normalizer<'a>,
 }
 
 /// The MultiBox loss on one CUDA context. Build it once (it loads the
@@ -126,11 +160,14 @@ impl MultiboxLoss {
         &self.config
     }
 
-    /// The losses only: two kernel launches on `stream` (rows, selection).
+    /// The losses only: two kernel launches on `stream` (rows, selection),
+    /// row-major, normalised by N ([`MultiboxLoss::forward_with`] for the
+    /// other layout and normalisers).
     ///
     /// Besides the losses, it leaves the mining decisions in `workspace`
-    /// (one key per prior, the per-image selections, the positive count),
-    /// from which [`MultiboxLoss::backward`] computes the gradients later.
+    /// (one key per prior, the per-image selections, the positive count,
+    /// the divisor), from which [`MultiboxLoss::backward`] computes the
+    /// gradients later.
     pub fn forward<T: Float, L: Label>(
         &self,
         stream: &Arc<CudaStream>,
@@ -138,6 +175,26 @@ impl MultiboxLoss {
         inputs: &Inputs<'_, T, L>,
         outputs: &mut Outputs<'_>,
         workspace: &mut dyn DevicePtrMut<u8>,
+    ) -> Result<()> {
+        self.forward_with(
+            stream,
+            shape,
+            inputs,
+            outputs,
+            workspace,
+            CallOptions::default(),
+        )
+    }
+
+    /// [`MultiboxLoss::forward`] in a chosen layout, with a chosen normaliser.
+    pub fn forward_with<T: Float, L: Label>(
+        &self,
+        stream: &Arc<CudaStream>,
+        shape: Shape,
+        inputs: &Inputs<'_, T, L>,
+        outputs: &mut Outputs<'_>,
+        workspace: &mut dyn DevicePtrMut<u8>,
+        options: CallOptions<'_>,
     ) -> Result<()> {
         self.call(
             stream,
@@ -147,6 +204,7 @@ impl MultiboxLoss {
             None,
             Upstream::default(),
             workspace,
+            options,
         )
     }
 
@@ -157,7 +215,9 @@ impl MultiboxLoss {
     /// The result is bit for bit that of [`MultiboxLoss::forward_backward`]
     /// with the same upstream, and each gradient is rounded to T once. The
     /// workspace is all it keeps between the two calls: a `[B, P]` u32 of
-    /// keys and a few bytes per image, no `[B, P, C]` buffer.
+    /// keys, the positives' terms and a few bytes per image, no `[B, P, C]`
+    /// buffer. The gradients are divided by what the forward divided the
+    /// losses by, which the workspace holds.
     ///
     /// # Preconditions
     /// Checked: the shape, the lengths and the contexts, as for the forward.
@@ -165,9 +225,9 @@ impl MultiboxLoss {
     /// - `workspace` holds what the last `forward` on it wrote, and nothing
     ///   has written to it since (not another call of this loss, of this or
     ///   another shape);
-    /// - that forward ran with this `shape`, on this loss (so the same
-    ///   configuration), on inputs with the same contents as `inputs` (the
-    ///   same buffers, unmodified, in the usual case);
+    /// - that forward ran with this `shape` (and layout), on this loss (so
+    ///   the same configuration), on inputs with the same contents as
+    ///   `inputs` (the same buffers, unmodified, in the usual case);
     /// - the forward was queued on `stream`, or on a stream `stream` has
     ///   waited on since.
     ///
@@ -183,6 +243,30 @@ impl MultiboxLoss {
         gradients: &mut Gradients<'_, T>,
         workspace: &mut dyn DevicePtrMut<u8>,
     ) -> Result<()> {
+        let layout = Layout::RowMajor;
+        self.backward_with(
+            stream, shape, inputs, upstream, gradients, workspace, layout,
+        )
+    }
+
+    /// [`MultiboxLoss::backward`] of a forward in `layout` (its
+    /// [`CallOptions::layout`]); no normaliser: the gradients use the
+    /// forward's divisor, which the workspace holds.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_with<T: Float, L: Label>(
+        &self,
+        stream: &Arc<CudaStream>,
+        shape: Shape,
+        inputs: &Inputs<'_, T, L>,
+        upstream: Upstream<'_>,
+        gradients: &mut Gradients<'_, T>,
+        workspace: &mut dyn DevicePtrMut<u8>,
+        layout: Layout,
+    ) -> Result<()> {
+        let options = CallOptions {
+            layout,
+            normalizer: Normalizer::Positives, // unused: the forward's divisor is in the workspace
+        };
         self.call(
             stream,
             shape,
@@ -191,10 +275,12 @@ impl MultiboxLoss {
             Some(gradients),
             upstream,
             workspace,
+            options,
         )
     }
 
-    /// The losses and both gradients: three kernel launches on `stream`.
+    /// The losses and both gradients: three kernel launches on `stream`,
+    /// row-major, normalised by N.
     #[allow(clippy::too_many_arguments)]
     pub fn forward_backward<T: Float, L: Label>(
         &self,
@@ -206,6 +292,32 @@ impl MultiboxLoss {
         outputs: &mut Outputs<'_>,
         workspace: &mut dyn DevicePtrMut<u8>,
     ) -> Result<()> {
+        self.forward_backward_with(
+            stream,
+            shape,
+            inputs,
+            upstream,
+            gradients,
+            outputs,
+            workspace,
+            CallOptions::default(),
+        )
+    }
+
+    /// [`MultiboxLoss::forward_backward`] in a chosen layout, with a chosen
+    /// normaliser; the gradients are written in the inputs' layout.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_backward_with<T: Float, L: Label>(
+        &self,
+        stream: &Arc<CudaStream>,
+        shape: Shape,
+        inputs: &Inputs<'_, T, L>,
+        upstream: Upstream<'_>,
+        gradients: &mut Gradients<'_, T>,
+        outputs: &mut Outputs<'_>,
+        workspace: &mut dyn DevicePtrMut<u8>,
+        options: CallOptions<'_>,
+    ) -> Result<()> {
         self.call(
             stream,
             shape,
@@ -214,6 +326,7 @@ impl MultiboxLoss {
             Some(gradients),
             upstream,
             workspace,
+            options,
         )
     }
 
@@ -229,6 +342,7 @@ impl MultiboxLoss {
         gradients: Option<&mut Gradients<'_, T>>,
         upstream: Upstream<'_>,
         workspace: &mut dyn DevicePtrMut<u8>,
+        options: CallOptions<'_>,
     ) -> Result<()> {
         shape.validate()?;
         self.check_stream(stream)?;
@@ -265,6 +379,9 @@ impl MultiboxLoss {
         }
         if let Upstream::Device(u) = &upstream {
             check("upstream", *u, 2, shape, self)?;
+        }
+        if let Normalizer::GivenOnDevice(n) = &options.normalizer {
+            check("normalizer", *n, 1, shape, self)?;
         }
 
         // The guards record cudarc's read/write events when they drop, after
@@ -310,6 +427,15 @@ impl MultiboxLoss {
                 (RawUpstream::Device(p), Some(g))
             }
         };
+        let (normalizer, _g13) = match options.normalizer {
+            Normalizer::Positives => (RawNormalizer::Positives, None),
+            Normalizer::Given(n) => (RawNormalizer::Given(n), None),
+            Normalizer::GivenOnDevice(n) => {
+                let (p, g) = n.device_ptr(s);
+                (RawNormalizer::GivenOnDevice(p), Some(g))
+            }
+            Normalizer::PerImage => (RawNormalizer::PerImage, None),
+        };
         let call = RawCall {
             shape,
             dtype: T::DTYPE,
@@ -330,6 +456,8 @@ impl MultiboxLoss {
             },
             upstream,
             pass,
+            layout: options.layout,
+            normalizer,
         };
         // SAFETY: every address comes from a cudarc buffer of this context
         // whose length was checked against the shape above, and the guards

@@ -7,8 +7,8 @@
 
 use std::ops::Range;
 
-use crate::launch::{RawCall, RawUpstream};
-use crate::{DType, LabelType, Result, Shape};
+use crate::launch::{RawCall, RawNormalizer, RawUpstream};
+use crate::{DType, LabelType, Layout, Result, Shape};
 
 /// Threads per block of the two row passes (`ROW_THREADS` in multibox.cuh).
 pub const ROW_THREADS: u32 = 256;
@@ -148,8 +148,10 @@ pub struct Launch {
 pub struct WorkspaceLayout {
     /// `u32` mining key per prior, `[B * P]`.
     pub keys: Section,
-    /// One [`RowBlockPartial`] per row block.
-    pub partials: Section,
+    /// One [`PositiveTerms`] per prior, `[B * P]` (only positives' are written).
+    pub terms: Section,
+    /// One `u32` status word per block of kernel 1.
+    pub block_status: Section,
     /// One [`ImageSelection`] per image.
     pub images: Section,
     /// One [`Totals`].
@@ -179,16 +181,20 @@ pub struct Section {
 pub struct LaunchPlan {
     /// The shape this plan is for.
     pub shape: Shape,
+    /// The layout of the call's tensors, which decides the tiles.
+    pub layout: Layout,
     /// Lanes of a warp that share one row of logits (1, 2, 4, ..., 32).
     pub lanes_per_row: u32,
     /// Rows of kernel 1's tiles in shared memory ([`tile_rows`]); 0: rows
-    /// too long for a tile, read from global memory.
+    /// too long for a tile, read from global memory. A channel-major tile is
+    /// this many consecutive priors of one image.
     pub tile_rows: u32,
     /// Kernel 1: per prior.
     pub rows: Launch,
     /// Kernel 2: per image.
     pub select: Launch,
-    /// Kernel 3: per tile of [`ROW_THREADS`] priors (the backward).
+    /// Kernel 3: per tile of [`ROW_THREADS`] priors (the backward); a
+    /// channel-major tile stays in one image.
     pub gradient: Launch,
     /// Workspace sections.
     pub workspace: WorkspaceLayout,
@@ -228,35 +234,31 @@ impl GridLimits {
 }
 
 impl LaunchPlan {
-    /// The plan for `shape` on no particular device ([`GridLimits::default`]);
-    /// fails on the shapes [`Shape::validate`] rejects.
+    /// The row-major plan for `shape` on no particular device
+    /// ([`GridLimits::default`]); fails on the shapes [`Shape::validate`]
+    /// rejects.
     pub fn new(shape: Shape) -> Result<Self> {
-        Self::with_limits(shape, GridLimits::default())
+        Self::with_limits(shape, Layout::RowMajor, GridLimits::default())
     }
 
-    /// The plan for `shape` on a device that keeps `limits` blocks resident.
-    /// Only the row kernels' grids depend on the device: the workspace
-    /// layout is the same for every device (its per-block partials are sized
-    /// for the largest grid), so [`workspace_bytes`] fits them all.
-    pub fn with_limits(shape: Shape, limits: GridLimits) -> Result<Self> {
+    /// The plan for `shape` in `layout` on a device that keeps `limits`
+    /// blocks resident. Only the row kernels' grids depend on the layout and
+    /// the device: the workspace layout is the same for all of them (its
+    /// per-block status words are sized for the largest grid), so
+    /// [`workspace_bytes`] fits them all.
+    pub fn with_limits(shape: Shape, layout: Layout, limits: GridLimits) -> Result<Self> {
         shape.validate()?;
         let lanes_per_row = lanes_per_row(shape.classes);
-        let tile_rows = tile_rows(shape.classes, lanes_per_row);
-        // Without a tile, a block's turn is one step of its lane groups.
-        let turn = if tile_rows > 0 {
-            tile_rows
-        } else {
-            ROW_THREADS / lanes_per_row
-        };
-        let turns = shape.rows().div_ceil(turn as usize);
+        let tile_rows = tile_rows(shape.classes, lanes_per_row, layout);
+        let turn = turn_of(shape.classes, lanes_per_row, layout);
         let grid =
             |limit: u32, blocks: usize| blocks.min(limit.clamp(1, MAX_ROW_BLOCKS) as usize) as u32;
-        let row_blocks = grid(limits.rows, turns);
+        let row_blocks = grid(limits.rows, tiles(shape, layout, turn));
         let rows_launch = Launch {
             step: Step::Rows,
             grid: row_blocks,
             block: ROW_THREADS,
-            shared_bytes: tile_shared_bytes(shape.classes, tile_rows),
+            shared_bytes: tile_shared_bytes(shape.classes, tile_rows, layout),
         };
 
         let mut offset = 0;
@@ -266,14 +268,23 @@ impl LaunchPlan {
             s
         };
         let keys = section(shape.rows() * 4);
-        let most_row_blocks = turns.min(MAX_ROW_BLOCKS as usize);
-        let partials = section(most_row_blocks * std::mem::size_of::<RowBlockPartial>());
+        let terms = section(shape.rows() * std::mem::size_of::<PositiveTerms>());
+        // Channel-major tiles stop at image boundaries and may be a step
+        // shorter, so that layout has the most of them.
+        let most_tiles = [Layout::RowMajor, Layout::ChannelMajor]
+            .into_iter()
+            .map(|layout| tiles(shape, layout, turn_of(shape.classes, lanes_per_row, layout)))
+            .max()
+            .unwrap_or(1);
+        let most_row_blocks = most_tiles.min(MAX_ROW_BLOCKS as usize);
+        let block_status = section(most_row_blocks * 4);
         let images = section(shape.batch * std::mem::size_of::<ImageSelection>());
         let totals = section(std::mem::size_of::<Totals>());
         let bytes = totals.offset + totals.len;
 
         Ok(Self {
             shape,
+            layout,
             lanes_per_row,
             tile_rows,
             rows: rows_launch,
@@ -287,13 +298,14 @@ impl LaunchPlan {
             // for its decisions (see gradient.cu).
             gradient: Launch {
                 step: Step::Gradient,
-                grid: grid(limits.gradient, shape.rows().div_ceil(ROW_THREADS as usize)),
+                grid: grid(limits.gradient, tiles(shape, layout, ROW_THREADS)),
                 block: ROW_THREADS,
                 shared_bytes: 0,
             },
             workspace: WorkspaceLayout {
                 keys,
-                partials,
+                terms,
+                block_status,
                 images,
                 totals,
                 bytes,
@@ -358,7 +370,8 @@ impl LaunchPlan {
             Step::Rows => {
                 regions.extend(inputs());
                 regions.push(section("keys", ws.keys, true));
-                regions.push(section("partials", ws.partials, true));
+                regions.push(section("terms", ws.terms, true));
+                regions.push(section("block_status", ws.block_status, true));
                 regions.push(section("totals", ws.totals, true));
             }
             Step::Select => {
@@ -376,6 +389,17 @@ impl LaunchPlan {
                         blocks: blocks.clone(),
                         ..keys
                     });
+                    let terms_bytes = shape.priors * std::mem::size_of::<PositiveTerms>();
+                    let terms = Region::new(
+                        &format!("terms[image {image}]"),
+                        b.workspace + (ws.terms.offset + image * terms_bytes) as u64,
+                        terms_bytes,
+                        false,
+                    );
+                    regions.push(Region {
+                        blocks: blocks.clone(),
+                        ..terms
+                    });
                     if b.mask != 0 {
                         let mask = Region::new(
                             &format!("mask[image {image}]"),
@@ -386,8 +410,11 @@ impl LaunchPlan {
                         regions.push(Region { blocks, ..mask });
                     }
                 }
-                regions.push(section("partials", ws.partials, false));
+                regions.push(section("block_status", ws.block_status, false));
                 regions.push(section("images", ws.images, true));
+                if let RawNormalizer::GivenOnDevice(addr) = call.normalizer {
+                    regions.push(Region::new("normalizer", addr, 4, false));
+                }
                 regions.push(section("totals", ws.totals, true));
                 regions.push(Region::new("regression_loss", b.regression_loss, 4, true));
                 regions.push(Region::new(
@@ -484,22 +511,48 @@ pub fn bytes_floor(shape: Shape, dtype: DType, labels: LabelType, backward: bool
 pub const ROW_TILE_BYTES: usize = 24 * 1024;
 
 /// Kernel 1's rows per tile: as many as fit [`ROW_TILE_BYTES`] (counted at 4
-/// bytes per logit, so that the plan does not depend on the type), at most
-/// one per thread, a whole number of steps of the lane groups; 0 when not
-/// even one step fits (very long rows are then read from global memory).
-pub fn tile_rows(classes: usize, lanes_per_row: u32) -> u32 {
+/// bytes per logit, so that the plan does not depend on the type, with the
+/// extra bytes of [`tile_shared_bytes`]), at most one per thread, a whole
+/// number of steps of the lane groups; 0 when not even one step fits (very
+/// long rows are then read from global memory).
+pub fn tile_rows(classes: usize, lanes_per_row: u32, layout: Layout) -> u32 {
     let step = (ROW_THREADS / lanes_per_row) as usize;
-    let fit = ((ROW_TILE_BYTES - 16) / (classes * 4)).min(ROW_THREADS as usize);
-    (fit / step * step) as u32
+    let fit = match layout {
+        Layout::RowMajor => (ROW_TILE_BYTES - 16) / (classes * 4),
+        Layout::ChannelMajor => (ROW_TILE_BYTES / (classes * 4)).saturating_sub(1),
+    };
+    (fit.min(ROW_THREADS as usize) / step * step) as u32
 }
 
-/// Kernel 1's dynamic shared memory: the tile, plus 16 bytes so that the
-/// copy keeps the logits' offset within a 16-byte line.
-fn tile_shared_bytes(classes: usize, tile_rows: u32) -> u32 {
-    if tile_rows == 0 {
-        0
-    } else {
-        (tile_rows as usize * classes * 4 + 16) as u32
+/// Kernel 1's dynamic shared memory: the tile, counted at 4 bytes per logit,
+/// at most [`ROW_TILE_BYTES`].
+/// Row-major, plus 16 bytes so that the copy keeps the logits' offset
+/// within a 16-byte line; channel-major, each of the C rows of the
+/// transposed tile one element longer (an odd stride, against bank
+/// conflicts).
+pub fn tile_shared_bytes(classes: usize, tile_rows: u32, layout: Layout) -> u32 {
+    match (tile_rows, layout) {
+        (0, _) => 0,
+        (_, Layout::RowMajor) => (tile_rows as usize * classes * 4 + 16) as u32,
+        (_, Layout::ChannelMajor) => ((tile_rows as usize + 1) * classes * 4) as u32,
+    }
+}
+
+/// The rows kernel 1's blocks take at a time: a tile, or without one, one
+/// step of the lane groups.
+fn turn_of(classes: usize, lanes_per_row: u32, layout: Layout) -> u32 {
+    match tile_rows(classes, lanes_per_row, layout) {
+        0 => ROW_THREADS / lanes_per_row,
+        tile => tile,
+    }
+}
+
+/// Tiles of `tile` priors a row kernel walks: runs of consecutive rows
+/// across the batch row-major, runs within one image channel-major.
+fn tiles(shape: Shape, layout: Layout, tile: u32) -> usize {
+    match layout {
+        Layout::RowMajor => shape.rows().div_ceil(tile as usize),
+        Layout::ChannelMajor => shape.batch * shape.priors.div_ceil(tile as usize),
     }
 }
 
@@ -510,17 +563,15 @@ pub fn lanes_per_row(classes: usize) -> u32 {
     (classes.div_ceil(4).next_power_of_two() as u32).clamp(1, 32)
 }
 
-/// Kernel 1's per-block sums (`RowBlockPartial` in multibox.cuh).
+/// A positive prior's loss terms, from kernel 1 to kernel 2
+/// (`PositiveTerms` in multibox.cuh).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
-pub struct RowBlockPartial {
-    /// Smooth-L1 sum over the block's positives.
+pub struct PositiveTerms {
+    /// `lse - x[label]`.
+    pub cross_entropy: f32,
+    /// Smooth-L1 over the four offsets.
     pub regression: f32,
-    /// Cross-entropy sum over the block's positives.
-    pub positive_ce: f32,
-    /// Status bits seen by the block.
-    pub status: u32,
-    unused: u32,
 }
 
 /// Kernel 2's decision for one image (`ImageSelection` in multibox.cuh).
@@ -535,6 +586,11 @@ pub struct ImageSelection {
     pub num_pos: u32,
     /// Sum of the mined negatives' background losses.
     pub negative_ce: f32,
+    /// Sum of the positives' cross-entropy.
+    pub positive_ce: f32,
+    /// Sum of the positives' smooth-L1.
+    pub regression: f32,
+    unused: [u32; 2],
 }
 
 /// Batch-wide results (`Totals` in multibox.cuh).
@@ -547,7 +603,11 @@ pub struct Totals {
     pub num_pos: u32,
     /// The device status word.
     pub status: u32,
-    unused: u32,
+    /// The normaliser the forward used (`NORMALIZER_*` in multibox.cuh).
+    pub normalizer_kind: u32,
+    /// The batch's divisor (N or n; 0: zero losses and gradients; NaN: NaN).
+    pub divisor: f32,
+    unused: [u32; 3],
 }
 
 /// The kernels' host arguments (`MultiboxParams` in multibox.cuh): device
@@ -566,8 +626,10 @@ pub(crate) struct MultiboxParams {
     pub(crate) classification_loss: u64,
     pub(crate) num_pos: u64,
     pub(crate) mask: u64,
+    pub(crate) normalizer: u64,
     pub(crate) keys: u64,
-    pub(crate) partials: u64,
+    pub(crate) terms: u64,
+    pub(crate) block_status: u64,
     pub(crate) images: u64,
     pub(crate) totals: u64,
     pub(crate) batch: u32,
@@ -581,14 +643,29 @@ pub(crate) struct MultiboxParams {
     pub(crate) g_reg: f32,
     pub(crate) g_cls: f32,
     pub(crate) tile_rows: u32,
-    pub(crate) unused: u32,
+    pub(crate) layout: u32,
+    pub(crate) normalizer_kind: u32,
+    pub(crate) normalizer_value: f32,
 }
 
-const _: () = assert!(std::mem::size_of::<MultiboxParams>() == 168);
-const _: () = assert!(std::mem::size_of::<RowBlockPartial>() == 16);
-const _: () = assert!(std::mem::size_of::<ImageSelection>() == 16);
-const _: () = assert!(std::mem::size_of::<Totals>() == 16);
+const _: () = assert!(std::mem::size_of::<MultiboxParams>() == 192);
+const _: () = assert!(std::mem::size_of::<PositiveTerms>() == 8);
+const _: () = assert!(std::mem::size_of::<ImageSelection>() == 32);
+const _: () = assert!(std::mem::size_of::<Totals>() == 32);
 
 /// Bits of the device status word (`STATUS_*` in multibox.cuh).
 pub(crate) const STATUS_INVALID_LABEL: u32 = 1;
 pub(crate) const STATUS_NONFINITE_INPUT: u32 = 2;
+
+/// `MultiboxParams::layout` (`LAYOUT_*` in multibox.cuh).
+pub(crate) fn layout_code(layout: Layout) -> u32 {
+    match layout {
+        Layout::RowMajor => 0,
+        Layout::ChannelMajor => 1,
+    }
+}
+
+/// `MultiboxParams::normalizer_kind` (`NORMALIZER_*` in multibox.cuh).
+pub(crate) const NORMALIZER_POSITIVES: u32 = 0;
+pub(crate) const NORMALIZER_GIVEN: u32 = 1;
+pub(crate) const NORMALIZER_PER_IMAGE: u32 = 2;

@@ -10,7 +10,7 @@ use multibox::reference;
 use multibox::synthetic::SplitMix64;
 use multibox::{
     launch_call, Backend, Error, Float, Label, MultiboxConfig, Pass, RawBuffers, RawCall,
-    RawUpstream, Shape,
+    RawNormalizer, RawUpstream, Shape,
 };
 
 /// One randomized case, drawn to reach the corners: heavy ties, images with
@@ -704,6 +704,8 @@ fn every_bad_call_is_refused_before_any_launch() {
             g_cls: 1.0,
         },
         pass: Pass::ForwardBackward,
+        layout: multibox::Layout::RowMajor,
+        normalizer: RawNormalizer::Positives,
     };
     let config = MultiboxConfig::default();
     let refuse = |edit: &dyn Fn(&mut RawCall, &mut MultiboxConfig)| {
@@ -778,6 +780,17 @@ fn every_bad_call_is_refused_before_any_launch() {
     assert!(matches!(
         refuse(&|c, _| c.upstream = RawUpstream::Device(0)),
         Error::NullPointer { name: "upstream" }
+    ));
+    assert!(matches!(
+        refuse(&|c, _| c.normalizer = RawNormalizer::GivenOnDevice(0)),
+        Error::NullPointer { name: "normalizer" }
+    ));
+    assert!(matches!(
+        refuse(&|c, _| c.normalizer = RawNormalizer::GivenOnDevice(0x9002)),
+        Error::Misaligned {
+            name: "normalizer",
+            ..
+        }
     ));
     assert!(matches!(
         refuse(&|c, _| c.upstream = RawUpstream::Device(0x9002)),

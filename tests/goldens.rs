@@ -4,12 +4,13 @@
 
 mod common;
 
+use common::golden::Expected;
 use common::{
     check, emulated, gpu, list_cases, BackendResult, Case, CaseMeta, CaseVisitor, Report,
 };
 use half::f16;
 use multibox::reference::{self, Upstream};
-use multibox::{DType, Float, Label};
+use multibox::{DType, Float, Label, Layout};
 
 /// A backend computes a case with upstream gradients 1.0, or returns `None`
 /// when it is not available here (no GPU, ...), which is reported, not failed.
@@ -290,4 +291,154 @@ fn golden_reference<T: Float, L: Label>(case: &Case<T, L>) -> reference::Output 
         Upstream::default(),
     )
     .unwrap()
+}
+
+/// The layouts and normalisers besides the goldens' own (row-major, by N).
+fn variants() -> Vec<(Layout, emulated::Normalizer)> {
+    use emulated::Normalizer::*;
+    vec![
+        (Layout::ChannelMajor, Positives),
+        (Layout::RowMajor, Given(0.0)), // 0.0: replaced by a divisor per case
+        (Layout::ChannelMajor, GivenOnDevice(0.0)),
+        (Layout::RowMajor, PerImage),
+        (Layout::ChannelMajor, PerImage),
+    ]
+}
+
+/// A divisor unlike N: what a sum over other ranks' positives might be.
+fn given_divisor(num_pos: u64) -> f32 {
+    1.5 * num_pos as f32 + 0.75
+}
+
+struct RunVariants;
+
+impl CaseVisitor for RunVariants {
+    type Output = Vec<Report>;
+    fn visit<T: Float, L: Label>(self, case: &Case<T, L>) -> Self::Output {
+        let shape = case.meta.shape;
+        let mut reports = Vec::new();
+        for (layout, normalizer) in variants() {
+            let n = given_divisor(case.expected.num_pos);
+            let normalizer = match normalizer {
+                emulated::Normalizer::Given(_) => emulated::Normalizer::Given(n),
+                emulated::Normalizer::GivenOnDevice(_) => emulated::Normalizer::GivenOnDevice(n),
+                other => other,
+            };
+            let to =
+                |data: &[T], per_prior| Layout::RowMajor.convert(data, shape, per_prior, layout);
+            let (confidence, predicted_locations, gt_locations) = (
+                to(&case.confidence, shape.classes),
+                to(&case.predicted_locations, 4),
+                to(&case.gt_locations, 4),
+            );
+            let options = reference::Options {
+                layout,
+                normalizer: normalizer.reference(),
+            };
+            let inputs = reference::Inputs {
+                confidence: &confidence,
+                predicted_locations: &predicted_locations,
+                labels: &case.labels,
+                gt_locations: &gt_locations,
+            };
+            let want = reference::forward_backward_with(
+                &case.meta.config,
+                shape,
+                &inputs,
+                Upstream::default(),
+                &options,
+            )
+            .unwrap();
+            let name = format!("{} {layout:?} {normalizer:?}", case.meta.name);
+            // The reference agrees with what the golden implies: the mined
+            // set always, and under a given n the losses N / n times the golden's.
+            assert_eq!(want.mask, case.expected.mask, "{name}");
+            if let (emulated::Normalizer::Given(_), true) = (normalizer, case.expected.num_pos > 0)
+            {
+                let factor = case.expected.num_pos as f64 / f64::from(n);
+                for (got, golden) in [
+                    (want.losses.regression_loss, case.expected.regression_loss),
+                    (
+                        want.losses.classification_loss,
+                        case.expected.classification_loss,
+                    ),
+                ] {
+                    assert!(
+                        (got - golden * factor).abs() <= 1e-6 * (golden * factor).abs(),
+                        "{name}"
+                    );
+                }
+            }
+            let mut meta = case.meta.clone();
+            meta.name.clone_from(&name);
+            let variant = Case {
+                meta,
+                confidence: confidence.clone(),
+                predicted_locations: predicted_locations.clone(),
+                labels: case.labels.clone(),
+                gt_locations: gt_locations.clone(),
+                expected: Expected {
+                    regression_loss: want.losses.regression_loss,
+                    classification_loss: want.losses.classification_loss,
+                    num_pos: want.losses.num_pos,
+                    mask: want.mask.clone(),
+                    grad_confidence: want.grad_confidence_as::<f32>(),
+                    grad_locations: want.grad_locations_as::<f32>(),
+                },
+            };
+            let host = emulated::HostInputs {
+                confidence: &confidence,
+                predicted_locations: &predicted_locations,
+                labels: &case.labels,
+                gt_locations: &gt_locations,
+            };
+            // The split form too: the backward must find the forward's divisor.
+            for split in [false, true] {
+                let call = emulated::Call {
+                    layout,
+                    normalizer,
+                    split,
+                    ..Default::default()
+                };
+                let out = emulated::run(&case.meta.config, shape, &host, call)
+                    .unwrap_or_else(|e| panic!("{name}: the emulated kernels failed: {e}"));
+                reports.push(check(
+                    &variant,
+                    &kernel_result("emulated kernels", &variant, out),
+                ));
+            }
+        }
+        reports
+    }
+}
+
+/// Every golden case in the other layout and under the other normalisers,
+/// on the emulated kernels, against the CPU reference on the same inputs
+/// (which is held to the goldens above, and here to the mined set and the
+/// N / n scaling the goldens imply).
+#[test]
+fn every_golden_case_in_each_layout_and_normaliser() {
+    let cases = list_cases();
+    let mut reports = Vec::new();
+    for meta in &cases {
+        reports.extend(meta.visit(RunVariants));
+    }
+    assert_eq!(reports.len(), cases.len() * variants().len() * 2);
+    let worst_loss = reports.iter().map(Report::loss_rel_err).fold(0.0, f64::max);
+    println!(
+        "{} runs of {} cases: worst loss relative error {worst_loss:.2e}",
+        reports.len(),
+        cases.len()
+    );
+    let failures: Vec<&str> = reports
+        .iter()
+        .flat_map(|r| &r.failures)
+        .map(String::as_str)
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} check(s) failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }

@@ -1,9 +1,10 @@
 //! The launch plan is a pure function of the shape: check its invariants.
 
+use multibox::plan::GridLimits;
 use multibox::plan::{
     lanes_per_row, LaunchPlan, Step, MAX_ROW_BLOCKS, ROW_THREADS, SELECT_THREADS,
 };
-use multibox::{DType, LabelType, Pass, Shape};
+use multibox::{DType, LabelType, Layout, Pass, Shape};
 
 #[test]
 fn lanes_per_row_leave_at_most_four_classes_per_lane() {
@@ -42,7 +43,7 @@ fn workspace_sections_are_aligned_disjoint_and_large_enough() {
     ] {
         let plan = LaunchPlan::new(shape).unwrap();
         let ws = plan.workspace;
-        let sections = [ws.keys, ws.partials, ws.images, ws.totals];
+        let sections = [ws.keys, ws.terms, ws.block_status, ws.images, ws.totals];
         for pair in sections.windows(2) {
             assert!(
                 pair[0].offset + pair[0].len <= pair[1].offset,
@@ -53,10 +54,17 @@ fn workspace_sections_are_aligned_disjoint_and_large_enough() {
             assert_eq!(s.offset % 256, 0, "{shape}: section not 256-byte aligned");
         }
         assert_eq!(ws.keys.len, shape.rows() * 4);
-        assert_eq!(ws.partials.len, plan.rows.grid as usize * 16);
-        assert_eq!(ws.images.len, shape.batch * 16);
-        assert_eq!(ws.bytes, ws.totals.offset + 16);
+        assert_eq!(ws.terms.len, shape.rows() * 8);
+        assert_eq!(ws.images.len, shape.batch * 32);
+        assert_eq!(ws.bytes, ws.totals.offset + 32);
         assert_eq!(multibox::workspace_bytes(shape).unwrap(), ws.bytes);
+        // One status word per block of kernel 1, whatever the layout: the
+        // workspace is the same for both.
+        for layout in [Layout::RowMajor, Layout::ChannelMajor] {
+            let plan = LaunchPlan::with_limits(shape, layout, GridLimits::default()).unwrap();
+            assert_eq!(plan.workspace, ws, "{shape} {layout:?}");
+            assert!(ws.block_status.len >= plan.rows.grid as usize * 4);
+        }
     }
 }
 
@@ -67,24 +75,36 @@ fn grids_cover_every_row_and_image() {
         Shape::new(4, 3000, 21),
         Shape::new(256, 8732, 81),
     ] {
+        for layout in [Layout::RowMajor, Layout::ChannelMajor] {
+            let plan = LaunchPlan::with_limits(shape, layout, GridLimits::default()).unwrap();
+            let rows_per_step = (ROW_THREADS / plan.lanes_per_row) as usize;
+            // Kernel 1 walks tiles with a block stride (a tile is one step of
+            // the lane groups when the rows are too long to stage); a
+            // channel-major tile stays inside one image.
+            let turn = if plan.tile_rows > 0 {
+                plan.tile_rows as usize
+            } else {
+                rows_per_step
+            };
+            let tiles = |tile: usize| match layout {
+                Layout::RowMajor => shape.rows().div_ceil(tile),
+                Layout::ChannelMajor => shape.batch * shape.priors.div_ceil(tile),
+            };
+            let most = |n: usize| n.min(MAX_ROW_BLOCKS as usize);
+            assert_eq!(
+                plan.rows.grid as usize,
+                most(tiles(turn)),
+                "{shape} {layout:?}"
+            );
+            assert!(plan.rows.grid >= 1);
+            // Kernel 3 walks tiles of one row per thread.
+            assert_eq!(
+                plan.gradient.grid as usize,
+                most(tiles(ROW_THREADS as usize))
+            );
+        }
         let plan = LaunchPlan::new(shape).unwrap();
-        let rows_per_step = (ROW_THREADS / plan.lanes_per_row) as usize;
-        // Kernel 1 walks tiles with a block stride (a tile is one step of
-        // the lane groups when the rows are too long to stage).
-        let turn = if plan.tile_rows > 0 {
-            plan.tile_rows as usize
-        } else {
-            rows_per_step
-        };
-        let turns = shape.rows().div_ceil(turn);
-        assert_eq!(plan.rows.grid as usize, turns.min(MAX_ROW_BLOCKS as usize));
-        assert!(plan.rows.grid >= 1);
-        // Kernel 3 walks tiles of one row per thread.
-        let tiles = shape.rows().div_ceil(ROW_THREADS as usize);
-        assert_eq!(
-            plan.gradient.grid as usize,
-            tiles.min(MAX_ROW_BLOCKS as usize)
-        );
+        assert_eq!(plan.layout, Layout::RowMajor);
         assert_eq!(plan.gradient.block, ROW_THREADS);
         assert_eq!(plan.select.grid as usize, shape.batch);
         assert_eq!(plan.select.block, SELECT_THREADS);
@@ -152,6 +172,8 @@ fn regions_give_each_kernel_its_buffers_and_the_selection_one_image_per_block() 
         },
         upstream: RawUpstream::Device(0x70_0300),
         pass: multibox::plan::Pass::ForwardBackward,
+        layout: Layout::RowMajor,
+        normalizer: multibox::RawNormalizer::GivenOnDevice(0x70_0400),
     };
     let find = |step, name: &str| {
         plan.regions(step, &call)
@@ -169,6 +191,14 @@ fn regions_give_each_kernel_its_buffers_and_the_selection_one_image_per_block() 
     assert!(!find(Step::Gradient, "keys").writable);
     assert!(find(Step::Gradient, "grad_confidence").writable);
     assert_eq!(find(Step::Gradient, "upstream").len, 8);
+    // The device-side divisor is read by the selection's last block only.
+    let n = find(Step::Select, "normalizer");
+    assert_eq!((n.addr, n.len, n.writable), (0x70_0400, 4, false));
+    assert!(plan
+        .regions(Step::Rows, &call)
+        .iter()
+        .all(|r| r.name != "normalizer"));
+    assert!(find(Step::Rows, "terms").writable);
     for image in 0..3u32 {
         let keys = find(Step::Select, &format!("keys[image {image}]"));
         assert_eq!(keys.blocks, Some(image..image + 1));
@@ -177,6 +207,16 @@ fn regions_give_each_kernel_its_buffers_and_the_selection_one_image_per_block() 
             0x90_0000 + plan.workspace.keys.offset as u64 + u64::from(image) * 4000
         );
         assert_eq!(keys.len, 4000);
+        let terms = find(Step::Select, &format!("terms[image {image}]"));
+        assert_eq!(terms.blocks, Some(image..image + 1));
+        assert_eq!(
+            (terms.addr, terms.len, terms.writable),
+            (
+                0x90_0000 + plan.workspace.terms.offset as u64 + u64::from(image) * 8000,
+                8000,
+                false
+            )
+        );
         let mask = find(Step::Select, &format!("mask[image {image}]"));
         assert_eq!(
             (mask.addr, mask.len),
@@ -211,7 +251,26 @@ fn kernel_1_tiles_fit_shared_memory_in_whole_steps() {
         let shape = Shape::new(2, 500, classes);
         let plan = LaunchPlan::new(shape).unwrap();
         let step = ROW_THREADS / plan.lanes_per_row;
-        assert_eq!(plan.tile_rows, tile_rows(classes, plan.lanes_per_row));
+        assert_eq!(
+            plan.tile_rows,
+            tile_rows(classes, plan.lanes_per_row, Layout::RowMajor)
+        );
+        // Channel-major tiles keep C rows one element longer than the tile.
+        let cm =
+            LaunchPlan::with_limits(shape, Layout::ChannelMajor, GridLimits::default()).unwrap();
+        assert_eq!(cm.tile_rows % step, 0, "C={classes}");
+        assert!(cm.tile_rows <= plan.tile_rows);
+        if cm.tile_rows > 0 {
+            let bytes = (cm.tile_rows as usize + 1) * classes * 4;
+            assert_eq!(cm.rows.shared_bytes as usize, bytes);
+            assert!(bytes <= ROW_TILE_BYTES, "C={classes}");
+            assert!(
+                cm.tile_rows == ROW_THREADS || bytes + step as usize * classes * 4 > ROW_TILE_BYTES,
+                "C={classes}: room for another step"
+            );
+        } else {
+            assert_eq!(cm.rows.shared_bytes, 0);
+        }
         assert!(plan.tile_rows <= ROW_THREADS, "C={classes}");
         assert_eq!(plan.tile_rows % step, 0, "C={classes}");
         if plan.tile_rows == 0 {
@@ -233,14 +292,14 @@ fn kernel_1_tiles_fit_shared_memory_in_whole_steps() {
             );
         }
     }
-    assert_eq!(tile_rows(21, 8), 256);
-    assert_eq!(tile_rows(81, 32), 72);
-    assert_eq!(tile_rows(5000, 32), 0);
+    assert_eq!(tile_rows(21, 8, Layout::RowMajor), 256);
+    assert_eq!(tile_rows(81, 32, Layout::RowMajor), 72);
+    assert_eq!(tile_rows(81, 32, Layout::ChannelMajor), 72);
+    assert_eq!(tile_rows(5000, 32, Layout::RowMajor), 0);
 }
 
 #[test]
 fn grids_stop_at_the_resident_blocks_and_the_workspace_does_not_move() {
-    use multibox::plan::GridLimits;
     let shape = Shape::new(256, 8732, 81);
     let free = LaunchPlan::new(shape).unwrap();
     // An H100-like device: 132 SMs, 4 blocks of kernel 1 and 8 of kernel 3 each.
@@ -252,19 +311,24 @@ fn grids_stop_at_the_resident_blocks_and_the_workspace_does_not_move() {
             gradient: 1056
         }
     );
-    let plan = LaunchPlan::with_limits(shape, limits).unwrap();
+    let plan = LaunchPlan::with_limits(shape, Layout::RowMajor, limits).unwrap();
     assert_eq!(plan.rows.grid, 528);
     assert_eq!(plan.gradient.grid, 1056);
     assert_eq!(plan.workspace, free.workspace);
     assert_eq!(free.rows.grid, MAX_ROW_BLOCKS);
     // A small shape needs fewer blocks than the device holds.
     let small = Shape::new(1, 300, 21);
-    let plan = LaunchPlan::with_limits(small, limits).unwrap();
+    let plan = LaunchPlan::with_limits(small, Layout::RowMajor, limits).unwrap();
     assert_eq!(plan.rows.grid, 2); // tiles of 256 rows
     assert_eq!(plan.gradient.grid, 2);
+    let plan = LaunchPlan::with_limits(small, Layout::ChannelMajor, limits).unwrap();
+    assert_eq!(plan.rows.grid, 2);
+    assert_eq!(plan.gradient.grid, 2);
+    assert_eq!(plan.workspace, LaunchPlan::new(small).unwrap().workspace);
     // A limit of 0 (an occupancy query that found none) still launches.
     let zero = LaunchPlan::with_limits(
         shape,
+        Layout::ChannelMajor,
         GridLimits {
             rows: 0,
             gradient: 0,

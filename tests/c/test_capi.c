@@ -116,6 +116,34 @@ int main(void) {
     call.labels = labels32;
     check_small_case(&config, call);
 
+    /* A given divisor of 4 (say, the positives of four ranks): N / n = 1/4
+     * of everything. Channel-major inputs: [B, C, P] and [B, 4, P]. */
+    call = small_call();
+    call.normalizer = MULTIBOX_NORMALIZE_GIVEN;
+    call.normalizer_value = 4.0f;
+    call.layout = MULTIBOX_CHANNEL_MAJOR;
+    float predicted_cm[B * 4 * P] = {0};
+    for (int j = 0; j < 4; j++) predicted_cm[j * P] = predicted[j];
+    call.predicted_locations = predicted_cm;
+    {
+        multibox_losses given;
+        CHECK(multibox_reference_forward_backward_f32(&config, &call, &given) == MULTIBOX_OK);
+        CHECK(given.num_pos == 1);
+        CHECK_NEAR(given.classification_loss, 0.5 * log(2.0), 1e-12);
+        CHECK_NEAR(given.regression_loss, 1.625 / 4.0, 0.0);
+        /* Class 1 of prior 0 is element 1 * P + 0 channel-major. */
+        CHECK(grad_confidence[0] == 0.125f && grad_confidence[P] == -0.125f);
+        CHECK(grad_locations[0] == 0.125f && grad_locations[3 * P] == 0.25f);
+    }
+    {
+        multibox_losses unused;
+        call.layout = 2;
+        CHECK_INVALID(multibox_reference_forward_backward_f32(&config, &call, &unused), "layout 2");
+        call.layout = MULTIBOX_ROW_MAJOR;
+        call.normalizer = 7;
+        CHECK_INVALID(multibox_reference_forward_backward_f32(&config, &call, &unused), "normalizer 7");
+    }
+
     /* Forward only: gradients may be NULL; losses finite */
     call = small_call();
     call.grad_confidence = NULL;

@@ -6,8 +6,8 @@ use std::cell::RefCell;
 
 use multibox::plan::{GridLimits, LaunchPlan};
 use multibox::{
-    launch_call, Backend, DeviceStatus, Float, Label, MultiboxConfig, Pass, RawBuffers, RawCall,
-    RawUpstream, Shape,
+    launch_call, Backend, DeviceStatus, Float, Label, Layout, MultiboxConfig, Pass, RawBuffers,
+    RawCall, RawNormalizer, RawUpstream, Shape,
 };
 use multibox_emu::{Checks, Region, Traffic};
 
@@ -127,6 +127,30 @@ pub enum Upstream {
     Device(f32, f32),
 }
 
+/// The normaliser of an emulated call.
+#[derive(Debug, Clone, Copy, Default)]
+pub enum Normalizer {
+    #[default]
+    Positives,
+    /// Passed by value.
+    Given(f32),
+    /// Read by the kernels from "device" memory.
+    GivenOnDevice(f32),
+    PerImage,
+}
+
+impl Normalizer {
+    /// The reference's form of it.
+    pub fn reference(self) -> multibox::reference::Normalizer {
+        use multibox::reference::Normalizer as R;
+        match self {
+            Normalizer::Positives => R::Positives,
+            Normalizer::Given(n) | Normalizer::GivenOnDevice(n) => R::Given(n),
+            Normalizer::PerImage => R::PerImage,
+        }
+    }
+}
+
 /// What a call of the kernels wrote (on the emulator or the GPU).
 #[derive(Debug, Clone, PartialEq)]
 pub struct KernelOutput<T> {
@@ -164,6 +188,9 @@ pub struct Call {
     pub misaligned: bool,
     /// The resident blocks of the device the emulator pretends to be.
     pub grid_limits: GridLimits,
+    /// The layout of the inputs (and the gradients).
+    pub layout: Layout,
+    pub normalizer: Normalizer,
 }
 
 impl Default for Call {
@@ -178,6 +205,8 @@ impl Default for Call {
             races: multibox_emu::races_checked_by_default(),
             misaligned: false,
             grid_limits: GridLimits::default(),
+            layout: Layout::RowMajor,
+            normalizer: Normalizer::Positives,
         }
     }
 }
@@ -249,7 +278,7 @@ pub fn run<T: Float, L: Label>(
     let mut losses = [f32::from_bits(u32::from_ne_bytes([fill; 4])); 2];
     let mut num_pos = [-7i32];
     let mut mask = vec![fill; if with_mask { shape.rows() } else { 0 }];
-    let plan = LaunchPlan::new(shape)?;
+    let plan = LaunchPlan::with_limits(shape, call.layout, call.grid_limits)?;
     let mut workspace = Aligned::new(plan.workspace.bytes, fill);
     // Two f32 in "device" memory, read by the kernels when asked to.
     let device_upstream = match upstream {
@@ -259,6 +288,18 @@ pub fn run<T: Float, L: Label>(
     let upstream = match upstream {
         Upstream::Host(g_reg, g_cls) => RawUpstream::Host { g_reg, g_cls },
         Upstream::Device(..) => RawUpstream::Device(device_upstream.as_ptr() as u64),
+    };
+    let device_normalizer = [match call.normalizer {
+        Normalizer::GivenOnDevice(n) => n,
+        _ => 0.0,
+    }];
+    let normalizer = match call.normalizer {
+        Normalizer::Positives => RawNormalizer::Positives,
+        Normalizer::Given(n) => RawNormalizer::Given(n),
+        Normalizer::GivenOnDevice(_) => {
+            RawNormalizer::GivenOnDevice(device_normalizer.as_ptr() as u64)
+        }
+        Normalizer::PerImage => RawNormalizer::PerImage,
     };
     let addr = |s: &[T]| s.as_ptr() as u64;
     let raw = RawCall {
@@ -285,6 +326,8 @@ pub fn run<T: Float, L: Label>(
         },
         upstream,
         pass: Pass::from_backward(backward),
+        layout: call.layout,
+        normalizer,
     };
     check_lengths(shape, inputs);
     let mut emulator = Emulator::for_call(&plan, &raw);
