@@ -189,46 +189,93 @@ template <typename T, typename L> __device__ void write_gradients_row_major(cons
 }
 
 // Channel-major: tiles of ROW_THREADS consecutive priors of one image, a
-// thread per prior. Every class plane and box coordinate is then a
-// contiguous run across the block, so each thread writes its prior's
-// gradient of class c and the warp's stores are one contiguous request,
-// zeros included; no shared memory, no barrier. A thread whose prior is in
-// the set computes its row's statistics alone (lanes_per_row 1: no
-// shuffle), reading its class column with the warp's loads coalesced over
-// the set's priors.
+// thread per prior. Every class plane and box coordinate is a contiguous
+// run across the block, so when each thread writes its prior's gradient of
+// class c, the warp's store is one contiguous request, zeros included.
+//   1. Each thread decides its prior and writes its box gradients; a block
+//      scan lists the set's priors, as row-major.
+//   2. Lane groups take the set's priors and compute their row statistics
+//      with row_stats, reading each class plane at stride P: the same lanes
+//      and the same order as kernel 1 and the row-major path, so every
+//      gradient is bit for bit the row-major call's.
+//   3. Each thread writes its column: zeros outside the set, otherwise
+//      softmax - one-hot from the statistics its group left in shared memory.
+struct ColumnShared {
+    u32 scan[ROW_THREADS / WARP + 1];
+    u32 set_rows[ROW_THREADS];     // tile offsets of the set's priors, in order
+    u32 set_labels[ROW_THREADS];
+    u32 slot[ROW_THREADS];         // a set prior's index in the lists above
+    RowStats stats[ROW_THREADS];   // per set prior, from step 2
+};
+
 template <typename T, typename L> __device__ void write_gradients_channel_major(const MultiboxParams& p) {
+    __shared__ ColumnShared sh;
     const T* confidence = static_cast<const T*>(p.confidence);
     const T* pred = static_cast<const T*>(p.predicted_locations);
     const T* gt = static_cast<const T*>(p.gt_locations);
     T* grad_confidence = static_cast<T*>(p.grad_confidence);
     T* grad_locations = static_cast<T*>(p.grad_locations);
+    const u32 t = threadIdx.x;
     const u64 priors = p.priors;
     const u32 per_image = (p.priors + ROW_THREADS - 1) / ROW_THREADS;
     const u64 tiles = u64(p.batch) * per_image;
     const Scales scales = gradient_scales(p);
+    const u32 lanes = p.lanes_per_row, sub = t % lanes, group = t / lanes;
+    const u32 groups = ROW_THREADS / lanes;
 
     for (u64 tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
         const u64 image = tile / per_image;
-        const u32 prior = u32(tile % per_image) * ROW_THREADS + threadIdx.x;
-        if (prior >= p.priors) continue;
-        const RowDecision mine = decide<L>(p, scales, image * priors + prior, true);
+        const u32 p0 = u32(tile % per_image) * ROW_THREADS;
+        const u32 count = p.priors - p0 < ROW_THREADS ? p.priors - p0 : ROW_THREADS;
+        const T* x0 = confidence + image * p.classes * priors + p0;  // class c of tile prior r: x0[r + c * P]
 
-        const u64 box = image * 4 * priors + prior;
-        float g[4];
-        box_gradient(p, mine, pred + box, gt + box, priors, g);
-        store_box(grad_locations + box, priors, g);
-
-        const u64 column = image * p.classes * priors + prior;
-        const T* x = confidence + column;
-        const i64 label = i64(mine.label);
-        bool nonfinite;
-        const RowStats stats = row_stats(x, priors, p.classes, 0, 1, mine.in_set, label, &nonfinite);
-        const float inv_sum = 1.0f / stats.sum_exp;
-        T* out = grad_confidence + column;
-        for (u32 c = 0; c < p.classes; ++c) {
-            const float d = mine.in_set ? mine.cls_scale * softmax_minus_onehot(stats, inv_sum, x, priors, c, label) : 0.0f;
-            out[c * priors] = from_f32<T>(d);
+        // 1. This thread's prior.
+        const RowDecision mine = decide<L>(p, scales, image * priors + p0 + t, t < count);
+        if (t < count) {
+            const u64 box = image * 4 * priors + p0 + t;
+            float g[4];
+            box_gradient(p, mine, pred + box, gt + box, priors, g);
+            store_box(grad_locations + box, priors, g);
         }
+        u32 set_count;
+        const u32 slot = block_exclusive_scan<ROW_THREADS>(u32(mine.in_set), sh.scan, &set_count);
+        if (mine.in_set) {
+            sh.set_rows[slot] = t;
+            sh.set_labels[slot] = mine.label;
+            sh.slot[t] = slot;
+        }
+        __syncthreads();  // the list is complete
+
+        // 2. The set's statistics, a lane group per prior. Every thread walks
+        // the same number of steps, so the group shuffles find all 32 lanes.
+        for (u32 base = 0; base < set_count; base += groups) {
+            const u32 i = base + group;
+            const bool active = i < set_count;
+            const u32 r = active ? sh.set_rows[i] : 0u;
+            bool nonfinite;
+            const RowStats stats =
+                row_stats(x0 + r, priors, p.classes, sub, lanes, active, active ? i64(sh.set_labels[i]) : 0, &nonfinite);
+            if (active && sub == 0) sh.stats[i] = stats;
+        }
+        __syncthreads();  // the statistics are complete
+
+        // 3. This thread's column, every class.
+        if (t < count) {
+            T* out = grad_confidence + image * p.classes * priors + p0 + t;
+            if (!mine.in_set) {
+                const T zero = from_f32<T>(0.0f);
+                for (u32 c = 0; c < p.classes; ++c) out[c * priors] = zero;
+            } else {
+                const RowStats stats = sh.stats[sh.slot[t]];
+                const float inv_sum = 1.0f / stats.sum_exp;
+                const i64 label = i64(mine.label);
+                for (u32 c = 0; c < p.classes; ++c)
+                    out[c * priors] = from_f32<T>(mine.cls_scale * softmax_minus_onehot(stats, inv_sum, x0 + t, priors, c, label));
+            }
+        }
+        // No barrier here: the next tile's first shared writes (the lists)
+        // come after its scan's barriers, which every thread reaches only
+        // after finishing this tile's step 3.
     }
 }
 

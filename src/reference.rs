@@ -505,11 +505,18 @@ fn compute_row_major<T: Float, L: Label>(
         let (max, sum) = (row_max[row], row_sum[row]);
         let scale_cls = f64::from(up.g_cls) / d;
         let grad = &mut grad_confidence[row * c_count..(row + 1) * c_count];
-        for (c, (g, &v)) in grad.iter_mut().zip(x).enumerate() {
-            let softmax = (widen(v) - max).exp() / sum;
-            let onehot = if c == target { 1.0 } else { 0.0 };
-            *g = scale_cls * (softmax - onehot);
+        for (g, &v) in grad.iter_mut().zip(x) {
+            *g = scale_cls * (widen(v) - max).exp() / sum;
         }
+        // softmax[target] - 1 = -(the others' share), summed as such: 1 -
+        // (1 - 1e-20) cancels to 0 even in f64, the others' sum does not.
+        let others: f64 = x
+            .iter()
+            .enumerate()
+            .filter(|&(c, _)| c != target)
+            .map(|(_, &v)| (widen(v) - max).exp())
+            .sum();
+        grad[target] = -scale_cls * others / sum;
         if target == 0 {
             continue;
         }

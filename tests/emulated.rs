@@ -4,12 +4,12 @@
 
 mod common;
 
-use common::emulated::{self, Call, HostInputs, KernelOutput, Upstream};
+use common::emulated::{self, Call, HostInputs, KernelOutput, Normalizer, Upstream};
 use half::{bf16, f16};
 use multibox::reference;
 use multibox::synthetic::SplitMix64;
 use multibox::{
-    launch_call, Backend, Error, Float, Label, MultiboxConfig, Pass, RawBuffers, RawCall,
+    launch_call, Backend, Error, Float, Label, Layout, MultiboxConfig, Pass, RawBuffers, RawCall,
     RawNormalizer, RawUpstream, Shape,
 };
 
@@ -111,6 +111,11 @@ impl<T: Float, L: Label> Drawn<T, L> {
     }
 
     fn reference(&self) -> reference::Output {
+        self.reference_with(Normalizer::Positives)
+    }
+
+    /// The reference on the row-major inputs, under `normalizer`.
+    fn reference_with(&self, normalizer: Normalizer) -> reference::Output {
         let inputs = reference::Inputs {
             confidence: &self.confidence,
             predicted_locations: &self.predicted_locations,
@@ -121,7 +126,37 @@ impl<T: Float, L: Label> Drawn<T, L> {
             g_reg: self.upstream.0,
             g_cls: self.upstream.1,
         };
-        reference::forward_backward(&self.config, self.shape, &inputs, upstream).unwrap()
+        let options = reference::Options {
+            normalizer: normalizer.reference(),
+            ..Default::default()
+        };
+        reference::forward_backward_with(&self.config, self.shape, &inputs, upstream, &options)
+            .unwrap()
+    }
+
+    /// What each image's sums are divided by under `normalizer` (SPEC.md,
+    /// "Normalisation"); None: the image adds 0.
+    fn divisors(&self, normalizer: Normalizer) -> Vec<Option<f64>> {
+        let p = self.shape.priors;
+        let positives: Vec<u64> = (0..self.shape.batch)
+            .map(|b| {
+                (0..p)
+                    .filter(|&i| self.labels[b * p + i].to_i64() > 0)
+                    .count() as u64
+            })
+            .collect();
+        let total: u64 = positives.iter().sum();
+        let batch = self.shape.batch as f64;
+        positives
+            .iter()
+            .map(|&pos| match normalizer {
+                Normalizer::Positives => (total > 0).then_some(total as f64),
+                Normalizer::Given(n) | Normalizer::GivenOnDevice(n) => {
+                    (n > 0.0).then_some(f64::from(n))
+                }
+                Normalizer::PerImage => (pos > 0).then_some(batch * pos as f64),
+            })
+            .collect()
     }
 }
 
@@ -133,20 +168,22 @@ impl<T: Float, L: Label> Drawn<T, L> {
 /// within that rounding of the image's k-th key, each image must mine
 /// exactly k_b, and such a row's gradient is checked against the f64
 /// softmax gradient for the set the kernels chose.
+///
+/// `divisors[b]` is what image b's sums are divided by (None: it adds 0).
 fn compare<T: Float, L: Label>(
     what: &str,
     case: &Drawn<T, L>,
     want: &reference::Output,
     got: &KernelOutput<T>,
+    divisors: &[Option<f64>],
 ) {
     let shape = case.shape;
     let (p, c) = (shape.priors, shape.classes);
     assert!(got.status.is_ok(), "{what}: status {:?}", got.status);
     assert_eq!(got.num_pos as u64, want.losses.num_pos, "{what}: num_pos");
-    let n = want.losses.num_pos as f64;
 
     let mut swapped_loss = 0.0f64; // cls difference the boundary choices explain
-    for b in 0..shape.batch {
+    for (b, &divisor) in divisors.iter().enumerate() {
         let mined: usize = (0..p)
             .filter(|&i| got.mask[b * p + i] == 1 && case.labels[b * p + i].to_i64() == 0)
             .count();
@@ -175,7 +212,9 @@ fn compare<T: Float, L: Label>(
                 (key - kth).abs() <= tol,
                 "{what}: prior {r} (key {key}) chosen differently, but the k-th key is {kth}"
             );
-            swapped_loss += if got.mask[r] == 1 { key } else { -key };
+            if let Some(d) = divisor {
+                swapped_loss += if got.mask[r] == 1 { key / d } else { -key / d };
+            }
         }
     }
 
@@ -193,7 +232,7 @@ fn compare<T: Float, L: Label>(
         want.losses.regression_loss
     );
     let cls = f64::from(got.classification_loss);
-    let want_cls = want.losses.classification_loss + if n > 0.0 { swapped_loss / n } else { 0.0 };
+    let want_cls = want.losses.classification_loss + swapped_loss;
     assert!(
         rel(cls, want_cls) <= 1e-6,
         "{what}: cls {cls} vs {want_cls}"
@@ -210,11 +249,12 @@ fn compare<T: Float, L: Label>(
         let m = x.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         let s: f64 = x.iter().map(|v| (v - m).exp()).sum();
         for j in 0..c {
-            grad[r * c + j] = if got.mask[r] == 1 {
-                f64::from(case.upstream.1) / n
-                    * ((x[j] - m).exp() / s - if j == 0 { 1.0 } else { 0.0 })
-            } else {
-                0.0
+            grad[r * c + j] = match divisors[r / p] {
+                Some(d) if got.mask[r] == 1 => {
+                    f64::from(case.upstream.1) / d
+                        * ((x[j] - m).exp() / s - if j == 0 { 1.0 } else { 0.0 })
+                }
+                _ => 0.0,
             };
         }
     }
@@ -269,7 +309,13 @@ fn randomized<T: Float, L: Label>(seeds: std::ops::Range<u64>, max_elements: usi
         };
         let got = emulated::run(&case.config, case.shape, &case.host(), call)
             .unwrap_or_else(|e| panic!("{what}: {e}"));
-        compare(&what, &case, &want, &got);
+        compare(
+            &what,
+            &case,
+            &want,
+            &got,
+            &case.divisors(Normalizer::Positives),
+        );
     }
 }
 
@@ -303,6 +349,103 @@ fn randomized_bf16_i32() {
     randomized::<bf16, i32>(500..506, 200_000);
 }
 
+/// Each randomized case under every normaliser: row-major against the
+/// reference, and channel-major against row-major on the transposed
+/// inputs. Both layouts compute every row's statistics with the same lanes
+/// in the same order, so everything must be the same bits: the mask,
+/// `num_pos`, the losses (summed per image in the same order) and every
+/// gradient.
+fn layouts_and_normalisers<T: Float, L: Label>(seeds: std::ops::Range<u64>, max_elements: usize) {
+    for seed in seeds {
+        let case = Drawn::<T, L>::draw(seed, max_elements);
+        let n = [0.5f32, 3.0, 1234.5][(seed % 3) as usize];
+        let normalizer = [
+            Normalizer::Positives,
+            Normalizer::Given(n),
+            Normalizer::GivenOnDevice(n),
+            Normalizer::PerImage,
+        ][(seed % 4) as usize];
+        let what = format!("seed {seed} {:?} {} {normalizer:?}", T::DTYPE, case.shape);
+        let want = case.reference_with(normalizer);
+        let divisors = case.divisors(normalizer);
+        let call = Call {
+            upstream: Upstream::Host(case.upstream.0, case.upstream.1),
+            normalizer,
+            ..Call::default()
+        };
+        let row_major = emulated::run(&case.config, case.shape, &case.host(), call)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        compare(
+            &format!("{what} row-major"),
+            &case,
+            &want,
+            &row_major,
+            &divisors,
+        );
+
+        let call = Call {
+            layout: Layout::ChannelMajor,
+            ..call
+        };
+        assert_channel_major_is_row_major(&what, &case, call, &row_major);
+    }
+}
+
+/// Runs `case` channel-major (its inputs transposed) and requires every
+/// output bit of `row_major`, the row-major call's result.
+fn assert_channel_major_is_row_major<T: Float, L: Label>(
+    what: &str,
+    case: &Drawn<T, L>,
+    call: Call,
+    row_major: &KernelOutput<T>,
+) {
+    let shape = case.shape;
+    let (rm, cm) = (Layout::RowMajor, Layout::ChannelMajor);
+    let confidence = rm.convert(&case.confidence, shape, shape.classes, cm);
+    let predicted_locations = rm.convert(&case.predicted_locations, shape, 4, cm);
+    let gt_locations = rm.convert(&case.gt_locations, shape, 4, cm);
+    let inputs = HostInputs {
+        confidence: &confidence,
+        predicted_locations: &predicted_locations,
+        labels: &case.labels,
+        gt_locations: &gt_locations,
+    };
+    let call = Call { layout: cm, ..call };
+    let got = emulated::run(&case.config, shape, &inputs, call)
+        .unwrap_or_else(|e| panic!("{what} channel-major: {e}"));
+    assert_eq!(got.mask, row_major.mask, "{what}: mask");
+    assert_eq!(got.num_pos, row_major.num_pos, "{what}: num_pos");
+    let bits = |o: &KernelOutput<T>| [o.regression_loss.to_bits(), o.classification_loss.to_bits()];
+    assert_eq!(bits(&got), bits(row_major), "{what}: losses");
+    let same_bits = |a: &[T], b: &[T]| {
+        a.len() == b.len()
+            && a.iter()
+                .zip(b)
+                .all(|(x, y)| bytemuck::bytes_of(x) == bytemuck::bytes_of(y))
+    };
+    let grad_confidence = cm.convert(&got.grad_confidence, shape, shape.classes, rm);
+    let grad_locations = cm.convert(&got.grad_locations, shape, 4, rm);
+    assert!(
+        same_bits(&grad_confidence, &row_major.grad_confidence),
+        "{what}: grad_confidence"
+    );
+    assert!(
+        same_bits(&grad_locations, &row_major.grad_locations),
+        "{what}: grad_locations"
+    );
+}
+
+#[test]
+fn randomized_layouts_and_normalisers_f32() {
+    layouts_and_normalisers::<f32, i64>(600..612, 200_000);
+}
+
+#[test]
+fn randomized_layouts_and_normalisers_half() {
+    layouts_and_normalisers::<f16, i32>(700..704, 100_000);
+    layouts_and_normalisers::<bf16, i64>(800..804, 100_000);
+}
+
 /// Large images exercise every radix pass and the tie scan over many chunks.
 #[test]
 fn long_images_with_heavy_ties() {
@@ -321,7 +464,13 @@ fn long_images_with_heavy_ties() {
     let got = emulated::run(&case.config, shape, &case.host(), Call::default()).unwrap();
     // Equal rows give bit-equal keys on both sides: the masks agree exactly.
     assert_eq!(got.mask, want.mask);
-    compare("heavy ties", &case, &want, &got);
+    compare(
+        "heavy ties",
+        &case,
+        &want,
+        &got,
+        &case.divisors(Normalizer::Positives),
+    );
 }
 
 /// Rows too long for kernel 1's shared-memory tile (the plan's tile_rows is
@@ -344,7 +493,18 @@ fn rows_too_long_for_a_tile_are_read_from_global_memory() {
     let case = Drawn::with(shape, confidence, labels, &mut rng);
     let want = case.reference();
     let got = emulated::run(&case.config, shape, &case.host(), Call::default()).unwrap();
-    compare("long rows", &case, &want, &got);
+    compare(
+        "long rows",
+        &case,
+        &want,
+        &got,
+        &case.divisors(Normalizer::Positives),
+    );
+    let cm =
+        multibox::plan::LaunchPlan::with_limits(shape, Layout::ChannelMajor, Default::default())
+            .unwrap();
+    assert_eq!(cm.tile_rows, 0);
+    assert_channel_major_is_row_major("long rows", &case, Call::default(), &got);
 }
 
 #[test]
@@ -452,7 +612,14 @@ fn few_resident_blocks_walk_many_tiles<T: Float, L: Label>(seed: u64) {
         bits(&few.grad_locations),
         "seed {seed}"
     );
-    compare("few resident blocks", &case, &case.reference(), &few);
+    let divisors = case.divisors(Normalizer::Positives);
+    compare(
+        "few resident blocks",
+        &case,
+        &case.reference(),
+        &few,
+        &divisors,
+    );
 }
 
 #[test]
@@ -609,7 +776,118 @@ fn no_positive_in_the_batch_gives_zeros() {
         .all(|&g| g == 0.0));
     // min_negatives_per_image still mines, so the mask shows the choice.
     assert_eq!(got.mask.iter().filter(|&&m| m == 1).count(), 30);
-    compare("no positive", &case, &case.reference(), &got);
+    let divisors = case.divisors(Normalizer::Positives);
+    compare("no positive", &case, &case.reference(), &got, &divisors);
+}
+
+/// SPEC.md: a given divisor n <= 0 behaves like N == 0 (zeros, no logit
+/// read), a non-finite one makes both losses NaN and the set's gradients
+/// NaN; the same whether n comes from the host or from device memory, in
+/// either layout. The split backward divides by what its forward recorded.
+#[test]
+fn given_divisors_at_and_past_the_edges() {
+    let mut rng = SplitMix64(91);
+    let shape = Shape::new(2, 300, 21);
+    let confidence: Vec<f32> = (0..shape.confidence_len())
+        .map(|_| rng.normal() as f32)
+        .collect();
+    let labels: Vec<i64> = (0..shape.rows())
+        .map(|i| i64::from(i % 13 == 0) * 3)
+        .collect();
+    let case = Drawn::with(shape, confidence, labels, &mut rng);
+    for n in [
+        0.0f32,
+        -0.0,
+        -5.0,
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+    ] {
+        for normalizer in [Normalizer::Given(n), Normalizer::GivenOnDevice(n)] {
+            for (layout, split) in [(Layout::RowMajor, false), (Layout::ChannelMajor, true)] {
+                let what = format!("{normalizer:?} {layout:?}");
+                let call = Call {
+                    normalizer,
+                    layout,
+                    split,
+                    ..Call::default()
+                };
+                let got = emulated::run(&case.config, shape, &case.host(), call).unwrap();
+                assert!(got.status.is_ok(), "{what}");
+                assert_eq!(got.num_pos, 47, "{what}: num_pos stays the local count");
+                let set = got.mask.iter().filter(|&&m| m == 1).count();
+                assert_eq!(set, 47 * 4, "{what}: the mining does not see n");
+                let in_set = |i: usize, per_prior: usize| {
+                    // Gradients are in the call's layout; masks are [B, P].
+                    let row = match layout {
+                        Layout::RowMajor => i / per_prior,
+                        Layout::ChannelMajor => {
+                            let (b, rest) = (i / (per_prior * 300), i % (per_prior * 300));
+                            b * 300 + rest % 300
+                        }
+                    };
+                    got.mask[row] == 1
+                };
+                if n.is_nan() || n.is_infinite() {
+                    assert!(
+                        got.regression_loss.is_nan() && got.classification_loss.is_nan(),
+                        "{what}"
+                    );
+                    for (i, g) in got.grad_confidence.iter().enumerate() {
+                        assert_eq!(
+                            g.is_nan(),
+                            in_set(i, 21),
+                            "{what}: grad_confidence[{i}] = {g}"
+                        );
+                        assert!(g.is_nan() || *g == 0.0, "{what}");
+                    }
+                } else {
+                    assert_eq!(
+                        (got.regression_loss, got.classification_loss),
+                        (0.0, 0.0),
+                        "{what}"
+                    );
+                    assert!(
+                        got.grad_confidence
+                            .iter()
+                            .chain(&got.grad_locations)
+                            .all(|&g| g == 0.0),
+                        "{what}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Per image, an image without positives adds 0 to the losses and gets
+/// zero gradients even where min_negatives_per_image mined negatives.
+#[test]
+fn per_image_an_image_without_positives_gets_zeros() {
+    let mut rng = SplitMix64(93);
+    let shape = Shape::new(3, 200, 5);
+    let confidence: Vec<f32> = (0..shape.confidence_len())
+        .map(|_| rng.normal() as f32)
+        .collect();
+    // Image 1 has no positive.
+    let labels: Vec<i64> = (0..shape.rows())
+        .map(|i| i64::from(i / 200 != 1 && i % 7 == 0) * 2)
+        .collect();
+    let mut case = Drawn::with(shape, confidence, labels, &mut rng);
+    case.config.min_negatives_per_image = 5;
+    let normalizer = Normalizer::PerImage;
+    let want = case.reference_with(normalizer);
+    let call = Call {
+        normalizer,
+        ..Call::default()
+    };
+    let got = emulated::run(&case.config, shape, &case.host(), call).unwrap();
+    compare("per image", &case, &want, &got, &case.divisors(normalizer));
+    assert_eq!(got.mask[200..400].iter().filter(|&&m| m == 1).count(), 5);
+    assert!(got.grad_confidence[200 * 5..400 * 5]
+        .iter()
+        .all(|&g| g == 0.0));
+    assert!(got.grad_confidence[..200 * 5].iter().any(|&g| g != 0.0));
 }
 
 #[test]
