@@ -317,6 +317,10 @@ impl CaseVisitor for RunVariants {
     fn visit<T: Float, L: Label>(self, case: &Case<T, L>) -> Self::Output {
         let shape = case.meta.shape;
         let mut reports = Vec::new();
+        let device = gpu::device(&format!(
+            "golden case {} variants on the gpu",
+            case.meta.name
+        ));
         for (layout, normalizer) in variants() {
             let n = given_divisor(case.expected.num_pos);
             let normalizer = match normalizer {
@@ -406,6 +410,11 @@ impl CaseVisitor for RunVariants {
                     &variant,
                     &kernel_result("emulated kernels", &variant, out),
                 ));
+                if let Some(ctx) = &device {
+                    let out = gpu::run(ctx, &case.meta.config, shape, &host, call)
+                        .unwrap_or_else(|e| panic!("{name}: the GPU failed: {e}"));
+                    reports.push(check(&variant, &kernel_result("gpu", &variant, out)));
+                }
             }
         }
         reports
@@ -413,7 +422,8 @@ impl CaseVisitor for RunVariants {
 }
 
 /// Every golden case in the other layout and under the other normalisers,
-/// on the emulated kernels, against the CPU reference on the same inputs
+/// on the emulated kernels (and the GPU, when there is one), against the
+/// CPU reference on the same inputs
 /// (which is held to the goldens above, and here to the mined set and the
 /// N / n scaling the goldens imply).
 #[test]
@@ -423,7 +433,12 @@ fn every_golden_case_in_each_layout_and_normaliser() {
     for meta in &cases {
         reports.extend(meta.visit(RunVariants));
     }
-    assert_eq!(reports.len(), cases.len() * variants().len() * 2);
+    let backends = if gpu::device("golden variants").is_some() {
+        2
+    } else {
+        1
+    };
+    assert_eq!(reports.len(), cases.len() * variants().len() * 2 * backends);
     let worst_loss = reports.iter().map(Report::loss_rel_err).fold(0.0, f64::max);
     println!(
         "{} runs of {} cases: worst loss relative error {worst_loss:.2e}",

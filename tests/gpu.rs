@@ -6,10 +6,10 @@
 
 mod common;
 
-use common::emulated::{self, Call, HostInputs, Upstream};
+use common::emulated::{self, Call, HostInputs, Normalizer, Upstream};
 use common::gpu::{self, DeviceCall};
 use multibox::synthetic::{Batch, BatchSpec};
-use multibox::{Error, MultiboxConfig, MultiboxLoss, Shape};
+use multibox::{CallOptions, Error, Layout, MultiboxConfig, MultiboxLoss, Shape};
 
 fn batch(shape: Shape, seed: u64) -> Batch<f32, i64> {
     Batch::generate(
@@ -180,4 +180,113 @@ fn gpu_refuses_bad_calls_before_launching() {
         call.launch(&loss, &stream, Call::default()),
         Err(Error::WorkspaceTooSmall { .. })
     ));
+}
+
+/// On the GPU too, a channel-major call is the row-major call on the
+/// transposed inputs, bit for bit, under every normaliser; and both match
+/// the emulated kernels' mask.
+#[test]
+fn gpu_channel_major_is_the_row_major_call_bit_for_bit() {
+    let Some(ctx) = gpu::device("gpu_channel_major_is_the_row_major_call_bit_for_bit") else {
+        return;
+    };
+    let config = MultiboxConfig::default();
+    for (shape, seed) in [(Shape::new(4, 3000, 21), 11), (Shape::new(2, 8732, 81), 12)] {
+        let b = batch(shape, seed);
+        let (rm, cm) = (Layout::RowMajor, Layout::ChannelMajor);
+        let confidence = rm.convert(&b.confidence, shape, shape.classes, cm);
+        let predicted_locations = rm.convert(&b.predicted_locations, shape, 4, cm);
+        let gt_locations = rm.convert(&b.gt_locations, shape, 4, cm);
+        let transposed = HostInputs {
+            confidence: &confidence,
+            predicted_locations: &predicted_locations,
+            labels: &b.labels,
+            gt_locations: &gt_locations,
+        };
+        for normalizer in [
+            Normalizer::Positives,
+            Normalizer::Given(77.5),
+            Normalizer::GivenOnDevice(77.5),
+            Normalizer::PerImage,
+        ] {
+            let what = format!("{shape} {normalizer:?}");
+            let row = Call {
+                normalizer,
+                ..Call::default()
+            };
+            let column = Call { layout: cm, ..row };
+            let a = gpu::run(&ctx, &config, shape, &host(&b), row).unwrap();
+            let mut c = gpu::run(&ctx, &config, shape, &transposed, column).unwrap();
+            c.grad_confidence = cm.convert(&c.grad_confidence, shape, shape.classes, rm);
+            c.grad_locations = cm.convert(&c.grad_locations, shape, 4, rm);
+            let bits = |g: &[f32]| g.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&a.grad_confidence), bits(&c.grad_confidence), "{what}");
+            assert_eq!(bits(&a.grad_locations), bits(&c.grad_locations), "{what}");
+            assert_eq!(
+                [a.regression_loss.to_bits(), a.classification_loss.to_bits()],
+                [c.regression_loss.to_bits(), c.classification_loss.to_bits()],
+                "{what}"
+            );
+            assert_eq!((a.mask, a.num_pos), (c.mask, c.num_pos), "{what}");
+        }
+    }
+}
+
+/// A divisor in device memory is read when the kernels run: a captured
+/// graph replayed after the buffer changed divides by the new value, with
+/// no host round-trip (what an all-reduced count needs).
+#[test]
+fn a_captured_graph_reads_the_device_divisor_at_each_replay() {
+    let Some(ctx) = gpu::device("a_captured_graph_reads_the_device_divisor_at_each_replay") else {
+        return;
+    };
+    // SAFETY: no other stream of this test's context uses these buffers.
+    unsafe { ctx.disable_event_tracking() };
+    let shape = Shape::new(8, 3000, 21);
+    let b = batch(shape, 13);
+    let stream = ctx.new_stream().unwrap();
+    let loss = MultiboxLoss::new(&ctx, MultiboxConfig::default()).unwrap();
+    let mut d = DeviceCall::new(&stream, shape, &host(&b)).unwrap();
+    stream.memcpy_htod(&[2.0f32], &mut d.normalizer).unwrap();
+    stream.synchronize().unwrap();
+    stream
+        .begin_capture(
+            multibox::cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+        )
+        .unwrap();
+    loss.forward_with(
+        &stream,
+        shape,
+        &multibox::Inputs {
+            confidence: &d.confidence,
+            predicted_locations: &d.predicted_locations,
+            labels: &d.labels,
+            gt_locations: &d.gt_locations,
+        },
+        &mut multibox::Outputs {
+            regression_loss: &mut d.regression_loss,
+            classification_loss: &mut d.classification_loss,
+            num_pos: &mut d.num_pos,
+            mask: None,
+        },
+        &mut d.workspace,
+        CallOptions {
+            layout: Layout::RowMajor,
+            normalizer: multibox::Normalizer::GivenOnDevice(&d.normalizer),
+        },
+    )
+    .unwrap();
+    let graph = stream.end_capture(multibox::cudarc::driver::sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH).unwrap().expect("a graph");
+    let mut losses = Vec::new();
+    for n in [2.0f32, 4.0] {
+        stream.memcpy_htod(&[n], &mut d.normalizer).unwrap();
+        graph.launch().unwrap();
+        let reg = stream.clone_dtoh(&d.regression_loss).unwrap()[0];
+        let cls = stream.clone_dtoh(&d.classification_loss).unwrap()[0];
+        losses.push((reg, cls));
+    }
+    // Sums divided by 2 and by 4: exactly a factor of 2 apart.
+    assert!(losses[0].1 > 0.0);
+    assert_eq!(losses[0].0, 2.0 * losses[1].0);
+    assert_eq!(losses[0].1, 2.0 * losses[1].1);
 }

@@ -6,10 +6,11 @@ use std::sync::Arc;
 
 use multibox::cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use multibox::{
-    DeviceStatus, Float, Gradients, Inputs, Label, MultiboxConfig, MultiboxLoss, Outputs, Shape,
+    CallOptions, DeviceStatus, Float, Gradients, Inputs, Label, MultiboxConfig, MultiboxLoss,
+    Normalizer, Outputs, Shape,
 };
 
-use super::emulated::{Call, HostInputs, KernelOutput, Upstream};
+use super::emulated::{self, Call, HostInputs, KernelOutput, Upstream};
 
 /// The first GPU, or `None` with the reason printed.
 pub fn device(test: &str) -> Option<Arc<CudaContext>> {
@@ -42,6 +43,8 @@ pub struct DeviceCall<T, L> {
     pub num_pos: CudaSlice<i32>,
     pub mask: CudaSlice<u8>,
     pub upstream: CudaSlice<f32>,
+    /// The divisor of `Normalizer::GivenOnDevice` calls.
+    pub normalizer: CudaSlice<f32>,
     pub workspace: CudaSlice<u8>,
 }
 
@@ -67,6 +70,7 @@ impl<T: Float, L: Label> DeviceCall<T, L> {
             num_pos: stream.clone_htod(&[-7i32])?,
             mask: garbage(shape.rows())?,
             upstream: stream.clone_htod(&[1.0f32, 1.0])?,
+            normalizer: stream.clone_htod(&[f32::NAN])?,
             workspace: garbage(multibox::workspace_bytes(shape)?)?,
         })
     }
@@ -78,6 +82,20 @@ impl<T: Float, L: Label> DeviceCall<T, L> {
         stream: &Arc<CudaStream>,
         call: Call,
     ) -> multibox::Result<()> {
+        if let emulated::Normalizer::GivenOnDevice(n) = call.normalizer {
+            stream.memcpy_htod(&[n], &mut self.normalizer)?;
+        }
+        let options = || CallOptions {
+            layout: call.layout,
+            normalizer: match call.normalizer {
+                emulated::Normalizer::Positives => Normalizer::Positives,
+                emulated::Normalizer::Given(n) => Normalizer::Given(n),
+                emulated::Normalizer::GivenOnDevice(_) => {
+                    Normalizer::GivenOnDevice(&self.normalizer)
+                }
+                emulated::Normalizer::PerImage => Normalizer::PerImage,
+            },
+        };
         let inputs = Inputs {
             confidence: &self.confidence,
             predicted_locations: &self.predicted_locations,
@@ -95,12 +113,13 @@ impl<T: Float, L: Label> DeviceCall<T, L> {
             },
         };
         if !call.backward {
-            return loss.forward(
+            return loss.forward_with(
                 stream,
                 self.shape,
                 &inputs,
                 &mut outputs,
                 &mut self.workspace,
+                options(),
             );
         }
         let upstream = match call.upstream {
@@ -115,23 +134,25 @@ impl<T: Float, L: Label> DeviceCall<T, L> {
             predicted_locations: &mut self.grad_locations,
         };
         if call.split {
-            loss.forward(
+            loss.forward_with(
                 stream,
                 self.shape,
                 &inputs,
                 &mut outputs,
                 &mut self.workspace,
+                options(),
             )?;
-            return loss.backward(
+            return loss.backward_with(
                 stream,
                 self.shape,
                 &inputs,
                 upstream,
                 &mut gradients,
                 &mut self.workspace,
+                call.layout,
             );
         }
-        loss.forward_backward(
+        loss.forward_backward_with(
             stream,
             self.shape,
             &inputs,
@@ -139,6 +160,7 @@ impl<T: Float, L: Label> DeviceCall<T, L> {
             &mut gradients,
             &mut outputs,
             &mut self.workspace,
+            options(),
         )
     }
 
