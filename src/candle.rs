@@ -43,6 +43,9 @@ use candle_core::{CpuStorage, DType, Layout, Tensor};
 use half::{bf16, f16};
 
 use crate::reference::{self, Inputs, Upstream};
+/// The per-call settings: the layout and the normaliser (the CPU
+/// reference's, a divisor known on the host).
+pub use crate::reference::{Normalizer, Options};
 use crate::{Float, MultiboxConfig, Shape};
 
 #[cfg(feature = "candle-cuda")]
@@ -78,12 +81,47 @@ pub fn multibox_loss(
     labels: &Tensor,
     gt_locations: &Tensor,
 ) -> candle_core::Result<MultiboxLosses> {
-    let (b, p, c) = confidence.dims3()?;
+    let options = Options::default();
+    multibox_loss_with(
+        config,
+        confidence,
+        predicted_locations,
+        labels,
+        gt_locations,
+        &options,
+    )
+}
+
+/// [`multibox_loss`] in a chosen layout ([`Options::layout`]: channel-major
+/// takes `[B, C, P]` logits and `[B, 4, P]` boxes, and gives gradients in
+/// that layout) with a chosen normaliser ([`Options::normalizer`]; a divisor
+/// in device memory is [`crate::MultiboxLoss::forward_with`]'s).
+///
+/// # Errors
+/// As [`multibox_loss`], with the shapes of the layout.
+pub fn multibox_loss_with(
+    config: &MultiboxConfig,
+    confidence: &Tensor,
+    predicted_locations: &Tensor,
+    labels: &Tensor,
+    gt_locations: &Tensor,
+    options: &Options,
+) -> candle_core::Result<MultiboxLosses> {
+    let (b, p, c, boxes) = match options.layout {
+        crate::Layout::RowMajor => {
+            let (b, p, c) = confidence.dims3()?;
+            (b, p, c, vec![b, p, 4])
+        }
+        crate::Layout::ChannelMajor => {
+            let (b, c, p) = confidence.dims3()?;
+            (b, p, c, vec![b, 4, p])
+        }
+    };
     let shape = Shape::new(b, p, c);
     for (name, t, dims) in [
-        ("predicted_locations", predicted_locations, vec![b, p, 4]),
+        ("predicted_locations", predicted_locations, boxes.clone()),
         ("labels", labels, vec![b, p]),
-        ("gt_locations", gt_locations, vec![b, p, 4]),
+        ("gt_locations", gt_locations, boxes),
     ] {
         if t.dims() != dims.as_slice() {
             candle_core::bail!(
@@ -111,6 +149,7 @@ pub fn multibox_loss(
         return cuda::multibox_loss(
             config,
             shape,
+            *options,
             confidence,
             predicted_locations,
             labels,
@@ -150,6 +189,7 @@ pub fn multibox_loss(
     let op = MultiboxOp {
         config: *config,
         shape,
+        options: *options,
         labels,
         #[cfg(feature = "candle-cuda")]
         cuda: Default::default(),
@@ -172,6 +212,7 @@ pub fn multibox_loss(
 struct MultiboxOp {
     config: MultiboxConfig,
     shape: Shape,
+    options: Options,
     /// On the host, for the CPU reference (empty on CUDA).
     labels: Vec<i64>,
     /// CUDA: the labels on the device, and the forward's workspace for the
@@ -202,9 +243,10 @@ impl MultiboxOp {
             labels: &self.labels,
             gt_locations,
         };
+        let (config, shape, options) = (&self.config, self.shape, &self.options);
         let out = match upstream {
-            Some(u) => reference::forward_backward(&self.config, self.shape, &inputs, u),
-            None => reference::forward(&self.config, self.shape, &inputs),
+            Some(u) => reference::forward_backward_with(config, shape, &inputs, u, options),
+            None => reference::forward_with(config, shape, &inputs, options),
         };
         out.map_err(candle_core::Error::wrap)
     }
@@ -410,9 +452,11 @@ mod cuda {
 
     /// The CUDA half of `multibox_loss`: labels kept on the device, the op
     /// applied, `num_pos` read back.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn multibox_loss(
         config: &MultiboxConfig,
         shape: Shape,
+        options: super::Options,
         confidence: &Tensor,
         predicted_locations: &Tensor,
         labels: &Tensor,
@@ -442,6 +486,7 @@ mod cuda {
         let op = MultiboxOp {
             config: *config,
             shape,
+            options,
             labels: Vec::new(),
             cuda: state.clone(),
         };
@@ -528,7 +573,22 @@ mod cuda {
                         labels: &labels,
                         gt_locations: &gt_locations,
                     };
-                    loss.forward(&stream, op.shape, &inputs, &mut outputs, &mut workspace)
+                    let options = crate::CallOptions {
+                        layout: op.options.layout,
+                        normalizer: match op.options.normalizer {
+                            super::Normalizer::Positives => crate::Normalizer::Positives,
+                            super::Normalizer::Given(n) => crate::Normalizer::Given(n),
+                            super::Normalizer::PerImage => crate::Normalizer::PerImage,
+                        },
+                    };
+                    loss.forward_with(
+                        &stream,
+                        op.shape,
+                        &inputs,
+                        &mut outputs,
+                        &mut workspace,
+                        options,
+                    )
                 }};
             }
             match labels.dtype() {
@@ -550,6 +610,7 @@ mod cuda {
     struct GradientOp {
         shape: Shape,
         config: MultiboxConfig,
+        layout: crate::Layout,
         state: Arc<Mutex<CudaState>>,
         /// `[2]` f32 on the device: `[g_reg, g_cls]`.
         upstream: Tensor,
@@ -636,13 +697,14 @@ mod cuda {
                             labels: &labels,
                             gt_locations: &gt_locations,
                         };
-                        loss.backward(
+                        loss.backward_with(
                             &stream,
                             self.shape,
                             &inputs,
                             crate::Upstream::Device(&upstream),
                             &mut gradients,
                             workspace,
+                            self.layout,
                         )
                     }};
                 }
@@ -670,6 +732,7 @@ mod cuda {
         let gradient = GradientOp {
             shape: op.shape,
             config: op.config,
+            layout: op.options.layout,
             state: op.cuda.clone(),
             upstream: grad_res.to_dtype(DType::F32)?.contiguous()?,
         };

@@ -137,6 +137,79 @@ fn hand_computed_case() -> candle_core::Result<()> {
     Ok(())
 }
 
+/// Channel-major tensors under a given divisor and per image: the
+/// reference's results in that layout, gradients in that layout too.
+#[test]
+fn channel_major_and_normalisers() -> candle_core::Result<()> {
+    use multibox::candle::{multibox_loss_with, Normalizer, Options};
+    use multibox::Layout;
+    let shape = Shape::new(3, 50, 6);
+    let (b, p, c) = (shape.batch, shape.priors, shape.classes);
+    let config = MultiboxConfig::default();
+    let batch = Batch::<f32, i64>::generate(shape, BatchSpec::default());
+    let (rm, cm) = (Layout::RowMajor, Layout::ChannelMajor);
+    let confidence = rm.convert(&batch.confidence, shape, c, cm);
+    let predicted = rm.convert(&batch.predicted_locations, shape, 4, cm);
+    let gt = rm.convert(&batch.gt_locations, shape, 4, cm);
+    let dev = Device::Cpu;
+    let conf_var = Var::from_tensor(&Tensor::from_slice(&confidence, (b, c, p), &dev)?)?;
+    let pred_var = Var::from_tensor(&Tensor::from_slice(&predicted, (b, 4, p), &dev)?)?;
+    let labels = Tensor::from_slice(&batch.labels, (b, p), &dev)?;
+    let gt_t = Tensor::from_slice(&gt, (b, 4, p), &dev)?;
+    for normalizer in [Normalizer::Given(7.5), Normalizer::PerImage] {
+        let options = Options {
+            layout: cm,
+            normalizer,
+        };
+        let loss = multibox_loss_with(&config, &conf_var, &pred_var, &labels, &gt_t, &options)?;
+        let grads = (&loss.regression_loss + &loss.classification_loss)?.backward()?;
+        let inputs = reference::Inputs {
+            confidence: &confidence,
+            predicted_locations: &predicted,
+            labels: &batch.labels,
+            gt_locations: &gt,
+        };
+        let want = reference::forward_backward_with(
+            &config,
+            shape,
+            &inputs,
+            Upstream::default(),
+            &options,
+        )
+        .map_err(candle_core::Error::wrap)?;
+        assert_eq!(
+            loss.regression_loss.to_scalar::<f32>()?,
+            want.losses.regression_loss as f32
+        );
+        assert_eq!(
+            loss.classification_loss.to_scalar::<f32>()?,
+            want.losses.classification_loss as f32
+        );
+        let d_conf = grads.get(&conf_var).unwrap();
+        assert_eq!(d_conf.dims(), [b, c, p]);
+        assert_eq!(
+            d_conf.flatten_all()?.to_vec1::<f32>()?,
+            want.grad_confidence_as::<f32>()
+        );
+        let d_loc = grads
+            .get(&pred_var)
+            .unwrap()
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        assert_eq!(d_loc, want.grad_locations_as::<f32>());
+    }
+    // A row-major shape is refused in the channel-major layout.
+    let options = Options {
+        layout: cm,
+        ..Default::default()
+    };
+    let row_major = Tensor::from_slice(&batch.confidence, (b, p, c), &dev)?;
+    let err =
+        multibox_loss_with(&config, &row_major, &pred_var, &labels, &gt_t, &options).unwrap_err();
+    assert!(err.to_string().contains("predicted_locations"), "{err}");
+    Ok(())
+}
+
 #[test]
 fn bad_input_is_an_error() -> candle_core::Result<()> {
     let dev = Device::Cpu;
