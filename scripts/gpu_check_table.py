@@ -55,11 +55,14 @@ def main():
              for r in read_jsonl(args.bench) if "case" in r and "call_us" in r}
     torch_times = {}
     compare = []
+    nvidia_compare = []
     for r in read_jsonl(args.pytorch):
         if r.get("kind") == "time" and "case" in r:
             torch_times[(r["impl"], r["case"], r["batch"], r["dtype"])] = r
         elif r.get("kind") == "compare" and "case" in r:
             compare.append(r)
+        elif r.get("kind") == "nvidia_compare" and "case" in r:
+            nvidia_compare.append(r)
 
     device = next((r.get("device") for r in bench.values()), None)
     print("== gpu-check: stages ==")
@@ -70,6 +73,11 @@ def main():
         bad = [r["case"] for r in compare if not r.get("ok")]
         print(f"  {'losses vs PyTorch f64':<22} {'ok' if not bad else 'FAILED':<9} "
               f"{len(compare) - len(bad)}/{len(compare)} cases within 1e-5"
+              + (f"; failed: {', '.join(bad)}" if bad else ""))
+    if nvidia_compare:
+        bad = [r["case"] for r in nvidia_compare if not r.get("ok")]
+        print(f"  {'NVIDIA loss vs ours':<22} {'ok' if not bad else 'FAILED':<9} "
+              f"{len(nvidia_compare) - len(bad)}/{len(nvidia_compare)} cases (loss 1e-5, gradients)"
               + (f"; failed: {', '.join(bad)}" if bad else ""))
 
     header = (f"{'shape':<13} {'B':>4} {'P':>5} {'C':>3} {'dtype':<5} | {'ours us':>8} "
@@ -98,6 +106,24 @@ def main():
                         for s in sanitizers) or "n/a"
     print("-" * len(header))
     print(f"sanitizer errors (goldens): {summary}")
+
+    # NVIDIA's SSD loss (channel-major, per image) against our op with the
+    # same semantics on the same inputs, both eager PyTorch calls
+    # (scripts/pytorch_baseline.py, impls "nvidia" and "ours_channel_major").
+    if any(k[0] in ("nvidia", "ours_channel_major") for k in torch_times):
+        print()
+        print("== NVIDIA's SSD loss vs our op (layout=channel_major, normalizer=per_image), "
+              "forward+backward, median device time ==")
+        nv_header = (f"{'shape':<13} {'B':>4} {'P':>5} {'C':>3} {'dtype':<5} | {'ours op us':>10} "
+                     f"{'NVIDIA us':>10} | {'NVIDIA/ours':>11}")
+        print(nv_header)
+        print("-" * len(nv_header))
+        for dtype in DTYPES:
+            for (name, b, p, c) in SHAPES:
+                ours = torch_times.get(("ours_channel_major", name, b, dtype), {}).get("us")
+                nv = torch_times.get(("nvidia", name, b, dtype), {}).get("us")
+                print(f"{name:<13} {b:>4} {p:>5} {c:>3} {dtype:<5} | {fmt(ours, '10.1f'):>10} "
+                      f"{fmt(nv, '10.1f'):>10} | {fmt(ratio(nv, ours), '11.1f'):>11}")
 
     # Target assignment: ours (benches/gpu.rs, `assign_case` records) against
     # the reference MatchPrior per image on the CPU and batched on the GPU

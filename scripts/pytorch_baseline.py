@@ -3,7 +3,8 @@
 against, and a check that both compute the same losses.
 
     scripts/pytorch_baseline.py [--out FILE.jsonl] [--compare BENCH_COMPARE]
-                                [--budget SECONDS] [--quick] [--no-compile]
+                                [--lib LIBMULTIBOX] [--budget SECONDS] [--quick]
+                                [--no-compile]
 
 1. Check: draws small batches (B=4) of each benchmark shape and input type
    deterministically, writes them in the layout of tests/goldens/ and runs
@@ -18,6 +19,14 @@ against, and a check that both compute the same losses.
    shape of a dtype it recompiles with dynamic shapes, as a training run
    that changes shapes would), and stops when --budget seconds are spent.
 
+   NVIDIA's SSD loss (DeepLearningExamples, PyTorch/Detection/SSD,
+   `ssd/model.py`'s `Loss`: channel-major `[B, C, P]` / `[B, 4, P]` inputs,
+   hard negatives by two sorts of the cross-entropy, each image divided by
+   its own positive count, the mean over images) is timed too, eagerly, on
+   channel-major inputs, beside our PyTorch op on the same inputs with
+   `layout="channel_major", normalizer="per_image"` (impls "nvidia" and
+   "ours_channel_major"; the op comes from multibox_torch, over --lib).
+
 3. Target assignment (SPEC.md, "Target assignment"): the reference's
    `MatchPrior` written below in plain PyTorch, timed per image on the CPU
    (as the data loader's workers run it; wall clock, median image, times B)
@@ -26,8 +35,14 @@ against, and a check that both compute the same losses.
    priors, T 20/100). First a check that the batched version gives the
    per-image version's labels on small batches.
 
+4. NVIDIA's loss against ours (`layout="channel_major",
+   normalizer="per_image"`, ratio 3) on the same channel-major inputs, with
+   the semantic differences kept out of the inputs (see `nvidia_ssd_loss`):
+   the loss and both gradients, NVIDIA's in float64. On the GPU if there
+   is one, else on the CPU (our CPU reference, float32 inputs).
+
 One JSON object per line goes to --out (kind "compare", "time",
-"assign_compare" or "assign_time"). The
+"assign_compare", "assign_time" or "nvidia_compare"). The
 reference algorithm is docs/SPEC.md's, as the SSD training code writes it:
 a sort of the background losses, then a sort of the sort, boolean indexing
 (which synchronises with the host), cross_entropy and smooth_l1_loss.
@@ -87,6 +102,111 @@ def multibox_loss(confidence, predicted_locations, labels, gt_locations,
     reg = F.smooth_l1_loss(pred, gt, reduction="sum")
     num_pos = gt.size(0)
     return reg / num_pos, cls / num_pos
+
+
+def nvidia_ssd_loss(ploc, plabel, gloc, glabel):
+    """NVIDIA's SSD loss (DeepLearningExamples, PyTorch/Detection/SSD,
+    `ssd/model.py`, `Loss.forward`), written here from its semantics:
+
+        ploc [B, 4, P], plabel [B, C, P] (channel-major), gloc [B, 4, P],
+        glabel [B, P] -> one scalar, sum of both losses
+
+    - smooth-L1 (beta 1) over the 4 coordinates of the positives
+      (glabel > 0), summed per image;
+    - cross-entropy of every prior; the hard-negative key is that
+      cross-entropy with the positives' set to 0, sorted descending (not
+      stably), ranked by a second sort; the first min(3 pos_b, P) are
+      mined; the classification sum per image is over positives or mined;
+    - each image's (reg + cls) divided by its positive count, 0 for an
+      image without positives (a `pos_num > 0` mask, the count clamped to
+      1e-6), then the mean over the B images.
+
+    Where it differs from ours (`layout="channel_major",
+    normalizer="per_image"`, neg_pos_ratio 3):
+    - NVIDIA's `Loss` takes box targets in xywh and encodes them against its
+      default boxes inside the loss (`_loc_vec`, variances 0.1/0.2); ours
+      takes encoded offsets (the crate's target assignment encodes them).
+      Here both get encoded offsets, so that encoding step is not timed.
+    - It has no ignore label: labels must be 0..C-1 (cross_entropy refuses
+      -1). The inputs here have none.
+    - Its negatives are capped at P, not at the image's candidates: when
+      3 pos_b exceeds the negatives, ranks past them fall on positives
+      (key 0, already in the set), so the set is the same unless a
+      negative's cross-entropy is exactly 0 (a tie with the positives,
+      which then makes no difference to the loss either).
+    - Its sort is not stable: a tie among negatives' keys may choose other
+      priors than ours (lower index first). The loss is the same (for a
+      negative the key is its loss), the gradients' rows differ. The
+      inputs here are continuous random values: no ties.
+    - Its keys are the cross-entropy in the input dtype; ours are computed
+      in f32 from any input dtype.
+    - The fixed ratio 3 and no floor on the negatives
+      (min_negatives_per_image 0).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    pos = glabel > 0
+    pos_num = pos.sum(dim=1)
+    reg = (F.smooth_l1_loss(ploc, gloc, reduction="none").sum(dim=1) * pos).sum(dim=1)
+    ce = F.cross_entropy(plabel, glabel, reduction="none")  # [B, P]
+    with torch.no_grad():
+        key = ce.masked_fill(pos, 0.0)
+        order = key.sort(dim=1, descending=True).indices
+        rank = order.sort(dim=1).indices
+        neg = rank < torch.clamp(3 * pos_num, max=pos.shape[1]).unsqueeze(-1)
+    cls = (ce * (pos | neg)).sum(dim=1)
+    per_image = (reg + cls) * (pos_num > 0).float() / pos_num.float().clamp(min=1e-6)
+    return per_image.mean(dim=0)
+
+
+def load_multibox_torch(lib):
+    """Our PyTorch op, and None or why it cannot be loaded. With --lib (a
+    library built from this checkout, as gpu-check carries it): this
+    checkout's python/ package over that library. Without: the installed
+    package, else this checkout's python/ (over $MULTIBOX_LIB or
+    target/release)."""
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python")
+    if lib:
+        os.environ["MULTIBOX_LIB"] = os.path.abspath(lib)
+        sys.path.insert(0, source)
+    try:
+        import multibox_torch
+    except ImportError:
+        sys.path.insert(0, source)
+        try:
+            import multibox_torch
+        except Exception as e:  # noqa: BLE001 - report why
+            return None, f"{type(e).__name__}: {e}"
+    try:
+        multibox_torch.library_path()
+    except Exception as e:  # noqa: BLE001 - no library: report why
+        return None, f"{type(e).__name__}: {e}"
+    return multibox_torch, None
+
+
+def ours_channel_major(mb):
+    """Our op with NVIDIA's semantics: (reg, cls) of channel-major inputs,
+    each image divided by its own positives, the mean over images."""
+    def loss(conf, loc, labels, gt):
+        reg, cls, _ = mb.multibox_loss(conf, loc, labels, gt, neg_pos_ratio=3.0,
+                                       layout="channel_major", normalizer="per_image")
+        return reg, cls
+    return loss
+
+
+def nvidia_as_pair(conf, loc, labels, gt):
+    """NVIDIA's loss in the (reg, cls) form the timing harness sums: its one
+    scalar and a zero. Arguments in our order (conf, loc, labels, gt)."""
+    return nvidia_ssd_loss(loc, conf, gt, labels), 0.0
+
+
+def draw_channel_major(b, p, c, dtype, seed, device="cpu"):
+    """draw()'s inputs, channel-major: [B, C, P] logits, [B, 4, P] offsets
+    (drawn so, not transposed copies)."""
+    conf, loc, labels, gt = draw(b, p, c, dtype, seed, device)
+    return (conf.transpose(1, 2).contiguous(), loc.transpose(1, 2).contiguous(), labels,
+            gt.transpose(1, 2).contiguous())
 
 
 def torch_dtype(name):
@@ -199,6 +319,65 @@ def check(args, out):
     return ok
 
 
+# ------------------------------------------------- NVIDIA's loss and ours
+
+NVIDIA_GRAD_TOL = {"f32": 1e-5, "f16": 1e-3, "bf16": 8e-3}  # of the largest gradient
+
+
+def nvidia_cases(gpu, quick):
+    """(name, B, P, C, dtype, seed, tweak): channel-major check cases. An
+    image without a positive and an image whose 3 pos_b exceeds its
+    negatives (NVIDIA caps at P, we at the candidates) are in each."""
+    if not gpu:
+        return [("ssdlite_voc_cpu_f32", 4, 3000, 21, "f32", 2000, True)]
+    cases = [(f"{name}_{dtype}", 4, p, c, dtype, 2000 + i, True)
+             for i, (name, _, p, c) in enumerate(SHAPES[:3]) for dtype in DTYPES]
+    return cases[:1] if quick else cases
+
+
+def nvidia_check(args, out, mb):
+    """NVIDIA's loss (float64) against our op (channel-major, per image) on
+    the same inputs: the loss (relative 1e-5) and both gradients (1e-5 of
+    the largest in f32, one rounding to f16 / bf16 otherwise)."""
+    import torch
+    if mb is None:
+        log(f"nvidia check skipped: our PyTorch op is not available ({args.mb_error})")
+        out.write(json.dumps({"kind": "nvidia_compare", "skipped": f"no multibox_torch: {args.mb_error}"}) + "\n")
+        return True
+    gpu = torch.cuda.is_available()
+    device = "cuda" if gpu else "cpu"
+    ours = ours_channel_major(mb)
+    ok = True
+    for name, b, p, c, dtype, seed, tweak in nvidia_cases(gpu, args.quick):
+        conf, loc, labels, gt = draw_channel_major(b, p, c, dtype, seed)
+        if tweak:
+            labels[1] = 0  # no positive: adds 0 in both
+            labels[2, : (3 * p) // 8] = 1 + torch.arange((3 * p) // 8) % (c - 1)  # 3 pos > negatives
+        conf, loc, labels, gt = (t.to(device) for t in (conf, loc, labels, gt))
+        c1, l1 = conf.clone().requires_grad_(), loc.clone().requires_grad_()
+        reg, cls = ours(c1, l1, labels, gt)
+        (reg + cls).backward()
+        c2, l2 = conf.double().requires_grad_(), loc.double().requires_grad_()
+        want = nvidia_ssd_loss(l2, c2, gt.double(), labels)
+        want.backward()
+        got = float(reg.detach()) + float(cls.detach())
+        problems = []
+        err = abs(got - float(want)) / max(abs(float(want)), 1e-30)
+        if not err <= RTOL:
+            problems.append(f"loss {got!r} vs {float(want)!r} (rel {err:.2e})")
+        for what, g, w in (("d confidence", c1.grad, c2.grad), ("d locations", l1.grad, l2.grad)):
+            gerr = ((g.double() - w).abs().max() / w.abs().max().clamp(min=1e-30)).item()
+            if not gerr <= NVIDIA_GRAD_TOL[dtype]:
+                problems.append(f"{what} off by {gerr:.2e} of the largest")
+        good = not problems
+        ok &= good
+        log(f"nvidia check {name:22} {'ok    ' if good else 'FAILED'} ours (channel-major, per image) "
+            f"{got:.9g}, NVIDIA's in float64 {float(want):.9g}" + ("" if good else "  " + "; ".join(problems)))
+        out.write(json.dumps({"kind": "nvidia_compare", "case": name, "ok": good, "device": device,
+                              "ours": got, "nvidia_f64": float(want), "problems": problems}) + "\n")
+    return ok
+
+
 # --------------------------------------------------------------- the timing
 
 def time_calls(fn, sets, n, warmup):
@@ -211,7 +390,7 @@ def time_calls(fn, sets, n, warmup):
         conf.grad = None
         loc.grad = None
         reg, cls = fn(conf, loc, labels, gt)
-        (reg + cls).backward()
+        (reg + cls).backward()  # NVIDIA's loss returns (total, 0.0)
 
     for i in range(warmup):
         step(i)
@@ -225,11 +404,16 @@ def time_calls(fn, sets, n, warmup):
     return statistics.median(1e3 * a.elapsed_time(b) for a, b in zip(events, events[1:]))
 
 
+CHANNEL_MAJOR_IMPLS = ("nvidia", "ours_channel_major")
+
+
 def min_bytes(b, p, c, elem):
     return 2 * b * p * c * elem + 3 * b * p * 4 * elem + b * p * 8
 
 
-def timing(args, out, deadline):
+def timing(args, out, deadline, mb=None):
+    """Eager and compiled reference, then (with our op `mb`) NVIDIA's loss
+    and ours on the same channel-major inputs, then torch.compile."""
     import torch
     if not torch.cuda.is_available():
         log("timing skipped: PyTorch sees no CUDA device")
@@ -251,27 +435,34 @@ def timing(args, out, deadline):
     shapes = SHAPES[:1] if args.quick else SHAPES
     n_target = 0.05 if args.quick else 0.3
     ok = True
-    # Eager for every case first, then torch.compile while the budget lasts,
-    # dtype by dtype so that each dtype's recompiles happen once.
-    plan = [(impl, dtype, shape) for impl in (["eager"] if args.no_compile else ["eager", "compile"])
-            for dtype in DTYPES for shape in shapes]
+    # Eager for every case first, then NVIDIA's loss and ours side by side
+    # (channel-major, per image), then torch.compile while the budget
+    # lasts, dtype by dtype so that each dtype's recompiles happen once.
+    impls = ["eager"] + (["nvidia", "ours_channel_major"] if mb is not None else [])
+    impls += [] if args.no_compile else ["compile"]
+    plan = [(impl, dtype, shape) for impl in impls for dtype in DTYPES for shape in shapes]
+    fns = {"eager": multibox_loss, "compile": compiled, "nvidia": nvidia_as_pair}
+    if mb is not None:
+        fns["ours_channel_major"] = ours_channel_major(mb)
     for impl, dtype, (name, b, p, c) in plan:
         rec = {"kind": "time", "impl": impl, "case": name, "batch": b, "priors": p,
-               "classes": c, "dtype": dtype, "labels": "i64", "device": device}
+               "classes": c, "dtype": dtype, "labels": "i64", "device": device,
+               "layout": "channel_major" if impl in CHANNEL_MAJOR_IMPLS else "row_major"}
         left = deadline - time.monotonic()
         if left < (60 if impl == "compile" else 15):
             rec["skipped"] = f"time budget spent ({left:.0f} s left)"
-            log(f"{impl:7} {name:12} B={b:<3} {dtype:4}: skipped, {rec['skipped']}")
+            log(f"{impl:18} {name:12} B={b:<3} {dtype:4}: skipped, {rec['skipped']}")
             out.write(json.dumps(rec) + "\n")
             continue
         try:
             elem = torch.tensor([], dtype=torch_dtype(dtype)).element_size()
             nsets = max(2, min(16, math.ceil(4 * l2 / min_bytes(b, p, c, elem))))
             sets = []
+            drawer = draw_channel_major if impl in CHANNEL_MAJOR_IMPLS else draw
             for s in range(nsets):
-                conf, loc, labels, gt = draw(b, p, c, dtype, seed=s, device="cuda")
+                conf, loc, labels, gt = drawer(b, p, c, dtype, seed=s, device="cuda")
                 sets.append((conf.requires_grad_(), loc.requires_grad_(), labels, gt))
-            fn = multibox_loss if impl == "eager" else compiled
+            fn = fns[impl]
             t0 = time.monotonic()
             time_calls(fn, sets, n=1, warmup=1)  # compiles, for torch.compile
             first_s = time.monotonic() - t0
@@ -281,12 +472,12 @@ def timing(args, out, deadline):
             n = int(max(10, min(500, n_target / max(per_call, 1e-6))))
             us = time_calls(fn, sets, n=n, warmup=nsets)
             rec.update({"us": us, "calls": n, "sets": nsets, "first_call_s": first_s})
-            log(f"{impl:7} {name:12} B={b:<3} {dtype:4}: {us:10.1f} us  "
+            log(f"{impl:18} {name:12} B={b:<3} {dtype:4}: {us:10.1f} us  "
                 f"(median of {n}, {nsets} sets; first call {first_s:.1f} s)")
         except Exception as e:  # noqa: BLE001 - report and go on with the next case
             ok = False
             rec["error"] = f"{type(e).__name__}: {e}"[:500]
-            log(f"{impl:7} {name:12} B={b:<3} {dtype:4}: FAILED {rec['error']}")
+            log(f"{impl:18} {name:12} B={b:<3} {dtype:4}: FAILED {rec['error']}")
         finally:
             sets = None
             torch.cuda.empty_cache()
@@ -485,6 +676,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.devnull, help="JSON lines file")
     ap.add_argument("--compare", help="the bench_compare binary (built by scripts/gpu-check --build)")
+    ap.add_argument("--lib", help="libmultibox.so for our PyTorch op (sets MULTIBOX_LIB; default: the "
+                                  "installed package's, or $MULTIBOX_LIB)")
     ap.add_argument("--budget", type=float, default=240.0, help="seconds for the whole run")
     ap.add_argument("--quick", action="store_true", help="one shape, few calls")
     ap.add_argument("--no-compile", action="store_true", help="eager only")
@@ -498,14 +691,18 @@ def main():
             out.write(json.dumps({"kind": "skipped", "reason": f"no PyTorch: {e}"}) + "\n")
         return 3
     log(f"PyTorch {torch.__version__}, CUDA {'available' if torch.cuda.is_available() else 'not available'}")
+    mb, args.mb_error = load_multibox_torch(args.lib)
+    log(f"our op: {mb.library_path() if mb else 'not available: ' + args.mb_error}")
     with open(args.out, "a") as out:
         ok = check(args, out)
+        out.flush()
+        ok &= nvidia_check(args, out, mb)
         out.flush()
         ok &= assign_check(out)
         # The assignment's timing is short; the loss's torch.compile may use
         # the rest of the budget.
         ok &= assign_timing(args, out, deadline)
-        ok &= timing(args, out, deadline)
+        ok &= timing(args, out, deadline, mb)
     return 0 if ok else 1
 
 

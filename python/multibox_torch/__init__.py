@@ -17,13 +17,20 @@ few bytes per image); the backward (``multibox::backward``: kernel 3) reads
 them with autograd's upstream gradients from device memory, so each gradient
 is rounded once and no ``[B, P, C]`` tensor lives between the two.
 
+``normalizer=`` chooses the divisor (the batch's positives, each image's
+own as NVIDIA's SSD, or a given n: a number, or a one-element tensor the
+kernels read on the device, such as a positive count all-reduced across
+data-parallel ranks); ``layout="channel_major"`` takes ``[B, C, P]`` logits
+and ``[B, 4, P]`` boxes. See ``multibox_loss`` and docs/SPEC.md.
+
 ``pip install ./python`` bundles the library in this package;
 ``$MULTIBOX_LIB`` overrides it (see ``_capi.find_library``).
 """
 
 import math
+import numbers
 import operator
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -44,6 +51,8 @@ except PackageNotFoundError:  # a source checkout used without installing
 _DTYPES = {torch.float32: _capi.F32, torch.float16: _capi.F16, torch.bfloat16: _capi.BF16}
 _LABEL_TYPES = {torch.int32: _capi.I32, torch.int64: _capi.I64}
 _F32_MAX = 3.4028234663852886e38
+_LAYOUTS = {"row_major": _capi.ROW_MAJOR, "channel_major": _capi.CHANNEL_MAJOR}
+_NORMALIZERS = {"positives": _capi.NORMALIZE_POSITIVES, "per_image": _capi.NORMALIZE_PER_IMAGE}
 
 # (device index, neg_pos_ratio, min_negatives_per_image, beta) -> multibox_loss*
 # A loss loads the kernels once per device and configuration; it lives as
@@ -91,17 +100,95 @@ def _check_settings(neg_pos_ratio, min_negatives_per_image, beta):
     return float(neg_pos_ratio), min_neg, float(beta)
 
 
-def _check(confidence, predicted_locations, labels, gt_locations):
-    torch._check(confidence.dim() == 3, lambda: f"confidence must be [B, P, C], got {tuple(confidence.shape)}")
-    b, p, c = confidence.shape
+def _check_layout(layout):
+    """The ``layout=`` argument as a ``multibox_layout``."""
+    if not isinstance(layout, str) or layout not in _LAYOUTS:
+        raise ValueError(f"multibox_loss: layout must be one of {sorted(_LAYOUTS)}, got {layout!r}")
+    return _LAYOUTS[layout]
+
+
+def _check_normalizer(normalizer, device=None):
+    """The ``normalizer=`` argument as ``(kind, value, tensor)``: a
+    ``multibox_normalizer``, Given's n from the host (else 0) and the
+    one-element tensor holding n (else None), which must be on ``device``
+    when that is given. Plain Python on the tensor's metadata, so that
+    torch.compile folds it away."""
+    if normalizer is None:
+        return _capi.NORMALIZE_POSITIVES, 0.0, None
+    if isinstance(normalizer, str):
+        if normalizer not in _NORMALIZERS:
+            raise ValueError(
+                f"multibox_loss: normalizer must be None, 'positives', 'per_image', a number or a one-element "
+                f"tensor, got the string {normalizer!r}"
+            )
+        return _NORMALIZERS[normalizer], 0.0, None
+    if isinstance(normalizer, Tensor):
+        if normalizer.dtype == torch.bool or normalizer.is_complex():
+            raise TypeError(f"multibox_loss: a normalizer tensor must be real numbers, got {normalizer.dtype}")
+        if normalizer.numel() != 1:
+            raise ValueError(
+                f"multibox_loss: a normalizer tensor must hold one element (the divisor), got shape "
+                f"{tuple(normalizer.shape)}"
+            )
+        if device is not None and normalizer.device != device:
+            raise ValueError(
+                f"multibox_loss: the normalizer tensor is on {normalizer.device}, the loss's inputs on {device}: "
+                f"move it with .to({str(device)!r}) (on CUDA the kernels read it there, with no host "
+                "synchronisation)"
+            )
+        return _capi.NORMALIZE_GIVEN, 0.0, normalizer
+    if isinstance(normalizer, bool) or not isinstance(normalizer, numbers.Real):
+        raise TypeError(
+            f"multibox_loss: normalizer must be None, 'positives', 'per_image', a number or a one-element "
+            f"tensor, got {normalizer!r}"
+        )
+    value = float(normalizer)
+    if math.isfinite(value) and abs(value) > _F32_MAX:
+        raise ValueError(f"multibox_loss: normalizer {value!r} is out of float32's range")
+    return _capi.NORMALIZE_GIVEN, value, None
+
+
+def _check_normalizer_tensor(normalizer_tensor, device):
+    if normalizer_tensor is None:
+        return
     torch._check(
-        tuple(predicted_locations.shape) == (b, p, 4),
-        lambda: f"predicted_locations must be [{b}, {p}, 4], got {tuple(predicted_locations.shape)}",
+        normalizer_tensor.numel() == 1,
+        lambda: f"the normalizer tensor must hold one element, got shape {tuple(normalizer_tensor.shape)}",
+    )
+    torch._check(
+        normalizer_tensor.dtype != torch.bool and not normalizer_tensor.is_complex(),
+        lambda: f"the normalizer tensor must be real numbers, got {normalizer_tensor.dtype}",
+    )
+    torch._check(
+        normalizer_tensor.device == device,
+        lambda: f"the normalizer tensor is on {normalizer_tensor.device}, the loss's inputs on {device}: "
+        f"move it with .to({str(device)!r}) (on CUDA the kernels read it there, with no host synchronisation)",
+    )
+
+
+def _check(confidence, predicted_locations, labels, gt_locations, layout=_capi.ROW_MAJOR):
+    """(B, P, C) of the inputs in ``layout`` (a ``multibox_layout``); shapes,
+    dtypes and devices checked."""
+    torch._check(layout in (_capi.ROW_MAJOR, _capi.CHANNEL_MAJOR), lambda: f"bad layout {layout}")
+    if layout == _capi.ROW_MAJOR:
+        torch._check(confidence.dim() == 3, lambda: f"confidence must be [B, P, C], got {tuple(confidence.shape)}")
+        b, p, c = confidence.shape
+        loc_shape, loc_text = (b, p, 4), f"[{b}, {p}, 4]"
+    else:
+        torch._check(
+            confidence.dim() == 3,
+            lambda: f"confidence must be [B, C, P] (layout='channel_major'), got {tuple(confidence.shape)}",
+        )
+        b, c, p = confidence.shape
+        loc_shape, loc_text = (b, 4, p), f"[{b}, 4, {p}] (layout='channel_major')"
+    torch._check(
+        tuple(predicted_locations.shape) == loc_shape,
+        lambda: f"predicted_locations must be {loc_text}, got {tuple(predicted_locations.shape)}",
     )
     torch._check(tuple(labels.shape) == (b, p), lambda: f"labels must be [{b}, {p}], got {tuple(labels.shape)}")
     torch._check(
-        tuple(gt_locations.shape) == (b, p, 4),
-        lambda: f"gt_locations must be [{b}, {p}, 4], got {tuple(gt_locations.shape)}",
+        tuple(gt_locations.shape) == loc_shape,
+        lambda: f"gt_locations must be {loc_text}, got {tuple(gt_locations.shape)}",
     )
     devices = [t.device for t in (confidence, predicted_locations, labels, gt_locations)]
     torch._check(
@@ -145,7 +232,11 @@ def _contiguous(confidence, predicted_locations, labels, gt_locations):
     )
 
 
-def _device_call(b, p, c, confidence, predicted_locations, labels, gt_locations, workspace, **outputs):
+def _device_call(
+    b, p, c, confidence, predicted_locations, labels, gt_locations, workspace,
+    layout=_capi.ROW_MAJOR, normalizer=_capi.NORMALIZE_POSITIVES, normalizer_value=0.0, normalizer_device=0,
+    **outputs,
+):
     return _capi.Call(
         shape=_capi.Shape(b, p, c),
         dtype=_DTYPES[confidence.dtype],
@@ -165,6 +256,10 @@ def _device_call(b, p, c, confidence, predicted_locations, labels, gt_locations,
         upstream=outputs.get("upstream", 0),
         g_reg=1.0,
         g_cls=1.0,
+        layout=layout,
+        normalizer=normalizer,
+        normalizer_value=normalizer_value,
+        normalizer_device=normalizer_device,
     )
 
 
@@ -176,7 +271,10 @@ def _launch(name, device, settings, call):
         lib.call(name, handle, _capi.ctypes.byref(call), _capi.ctypes.c_void_p(stream))
 
 
-def _host_call(b, p, c, confidence, predicted_locations, labels, gt_locations, upstream=(1.0, 1.0), grads=None):
+def _host_call(
+    b, p, c, confidence, predicted_locations, labels, gt_locations, upstream=(1.0, 1.0), grads=None,
+    layout=_capi.ROW_MAJOR, normalizer=_capi.NORMALIZE_POSITIVES, normalizer_value=0.0,
+):
     grad_confidence, grad_locations = grads if grads is not None else (None, None)
     return _capi.HostCallF32(
         shape=_capi.Shape(b, p, c),
@@ -197,6 +295,9 @@ def _host_call(b, p, c, confidence, predicted_locations, labels, gt_locations, u
         grad_locations_len=0 if grad_locations is None else grad_locations.numel(),
         mask=None,
         mask_len=0,
+        layout=layout,
+        normalizer=normalizer,
+        normalizer_value=normalizer_value,
     )
 
 
@@ -208,6 +309,23 @@ def _workspace_bytes(device, b, p, c):
     return _capi.library().workspace_bytes(b, p, c)
 
 
+def _host_normalizer(normalizer, normalizer_value, normalizer_tensor):
+    """The CPU reference's (kind, n): a tensor's value is read here (a CPU
+    tensor: no synchronisation)."""
+    if normalizer == _capi.NORMALIZE_GIVEN and normalizer_tensor is not None:
+        return normalizer, float(normalizer_tensor.reshape(()).item())
+    return normalizer, float(normalizer_value)
+
+
+def _device_normalizer(normalizer_tensor):
+    """The one float32 the kernels read as Given's n, on the tensor's device:
+    the tensor itself when it is a float32 element already, else a
+    conversion queued on the current stream (an int64 count, say). Nothing
+    is read on the host. The caching allocator keeps a temporary's block
+    from other streams until the kernels queued on this one have run."""
+    return normalizer_tensor.reshape(1).to(torch.float32).contiguous()
+
+
 @torch.library.custom_op("multibox::forward", mutates_args=())
 def _forward_op(
     confidence: Tensor,
@@ -217,13 +335,21 @@ def _forward_op(
     neg_pos_ratio: float,
     min_negatives_per_image: int,
     beta: float,
+    layout: int = 0,
+    normalizer: int = 0,
+    normalizer_value: float = 0.0,
+    normalizer_tensor: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(regression_loss, classification_loss, num_pos, workspace): the losses
     (kernels 1 and 2), and the mining decisions ``multibox::backward`` needs
-    (a uint8 workspace on CUDA; empty on the CPU)."""
+    (a uint8 workspace on CUDA; empty on the CPU). ``layout`` is a
+    ``multibox_layout``, ``normalizer`` a ``multibox_normalizer``; Given's n
+    is ``normalizer_tensor`` (one element on the inputs' device) when it is
+    not None, else ``normalizer_value``."""
     settings = _check_settings(neg_pos_ratio, min_negatives_per_image, beta)
-    b, p, c = _check(confidence, predicted_locations, labels, gt_locations)
+    b, p, c = _check(confidence, predicted_locations, labels, gt_locations, layout)
     device = confidence.device
+    _check_normalizer_tensor(normalizer_tensor, device)
     args = _contiguous(confidence, predicted_locations, labels, gt_locations)
     # PyTorch's caching allocator: blocks are 512-byte aligned, the kernels
     # need 256; nothing is allocated inside the library.
@@ -232,8 +358,15 @@ def _forward_op(
         reg = torch.empty((), dtype=torch.float32, device=device)
         cls = torch.empty((), dtype=torch.float32, device=device)
         num_pos = torch.empty((), dtype=torch.int32, device=device)
+        divisor = None
+        if normalizer == _capi.NORMALIZE_GIVEN and normalizer_tensor is not None:
+            divisor = _device_normalizer(normalizer_tensor)
         call = _device_call(
             b, p, c, *args, workspace,
+            layout=layout,
+            normalizer=normalizer,
+            normalizer_value=normalizer_value,
+            normalizer_device=0 if divisor is None else divisor.data_ptr(),
             regression_loss=reg.data_ptr(),
             classification_loss=cls.data_ptr(),
             num_pos=num_pos.data_ptr(),
@@ -246,7 +379,8 @@ def _forward_op(
     lib = _capi.library()
     losses = _capi.Losses()
     config = lib.config(*settings)
-    call = _host_call(b, p, c, *args)
+    kind, value = _host_normalizer(normalizer, normalizer_value, normalizer_tensor)
+    call = _host_call(b, p, c, *args, layout=layout, normalizer=kind, normalizer_value=value)
     lib.call("multibox_reference_forward_f32", _capi.ctypes.byref(config), _capi.ctypes.byref(call),
              _capi.ctypes.byref(losses))
     reg = torch.tensor(losses.regression_loss, dtype=torch.float32)
@@ -256,10 +390,12 @@ def _forward_op(
 
 
 @_forward_op.register_fake
-def _(confidence, predicted_locations, labels, gt_locations, neg_pos_ratio, min_negatives_per_image, beta):
+def _(confidence, predicted_locations, labels, gt_locations, neg_pos_ratio, min_negatives_per_image, beta,
+      layout=0, normalizer=0, normalizer_value=0.0, normalizer_tensor=None):
     _check_settings(neg_pos_ratio, min_negatives_per_image, beta)
-    b, p, c = _check(confidence, predicted_locations, labels, gt_locations)
+    b, p, c = _check(confidence, predicted_locations, labels, gt_locations, layout)
     device = confidence.device
+    _check_normalizer_tensor(normalizer_tensor, device)
     if device.type != "cuda":
         size = 0
     elif all(isinstance(n, int) for n in (b, p, c)):
@@ -286,14 +422,20 @@ def _backward_op(
     neg_pos_ratio: float,
     min_negatives_per_image: int,
     beta: float,
+    layout: int = 0,
+    normalizer: int = 0,
+    normalizer_value: float = 0.0,
+    normalizer_tensor: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """(d total / d confidence, d total / d predicted_locations), contiguous,
-    in the inputs' dtype, for ``upstream = [g_reg, g_cls]`` (two float32 on
-    the inputs' device): kernel 3 on the workspace of a ``multibox::forward``
-    on the same inputs and settings. The CPU recomputes through the crate's
-    reference instead (it keeps no workspace)."""
+    in the inputs' dtype and layout, for ``upstream = [g_reg, g_cls]`` (two
+    float32 on the inputs' device): kernel 3 on the workspace of a
+    ``multibox::forward`` on the same inputs and settings, which holds the
+    forward's divisor (so the normaliser arguments are not read on CUDA).
+    The CPU recomputes through the crate's reference instead (it keeps no
+    workspace), so there the normaliser must be the forward's."""
     settings = _check_settings(neg_pos_ratio, min_negatives_per_image, beta)
-    b, p, c = _check(confidence, predicted_locations, labels, gt_locations)
+    b, p, c = _check(confidence, predicted_locations, labels, gt_locations, layout)
     device = confidence.device
     torch._check(
         upstream.shape == (2,) and upstream.device == device,
@@ -305,27 +447,35 @@ def _backward_op(
     if device.type == "cuda":
         torch._check(workspace.dtype == torch.uint8 and workspace.is_contiguous(), lambda: "bad workspace")
         upstream = upstream.to(torch.float32).contiguous()
+        # The backward divides by what its forward divided by (the
+        # workspace holds it): no normaliser here.
         call = _device_call(
             b, p, c, *args, workspace,
+            layout=layout,
             grad_confidence=grad_confidence.data_ptr(),
             grad_locations=grad_locations.data_ptr(),
             upstream=upstream.data_ptr(),
         )
         _launch("multibox_backward", device, settings, call)
         return grad_confidence, grad_locations
+    _check_normalizer_tensor(normalizer_tensor, device)
     lib = _capi.library()
     config = lib.config(*settings)
     g_reg, g_cls = upstream.to(torch.float32).tolist()
-    call = _host_call(b, p, c, *args, upstream=(g_reg, g_cls), grads=(grad_confidence, grad_locations))
+    kind, value = _host_normalizer(normalizer, normalizer_value, normalizer_tensor)
+    call = _host_call(
+        b, p, c, *args, upstream=(g_reg, g_cls), grads=(grad_confidence, grad_locations),
+        layout=layout, normalizer=kind, normalizer_value=value,
+    )
     lib.call("multibox_reference_backward_f32", _capi.ctypes.byref(config), _capi.ctypes.byref(call), None)
     return grad_confidence, grad_locations
 
 
 @_backward_op.register_fake
 def _(confidence, predicted_locations, labels, gt_locations, workspace, upstream, neg_pos_ratio,
-      min_negatives_per_image, beta):
+      min_negatives_per_image, beta, layout=0, normalizer=0, normalizer_value=0.0, normalizer_tensor=None):
     _check_settings(neg_pos_ratio, min_negatives_per_image, beta)
-    _check(confidence, predicted_locations, labels, gt_locations)
+    _check(confidence, predicted_locations, labels, gt_locations, layout)
     # Exactly what the real implementation allocates: contiguous, the
     # inputs' shapes and dtypes, whatever the inputs' strides.
     grad_confidence = torch.empty(confidence.shape, dtype=confidence.dtype, device=confidence.device)
@@ -336,17 +486,24 @@ def _(confidence, predicted_locations, labels, gt_locations, workspace, upstream
 
 
 def _setup_context(ctx, inputs, output):
-    confidence, predicted_locations, labels, gt_locations, neg_pos_ratio, min_negatives_per_image, beta = inputs
+    (confidence, predicted_locations, labels, gt_locations, neg_pos_ratio, min_negatives_per_image, beta,
+     layout, normalizer, normalizer_value, normalizer_tensor) = inputs
     _, _, num_pos, workspace = output
     # The inputs themselves (no copy) and the small workspace: nothing of
-    # [B, P, C] is allocated to live until the backward.
-    ctx.save_for_backward(confidence, predicted_locations, labels, gt_locations, workspace)
+    # [B, P, C] is allocated to live until the backward. On CUDA the
+    # workspace holds the forward's divisor; the CPU reference recomputes
+    # it, so there the normaliser (the tensor too, if any) goes along.
+    on_cpu = confidence.device.type == "cpu"
+    ctx.save_for_backward(
+        confidence, predicted_locations, labels, gt_locations, workspace, normalizer_tensor if on_cpu else None
+    )
     ctx.settings = (neg_pos_ratio, min_negatives_per_image, beta)
+    ctx.normalizer = (layout, normalizer, normalizer_value) if on_cpu else (layout, _capi.NORMALIZE_POSITIVES, 0.0)
     ctx.mark_non_differentiable(num_pos, workspace)
 
 
 def _backward(ctx, g_reg, g_cls, _g_num_pos, _g_workspace):
-    confidence, predicted_locations, labels, gt_locations, workspace = ctx.saved_tensors
+    confidence, predicted_locations, labels, gt_locations, workspace, normalizer_tensor = ctx.saved_tensors
     need_confidence, need_locations = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     # SPEC.md: no gradient flows to gt_locations (targets are constants);
     # a gt_locations that requires grad gets zeros rather than an error.
@@ -359,11 +516,14 @@ def _backward(ctx, g_reg, g_cls, _g_num_pos, _g_workspace):
         # [g_reg, g_cls] stays on the device: kernel 3 reads it there.
         upstream = torch.stack([g_reg, g_cls])
         d_confidence, d_locations = _backward_op(
-            confidence, predicted_locations, labels, gt_locations, workspace, upstream, *ctx.settings
+            confidence, predicted_locations, labels, gt_locations, workspace, upstream, *ctx.settings,
+            *ctx.normalizer, normalizer_tensor,
         )
         d_confidence = d_confidence if need_confidence else None
         d_locations = d_locations if need_locations else None
-    return d_confidence, d_locations, None, d_gt, None, None, None
+    # One entry per input of multibox::forward; the normaliser's tensor
+    # (a count, say) gets none: the divisor is a constant of the loss.
+    return d_confidence, d_locations, None, d_gt, None, None, None, None, None, None, None
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -399,6 +559,9 @@ def multibox_loss(
     neg_pos_ratio: float = 3.0,
     min_negatives_per_image: int = 0,
     beta: float = 1.0,
+    *,
+    normalizer=None,
+    layout: str = "row_major",
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """The SSD MultiBox loss: ``(regression_loss, classification_loss, num_pos)``.
 
@@ -410,13 +573,33 @@ def multibox_loss(
     Under ``torch.autocast`` the inputs are cast to a supported dtype (f32 on
     the CPU).
 
+    ``layout="channel_major"`` takes confidence ``[B, C, P]`` and both
+    location tensors ``[B, 4, P]`` instead (the layout of SSD heads
+    concatenated without a transpose, as NVIDIA's SSD); labels stay
+    ``[B, P]`` and the gradients come back in the inputs' layout.
+
+    ``normalizer`` is what both losses (and so the gradients) are divided by
+    (docs/SPEC.md, "Normalisation"):
+
+    - ``None`` or ``"positives"`` (the default): N, the batch's positive count;
+    - ``"per_image"``: each image by its own positive count, then the mean
+      over the B images (NVIDIA's SSD recipe; an image without a positive
+      adds 0);
+    - a number n, or a one-element tensor on the inputs' device holding n
+      (any real dtype: an int64 count from ``(labels > 0).sum()``, all-reduced
+      across data-parallel ranks, say). On CUDA the kernels read the tensor
+      in device memory: no host synchronisation. ``n <= 0`` gives zero
+      losses and gradients, a non-finite n NaN losses. The tensor gets no
+      gradient.
+
     The losses are 0-dim float32 tensors (0 when there is no positive),
-    num_pos a 0-dim int32 tensor, all on the inputs' device; nothing is copied
-    to the host. Differentiable with respect to confidence and
-    predicted_locations: the forward runs two launches and keeps only the
-    mining decisions; the backward runs one, scaled by the upstream gradients
-    before the one rounding to the inputs' dtype. gt_locations gets a zero
-    gradient if it requires one (no gradient flows to the targets).
+    num_pos a 0-dim int32 tensor (this call's own positives, whatever the
+    normaliser), all on the inputs' device; nothing is copied to the host.
+    Differentiable with respect to confidence and predicted_locations: the
+    forward runs two launches and keeps only the mining decisions; the
+    backward runs one, scaled by the upstream gradients before the one
+    rounding to the inputs' dtype. gt_locations gets a zero gradient if it
+    requires one (no gradient flows to the targets).
 
     neg_pos_ratio and beta must be positive and finite,
     min_negatives_per_image an integer in ``0..2**32-1``. An invalid label
@@ -424,8 +607,12 @@ def multibox_loss(
     raises on the CPU.
     """
     settings = _check_settings(neg_pos_ratio, min_negatives_per_image, beta)
+    layout_kind = _check_layout(layout)
+    kind, value, tensor = _check_normalizer(normalizer, confidence.device)
     confidence, predicted_locations, gt_locations = _autocast(confidence, predicted_locations, gt_locations)
-    reg, cls, num_pos, _ = _forward_op(confidence, predicted_locations, labels, gt_locations, *settings)
+    reg, cls, num_pos, _ = _forward_op(
+        confidence, predicted_locations, labels, gt_locations, *settings, layout_kind, kind, value, tensor
+    )
     return reg, cls, num_pos
 
 

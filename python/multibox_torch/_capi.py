@@ -29,6 +29,11 @@ CODE_NAMES = {
 
 F32, F16, BF16 = 0, 1, 2
 I32, I64 = 0, 1
+# multibox_layout: confidence [B, P, C] and locations [B, P, 4], or
+# [B, C, P] and [B, 4, P] (gradients in the same layout).
+ROW_MAJOR, CHANNEL_MAJOR = 0, 1
+# multibox_normalizer: what the losses and gradients are divided by.
+NORMALIZE_POSITIVES, NORMALIZE_GIVEN, NORMALIZE_PER_IMAGE = 0, 1, 2
 
 
 class Shape(ctypes.Structure):
@@ -67,6 +72,10 @@ class Call(ctypes.Structure):
         ("upstream", ctypes.c_uint64),
         ("g_reg", ctypes.c_float),
         ("g_cls", ctypes.c_float),
+        ("layout", ctypes.c_int32),
+        ("normalizer", ctypes.c_int32),
+        ("normalizer_value", ctypes.c_float),
+        ("normalizer_device", ctypes.c_uint64),
     ]
 
 
@@ -97,6 +106,9 @@ class HostCallF32(ctypes.Structure):
         ("grad_locations_len", ctypes.c_size_t),
         ("mask", ctypes.c_void_p),
         ("mask_len", ctypes.c_size_t),
+        ("layout", ctypes.c_int32),
+        ("normalizer", ctypes.c_int32),
+        ("normalizer_value", ctypes.c_float),
     ]
 
 

@@ -269,20 +269,48 @@ class MultiboxLoss(nn.Module):
     batch with no positive gives 0 losses (the reference divides by 0), and
     ties among hard-negative candidates go to the lower prior index.
 
+    Two keyword-only settings beyond the reference's (``multibox_loss``
+    documents both):
+
+    - ``normalizer``: what the losses are divided by; ``None`` or
+      ``"positives"`` (the reference's N, the default), ``"per_image"``
+      (NVIDIA's SSD recipe) or a number. ``forward(..., normalizer=n)``
+      overrides it for one call: that is where a step's all-reduced positive
+      count goes (a one-element tensor on the inputs' device), see README,
+      "Data-parallel training".
+    - ``layout``: ``"row_major"`` (``[B, P, C]`` logits, ``[B, P, 4]``
+      boxes; the default) or ``"channel_major"`` (``[B, C, P]``, ``[B, 4, P]``:
+      heads concatenated without a transpose). A property of the model, so
+      set here only.
+
     ``assign(gt_boxes, gt_labels, gt_counts)`` makes ``labels`` and
     ``gt_locations`` from padded boxes with the stored priors and settings
     (lists of per-image tensors are padded first), on the boxes' device.
+    With ``layout="channel_major"`` its ``gt_locations`` is a ``[B, 4, P]``
+    view of the ``[B, P, 4]`` offsets the assignment writes (the loss copies
+    it to contiguous memory, 16 bytes per prior).
     """
 
-    def __init__(self, priors, iou_threshold, neg_pos_ratio, center_variance, size_variance, device):
+    def __init__(self, priors, iou_threshold, neg_pos_ratio, center_variance, size_variance, device, *,
+                 normalizer=None, layout: str = "row_major"):
         super().__init__()
+        from . import _check_layout, _check_normalizer
+
         self.iou_threshold = iou_threshold
         self.neg_pos_ratio = neg_pos_ratio
         self.center_variance = center_variance
         self.size_variance = size_variance
         self.priors = priors.to(device)
+        # Refused here rather than at the first step.
+        _check_layout(layout)
+        _check_normalizer(normalizer)
+        self.normalizer = normalizer
+        self.layout = layout
 
-    def forward(self, confidence: Tensor, predicted_locations: Tensor, labels: Tensor, gt_locations: Tensor):
+    def forward(self, confidence: Tensor, predicted_locations: Tensor, labels: Tensor, gt_locations: Tensor,
+                normalizer=None):
+        """``(regression_loss, classification_loss)``; ``normalizer`` (not
+        None) replaces the module's for this call."""
         from . import multibox_loss
 
         regression_loss, classification_loss, _ = multibox_loss(
@@ -291,18 +319,21 @@ class MultiboxLoss(nn.Module):
             labels,
             gt_locations,
             neg_pos_ratio=float(self.neg_pos_ratio),
+            normalizer=self.normalizer if normalizer is None else normalizer,
+            layout=self.layout,
         )
         return regression_loss, classification_loss
 
     def assign(self, gt_boxes, gt_labels, gt_counts: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """``(labels, gt_locations)`` for a padded batch (``gt_counts`` given)
-        or for lists of per-image boxes and labels (``gt_counts`` None)."""
+        or for lists of per-image boxes and labels (``gt_counts`` None);
+        gt_locations in the module's layout."""
         if gt_counts is None:
             if isinstance(gt_boxes, Tensor):
                 raise ValueError("gt_counts is required with padded gt_boxes; pass lists to have them padded")
             gt_boxes, gt_labels, gt_counts = pad_targets(list(gt_boxes), list(gt_labels))
         priors = self.priors.to(gt_boxes.device)
-        return assign_targets(
+        labels, gt_locations = assign_targets(
             priors,
             gt_boxes,
             gt_labels,
@@ -311,3 +342,6 @@ class MultiboxLoss(nn.Module):
             self.center_variance,
             self.size_variance,
         )
+        if self.layout == "channel_major":
+            gt_locations = gt_locations.transpose(1, 2)
+        return labels, gt_locations

@@ -18,25 +18,49 @@ capi = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(capi)
 
 
-def test_struct_layouts_match_the_header():
+def _run_c(body):
+    """Compiles ``main`` with ``body`` against include/multibox.h with the
+    system C compiler, runs it, returns its output."""
     lines = ['#include <stdio.h>', '#include <stddef.h>', '#include "multibox.h"', "int main(void) {"]
-    for cname, cls in capi.STRUCTS.items():
-        lines.append(f'printf("{cname} size %zu\\n", sizeof({cname}));')
-        for field, _ in cls._fields_:
-            lines.append(f'printf("{cname} {field} %zu\\n", offsetof({cname}, {field}));')
-    lines.append("return 0; }")
+    lines += body + ["return 0; }"]
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "layout.c"
         exe = Path(tmp) / "layout"
         src.write_text("\n".join(lines))
         cc = os.environ.get("CC", "cc")
         subprocess.run([cc, "-I", str(ROOT / "include"), str(src), "-o", str(exe)], check=True)
-        out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
-    for line in out.splitlines():
+        return subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+
+
+def test_struct_layouts_match_the_header():
+    body = []
+    for cname, cls in capi.STRUCTS.items():
+        body.append(f'printf("{cname} size %zu\\n", sizeof({cname}));')
+        for field, _ in cls._fields_:
+            body.append(f'printf("{cname} {field} %zu\\n", offsetof({cname}, {field}));')
+    for line in _run_c(body).splitlines():
         cname, what, value = line.split()
         cls = capi.STRUCTS[cname]
         got = ctypes.sizeof(cls) if what == "size" else getattr(cls, what).offset
         assert got == int(value), f"{cname}.{what}: ctypes {got}, C {value}"
+
+
+# The header's enum constants and their names in _capi.
+ENUMS = {
+    "MULTIBOX_F32": "F32", "MULTIBOX_F16": "F16", "MULTIBOX_BF16": "BF16",
+    "MULTIBOX_I32": "I32", "MULTIBOX_I64": "I64",
+    "MULTIBOX_ROW_MAJOR": "ROW_MAJOR", "MULTIBOX_CHANNEL_MAJOR": "CHANNEL_MAJOR",
+    "MULTIBOX_NORMALIZE_POSITIVES": "NORMALIZE_POSITIVES",
+    "MULTIBOX_NORMALIZE_GIVEN": "NORMALIZE_GIVEN",
+    "MULTIBOX_NORMALIZE_PER_IMAGE": "NORMALIZE_PER_IMAGE",
+}
+
+
+def test_enum_values_match_the_header():
+    out = _run_c([f'printf("{c} %d\\n", (int){c});' for c in ENUMS])
+    for line in out.splitlines():
+        cname, value = line.split()
+        assert getattr(capi, ENUMS[cname]) == int(value), f"{cname}: _capi.{ENUMS[cname]} != {value}"
 
 
 def test_reference_on_the_hand_computed_case():
@@ -79,6 +103,48 @@ def test_reference_on_the_hand_computed_case():
         assert e.code == capi.INVALID_ARGUMENT and "labels" in str(e), e
     else:
         raise AssertionError("a wrong length was accepted")
+
+
+def test_reference_layout_and_normalizer_fields():
+    # The hand-computed case again, channel-major ([B, C, P] logits, [B, 4, P]
+    # boxes) and divided by a given n = 4 instead of N = 1: the fields at
+    # the end of multibox_host_call_f32 reach the reference.
+    lib = capi.Library()
+    b, p, c = 1, 3, 2
+    confidence = (ctypes.c_float * (b * c * p))()
+    predicted = (ctypes.c_float * (b * 4 * p))(0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0, 0.0, 0.0)
+    gt = (ctypes.c_float * (b * 4 * p))()
+    labels = (ctypes.c_int32 * (b * p))(1, 0, 0)
+    grad_confidence = (ctypes.c_float * (b * c * p))()
+    grad_locations = (ctypes.c_float * (b * 4 * p))()
+    addr = ctypes.addressof
+    call = capi.HostCallF32(
+        shape=capi.Shape(b, p, c), label_type=capi.I32,
+        confidence=addr(confidence), confidence_len=len(confidence),
+        predicted_locations=addr(predicted), predicted_locations_len=len(predicted),
+        labels=addr(labels), labels_len=len(labels),
+        gt_locations=addr(gt), gt_locations_len=len(gt),
+        g_reg=1.0, g_cls=1.0,
+        grad_confidence=addr(grad_confidence), grad_confidence_len=len(grad_confidence),
+        grad_locations=addr(grad_locations), grad_locations_len=len(grad_locations),
+        layout=capi.CHANNEL_MAJOR, normalizer=capi.NORMALIZE_GIVEN, normalizer_value=4.0,
+    )
+    config = lib.config(1.0, 0, 1.0)
+    losses = capi.Losses()
+    lib.call("multibox_reference_forward_backward_f32", ctypes.byref(config), ctypes.byref(call), ctypes.byref(losses))
+    assert losses.num_pos == 1
+    assert abs(losses.classification_loss - 2 * math.log(2) / 4) < 1e-12
+    assert losses.regression_loss == 1.625 / 4
+    # [C, P]: class 0 then class 1 of priors 0, 1, 2.
+    assert list(grad_confidence) == [0.125, -0.125, 0.0, -0.125, 0.125, 0.0]
+    assert list(grad_locations) == [0.125, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.25, 0.0, 0.0]
+    call.normalizer = 3
+    try:
+        lib.call("multibox_reference_forward_f32", ctypes.byref(config), ctypes.byref(call), ctypes.byref(losses))
+    except capi.MultiboxError as e:
+        assert e.code == capi.INVALID_ARGUMENT and "normalizer" in str(e), e
+    else:
+        raise AssertionError("normalizer 3 was accepted")
 
 
 def test_workspace_and_no_device():
