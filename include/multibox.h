@@ -136,10 +136,12 @@ typedef struct multibox_call {
   uint64_t grad_confidence;
   // `[B, P, 4]` gradient of the predicted offsets, T; as `grad_confidence`.
   uint64_t grad_locations;
-  // One float: sum of smooth-L1 over positives / N; forward and
+  // One float: sum of smooth-L1 over positives / the divisor (N, or as
+  // `normalizer` says); forward and
   // forward_backward only (0 for the backward).
   uint64_t regression_loss;
-  // One float: cross-entropy over positives and mined negatives / N; as
+  // One float: cross-entropy over positives and mined negatives / the
+  // divisor; as
   // `regression_loss`.
   uint64_t classification_loss;
   // One int32_t: N; as `regression_loss`.
@@ -230,11 +232,11 @@ typedef struct multibox_host_call_f32 {
 
 // The losses from the CPU reference, in double.
 typedef struct multibox_losses {
-  // Smooth-L1 over positives / N (0 when N = 0).
+  // Smooth-L1 over positives / the divisor (N by default; 0 when it is 0).
   double regression_loss;
-  // Cross-entropy over positives and mined negatives / N (0 when N = 0).
+  // Cross-entropy over positives and mined negatives / the divisor.
   double classification_loss;
-  // N, the positives in the batch.
+  // N, the positives in the batch (whatever the normaliser).
   uint64_t num_pos;
 } multibox_losses;
 

@@ -54,11 +54,11 @@ use cuda::CudaState;
 /// The losses of one call, as candle scalars (f32) in the autograd graph.
 #[derive(Debug, Clone)]
 pub struct MultiboxLosses {
-    /// Smooth-L1 over positives / N: a 0-dim f32 tensor.
+    /// Smooth-L1 over positives / the divisor (N by default): a 0-dim f32 tensor.
     pub regression_loss: Tensor,
-    /// Cross-entropy over positives and mined negatives / N: a 0-dim f32 tensor.
+    /// Cross-entropy over positives and mined negatives / the divisor: a 0-dim f32 tensor.
     pub classification_loss: Tensor,
-    /// N, the positives in the batch.
+    /// N, the positives in the batch (whatever the normaliser).
     pub num_pos: u64,
 }
 

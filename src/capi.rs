@@ -156,10 +156,12 @@ pub struct multibox_call {
     pub grad_confidence: u64,
     /// `[B, P, 4]` gradient of the predicted offsets, T; as `grad_confidence`.
     pub grad_locations: u64,
-    /// One float: sum of smooth-L1 over positives / N; forward and
+    /// One float: sum of smooth-L1 over positives / the divisor (N, or as
+    /// `normalizer` says); forward and
     /// forward_backward only (0 for the backward).
     pub regression_loss: u64,
-    /// One float: cross-entropy over positives and mined negatives / N; as
+    /// One float: cross-entropy over positives and mined negatives / the
+    /// divisor; as
     /// `regression_loss`.
     pub classification_loss: u64,
     /// One int32_t: N; as `regression_loss`.
@@ -256,11 +258,11 @@ pub struct multibox_host_call_f32 {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct multibox_losses {
-    /// Smooth-L1 over positives / N (0 when N = 0).
+    /// Smooth-L1 over positives / the divisor (N by default; 0 when it is 0).
     pub regression_loss: f64,
-    /// Cross-entropy over positives and mined negatives / N (0 when N = 0).
+    /// Cross-entropy over positives and mined negatives / the divisor.
     pub classification_loss: f64,
-    /// N, the positives in the batch.
+    /// N, the positives in the batch (whatever the normaliser).
     pub num_pos: u64,
 }
 

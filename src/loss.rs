@@ -29,11 +29,12 @@ pub struct Inputs<'a, T, L> {
 /// Where a call writes the losses. Nothing is read back: the values stay on
 /// the device until the caller copies them.
 pub struct Outputs<'a> {
-    /// One f32: sum of smooth-L1 over positives / N.
+    /// One f32: sum of smooth-L1 over positives / the divisor (N by default,
+    /// see [`Normalizer`]).
     pub regression_loss: &'a mut dyn DevicePtrMut<f32>,
-    /// One f32: cross-entropy over positives and mined negatives / N.
+    /// One f32: cross-entropy over positives and mined negatives / the divisor.
     pub classification_loss: &'a mut dyn DevicePtrMut<f32>,
-    /// One i32: N, the batch's positives.
+    /// One i32: N, the batch's positives (whatever the normaliser).
     pub num_pos: &'a mut dyn DevicePtrMut<i32>,
     /// Optional `[B, P]` u8: 1 for each prior in the classification loss.
     pub mask: Option<&'a mut dyn DevicePtrMut<u8>>,
