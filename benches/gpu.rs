@@ -39,15 +39,29 @@ use multibox::cudarc::driver::{
 };
 use multibox::synthetic::{Batch, BatchSpec, BoxBatch};
 use multibox::targets::{priors, TargetAssigner, TargetConfig, TargetInputs, TargetOutputs};
-use multibox::{Float, MultiboxConfig, MultiboxLoss, Shape};
+use multibox::{CallOptions, Float, Layout, MultiboxConfig, MultiboxLoss, Normalizer, Shape};
 
-/// The shapes of SSD training that the crate is for.
+/// The shapes of SSD training that the crate is for, row-major and
+/// normalised by N; then the `_cm` cases: channel-major inputs (`[B, C, P]`,
+/// `[B, 4, P]`) normalised per image, NVIDIA's SSD recipe.
 const CASES: &[(&str, Shape)] = &[
     ("ssdlite_voc", Shape::new(32, 3000, 21)),
     ("ssdlite_coco", Shape::new(32, 3000, 91)),
     ("ssd300_coco", Shape::new(32, 8732, 81)),
     ("ssd300_coco", Shape::new(256, 8732, 81)),
+    ("ssdlite_voc_cm", Shape::new(32, 3000, 21)),
+    ("ssd300_coco_cm", Shape::new(32, 8732, 81)),
+    ("ssd300_coco_cm", Shape::new(256, 8732, 81)),
 ];
+
+/// A case's layout and normaliser, from its name.
+fn options(name: &str) -> (Layout, Normalizer<'static>) {
+    if name.ends_with("_cm") {
+        (Layout::ChannelMajor, Normalizer::PerImage)
+    } else {
+        (Layout::RowMajor, Normalizer::Positives)
+    }
+}
 
 /// Peak DRAM bandwidth (bytes/s) of the GPUs we know, matched in this order
 /// against a substring of the device name (so "H100 PCIe" before "H100").
@@ -157,7 +171,7 @@ fn main() {
         if wanted.is_empty() {
             continue;
         }
-        let host = synthetic_batch(shape);
+        let host = synthetic_batch(shape, options(name).0);
         for dtype in wanted {
             let result = match dtype {
                 "f32" => bench.case::<f32>(name, &host),
@@ -297,13 +311,13 @@ impl AssignRecord {
 }
 
 /// A batch of the shape, drawn once for at most 32 images and repeated to B
-/// (the timing does not depend on which images repeat).
-fn synthetic_batch(shape: Shape) -> Batch<f32, i64> {
+/// (the timing does not depend on which images repeat), in `layout`.
+fn synthetic_batch(shape: Shape, layout: Layout) -> Batch<f32, i64> {
     let drawn = Shape::new(shape.batch.min(32), shape.priors, shape.classes);
     let one = Batch::<f32, i64>::generate(drawn, BatchSpec::default());
     let repeat =
         |v: &[f32], len: usize| -> Vec<f32> { v.iter().copied().cycle().take(len).collect() };
-    Batch {
+    let batch = Batch {
         shape,
         confidence: repeat(&one.confidence, shape.confidence_len()),
         predicted_locations: repeat(&one.predicted_locations, shape.locations_len()),
@@ -315,6 +329,13 @@ fn synthetic_batch(shape: Shape) -> Batch<f32, i64> {
             .take(shape.rows())
             .collect(),
         gt_locations: repeat(&one.gt_locations, shape.locations_len()),
+    };
+    let to = |v: &[f32], per_prior| Layout::RowMajor.convert(v, shape, per_prior, layout);
+    Batch {
+        confidence: to(&batch.confidence, shape.classes),
+        predicted_locations: to(&batch.predicted_locations, 4),
+        gt_locations: to(&batch.gt_locations, 4),
+        ..batch
     }
 }
 
@@ -357,8 +378,15 @@ impl<T: Elem> CallSet<T> {
         })
     }
 
-    fn call(&mut self, loss: &MultiboxLoss, stream: &Arc<CudaStream>, shape: Shape) -> Result<()> {
-        loss.forward_backward(
+    fn call(
+        &mut self,
+        loss: &MultiboxLoss,
+        stream: &Arc<CudaStream>,
+        shape: Shape,
+        name: &str,
+    ) -> Result<()> {
+        let (layout, normalizer) = options(name);
+        loss.forward_backward_with(
             stream,
             shape,
             &multibox::Inputs {
@@ -379,6 +407,7 @@ impl<T: Elem> CallSet<T> {
                 mask: None,
             },
             &mut self.workspace,
+            CallOptions { layout, normalizer },
         )?;
         Ok(())
     }
@@ -438,6 +467,8 @@ impl Record {
             "classes": self.shape.classes,
             "dtype": self.dtype,
             "labels": "i64",
+            "layout": format!("{:?}", options(&self.name).0),
+            "normalizer": format!("{:?}", options(&self.name).1),
             "device": self.device,
             "call_us": self.call_us,
             "graph_us": self.graph_us,
@@ -498,14 +529,14 @@ impl Bench<'_> {
 
         // Warm-up: module load, first-touch, clocks.
         for i in 0..sets.max(10) {
-            calls[i % sets].call(&loss, &stream, shape)?;
+            calls[i % sets].call(&loss, &stream, shape, name)?;
         }
         stream.synchronize()?;
 
         // As many calls as fit in ~0.3 s (0.05 s quick), at least 20.
         let start = Instant::now();
         for c in calls.iter_mut() {
-            c.call(&loss, &stream, shape)?;
+            c.call(&loss, &stream, shape, name)?;
         }
         stream.synchronize()?;
         let per_call = start.elapsed().as_secs_f64() / sets as f64;
@@ -520,7 +551,7 @@ impl Bench<'_> {
         // never waits on the host between calls longer than the launches take.
         events[0].record(&stream)?;
         for i in 0..n {
-            calls[i % sets].call(&loss, &stream, shape)?;
+            calls[i % sets].call(&loss, &stream, shape, name)?;
             events[i + 1].record(&stream)?;
         }
         stream.synchronize()?;
@@ -530,10 +561,11 @@ impl Bench<'_> {
             .collect::<Result<_, _>>()?;
         let call_us = median(times);
 
-        let (graph_us, graph_error) = match self.graph_time(&loss, &stream, shape, &mut calls, n) {
-            Ok(us) => (Some(us), None),
-            Err(e) => (None, Some(format!("{e:#}"))),
-        };
+        let (graph_us, graph_error) =
+            match self.graph_time(&loss, &stream, name, shape, &mut calls, n) {
+                Ok(us) => (Some(us), None),
+                Err(e) => (None, Some(format!("{e:#}"))),
+            };
 
         if let Ok(status) = loss.status(&stream, shape, &calls[0].workspace) {
             if !status.is_ok() {
@@ -561,6 +593,7 @@ impl Bench<'_> {
         &self,
         loss: &MultiboxLoss,
         stream: &Arc<CudaStream>,
+        name: &str,
         shape: Shape,
         calls: &mut [CallSet<T>],
         n: usize,
@@ -568,7 +601,7 @@ impl Bench<'_> {
         let mut graphs = Vec::with_capacity(calls.len());
         for c in calls.iter_mut() {
             stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
-            let captured = c.call(loss, stream, shape);
+            let captured = c.call(loss, stream, shape, name);
             // End the capture even when the call failed, so the stream is usable.
             let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
             captured.context("forward_backward during capture")?;

@@ -90,10 +90,21 @@ pub enum Normalizer<'a> {
     PerImage,
 }
 
+impl std::fmt::Debug for Normalizer<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Normalizer::Positives => f.write_str("Positives"),
+            Normalizer::Given(n) => f.debug_tuple("Given").field(n).finish(),
+            Normalizer::GivenOnDevice(_) => f.write_str("GivenOnDevice(..)"),
+            Normalizer::PerImage => f.write_str("PerImage"),
+        }
+    }
+}
+
 /// The per-call settings of [`MultiboxLoss::forward_with`] and
 /// [`MultiboxLoss::forward_backward_with`]; the default is that of
 /// [`MultiboxLoss::forward`]: row-major, normalised by N.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct CallOptions<'a> {
     /// The layout of confidence, the locations and the gradients.
     pub layout: Layout,
