@@ -6,10 +6,10 @@
 //! the kernels ask of memory, counted on the CPU; not a measured speed.
 //!
 //!     cargo run --release --example traffic -- 32x3000x21 f16
-//!     cargo run --release --example traffic -- 32x8732x81 bf16 [i32]
+//!     cargo run --release --example traffic -- 32x8732x81 bf16 [i32] [channel-major]
 use anyhow::{bail, Context, Result};
 use multibox::synthetic::{Batch, BatchSpec};
-use multibox::{DType, Float, Label, LabelType, MultiboxConfig, Shape};
+use multibox::{DType, Float, Label, LabelType, Layout, MultiboxConfig, Shape};
 
 #[path = "../tests/common/emulated.rs"]
 #[allow(dead_code)]
@@ -19,7 +19,7 @@ use emulated::{Call, HostInputs};
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let usage = "usage: traffic BxPxC f32|f16|bf16 [i64|i32]";
+    let usage = "usage: traffic BxPxC f32|f16|bf16 [i64|i32] [row-major|channel-major]";
     let dims: Vec<usize> = args
         .first()
         .context(usage)?
@@ -37,30 +37,43 @@ fn main() -> Result<()> {
         Some("bf16") => DType::BF16,
         _ => bail!(usage),
     };
-    let labels = match args.get(2).map(String::as_str) {
-        None | Some("i64") => LabelType::I64,
-        Some("i32") => LabelType::I32,
-        _ => bail!(usage),
-    };
+    let mut labels = LabelType::I64;
+    let mut layout = Layout::RowMajor;
+    for arg in &args[2..] {
+        match arg.as_str() {
+            "i64" => labels = LabelType::I64,
+            "i32" => labels = LabelType::I32,
+            "row-major" => layout = Layout::RowMajor,
+            "channel-major" => layout = Layout::ChannelMajor,
+            _ => bail!(usage),
+        }
+    }
     match (dtype, labels) {
-        (DType::F32, LabelType::I64) => report::<f32, i64>(shape),
-        (DType::F32, LabelType::I32) => report::<f32, i32>(shape),
-        (DType::F16, LabelType::I64) => report::<half::f16, i64>(shape),
-        (DType::F16, LabelType::I32) => report::<half::f16, i32>(shape),
-        (DType::BF16, LabelType::I64) => report::<half::bf16, i64>(shape),
-        (DType::BF16, LabelType::I32) => report::<half::bf16, i32>(shape),
+        (DType::F32, LabelType::I64) => report::<f32, i64>(shape, layout),
+        (DType::F32, LabelType::I32) => report::<f32, i32>(shape, layout),
+        (DType::F16, LabelType::I64) => report::<half::f16, i64>(shape, layout),
+        (DType::F16, LabelType::I32) => report::<half::f16, i32>(shape, layout),
+        (DType::BF16, LabelType::I64) => report::<half::bf16, i64>(shape, layout),
+        (DType::BF16, LabelType::I32) => report::<half::bf16, i32>(shape, layout),
     }
 }
 
-fn report<T: Float, L: Label>(shape: Shape) -> Result<()> {
+fn report<T: Float, L: Label>(shape: Shape, layout: Layout) -> Result<()> {
     let batch = Batch::<T, L>::generate(shape, BatchSpec::default());
+    let to = |v: &[T], per_prior| Layout::RowMajor.convert(v, shape, per_prior, layout);
+    let (confidence, predicted_locations, gt_locations) = (
+        to(&batch.confidence, shape.classes),
+        to(&batch.predicted_locations, 4),
+        to(&batch.gt_locations, 4),
+    );
     let inputs = HostInputs {
-        confidence: &batch.confidence,
-        predicted_locations: &batch.predicted_locations,
+        confidence: &confidence,
+        predicted_locations: &predicted_locations,
         labels: &batch.labels,
-        gt_locations: &batch.gt_locations,
+        gt_locations: &gt_locations,
     };
     let call = Call {
+        layout,
         model_traffic: true,
         // Race checking keeps a shadow of every byte touched; the model
         // needs none of it.
@@ -70,7 +83,7 @@ fn report<T: Float, L: Label>(shape: Shape) -> Result<()> {
     let out = emulated::run(&MultiboxConfig::default(), shape, &inputs, call)?;
     let floor = multibox::plan::bytes_floor(shape, T::DTYPE, L::LABEL_TYPE, true);
     println!(
-        "traffic model: {}x{}x{} {:?} {:?}, forward_backward (emulator; a model, not a measurement)",
+        "traffic model: {}x{}x{} {:?} {:?} {layout:?}, forward_backward (emulator; a model, not a measurement)",
         shape.batch, shape.priors, shape.classes, T::DTYPE, L::LABEL_TYPE
     );
     println!(

@@ -259,18 +259,18 @@ template <typename T, typename L> __device__ void write_gradients_channel_major(
         }
         __syncthreads();  // the statistics are complete
 
-        // 3. This thread's column, every class.
+        // 3. This thread's column, every class. One store per class for the
+        // whole warp, zeros and values alike, so that each is one request.
         if (t < count) {
             T* out = grad_confidence + image * p.classes * priors + p0 + t;
-            if (!mine.in_set) {
-                const T zero = from_f32<T>(0.0f);
-                for (u32 c = 0; c < p.classes; ++c) out[c * priors] = zero;
-            } else {
-                const RowStats stats = sh.stats[sh.slot[t]];
-                const float inv_sum = 1.0f / stats.sum_exp;
-                const i64 label = i64(mine.label);
-                for (u32 c = 0; c < p.classes; ++c)
-                    out[c * priors] = from_f32<T>(mine.cls_scale * softmax_minus_onehot(stats, inv_sum, x0 + t, priors, c, label));
+            RowStats stats = {};
+            if (mine.in_set) stats = sh.stats[sh.slot[t]];
+            const float inv_sum = 1.0f / stats.sum_exp;
+            const i64 label = i64(mine.label);
+            for (u32 c = 0; c < p.classes; ++c) {
+                float d = 0.0f;
+                if (mine.in_set) d = mine.cls_scale * softmax_minus_onehot(stats, inv_sum, x0 + t, priors, c, label);
+                out[c * priors] = from_f32<T>(d);
             }
         }
         // No barrier here: the next tile's first shared writes (the lists)

@@ -117,10 +117,12 @@ template <typename T, typename L> __device__ void mining_keys_and_positive_terms
     const u32 tile_rows = staging ? p.tile_rows : rows_per_step;
     const u64 tiles = channel_major ? u64(p.batch) * ((p.priors + tile_rows - 1) / tile_rows)
                                     : (rows + tile_rows - 1) / tile_rows;
-    // Channel-major rows in shared memory are tile_rows + 1 apart, an odd
-    // number of elements, so that the lanes of a group (reading consecutive
-    // classes of one prior) fall into different banks.
-    const u32 staged_stride = tile_rows + 1;
+    // Channel-major classes in shared memory are an odd number of 4-byte
+    // words apart (tile_rows, a multiple of 8, plus one f32 or two halves),
+    // so that the lanes of a group, reading consecutive classes of one
+    // prior, fall into different banks. The plan counts tile_rows + 1
+    // elements of 4 bytes per class.
+    const u32 staged_stride = tile_rows + (sizeof(T) == 4 ? 1u : 2u);
 
     // Kernel 2 counts its finished blocks here; it runs after this kernel.
     if (blockIdx.x == 0 && threadIdx.x == 0) p.totals->images_done = 0;
