@@ -53,6 +53,11 @@
 //! positive gives 0 (not NaN), and ties among the hard-negative candidates go
 //! to the lower prior index.
 //!
+//! Per call, [`CallOptions`] chooses the [`Layout`] (row-major `[B, P, C]`
+//! or NVIDIA's channel-major `[B, C, P]`, read and written in place) and the
+//! [`Normalizer`] (N, a divisor from the host or the device for data-parallel
+//! training, or per image): see [`MultiboxLoss::forward_backward_with`].
+//!
 //! The pieces, following one call down: [`MultiboxLoss`] validates and
 //! takes device addresses, [`launch_call`] runs the [`plan::LaunchPlan`]'s
 //! launches on a [`Backend`], and the kernels live in `kernels/*.cu`
