@@ -3,7 +3,7 @@
 //! launches per step (radix-select hard negative mining, fused log-softmax
 //! cross-entropy, smooth-L1), with no host synchronisation, no allocation and
 //! bit-identical results run after run. A CPU reference in f64
-//! ([`reference`]) computes the same thing for machines without a GPU.
+//! ([`reference`](mod@reference)) computes the same thing for machines without a GPU.
 //!
 //! ```
 //! use multibox::cudarc::driver::CudaSlice;
