@@ -104,6 +104,7 @@ __device__ __forceinline__ Tile tile_at(const MultiboxParams& p, u64 t, u32 tile
 template <typename T, typename L> __device__ void mining_keys_and_positive_terms(const MultiboxParams& p) {
     __shared__ u32 status_scratch[ROW_THREADS / WARP];
     __shared__ i64 tile_labels[ROW_THREADS];
+    __shared__ u32 tile_keys[ROW_THREADS];
     MB_DYNAMIC_SHARED(unsigned char, staged);
     const T* confidence = static_cast<const T*>(p.confidence);
     const T* pred = static_cast<const T*>(p.predicted_locations);
@@ -178,17 +179,17 @@ template <typename T, typename L> __device__ void mining_keys_and_positive_terms
             if (nonfinite) status |= STATUS_NONFINITE_INPUT;
             if (sub != 0) continue;  // the group's first lane writes the row's results
             if (!active) {
-                if (in_range) p.keys[row] = KEY_IGNORED;
+                if (in_range) tile_keys[r] = KEY_IGNORED;
                 continue;
             }
             // row_stats left class `label` out of sum_exp_others: the loss of
             // the background class for a candidate, of the object class for a positive.
             const float loss = stats.loss_of_skipped(to_f32(x[u64(label) * class_stride]));
             if (label == 0) {
-                p.keys[row] = candidate_key(loss);
+                tile_keys[r] = candidate_key(loss);
                 continue;
             }
-            p.keys[row] = KEY_POSITIVE;
+            tile_keys[r] = KEY_POSITIVE;
             PositiveTerms terms;
             terms.cross_entropy = loss;
             terms.regression = 0.0f;
@@ -203,7 +204,14 @@ template <typename T, typename L> __device__ void mining_keys_and_positive_terms
             }
             p.terms[row] = terms;
         }
-        if (staging) __syncthreads();  // every row is read before the next tile is staged
+        // Every row of the tile is done (and the staged tile read): the keys
+        // go out in one contiguous store per warp, not one 4-byte store per
+        // row from the first lane of its group.
+        __syncthreads();
+        if (threadIdx.x < tile.count) p.keys[tile.first + threadIdx.x] = tile_keys[threadIdx.x];
+        // Staged, the next tile's staging barrier orders this read before
+        // its rows rewrite tile_keys; unstaged, nothing else does.
+        if (!staging) __syncthreads();
     }
 
     status = block_or<ROW_THREADS>(status, status_scratch);
