@@ -505,6 +505,18 @@ fn rows_too_long_for_a_tile_are_read_from_global_memory() {
             .unwrap();
     assert_eq!(cm.tile_rows, 0);
     assert_channel_major_is_row_major("long rows", &case, Call::default(), &got);
+    // Two blocks walking all the tiles: the same bits, and the checker
+    // sees each block reuse its shared memory from tile to tile.
+    let few = Call {
+        grid_limits: multibox::plan::GridLimits {
+            rows: 2,
+            gradient: 2,
+        },
+        ..Call::default()
+    };
+    let walked = emulated::run(&case.config, shape, &case.host(), few).unwrap();
+    assert_eq!(walked, got);
+    assert_channel_major_is_row_major("long rows, two blocks", &case, few, &got);
 }
 
 #[test]
