@@ -34,14 +34,40 @@ struct SelectShared {
     u32 is_last;
 };
 
+// Adds one to histogram[bucket] for each lane where `counted`; all 32
+// lanes of the warp call it. An image's keys crowd into few buckets (the
+// background losses of most priors share their exponent, the top bits of
+// the key), and shared atomics on one address serialise. So up to
+// GROUPED_BUCKETS times, the lanes in the first remaining lane's bucket add
+// theirs with one atomic; lanes left after that (keys spread over many
+// buckets, as in the later passes) add theirs one by one, on addresses
+// that mostly differ.
+constexpr int GROUPED_BUCKETS = 4;
+
+__device__ __forceinline__ void count_in_warp(u32* histogram, u32 bucket, bool counted) {
+    const u32 lane = threadIdx.x % WARP;
+    u32 remaining = __ballot_sync(FULL_MASK, counted);
+    for (int round = 0; round < GROUPED_BUCKETS && remaining != 0; ++round) {
+        const int leader = __ffs(int(remaining)) - 1;
+        const u32 leader_bucket = __shfl_sync(FULL_MASK, bucket, leader);
+        const u32 peers = __ballot_sync(FULL_MASK, (remaining >> lane & 1u) && bucket == leader_bucket);
+        if (lane == u32(leader)) atomicAdd(&histogram[leader_bucket], u32(__popc(peers)));
+        remaining &= ~peers;
+    }
+    if (remaining >> lane & 1u) atomicAdd(&histogram[bucket], 1u);
+}
+
 // Adds to the histogram the digit at `shift` of every candidate key whose
 // bits above the digit equal `prefix`.
 __device__ void count_digits(const u32* keys, u32 n, u32 prefix, u32 prefix_mask, u32 shift, u32* histogram) {
     for (u32 b = threadIdx.x; b < BUCKETS; b += SELECT_THREADS) histogram[b] = 0;
     __syncthreads();
-    for (u32 i = threadIdx.x; i < n; i += SELECT_THREADS) {
-        const u32 key = keys[i];
-        if (is_candidate(key) && (key & prefix_mask) == prefix) atomicAdd(&histogram[(key >> shift) & (BUCKETS - 1)], 1u);
+    // Every thread walks the same steps: count_in_warp needs whole warps.
+    for (u32 base = 0; base < n; base += SELECT_THREADS) {
+        const u32 i = base + threadIdx.x;
+        const u32 key = i < n ? keys[i] : KEY_IGNORED;
+        const bool counted = is_candidate(key) && (key & prefix_mask) == prefix;
+        count_in_warp(histogram, (key >> shift) & (BUCKETS - 1), counted);
     }
     __syncthreads();
 }
@@ -146,13 +172,12 @@ __device__ void select_and_reduce(const MultiboxParams& p) {
     for (u32 b = threadIdx.x; b < BUCKETS; b += SELECT_THREADS) sh.histogram[b] = 0;
     __syncthreads();
     u32 positives = 0, candidates = 0;
-    for (u32 i = threadIdx.x; i < n; i += SELECT_THREADS) {
-        const u32 key = keys[i];
+    for (u32 base = 0; base < n; base += SELECT_THREADS) {  // whole warps, for count_in_warp
+        const u32 i = base + threadIdx.x;
+        const u32 key = i < n ? keys[i] : KEY_IGNORED;
         positives += key == KEY_POSITIVE;
-        if (is_candidate(key)) {
-            ++candidates;
-            atomicAdd(&sh.histogram[key >> (32 - DIGIT_BITS)], 1u);
-        }
+        candidates += is_candidate(key);
+        count_in_warp(sh.histogram, key >> (32 - DIGIT_BITS), is_candidate(key));
     }
     // The sums' barriers also complete the histogram.
     positives = block_sum<SELECT_THREADS>(positives, sh.scan);
