@@ -317,7 +317,7 @@ fn synthetic_batch(shape: Shape, layout: Layout) -> Batch<f32, i64> {
     let one = Batch::<f32, i64>::generate(drawn, BatchSpec::default());
     let repeat =
         |v: &[f32], len: usize| -> Vec<f32> { v.iter().copied().cycle().take(len).collect() };
-    let batch = Batch {
+    Batch {
         shape,
         confidence: repeat(&one.confidence, shape.confidence_len()),
         predicted_locations: repeat(&one.predicted_locations, shape.locations_len()),
@@ -329,14 +329,8 @@ fn synthetic_batch(shape: Shape, layout: Layout) -> Batch<f32, i64> {
             .take(shape.rows())
             .collect(),
         gt_locations: repeat(&one.gt_locations, shape.locations_len()),
-    };
-    let to = |v: &[f32], per_prior| Layout::RowMajor.convert(v, shape, per_prior, layout);
-    Batch {
-        confidence: to(&batch.confidence, shape.classes),
-        predicted_locations: to(&batch.predicted_locations, 4),
-        gt_locations: to(&batch.gt_locations, 4),
-        ..batch
     }
+    .in_layout(layout)
 }
 
 struct Bench<'a> {

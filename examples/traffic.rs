@@ -59,18 +59,12 @@ fn main() -> Result<()> {
 }
 
 fn report<T: Float, L: Label>(shape: Shape, layout: Layout) -> Result<()> {
-    let batch = Batch::<T, L>::generate(shape, BatchSpec::default());
-    let to = |v: &[T], per_prior| Layout::RowMajor.convert(v, shape, per_prior, layout);
-    let (confidence, predicted_locations, gt_locations) = (
-        to(&batch.confidence, shape.classes),
-        to(&batch.predicted_locations, 4),
-        to(&batch.gt_locations, 4),
-    );
+    let batch = Batch::<T, L>::generate(shape, BatchSpec::default()).in_layout(layout);
     let inputs = HostInputs {
-        confidence: &confidence,
-        predicted_locations: &predicted_locations,
+        confidence: &batch.confidence,
+        predicted_locations: &batch.predicted_locations,
         labels: &batch.labels,
-        gt_locations: &gt_locations,
+        gt_locations: &batch.gt_locations,
     };
     let call = Call {
         layout,

@@ -122,6 +122,19 @@ impl<T: Float, L: Label> Batch<T, L> {
         }
     }
 
+    /// The batch in `layout` (a generated batch is row-major): its logits and
+    /// both box arrays transposed on the host, its labels as they are.
+    pub fn in_layout(self, layout: crate::Layout) -> Self {
+        let shape = self.shape;
+        let to = |v: &[T], per_prior| crate::Layout::RowMajor.convert(v, shape, per_prior, layout);
+        Self {
+            confidence: to(&self.confidence, shape.classes),
+            predicted_locations: to(&self.predicted_locations, 4),
+            gt_locations: to(&self.gt_locations, 4),
+            ..self
+        }
+    }
+
     /// The batch as the CPU reference's inputs.
     pub fn reference_inputs(&self) -> crate::reference::Inputs<'_, T, L> {
         crate::reference::Inputs {

@@ -146,16 +146,17 @@ fn channel_major_and_normalisers() -> candle_core::Result<()> {
     let shape = Shape::new(3, 50, 6);
     let (b, p, c) = (shape.batch, shape.priors, shape.classes);
     let config = MultiboxConfig::default();
-    let batch = Batch::<f32, i64>::generate(shape, BatchSpec::default());
-    let (rm, cm) = (Layout::RowMajor, Layout::ChannelMajor);
-    let confidence = rm.convert(&batch.confidence, shape, c, cm);
-    let predicted = rm.convert(&batch.predicted_locations, shape, 4, cm);
-    let gt = rm.convert(&batch.gt_locations, shape, 4, cm);
+    let cm = Layout::ChannelMajor;
+    let batch = Batch::<f32, i64>::generate(shape, BatchSpec::default()).in_layout(cm);
     let dev = Device::Cpu;
-    let conf_var = Var::from_tensor(&Tensor::from_slice(&confidence, (b, c, p), &dev)?)?;
-    let pred_var = Var::from_tensor(&Tensor::from_slice(&predicted, (b, 4, p), &dev)?)?;
+    let conf_var = Var::from_tensor(&Tensor::from_slice(&batch.confidence, (b, c, p), &dev)?)?;
+    let pred_var = Var::from_tensor(&Tensor::from_slice(
+        &batch.predicted_locations,
+        (b, 4, p),
+        &dev,
+    )?)?;
     let labels = Tensor::from_slice(&batch.labels, (b, p), &dev)?;
-    let gt_t = Tensor::from_slice(&gt, (b, 4, p), &dev)?;
+    let gt_t = Tensor::from_slice(&batch.gt_locations, (b, 4, p), &dev)?;
     for normalizer in [Normalizer::Given(7.5), Normalizer::PerImage] {
         let options = Options {
             layout: cm,
@@ -163,16 +164,10 @@ fn channel_major_and_normalisers() -> candle_core::Result<()> {
         };
         let loss = multibox_loss_with(&config, &conf_var, &pred_var, &labels, &gt_t, &options)?;
         let grads = (&loss.regression_loss + &loss.classification_loss)?.backward()?;
-        let inputs = reference::Inputs {
-            confidence: &confidence,
-            predicted_locations: &predicted,
-            labels: &batch.labels,
-            gt_locations: &gt,
-        };
         let want = reference::forward_backward_with(
             &config,
             shape,
-            &inputs,
+            &batch.reference_inputs(),
             Upstream::default(),
             &options,
         )

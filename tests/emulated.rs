@@ -391,47 +391,22 @@ fn layouts_and_normalisers<T: Float, L: Label>(seeds: std::ops::Range<u64>, max_
     }
 }
 
-/// Runs `case` channel-major (its inputs transposed) and requires every
-/// output bit of `row_major`, the row-major call's result.
+/// `case` channel-major on the emulator: every output bit of `row_major`.
 fn assert_channel_major_is_row_major<T: Float, L: Label>(
     what: &str,
     case: &Drawn<T, L>,
     call: Call,
     row_major: &KernelOutput<T>,
 ) {
-    let shape = case.shape;
-    let (rm, cm) = (Layout::RowMajor, Layout::ChannelMajor);
-    let confidence = rm.convert(&case.confidence, shape, shape.classes, cm);
-    let predicted_locations = rm.convert(&case.predicted_locations, shape, 4, cm);
-    let gt_locations = rm.convert(&case.gt_locations, shape, 4, cm);
-    let inputs = HostInputs {
-        confidence: &confidence,
-        predicted_locations: &predicted_locations,
-        labels: &case.labels,
-        gt_locations: &gt_locations,
-    };
-    let call = Call { layout: cm, ..call };
-    let got = emulated::run(&case.config, shape, &inputs, call)
-        .unwrap_or_else(|e| panic!("{what} channel-major: {e}"));
-    assert_eq!(got.mask, row_major.mask, "{what}: mask");
-    assert_eq!(got.num_pos, row_major.num_pos, "{what}: num_pos");
-    let bits = |o: &KernelOutput<T>| [o.regression_loss.to_bits(), o.classification_loss.to_bits()];
-    assert_eq!(bits(&got), bits(row_major), "{what}: losses");
-    let same_bits = |a: &[T], b: &[T]| {
-        a.len() == b.len()
-            && a.iter()
-                .zip(b)
-                .all(|(x, y)| bytemuck::bytes_of(x) == bytemuck::bytes_of(y))
-    };
-    let grad_confidence = cm.convert(&got.grad_confidence, shape, shape.classes, rm);
-    let grad_locations = cm.convert(&got.grad_locations, shape, 4, rm);
-    assert!(
-        same_bits(&grad_confidence, &row_major.grad_confidence),
-        "{what}: grad_confidence"
-    );
-    assert!(
-        same_bits(&grad_locations, &row_major.grad_locations),
-        "{what}: grad_locations"
+    let run =
+        |inputs: &HostInputs<'_, T, L>, call| emulated::run(&case.config, case.shape, inputs, call);
+    emulated::assert_channel_major_is_row_major(
+        what,
+        case.shape,
+        &case.host(),
+        call,
+        row_major,
+        run,
     );
 }
 

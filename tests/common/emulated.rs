@@ -395,3 +395,49 @@ fn check_lengths<T, L>(shape: Shape, inputs: &HostInputs<'_, T, L>) {
         "gt_locations"
     );
 }
+
+/// Runs `inputs` (row-major) transposed to channel-major through `run`, on
+/// the emulator or the GPU, and requires every output bit of `row_major`,
+/// the row-major call's result: the mask, `num_pos`, the losses, and the
+/// gradients once transposed back.
+pub fn assert_channel_major_is_row_major<T: Float, L: Label>(
+    what: &str,
+    shape: Shape,
+    inputs: &HostInputs<'_, T, L>,
+    call: Call,
+    row_major: &KernelOutput<T>,
+    run: impl Fn(&HostInputs<'_, T, L>, Call) -> multibox::Result<KernelOutput<T>>,
+) {
+    let (rm, cm) = (Layout::RowMajor, Layout::ChannelMajor);
+    let confidence = rm.convert(inputs.confidence, shape, shape.classes, cm);
+    let predicted_locations = rm.convert(inputs.predicted_locations, shape, 4, cm);
+    let gt_locations = rm.convert(inputs.gt_locations, shape, 4, cm);
+    let transposed = HostInputs {
+        confidence: &confidence,
+        predicted_locations: &predicted_locations,
+        labels: inputs.labels,
+        gt_locations: &gt_locations,
+    };
+    let got = run(&transposed, Call { layout: cm, ..call })
+        .unwrap_or_else(|e| panic!("{what} channel-major: {e}"));
+    assert_eq!(got.mask, row_major.mask, "{what}: mask");
+    assert_eq!(got.num_pos, row_major.num_pos, "{what}: num_pos");
+    let bits = |o: &KernelOutput<T>| [o.regression_loss.to_bits(), o.classification_loss.to_bits()];
+    assert_eq!(bits(&got), bits(row_major), "{what}: losses");
+    let same_bits = |a: &[T], b: &[T]| {
+        a.len() == b.len()
+            && a.iter()
+                .zip(b)
+                .all(|(x, y)| bytemuck::bytes_of(x) == bytemuck::bytes_of(y))
+    };
+    let grad_confidence = cm.convert(&got.grad_confidence, shape, shape.classes, rm);
+    let grad_locations = cm.convert(&got.grad_locations, shape, 4, rm);
+    assert!(
+        same_bits(&grad_confidence, &row_major.grad_confidence),
+        "{what}: grad_confidence"
+    );
+    assert!(
+        same_bits(&grad_locations, &row_major.grad_locations),
+        "{what}: grad_locations"
+    );
+}
