@@ -228,8 +228,16 @@ def _contiguous(confidence, predicted_locations, labels, gt_locations):
         confidence.contiguous(),
         predicted_locations.contiguous(),
         labels.contiguous(),
-        gt_locations.to(confidence.dtype).contiguous(),
+        _in_dtype_contiguous(gt_locations, confidence.dtype),
     )
+
+
+def _in_dtype_contiguous(t, dtype):
+    """``t`` in ``dtype`` and contiguous, with one copy at most (converting
+    and compacting together; ``to`` alone returns a same-dtype view as it is)."""
+    if t.dtype != dtype:
+        return t.to(dtype, memory_format=torch.contiguous_format)
+    return t.contiguous()
 
 
 def _device_call(

@@ -287,8 +287,11 @@ class MultiboxLoss(nn.Module):
     ``gt_locations`` from padded boxes with the stored priors and settings
     (lists of per-image tensors are padded first), on the boxes' device.
     With ``layout="channel_major"`` its ``gt_locations`` is a ``[B, 4, P]``
-    view of the ``[B, P, 4]`` offsets the assignment writes (the loss copies
-    it to contiguous memory, 16 bytes per prior).
+    view of the ``[B, P, 4]`` offsets the assignment writes: the loss's
+    forward and backward each copy it into contiguous memory of the logits'
+    dtype (one copy, the one that half-precision logits need for the float32
+    targets anyway), so that nothing but the caller's tensors and the
+    workspace is kept between the two.
     """
 
     def __init__(self, priors, iou_threshold, neg_pos_ratio, center_variance, size_variance, device, *,
