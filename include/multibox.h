@@ -178,7 +178,8 @@ typedef struct multibox_call {
 typedef struct multibox_device_status {
   // A label outside `-1..C-1` was found; both losses are NaN.
   bool invalid_label;
-  // A NaN or infinity was among the inputs the loss read.
+  // A NaN or infinity was among the logits (ignored priors' too) or a
+  // positive's box offsets.
   bool nonfinite_input;
 } multibox_device_status;
 

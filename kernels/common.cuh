@@ -92,6 +92,20 @@ __device__ __forceinline__ float to_f32(f16 x) {
 #endif
 }
 
+// 2^x on the special-function unit: ex2.approx.ftz.f32, within 2 ulp,
+// results below 2^-126 flushed to 0, -inf giving 0. Kernel 1's only
+// exponential; kernel 3 keeps expf for the gradients it writes.
+__device__ __forceinline__ float exp2_approx(float x) {
+#if defined(MULTIBOX_EMULATOR)
+    const float y = exp2f(x);
+    return y < 0x1p-126f ? 0.0f : y;  // flushed like the GPU's; NaN stays NaN
+#else
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+#endif
+}
+
 template <typename T> __device__ __forceinline__ T from_f32(float x);
 
 template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }

@@ -16,10 +16,46 @@
 //      the set's rows and the spans of rows between them.
 //   2. Each warp takes spans and writes zeros over their logit gradients
 //      with 16-byte stores: most of the tile, with no shuffle at all.
-//   3. Lane groups (as in kernel 1) take the set's rows and write their
+//   3. Lane groups (`set_lanes` wide) take the set's rows and write their
 //      softmax gradients; only these rows' logits are read.
 // Every element is written exactly once, by step 2 or step 3.
 #include "multibox.cuh"
+
+// A set row's maximum, sum of exp(x - max), and that sum without class
+// `skip`, reduced over its group's lanes; every lane of the group gets
+// them. Two passes over the row: the second hits L1. Kernel 3 reads only
+// the set's rows, so it keeps expf and the per-class test for `skip`: the
+// softmax it writes is as exact as f32 allows. Class c of the row is
+// x[c * stride]: 1 for a row-major row, the priors between two classes for
+// a channel-major one; both layouts use the same lanes in the same order,
+// so they give the same bits.
+struct RowStats {
+    float max;
+    float sum_exp;
+    float sum_exp_others;  // without class `skip`
+};
+
+template <typename T>
+__device__ __forceinline__ RowStats row_stats(const T* x, u64 stride, u32 classes, u32 sub, u32 lanes, bool active,
+                                              i64 skip) {
+    float m = NEG_INF;
+    if (active)
+        for (u32 c = sub; c < classes; c += lanes) m = fmaxf(m, to_f32(x[c * stride]));
+    m = group_max(m, lanes);
+    float s = 0.0f, others = 0.0f;
+    if (active) {
+        for (u32 c = sub; c < classes; c += lanes) {
+            const float e = expf(to_f32(x[c * stride]) - m);
+            s += e;
+            if (i64(c) != skip) others += e;
+        }
+    }
+    RowStats r;
+    r.max = m;
+    r.sum_exp = group_sum(s, lanes);
+    r.sum_exp_others = group_sum(others, lanes);
+    return r;
+}
 
 struct GradientShared {
     u32 scan[ROW_THREADS / WARP + 1];
@@ -166,7 +202,7 @@ template <typename T, typename L> __device__ void write_gradients_row_major(cons
 
         // 3. The set's rows, a lane group each. Every thread walks the same
         // number of steps, so the group shuffles always find all 32 lanes.
-        const u32 lanes = p.lanes_per_row, sub = t % lanes, group = t / lanes;
+        const u32 lanes = p.set_lanes, sub = t % lanes, group = t / lanes;
         const u32 groups = ROW_THREADS / lanes;
         for (u32 base = 0; base < set_count; base += groups) {
             const u32 i = base + group;
@@ -174,8 +210,7 @@ template <typename T, typename L> __device__ void write_gradients_row_major(cons
             const u64 row = first + (active ? sh.set_rows[i] : 0u);
             const i64 row_label = active ? i64(sh.set_labels[i]) : 0;
             const T* x = confidence + row * classes;
-            bool nonfinite;
-            const RowStats stats = row_stats(x, 1, p.classes, sub, lanes, active, row_label, &nonfinite);
+            const RowStats stats = row_stats(x, 1, p.classes, sub, lanes, active, row_label);
             if (!active) continue;
             const float scale = sh.set_scales[i], inv_sum = 1.0f / stats.sum_exp;
             T* g = grad_confidence + row * classes;
@@ -196,8 +231,8 @@ template <typename T, typename L> __device__ void write_gradients_row_major(cons
 //      scan lists the set's priors, as row-major.
 //   2. Lane groups take the set's priors and compute their row statistics
 //      with row_stats, reading each class plane at stride P: the same lanes
-//      and the same order as kernel 1 and the row-major path, so every
-//      gradient is bit for bit the row-major call's.
+//      and the same order as the row-major path, so every gradient is bit
+//      for bit the row-major call's.
 //   3. Each thread writes its column: zeros outside the set, otherwise
 //      softmax - one-hot from the statistics its group left in shared memory.
 struct ColumnShared {
@@ -220,7 +255,7 @@ template <typename T, typename L> __device__ void write_gradients_channel_major(
     const u32 per_image = (p.priors + ROW_THREADS - 1) / ROW_THREADS;
     const u64 tiles = u64(p.batch) * per_image;
     const Scales scales = gradient_scales(p);
-    const u32 lanes = p.lanes_per_row, sub = t % lanes, group = t / lanes;
+    const u32 lanes = p.set_lanes, sub = t % lanes, group = t / lanes;
     const u32 groups = ROW_THREADS / lanes;
 
     for (u64 tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
@@ -252,9 +287,8 @@ template <typename T, typename L> __device__ void write_gradients_channel_major(
             const u32 i = base + group;
             const bool active = i < set_count;
             const u32 r = active ? sh.set_rows[i] : 0u;
-            bool nonfinite;
             const RowStats stats =
-                row_stats(x0 + r, priors, p.classes, sub, lanes, active, active ? i64(sh.set_labels[i]) : 0, &nonfinite);
+                row_stats(x0 + r, priors, p.classes, sub, lanes, active, active ? i64(sh.set_labels[i]) : 0);
             if (active && sub == 0) sh.stats[i] = stats;
         }
         __syncthreads();  // the statistics are complete

@@ -47,7 +47,8 @@ struct MultiboxParams {
     u32 batch;
     u32 priors;
     u32 classes;
-    u32 lanes_per_row;  // power of two in 1..32: lanes that share one row
+    u32 lanes_per_row;  // power of two in 1..32: kernel 1's lanes that share one row
+    u32 set_lanes;      // power of two in 1..32: kernel 3's lanes per row of the set
     u32 row_blocks;     // grid of kernel 1, = entries of `block_status`
     u32 min_negatives;
     float neg_pos_ratio;
@@ -58,8 +59,9 @@ struct MultiboxParams {
     u32 layout;         // LAYOUT_*
     u32 normalizer_kind;     // NORMALIZER_*
     float normalizer_value;  // NORMALIZER_GIVEN's n when `normalizer` is null
+    u32 unused;
 };
-MB_ASSERT_SIZE(MultiboxParams, 192);
+MB_ASSERT_SIZE(MultiboxParams, 200);
 
 // A positive prior's two loss terms, from kernel 1 to kernel 2, which adds
 // them up per image (for NORMALIZER_PER_IMAGE, and so that every normaliser
@@ -150,11 +152,12 @@ __device__ __forceinline__ u64 floor_ratio_times(float ratio, u32 positives) {
 }
 
 // ---------------------------------------------------------------------------
-// Rows. Kernels 1 and 3 give each row `lanes_per_row` consecutive lanes of a
-// warp (a power of two, chosen from C by the plan so that each lane holds a
-// few classes): a warp covers 32 / lanes_per_row consecutive rows, whose
-// logits are contiguous, so its loads are coalesced also for C = 21. Lane
-// reductions use xor shuffles below lanes_per_row, which stay in the group.
+// Rows. Kernels 1 and 3 walk rows (one prior's C logits) with groups of
+// consecutive lanes of a warp, a power of two wide: kernel 1 with
+// `lanes_per_row` (1 when a tile of a row per thread fits shared memory),
+// kernel 3 with `set_lanes` (a few classes per lane, so that a set row's
+// loads and stores are coalesced). Group reductions use xor shuffles below
+// the group's width, which stay in the group.
 
 constexpr int ROW_THREADS = 256;
 
@@ -166,59 +169,6 @@ __device__ __forceinline__ float group_max(float v, u32 lanes) {
 __device__ __forceinline__ float group_sum(float v, u32 lanes) {
     for (u32 offset = lanes / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(FULL_MASK, v, offset);
     return v;
-}
-
-__device__ __forceinline__ u32 group_or(u32 v, u32 lanes) {
-    for (u32 offset = lanes / 2; offset > 0; offset /= 2) v |= __shfl_xor_sync(FULL_MASK, v, offset);
-    return v;
-}
-
-// Row maximum, sum of exp(x - max), and that sum without class `skip`, of
-// one row, reduced over its lanes; every lane of the group gets them. Two
-// passes over the row: the second hits L1.
-struct RowStats {
-    float max;
-    float sum_exp;
-    float sum_exp_others;  // without class `skip`
-    // -log softmax[skip] = lse(x) - x[skip]. For a confident row (x[skip]
-    // the maximum, the other classes far below) max + log(sum) - x[skip]
-    // rounds to 0 in f32 although the loss is, say, 1e-9; log1p of the
-    // others' share keeps it, so mining still ranks such rows by their loss.
-    __device__ __forceinline__ float loss_of_skipped(float x_skip) const {
-        const float e = expf(x_skip - max);
-        return e >= 1e-6f ? log1pf(sum_exp_others / e) : (max - x_skip) + logf(sum_exp);
-    }
-};
-
-// Class c of the row is x[c * stride]: 1 for a row-major row, the priors
-// between two classes for a channel-major one.
-template <typename T>
-__device__ __forceinline__ RowStats row_stats(const T* x, u64 stride, u32 classes, u32 sub, u32 lanes, bool active,
-                                              i64 skip, bool* nonfinite) {
-    float m = NEG_INF;
-    bool bad = false;
-    if (active) {
-        for (u32 c = sub; c < classes; c += lanes) {
-            const float v = to_f32(x[c * stride]);
-            bad |= !isfinite(v);
-            m = fmaxf(m, v);
-        }
-    }
-    m = group_max(m, lanes);
-    float s = 0.0f, others = 0.0f;
-    if (active) {
-        for (u32 c = sub; c < classes; c += lanes) {
-            const float e = expf(to_f32(x[c * stride]) - m);
-            s += e;
-            if (i64(c) != skip) others += e;
-        }
-    }
-    RowStats r;
-    r.max = m;
-    r.sum_exp = group_sum(s, lanes);
-    r.sum_exp_others = group_sum(others, lanes);
-    *nonfinite = bad;
-    return r;
 }
 
 template <typename L> __device__ __forceinline__ i64 load_label(const void* labels, u64 row) {

@@ -1,25 +1,32 @@
 // Kernel 1 of 3: one pass over every prior's logits.
 //
-// For each row it computes the log-sum-exp (f32, row maximum subtracted) and
-// writes the mining key: the background loss lse - x[0] for a negative
-// candidate, a marker for positives and ignored priors. Positives write
-// their cross-entropy and smooth-L1 terms, which kernel 2 adds up per image.
-// Nothing here needs the divisor (N, n, or per image), so nothing waits: the
-// gradients, which do, are written by kernel 3.
+// For each row it computes the log-sum-exp and writes the mining key: the
+// background loss lse - x[0] for a negative candidate, a marker for
+// positives and ignored priors. Positives write their cross-entropy and
+// smooth-L1 terms, which kernel 2 adds up per image. Nothing here needs the
+// divisor (N, n, or per image), so nothing waits: the gradients, which do,
+// are written by kernel 3.
 //
-// Blocks walk tiles of `tile_rows` rows. Row-major, a tile is consecutive
-// rows, whose logits are one contiguous range: the block copies it into
-// shared memory with 16-byte loads, four in flight per thread. Channel-major,
-// a tile is `tile_rows` consecutive priors of one image: the block copies
-// each class plane's run of them, transposing into rows on the way, with
-// lanes across priors so that every request is contiguous. The tile's labels
-// come with it. The lane groups then read their rows from shared memory for
-// both passes of row_stats (max, then sum of exp). The logits are read from
-// DRAM once, in whole sectors, whatever C is. The arithmetic is row_stats',
-// per row, in the same order for both layouts, so the keys, and with them
-// the mined set, are bit for bit the same whatever the layout or the tiling.
-// Rows too long for a tile in shared memory (the plan says tile_rows == 0)
-// are read from global memory.
+// Blocks walk tiles of one step of the lane groups, ROW_THREADS /
+// lanes_per_row rows. Row-major, a tile is consecutive rows, whose logits
+// are one contiguous range: the block copies it into shared memory with
+// 16-byte loads, four in flight per thread. Channel-major, a tile is
+// consecutive priors of one image: the block copies each class plane's run
+// of them, with lanes across priors so that every request is contiguous.
+// The copy also checks every logit for NaN and infinity, and the tile's
+// labels come with it. The logits are read from DRAM once, in whole
+// sectors, whatever C is. Rows too long for a tile (the plan says
+// tile_rows == 0) are read from global memory.
+//
+// The arithmetic (RowSums) is the same for every path: two passes over the
+// row (the maximum, then the sum of exponentials), base-2 exponentials on
+// the special-function unit with log2(e) folded into one fma, and each
+// lane's sum in class order. With one lane per row (lanes_per_row == 1) a
+// row-major row is read with 16-byte shared loads, 4 or 8 classes at a
+// time, and a channel-major one element by element; both add the same
+// terms in the same order, so the keys, and with them the mined set, are
+// bit for bit the same whatever the layout, the tiling or the alignment of
+// the logits.
 #include "multibox.cuh"
 
 __device__ __forceinline__ float smooth_l1(float d, float beta) {
@@ -27,17 +34,255 @@ __device__ __forceinline__ float smooth_l1(float d, float beta) {
     return a < beta ? 0.5f * d * d / beta : a - 0.5f * beta;
 }
 
+// ---------------------------------------------------------------------------
+// The log-sum-exp of a row, in base 2 with an integer shift:
+//   e_c = 2^(x_c log2(e) - shift) = exp(x_c - shift ln 2),
+//   shift = rint(max_c x_c * log2(e)),   lse = shift ln 2 + log(sum_c e_c).
+// The shift is the row maximum to within half a unit of log2, so the terms
+// neither overflow nor all underflow, and one fma per class computes the
+// exponent: its only rounding is relative to the result, and an error in
+// the shift scales every term alike, which log1p(rest / e) cancels. Logits
+// beyond about 1e38 in magnitude overflow the shift (NaN losses).
+
+constexpr float LOG2E = 1.44269504088896341f;
+// ln 2 in two parts: shift * LN2_HI is exact for |shift| < 2^9, and beyond
+// that rounded at the scale of the loss itself.
+constexpr float LN2_HI = 0.693145751953125f;
+constexpr float LN2_LO = 1.42860682030941723e-6f;
+
+__device__ __forceinline__ float scaled_exp(float x, float shift) { return exp2_approx(fmaf(x, LOG2E, -shift)); }
+
+struct RowSums {
+    float shift;   // an integer
+    float others;  // sum of e_c over classes 1..C-1: each lane's in class order, then the group's xor tree
+    float e0;      // e_0, the background's term
+};
+
+// -log softmax[k] = lse - x_k, from its term e (of logit x) and `rest`, the
+// sum of every other class's. While e is well inside f32's normal range,
+// log1p(rest / e): the shift cancels, and a confident row's small loss
+// (1e-9, say) keeps its relative precision, so mining still ranks such rows
+// by their loss. Past that the loss is above 69: lse - x directly, with
+// shift ln 2 - x formed before the rounding at the scale of shift.
+__device__ __forceinline__ float loss_of(float e, float rest, float x, float shift) {
+    if (e >= 0x1p-100f) return log1pf(rest / e);
+    return fmaf(shift, LN2_HI, -x) + fmaf(shift, LN2_LO, logf(e + rest));
+}
+
+// 16 bytes of a row in shared memory: PER elements of T, as 4 words.
+// Positions outside the row are padded with -inf, which the maximum ignores
+// and whose term is exactly 0, so a chunk's sum is its row's elements' in
+// order whatever the chunk's alignment.
+template <typename T> struct Chunk;
+
+template <> struct Chunk<float> {
+    static constexpr u32 PER = 4;
+    u32 w[4];
+    __device__ __forceinline__ float at(u32 j) const { return f32_from_bits(w[j]); }
+    __device__ __forceinline__ void pad(u32 j) { w[j] = NEG_INF_BITS; }
+};
+
+template <> struct Chunk<bf16> {
+    static constexpr u32 PER = 8;
+    u32 w[4];
+    __device__ __forceinline__ float at(u32 j) const {
+        return f32_from_bits(j & 1 ? w[j / 2] & 0xffff0000u : w[j / 2] << 16);
+    }
+    __device__ __forceinline__ void pad(u32 j) {
+        const u32 s = (j & 1) * 16;
+        w[j / 2] = (w[j / 2] & ~(0xffffu << s)) | (0xff80u << s);
+    }
+};
+
+template <> struct Chunk<f16> {
+    static constexpr u32 PER = 8;
+    u32 w[4];
+    __device__ __forceinline__ float at(u32 j) const {
+        f16 h;
+        h.bits = u16(j & 1 ? w[j / 2] >> 16 : w[j / 2] & 0xffffu);
+        return to_f32(h);
+    }
+    __device__ __forceinline__ void pad(u32 j) {
+        const u32 s = (j & 1) * 16;
+        w[j / 2] = (w[j / 2] & ~(0xffffu << s)) | (0xfc00u << s);
+    }
+};
+
+template <typename T> __device__ __forceinline__ Chunk<T> chunk_of(uint4 v) {
+    Chunk<T> c;
+    c.w[0] = v.x;
+    c.w[1] = v.y;
+    c.w[2] = v.z;
+    c.w[3] = v.w;
+    return c;
+}
+
+// The chunk with positions outside [lo, hi) padded.
+template <typename T> __device__ __forceinline__ Chunk<T> keep(Chunk<T> c, u32 lo, u32 hi) {
+#pragma unroll
+    for (u32 j = 0; j < Chunk<T>::PER; ++j)
+        if (j < lo || j >= hi) c.pad(j);
+    return c;
+}
+
+// Running maximum over chunks. Half types on sm_80 and later compare two
+// elements per instruction (max.{bf16,f16}x2, which like fmaxf ignores a
+// NaN); the maximum is one of the elements either way, so it is the same.
+template <typename T> struct MaxOf {
+    float m = NEG_INF;
+    __device__ __forceinline__ void add(const Chunk<T>& c) {
+#pragma unroll
+        for (u32 j = 0; j < Chunk<T>::PER; ++j) m = fmaxf(m, c.at(j));
+    }
+    __device__ __forceinline__ float value() const { return m; }
+};
+
+#if !defined(MULTIBOX_EMULATOR) && __CUDA_ARCH__ >= 800
+// Two halves at once, the type given by a null pointer's type.
+__device__ __forceinline__ u32 max2(const bf16*, u32 a, u32 b) {
+    u32 d;
+    asm("max.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+}
+__device__ __forceinline__ u32 max2(const f16*, u32 a, u32 b) {
+    u32 d;
+    asm("max.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+}
+// x * 0 + acc.
+__device__ __forceinline__ u32 times_zero_plus(const bf16*, u32 x, u32 acc) {
+    asm("fma.rn.bf16x2 %0, %1, %2, %0;" : "+r"(acc) : "r"(x), "r"(0u));
+    return acc;
+}
+__device__ __forceinline__ u32 times_zero_plus(const f16*, u32 x, u32 acc) {
+    asm("fma.rn.f16x2 %0, %1, %2, %0;" : "+r"(acc) : "r"(x), "r"(0u));
+    return acc;
+}
+
+template <typename T> struct PackedMax {
+    u32 m;  // two halves
+    __device__ __forceinline__ void add(const Chunk<T>& c) {
+        const T* t = nullptr;
+        m = max2(t, m, max2(t, max2(t, c.w[0], c.w[1]), max2(t, c.w[2], c.w[3])));
+    }
+    __device__ __forceinline__ float value() const {
+        Chunk<T> c;
+        c.w[0] = m;
+        return fmaxf(c.at(0), c.at(1));
+    }
+};
+template <> struct MaxOf<bf16> : PackedMax<bf16> {
+    __device__ __forceinline__ MaxOf() { m = 0xff80ff80u; }
+};
+template <> struct MaxOf<f16> : PackedMax<f16> {
+    __device__ __forceinline__ MaxOf() { m = 0xfc00fc00u; }
+};
+#endif
+
+// s plus the chunk's terms, in position order.
+template <typename T> __device__ __forceinline__ float add_terms(const Chunk<T>& c, float shift, float s) {
+#pragma unroll
+    for (u32 j = 0; j < Chunk<T>::PER; ++j) s += scaled_exp(c.at(j), shift);
+    return s;
+}
+
+// RowSums of a row in shared memory, one thread per row, with 16-byte
+// loads: the aligned chunks that cover the row, the first and the last
+// padded outside it. Class 0 is padded out of the second pass's first
+// chunk, so `others` is the sum over classes 1..C-1 in class order.
+template <typename T> __device__ __forceinline__ RowSums chunked_row_sums(const T* row, u32 classes) {
+    constexpr u32 PER = Chunk<T>::PER;
+    const u32 head = u32(u64(row) & 15u) / u32(sizeof(T));  // row[0]'s position in chunks[0]
+    // By pointer arithmetic, not through an integer, so that the compiler
+    // still knows the row for shared memory.
+    const uint4* chunks = reinterpret_cast<const uint4*>(row - head);
+    const u32 end = head + classes;
+    const u32 last = (end - 1) / PER;
+    const u32 first_end = last == 0 ? end : PER;  // row positions of chunks[0]: [head, first_end)
+    const u32 tail = end - last * PER;                        // of chunks[last]: [0, tail)
+
+    MaxOf<T> max;
+    max.add(keep(chunk_of<T>(chunks[0]), head, first_end));
+#pragma unroll 1
+    for (u32 k = 1; k < last; ++k) max.add(chunk_of<T>(chunks[k]));
+    if (last > 0) max.add(keep(chunk_of<T>(chunks[last]), 0, tail));
+
+    RowSums r;
+    r.shift = rintf(max.value() * LOG2E);
+    float s = add_terms(keep(chunk_of<T>(chunks[0]), head + 1, first_end), r.shift, 0.0f);
+#pragma unroll 1
+    for (u32 k = 1; k < last; ++k) s = add_terms(chunk_of<T>(chunks[k]), r.shift, s);
+    if (last > 0) s = add_terms(keep(chunk_of<T>(chunks[last]), 0, tail), r.shift, s);
+    r.others = s;
+    r.e0 = scaled_exp(to_f32(row[0]), r.shift);
+    return r;
+}
+
+// RowSums element by element, class c of the row at x[c * stride]: lane
+// `sub` of a group of `lanes` takes classes sub, sub + lanes, ... With one
+// lane it adds the very terms of chunked_row_sums in the same order. Every
+// lane of the group calls it (the shuffles need them); inactive rows read
+// nothing.
+template <typename T>
+__device__ __forceinline__ RowSums strided_row_sums(const T* x, u64 stride, u32 classes, u32 sub, u32 lanes,
+                                                    bool active) {
+    float m = NEG_INF;
+    if (active) {
+        for (u32 c = sub; c < classes; c += lanes) m = fmaxf(m, to_f32(x[c * stride]));
+    }
+    RowSums r;
+    r.shift = rintf(group_max(m, lanes) * LOG2E);
+    float s = 0.0f;
+    if (active) {
+        for (u32 c = sub == 0 ? lanes : sub; c < classes; c += lanes) s += scaled_exp(to_f32(x[c * stride]), r.shift);
+    }
+    r.others = group_sum(s, lanes);
+    r.e0 = active ? scaled_exp(to_f32(x[0]), r.shift) : 0.0f;
+    return r;
+}
+
+// Whether any element passed through is NaN or infinite: x * 0 + acc is
+// NaN once any x was NaN or infinite, and stays so (for f32, and for half
+// types on sm_80 and later, two per instruction).
+template <typename T> struct FiniteCheck {
+    bool bad = false;
+    __device__ __forceinline__ void add(T x) { bad |= !isfinite(to_f32(x)); }
+    __device__ __forceinline__ void add(uint4 v) {
+        const Chunk<T> c = chunk_of<T>(v);
+        if constexpr (sizeof(T) == 4) {
+            // One fma per element, where isfinite takes two instructions.
+#pragma unroll
+            for (u32 j = 0; j < 4; ++j) product = fmaf(c.at(j), 0.0f, product);
+            return;
+        }
+#if !defined(MULTIBOX_EMULATOR) && __CUDA_ARCH__ >= 800
+        if constexpr (sizeof(T) == 2) {
+            const T* t = nullptr;
+            for (u32 i = 0; i < 4; ++i) acc = times_zero_plus(t, c.w[i], acc);
+            return;
+        }
+#endif
+#pragma unroll
+        for (u32 j = 0; j < Chunk<T>::PER; ++j) bad |= !isfinite(c.at(j));
+    }
+    __device__ __forceinline__ bool any() const { return bad || product != 0.0f || (acc & 0x7fff7fffu) != 0; }
+    u32 acc = 0;          // two halves' x * 0 + acc
+    float product = 0.0f; // f32's x * 0 + product
+};
+
 // Copies n elements from global `src` to shared `dst`, which share their
 // address modulo 16 (so 16-byte-aligned global vectors land on aligned
 // shared ones): element copies up to src's first 16-byte boundary, 16-byte
 // copies with IN_FLIGHT loads issued before their stores, element copies for
 // the tail. Every thread runs the vector loop the same number of times.
-template <typename T> __device__ __forceinline__ void stage_tile(T* dst, const T* src, u64 n) {
+// Each element also passes through `check`.
+template <typename T>
+__device__ __forceinline__ void stage_tile(T* dst, const T* src, u64 n, FiniteCheck<T>& check) {
     constexpr u32 PER_VECTOR = 16 / sizeof(T);
     constexpr u32 IN_FLIGHT = 4;
     u64 head = ((16u - u32(u64(src) & 15u)) & 15u) / sizeof(T);
     if (head > n) head = n;
-    for (u64 i = threadIdx.x; i < head; i += ROW_THREADS) dst[i] = src[i];
+    for (u64 i = threadIdx.x; i < head; i += ROW_THREADS) check.add(dst[i] = src[i]);
     const u64 vectors = (n - head) / PER_VECTOR;
     const uint4* from = reinterpret_cast<const uint4*>(src + head);
     uint4* to = reinterpret_cast<uint4*>(dst + head);
@@ -48,21 +293,25 @@ template <typename T> __device__ __forceinline__ void stage_tile(T* dst, const T
             if (base + k * ROW_THREADS < vectors) v[k] = from[base + k * ROW_THREADS];
 #pragma unroll
         for (u32 k = 0; k < IN_FLIGHT; ++k)
-            if (base + k * ROW_THREADS < vectors) to[base + k * ROW_THREADS] = v[k];
+            if (base + k * ROW_THREADS < vectors) {
+                to[base + k * ROW_THREADS] = v[k];
+                check.add(v[k]);
+            }
     }
-    for (u64 i = head + vectors * PER_VECTOR + threadIdx.x; i < n; i += ROW_THREADS) dst[i] = src[i];
+    for (u64 i = head + vectors * PER_VECTOR + threadIdx.x; i < n; i += ROW_THREADS) check.add(dst[i] = src[i]);
 }
 
 // Channel-major counterpart of stage_tile: `count` priors of each of the
 // `classes` class planes of one image (`plane` elements apart in global
-// memory) into rows of `stride` elements in shared memory, so that the
-// tile is read back as [prior][class * stride]. A warp copies one plane's
-// run of priors at a time: each request covers consecutive priors.
+// memory) into runs `stride` elements apart in shared memory, so that class
+// c of tile prior r is dst[r + c * stride]. A warp copies one plane's run
+// of priors at a time: each request covers consecutive priors.
 template <typename T>
-__device__ __forceinline__ void stage_planes(T* dst, u32 stride, const T* src, u64 plane, u32 classes, u32 count) {
+__device__ __forceinline__ void stage_planes(T* dst, u32 stride, const T* src, u64 plane, u32 classes, u32 count,
+                                             FiniteCheck<T>& check) {
     const u32 lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
     for (u32 c = warp; c < classes; c += ROW_THREADS / WARP)
-        for (u32 i = lane; i < count; i += WARP) dst[c * stride + i] = src[c * plane + i];
+        for (u32 i = lane; i < count; i += WARP) check.add(dst[c * stride + i] = src[c * plane + i]);
 }
 
 // One tile of kernel 1: `count` consecutive rows from global row `first`,
@@ -101,6 +350,15 @@ __device__ __forceinline__ Tile tile_at(const MultiboxParams& p, u64 t, u32 tile
     return tile;
 }
 
+// Checks a row read from global memory (tiles too long for shared memory,
+// which the copy would have checked).
+template <typename T>
+__device__ __forceinline__ bool row_nonfinite(const T* x, u64 stride, u32 classes, u32 sub, u32 lanes) {
+    FiniteCheck<T> check;
+    for (u32 c = sub; c < classes; c += lanes) check.add(x[c * stride]);
+    return check.any();
+}
+
 template <typename T, typename L> __device__ void mining_keys_and_positive_terms(const MultiboxParams& p) {
     __shared__ u32 status_scratch[ROW_THREADS / WARP];
     __shared__ i64 tile_labels[ROW_THREADS];
@@ -111,19 +369,21 @@ template <typename T, typename L> __device__ void mining_keys_and_positive_terms
     const T* gt = static_cast<const T*>(p.gt_locations);
     const u32 lanes = p.lanes_per_row;
     const u32 sub = threadIdx.x % lanes;
-    const u32 rows_per_step = ROW_THREADS / lanes;
     const u64 rows = u64(p.batch) * p.priors;
     const bool staging = p.tile_rows != 0;
     const bool channel_major = p.layout == LAYOUT_CHANNEL_MAJOR;
-    const u32 tile_rows = staging ? p.tile_rows : rows_per_step;
+    // A tile is one step of the lane groups: row r of it is lane group r.
+    const u32 tile_rows = ROW_THREADS / lanes;
+    const u32 r = threadIdx.x / lanes;
     const u64 tiles = channel_major ? u64(p.batch) * ((p.priors + tile_rows - 1) / tile_rows)
                                     : (rows + tile_rows - 1) / tile_rows;
-    // Channel-major classes in shared memory are an odd number of 4-byte
-    // words apart (tile_rows, a multiple of 8, plus one f32 or two halves),
-    // so that the lanes of a group, reading consecutive classes of one
-    // prior, fall into different banks. The plan counts tile_rows + 1
-    // elements of 4 bytes per class.
-    const u32 staged_stride = tile_rows + (sizeof(T) == 4 ? 1u : 2u);
+    // Channel-major class planes in shared memory are an odd number of
+    // 4-byte words apart (tile_rows, a multiple of 8, plus 4 bytes), so that
+    // the lanes of a group, reading consecutive classes of one prior, fall
+    // into different banks.
+    const u32 staged_stride = tile_rows + 4 / u32(sizeof(T));
+    // Row-major rows of one lane read with 16-byte loads from shared memory.
+    const bool chunked = staging && !channel_major && lanes == 1;
 
     // Kernel 2 counts its finished blocks here; it runs after this kernel.
     if (blockIdx.x == 0 && threadIdx.x == 0) p.totals->images_done = 0;
@@ -144,65 +404,71 @@ template <typename T, typename L> __device__ void mining_keys_and_positive_terms
             row_stride = 1;
             class_stride = p.priors;
         }
+        const bool in_range = r < tile.count;
+        // Staged, the tile in shared memory: row-major at the logits' offset
+        // within a 16-byte line, so that 16-byte global vectors land on
+        // aligned shared ones; channel-major as class planes `staged_stride`
+        // apart. Derived from `staged` where it is used, so that the
+        // compiler knows it for shared memory (32-bit addresses, LDS).
+        const u32 copy_offset = channel_major ? 0u : u32(u64(x0) & 15u);
         if (staging) {
-            T* copy;
-            if (!channel_major) {
-                // At the same offset within a 16-byte line as in global memory.
-                copy = reinterpret_cast<T*>(staged + (u64(x0) & 15u));
-                stage_tile(copy, x0, u64(tile.count) * p.classes);
-            } else {
-                // Transposed on the way: row r, class c at copy[r + c * stride].
-                copy = reinterpret_cast<T*>(staged);
-                stage_planes(copy, staged_stride, x0, p.priors, p.classes, tile.count);
-                class_stride = staged_stride;
-            }
+            FiniteCheck<T> check;
+            T* copy = reinterpret_cast<T*>(staged + copy_offset);
+            if (!channel_major)
+                stage_tile(copy, x0, u64(tile.count) * p.classes, check);
+            else
+                stage_planes(copy, staged_stride, x0, p.priors, p.classes, tile.count, check);
+            if (check.any()) status |= STATUS_NONFINITE_INPUT;
             if (threadIdx.x < tile.count) tile_labels[threadIdx.x] = load_label<L>(p.labels, tile.first + threadIdx.x);
             __syncthreads();  // the tile and its labels are in shared memory
-            x0 = copy;
+            if (channel_major) class_stride = staged_stride;
+        } else if (in_range && row_nonfinite(x0 + u64(r) * row_stride, class_stride, p.classes, sub, lanes)) {
+            status |= STATUS_NONFINITE_INPUT;
         }
-        // Every lane walks the same number of steps, so the group shuffles
-        // always find all 32 lanes; rows past the tile are inactive.
-        for (u32 step = 0; step < tile.count; step += rows_per_step) {
-            const u32 r = step + threadIdx.x / lanes;
-            const u64 row = tile.first + r;
-            const bool in_range = r < tile.count;
-            i64 label = !in_range ? -1 : staging ? tile_labels[r] : load_label<L>(p.labels, row);
-            if (label < -1 || label >= i64(p.classes)) {
-                // Never index with it: count the prior as ignored and flag the call.
-                status |= STATUS_INVALID_LABEL;
-                label = -1;
-            }
-            const bool active = label >= 0;
-            const T* x = x0 + u64(r) * row_stride;
-            bool nonfinite = false;
-            const RowStats stats = row_stats(x, class_stride, p.classes, sub, lanes, active, label, &nonfinite);
-            if (nonfinite) status |= STATUS_NONFINITE_INPUT;
-            if (sub != 0) continue;  // the group's first lane writes the row's results
+        const u64 row = tile.first + r;
+        i64 label = !in_range ? -1 : staging ? tile_labels[r] : load_label<L>(p.labels, row);
+        if (label < -1 || label >= i64(p.classes)) {
+            // Never index with it: count the prior as ignored and flag the call.
+            status |= STATUS_INVALID_LABEL;
+            label = -1;
+        }
+        const bool active = label >= 0;
+        const T* staged_row = reinterpret_cast<const T*>(staged + copy_offset) + u64(r) * row_stride;
+        RowSums sums = {};
+        if (chunked) {
+            if (active) sums = chunked_row_sums(staged_row, p.classes);
+        } else if (staging) {
+            // Every lane of the block calls it, so the group shuffles find all 32 lanes.
+            sums = strided_row_sums(staged_row, class_stride, p.classes, sub, lanes, active);
+        } else {
+            sums = strided_row_sums(x0 + u64(r) * row_stride, class_stride, p.classes, sub, lanes, active);
+        }
+        const T* x = staging ? staged_row : x0 + u64(r) * row_stride;
+        // The group's first lane writes the row's results.
+        if (sub == 0 && in_range) {
             if (!active) {
-                if (in_range) tile_keys[r] = KEY_IGNORED;
-                continue;
+                tile_keys[r] = KEY_IGNORED;
+            } else if (label == 0) {
+                tile_keys[r] = candidate_key(loss_of(sums.e0, sums.others, to_f32(x[0]), sums.shift));
+            } else {
+                tile_keys[r] = KEY_POSITIVE;
+                // The label's term is among `others`: take it out, put the background's in.
+                const float x_label = to_f32(x[u64(label) * class_stride]);
+                const float e = scaled_exp(x_label, sums.shift);
+                PositiveTerms terms;
+                terms.cross_entropy = loss_of(e, (sums.others - e) + sums.e0, x_label, sums.shift);
+                terms.regression = 0.0f;
+                const u64 box = tile.box_first + r * tile.box_row;
+                float a[4], b[4];
+                load_box(pred + box, tile.box_coord, a);
+                load_box(gt + box, tile.box_coord, b);
+                for (u32 j = 0; j < 4; ++j) {
+                    const float d = a[j] - b[j];
+                    if (!isfinite(d)) status |= STATUS_NONFINITE_INPUT;
+                    terms.regression += smooth_l1(d, p.beta);
+                }
+                p.terms[row] = terms;
             }
-            // row_stats left class `label` out of sum_exp_others: the loss of
-            // the background class for a candidate, of the object class for a positive.
-            const float loss = stats.loss_of_skipped(to_f32(x[u64(label) * class_stride]));
-            if (label == 0) {
-                tile_keys[r] = candidate_key(loss);
-                continue;
-            }
-            tile_keys[r] = KEY_POSITIVE;
-            PositiveTerms terms;
-            terms.cross_entropy = loss;
-            terms.regression = 0.0f;
-            const u64 box = tile.box_first + r * tile.box_row;
-            float a[4], b[4];
-            load_box(pred + box, tile.box_coord, a);
-            load_box(gt + box, tile.box_coord, b);
-            for (u32 j = 0; j < 4; ++j) {
-                const float d = a[j] - b[j];
-                if (!isfinite(d)) status |= STATUS_NONFINITE_INPUT;
-                terms.regression += smooth_l1(d, p.beta);
-            }
-            p.terms[row] = terms;
         }
         // Every row of the tile is done (and the staged tile read): the keys
         // go out in one contiguous store per warp, not one 4-byte store per

@@ -200,7 +200,8 @@ pub struct multibox_call {
 pub struct multibox_device_status {
     /// A label outside `-1..C-1` was found; both losses are NaN.
     pub invalid_label: bool,
-    /// A NaN or infinity was among the inputs the loss read.
+    /// A NaN or infinity was among the logits (ignored priors' too) or a
+    /// positive's box offsets.
     pub nonfinite_input: bool,
 }
 

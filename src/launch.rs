@@ -148,7 +148,7 @@ pub unsafe fn launch_call<B: Backend + ?Sized>(
     backend: &B,
 ) -> Result<LaunchPlan> {
     config.validate()?;
-    let plan = LaunchPlan::with_limits(call.shape, call.layout, backend.grid_limits())?;
+    let plan = LaunchPlan::with_limits(call.shape, call.dtype, call.layout, backend.grid_limits())?;
     let params = params(config, call, &plan)?;
     for launch in plan.launches(call.pass) {
         let kernel = launch.step.kernel_name(call.dtype, call.label_type);
@@ -269,6 +269,7 @@ fn params(config: &MultiboxConfig, call: &RawCall, plan: &LaunchPlan) -> Result<
         priors: shape.priors as u32,
         classes: shape.classes as u32,
         lanes_per_row: plan.lanes_per_row,
+        set_lanes: plan.set_lanes,
         row_blocks: plan.rows.grid,
         min_negatives: config.min_negatives_per_image,
         neg_pos_ratio: config.neg_pos_ratio,
@@ -279,6 +280,7 @@ fn params(config: &MultiboxConfig, call: &RawCall, plan: &LaunchPlan) -> Result<
         layout: layout_code(call.layout),
         normalizer_kind,
         normalizer_value,
+        unused: 0,
     })
 }
 
@@ -296,8 +298,9 @@ pub struct DeviceStatus {
     /// A label outside `-1..C` was found; both losses are NaN for that call,
     /// and the prior was treated as ignored (never used as an index).
     pub invalid_label: bool,
-    /// A NaN or infinity was among the inputs the loss read; it propagates
-    /// into the losses as in the reference.
+    /// A NaN or infinity was among the logits (every prior's, ignored ones
+    /// included) or a positive's box offsets; it propagates into the losses
+    /// as in the reference.
     pub nonfinite_input: bool,
 }
 

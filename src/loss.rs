@@ -652,7 +652,7 @@ fn resident_blocks(
     };
     Ok(GridLimits::resident(
         sms,
-        per_sm(Step::Rows, ROW_TILE_BYTES + 16)?,
+        per_sm(Step::Rows, ROW_TILE_BYTES)?,
         per_sm(Step::Gradient, 0)?,
     ))
 }

@@ -181,13 +181,18 @@ pub struct Section {
 pub struct LaunchPlan {
     /// The shape this plan is for.
     pub shape: Shape,
+    /// The logits' type, whose size decides how many rows a tile holds.
+    pub dtype: DType,
     /// The layout of the call's tensors, which decides the tiles.
     pub layout: Layout,
-    /// Lanes of a warp that share one row of logits (1, 2, 4, ..., 32).
+    /// Kernel 1's lanes per row of logits ([`lanes_per_row`]: 1, 2, 4, ..., 32).
     pub lanes_per_row: u32,
-    /// Rows of kernel 1's tiles in shared memory ([`tile_rows`]); 0: rows
-    /// too long for a tile, read from global memory. A channel-major tile is
-    /// this many consecutive priors of one image.
+    /// Kernel 3's lanes per row of the classification set ([`set_lanes`]).
+    pub set_lanes: u32,
+    /// Rows of kernel 1's tiles in shared memory ([`tile_rows`]): a step of
+    /// the lane groups, `ROW_THREADS / lanes_per_row`; 0: rows too long for
+    /// a tile, read from global memory. A channel-major tile is this many
+    /// consecutive priors of one image.
     pub tile_rows: u32,
     /// Kernel 1: per prior.
     pub rows: Launch,
@@ -234,31 +239,41 @@ impl GridLimits {
 }
 
 impl LaunchPlan {
-    /// The row-major plan for `shape` on no particular device
+    /// The row-major f32 plan for `shape` on no particular device
     /// ([`GridLimits::default`]); fails on the shapes [`Shape::validate`]
     /// rejects.
     pub fn new(shape: Shape) -> Result<Self> {
-        Self::with_limits(shape, Layout::RowMajor, GridLimits::default())
+        Self::with_limits(shape, DType::F32, Layout::RowMajor, GridLimits::default())
     }
 
-    /// The plan for `shape` in `layout` on a device that keeps `limits`
-    /// blocks resident. Only the row kernels' grids depend on the layout and
-    /// the device: the workspace layout is the same for all of them (its
-    /// per-block status words are sized for the largest grid), so
-    /// [`workspace_bytes`] fits them all.
-    pub fn with_limits(shape: Shape, layout: Layout, limits: GridLimits) -> Result<Self> {
+    /// The plan for `shape` with `dtype` logits in `layout` on a device that
+    /// keeps `limits` blocks resident. Only kernel 1's lanes and tiles and
+    /// the row kernels' grids depend on the type, the layout and the device:
+    /// the workspace layout is the same for all of them (its per-block
+    /// status words are sized for the largest grid), so [`workspace_bytes`]
+    /// fits them all.
+    pub fn with_limits(
+        shape: Shape,
+        dtype: DType,
+        layout: Layout,
+        limits: GridLimits,
+    ) -> Result<Self> {
         shape.validate()?;
-        let lanes_per_row = lanes_per_row(shape.classes);
-        let tile_rows = tile_rows(shape.classes, lanes_per_row, layout);
-        let turn = turn_of(shape.classes, lanes_per_row, layout);
+        let lanes_per_row = lanes_per_row(shape.classes, dtype);
+        let tile_rows = tile_rows(shape.classes, lanes_per_row, layout, dtype);
         let grid =
             |limit: u32, blocks: usize| blocks.min(limit.clamp(1, MAX_ROW_BLOCKS) as usize) as u32;
-        let row_blocks = grid(limits.rows, tiles(shape, layout, turn));
+        // With a tile or without, a block takes one step of the lane groups
+        // at a time.
+        let row_blocks = grid(
+            limits.rows,
+            tiles(shape, layout, ROW_THREADS / lanes_per_row),
+        );
         let rows_launch = Launch {
             step: Step::Rows,
             grid: row_blocks,
             block: ROW_THREADS,
-            shared_bytes: tile_shared_bytes(shape.classes, tile_rows, layout),
+            shared_bytes: tile_shared_bytes(shape.classes, tile_rows, layout, dtype),
         };
 
         let mut offset = 0;
@@ -269,13 +284,15 @@ impl LaunchPlan {
         };
         let keys = section(shape.rows() * 4);
         let terms = section(shape.rows() * std::mem::size_of::<PositiveTerms>());
-        // Channel-major tiles stop at image boundaries and may be a step
-        // shorter, so that layout has the most of them.
-        let most_tiles = [Layout::RowMajor, Layout::ChannelMajor]
+        // Channel-major tiles stop at image boundaries, so that layout has
+        // the most of them, and f32 rows the most lanes, so the fewest rows
+        // per tile.
+        let most_lanes = [DType::F32, DType::F16, DType::BF16]
             .into_iter()
-            .map(|layout| tiles(shape, layout, turn_of(shape.classes, lanes_per_row, layout)))
+            .map(|dtype| self::lanes_per_row(shape.classes, dtype))
             .max()
-            .unwrap_or(1);
+            .unwrap_or(32);
+        let most_tiles = tiles(shape, Layout::ChannelMajor, ROW_THREADS / most_lanes);
         let most_row_blocks = most_tiles.min(MAX_ROW_BLOCKS as usize);
         let block_status = section(most_row_blocks * 4);
         let images = section(shape.batch * std::mem::size_of::<ImageSelection>());
@@ -284,8 +301,10 @@ impl LaunchPlan {
 
         Ok(Self {
             shape,
+            dtype,
             layout,
             lanes_per_row,
+            set_lanes: set_lanes(shape.classes),
             tile_rows,
             rows: rows_launch,
             select: Launch {
@@ -505,45 +524,62 @@ pub fn bytes_floor(shape: Shape, dtype: DType, labels: LabelType, backward: bool
     logits + boxes + shape.rows() * labels.size()
 }
 
-/// Dynamic shared memory kernel 1 stages a tile of logits in, at most. A
-/// quarter of an H100's 228 KiB per SM, so that 8 blocks of 256 threads (a
-/// full SM) fit, and under the 48 KiB a kernel may take without opting in.
-pub const ROW_TILE_BYTES: usize = 24 * 1024;
+/// Dynamic shared memory kernel 1 stages a tile of logits in, at most: what
+/// the 48 KiB a block may take without opting in leaves beside kernel 1's
+/// static shared memory (about 3 KiB). Four such blocks, which their
+/// registers allow at 256 threads, fit an H100's SM.
+pub const ROW_TILE_BYTES: usize = 44 * 1024;
 
-/// Kernel 1's rows per tile: as many as fit [`ROW_TILE_BYTES`] (counted at 4
-/// bytes per logit, so that the plan does not depend on the type, with the
-/// extra bytes of [`tile_shared_bytes`]), at most one per thread, a whole
-/// number of steps of the lane groups; 0 when not even one step fits (very
-/// long rows are then read from global memory).
-pub fn tile_rows(classes: usize, lanes_per_row: u32, layout: Layout) -> u32 {
-    let step = (ROW_THREADS / lanes_per_row) as usize;
-    let fit = match layout {
-        Layout::RowMajor => (ROW_TILE_BYTES - 16) / (classes * 4),
-        Layout::ChannelMajor => (ROW_TILE_BYTES / (classes * 4)).saturating_sub(1),
-    };
-    (fit.min(ROW_THREADS as usize) / step * step) as u32
+/// Kernel 1's lanes per row: the fewest (a power of two up to 32) that
+/// leave a row-major tile of one step, `ROW_THREADS / lanes` rows, within
+/// [`ROW_TILE_BYTES`]. One lane (a thread per row, reading its row with
+/// 16-byte loads from shared memory) up to C = 43 in f32 and C = 87 in
+/// f16/bf16; 32 when not even 8 rows fit (their rows are then read from
+/// global memory).
+pub fn lanes_per_row(classes: usize, dtype: DType) -> u32 {
+    let mut lanes = 1;
+    while lanes < 32
+        && tile_shared_bytes(classes, ROW_THREADS / lanes, Layout::RowMajor, dtype) as usize
+            > ROW_TILE_BYTES
+    {
+        lanes *= 2;
+    }
+    lanes
 }
 
-/// Kernel 1's dynamic shared memory: the tile, counted at 4 bytes per logit,
-/// at most [`ROW_TILE_BYTES`].
-/// Row-major, plus 16 bytes so that the copy keeps the logits' offset
-/// within a 16-byte line; channel-major, each of the C rows of the
-/// transposed tile one element longer (an odd stride, against bank
-/// conflicts).
-pub fn tile_shared_bytes(classes: usize, tile_rows: u32, layout: Layout) -> u32 {
-    match (tile_rows, layout) {
-        (0, _) => 0,
-        (_, Layout::RowMajor) => (tile_rows as usize * classes * 4 + 16) as u32,
-        (_, Layout::ChannelMajor) => ((tile_rows as usize + 1) * classes * 4) as u32,
+/// Kernel 3's lanes per row of the classification set: the smallest power
+/// of two that leaves each lane at most four classes, capped at a warp, so
+/// that a set row's logits are read and its gradient written by a group of
+/// lanes together. C = 21 gets 8 lanes (4 rows per warp), C = 81 and up 32.
+pub fn set_lanes(classes: usize) -> u32 {
+    (classes.div_ceil(4).next_power_of_two() as u32).clamp(1, 32)
+}
+
+/// Kernel 1's rows per tile: one step of the lane groups,
+/// `ROW_THREADS / lanes_per_row`, when it fits [`ROW_TILE_BYTES`]; 0
+/// otherwise (the rows are then read from global memory).
+pub fn tile_rows(classes: usize, lanes_per_row: u32, layout: Layout, dtype: DType) -> u32 {
+    let rows = ROW_THREADS / lanes_per_row;
+    if tile_shared_bytes(classes, rows, layout, dtype) as usize <= ROW_TILE_BYTES {
+        rows
+    } else {
+        0
     }
 }
 
-/// The rows kernel 1's blocks take at a time: a tile, or without one, one
-/// step of the lane groups.
-fn turn_of(classes: usize, lanes_per_row: u32, layout: Layout) -> u32 {
-    match tile_rows(classes, lanes_per_row, layout) {
-        0 => ROW_THREADS / lanes_per_row,
-        tile => tile,
+/// Kernel 1's dynamic shared memory for a tile of `tile_rows` rows.
+/// Row-major, the tile's logits as they lie in global memory, plus 32 bytes:
+/// the copy keeps the logits' offset within a 16-byte line, and a row's
+/// last 16-byte load may reach past the tile's last element to the end of
+/// its line. Channel-major, C class planes of the tile's priors, each 4
+/// bytes longer than the run of priors, so that planes are an odd number of
+/// 4-byte words apart (against bank conflicts).
+pub fn tile_shared_bytes(classes: usize, tile_rows: u32, layout: Layout, dtype: DType) -> u32 {
+    let tile = tile_rows as usize * dtype.size();
+    match (tile_rows, layout) {
+        (0, _) => 0,
+        (_, Layout::RowMajor) => (tile * classes + 32) as u32,
+        (_, Layout::ChannelMajor) => ((tile + 4) * classes) as u32,
     }
 }
 
@@ -554,13 +590,6 @@ fn tiles(shape: Shape, layout: Layout, tile: u32) -> usize {
         Layout::RowMajor => shape.rows().div_ceil(tile as usize),
         Layout::ChannelMajor => shape.batch * shape.priors.div_ceil(tile as usize),
     }
-}
-
-/// Lanes per row: the smallest power of two that leaves each lane at most
-/// four classes, capped at a warp. C = 21 gets 8 lanes (4 rows per warp),
-/// C = 81 and up get 32.
-pub fn lanes_per_row(classes: usize) -> u32 {
-    (classes.div_ceil(4).next_power_of_two() as u32).clamp(1, 32)
 }
 
 /// A positive prior's loss terms, from kernel 1 to kernel 2
@@ -636,6 +665,7 @@ pub(crate) struct MultiboxParams {
     pub(crate) priors: u32,
     pub(crate) classes: u32,
     pub(crate) lanes_per_row: u32,
+    pub(crate) set_lanes: u32,
     pub(crate) row_blocks: u32,
     pub(crate) min_negatives: u32,
     pub(crate) neg_pos_ratio: f32,
@@ -646,9 +676,10 @@ pub(crate) struct MultiboxParams {
     pub(crate) layout: u32,
     pub(crate) normalizer_kind: u32,
     pub(crate) normalizer_value: f32,
+    pub(crate) unused: u32,
 }
 
-const _: () = assert!(std::mem::size_of::<MultiboxParams>() == 192);
+const _: () = assert!(std::mem::size_of::<MultiboxParams>() == 200);
 const _: () = assert!(std::mem::size_of::<PositiveTerms>() == 8);
 const _: () = assert!(std::mem::size_of::<ImageSelection>() == 32);
 const _: () = assert!(std::mem::size_of::<Totals>() == 32);

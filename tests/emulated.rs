@@ -475,9 +475,13 @@ fn rows_too_long_for_a_tile_are_read_from_global_memory() {
         &got,
         &case.divisors(Normalizer::Positives),
     );
-    let cm =
-        multibox::plan::LaunchPlan::with_limits(shape, Layout::ChannelMajor, Default::default())
-            .unwrap();
+    let cm = multibox::plan::LaunchPlan::with_limits(
+        shape,
+        multibox::DType::F32,
+        Layout::ChannelMajor,
+        Default::default(),
+    )
+    .unwrap();
     assert_eq!(cm.tile_rows, 0);
     assert_channel_major_is_row_major("long rows", &case, Call::default(), &got);
     // Two blocks walking all the tiles: the same bits, and the checker
@@ -924,6 +928,67 @@ fn non_finite_inputs_are_flagged_and_propagate() {
         f64::from(got.regression_loss),
         want.losses.regression_loss as f32 as f64
     );
+}
+
+/// Kernel 1 checks every logit as it stages it: an infinity in an ignored
+/// prior's row, which no loss reads, is flagged too, and so is -inf (whose
+/// exponential is an ordinary 0). The losses stay the reference's.
+#[test]
+fn an_infinite_logit_anywhere_is_flagged() {
+    fn check<T: Float>(value: f32, layout: Layout) {
+        let shape = Shape::new(2, 70, 81);
+        let mut rng = SplitMix64(41);
+        let mut confidence: Vec<T> = (0..shape.confidence_len())
+            .map(|_| T::from_f64(rng.normal()))
+            .collect();
+        let labels: Vec<i32> = (0..shape.rows() as i32)
+            .map(|i| if i % 10 == 3 { 1 + i % 80 } else { 0 })
+            .collect();
+        let mut case = Drawn::with(shape, confidence.clone(), labels, &mut rng);
+        let clean = emulated::run(&case.config, shape, &case.host(), Call::default()).unwrap();
+        assert!(clean.status.is_ok(), "{:?} {value}", T::DTYPE);
+        case.labels[117] = -1;
+        confidence[117 * 81 + 40] = T::from_f32(value);
+        case.confidence = confidence;
+        let got = {
+            let mut moved = case.host();
+            let cm_conf;
+            let cm_pred;
+            let cm_gt;
+            if layout == Layout::ChannelMajor {
+                cm_conf = layout_of(&case.confidence, shape, 81);
+                cm_pred = layout_of(&case.predicted_locations, shape, 4);
+                cm_gt = layout_of(&case.gt_locations, shape, 4);
+                moved.confidence = &cm_conf;
+                moved.predicted_locations = &cm_pred;
+                moved.gt_locations = &cm_gt;
+            }
+            let call = Call {
+                layout,
+                ..Call::default()
+            };
+            emulated::run(&case.config, shape, &moved, call).unwrap()
+        };
+        assert!(
+            got.status.nonfinite_input && !got.status.invalid_label,
+            "{:?} {value} {layout:?}",
+            T::DTYPE
+        );
+        let want = case.reference();
+        let rel = |a: f32, b: f64| ((f64::from(a) - b) / b).abs();
+        assert!(rel(got.classification_loss, want.losses.classification_loss) <= 1e-6);
+        assert!(rel(got.regression_loss, want.losses.regression_loss) <= 1e-6);
+    }
+    fn layout_of<T: Copy>(data: &[T], shape: Shape, per_prior: usize) -> Vec<T> {
+        Layout::RowMajor.convert(data, shape, per_prior, Layout::ChannelMajor)
+    }
+    for layout in [Layout::RowMajor, Layout::ChannelMajor] {
+        for value in [f32::INFINITY, f32::NEG_INFINITY, f32::NAN] {
+            check::<f32>(value, layout);
+            check::<f16>(value, layout);
+            check::<bf16>(value, layout);
+        }
+    }
 }
 
 /// A backend that fails the test if anything reaches it.

@@ -6,10 +6,46 @@ use multibox::plan::{
 };
 use multibox::{DType, LabelType, Layout, Pass, Shape};
 
+const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+
 #[test]
-fn lanes_per_row_leave_at_most_four_classes_per_lane() {
+fn kernel_1_takes_the_fewest_lanes_whose_tile_fits() {
+    use multibox::plan::{tile_shared_bytes, ROW_TILE_BYTES};
+    for dtype in DTYPES {
+        for classes in 2..=3000 {
+            let lanes = lanes_per_row(classes, dtype);
+            assert!(
+                lanes.is_power_of_two() && lanes <= 32,
+                "C={classes}: {lanes}"
+            );
+            let bytes = |lanes: u32| {
+                tile_shared_bytes(classes, ROW_THREADS / lanes, Layout::RowMajor, dtype) as usize
+            };
+            if lanes < 32 {
+                assert!(bytes(lanes) <= ROW_TILE_BYTES, "C={classes} {dtype:?}");
+            }
+            if lanes > 1 {
+                assert!(
+                    bytes(lanes / 2) > ROW_TILE_BYTES,
+                    "C={classes} {dtype:?}: {lanes} lanes is more than needed"
+                );
+            }
+        }
+    }
+    // A thread per row for the common SSD shapes in half precision.
+    assert_eq!(lanes_per_row(21, DType::F32), 1);
+    assert_eq!(lanes_per_row(81, DType::BF16), 1);
+    assert_eq!(lanes_per_row(87, DType::F16), 1);
+    assert_eq!(lanes_per_row(88, DType::F16), 2);
+    assert_eq!(lanes_per_row(81, DType::F32), 2);
+    assert_eq!(lanes_per_row(5000, DType::F32), 32);
+}
+
+#[test]
+fn kernel_3_lanes_leave_at_most_four_classes_per_lane() {
+    use multibox::plan::set_lanes;
     for classes in 2..=1000 {
-        let lanes = lanes_per_row(classes);
+        let lanes = set_lanes(classes);
         assert!(
             lanes.is_power_of_two() && lanes <= 32,
             "C={classes}: {lanes}"
@@ -27,9 +63,9 @@ fn lanes_per_row_leave_at_most_four_classes_per_lane() {
             );
         }
     }
-    assert_eq!(lanes_per_row(21), 8);
-    assert_eq!(lanes_per_row(81), 32);
-    assert_eq!(lanes_per_row(3), 1);
+    assert_eq!(set_lanes(21), 8);
+    assert_eq!(set_lanes(81), 32);
+    assert_eq!(set_lanes(3), 1);
 }
 
 #[test]
@@ -58,12 +94,15 @@ fn workspace_sections_are_aligned_disjoint_and_large_enough() {
         assert_eq!(ws.images.len, shape.batch * 32);
         assert_eq!(ws.bytes, ws.totals.offset + 32);
         assert_eq!(multibox::workspace_bytes(shape).unwrap(), ws.bytes);
-        // One status word per block of kernel 1, whatever the layout: the
-        // workspace is the same for both.
-        for layout in [Layout::RowMajor, Layout::ChannelMajor] {
-            let plan = LaunchPlan::with_limits(shape, layout, GridLimits::default()).unwrap();
-            assert_eq!(plan.workspace, ws, "{shape} {layout:?}");
-            assert!(ws.block_status.len >= plan.rows.grid as usize * 4);
+        // One status word per block of kernel 1, whatever the type and the
+        // layout: the workspace is the same for all.
+        for dtype in DTYPES {
+            for layout in [Layout::RowMajor, Layout::ChannelMajor] {
+                let plan =
+                    LaunchPlan::with_limits(shape, dtype, layout, GridLimits::default()).unwrap();
+                assert_eq!(plan.workspace, ws, "{shape} {dtype:?} {layout:?}");
+                assert!(ws.block_status.len >= plan.rows.grid as usize * 4);
+            }
         }
     }
 }
@@ -75,17 +114,16 @@ fn grids_cover_every_row_and_image() {
         Shape::new(4, 3000, 21),
         Shape::new(256, 8732, 81),
     ] {
-        for layout in [Layout::RowMajor, Layout::ChannelMajor] {
-            let plan = LaunchPlan::with_limits(shape, layout, GridLimits::default()).unwrap();
-            let rows_per_step = (ROW_THREADS / plan.lanes_per_row) as usize;
-            // Kernel 1 walks tiles with a block stride (a tile is one step of
-            // the lane groups when the rows are too long to stage); a
-            // channel-major tile stays inside one image.
-            let turn = if plan.tile_rows > 0 {
-                plan.tile_rows as usize
-            } else {
-                rows_per_step
-            };
+        for (dtype, layout) in DTYPES
+            .into_iter()
+            .flat_map(|d| [(d, Layout::RowMajor), (d, Layout::ChannelMajor)])
+        {
+            let plan =
+                LaunchPlan::with_limits(shape, dtype, layout, GridLimits::default()).unwrap();
+            // Kernel 1 walks tiles of one step of the lane groups with a
+            // block stride, staged or not; a channel-major tile stays inside
+            // one image.
+            let turn = (ROW_THREADS / plan.lanes_per_row) as usize;
             let tiles = |tile: usize| match layout {
                 Layout::RowMajor => shape.rows().div_ceil(tile),
                 Layout::ChannelMajor => shape.batch * shape.priors.div_ceil(tile),
@@ -245,57 +283,43 @@ fn regions_give_each_kernel_its_buffers_and_the_selection_one_image_per_block() 
 }
 
 #[test]
-fn kernel_1_tiles_fit_shared_memory_in_whole_steps() {
+fn kernel_1_tiles_are_one_step_and_fit_shared_memory() {
     use multibox::plan::{tile_rows, ROW_TILE_BYTES};
-    for classes in [2, 3, 21, 81, 91, 200, 1000, 5000, 100_000] {
-        let shape = Shape::new(2, 500, classes);
-        let plan = LaunchPlan::new(shape).unwrap();
-        let step = ROW_THREADS / plan.lanes_per_row;
-        assert_eq!(
-            plan.tile_rows,
-            tile_rows(classes, plan.lanes_per_row, Layout::RowMajor)
-        );
-        // Channel-major tiles keep C rows one element longer than the tile.
-        let cm =
-            LaunchPlan::with_limits(shape, Layout::ChannelMajor, GridLimits::default()).unwrap();
-        assert_eq!(cm.tile_rows % step, 0, "C={classes}");
-        assert!(cm.tile_rows <= plan.tile_rows);
-        if cm.tile_rows > 0 {
-            let bytes = (cm.tile_rows as usize + 1) * classes * 4;
-            assert_eq!(cm.rows.shared_bytes as usize, bytes);
-            assert!(bytes <= ROW_TILE_BYTES, "C={classes}");
-            assert!(
-                cm.tile_rows == ROW_THREADS || bytes + step as usize * classes * 4 > ROW_TILE_BYTES,
-                "C={classes}: room for another step"
-            );
-        } else {
-            assert_eq!(cm.rows.shared_bytes, 0);
-        }
-        assert!(plan.tile_rows <= ROW_THREADS, "C={classes}");
-        assert_eq!(plan.tile_rows % step, 0, "C={classes}");
-        if plan.tile_rows == 0 {
-            // Not one step fits: rows are read from global memory.
-            assert!(
-                step as usize * classes * 4 + 16 > ROW_TILE_BYTES,
-                "C={classes}"
-            );
-            assert_eq!(plan.rows.shared_bytes, 0);
-        } else {
-            // As many whole steps as fit, four bytes per logit whatever the type.
-            let bytes = plan.tile_rows as usize * classes * 4 + 16;
-            assert_eq!(plan.rows.shared_bytes as usize, bytes);
-            assert!(bytes <= ROW_TILE_BYTES, "C={classes}");
-            assert!(
-                plan.tile_rows == ROW_THREADS
-                    || bytes + step as usize * classes * 4 > ROW_TILE_BYTES,
-                "C={classes}: room for another step"
-            );
+    for dtype in DTYPES {
+        for classes in [2, 3, 21, 81, 91, 200, 1000, 5000, 100_000] {
+            let shape = Shape::new(2, 500, classes);
+            let size = dtype.size();
+            for layout in [Layout::RowMajor, Layout::ChannelMajor] {
+                let plan =
+                    LaunchPlan::with_limits(shape, dtype, layout, GridLimits::default()).unwrap();
+                let step = ROW_THREADS / plan.lanes_per_row;
+                assert_eq!(plan.lanes_per_row, lanes_per_row(classes, dtype));
+                assert_eq!(
+                    plan.tile_rows,
+                    tile_rows(classes, plan.lanes_per_row, layout, dtype)
+                );
+                // Row-major: the tile as in global memory plus 32 bytes (its
+                // offset in a 16-byte line, the last row's last 16-byte load);
+                // channel-major: C planes 4 bytes longer than the tile.
+                let bytes = match layout {
+                    Layout::RowMajor => step as usize * classes * size + 32,
+                    Layout::ChannelMajor => (step as usize * size + 4) * classes,
+                };
+                if bytes <= ROW_TILE_BYTES {
+                    assert_eq!(plan.tile_rows, step, "C={classes} {dtype:?} {layout:?}");
+                    assert_eq!(plan.rows.shared_bytes as usize, bytes);
+                } else {
+                    assert_eq!(plan.tile_rows, 0, "C={classes} {dtype:?} {layout:?}");
+                    assert_eq!(plan.rows.shared_bytes, 0);
+                }
+            }
         }
     }
-    assert_eq!(tile_rows(21, 8, Layout::RowMajor), 256);
-    assert_eq!(tile_rows(81, 32, Layout::RowMajor), 72);
-    assert_eq!(tile_rows(81, 32, Layout::ChannelMajor), 72);
-    assert_eq!(tile_rows(5000, 32, Layout::RowMajor), 0);
+    assert_eq!(tile_rows(21, 1, Layout::RowMajor, DType::F32), 256);
+    assert_eq!(tile_rows(81, 1, Layout::RowMajor, DType::BF16), 256);
+    assert_eq!(tile_rows(81, 1, Layout::ChannelMajor, DType::BF16), 256);
+    assert_eq!(tile_rows(81, 2, Layout::RowMajor, DType::F32), 128);
+    assert_eq!(tile_rows(5000, 32, Layout::RowMajor, DType::F32), 0);
 }
 
 #[test]
@@ -311,23 +335,24 @@ fn grids_stop_at_the_resident_blocks_and_the_workspace_does_not_move() {
             gradient: 1056
         }
     );
-    let plan = LaunchPlan::with_limits(shape, Layout::RowMajor, limits).unwrap();
+    let plan = LaunchPlan::with_limits(shape, DType::BF16, Layout::RowMajor, limits).unwrap();
     assert_eq!(plan.rows.grid, 528);
     assert_eq!(plan.gradient.grid, 1056);
     assert_eq!(plan.workspace, free.workspace);
     assert_eq!(free.rows.grid, MAX_ROW_BLOCKS);
     // A small shape needs fewer blocks than the device holds.
     let small = Shape::new(1, 300, 21);
-    let plan = LaunchPlan::with_limits(small, Layout::RowMajor, limits).unwrap();
+    let plan = LaunchPlan::with_limits(small, DType::F32, Layout::RowMajor, limits).unwrap();
     assert_eq!(plan.rows.grid, 2); // tiles of 256 rows
     assert_eq!(plan.gradient.grid, 2);
-    let plan = LaunchPlan::with_limits(small, Layout::ChannelMajor, limits).unwrap();
+    let plan = LaunchPlan::with_limits(small, DType::F32, Layout::ChannelMajor, limits).unwrap();
     assert_eq!(plan.rows.grid, 2);
     assert_eq!(plan.gradient.grid, 2);
     assert_eq!(plan.workspace, LaunchPlan::new(small).unwrap().workspace);
     // A limit of 0 (an occupancy query that found none) still launches.
     let zero = LaunchPlan::with_limits(
         shape,
+        DType::F32,
         Layout::ChannelMajor,
         GridLimits {
             rows: 0,

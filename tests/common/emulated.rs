@@ -278,7 +278,7 @@ pub fn run<T: Float, L: Label>(
     let mut losses = [f32::from_bits(u32::from_ne_bytes([fill; 4])); 2];
     let mut num_pos = [-7i32];
     let mut mask = vec![fill; if with_mask { shape.rows() } else { 0 }];
-    let plan = LaunchPlan::with_limits(shape, call.layout, call.grid_limits)?;
+    let plan = LaunchPlan::with_limits(shape, T::DTYPE, call.layout, call.grid_limits)?;
     let mut workspace = Aligned::new(plan.workspace.bytes, fill);
     // Two f32 in "device" memory, read by the kernels when asked to.
     let device_upstream = match upstream {
