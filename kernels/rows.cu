@@ -55,7 +55,8 @@ __device__ __forceinline__ float scaled_exp(float x, float shift) { return exp2_
 struct RowSums {
     float shift;   // an integer
     float others;  // sum of e_c over classes 1..C-1: each lane's in class order, then the group's xor tree
-    float e0;      // e_0, the background's term
+    float x0;      // the background's logit
+    float e0;      // and its term
 };
 
 // -log softmax[k] = lse - x_k, from its term e (of logit x) and `rest`, the
@@ -69,43 +70,35 @@ __device__ __forceinline__ float loss_of(float e, float rest, float x, float shi
     return fmaf(shift, LN2_HI, -x) + fmaf(shift, LN2_LO, logf(e + rest));
 }
 
+// -inf in each half type's bits.
+template <typename T> constexpr u16 HALF_NEG_INF = 0;
+template <> constexpr u16 HALF_NEG_INF<f16> = 0xfc00u;
+template <> constexpr u16 HALF_NEG_INF<bf16> = 0xff80u;
+
 // 16 bytes of a row in shared memory: PER elements of T, as 4 words.
 // Positions outside the row are padded with -inf, which the maximum ignores
 // and whose term is exactly 0, so a chunk's sum is its row's elements' in
-// order whatever the chunk's alignment.
-template <typename T> struct Chunk;
+// order whatever the chunk's alignment. This one is f16's and bf16's: two
+// elements a word, the first in the low half.
+template <typename T> struct Chunk {
+    static constexpr u32 PER = 8;
+    u32 w[4];
+    __device__ __forceinline__ float at(u32 j) const {
+        T h;
+        h.bits = u16(j & 1 ? w[j / 2] >> 16 : w[j / 2]);
+        return to_f32(h);
+    }
+    __device__ __forceinline__ void pad(u32 j) {
+        const u32 s = (j & 1) * 16;
+        w[j / 2] = (w[j / 2] & ~(0xffffu << s)) | (u32(HALF_NEG_INF<T>) << s);
+    }
+};
 
 template <> struct Chunk<float> {
     static constexpr u32 PER = 4;
     u32 w[4];
     __device__ __forceinline__ float at(u32 j) const { return f32_from_bits(w[j]); }
     __device__ __forceinline__ void pad(u32 j) { w[j] = NEG_INF_BITS; }
-};
-
-template <> struct Chunk<bf16> {
-    static constexpr u32 PER = 8;
-    u32 w[4];
-    __device__ __forceinline__ float at(u32 j) const {
-        return f32_from_bits(j & 1 ? w[j / 2] & 0xffff0000u : w[j / 2] << 16);
-    }
-    __device__ __forceinline__ void pad(u32 j) {
-        const u32 s = (j & 1) * 16;
-        w[j / 2] = (w[j / 2] & ~(0xffffu << s)) | (0xff80u << s);
-    }
-};
-
-template <> struct Chunk<f16> {
-    static constexpr u32 PER = 8;
-    u32 w[4];
-    __device__ __forceinline__ float at(u32 j) const {
-        f16 h;
-        h.bits = u16(j & 1 ? w[j / 2] >> 16 : w[j / 2] & 0xffffu);
-        return to_f32(h);
-    }
-    __device__ __forceinline__ void pad(u32 j) {
-        const u32 s = (j & 1) * 16;
-        w[j / 2] = (w[j / 2] & ~(0xffffu << s)) | (0xfc00u << s);
-    }
 };
 
 template <typename T> __device__ __forceinline__ Chunk<T> chunk_of(uint4 v) {
@@ -160,7 +153,7 @@ __device__ __forceinline__ u32 times_zero_plus(const f16*, u32 x, u32 acc) {
 }
 
 template <typename T> struct PackedMax {
-    u32 m;  // two halves
+    u32 m = u32(HALF_NEG_INF<T>) * 0x10001u;  // two halves
     __device__ __forceinline__ void add(const Chunk<T>& c) {
         const T* t = nullptr;
         m = max2(t, m, max2(t, max2(t, c.w[0], c.w[1]), max2(t, c.w[2], c.w[3])));
@@ -171,12 +164,8 @@ template <typename T> struct PackedMax {
         return fmaxf(c.at(0), c.at(1));
     }
 };
-template <> struct MaxOf<bf16> : PackedMax<bf16> {
-    __device__ __forceinline__ MaxOf() { m = 0xff80ff80u; }
-};
-template <> struct MaxOf<f16> : PackedMax<f16> {
-    __device__ __forceinline__ MaxOf() { m = 0xfc00fc00u; }
-};
+template <> struct MaxOf<bf16> : PackedMax<bf16> {};
+template <> struct MaxOf<f16> : PackedMax<f16> {};
 #endif
 
 // s plus the chunk's terms, in position order.
@@ -214,7 +203,8 @@ template <typename T> __device__ __forceinline__ RowSums chunked_row_sums(const 
     for (u32 k = 1; k < last; ++k) s = add_terms(chunk_of<T>(chunks[k]), r.shift, s);
     if (last > 0) s = add_terms(keep(chunk_of<T>(chunks[last]), 0, tail), r.shift, s);
     r.others = s;
-    r.e0 = scaled_exp(to_f32(row[0]), r.shift);
+    r.x0 = to_f32(row[0]);
+    r.e0 = scaled_exp(r.x0, r.shift);
     return r;
 }
 
@@ -237,7 +227,8 @@ __device__ __forceinline__ RowSums strided_row_sums(const T* x, u64 stride, u32 
         for (u32 c = sub == 0 ? lanes : sub; c < classes; c += lanes) s += scaled_exp(to_f32(x[c * stride]), r.shift);
     }
     r.others = group_sum(s, lanes);
-    r.e0 = active ? scaled_exp(to_f32(x[0]), r.shift) : 0.0f;
+    r.x0 = active ? to_f32(x[0]) : 0.0f;
+    r.e0 = active ? scaled_exp(r.x0, r.shift) : 0.0f;
     return r;
 }
 
@@ -449,7 +440,7 @@ template <typename T, typename L> __device__ void mining_keys_and_positive_terms
             if (!active) {
                 tile_keys[r] = KEY_IGNORED;
             } else if (label == 0) {
-                tile_keys[r] = candidate_key(loss_of(sums.e0, sums.others, to_f32(x[0]), sums.shift));
+                tile_keys[r] = candidate_key(loss_of(sums.e0, sums.others, sums.x0, sums.shift));
             } else {
                 tile_keys[r] = KEY_POSITIVE;
                 // The label's term is among `others`: take it out, put the background's in.
