@@ -312,6 +312,31 @@ __device__ __forceinline__ void zero_span(T* p, u64 n, u32 lane, u32 lanes) {
     for (u64 i = head + vectors * PER_VECTOR + lane; i < n; i += lanes) p[i] = zero;
 }
 
+// Copies n elements from `src` to `dst` by the LANES lanes of a warp (or
+// group, or block). When the two share their address modulo 16, the 16-byte
+// words wholly inside the run are copied as 16-byte loads and stores, and
+// the partial words at its ends element by element, never whole: their
+// other bytes belong to someone else (a neighbouring tile, another group's
+// row). Otherwise every element is copied on its own.
+template <typename T>
+__device__ __forceinline__ void copy_run(T* dst, const T* src, u64 n, u32 lane, u32 lanes) {
+    constexpr u32 PER_VECTOR = 16 / sizeof(T);
+    u64 head = n, vectors = 0;
+    if (((u64(dst) ^ u64(src)) & 15u) == 0) {
+        head = ((16u - u32(u64(dst) & 15u)) & 15u) / sizeof(T);
+        if (head > n) head = n;
+        vectors = (n - head) / PER_VECTOR;
+    }
+#pragma unroll 1
+    for (u64 i = lane; i < head; i += lanes) dst[i] = src[i];
+    const uint4* from = reinterpret_cast<const uint4*>(src + head);
+    uint4* to = reinterpret_cast<uint4*>(dst + head);
+#pragma unroll 1
+    for (u64 i = lane; i < vectors; i += lanes) to[i] = from[i];
+#pragma unroll 1
+    for (u64 i = head + vectors * PER_VECTOR + lane; i < n; i += lanes) dst[i] = src[i];
+}
+
 // A load that bypasses L1: for values another block wrote during this
 // launch (the last-block reductions), which this SM's L1 may hold stale.
 template <typename T> __device__ __forceinline__ T load_global_coherent(const T* p) {

@@ -12,13 +12,19 @@
 // Row-major, blocks walk tiles of ROW_THREADS consecutive rows. In a tile:
 //   1. One thread per row reads its key (a coalesced 4-byte load per lane),
 //      decides whether the row is in the set, and writes its four box
-//      gradients (one 8- or 16-byte store). A block scan lists, in row order,
-//      the set's rows and the spans of rows between them.
-//   2. Each warp takes spans and writes zeros over their logit gradients
-//      with 16-byte stores: most of the tile, with no shuffle at all.
-//   3. Lane groups (`set_lanes` wide) take the set's rows and write their
+//      gradients (one 8- or 16-byte store). A block scan lists the set's
+//      rows in row order.
+//   2. Lane groups (`set_lanes` wide) take the set's rows and compute their
 //      softmax gradients; only these rows' logits are read.
-// Every element is written exactly once, by step 2 or step 3.
+//   3. The tile's logit gradients are one contiguous run of global memory.
+//      Staged (`gradient_tile_rows`, when the tile fits shared memory), the
+//      run is built in shared memory, zeros first and the set's rows over
+//      them, and then stored with 16-byte stores: every sector of the run is
+//      written whole, by one request. Unstaged (long rows), step 1's scan
+//      also lists the spans of rows between the set's rows; warps write
+//      zeros over the spans with 16-byte stores and step 2 writes the set's
+//      rows to global memory directly.
+// Every element is written exactly once to global memory.
 #include "multibox.cuh"
 
 // A set row's maximum, sum of exp(x - max), and that sum without class
@@ -57,13 +63,14 @@ __device__ __forceinline__ RowStats row_stats(const T* x, u64 stride, u32 classe
     return r;
 }
 
+// Row indices within a tile fit 16 bits (a span's end can be ROW_THREADS).
 struct GradientShared {
     u32 scan[ROW_THREADS / WARP + 1];
-    u32 set_rows[ROW_THREADS];      // tile offsets of the set's rows, in order
+    u16 set_rows[ROW_THREADS];      // tile offsets of the set's rows, in order
     u32 set_labels[ROW_THREADS];    // their labels (0 for mined negatives)
-    u32 span_first[ROW_THREADS];    // spans of consecutive rows outside the set
-    u32 span_end[ROW_THREADS];
     float set_scales[ROW_THREADS];  // their g_cls / divisor
+    u16 span_first[ROW_THREADS];    // unstaged: spans of consecutive rows outside the set
+    u16 span_end[ROW_THREADS];
     u8 in_set[ROW_THREADS];
 };
 
@@ -144,8 +151,19 @@ __device__ __forceinline__ float softmax_minus_onehot(const RowStats& stats, flo
     return i64(c) == label ? -stats.sum_exp_others * inv_sum : expf(to_f32(x[c * stride]) - stats.max) * inv_sum;
 }
 
-template <typename T, typename L> __device__ void write_gradients_row_major(const MultiboxParams& p) {
-    __shared__ GradientShared sh;
+// Zeros over the 16-byte words that hold `bytes` bytes from `tile`, by the
+// whole block: the staged tile before its set rows are written into it.
+__device__ __forceinline__ void zero_tile(unsigned char* tile, u32 bytes) {
+    uint4* words = reinterpret_cast<uint4*>(tile);
+#pragma unroll 1
+    for (u32 i = threadIdx.x; i < (bytes + 15u) / 16u; i += ROW_THREADS) words[i] = make_uint4(0u, 0u, 0u, 0u);
+}
+
+// STAGED is the plan's `gradient_tile_rows != 0`, a template argument so
+// that the set rows' stores are shared-memory stores (STS), not generic ones.
+template <typename T, typename L, bool STAGED>
+__device__ void write_gradients_row_major(const MultiboxParams& p, GradientShared& sh) {
+    MB_DYNAMIC_SHARED(unsigned char, staged);
     const T* confidence = static_cast<const T*>(p.confidence);
     const T* pred = static_cast<const T*>(p.predicted_locations);
     const T* gt = static_cast<const T*>(p.gt_locations);
@@ -159,6 +177,11 @@ template <typename T, typename L> __device__ void write_gradients_row_major(cons
 
     for (u64 first = u64(blockIdx.x) * ROW_THREADS; first < rows; first += u64(gridDim.x) * ROW_THREADS) {
         const u32 count = u32(rows - first < ROW_THREADS ? rows - first : ROW_THREADS);
+        // The tile's logit gradients, count * C elements; staged, their copy
+        // in shared memory keeps their offset within a 16-byte line, so that
+        // aligned shared words store to aligned global ones.
+        T* const out = grad_confidence + first * classes;
+        const u32 copy_offset = u32(u64(out) & 15u);
 
         // 1. This thread's row: in the set? Its box gradients.
         const RowDecision mine = decide<L>(p, scales, first + t, t < count);
@@ -168,58 +191,83 @@ template <typename T, typename L> __device__ void write_gradients_row_major(cons
             store4(grad_locations + (first + t) * 4, g);
         }
         const bool in_set = mine.in_set;
-        const u32 label = mine.label;
-        sh.in_set[t] = in_set;
-        __syncthreads();
-        // A span of rows outside the set starts here if the row before is in
-        // the set (or this is the tile's first row). One scan counts both
-        // lists: set rows in the low half, span starts in the high half.
-        const bool span_start = t < count && !in_set && (t == 0 || sh.in_set[t - 1]);
+        // Unstaged, a span of rows outside the set starts here if the row
+        // before is in the set (or this is the tile's first row). One scan
+        // counts both lists: set rows in the low half, span starts in the
+        // high half.
+        bool span_start = false;
+        if (!STAGED) {
+            sh.in_set[t] = in_set;
+            __syncthreads();
+            span_start = t < count && !in_set && (t == 0 || sh.in_set[t - 1]);
+        }
         u32 totals;
         const u32 slots = block_exclusive_scan<ROW_THREADS>(u32(in_set) | u32(span_start) << 16, sh.scan, &totals);
         const u32 set_count = totals & 0xffffu, span_count = totals >> 16;
         if (in_set) {
-            sh.set_rows[slots & 0xffffu] = t;
-            sh.set_labels[slots & 0xffffu] = label;
+            sh.set_rows[slots & 0xffffu] = u16(t);
+            sh.set_labels[slots & 0xffffu] = mine.label;
             sh.set_scales[slots & 0xffffu] = mine.cls_scale;
         }
         if (span_start) {
             u32 end = t + 1;
             while (end < count && !sh.in_set[end]) ++end;
-            sh.span_first[slots >> 16] = t;
-            sh.span_end[slots >> 16] = end;
+            sh.span_first[slots >> 16] = u16(t);
+            sh.span_end[slots >> 16] = u16(end);
         }
-        __syncthreads();  // the lists are complete
+        // Staged, zeros over the tile's copy. The scan's barriers put this
+        // after every thread's stores of the previous tile's copy, and the
+        // barrier below before the set rows are written over it.
+        if (STAGED) zero_tile(staged, copy_offset + count * p.classes * u32(sizeof(T)));
+        __syncthreads();  // the lists are complete, the copy zeroed
 
-        // 2. Zeros over the spans, a warp per span. The lanes leave a span's
-        // loop after different trip counts; __syncwarp reconverges them, so
-        // that each span's stores issue as whole-warp requests.
+        // Unstaged, zeros over the spans, a warp per span. The lanes leave a
+        // span's loop after different trip counts; __syncwarp reconverges
+        // them, so that each span's stores issue as whole-warp requests.
         for (u32 s = warp; s < span_count; s += ROW_THREADS / WARP) {
             __syncwarp();
             const u64 row = first + sh.span_first[s];
             zero_span(grad_confidence + row * classes, u64(sh.span_end[s] - sh.span_first[s]) * classes, lane, WARP);
         }
 
-        // 3. The set's rows, a lane group each. Every thread walks the same
+        // 2. The set's rows, a lane group each. Every thread walks the same
         // number of steps, so the group shuffles always find all 32 lanes.
         const u32 lanes = p.set_lanes, sub = t % lanes, group = t / lanes;
         const u32 groups = ROW_THREADS / lanes;
         for (u32 base = 0; base < set_count; base += groups) {
             const u32 i = base + group;
             const bool active = i < set_count;
-            const u64 row = first + (active ? sh.set_rows[i] : 0u);
+            const u32 r = active ? sh.set_rows[i] : 0u;
             const i64 row_label = active ? i64(sh.set_labels[i]) : 0;
-            const T* x = confidence + row * classes;
+            const T* x = confidence + (first + r) * classes;
+            T* g = out + u64(r) * classes;
+            if (STAGED) {
+                // The row's logits into its slot of the copy, with 16-byte
+                // loads where the logits and the gradients share their
+                // alignment; read from there (once from global memory, not
+                // three times), and overwritten there by its gradient, each
+                // lane reading and writing only its own classes.
+                g = reinterpret_cast<T*>(staged + copy_offset) + u64(r) * classes;
+                if (active) copy_run(g, x, classes, sub, lanes);
+                __syncwarp();
+                x = g;
+            }
             const RowStats stats = row_stats(x, 1, p.classes, sub, lanes, active, row_label);
             if (!active) continue;
             const float scale = sh.set_scales[i], inv_sum = 1.0f / stats.sum_exp;
-            T* g = grad_confidence + row * classes;
             for (u32 c = sub; c < p.classes; c += lanes)
                 g[c] = from_f32<T>(scale * softmax_minus_onehot(stats, inv_sum, x, 1, c, row_label));
         }
-        // No barrier here: the next tile writes in_set, read only before
-        // "the lists are complete", and rewrites the lists only after its
-        // own first barrier, which every thread reaches after this tile.
+
+        // 3. Staged, the whole tile from shared memory.
+        if (STAGED) {
+            __syncthreads();  // the set's rows are in the copy
+            copy_run(out, reinterpret_cast<const T*>(staged + copy_offset), u64(count) * classes, t, ROW_THREADS);
+        }
+        // No barrier here. The next tile writes in_set (unstaged), read only
+        // before "the lists are complete", and rewrites the lists and the
+        // staged copy only after its scan's barriers, which every thread
+        // reaches after finishing this tile.
     }
 }
 
@@ -237,14 +285,14 @@ template <typename T, typename L> __device__ void write_gradients_row_major(cons
 //      softmax - one-hot from the statistics its group left in shared memory.
 struct ColumnShared {
     u32 scan[ROW_THREADS / WARP + 1];
-    u32 set_rows[ROW_THREADS];     // tile offsets of the set's priors, in order
+    u16 set_rows[ROW_THREADS];     // tile offsets of the set's priors, in order
     u32 set_labels[ROW_THREADS];
-    u32 slot[ROW_THREADS];         // a set prior's index in the lists above
+    u8 slot[ROW_THREADS];          // a set prior's index in the lists above
     RowStats stats[ROW_THREADS];   // per set prior, from step 2
 };
 
-template <typename T, typename L> __device__ void write_gradients_channel_major(const MultiboxParams& p) {
-    __shared__ ColumnShared sh;
+template <typename T, typename L>
+__device__ void write_gradients_channel_major(const MultiboxParams& p, ColumnShared& sh) {
     const T* confidence = static_cast<const T*>(p.confidence);
     const T* pred = static_cast<const T*>(p.predicted_locations);
     const T* gt = static_cast<const T*>(p.gt_locations);
@@ -275,9 +323,9 @@ template <typename T, typename L> __device__ void write_gradients_channel_major(
         u32 set_count;
         const u32 slot = block_exclusive_scan<ROW_THREADS>(u32(mine.in_set), sh.scan, &set_count);
         if (mine.in_set) {
-            sh.set_rows[slot] = t;
+            sh.set_rows[slot] = u16(t);
             sh.set_labels[slot] = mine.label;
-            sh.slot[t] = slot;
+            sh.slot[t] = u8(slot);
         }
         __syncthreads();  // the list is complete
 
@@ -314,10 +362,18 @@ template <typename T, typename L> __device__ void write_gradients_channel_major(
 }
 
 template <typename T, typename L> __device__ void write_gradients(const MultiboxParams& p) {
+    // One static block of shared memory for whichever path runs: a
+    // `__shared__` in each would add up, and leave less for the staged tile.
+    __shared__ union {
+        GradientShared rows;
+        ColumnShared columns;
+    } sh;
     if (p.layout == LAYOUT_CHANNEL_MAJOR)
-        write_gradients_channel_major<T, L>(p);
+        write_gradients_channel_major<T, L>(p, sh.columns);
+    else if (p.gradient_tile_rows != 0)
+        write_gradients_row_major<T, L, true>(p, sh.rows);
     else
-        write_gradients_row_major<T, L>(p);
+        write_gradients_row_major<T, L, false>(p, sh.rows);
 }
 
 MB_KERNEL(multibox_gradient_f32_i32, MultiboxParams, ROW_THREADS) { write_gradients<float, i32>(p); }

@@ -59,7 +59,7 @@ struct MultiboxParams {
     u32 layout;         // LAYOUT_*
     u32 normalizer_kind;     // NORMALIZER_*
     float normalizer_value;  // NORMALIZER_GIVEN's n when `normalizer` is null
-    u32 unused;
+    u32 gradient_tile_rows;  // kernel 3's rows per tile staged in shared memory (ROW_THREADS), or 0
 };
 MB_ASSERT_SIZE(MultiboxParams, 200);
 

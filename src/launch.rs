@@ -280,7 +280,7 @@ fn params(config: &MultiboxConfig, call: &RawCall, plan: &LaunchPlan) -> Result<
         layout: layout_code(call.layout),
         normalizer_kind,
         normalizer_value,
-        unused: 0,
+        gradient_tile_rows: plan.gradient_tile_rows,
     })
 }
 

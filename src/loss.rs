@@ -8,7 +8,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DevicePtr, DevicePtr
 use crate::launch::{
     launch_call, Backend, DeviceStatus, RawBuffers, RawCall, RawNormalizer, RawUpstream,
 };
-use crate::plan::{GridLimits, Pass, Step, ROW_THREADS, ROW_TILE_BYTES};
+use crate::plan::{GridLimits, Pass, Step, GRADIENT_TILE_BYTES, ROW_THREADS, ROW_TILE_BYTES};
 use crate::{kernels, Error, Float, Label, Layout, MultiboxConfig, Result, Shape};
 
 /// The inputs of one call, on the device. Any cudarc slice or view works
@@ -628,7 +628,7 @@ fn check<T>(
 }
 
 /// SMs x the fewest blocks per SM of any type instantiation of kernels 1
-/// and 3; kernel 1 counted with its largest tile of shared memory, so the
+/// and 3, each counted with its largest tile of shared memory, so that the
 /// limit holds for every shape.
 fn resident_blocks(
     ctx: &Arc<CudaContext>,
@@ -653,7 +653,7 @@ fn resident_blocks(
     Ok(GridLimits::resident(
         sms,
         per_sm(Step::Rows, ROW_TILE_BYTES)?,
-        per_sm(Step::Gradient, 0)?,
+        per_sm(Step::Gradient, GRADIENT_TILE_BYTES)?,
     ))
 }
 

@@ -194,6 +194,10 @@ pub struct LaunchPlan {
     /// a tile, read from global memory. A channel-major tile is this many
     /// consecutive priors of one image.
     pub tile_rows: u32,
+    /// Rows of kernel 3's row-major tiles whose logit gradients are built
+    /// in shared memory and stored whole ([`gradient_tile_rows`]):
+    /// [`ROW_THREADS`], or 0 (channel-major, or rows too long for a tile).
+    pub gradient_tile_rows: u32,
     /// Kernel 1: per prior.
     pub rows: Launch,
     /// Kernel 2: per image.
@@ -247,8 +251,8 @@ impl LaunchPlan {
     }
 
     /// The plan for `shape` with `dtype` logits in `layout` on a device that
-    /// keeps `limits` blocks resident. Only kernel 1's lanes and tiles and
-    /// the row kernels' grids depend on the type, the layout and the device:
+    /// keeps `limits` blocks resident. Only the row kernels' lanes, tiles
+    /// and grids depend on the type, the layout and the device:
     /// the workspace layout is the same for all of them (its per-block
     /// status words are sized for the largest grid), so [`workspace_bytes`]
     /// fits them all.
@@ -275,6 +279,8 @@ impl LaunchPlan {
             block: ROW_THREADS,
             shared_bytes: tile_shared_bytes(shape.classes, tile_rows, layout, dtype),
         };
+
+        let gradient_tile_rows = gradient_tile_rows(shape.classes, layout, dtype);
 
         let mut offset = 0;
         let mut section = |len: usize| {
@@ -306,6 +312,7 @@ impl LaunchPlan {
             lanes_per_row,
             set_lanes: set_lanes(shape.classes),
             tile_rows,
+            gradient_tile_rows,
             rows: rows_launch,
             select: Launch {
                 step: Step::Select,
@@ -319,7 +326,7 @@ impl LaunchPlan {
                 step: Step::Gradient,
                 grid: grid(limits.gradient, tiles(shape, layout, ROW_THREADS)),
                 block: ROW_THREADS,
-                shared_bytes: 0,
+                shared_bytes: tile_shared_bytes(shape.classes, gradient_tile_rows, layout, dtype),
             },
             workspace: WorkspaceLayout {
                 keys,
@@ -567,7 +574,27 @@ pub fn tile_rows(classes: usize, lanes_per_row: u32, layout: Layout, dtype: DTyp
     }
 }
 
-/// Kernel 1's dynamic shared memory for a tile of `tile_rows` rows.
+/// Dynamic shared memory kernel 3 builds a row-major tile's logit gradients
+/// in, at most: what 48 KiB leaves beside kernel 3's static shared memory
+/// (about 5 KiB, the lists of the channel-major path, which shares it).
+pub const GRADIENT_TILE_BYTES: usize = 42 * 1024;
+
+/// Kernel 3's rows per staged tile: row-major, [`ROW_THREADS`] when their
+/// logit gradients fit [`GRADIENT_TILE_BYTES`] (C up to 83 in f16/bf16, 41
+/// in f32); 0 otherwise, and channel-major, whose stores are whole class
+/// planes of a tile's priors and need no staging.
+pub fn gradient_tile_rows(classes: usize, layout: Layout, dtype: DType) -> u32 {
+    let fits = tile_shared_bytes(classes, ROW_THREADS, Layout::RowMajor, dtype) as usize
+        <= GRADIENT_TILE_BYTES;
+    if layout == Layout::RowMajor && fits {
+        ROW_THREADS
+    } else {
+        0
+    }
+}
+
+/// Dynamic shared memory for a tile of `tile_rows` rows (kernel 1's logits,
+/// kernel 3's logit gradients).
 /// Row-major, the tile's logits as they lie in global memory, plus 32 bytes:
 /// the copy keeps the logits' offset within a 16-byte line, and a row's
 /// last 16-byte load may reach past the tile's last element to the end of
@@ -676,7 +703,7 @@ pub(crate) struct MultiboxParams {
     pub(crate) layout: u32,
     pub(crate) normalizer_kind: u32,
     pub(crate) normalizer_value: f32,
-    pub(crate) unused: u32,
+    pub(crate) gradient_tile_rows: u32,
 }
 
 const _: () = assert!(std::mem::size_of::<MultiboxParams>() == 200);

@@ -546,12 +546,21 @@ fn misaligned_buffers_give_identical_outputs<T: Float, L: Label>(seed: u64) {
         labels: &case.labels,
         gt_locations: &gt[1..],
     };
+    let bits = |v: &[T]| -> Vec<u8> { bytemuck::cast_slice(v).to_vec() };
+    // The gradients misaligned with the inputs too, and (below) aligned
+    // while the inputs are not: kernel 3 copies a row with 16-byte words
+    // only where the logits and their gradients share their alignment.
     let call = Call {
         misaligned: true,
         ..Call::default()
     };
     let misaligned = emulated::run(&case.config, case.shape, &inputs, call).unwrap();
-    let bits = |v: &[T]| -> Vec<u8> { bytemuck::cast_slice(v).to_vec() };
+    let inputs_only = emulated::run(&case.config, case.shape, &inputs, Call::default()).unwrap();
+    assert_eq!(
+        bits(&aligned.grad_confidence),
+        bits(&inputs_only.grad_confidence),
+        "seed {seed}, only the inputs misaligned"
+    );
     assert_eq!(
         bits(&aligned.grad_confidence),
         bits(&misaligned.grad_confidence),
@@ -622,9 +631,12 @@ fn blocks_that_walk_many_tiles_give_the_same_results() {
 
 #[test]
 fn element_aligned_buffers_give_the_same_bits() {
+    // Kernel 3's staged tiles (C = 3, 3, 21), then its unstaged path (f32,
+    // C = 81: spans of zeros, the set's rows straight to global memory).
     misaligned_buffers_give_identical_outputs::<f32, i64>(11);
     misaligned_buffers_give_identical_outputs::<f16, i32>(12);
     misaligned_buffers_give_identical_outputs::<bf16, i64>(13);
+    misaligned_buffers_give_identical_outputs::<f32, i32>(30);
 }
 
 #[test]
@@ -884,7 +896,16 @@ fn per_image_an_image_without_positives_gets_zeros() {
 #[test]
 fn invalid_labels_make_the_losses_nan_and_set_the_status() {
     let shape = Shape::new(2, 300, 3);
-    for bad in [3i64, 1000, -2, i64::MIN, i64::MAX] {
+    // 2^32 + 1 and -2^32 would pass for 1 and 0 if truncated to 32 bits.
+    for bad in [
+        3i64,
+        1000,
+        -2,
+        i64::MIN,
+        i64::MAX,
+        (1 << 32) + 1,
+        -(1 << 32),
+    ] {
         let mut case = Drawn::<f32, i64>::draw(5, 0);
         case.shape = shape;
         case.confidence = vec![0.5; shape.confidence_len()];

@@ -323,6 +323,47 @@ fn kernel_1_tiles_are_one_step_and_fit_shared_memory() {
 }
 
 #[test]
+fn kernel_3_stages_row_major_tiles_that_fit_shared_memory() {
+    use multibox::plan::{gradient_tile_rows, GRADIENT_TILE_BYTES};
+    for dtype in DTYPES {
+        for classes in [2, 3, 21, 41, 42, 81, 83, 84, 91, 200, 5000] {
+            let shape = Shape::new(2, 500, classes);
+            // 256 rows of gradients as they lie in global memory, plus 32
+            // bytes: their offset in a 16-byte line, and the last word's end.
+            let bytes = 256 * classes * dtype.size() + 32;
+            let fits = bytes <= GRADIENT_TILE_BYTES;
+            for layout in [Layout::RowMajor, Layout::ChannelMajor] {
+                let plan =
+                    LaunchPlan::with_limits(shape, dtype, layout, GridLimits::default()).unwrap();
+                let staged = fits && layout == Layout::RowMajor;
+                let what = format!("C={classes} {dtype:?} {layout:?}");
+                assert_eq!(
+                    plan.gradient_tile_rows,
+                    gradient_tile_rows(classes, layout, dtype)
+                );
+                assert_eq!(
+                    plan.gradient_tile_rows,
+                    if staged { 256 } else { 0 },
+                    "{what}"
+                );
+                assert_eq!(
+                    plan.gradient.shared_bytes as usize,
+                    if staged { bytes } else { 0 },
+                    "{what}"
+                );
+            }
+        }
+    }
+    // The common shapes: VOC in every type, COCO in the half types.
+    assert_eq!(gradient_tile_rows(21, Layout::RowMajor, DType::F32), 256);
+    assert_eq!(gradient_tile_rows(41, Layout::RowMajor, DType::F32), 256);
+    assert_eq!(gradient_tile_rows(42, Layout::RowMajor, DType::F32), 0);
+    assert_eq!(gradient_tile_rows(81, Layout::RowMajor, DType::BF16), 256);
+    assert_eq!(gradient_tile_rows(83, Layout::RowMajor, DType::F16), 256);
+    assert_eq!(gradient_tile_rows(84, Layout::RowMajor, DType::F16), 0);
+}
+
+#[test]
 fn grids_stop_at_the_resident_blocks_and_the_workspace_does_not_move() {
     let shape = Shape::new(256, 8732, 81);
     let free = LaunchPlan::new(shape).unwrap();
