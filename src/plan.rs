@@ -533,14 +533,15 @@ pub fn bytes_floor(shape: Shape, dtype: DType, labels: LabelType, backward: bool
 
 /// Dynamic shared memory kernel 1 stages a tile of logits in, at most: what
 /// the 48 KiB a block may take without opting in leaves beside kernel 1's
-/// static shared memory (about 3 KiB). Four such blocks, which their
-/// registers allow at 256 threads, fit an H100's SM.
-pub const ROW_TILE_BYTES: usize = 44 * 1024;
+/// static shared memory (2,080 bytes), rounded down to 256 bytes: 46,848.
+/// Enough for a thread per row at C = 91 in f16/bf16 (46,624 bytes). Four
+/// such blocks, which their registers allow at 256 threads, fit an H100's SM.
+pub const ROW_TILE_BYTES: usize = 48 * 1024 - 9 * 256;
 
 /// Kernel 1's lanes per row: the fewest (a power of two up to 32) that
 /// leave a row-major tile of one step, `ROW_THREADS / lanes` rows, within
 /// [`ROW_TILE_BYTES`]. One lane (a thread per row, reading its row with
-/// 16-byte loads from shared memory) up to C = 43 in f32 and C = 87 in
+/// 16-byte loads from shared memory) up to C = 45 in f32 and C = 91 in
 /// f16/bf16; 32 when not even 8 rows fit (their rows are then read from
 /// global memory).
 pub fn lanes_per_row(classes: usize, dtype: DType) -> u32 {

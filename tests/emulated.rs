@@ -421,6 +421,50 @@ fn randomized_layouts_and_normalisers_half() {
     layouts_and_normalisers::<bf16, i64>(800..804, 100_000);
 }
 
+/// The class counts of the common SSD heads (VOC's 21, COCO's 81,
+/// torchvision's SSDLite's 91) in the types they train in, each on the
+/// path its plan gives it: kernel 1 a thread per row up to C = 91 in
+/// f16/bf16 and C = 45 in f32, kernel 3 a staged tile up to C = 83 and 41.
+/// Against the reference, and channel-major bit for bit.
+#[test]
+fn common_ssd_heads_match_the_reference_in_both_layouts() {
+    fn check<T: Float, L: Label>(classes: usize, seed: u64) {
+        let shape = Shape::new(3, 700, classes);
+        let mut rng = SplitMix64(seed);
+        let confidence = (0..shape.confidence_len())
+            .map(|_| T::from_f64(rng.normal() * 4.0))
+            .collect();
+        let labels = (0..shape.rows())
+            .map(|_| {
+                let u = rng.uniform();
+                let label = if u < 0.05 {
+                    1 + (rng.next_u64() % (classes as u64 - 1)) as i64
+                } else if u < 0.1 {
+                    -1
+                } else {
+                    0
+                };
+                L::from_i64(label)
+            })
+            .collect();
+        let case = Drawn::with(shape, confidence, labels, &mut rng);
+        let got = emulated::run(&case.config, shape, &case.host(), Call::default()).unwrap();
+        let what = format!("C={classes} {:?}", T::DTYPE);
+        let divisors = case.divisors(Normalizer::Positives);
+        compare(&what, &case, &case.reference(), &got, &divisors);
+        let call = Call {
+            layout: Layout::ChannelMajor,
+            ..Call::default()
+        };
+        assert_channel_major_is_row_major(&what, &case, call, &got);
+    }
+    check::<f32, i64>(21, 1);
+    check::<f32, i32>(81, 2);
+    check::<bf16, i64>(81, 3);
+    check::<f16, i32>(91, 4);
+    check::<bf16, i64>(91, 5);
+}
+
 /// Large images exercise every radix pass and the tie scan over many chunks.
 #[test]
 fn long_images_with_heavy_ties() {
