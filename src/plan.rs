@@ -576,8 +576,9 @@ pub fn tile_rows(classes: usize, lanes_per_row: u32, layout: Layout, dtype: DTyp
 }
 
 /// Dynamic shared memory kernel 3 builds a row-major tile's logit gradients
-/// in, at most: what 48 KiB leaves beside kernel 3's static shared memory
-/// (about 5 KiB, the lists of the channel-major path, which shares it).
+/// in, at most: within what the 48 KiB a block may take without opting in
+/// leaves beside kernel 3's static shared memory (4,912 bytes: the lists of
+/// whichever of its paths runs, in one union).
 pub const GRADIENT_TILE_BYTES: usize = 42 * 1024;
 
 /// Kernel 3's rows per staged tile: row-major, [`ROW_THREADS`] when their
