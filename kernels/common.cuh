@@ -312,7 +312,7 @@ __device__ __forceinline__ void zero_span(T* p, u64 n, u32 lane, u32 lanes) {
     for (u64 i = head + vectors * PER_VECTOR + lane; i < n; i += lanes) p[i] = zero;
 }
 
-// Copies n elements from `src` to `dst` by the LANES lanes of a warp (or
+// Copies n elements from `src` to `dst` by `lanes` lanes of a warp (or
 // group, or block). When the two share their address modulo 16, the 16-byte
 // words wholly inside the run are copied as 16-byte loads and stores, and
 // the partial words at its ends element by element, never whole: their
