@@ -20,13 +20,13 @@
 //
 // The arithmetic (RowSums) is the same for every path: two passes over the
 // row (the maximum, then the sum of exponentials), base-2 exponentials on
-// the special-function unit with log2(e) folded into one fma, and each
-// lane's sum in class order. With one lane per row (lanes_per_row == 1) a
-// row-major row is read with 16-byte shared loads, 4 or 8 classes at a
-// time, and a channel-major one element by element; both add the same
-// terms in the same order, so the keys, and with them the mined set, are
-// bit for bit the same whatever the layout, the tiling or the alignment of
-// the logits.
+// the special-function unit with log2(e) folded into one fma, each lane of
+// a row's group over its own contiguous run of classes in class order, and
+// the group's partial sums added by a fixed xor tree. A staged row-major
+// row is read with 16-byte shared loads, 4 or 8 classes at a time, and a
+// channel-major one element by element; both add the same terms in the same
+// order, so the keys, and with them the mined set, are bit for bit the same
+// whatever the layout, the tiling or the alignment of the logits.
 #include "multibox.cuh"
 
 __device__ __forceinline__ float smooth_l1(float d, float beta) {
@@ -82,24 +82,44 @@ template <> constexpr u16 HALF_NEG_INF<bf16> = 0xff80u;
 // elements a word, the first in the low half.
 template <typename T> struct Chunk {
     static constexpr u32 PER = 8;
+    static constexpr u32 PADDING = u32(HALF_NEG_INF<T>) * 0x10001u;  // a word of two -inf
     u32 w[4];
     __device__ __forceinline__ float at(u32 j) const {
         T h;
         h.bits = u16(j & 1 ? w[j / 2] >> 16 : w[j / 2]);
         return to_f32(h);
     }
+    __device__ __forceinline__ void set(u32 j, T x) {
+        const u32 s = (j & 1) * 16;
+        w[j / 2] = (w[j / 2] & ~(0xffffu << s)) | (u32(x.bits) << s);
+    }
     __device__ __forceinline__ void pad(u32 j) {
         const u32 s = (j & 1) * 16;
-        w[j / 2] = (w[j / 2] & ~(0xffffu << s)) | (u32(HALF_NEG_INF<T>) << s);
+        w[j / 2] = (w[j / 2] & ~(0xffffu << s)) | (PADDING & (0xffffu << s));
     }
 };
 
 template <> struct Chunk<float> {
     static constexpr u32 PER = 4;
+    static constexpr u32 PADDING = NEG_INF_BITS;
     u32 w[4];
     __device__ __forceinline__ float at(u32 j) const { return f32_from_bits(w[j]); }
-    __device__ __forceinline__ void pad(u32 j) { w[j] = NEG_INF_BITS; }
+    __device__ __forceinline__ void set(u32 j, float x) { w[j] = f32_bits(x); }
+    __device__ __forceinline__ void pad(u32 j) { w[j] = PADDING; }
 };
+
+// The chunk whose positions [lo, hi) are p[lo, hi), read element by
+// element, and the rest -inf: the ends of a run in global memory, whose
+// other bytes may lie outside the buffer.
+template <typename T> __device__ __forceinline__ Chunk<T> gather(const T* p, u32 lo, u32 hi) {
+    Chunk<T> c;
+#pragma unroll
+    for (u32 i = 0; i < 4; ++i) c.w[i] = Chunk<T>::PADDING;
+#pragma unroll
+    for (u32 j = 0; j < Chunk<T>::PER; ++j)
+        if (j >= lo && j < hi) c.set(j, p[j]);
+    return c;
+}
 
 template <typename T> __device__ __forceinline__ Chunk<T> chunk_of(uint4 v) {
     Chunk<T> c;
@@ -175,56 +195,99 @@ template <typename T> __device__ __forceinline__ float add_terms(const Chunk<T>&
     return s;
 }
 
-// RowSums of a row in shared memory, one thread per row, with 16-byte
-// loads: the aligned chunks that cover the row, the first and the last
-// padded outside it. Class 0 is padded out of the second pass's first
-// chunk, so `others` is the sum over classes 1..C-1 in class order.
-template <typename T> __device__ __forceinline__ RowSums chunked_row_sums(const T* row, u32 classes) {
+// The classes lane `sub` of a group of `lanes` takes in a row: one
+// contiguous run, [lo, hi), ceil(C / lanes) classes long (the last lanes'
+// shorter or empty). Contiguous, so that a row-major lane reads its run
+// with 16-byte loads from shared memory; by class index, not by address, so
+// that every layout and alignment gives a lane the same classes.
+struct ClassRun {
+    u32 lo, hi;
+};
+
+__device__ __forceinline__ ClassRun lane_classes(u32 classes, u32 sub, u32 lanes) {
+    const u32 per = (classes + lanes - 1) / lanes;
+    ClassRun run;
+    run.lo = sub * per < classes ? sub * per : classes;
+    run.hi = classes - run.lo < per ? classes : run.lo + per;
+    return run;
+}
+
+// Calls f on each 16-byte chunk that covers row[lo, hi), in order: the
+// aligned chunks, the first and the last padded outside the run, and the
+// first also over the run's first `skip` (0 or 1) elements. Two chunks an
+// iteration in the middle, both loaded before either is used; f's own order
+// over them is kept. The middle chunks are 16-byte loads. So are the ends
+// in a staged tile (STAGED), whose bytes around the run are all readable;
+// in global memory the ends are read element by element, only within the
+// run.
+template <bool STAGED, typename T, typename F>
+__device__ __forceinline__ void for_each_chunk(const T* row, u32 lo, u32 hi, u32 skip, F f) {
+    if (lo >= hi) return;
     constexpr u32 PER = Chunk<T>::PER;
-    const u32 head = u32(u64(row) & 15u) / u32(sizeof(T));  // row[0]'s position in chunks[0]
+    const T* run = row + lo;
+    const u32 head = u32(u64(run) & 15u) / u32(sizeof(T));  // run[0]'s position in chunks[0]
     // By pointer arithmetic, not through an integer, so that the compiler
-    // still knows the row for shared memory.
-    const uint4* chunks = reinterpret_cast<const uint4*>(row - head);
-    const u32 end = head + classes;
+    // still knows the run for shared memory.
+    const uint4* chunks = reinterpret_cast<const uint4*>(run - head);
+    const u32 end = head + (hi - lo);
     const u32 last = (end - 1) / PER;
-    const u32 first_end = last == 0 ? end : PER;  // row positions of chunks[0]: [head, first_end)
-    const u32 tail = end - last * PER;                        // of chunks[last]: [0, tail)
+    const auto end_chunk = [&](u32 k, u32 from, u32 to) {
+        return STAGED ? keep(chunk_of<T>(chunks[k]), from, to) : gather(reinterpret_cast<const T*>(chunks + k), from, to);
+    };
+    f(end_chunk(0, head + skip, last == 0 ? end : PER));
+    // The middle chunks, [1, last), two at a time while two are left.
+    const u32 pairs_end = last > 0 ? last - 1 : 0;
+    u32 k = 1;
+#pragma unroll 1
+    for (; k < pairs_end; k += 2) {
+        const uint4 a = chunks[k], b = chunks[k + 1];
+        f(chunk_of<T>(a));
+        f(chunk_of<T>(b));
+    }
+    if (k < last) f(chunk_of<T>(chunks[k]));
+    if (last > 0) f(end_chunk(last, 0, end - last * PER));
+}
 
+// RowSums of a row-major row by a group of `lanes`, each lane reading its
+// run of classes with 16-byte loads: from the staged tile (STAGED), or from
+// global memory for rows too long for one. Class 0 is left out
+// of the second pass, so that each lane's part of `others` is its run's
+// terms over classes 1..C-1 in class order. Every lane of the group calls
+// it (the shuffles need them); inactive rows read nothing.
+template <bool STAGED, typename T>
+__device__ __forceinline__ RowSums chunked_row_sums(const T* row, u32 classes, u32 sub, u32 lanes, bool active) {
+    const ClassRun run = lane_classes(classes, sub, lanes);
     MaxOf<T> max;
-    max.add(keep(chunk_of<T>(chunks[0]), head, first_end));
-#pragma unroll 1
-    for (u32 k = 1; k < last; ++k) max.add(chunk_of<T>(chunks[k]));
-    if (last > 0) max.add(keep(chunk_of<T>(chunks[last]), 0, tail));
-
+    if (active) for_each_chunk<STAGED>(row, run.lo, run.hi, 0, [&](const Chunk<T>& c) { max.add(c); });
     RowSums r;
-    r.shift = rintf(max.value() * LOG2E);
-    float s = add_terms(keep(chunk_of<T>(chunks[0]), head + 1, first_end), r.shift, 0.0f);
-#pragma unroll 1
-    for (u32 k = 1; k < last; ++k) s = add_terms(chunk_of<T>(chunks[k]), r.shift, s);
-    if (last > 0) s = add_terms(keep(chunk_of<T>(chunks[last]), 0, tail), r.shift, s);
-    r.others = s;
-    r.x0 = to_f32(row[0]);
-    r.e0 = scaled_exp(r.x0, r.shift);
+    r.shift = rintf(group_max(max.value(), lanes) * LOG2E);
+    float s = 0.0f;
+    // The same chunks as the first pass, class 0 padded out of lane 0's first.
+    if (active)
+        for_each_chunk<STAGED>(row, run.lo, run.hi, run.lo == 0 ? 1u : 0u,
+                       [&](const Chunk<T>& c) { s = add_terms(c, r.shift, s); });
+    r.others = group_sum(s, lanes);
+    r.x0 = active ? to_f32(row[0]) : 0.0f;
+    r.e0 = active ? scaled_exp(r.x0, r.shift) : 0.0f;
     return r;
 }
 
-// RowSums element by element, class c of the row at x[c * stride]: lane
-// `sub` of a group of `lanes` takes classes sub, sub + lanes, ... With one
-// lane it adds the very terms of chunked_row_sums in the same order. Every
-// lane of the group calls it (the shuffles need them); inactive rows read
-// nothing.
+// RowSums element by element, class c of the row at x[c * stride], each
+// lane over its run of classes: the very terms of chunked_row_sums, in the
+// same order. Every lane of the group calls it; inactive rows read nothing.
 template <typename T>
 __device__ __forceinline__ RowSums strided_row_sums(const T* x, u64 stride, u32 classes, u32 sub, u32 lanes,
                                                     bool active) {
+    const ClassRun run = lane_classes(classes, sub, lanes);
     float m = NEG_INF;
     if (active) {
-        for (u32 c = sub; c < classes; c += lanes) m = fmaxf(m, to_f32(x[c * stride]));
+        for (u32 c = run.lo; c < run.hi; ++c) m = fmaxf(m, to_f32(x[c * stride]));
     }
     RowSums r;
     r.shift = rintf(group_max(m, lanes) * LOG2E);
     float s = 0.0f;
     if (active) {
-        for (u32 c = sub == 0 ? lanes : sub; c < classes; c += lanes) s += scaled_exp(to_f32(x[c * stride]), r.shift);
+        for (u32 c = run.lo > 1 ? run.lo : 1; c < run.hi; ++c) s += scaled_exp(to_f32(x[c * stride]), r.shift);
     }
     r.others = group_sum(s, lanes);
     r.x0 = active ? to_f32(x[0]) : 0.0f;
@@ -264,32 +327,44 @@ template <typename T> struct FiniteCheck {
 // Copies n elements from global `src` to shared `dst`, which share their
 // address modulo 16 (so 16-byte-aligned global vectors land on aligned
 // shared ones): element copies up to src's first 16-byte boundary, 16-byte
-// copies with IN_FLIGHT loads issued before their stores, element copies for
-// the tail. Every thread runs the vector loop the same number of times.
-// Each element also passes through `check`.
+// copies, element copies for the tail. The vector loop issues IN_FLIGHT
+// loads before their stores and tests no bounds between them: the last
+// partial round is a loop of its own. A tile is under 48 KiB, so its
+// indices are 32-bit. Each element also passes through `check`.
 template <typename T>
-__device__ __forceinline__ void stage_tile(T* dst, const T* src, u64 n, FiniteCheck<T>& check) {
+__device__ __forceinline__ void stage_tile(T* dst, const T* src, u32 n, FiniteCheck<T>& check) {
     constexpr u32 PER_VECTOR = 16 / sizeof(T);
     constexpr u32 IN_FLIGHT = 4;
-    u64 head = ((16u - u32(u64(src) & 15u)) & 15u) / sizeof(T);
+    constexpr u32 ROUND = IN_FLIGHT * ROW_THREADS;
+    u32 head = ((16u - u32(u64(src) & 15u)) & 15u) / u32(sizeof(T));
     if (head > n) head = n;
-    for (u64 i = threadIdx.x; i < head; i += ROW_THREADS) check.add(dst[i] = src[i]);
-    const u64 vectors = (n - head) / PER_VECTOR;
-    const uint4* from = reinterpret_cast<const uint4*>(src + head);
-    uint4* to = reinterpret_cast<uint4*>(dst + head);
-    for (u64 base = threadIdx.x; base < vectors; base += IN_FLIGHT * ROW_THREADS) {
+    for (u32 i = threadIdx.x; i < head; i += ROW_THREADS) check.add(dst[i] = src[i]);
+    const u32 vectors = (n - head) / PER_VECTOR;
+    // This thread's vectors are threadIdx.x, + ROW_THREADS, ...: whole
+    // rounds of IN_FLIGHT, then the rest one by one. Counted down, with
+    // pointers stepped by a round, so that the loads and stores take their
+    // offsets as immediates.
+    const u32 mine = threadIdx.x < vectors ? (vectors - threadIdx.x + ROW_THREADS - 1) / ROW_THREADS : 0u;
+    const uint4* from = reinterpret_cast<const uint4*>(src + head) + threadIdx.x;
+    uint4* to = reinterpret_cast<uint4*>(dst + head) + threadIdx.x;
+#pragma unroll 1
+    for (u32 rounds = mine / IN_FLIGHT; rounds != 0; --rounds, from += ROUND, to += ROUND) {
         uint4 v[IN_FLIGHT];
 #pragma unroll
-        for (u32 k = 0; k < IN_FLIGHT; ++k)
-            if (base + k * ROW_THREADS < vectors) v[k] = from[base + k * ROW_THREADS];
+        for (u32 k = 0; k < IN_FLIGHT; ++k) v[k] = from[k * ROW_THREADS];
 #pragma unroll
-        for (u32 k = 0; k < IN_FLIGHT; ++k)
-            if (base + k * ROW_THREADS < vectors) {
-                to[base + k * ROW_THREADS] = v[k];
-                check.add(v[k]);
-            }
+        for (u32 k = 0; k < IN_FLIGHT; ++k) {
+            to[k * ROW_THREADS] = v[k];
+            check.add(v[k]);
+        }
     }
-    for (u64 i = head + vectors * PER_VECTOR + threadIdx.x; i < n; i += ROW_THREADS) check.add(dst[i] = src[i]);
+#pragma unroll 1
+    for (u32 rest = mine % IN_FLIGHT; rest != 0; --rest, from += ROW_THREADS, to += ROW_THREADS) {
+        const uint4 v = *from;
+        *to = v;
+        check.add(v);
+    }
+    for (u32 j = head + vectors * PER_VECTOR + threadIdx.x; j < n; j += ROW_THREADS) check.add(dst[j] = src[j]);
 }
 
 // Channel-major counterpart of stage_tile: `count` priors of each of the
@@ -373,11 +448,10 @@ template <typename T, typename L> __device__ void mining_keys_and_positive_terms
                                     : (rows + tile_rows - 1) / tile_rows;
     // Channel-major class planes in shared memory are an odd number of
     // 4-byte words apart (tile_rows, a multiple of 8, plus 4 bytes), so that
-    // the lanes of a group, reading consecutive classes of one prior, fall
-    // into different banks.
+    // the lanes of a group, each reading a class of the same prior, spread
+    // over the banks (2 ways at worst in the emulator's model at C = 21 and
+    // 81).
     const u32 staged_stride = tile_rows + 4 / u32(sizeof(T));
-    // Row-major rows of one lane read with 16-byte loads from shared memory.
-    const bool chunked = staging && !channel_major && lanes == 1;
 
     // Kernel 2 counts its finished blocks here; it runs after this kernel.
     if (blockIdx.x == 0 && threadIdx.x == 0) p.totals->images_done = 0;
@@ -399,6 +473,7 @@ template <typename T, typename L> __device__ void mining_keys_and_positive_terms
             class_stride = p.priors;
         }
         const bool in_range = r < tile.count;
+        const T* global_row = x0 + u64(r) * row_stride;
         // Staged, the tile in shared memory: row-major at the logits' offset
         // within a 16-byte line, so that 16-byte global vectors land on
         // aligned shared ones; channel-major as class planes `staged_stride`
@@ -409,7 +484,7 @@ template <typename T, typename L> __device__ void mining_keys_and_positive_terms
             FiniteCheck<T> check;
             T* copy = reinterpret_cast<T*>(staged + copy_offset);
             if (!channel_major)
-                stage_tile(copy, x0, u64(tile.count) * p.classes, check);
+                stage_tile(copy, x0, tile.count * p.classes, check);
             else
                 stage_planes(copy, staged_stride, x0, p.priors, p.classes, tile.count, check);
             if (check.any()) status |= STATUS_NONFINITE_INPUT;
@@ -419,7 +494,7 @@ template <typename T, typename L> __device__ void mining_keys_and_positive_terms
             }
             __syncthreads();  // the tile and its labels are in shared memory
             if (channel_major) class_stride = staged_stride;
-        } else if (in_range && row_nonfinite(x0 + u64(r) * row_stride, class_stride, p.classes, sub, lanes)) {
+        } else if (in_range && row_nonfinite(global_row, class_stride, p.classes, sub, lanes)) {
             status |= STATUS_NONFINITE_INPUT;
         }
         const u64 row = tile.first + r;
@@ -432,15 +507,19 @@ template <typename T, typename L> __device__ void mining_keys_and_positive_terms
         const bool active = label >= 0;
         const T* staged_row = reinterpret_cast<const T*>(staged + copy_offset) + u64(r) * row_stride;
         RowSums sums = {};
-        if (chunked) {
-            if (active) sums = chunked_row_sums(staged_row, p.classes);
-        } else if (staging) {
-            // Every lane of the block calls it, so the group shuffles find all 32 lanes.
+        // Every lane of the block calls these, so the group shuffles find all
+        // 32 lanes. A call each, so that the compiler knows which rows are in
+        // shared memory (LDS, 32-bit addresses).
+        if (channel_major && staging) {
             sums = strided_row_sums(staged_row, class_stride, p.classes, sub, lanes, active);
+        } else if (channel_major) {
+            sums = strided_row_sums(global_row, class_stride, p.classes, sub, lanes, active);
+        } else if (staging) {
+            sums = chunked_row_sums<true>(staged_row, p.classes, sub, lanes, active);
         } else {
-            sums = strided_row_sums(x0 + u64(r) * row_stride, class_stride, p.classes, sub, lanes, active);
+            sums = chunked_row_sums<false>(global_row, p.classes, sub, lanes, active);
         }
-        const T* x = staging ? staged_row : x0 + u64(r) * row_stride;
+        const T* x = staging ? staged_row : global_row;
         // The group's first lane writes the row's results.
         if (sub == 0 && in_range) {
             if (!active) {

@@ -540,10 +540,11 @@ pub const ROW_TILE_BYTES: usize = 48 * 1024 - 9 * 256;
 
 /// Kernel 1's lanes per row: the fewest (a power of two up to 32) that
 /// leave a row-major tile of one step, `ROW_THREADS / lanes` rows, within
-/// [`ROW_TILE_BYTES`]. One lane (a thread per row, reading its row with
-/// 16-byte loads from shared memory) up to C = 45 in f32 and C = 91 in
-/// f16/bf16; 32 when not even 8 rows fit (their rows are then read from
-/// global memory).
+/// [`ROW_TILE_BYTES`]. Each lane takes a contiguous run of `C / lanes`
+/// classes (rounded up) and reads it from the staged tile with 16-byte
+/// loads. One lane (a thread per row) up to C = 45 in f32 and C = 91 in
+/// f16/bf16, two for f32 at C = 81; 32 when not even 8 rows fit (their rows
+/// are then read from global memory).
 pub fn lanes_per_row(classes: usize, dtype: DType) -> u32 {
     let mut lanes = 1;
     while lanes < 32

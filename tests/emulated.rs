@@ -447,6 +447,25 @@ fn common_ssd_heads_match_the_reference_in_both_layouts() {
     layouts_and_normalisers::<bf16, i64>(904..905, 200_000, Some(91));
 }
 
+/// Kernel 1's lane groups each take a contiguous run of a row's classes,
+/// read with 16-byte loads row-major: four lanes (C = 200 in bf16), 32
+/// whose last lane's run is empty (C = 961 in f32, 31 classes a lane), and
+/// half-type rows too long for a tile, whose runs' ends are read from
+/// global memory element by element (C = 3000 in bf16).
+#[test]
+fn lane_groups_split_rows_into_runs_of_classes() {
+    use multibox::plan::{lanes_per_row, tile_rows};
+    use multibox::DType;
+    assert_eq!(lanes_per_row(200, DType::BF16), 4);
+    assert_eq!(lanes_per_row(961, DType::F32), 32);
+    assert_eq!(tile_rows(961, 32, Layout::RowMajor, DType::F32), 8);
+    assert_eq!(lanes_per_row(3000, DType::BF16), 32);
+    assert_eq!(tile_rows(3000, 32, Layout::RowMajor, DType::BF16), 0);
+    layouts_and_normalisers::<bf16, i64>(905..906, 200_000, Some(200));
+    layouts_and_normalisers::<f32, i32>(906..907, 200_000, Some(961));
+    layouts_and_normalisers::<bf16, i32>(907..908, 200_000, Some(3000));
+}
+
 /// Large images exercise every radix pass and the tie scan over many chunks.
 #[test]
 fn long_images_with_heavy_ties() {
