@@ -214,13 +214,21 @@ __device__ __forceinline__ ClassRun lane_classes(u32 classes, u32 sub, u32 lanes
 
 // Calls f on each 16-byte chunk that covers row[lo, hi), in order: the
 // aligned chunks, the first and the last padded outside the run, and the
-// first also over the run's first `skip` (0 or 1) elements. Two chunks an
-// iteration in the middle, both loaded before either is used; f's own order
-// over them is kept. The middle chunks are 16-byte loads. So are the ends
-// in a staged tile (STAGED), whose bytes around the run are all readable;
-// in global memory the ends are read element by element, only within the
-// run.
-template <bool STAGED, typename T, typename F>
+// first also over the run's first `skip` (0 or 1) elements. The middle
+// chunks are 16-byte loads. So are the ends in a staged tile (STAGED),
+// whose bytes around the run are all readable; in global memory the ends
+// are read element by element, only within the run.
+//
+// PAIRS takes the middle two chunks an iteration, which halves the loop's
+// own instructions (4 a chunk) but leaves an odd chunk to a second loop.
+// The rows of a warp start at different offsets within 16 bytes, so their
+// counts of middle chunks can differ by one, and a warp runs both loops
+// whenever its lanes' counts differ in parity: at C = 21 in f16, one or two
+// middle chunks, a pair plus a single instead of two singles. Worth it
+// where f is cheap next to the loop's 4 instructions: the maximum (8 or 9
+// a chunk) and f32's sum (17), not the half types' sum (37, which the
+// conversions double).
+template <bool STAGED, bool PAIRS, typename T, typename F>
 __device__ __forceinline__ void for_each_chunk(const T* row, u32 lo, u32 hi, u32 skip, F f) {
     if (lo >= hi) return;
     constexpr u32 PER = Chunk<T>::PER;
@@ -235,16 +243,19 @@ __device__ __forceinline__ void for_each_chunk(const T* row, u32 lo, u32 hi, u32
         return STAGED ? keep(chunk_of<T>(chunks[k]), from, to) : gather(reinterpret_cast<const T*>(chunks + k), from, to);
     };
     f(end_chunk(0, head + skip, last == 0 ? end : PER));
-    // The middle chunks, [1, last), two at a time while two are left.
-    const u32 pairs_end = last > 0 ? last - 1 : 0;
+    // The middle chunks, [1, last).
     u32 k = 1;
+    if (PAIRS) {
+        const u32 pairs_end = last > 0 ? last - 1 : 0;
 #pragma unroll 1
-    for (; k < pairs_end; k += 2) {
-        const uint4 a = chunks[k], b = chunks[k + 1];
-        f(chunk_of<T>(a));
-        f(chunk_of<T>(b));
+        for (; k < pairs_end; k += 2) {
+            const uint4 a = chunks[k], b = chunks[k + 1];
+            f(chunk_of<T>(a));
+            f(chunk_of<T>(b));
+        }
     }
-    if (k < last) f(chunk_of<T>(chunks[k]));
+#pragma unroll 1
+    for (; k < last; ++k) f(chunk_of<T>(chunks[k]));
     if (last > 0) f(end_chunk(last, 0, end - last * PER));
 }
 
@@ -258,13 +269,13 @@ template <bool STAGED, typename T>
 __device__ __forceinline__ RowSums chunked_row_sums(const T* row, u32 classes, u32 sub, u32 lanes, bool active) {
     const ClassRun run = lane_classes(classes, sub, lanes);
     MaxOf<T> max;
-    if (active) for_each_chunk<STAGED>(row, run.lo, run.hi, 0, [&](const Chunk<T>& c) { max.add(c); });
+    if (active) for_each_chunk<STAGED, true>(row, run.lo, run.hi, 0, [&](const Chunk<T>& c) { max.add(c); });
     RowSums r;
     r.shift = rintf(group_max(max.value(), lanes) * LOG2E);
     float s = 0.0f;
     // The same chunks as the first pass, class 0 padded out of lane 0's first.
     if (active)
-        for_each_chunk<STAGED>(row, run.lo, run.hi, run.lo == 0 ? 1u : 0u,
+        for_each_chunk<STAGED, sizeof(T) == 4>(row, run.lo, run.hi, run.lo == 0 ? 1u : 0u,
                        [&](const Chunk<T>& c) { s = add_terms(c, r.shift, s); });
     r.others = group_sum(s, lanes);
     r.x0 = active ? to_f32(row[0]) : 0.0f;
