@@ -261,10 +261,10 @@ __device__ __forceinline__ void for_each_chunk(const T* row, u32 lo, u32 hi, u32
 
 // RowSums of a row-major row by a group of `lanes`, each lane reading its
 // run of classes with 16-byte loads: from the staged tile (STAGED), or from
-// global memory for rows too long for one. Class 0 is left out
-// of the second pass, so that each lane's part of `others` is its run's
-// terms over classes 1..C-1 in class order. Every lane of the group calls
-// it (the shuffles need them); inactive rows read nothing.
+// global memory for rows too long for one. Class 0 is left out of the
+// second pass, so that each lane's part of `others` is its run's terms over
+// classes 1..C-1 in class order. Every lane of the group calls it (the
+// shuffles need them); inactive rows read nothing.
 template <bool STAGED, typename T>
 __device__ __forceinline__ RowSums chunked_row_sums(const T* row, u32 classes, u32 sub, u32 lanes, bool active) {
     const ClassRun run = lane_classes(classes, sub, lanes);
