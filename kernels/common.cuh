@@ -296,6 +296,13 @@ template <typename T> __device__ __forceinline__ void store_box(T* p, u64 stride
     }
 }
 
+// The elements of T from `p` up to its first 16-byte boundary, at most n:
+// the head that the vector loops below handle element by element.
+template <typename T> __device__ __forceinline__ u32 head_to_16_bytes(const T* p, u64 n) {
+    const u32 head = ((16u - u32(u64(p) & 15u)) & 15u) / u32(sizeof(T));
+    return n < head ? u32(n) : head;
+}
+
 // Zeros over `n` elements from `p` by the LANES lanes of a warp (or group):
 // element stores up to the first 16-byte boundary, 16-byte stores, then
 // element stores for the tail.
@@ -303,8 +310,7 @@ template <typename T>
 __device__ __forceinline__ void zero_span(T* p, u64 n, u32 lane, u32 lanes) {
     constexpr u32 PER_VECTOR = 16 / sizeof(T);
     const T zero = from_f32<T>(0.0f);
-    u64 head = ((16u - u32(u64(p) & 15u)) & 15u) / sizeof(T);
-    if (head > n) head = n;
+    const u64 head = head_to_16_bytes(p, n);
     for (u64 i = lane; i < head; i += lanes) p[i] = zero;
     const u64 vectors = (n - head) / PER_VECTOR;
     uint4* v = reinterpret_cast<uint4*>(p + head);
@@ -317,24 +323,24 @@ __device__ __forceinline__ void zero_span(T* p, u64 n, u32 lane, u32 lanes) {
 // words wholly inside the run are copied as 16-byte loads and stores, and
 // the partial words at its ends element by element, never whole: their
 // other bytes belong to someone else (a neighbouring tile, another group's
-// row). Otherwise every element is copied on its own.
+// row). Otherwise every element is copied on its own. Its runs lie within
+// a tile of shared memory, so 32-bit indices.
 template <typename T>
-__device__ __forceinline__ void copy_run(T* dst, const T* src, u64 n, u32 lane, u32 lanes) {
+__device__ __forceinline__ void copy_run(T* dst, const T* src, u32 n, u32 lane, u32 lanes) {
     constexpr u32 PER_VECTOR = 16 / sizeof(T);
-    u64 head = n, vectors = 0;
+    u32 head = n, vectors = 0;
     if (((u64(dst) ^ u64(src)) & 15u) == 0) {
-        head = ((16u - u32(u64(dst) & 15u)) & 15u) / sizeof(T);
-        if (head > n) head = n;
+        head = head_to_16_bytes(dst, n);
         vectors = (n - head) / PER_VECTOR;
     }
 #pragma unroll 1
-    for (u64 i = lane; i < head; i += lanes) dst[i] = src[i];
+    for (u32 i = lane; i < head; i += lanes) dst[i] = src[i];
     const uint4* from = reinterpret_cast<const uint4*>(src + head);
     uint4* to = reinterpret_cast<uint4*>(dst + head);
 #pragma unroll 1
-    for (u64 i = lane; i < vectors; i += lanes) to[i] = from[i];
+    for (u32 i = lane; i < vectors; i += lanes) to[i] = from[i];
 #pragma unroll 1
-    for (u64 i = head + vectors * PER_VECTOR + lane; i < n; i += lanes) dst[i] = src[i];
+    for (u32 i = head + vectors * PER_VECTOR + lane; i < n; i += lanes) dst[i] = src[i];
 }
 
 // A load that bypasses L1: for values another block wrote during this

@@ -248,7 +248,7 @@ __device__ void write_gradients_row_major(const MultiboxParams& p, GradientShare
                 // three times), and overwritten there by its gradient, each
                 // lane reading and writing only its own classes.
                 g = reinterpret_cast<T*>(staged + copy_offset) + u64(r) * classes;
-                if (active) copy_run(g, x, classes, sub, lanes);
+                if (active) copy_run(g, x, p.classes, sub, lanes);
                 __syncwarp();
                 x = g;
             }
@@ -262,7 +262,7 @@ __device__ void write_gradients_row_major(const MultiboxParams& p, GradientShare
         // 3. Staged, the whole tile from shared memory.
         if (STAGED) {
             __syncthreads();  // the set's rows are in the copy
-            copy_run(out, reinterpret_cast<const T*>(staged + copy_offset), u64(count) * classes, t, ROW_THREADS);
+            copy_run(out, reinterpret_cast<const T*>(staged + copy_offset), count * p.classes, t, ROW_THREADS);
         }
         // No barrier here. The next tile writes in_set (unstaged), read only
         // before "the lists are complete", and rewrites the lists and the

@@ -347,8 +347,7 @@ __device__ __forceinline__ void stage_tile(T* dst, const T* src, u32 n, FiniteCh
     constexpr u32 PER_VECTOR = 16 / sizeof(T);
     constexpr u32 IN_FLIGHT = 4;
     constexpr u32 ROUND = IN_FLIGHT * ROW_THREADS;
-    u32 head = ((16u - u32(u64(src) & 15u)) & 15u) / u32(sizeof(T));
-    if (head > n) head = n;
+    const u32 head = head_to_16_bytes(src, n);
     for (u32 i = threadIdx.x; i < head; i += ROW_THREADS) check.add(dst[i] = src[i]);
     const u32 vectors = (n - head) / PER_VECTOR;
     // This thread's vectors are threadIdx.x, + ROW_THREADS, ...: whole
