@@ -110,14 +110,20 @@ template <typename T> __device__ __forceinline__ T from_f32(float x);
 
 template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
 
-// Round to nearest even, NaN to the canonical 0x7fff (what cvt.rn.bf16.f32
-// gives). Done in integer arithmetic on both builds, so it is bit-identical
-// by construction and needs no sm_80 instruction on sm_75.
+// Round to nearest even, NaN to the canonical 0x7fff. sm_80 and later have
+// the instruction (cvt.rn.bf16.f32, one F2FP where the integer version
+// takes seven, once per gradient element); the emulator and sm_75 do the
+// same rounding in integer arithmetic, which is the instruction's
+// definition for every input, subnormals, infinities and NaN included.
 template <> __device__ __forceinline__ bf16 from_f32<bf16>(float x) {
-    const u32 u = f32_bits(x);
     bf16 r;
+#if !defined(MULTIBOX_EMULATOR) && __CUDA_ARCH__ >= 800
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r.bits) : "f"(x));
+#else
+    const u32 u = f32_bits(x);
     if ((u & 0x7fffffffu) > 0x7f800000u) { r.bits = 0x7fffu; return r; }
     r.bits = u16((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+#endif
     return r;
 }
 
