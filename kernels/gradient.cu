@@ -15,7 +15,9 @@
 //      gradients (one 8- or 16-byte store). A block scan lists the set's
 //      rows in row order.
 //   2. Lane groups (`set_lanes` wide) take the set's rows and compute their
-//      softmax gradients; only these rows' logits are read.
+//      softmax gradients; only these rows' logits are read. Staged, each
+//      lane takes up to 16 classes, so a row needs few lanes and few
+//      shuffle steps.
 //   3. The tile's logit gradients are one contiguous run of global memory.
 //      Staged (`gradient_tile_rows`, when the tile fits shared memory), the
 //      run is built in shared memory, zeros first and the set's rows over
@@ -29,12 +31,13 @@
 
 // A set row's maximum, sum of exp(x - max), and that sum without class
 // `skip`, reduced over its group's lanes; every lane of the group gets
-// them. Two passes over the row: the second hits L1. Kernel 3 reads only
-// the set's rows, so it keeps expf and the per-class test for `skip`: the
-// softmax it writes is as exact as f32 allows. Class c of the row is
-// x[c * stride]: 1 for a row-major row, the priors between two classes for
-// a channel-major one; both layouts use the same lanes in the same order,
-// so they give the same bits.
+// them. Two passes over the row: the second hits L1 or shared memory.
+// Kernel 3 reads only the set's rows, so it keeps expf and the per-class
+// test for `skip`: the softmax it writes is as exact as f32 allows. Class c
+// of the row is x[c * stride]: 1 for a row-major row, the priors between
+// two classes for a channel-major one; both layouts use the same lanes
+// (set_lanes depends on the shape and type, not the layout) in the same
+// order, so they give the same bits.
 struct RowStats {
     float max;
     float sum_exp;
@@ -43,7 +46,7 @@ struct RowStats {
 
 template <typename T>
 __device__ __forceinline__ RowStats row_stats(const T* x, u64 stride, u32 classes, u32 sub, u32 lanes, bool active,
-                                              i64 skip) {
+                                              u32 skip) {
     float m = NEG_INF;
     if (active)
         for (u32 c = sub; c < classes; c += lanes) m = fmaxf(m, to_f32(x[c * stride]));
@@ -53,7 +56,7 @@ __device__ __forceinline__ RowStats row_stats(const T* x, u64 stride, u32 classe
         for (u32 c = sub; c < classes; c += lanes) {
             const float e = expf(to_f32(x[c * stride]) - m);
             s += e;
-            if (i64(c) != skip) others += e;
+            if (c != skip) others += e;
         }
     }
     RowStats r;
@@ -144,11 +147,14 @@ __device__ __forceinline__ void box_gradient(const MultiboxParams& p, const RowD
 // softmax(x)[c] - onehot(label)[c]. softmax[label] - 1 would cancel to 0 in
 // f32 for a confident row (1 - 1e-9 rounds to 1), though the true value is
 // representable in every T. Written as -(sum of the other classes' exp) /
-// sum, it keeps full relative precision.
+// sum, it keeps full relative precision. The label's exp is computed and
+// dropped: a select, where a branch around it costs four instructions a
+// class for every lane.
 template <typename T>
 __device__ __forceinline__ float softmax_minus_onehot(const RowStats& stats, float inv_sum, const T* x, u64 stride, u32 c,
-                                                      i64 label) {
-    return i64(c) == label ? -stats.sum_exp_others * inv_sum : expf(to_f32(x[c * stride]) - stats.max) * inv_sum;
+                                                      u32 label) {
+    const float e = expf(to_f32(x[c * stride]) - stats.max);
+    return (c == label ? -stats.sum_exp_others : e) * inv_sum;
 }
 
 // Zeros over the 16-byte words that hold `bytes` bytes from `tile`, by the
@@ -238,18 +244,37 @@ __device__ void write_gradients_row_major(const MultiboxParams& p, GradientShare
             const u32 i = base + group;
             const bool active = i < set_count;
             const u32 r = active ? sh.set_rows[i] : 0u;
-            const i64 row_label = active ? i64(sh.set_labels[i]) : 0;
+            const u32 row_label = active ? sh.set_labels[i] : 0u;
             const T* x = confidence + (first + r) * classes;
             T* g = out + u64(r) * classes;
             if (STAGED) {
-                // The row's logits into its slot of the copy, with 16-byte
-                // loads where the logits and the gradients share their
-                // alignment; read from there (once from global memory, not
-                // three times), and overwritten there by its gradient, each
-                // lane reading and writing only its own classes.
-                g = reinterpret_cast<T*>(staged + copy_offset) + u64(r) * classes;
-                if (active) copy_run(g, x, p.classes, sub, lanes);
+                // The rows of this warp's groups into their slots of the
+                // copy, with 16-byte loads where the logits and the
+                // gradients share their alignment; read from there (once
+                // from global memory, not three times), and overwritten
+                // there by their gradients, each lane reading and writing
+                // only its own classes. The copy takes wider groups than
+                // the arithmetic (set_copy_lanes, up to 4 classes a lane):
+                // a row's loads then go out in fewer requests, each over
+                // fewer rows. The lanes' loops in copy_run end after
+                // different trip counts: the __syncwarp at each round
+                // reconverges them, so that each round's loads issue as
+                // whole-warp requests, and the last one orders the copy
+                // before the groups read it.
+                const u32 copy_lanes = p.set_copy_lanes, rows_per_warp = WARP / lanes;
+                const u32 warp_first = base + warp * rows_per_warp;
+                for (u32 round = 0; round < rows_per_warp && warp_first + round < set_count;
+                     round += WARP / copy_lanes) {
+                    __syncwarp();
+                    const u32 k = warp_first + round + lane / copy_lanes;
+                    if (k < set_count) {
+                        const u32 row = sh.set_rows[k];
+                        copy_run(reinterpret_cast<T*>(staged + copy_offset) + u64(row) * classes,
+                                 confidence + (first + row) * classes, p.classes, lane % copy_lanes, copy_lanes);
+                    }
+                }
                 __syncwarp();
+                g = reinterpret_cast<T*>(staged + copy_offset) + u64(r) * classes;
                 x = g;
             }
             const RowStats stats = row_stats(x, 1, p.classes, sub, lanes, active, row_label);
@@ -336,7 +361,7 @@ __device__ void write_gradients_channel_major(const MultiboxParams& p, ColumnSha
             const bool active = i < set_count;
             const u32 r = active ? sh.set_rows[i] : 0u;
             const RowStats stats =
-                row_stats(x0 + r, priors, p.classes, sub, lanes, active, active ? i64(sh.set_labels[i]) : 0);
+                row_stats(x0 + r, priors, p.classes, sub, lanes, active, active ? sh.set_labels[i] : 0u);
             if (active && sub == 0) sh.stats[i] = stats;
         }
         __syncthreads();  // the statistics are complete
@@ -348,7 +373,7 @@ __device__ void write_gradients_channel_major(const MultiboxParams& p, ColumnSha
             RowStats stats = {};
             if (mine.in_set) stats = sh.stats[sh.slot[t]];
             const float inv_sum = 1.0f / stats.sum_exp;
-            const i64 label = i64(mine.label);
+            const u32 label = mine.label;
             for (u32 c = 0; c < p.classes; ++c) {
                 float d = 0.0f;
                 if (mine.in_set) d = mine.cls_scale * softmax_minus_onehot(stats, inv_sum, x0 + t, priors, c, label);

@@ -60,8 +60,9 @@ struct MultiboxParams {
     u32 normalizer_kind;     // NORMALIZER_*
     float normalizer_value;  // NORMALIZER_GIVEN's n when `normalizer` is null
     u32 gradient_tile_rows;  // kernel 3's rows per tile staged in shared memory (ROW_THREADS), or 0
+    u32 set_copy_lanes;      // power of two in 1..32: kernel 3's lanes that copy a staged set row
 };
-MB_ASSERT_SIZE(MultiboxParams, 200);
+MB_ASSERT_SIZE(MultiboxParams, 208);
 
 // A positive prior's two loss terms, from kernel 1 to kernel 2, which adds
 // them up per image (for NORMALIZER_PER_IMAGE, and so that every normaliser
@@ -155,9 +156,11 @@ __device__ __forceinline__ u64 floor_ratio_times(float ratio, u32 positives) {
 // Rows. Kernels 1 and 3 walk rows (one prior's C logits) with groups of
 // consecutive lanes of a warp, a power of two wide: kernel 1 with
 // `lanes_per_row` (1 when a tile of a row per thread fits shared memory),
-// kernel 3 with `set_lanes` (a few classes per lane, so that a set row's
-// loads and stores are coalesced). Group reductions use xor shuffles below
-// the group's width, which stay in the group.
+// kernel 3 with `set_lanes` (up to 16 classes a lane in shared memory,
+// where a lane's share costs it little and each lane adds shuffles; a few
+// from global memory, so that a set row's loads and stores are coalesced).
+// Group reductions use xor shuffles below the group's width, which stay in
+// the group.
 
 constexpr int ROW_THREADS = 256;
 

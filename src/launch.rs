@@ -281,6 +281,8 @@ fn params(config: &MultiboxConfig, call: &RawCall, plan: &LaunchPlan) -> Result<
         normalizer_kind,
         normalizer_value,
         gradient_tile_rows: plan.gradient_tile_rows,
+        set_copy_lanes: plan.set_copy_lanes,
+        _padding: 0,
     })
 }
 

@@ -189,6 +189,8 @@ pub struct LaunchPlan {
     pub lanes_per_row: u32,
     /// Kernel 3's lanes per row of the classification set ([`set_lanes`]).
     pub set_lanes: u32,
+    /// Kernel 3's lanes that copy a staged set row ([`set_copy_lanes`]).
+    pub set_copy_lanes: u32,
     /// Rows of kernel 1's tiles in shared memory ([`tile_rows`]): a step of
     /// the lane groups, `ROW_THREADS / lanes_per_row`; 0: rows too long for
     /// a tile, read from global memory. A channel-major tile is this many
@@ -310,7 +312,8 @@ impl LaunchPlan {
             dtype,
             layout,
             lanes_per_row,
-            set_lanes: set_lanes(shape.classes),
+            set_lanes: set_lanes(shape.classes, dtype),
+            set_copy_lanes: set_copy_lanes(shape.classes),
             tile_rows,
             gradient_tile_rows,
             rows: rows_launch,
@@ -556,11 +559,29 @@ pub fn lanes_per_row(classes: usize, dtype: DType) -> u32 {
     lanes
 }
 
-/// Kernel 3's lanes per row of the classification set: the smallest power
-/// of two that leaves each lane at most four classes, capped at a warp, so
-/// that a set row's logits are read and its gradient written by a group of
-/// lanes together. C = 21 gets 8 lanes (4 rows per warp), C = 81 and up 32.
-pub fn set_lanes(classes: usize) -> u32 {
+/// Kernel 3's lanes per row of the classification set. Where its rows are
+/// staged in shared memory (a row-major tile fits, [`gradient_tile_rows`]),
+/// the smallest power of two that leaves each lane at most 16 classes:
+/// every lane a row adds shuffle steps and per-row work, and a lane reads
+/// its share as cheaply as the group would. Otherwise, reading and writing
+/// global memory, the lanes of a group read together: [`set_copy_lanes`],
+/// up to 4 classes a lane. A function of the class count and the type, not
+/// of the layout, so that both layouts add a row's terms in the same order.
+/// C = 21 gets 2 lanes, C = 81 8 in f16/bf16 and 32 in f32.
+pub fn set_lanes(classes: usize, dtype: DType) -> u32 {
+    if gradient_tile_rows(classes, Layout::RowMajor, dtype) != 0 {
+        (classes.div_ceil(16).next_power_of_two() as u32).clamp(1, 32)
+    } else {
+        set_copy_lanes(classes)
+    }
+}
+
+/// Kernel 3's lanes that copy one staged set row into shared memory: the
+/// smallest power of two that leaves each at most four classes, capped at
+/// a warp (C = 21 gets 8, C = 81 gets 32). Wider than [`set_lanes`] for
+/// staged rows, so that a row's loads go out in few requests that cover
+/// few rows each.
+pub fn set_copy_lanes(classes: usize) -> u32 {
     (classes.div_ceil(4).next_power_of_two() as u32).clamp(1, 32)
 }
 
@@ -707,9 +728,13 @@ pub(crate) struct MultiboxParams {
     pub(crate) normalizer_kind: u32,
     pub(crate) normalizer_value: f32,
     pub(crate) gradient_tile_rows: u32,
+    pub(crate) set_copy_lanes: u32,
+    /// The struct's tail padding to its 8-byte alignment, named so that
+    /// every byte is initialised.
+    pub(crate) _padding: u32,
 }
 
-const _: () = assert!(std::mem::size_of::<MultiboxParams>() == 200);
+const _: () = assert!(std::mem::size_of::<MultiboxParams>() == 208);
 const _: () = assert!(std::mem::size_of::<PositiveTerms>() == 8);
 const _: () = assert!(std::mem::size_of::<ImageSelection>() == 32);
 const _: () = assert!(std::mem::size_of::<Totals>() == 32);

@@ -466,6 +466,35 @@ fn lane_groups_split_rows_into_runs_of_classes() {
     layouts_and_normalisers::<bf16, i32>(907..908, 200_000, Some(3000));
 }
 
+/// Kernel 3's staged set rows: lane groups of `set_lanes` (up to 16
+/// classes a lane) for the arithmetic, and wider groups of
+/// `set_copy_lanes` (up to 4 a lane) that copy each warp's rows into the
+/// tile in rounds: one lane a row and four copying (C = 16 in f16), two
+/// and eight (C = 17 in bf16), four and sixteen (C = 41 in f32, the
+/// largest staged f32 row), eight and 32 (C = 83 in bf16, the largest
+/// staged half row). Against the reference, and channel-major bit for bit.
+#[test]
+fn kernel_3_copies_set_rows_wide_and_works_them_narrow() {
+    use multibox::plan::{gradient_tile_rows, set_copy_lanes, set_lanes};
+    use multibox::DType;
+    for (classes, dtype, lanes, copy) in [
+        (16, DType::F16, 1, 4),
+        (17, DType::BF16, 2, 8),
+        (41, DType::F32, 4, 16),
+        (83, DType::BF16, 8, 32),
+    ] {
+        assert_eq!(
+            (set_lanes(classes, dtype), set_copy_lanes(classes)),
+            (lanes, copy)
+        );
+        assert_ne!(gradient_tile_rows(classes, Layout::RowMajor, dtype), 0);
+    }
+    layouts_and_normalisers::<f16, i64>(908..909, 100_000, Some(16));
+    layouts_and_normalisers::<bf16, i32>(909..910, 100_000, Some(17));
+    layouts_and_normalisers::<f32, i64>(910..911, 100_000, Some(41));
+    layouts_and_normalisers::<bf16, i64>(911..912, 150_000, Some(83));
+}
+
 /// Large images exercise every radix pass and the tie scan over many chunks.
 #[test]
 fn long_images_with_heavy_ties() {

@@ -45,31 +45,52 @@ fn kernel_1_takes_the_fewest_lanes_whose_tile_fits() {
     assert_eq!(lanes_per_row(5000, DType::F32), 32);
 }
 
+/// The fewest power-of-two lanes, up to a warp, that leave each lane at
+/// most `share` of `classes`.
+fn fewest_lanes(classes: usize, share: usize) -> u32 {
+    (0..=5)
+        .map(|k| 1u32 << k)
+        .find(|&lanes| classes.div_ceil(lanes as usize) <= share)
+        .unwrap_or(32)
+}
+
 #[test]
-fn kernel_3_lanes_leave_at_most_four_classes_per_lane() {
-    use multibox::plan::set_lanes;
-    for classes in 2..=1000 {
-        let lanes = set_lanes(classes);
-        assert!(
-            lanes.is_power_of_two() && lanes <= 32,
-            "C={classes}: {lanes}"
-        );
-        if lanes < 32 {
-            assert!(
-                classes.div_ceil(lanes as usize) <= 4,
-                "C={classes}: {lanes} lanes"
+fn kernel_3_lanes_are_the_fewest_that_leave_each_lane_its_share() {
+    use multibox::plan::{gradient_tile_rows, set_copy_lanes, set_lanes};
+    for dtype in DTYPES {
+        for classes in 2..=1000 {
+            // 16 classes a lane where the row-major tile is staged, whatever
+            // layout the call uses; 4 where rows are read from global memory.
+            let staged = gradient_tile_rows(classes, Layout::RowMajor, dtype) != 0;
+            let share = if staged { 16 } else { 4 };
+            assert_eq!(
+                set_lanes(classes, dtype),
+                fewest_lanes(classes, share),
+                "C={classes} {dtype:?}"
             );
-        }
-        if lanes > 1 {
-            assert!(
-                classes.div_ceil(lanes as usize / 2) > 4,
-                "C={classes}: {lanes} lanes is more than needed"
-            );
+            assert_eq!(set_copy_lanes(classes), fewest_lanes(classes, 4));
+            assert!(set_copy_lanes(classes) >= set_lanes(classes, dtype));
         }
     }
-    assert_eq!(set_lanes(21), 8);
-    assert_eq!(set_lanes(81), 32);
-    assert_eq!(set_lanes(3), 1);
+    assert_eq!(set_lanes(21, DType::F16), 2);
+    assert_eq!(set_lanes(21, DType::F32), 2);
+    assert_eq!(set_lanes(81, DType::BF16), 8);
+    assert_eq!(set_lanes(83, DType::BF16), 8);
+    assert_eq!(set_lanes(84, DType::BF16), 32);
+    assert_eq!(set_lanes(81, DType::F32), 32);
+    assert_eq!(set_lanes(3, DType::F32), 1);
+    assert_eq!((set_copy_lanes(21), set_copy_lanes(81)), (8, 32));
+    // The plan carries the same for either layout.
+    for layout in [Layout::RowMajor, Layout::ChannelMajor] {
+        let plan = LaunchPlan::with_limits(
+            Shape::new(2, 100, 81),
+            DType::BF16,
+            layout,
+            GridLimits::default(),
+        )
+        .unwrap();
+        assert_eq!((plan.set_lanes, plan.set_copy_lanes), (8, 32));
+    }
 }
 
 #[test]
