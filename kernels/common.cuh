@@ -349,6 +349,76 @@ __device__ __forceinline__ void copy_run(T* dst, const T* src, u32 n, u32 lane, 
     for (u32 i = head + vectors * PER_VECTOR + lane; i < n; i += lanes) dst[i] = src[i];
 }
 
+// A 16-byte store to 16-byte aligned shared memory as one STS.128. The
+// compiler splits a uint4 that two paths assemble into four 4-byte stores,
+// even behind __builtin_assume_aligned.
+__device__ __forceinline__ void store_shared_16(void* p, uint4 v) {
+#if defined(MULTIBOX_EMULATOR)
+    *static_cast<uint4*>(p) = v;
+#else
+    asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(u32(__cvta_generic_to_shared(p))), "r"(v.x),
+                 "r"(v.y), "r"(v.z), "r"(v.w)
+                 : "memory");
+#endif
+}
+
+// The bits of one element of T, as an unsigned integer of its size.
+template <typename T> struct ElementBits { typedef u16 type; };
+template <> struct ElementBits<float> { typedef u32 type; };
+
+// Copies the n elements from `src` (global memory, within the buffer of
+// bytes [lo, hi)) to `dst` (shared memory) by `lanes` lanes, reading the
+// 16-byte words that cover the run whole, a word a lane: one load
+// instruction fetches each of the run's sectors once, where copy_run's
+// element loads at the two ends would fetch the end sectors again. A
+// word's bytes outside the run (a neighbouring row's logits, read and
+// dropped) lie in sectors the run touches anyway; only a word that
+// reaches outside the buffer (around its first or last element) is read
+// element by element. Only the run's elements are stored: the words of
+// `dst` on either side belong to other rows. Where `dst` shares the run's
+// offset within 16 bytes, a word inside the run is stored whole. The
+// elements travel as raw bits, so that the word stays in four registers
+// and its whole store is one STS.128.
+template <typename T>
+__device__ __forceinline__ void gather_run(T* dst, const T* src, u32 n, u32 lane, u32 lanes, u64 lo, u64 hi) {
+    typedef typename ElementBits<T>::type B;
+    constexpr u32 PER_VECTOR = 16 / sizeof(T), PER_U32 = 4 / sizeof(T), BITS = 8 * sizeof(T);
+    const u32 phase_bytes = u32(u64(src) & 15u);
+    const u32 phase = phase_bytes / u32(sizeof(T));  // elements of the first word before the run
+    const u32 words = (phase + n + PER_VECTOR - 1) / PER_VECTOR;
+    const bool whole_stores = ((u64(dst) ^ u64(src)) & 15u) == 0;
+    // Derived from `src`, not from an integer, so that the compiler knows a
+    // global pointer (LDG, not a generic load).
+    const uint4* base = reinterpret_cast<const uint4*>(reinterpret_cast<const unsigned char*>(src) - phase_bytes);
+    const B* from = reinterpret_cast<const B*>(src);
+    B* to = reinterpret_cast<B*>(dst);
+#pragma unroll 1
+    for (u32 w = lane; w < words; w += lanes) {
+        const u64 at = u64(base + w);
+        const i32 first = i32(w * PER_VECTOR) - i32(phase);  // the run's index of the word's first element
+        uint4 word;
+        if (at >= lo && at + 16u <= hi) {
+            word = base[w];
+        } else {
+            u32 v[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+            for (u32 j = 0; j < PER_VECTOR; ++j)
+                if (first + i32(j) >= 0 && first + i32(j) < i32(n))
+                    v[j / PER_U32] |= u32(from[first + i32(j)]) << (j % PER_U32 * BITS);
+            word = make_uint4(v[0], v[1], v[2], v[3]);
+        }
+        if (whole_stores && first >= 0 && first + i32(PER_VECTOR) <= i32(n)) {
+            store_shared_16(dst + first, word);
+        } else {
+            const u32 v[4] = {word.x, word.y, word.z, word.w};
+#pragma unroll
+            for (u32 j = 0; j < PER_VECTOR; ++j)
+                if (first + i32(j) >= 0 && first + i32(j) < i32(n))
+                    to[first + i32(j)] = B(v[j / PER_U32] >> (j % PER_U32 * BITS));
+        }
+    }
+}
+
 // A load that bypasses L1: for values another block wrote during this
 // launch (the last-block reductions), which this SM's L1 may hold stale.
 template <typename T> __device__ __forceinline__ T load_global_coherent(const T* p) {

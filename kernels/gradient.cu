@@ -15,17 +15,20 @@
 //      gradients (one 8- or 16-byte store). A block scan lists the set's
 //      rows in row order.
 //   2. Lane groups (`set_lanes` wide) take the set's rows and compute their
-//      softmax gradients; only these rows' logits are read. Staged, each
-//      lane takes up to 16 classes, so a row needs few lanes and few
-//      shuffle steps.
+//      softmax gradients; only these rows' logits are read, once from
+//      global memory, as the 16-byte words that cover them, into shared
+//      memory (gather_run). Staged, each lane takes up to 16 classes, so a
+//      row needs few lanes and few shuffle steps.
 //   3. The tile's logit gradients are one contiguous run of global memory.
 //      Staged (`gradient_tile_rows`, when the tile fits shared memory), the
 //      run is built in shared memory, zeros first and the set's rows over
 //      them, and then stored with 16-byte stores: every sector of the run is
 //      written whole, by one request. Unstaged (long rows), step 1's scan
 //      also lists the spans of rows between the set's rows; warps write
-//      zeros over the spans with 16-byte stores and step 2 writes the set's
-//      rows to global memory directly.
+//      zeros over the spans with 16-byte stores, and step 2 reads each set
+//      row from its group's slot of shared memory (`set_slot_bytes`; from
+//      global memory, three times, where the slots would not fit) and
+//      writes its gradients to global memory directly.
 // Every element is written exactly once to global memory.
 #include "multibox.cuh"
 
@@ -157,6 +160,13 @@ __device__ __forceinline__ float softmax_minus_onehot(const RowStats& stats, flo
     return (c == label ? -stats.sum_exp_others : e) * inv_sum;
 }
 
+// Lane group `group`'s slot for the set row at `src` (its copy, read from
+// global memory once): `bytes` a slot, the row at its offset within 16
+// bytes, so that the copy stores its whole words whole.
+template <typename T> __device__ __forceinline__ T* slot(unsigned char* slots, u32 bytes, u32 group, const T* src) {
+    return reinterpret_cast<T*>(slots + group * bytes + u32(u64(src) & 15u));
+}
+
 // Zeros over the 16-byte words that hold `bytes` bytes from `tile`, by the
 // whole block: the staged tile before its set rows are written into it.
 __device__ __forceinline__ void zero_tile(unsigned char* tile, u32 bytes) {
@@ -165,11 +175,18 @@ __device__ __forceinline__ void zero_tile(unsigned char* tile, u32 bytes) {
     for (u32 i = threadIdx.x; i < (bytes + 15u) / 16u; i += ROW_THREADS) words[i] = make_uint4(0u, 0u, 0u, 0u);
 }
 
-// STAGED is the plan's `gradient_tile_rows != 0`, a template argument so
-// that the set rows' stores are shared-memory stores (STS), not generic ones.
-template <typename T, typename L, bool STAGED>
+// Where kernel 3 reads a set row's logits from. Template arguments, so
+// that shared-memory accesses compile to LDS/STS, not generic ones.
+enum SetRowsIn : u32 {
+    SET_ROWS_IN_TILE,   // the staged tile (gradient_tile_rows != 0)
+    SET_ROWS_IN_SLOTS,  // a slot per lane group (set_slot_bytes != 0)
+    SET_ROWS_IN_GLOBAL, // global memory, three passes
+};
+
+template <typename T, typename L, SetRowsIn FROM>
 __device__ void write_gradients_row_major(const MultiboxParams& p, GradientShared& sh) {
-    MB_DYNAMIC_SHARED(unsigned char, staged);
+    constexpr bool STAGED = FROM == SET_ROWS_IN_TILE;
+    MB_DYNAMIC_SHARED(unsigned char, staged);  // the tile, or the slots
     const T* confidence = static_cast<const T*>(p.confidence);
     const T* pred = static_cast<const T*>(p.predicted_locations);
     const T* gt = static_cast<const T*>(p.gt_locations);
@@ -247,20 +264,25 @@ __device__ void write_gradients_row_major(const MultiboxParams& p, GradientShare
             const u32 row_label = active ? sh.set_labels[i] : 0u;
             const T* x = confidence + (first + r) * classes;
             T* g = out + u64(r) * classes;
-            if (STAGED) {
-                // The rows of this warp's groups into their slots of the
-                // copy, with 16-byte loads where the logits and the
-                // gradients share their alignment; read from there (once
-                // from global memory, not three times), and overwritten
-                // there by their gradients, each lane reading and writing
-                // only its own classes. The copy takes wider groups than
-                // the arithmetic (set_copy_lanes, up to 4 classes a lane):
-                // a row's loads then go out in fewer requests, each over
-                // fewer rows. The lanes' loops in copy_run end after
-                // different trip counts: the __syncwarp at each round
-                // reconverges them, so that each round's loads issue as
-                // whole-warp requests, and the last one orders the copy
-                // before the groups read it.
+            if (FROM != SET_ROWS_IN_GLOBAL) {
+                // The rows of this warp's groups into shared memory, read
+                // from global memory as the whole 16-byte words that cover
+                // them (gather_run), and read from there: once from global
+                // memory, not three times. Into the tile, each row at its
+                // place, where its gradients overwrite it, each lane
+                // reading and writing only its own classes; or into its
+                // group's slot, at the row's offset within 16 bytes, the
+                // gradients going to global memory. The copy takes wider
+                // groups than the arithmetic: set_copy_lanes has a lane
+                // for every word a row can cover (up to a warp), so each
+                // round is one load instruction over 32 / set_copy_lanes
+                // rows that fetches each of their sectors once. The lanes
+                // of a round whose rows cover fewer words sit out its
+                // loop: the __syncwarp at each round reconverges them, so
+                // that each round's loads issue as whole-warp requests
+                // (and orders the last step's reads of a slot before it is
+                // overwritten); the last one orders the copy before the
+                // groups read it.
                 const u32 copy_lanes = p.set_copy_lanes, rows_per_warp = WARP / lanes;
                 const u32 warp_first = base + warp * rows_per_warp;
                 for (u32 round = 0; round < rows_per_warp && warp_first + round < set_count;
@@ -269,13 +291,20 @@ __device__ void write_gradients_row_major(const MultiboxParams& p, GradientShare
                     const u32 k = warp_first + round + lane / copy_lanes;
                     if (k < set_count) {
                         const u32 row = sh.set_rows[k];
-                        copy_run(reinterpret_cast<T*>(staged + copy_offset) + u64(row) * classes,
-                                 confidence + (first + row) * classes, p.classes, lane % copy_lanes, copy_lanes);
+                        const T* src = confidence + (first + row) * classes;
+                        gather_run(STAGED ? reinterpret_cast<T*>(staged + copy_offset) + u64(row) * classes
+                                          : slot<T>(staged, p.set_slot_bytes, k - base, src),
+                                   src, p.classes, lane % copy_lanes, copy_lanes, u64(confidence),
+                                   u64(confidence + rows * classes));
                     }
                 }
                 __syncwarp();
-                g = reinterpret_cast<T*>(staged + copy_offset) + u64(r) * classes;
-                x = g;
+                if (STAGED) {
+                    g = reinterpret_cast<T*>(staged + copy_offset) + u64(r) * classes;
+                    x = g;
+                } else {
+                    x = slot<T>(staged, p.set_slot_bytes, group, x);
+                }
             }
             const RowStats stats = row_stats(x, 1, p.classes, sub, lanes, active, row_label);
             if (!active) continue;
@@ -396,9 +425,11 @@ template <typename T, typename L> __device__ void write_gradients(const Multibox
     if (p.layout == LAYOUT_CHANNEL_MAJOR)
         write_gradients_channel_major<T, L>(p, sh.columns);
     else if (p.gradient_tile_rows != 0)
-        write_gradients_row_major<T, L, true>(p, sh.rows);
+        write_gradients_row_major<T, L, SET_ROWS_IN_TILE>(p, sh.rows);
+    else if (p.set_slot_bytes != 0)
+        write_gradients_row_major<T, L, SET_ROWS_IN_SLOTS>(p, sh.rows);
     else
-        write_gradients_row_major<T, L, false>(p, sh.rows);
+        write_gradients_row_major<T, L, SET_ROWS_IN_GLOBAL>(p, sh.rows);
 }
 
 MB_KERNEL(multibox_gradient_f32_i32, MultiboxParams, ROW_THREADS) { write_gradients<float, i32>(p); }

@@ -60,7 +60,8 @@ struct MultiboxParams {
     u32 normalizer_kind;     // NORMALIZER_*
     float normalizer_value;  // NORMALIZER_GIVEN's n when `normalizer` is null
     u32 gradient_tile_rows;  // kernel 3's rows per tile staged in shared memory (ROW_THREADS), or 0
-    u32 set_copy_lanes;      // power of two in 1..32: kernel 3's lanes that copy a staged set row
+    u32 set_copy_lanes;      // power of two in 1..32: kernel 3's lanes that copy a set row into shared memory
+    u32 set_slot_bytes;      // unstaged: bytes of kernel 3's shared slot per lane group, or 0 (set rows from global)
 };
 MB_ASSERT_SIZE(MultiboxParams, 208);
 

@@ -282,7 +282,7 @@ fn params(config: &MultiboxConfig, call: &RawCall, plan: &LaunchPlan) -> Result<
         normalizer_value,
         gradient_tile_rows: plan.gradient_tile_rows,
         set_copy_lanes: plan.set_copy_lanes,
-        _padding: 0,
+        set_slot_bytes: plan.set_slot_bytes,
     })
 }
 

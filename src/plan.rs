@@ -189,7 +189,7 @@ pub struct LaunchPlan {
     pub lanes_per_row: u32,
     /// Kernel 3's lanes per row of the classification set ([`set_lanes`]).
     pub set_lanes: u32,
-    /// Kernel 3's lanes that copy a staged set row ([`set_copy_lanes`]).
+    /// Kernel 3's lanes that copy a set row into shared memory ([`set_copy_lanes`]).
     pub set_copy_lanes: u32,
     /// Rows of kernel 1's tiles in shared memory ([`tile_rows`]): a step of
     /// the lane groups, `ROW_THREADS / lanes_per_row`; 0: rows too long for
@@ -200,6 +200,10 @@ pub struct LaunchPlan {
     /// in shared memory and stored whole ([`gradient_tile_rows`]):
     /// [`ROW_THREADS`], or 0 (channel-major, or rows too long for a tile).
     pub gradient_tile_rows: u32,
+    /// Bytes of each of kernel 3's shared slots for the set's rows when
+    /// its tile is not staged ([`set_slot_bytes`]); 0: those rows are
+    /// read from global memory.
+    pub set_slot_bytes: u32,
     /// Kernel 1: per prior.
     pub rows: Launch,
     /// Kernel 2: per image.
@@ -283,6 +287,13 @@ impl LaunchPlan {
         };
 
         let gradient_tile_rows = gradient_tile_rows(shape.classes, layout, dtype);
+        let set_slot_bytes = set_slot_bytes(shape.classes, layout, dtype);
+        let set_lanes = set_lanes(shape.classes, dtype);
+        let gradient_shared_bytes = if gradient_tile_rows != 0 {
+            tile_shared_bytes(shape.classes, gradient_tile_rows, layout, dtype)
+        } else {
+            (ROW_THREADS / set_lanes) * set_slot_bytes
+        };
 
         let mut offset = 0;
         let mut section = |len: usize| {
@@ -312,10 +323,11 @@ impl LaunchPlan {
             dtype,
             layout,
             lanes_per_row,
-            set_lanes: set_lanes(shape.classes, dtype),
-            set_copy_lanes: set_copy_lanes(shape.classes),
+            set_lanes,
+            set_copy_lanes: set_copy_lanes(shape.classes, dtype),
             tile_rows,
             gradient_tile_rows,
+            set_slot_bytes,
             rows: rows_launch,
             select: Launch {
                 step: Step::Select,
@@ -329,7 +341,7 @@ impl LaunchPlan {
                 step: Step::Gradient,
                 grid: grid(limits.gradient, tiles(shape, layout, ROW_THREADS)),
                 block: ROW_THREADS,
-                shared_bytes: tile_shared_bytes(shape.classes, gradient_tile_rows, layout, dtype),
+                shared_bytes: gradient_shared_bytes,
             },
             workspace: WorkspaceLayout {
                 keys,
@@ -564,25 +576,37 @@ pub fn lanes_per_row(classes: usize, dtype: DType) -> u32 {
 /// the smallest power of two that leaves each lane at most 16 classes:
 /// every lane a row adds shuffle steps and per-row work, and a lane reads
 /// its share as cheaply as the group would. Otherwise, reading and writing
-/// global memory, the lanes of a group read together: [`set_copy_lanes`],
-/// up to 4 classes a lane. A function of the class count and the type, not
-/// of the layout, so that both layouts add a row's terms in the same order.
-/// C = 21 gets 2 lanes, C = 81 8 in f16/bf16 and 32 in f32.
+/// global memory, the lanes of a group read together: the smallest power
+/// of two that leaves each at most 4 classes, capped at a warp. A function
+/// of the class count and the type, not of the layout, so that both
+/// layouts add a row's terms in the same order. C = 21 gets 2 lanes, C = 81
+/// 8 in f16/bf16 and 32 in f32.
 pub fn set_lanes(classes: usize, dtype: DType) -> u32 {
-    if gradient_tile_rows(classes, Layout::RowMajor, dtype) != 0 {
-        (classes.div_ceil(16).next_power_of_two() as u32).clamp(1, 32)
+    let share = if gradient_tile_rows(classes, Layout::RowMajor, dtype) != 0 {
+        16
     } else {
-        set_copy_lanes(classes)
-    }
+        4
+    };
+    (classes.div_ceil(share).next_power_of_two() as u32).clamp(1, 32)
 }
 
-/// Kernel 3's lanes that copy one staged set row into shared memory: the
-/// smallest power of two that leaves each at most four classes, capped at
-/// a warp (C = 21 gets 8, C = 81 gets 32). Wider than [`set_lanes`] for
-/// staged rows, so that a row's loads go out in few requests that cover
-/// few rows each.
-pub fn set_copy_lanes(classes: usize) -> u32 {
-    (classes.div_ceil(4).next_power_of_two() as u32).clamp(1, 32)
+/// The 16-byte words a row of `classes` elements can cover: it may start at
+/// any element of a word.
+fn row_words(classes: usize, dtype: DType) -> usize {
+    let size = dtype.size();
+    (16 - size + classes * size).div_ceil(16)
+}
+
+/// Kernel 3's lanes that copy one set row into shared memory (the staged
+/// tile or a slot), a 16-byte word a lane: a power of two no smaller than
+/// the words a row can cover, and no smaller than [`set_lanes`], so that a
+/// round of the copy takes whole lane groups; capped at a warp. C = 21 f16
+/// covers at most 4 words and gets 4 lanes, C = 81 bf16 11 words and 16
+/// lanes.
+pub fn set_copy_lanes(classes: usize, dtype: DType) -> u32 {
+    (row_words(classes, dtype).next_power_of_two() as u32)
+        .max(set_lanes(classes, dtype))
+        .clamp(1, 32)
 }
 
 /// Kernel 1's rows per tile: one step of the lane groups,
@@ -612,6 +636,25 @@ pub fn gradient_tile_rows(classes: usize, layout: Layout, dtype: DType) -> u32 {
         <= GRADIENT_TILE_BYTES;
     if layout == Layout::RowMajor && fits {
         ROW_THREADS
+    } else {
+        0
+    }
+}
+
+/// Kernel 3's shared slot for one set row when its row-major tile is not
+/// staged ([`gradient_tile_rows`] is 0): as many bytes as the 16-byte words
+/// a row can cover (it keeps its offset within 16 bytes), one slot per lane
+/// group, so that the set's rows are read from global memory once, as
+/// whole words, and not in each of three passes. 0 where the block's
+/// slots would not fit [`GRADIENT_TILE_BYTES`] (f32 rows above 1,341
+/// classes, half rows above 2,681; they are read from global memory), and
+/// where no slot is needed (a staged tile, or channel-major).
+pub fn set_slot_bytes(classes: usize, layout: Layout, dtype: DType) -> u32 {
+    let bytes = 16 * row_words(classes, dtype);
+    let groups = (ROW_THREADS / set_lanes(classes, dtype)) as usize;
+    let unstaged = layout == Layout::RowMajor && gradient_tile_rows(classes, layout, dtype) == 0;
+    if unstaged && groups * bytes <= GRADIENT_TILE_BYTES {
+        bytes as u32
     } else {
         0
     }
@@ -729,9 +772,7 @@ pub(crate) struct MultiboxParams {
     pub(crate) normalizer_value: f32,
     pub(crate) gradient_tile_rows: u32,
     pub(crate) set_copy_lanes: u32,
-    /// The struct's tail padding to its 8-byte alignment, named so that
-    /// every byte is initialised.
-    pub(crate) _padding: u32,
+    pub(crate) set_slot_bytes: u32,
 }
 
 const _: () = assert!(std::mem::size_of::<MultiboxParams>() == 208);

@@ -468,23 +468,24 @@ fn lane_groups_split_rows_into_runs_of_classes() {
 
 /// Kernel 3's staged set rows: lane groups of `set_lanes` (up to 16
 /// classes a lane) for the arithmetic, and wider groups of
-/// `set_copy_lanes` (up to 4 a lane) that copy each warp's rows into the
-/// tile in rounds: one lane a row and four copying (C = 16 in f16), two
-/// and eight (C = 17 in bf16), four and sixteen (C = 41 in f32, the
-/// largest staged f32 row), eight and 32 (C = 83 in bf16, the largest
-/// staged half row). Against the reference, and channel-major bit for bit.
+/// `set_copy_lanes` (a lane for each 16-byte word a row can cover) that
+/// copy each warp's rows into the tile in rounds: one lane a row and four
+/// copying (C = 16 in f16), two and four (C = 17 in bf16), four and
+/// sixteen (C = 41 in f32, the largest staged f32 row), eight and sixteen
+/// (C = 83 in bf16, the largest staged half row). Against the reference,
+/// and channel-major bit for bit.
 #[test]
 fn kernel_3_copies_set_rows_wide_and_works_them_narrow() {
     use multibox::plan::{gradient_tile_rows, set_copy_lanes, set_lanes};
     use multibox::DType;
     for (classes, dtype, lanes, copy) in [
         (16, DType::F16, 1, 4),
-        (17, DType::BF16, 2, 8),
+        (17, DType::BF16, 2, 4),
         (41, DType::F32, 4, 16),
-        (83, DType::BF16, 8, 32),
+        (83, DType::BF16, 8, 16),
     ] {
         assert_eq!(
-            (set_lanes(classes, dtype), set_copy_lanes(classes)),
+            (set_lanes(classes, dtype), set_copy_lanes(classes, dtype)),
             (lanes, copy)
         );
         assert_ne!(gradient_tile_rows(classes, Layout::RowMajor, dtype), 0);
@@ -654,6 +655,63 @@ fn misaligned_buffers_give_identical_outputs<T: Float, L: Label>(seed: u64) {
         aligned.classification_loss.to_bits(),
         misaligned.classification_loss.to_bits()
     );
+}
+
+/// Kernel 3 reads a set row's logits as the 16-byte words that cover it,
+/// but never outside the logits' buffer: with the buffer starting and
+/// ending inside a 16-byte word, and its first and last rows positives,
+/// the words around its two ends are read element by element (the
+/// emulator fails any access outside the buffer). The same bits as an
+/// aligned buffer.
+fn set_rows_at_the_ends_of_the_buffer<T: Float, L: Label>(classes: usize, seed: u64) {
+    let mut case = Drawn::<T, L>::draw_with_classes(seed, 60_000, Some(classes));
+    let last = case.shape.rows() - 1;
+    case.labels[0] = L::from_i64(1);
+    case.labels[last] = L::from_i64(classes as i64 - 1);
+    let aligned = emulated::run(&case.config, case.shape, &case.host(), Call::default()).unwrap();
+    assert_eq!((aligned.mask[0], aligned.mask[last]), (1, 1));
+
+    // The logits `shift` elements into an allocation, with a shift that
+    // leaves both ends of the buffer inside a 16-byte word.
+    let size = std::mem::size_of::<T>();
+    let len = case.confidence.len();
+    let mut padded = vec![case.confidence[0]; len + 16];
+    let shift = (1..16 / size)
+        .find(|&s| {
+            let start = padded[s..].as_ptr() as usize;
+            start % 16 != 0 && (start + len * size) % 16 != 0
+        })
+        .expect("a shift that misaligns both ends");
+    padded[shift..shift + len].copy_from_slice(&case.confidence);
+    let inputs = HostInputs {
+        confidence: &padded[shift..shift + len],
+        ..case.host()
+    };
+    let shifted = emulated::run(&case.config, case.shape, &inputs, Call::default())
+        .unwrap_or_else(|e| panic!("C={classes} {:?}: {e}", T::DTYPE));
+    let bits = |v: &[T]| -> Vec<u8> { bytemuck::cast_slice(v).to_vec() };
+    assert_eq!(aligned.mask, shifted.mask);
+    assert_eq!(
+        bits(&aligned.grad_confidence),
+        bits(&shifted.grad_confidence),
+        "C={classes} {:?}",
+        T::DTYPE
+    );
+}
+
+#[test]
+fn set_rows_at_the_ends_of_the_buffer_are_read_within_it() {
+    use multibox::plan::{gradient_tile_rows, set_slot_bytes};
+    use multibox::DType;
+    // The staged tile's path, then the slots'.
+    assert_ne!(gradient_tile_rows(21, Layout::RowMajor, DType::F16), 0);
+    assert_ne!(gradient_tile_rows(3, Layout::RowMajor, DType::BF16), 0);
+    assert_ne!(set_slot_bytes(81, Layout::RowMajor, DType::F32), 0);
+    assert_ne!(set_slot_bytes(961, Layout::RowMajor, DType::F32), 0);
+    set_rows_at_the_ends_of_the_buffer::<f16, i64>(21, 40);
+    set_rows_at_the_ends_of_the_buffer::<bf16, i32>(3, 41);
+    set_rows_at_the_ends_of_the_buffer::<f32, i32>(81, 42);
+    set_rows_at_the_ends_of_the_buffer::<f32, i64>(961, 43);
 }
 
 /// On a device with few resident blocks every block of kernels 1 and 3

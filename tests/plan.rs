@@ -68,8 +68,28 @@ fn kernel_3_lanes_are_the_fewest_that_leave_each_lane_its_share() {
                 fewest_lanes(classes, share),
                 "C={classes} {dtype:?}"
             );
-            assert_eq!(set_copy_lanes(classes), fewest_lanes(classes, 4));
-            assert!(set_copy_lanes(classes) >= set_lanes(classes, dtype));
+            // The copy: a lane for each 16-byte word a row can cover,
+            // from whichever element of a word it starts at, and whole
+            // lane groups per round.
+            let size = dtype.size();
+            let words = (0..16 / size)
+                .map(|phase| (phase + classes).div_ceil(16 / size))
+                .max()
+                .unwrap();
+            let copy = set_copy_lanes(classes, dtype);
+            assert!(
+                copy.is_power_of_two() && copy <= 32,
+                "C={classes} {dtype:?}"
+            );
+            assert!(copy >= set_lanes(classes, dtype), "C={classes} {dtype:?}");
+            assert!(copy as usize >= words.min(32), "C={classes} {dtype:?}");
+            assert!(
+                copy == 1 || copy / 2 < words as u32 || copy / 2 < set_lanes(classes, dtype),
+                "C={classes} {dtype:?}: not the fewest"
+            );
+            if staged {
+                assert!(words <= 16, "a staged row is one round of loads");
+            }
         }
     }
     assert_eq!(set_lanes(21, DType::F16), 2);
@@ -79,7 +99,9 @@ fn kernel_3_lanes_are_the_fewest_that_leave_each_lane_its_share() {
     assert_eq!(set_lanes(84, DType::BF16), 32);
     assert_eq!(set_lanes(81, DType::F32), 32);
     assert_eq!(set_lanes(3, DType::F32), 1);
-    assert_eq!((set_copy_lanes(21), set_copy_lanes(81)), (8, 32));
+    assert_eq!(set_copy_lanes(21, DType::F16), 4);
+    assert_eq!(set_copy_lanes(81, DType::BF16), 16);
+    assert_eq!(set_copy_lanes(41, DType::F32), 16);
     // The plan carries the same for either layout.
     for layout in [Layout::RowMajor, Layout::ChannelMajor] {
         let plan = LaunchPlan::with_limits(
@@ -89,7 +111,7 @@ fn kernel_3_lanes_are_the_fewest_that_leave_each_lane_its_share() {
             GridLimits::default(),
         )
         .unwrap();
-        assert_eq!((plan.set_lanes, plan.set_copy_lanes), (8, 32));
+        assert_eq!((plan.set_lanes, plan.set_copy_lanes), (8, 16));
     }
 }
 
@@ -371,11 +393,16 @@ fn kernel_3_stages_row_major_tiles_that_fit_shared_memory() {
                     if staged { 256 } else { 0 },
                     "{what}"
                 );
+                // Unstaged row-major rows get a slot per lane group instead,
+                // when those fit.
+                let groups = (256 / plan.set_lanes) as usize;
+                let slots = groups * plan.set_slot_bytes as usize;
                 assert_eq!(
                     plan.gradient.shared_bytes as usize,
-                    if staged { bytes } else { 0 },
+                    if staged { bytes } else { slots },
                     "{what}"
                 );
+                assert!(plan.gradient.shared_bytes as usize <= GRADIENT_TILE_BYTES);
             }
         }
     }
@@ -386,6 +413,42 @@ fn kernel_3_stages_row_major_tiles_that_fit_shared_memory() {
     assert_eq!(gradient_tile_rows(81, Layout::RowMajor, DType::BF16), 256);
     assert_eq!(gradient_tile_rows(83, Layout::RowMajor, DType::F16), 256);
     assert_eq!(gradient_tile_rows(84, Layout::RowMajor, DType::F16), 0);
+}
+
+/// Row-major rows too long for kernel 3's tile: each lane group gets a
+/// slot for its set row, the 16-byte words a row can cover, while the
+/// block's slots fit `GRADIENT_TILE_BYTES`; none for a staged tile or
+/// channel-major.
+#[test]
+fn kernel_3_gives_unstaged_set_rows_a_slot_per_lane_group() {
+    use multibox::plan::{gradient_tile_rows, set_lanes, set_slot_bytes, GRADIENT_TILE_BYTES};
+    for dtype in DTYPES {
+        let size = dtype.size();
+        for classes in 2..=3000 {
+            let unstaged = gradient_tile_rows(classes, Layout::RowMajor, dtype) == 0;
+            let words = (0..16 / size)
+                .map(|phase| (phase + classes).div_ceil(16 / size))
+                .max()
+                .unwrap();
+            let groups = (256 / set_lanes(classes, dtype)) as usize;
+            let fits = groups * words * 16 <= GRADIENT_TILE_BYTES;
+            let what = format!("C={classes} {dtype:?}");
+            assert_eq!(
+                set_slot_bytes(classes, Layout::RowMajor, dtype) as usize,
+                if unstaged && fits { words * 16 } else { 0 },
+                "{what}"
+            );
+            assert_eq!(set_slot_bytes(classes, Layout::ChannelMajor, dtype), 0);
+        }
+    }
+    // SSD300 on COCO in f32: eight slots of 336 bytes; rows too long for
+    // the slots are read from global memory.
+    assert_eq!(set_slot_bytes(81, Layout::RowMajor, DType::F32), 336);
+    assert_eq!(set_slot_bytes(1341, Layout::RowMajor, DType::F32), 5376);
+    assert_eq!(set_slot_bytes(1342, Layout::RowMajor, DType::F32), 0);
+    assert_eq!(set_slot_bytes(2681, Layout::RowMajor, DType::BF16), 5376);
+    assert_eq!(set_slot_bytes(2682, Layout::RowMajor, DType::BF16), 0);
+    assert_eq!(set_slot_bytes(21, Layout::RowMajor, DType::F32), 0);
 }
 
 #[test]
