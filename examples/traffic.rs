@@ -142,7 +142,46 @@ fn report<T: Float, L: Label>(shape: Shape, layout: Layout) -> Result<()> {
         floor as f64 / 1e6,
         total as f64 / floor as f64
     );
+    set_rows_line(shape, T::DTYPE.size(), &out.mask, &out.traffic);
     Ok(())
+}
+
+/// Kernel 3 reads the logits of the classification set's rows (the mask)
+/// a second time. A load's efficiency above counts every byte the lanes
+/// ask for, and whole 16-byte words carry a neighbouring row's bytes too;
+/// this line counts only the set's own logits, against the sectors its
+/// loads fetch and against the distinct sectors they touch.
+fn set_rows_line(
+    shape: Shape,
+    size: usize,
+    mask: &[u8],
+    traffic: &[(&str, multibox_emu::Traffic)],
+) {
+    let set = mask.iter().filter(|&&m| m != 0).count();
+    let own = (set * shape.classes * size) as f64;
+    let Some((_, t)) = traffic
+        .iter()
+        .find(|(kernel, _)| kernel.starts_with("multibox_gradient"))
+    else {
+        return;
+    };
+    let (mut sectors, mut unique) = (0u64, 0u64);
+    for (name, r) in &t.regions {
+        if name.split('[').next() == Some("confidence") {
+            sectors += r.loads.sectors;
+            unique += r.unique_sectors;
+        }
+    }
+    if sectors == 0 {
+        return;
+    }
+    println!(
+        "kernel 3's set rows: {set} of {} rows, {:.3} MB of logits: {:.0}% of the sectors their loads fetch, {:.0}% of the distinct sectors they touch",
+        shape.rows(),
+        own / 1e6,
+        100.0 * own / (sectors * 32) as f64,
+        100.0 * own / (unique * 32) as f64
+    );
 }
 
 fn add(into: &mut multibox_emu::RegionTraffic, t: &multibox_emu::RegionTraffic) {
