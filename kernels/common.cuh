@@ -378,10 +378,12 @@ template <> struct ElementBits<float> { typedef u32 type; };
 // `dst` on either side belong to other rows. Where `dst` shares the run's
 // offset within 16 bytes, a word inside the run is stored whole. The
 // elements travel as raw bits, so that the word stays in four registers
-// and its whole store is one STS.128.
+// and its whole store is one STS.128. Indices are i32 (a word's first
+// element may lie before the run): n is a row, far below 2^31.
 template <typename T>
 __device__ __forceinline__ void gather_run(T* dst, const T* src, u32 n, u32 lane, u32 lanes, u64 lo, u64 hi) {
     typedef typename ElementBits<T>::type B;
+    static_assert(sizeof(B) == sizeof(T), "an element's bits are as wide as the element");
     constexpr u32 PER_VECTOR = 16 / sizeof(T), PER_U32 = 4 / sizeof(T), BITS = 8 * sizeof(T);
     const u32 phase_bytes = u32(u64(src) & 15u);
     const u32 phase = phase_bytes / u32(sizeof(T));  // elements of the first word before the run

@@ -2,7 +2,8 @@
 //
 // Rows in the classification set (positives and mined negatives, ~10 % of
 // rows at neg_pos_ratio 3) get g_cls / D * (softmax(x) - one_hot(label));
-// every other row gets zeros, without its logits being read. Positives get
+// every other row gets zeros, without its logits being read (but for the
+// bytes a set row's end words share with it, loaded and dropped). Positives get
 // g_reg / D * clamp(d / beta, -1, 1) for their box offsets, the rest zeros.
 // D is the divisor the forward's losses used, which kernel 2 left in Totals
 // (N, the caller's n, or B * pos_b for the row's image), so a backward call
@@ -15,10 +16,11 @@
 //      gradients (one 8- or 16-byte store). A block scan lists the set's
 //      rows in row order.
 //   2. Lane groups (`set_lanes` wide) take the set's rows and compute their
-//      softmax gradients; only these rows' logits are read, once from
+//      softmax gradients; only these rows' logits are read: once from
 //      global memory, as the 16-byte words that cover them, into shared
-//      memory (gather_run). Staged, each lane takes up to 16 classes, so a
-//      row needs few lanes and few shuffle steps.
+//      memory (gather_run), but for rows too long for the slots (below).
+//      Staged, each lane takes up to 16 classes, so a row needs few lanes
+//      and few shuffle steps.
 //   3. The tile's logit gradients are one contiguous run of global memory.
 //      Staged (`gradient_tile_rows`, when the tile fits shared memory), the
 //      run is built in shared memory, zeros first and the set's rows over
@@ -163,7 +165,8 @@ __device__ __forceinline__ float softmax_minus_onehot(const RowStats& stats, flo
 // Lane group `group`'s slot for the set row at `src` (its copy, read from
 // global memory once): `bytes` a slot, the row at its offset within 16
 // bytes, so that the copy stores its whole words whole.
-template <typename T> __device__ __forceinline__ T* slot(unsigned char* slots, u32 bytes, u32 group, const T* src) {
+template <typename T>
+__device__ __forceinline__ T* group_slot(unsigned char* slots, u32 bytes, u32 group, const T* src) {
     return reinterpret_cast<T*>(slots + group * bytes + u32(u64(src) & 15u));
 }
 
@@ -274,9 +277,10 @@ __device__ void write_gradients_row_major(const MultiboxParams& p, GradientShare
                 // group's slot, at the row's offset within 16 bytes, the
                 // gradients going to global memory. The copy takes wider
                 // groups than the arithmetic: set_copy_lanes has a lane
-                // for every word a row can cover (up to a warp), so each
-                // round is one load instruction over 32 / set_copy_lanes
-                // rows that fetches each of their sectors once. The lanes
+                // for every word a row can cover (up to a warp), so for
+                // rows of up to 32 words each round is one load
+                // instruction over 32 / set_copy_lanes rows that fetches
+                // each of their sectors once. The lanes
                 // of a round whose rows cover fewer words sit out its
                 // loop: the __syncwarp at each round reconverges them, so
                 // that each round's loads issue as whole-warp requests
@@ -293,7 +297,7 @@ __device__ void write_gradients_row_major(const MultiboxParams& p, GradientShare
                         const u32 row = sh.set_rows[k];
                         const T* src = confidence + (first + row) * classes;
                         gather_run(STAGED ? reinterpret_cast<T*>(staged + copy_offset) + u64(row) * classes
-                                          : slot<T>(staged, p.set_slot_bytes, k - base, src),
+                                          : group_slot<T>(staged, p.set_slot_bytes, k - base, src),
                                    src, p.classes, lane % copy_lanes, copy_lanes, u64(confidence),
                                    u64(confidence + rows * classes));
                     }
@@ -303,7 +307,7 @@ __device__ void write_gradients_row_major(const MultiboxParams& p, GradientShare
                     g = reinterpret_cast<T*>(staged + copy_offset) + u64(r) * classes;
                     x = g;
                 } else {
-                    x = slot<T>(staged, p.set_slot_bytes, group, x);
+                    x = group_slot<T>(staged, p.set_slot_bytes, group, x);
                 }
             }
             const RowStats stats = row_stats(x, 1, p.classes, sub, lanes, active, row_label);

@@ -575,9 +575,10 @@ pub fn lanes_per_row(classes: usize, dtype: DType) -> u32 {
 /// staged in shared memory (a row-major tile fits, [`gradient_tile_rows`]),
 /// the smallest power of two that leaves each lane at most 16 classes:
 /// every lane a row adds shuffle steps and per-row work, and a lane reads
-/// its share as cheaply as the group would. Otherwise, reading and writing
-/// global memory, the lanes of a group read together: the smallest power
-/// of two that leaves each at most 4 classes, capped at a warp. A function
+/// its share as cheaply as the group would. Otherwise the smallest power
+/// of two that leaves each at most 4 classes, capped at a warp: such a
+/// row's gradients go to global memory, where a group's stores (and, for
+/// rows too long for a slot, its loads) should be contiguous. A function
 /// of the class count and the type, not of the layout, so that both
 /// layouts add a row's terms in the same order. C = 21 gets 2 lanes, C = 81
 /// 8 in f16/bf16 and 32 in f32.
