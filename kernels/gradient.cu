@@ -280,13 +280,12 @@ __device__ void write_gradients_row_major(const MultiboxParams& p, GradientShare
                 // for every word a row can cover (up to a warp), so for
                 // rows of up to 32 words each round is one load
                 // instruction over 32 / set_copy_lanes rows that fetches
-                // each of their sectors once. The lanes
-                // of a round whose rows cover fewer words sit out its
-                // loop: the __syncwarp at each round reconverges them, so
-                // that each round's loads issue as whole-warp requests
-                // (and orders the last step's reads of a slot before it is
-                // overwritten); the last one orders the copy before the
-                // groups read it.
+                // each of their sectors once. The lanes of a round whose
+                // rows cover fewer words sit out its loop: the __syncwarp
+                // at each round reconverges them, so that each round's
+                // loads issue as whole-warp requests (and orders the last
+                // step's reads of a slot before it is overwritten); the
+                // last one orders the copy before the groups read it.
                 const u32 copy_lanes = p.set_copy_lanes, rows_per_warp = WARP / lanes;
                 const u32 warp_first = base + warp * rows_per_warp;
                 for (u32 round = 0; round < rows_per_warp && warp_first + round < set_count;

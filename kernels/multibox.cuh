@@ -157,9 +157,10 @@ __device__ __forceinline__ u64 floor_ratio_times(float ratio, u32 positives) {
 // Rows. Kernels 1 and 3 walk rows (one prior's C logits) with groups of
 // consecutive lanes of a warp, a power of two wide: kernel 1 with
 // `lanes_per_row` (1 when a tile of a row per thread fits shared memory),
-// kernel 3 with `set_lanes` (up to 16 classes a lane in shared memory,
-// where a lane's share costs it little and each lane adds shuffles; a few
-// from global memory, so that a set row's loads and stores are coalesced).
+// kernel 3 with `set_lanes` (up to 16 classes a lane for rows staged in
+// its tile, where a lane's share costs it little and each lane adds
+// shuffles; up to 4 for longer rows, whose gradients go to global memory,
+// so that a group's stores are coalesced).
 // Group reductions use xor shuffles below the group's width, which stay in
 // the group.
 

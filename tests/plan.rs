@@ -54,6 +54,16 @@ fn fewest_lanes(classes: usize, share: usize) -> u32 {
         .unwrap_or(32)
 }
 
+/// The most 16-byte words a row of `classes` elements covers, counted
+/// from every element of a word it can start at.
+fn most_words(classes: usize, dtype: DType) -> usize {
+    let per_word = 16 / dtype.size();
+    (0..per_word)
+        .map(|phase| (phase + classes).div_ceil(per_word))
+        .max()
+        .unwrap()
+}
+
 #[test]
 fn kernel_3_lanes_are_the_fewest_that_leave_each_lane_its_share() {
     use multibox::plan::{gradient_tile_rows, set_copy_lanes, set_lanes};
@@ -71,11 +81,7 @@ fn kernel_3_lanes_are_the_fewest_that_leave_each_lane_its_share() {
             // The copy: a lane for each 16-byte word a row can cover,
             // from whichever element of a word it starts at, and whole
             // lane groups per round.
-            let size = dtype.size();
-            let words = (0..16 / size)
-                .map(|phase| (phase + classes).div_ceil(16 / size))
-                .max()
-                .unwrap();
+            let words = most_words(classes, dtype);
             let copy = set_copy_lanes(classes, dtype);
             assert!(
                 copy.is_power_of_two() && copy <= 32,
@@ -423,13 +429,9 @@ fn kernel_3_stages_row_major_tiles_that_fit_shared_memory() {
 fn kernel_3_gives_unstaged_set_rows_a_slot_per_lane_group() {
     use multibox::plan::{gradient_tile_rows, set_lanes, set_slot_bytes, GRADIENT_TILE_BYTES};
     for dtype in DTYPES {
-        let size = dtype.size();
         for classes in 2..=3000 {
             let unstaged = gradient_tile_rows(classes, Layout::RowMajor, dtype) == 0;
-            let words = (0..16 / size)
-                .map(|phase| (phase + classes).div_ceil(16 / size))
-                .max()
-                .unwrap();
+            let words = most_words(classes, dtype);
             let groups = (256 / set_lanes(classes, dtype)) as usize;
             let fits = groups * words * 16 <= GRADIENT_TILE_BYTES;
             let what = format!("C={classes} {dtype:?}");
