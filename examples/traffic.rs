@@ -6,7 +6,10 @@
 //! the kernels ask of memory, counted on the CPU; not a measured speed.
 //!
 //!     cargo run --release --example traffic -- 32x3000x21 f16
-//!     cargo run --release --example traffic -- 32x8732x81 bf16 [i32] [channel-major]
+//!     cargo run --release --example traffic -- 32x8732x81 bf16 [i32] [channel-major] [sliced]
+//!
+//! The tensors start 256-byte aligned, as a device allocator places them;
+//! `sliced` starts each one element later, as a slice of a tensor can.
 use anyhow::{bail, Context, Result};
 use multibox::synthetic::{Batch, BatchSpec};
 use multibox::{DType, Float, Label, LabelType, Layout, MultiboxConfig, Shape};
@@ -15,11 +18,11 @@ use multibox::{DType, Float, Label, LabelType, Layout, MultiboxConfig, Shape};
 #[allow(dead_code)]
 mod emulated;
 
-use emulated::{Call, HostInputs};
+use emulated::{Call, HostInputs, Placed};
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let usage = "usage: traffic BxPxC f32|f16|bf16 [i64|i32] [row-major|channel-major]";
+    let usage = "usage: traffic BxPxC f32|f16|bf16 [i64|i32] [row-major|channel-major] [sliced]";
     let dims: Vec<usize> = args
         .first()
         .context(usage)?
@@ -39,32 +42,39 @@ fn main() -> Result<()> {
     };
     let mut labels = LabelType::I64;
     let mut layout = Layout::RowMajor;
+    let mut sliced = false;
     for arg in &args[2..] {
         match arg.as_str() {
             "i64" => labels = LabelType::I64,
             "i32" => labels = LabelType::I32,
             "row-major" => layout = Layout::RowMajor,
             "channel-major" => layout = Layout::ChannelMajor,
+            "sliced" => sliced = true,
             _ => bail!(usage),
         }
     }
     match (dtype, labels) {
-        (DType::F32, LabelType::I64) => report::<f32, i64>(shape, layout),
-        (DType::F32, LabelType::I32) => report::<f32, i32>(shape, layout),
-        (DType::F16, LabelType::I64) => report::<half::f16, i64>(shape, layout),
-        (DType::F16, LabelType::I32) => report::<half::f16, i32>(shape, layout),
-        (DType::BF16, LabelType::I64) => report::<half::bf16, i64>(shape, layout),
-        (DType::BF16, LabelType::I32) => report::<half::bf16, i32>(shape, layout),
+        (DType::F32, LabelType::I64) => report::<f32, i64>(shape, layout, sliced),
+        (DType::F32, LabelType::I32) => report::<f32, i32>(shape, layout, sliced),
+        (DType::F16, LabelType::I64) => report::<half::f16, i64>(shape, layout, sliced),
+        (DType::F16, LabelType::I32) => report::<half::f16, i32>(shape, layout, sliced),
+        (DType::BF16, LabelType::I64) => report::<half::bf16, i64>(shape, layout, sliced),
+        (DType::BF16, LabelType::I32) => report::<half::bf16, i32>(shape, layout, sliced),
     }
 }
 
-fn report<T: Float, L: Label>(shape: Shape, layout: Layout) -> Result<()> {
+fn report<T: Float, L: Label>(shape: Shape, layout: Layout, sliced: bool) -> Result<()> {
     let batch = Batch::<T, L>::generate(shape, BatchSpec::default()).in_layout(layout);
+    let skip = usize::from(sliced);
+    let confidence = Placed::copy_of(&batch.confidence, skip);
+    let predicted_locations = Placed::copy_of(&batch.predicted_locations, skip);
+    let labels = Placed::copy_of(&batch.labels, skip);
+    let gt_locations = Placed::copy_of(&batch.gt_locations, skip);
     let inputs = HostInputs {
-        confidence: &batch.confidence,
-        predicted_locations: &batch.predicted_locations,
-        labels: &batch.labels,
-        gt_locations: &batch.gt_locations,
+        confidence: confidence.as_slice(),
+        predicted_locations: predicted_locations.as_slice(),
+        labels: labels.as_slice(),
+        gt_locations: gt_locations.as_slice(),
     };
     let call = Call {
         layout,
@@ -72,13 +82,19 @@ fn report<T: Float, L: Label>(shape: Shape, layout: Layout) -> Result<()> {
         // Race checking keeps a shadow of every byte touched; the model
         // needs none of it.
         races: false,
+        misaligned: sliced,
         ..Call::default()
     };
     let out = emulated::run(&MultiboxConfig::default(), shape, &inputs, call)?;
     let floor = multibox::plan::bytes_floor(shape, T::DTYPE, L::LABEL_TYPE, true);
     println!(
-        "traffic model: {}x{}x{} {:?} {:?} {layout:?}, forward_backward (emulator; a model, not a measurement)",
-        shape.batch, shape.priors, shape.classes, T::DTYPE, L::LABEL_TYPE
+        "traffic model: {}x{}x{} {:?} {:?} {layout:?}{}, forward_backward (emulator; a model, not a measurement)",
+        shape.batch,
+        shape.priors,
+        shape.classes,
+        T::DTYPE,
+        L::LABEL_TYPE,
+        if sliced { ", sliced (one element past 256-byte alignment)" } else { "" }
     );
     println!(
         "{:<28} {:<22} {:>6} {:>10} {:>7} {:>6} {:>12}",

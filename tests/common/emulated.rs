@@ -219,24 +219,60 @@ pub struct HostInputs<'a, T, L> {
     pub gt_locations: &'a [T],
 }
 
-/// A 256-byte aligned buffer, filled with garbage so that a kernel that
-/// relies on zeroed memory fails.
-struct Aligned {
-    bytes: Vec<u8>,
-    offset: usize,
+/// A buffer placed as a device allocator places a tensor: its first element
+/// 256-byte aligned (cudaMalloc and PyTorch's caching allocator align more),
+/// or `skip` elements past that, as a slice of a tensor can start. Host
+/// allocations are only 16-byte aligned, which would make every 512-byte
+/// warp request of the traffic model straddle one sector more than on a
+/// device.
+pub struct Placed<T> {
+    storage: Vec<T>,
+    start: usize,
+    len: usize,
 }
 
-impl Aligned {
-    fn new(len: usize, fill: u8) -> Self {
-        let bytes = vec![fill; len + 256];
-        let offset = bytes.as_ptr().align_offset(256);
-        Self { bytes, offset }
+impl<T: Copy> Placed<T> {
+    /// `len` elements of `fill` (garbage, so that a kernel that relies on
+    /// zeroed memory fails).
+    pub fn filled(len: usize, fill: T, skip: usize) -> Self {
+        let storage = vec![fill; len + skip + 256 / std::mem::size_of::<T>().max(1)];
+        let start = storage.as_ptr().align_offset(256) + skip;
+        assert!(start + len <= storage.len(), "cannot place {len} elements");
+        Self {
+            storage,
+            start,
+            len,
+        }
     }
-    fn addr(&mut self) -> u64 {
-        self.bytes[self.offset..].as_mut_ptr() as u64
+
+    /// A placed copy of `data`.
+    pub fn copy_of(data: &[T], skip: usize) -> Self {
+        let Some(&first) = data.first() else {
+            return Self {
+                storage: Vec::new(),
+                start: 0,
+                len: 0,
+            };
+        };
+        let mut placed = Self::filled(data.len(), first, skip);
+        placed.as_mut_slice().copy_from_slice(data);
+        placed
     }
-    fn slice(&self, len: usize) -> &[u8] {
-        &self.bytes[self.offset..self.offset + len]
+
+    pub fn as_slice(&self) -> &[T] {
+        &self.storage[self.start..self.start + self.len]
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [T] {
+        &mut self.storage[self.start..self.start + self.len]
+    }
+
+    pub fn addr(&mut self) -> u64 {
+        self.as_mut_slice().as_mut_ptr() as u64
+    }
+
+    pub fn into_vec(self) -> Vec<T> {
+        self.as_slice().to_vec()
     }
 }
 
@@ -259,27 +295,14 @@ pub fn run<T: Float, L: Label>(
     } = call;
     let garbage: T = bytemuck::cast_slice::<u8, T>(&[fill; 4][..std::mem::size_of::<T>()])[0];
     let skip = usize::from(call.misaligned);
-    let mut grad_confidence = vec![
-        garbage;
-        if backward {
-            shape.confidence_len() + skip
-        } else {
-            0
-        }
-    ];
-    let mut grad_locations = vec![
-        garbage;
-        if backward {
-            shape.locations_len() + skip
-        } else {
-            0
-        }
-    ];
+    let outputs = |len: usize| Placed::filled(if backward { len } else { 0 }, garbage, skip);
+    let mut grad_confidence = outputs(shape.confidence_len());
+    let mut grad_locations = outputs(shape.locations_len());
     let mut losses = [f32::from_bits(u32::from_ne_bytes([fill; 4])); 2];
     let mut num_pos = [-7i32];
     let mut mask = vec![fill; if with_mask { shape.rows() } else { 0 }];
     let plan = LaunchPlan::with_limits(shape, T::DTYPE, call.layout, call.grid_limits)?;
-    let mut workspace = Aligned::new(plan.workspace.bytes, fill);
+    let mut workspace = Placed::filled(plan.workspace.bytes, fill, 0);
     // Two f32 in "device" memory, read by the kernels when asked to.
     let device_upstream = match upstream {
         Upstream::Device(g_reg, g_cls) => [g_reg, g_cls],
@@ -311,8 +334,8 @@ pub fn run<T: Float, L: Label>(
             predicted_locations: addr(inputs.predicted_locations),
             labels: inputs.labels.as_ptr() as u64,
             gt_locations: addr(inputs.gt_locations),
-            grad_confidence: grad_confidence.as_mut_ptr().wrapping_add(skip) as u64,
-            grad_locations: grad_locations.as_mut_ptr().wrapping_add(skip) as u64,
+            grad_confidence: grad_confidence.addr(),
+            grad_locations: grad_locations.addr(),
             regression_loss: &mut losses[0] as *mut f32 as u64,
             classification_loss: &mut losses[1] as *mut f32 as u64,
             num_pos: num_pos.as_mut_ptr() as u64,
@@ -362,7 +385,7 @@ pub fn run<T: Float, L: Label>(
         unsafe { launch_call(config, &raw, &emulator)? };
     }
     let status_at = plan.workspace.status_offset();
-    let status_bytes = workspace.slice(status_at + 4)[status_at..]
+    let status_bytes = workspace.as_slice()[status_at..status_at + 4]
         .try_into()
         .unwrap();
     Ok(KernelOutput {
@@ -370,8 +393,8 @@ pub fn run<T: Float, L: Label>(
         classification_loss: losses[1],
         num_pos: num_pos[0],
         mask,
-        grad_confidence: grad_confidence.split_off(skip.min(grad_confidence.len())),
-        grad_locations: grad_locations.split_off(skip.min(grad_locations.len())),
+        grad_confidence: grad_confidence.into_vec(),
+        grad_locations: grad_locations.into_vec(),
         status: DeviceStatus::from_bits(u32::from_le_bytes(status_bytes)),
         traffic: emulator.traffic.into_inner(),
     })
