@@ -103,6 +103,10 @@ class Checker {
     // A load, store or atomic by the current thread. Returns false if it is a
     // finding: the launch must stop.
     bool access(uintptr_t addr, unsigned size, unsigned kind, const void* pc);
+    // An access the compiler emitted as naturally aligned for its type (a
+    // GPU faults on any other): as `access`, and a finding if addr is not a
+    // multiple of size in shared or global memory.
+    bool aligned_access(uintptr_t addr, unsigned size, unsigned kind, const void* pc);
     // After the block's threads finished: the traffic of its warp requests.
     void end_block();
     void end_launch(EmuRegionTraffic* regions_out, EmuTraffic* out);

@@ -289,6 +289,34 @@ fn a_read_past_a_registered_region_is_out_of_bounds() {
 }
 
 #[test]
+fn a_misaligned_vector_access_is_reported() {
+    planted(
+        "emu_race_misaligned",
+        1,
+        THREADS,
+        1,
+        &[
+            "misaligned access",
+            "reads 16 bytes",
+            &at("misaligned_load"),
+            "4 bytes past a multiple of 16",
+        ],
+    );
+    planted(
+        "emu_race_misaligned",
+        1,
+        THREADS,
+        2,
+        &[
+            "misaligned access",
+            "writes 16 bytes",
+            &at("misaligned_store"),
+            "8 bytes past a multiple of 16",
+        ],
+    );
+}
+
+#[test]
 fn regions_owned_by_one_block_and_read_only_regions_are_enforced() {
     let mut b = Buffers::new(1000);
     let mut regions = b.regions();

@@ -99,6 +99,22 @@ MB_KERNEL(emu_race_bounds, RaceParams, RACE_THREADS) {
     p.out[blockIdx.x * blockDim.x + threadIdx.x] = sum;
 }
 
+// A 16-byte load from `in` and a 16-byte store to shared memory, a word a
+// thread. Variant 1 loads 4 bytes past a 16-byte boundary, variant 2
+// stores 8 bytes past one: a GPU faults on either, though a CPU would not.
+MB_KERNEL(emu_race_misaligned, RaceParams, RACE_THREADS) {
+    __shared__ __align__(16) u32 words[4 * (RACE_THREADS + 1)];
+    // Volatile, so that the host compiler cannot drop a skew it could prove
+    // makes the access misaligned (undefined behaviour for it).
+    volatile u32 load_skew = p.variant == 1 ? 4u : 0u, store_skew = p.variant == 2 ? 8u : 0u;
+    const unsigned long long first = (reinterpret_cast<unsigned long long>(p.in) + 15ull) & ~15ull;
+    const uint4* from = reinterpret_cast<const uint4*>(first + load_skew) + threadIdx.x;
+    const uint4 v = *from;  // MARK:misaligned_load
+    uint4* to = reinterpret_cast<uint4*>(reinterpret_cast<unsigned char*>(words) + store_skew) + threadIdx.x;
+    *to = v;  // MARK:misaligned_store
+    p.out[blockIdx.x * blockDim.x + threadIdx.x] = int(v.x);
+}
+
 // ---------------------------------------------------------------------------
 // Traffic: patterns with known sector and bank counts.
 
