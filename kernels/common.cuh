@@ -309,6 +309,19 @@ template <typename T> __device__ __forceinline__ u32 head_to_16_bytes(const T* p
     return n < head ? u32(n) : head;
 }
 
+// blockIdx.x, read again from its special register where it is used. A
+// kernel near its register cap may otherwise keep the value from its start
+// to its end, and spill it to local memory to do so.
+__device__ __forceinline__ u32 block_index() {
+#if defined(MULTIBOX_EMULATOR)
+    return blockIdx.x;
+#else
+    u32 b;
+    asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(b));
+    return b;
+#endif
+}
+
 // Zeros over `n` elements from `p` by the LANES lanes of a warp (or group):
 // element stores up to the first 16-byte boundary, 16-byte stores, then
 // element stores for the tail.

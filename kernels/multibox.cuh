@@ -62,8 +62,10 @@ struct MultiboxParams {
     u32 gradient_tile_rows;  // kernel 3's rows per tile staged in shared memory (ROW_THREADS), or 0
     u32 set_copy_lanes;      // power of two in 1..32: kernel 3's lanes that copy a set row into shared memory
     u32 set_slot_bytes;      // unstaged: bytes of kernel 3's shared slot per lane group, or 0 (set rows from global)
+    u32 plane_stride;        // channel-major, staged: elements between kernel 1's class planes in shared memory
+    u32 padding;
 };
-MB_ASSERT_SIZE(MultiboxParams, 208);
+MB_ASSERT_SIZE(MultiboxParams, 216);
 
 // A positive prior's two loss terms, from kernel 1 to kernel 2, which adds
 // them up per image (for NORMALIZER_PER_IMAGE, and so that every normaliser

@@ -11,8 +11,9 @@
 // lanes_per_row rows. Row-major, a tile is consecutive rows, whose logits
 // are one contiguous range: the block copies it into shared memory with
 // 16-byte loads, four in flight per thread. Channel-major, a tile is
-// consecutive priors of one image: the block copies each class plane's run
-// of them, with lanes across priors so that every request is contiguous.
+// consecutive priors of one image: a warp copies each class plane's run of
+// them with 16-byte loads, into shared planes spaced so that each keeps its
+// offset within 16 bytes (the plan's plane_stride), whatever P is.
 // The copy also checks every logit for NaN and infinity, and the tile's
 // labels come with it. The logits are read from DRAM once, in whole
 // sectors, whatever C is. Rows too long for a tile (the plan says
@@ -380,14 +381,36 @@ __device__ __forceinline__ void stage_tile(T* dst, const T* src, u32 n, FiniteCh
 // Channel-major counterpart of stage_tile: `count` priors of each of the
 // `classes` class planes of one image (`plane` elements apart in global
 // memory) into runs `stride` elements apart in shared memory, so that class
-// c of tile prior r is dst[r + c * stride]. A warp copies one plane's run
-// of priors at a time: each request covers consecutive priors.
+// c of tile prior r is dst[r + c * stride]. The plan makes `stride`
+// congruent to `plane` modulo a 16-byte word's elements, and dst shares
+// src's offset within 16 bytes: every plane's run then shares its global
+// offset within 16 bytes, and is copied like a row-major tile, in whole
+// 16-byte words with its ends element by element, whatever P is. One word
+// a lane at a time: a plane's run of ROW_THREADS priors is a word a lane
+// (two in f32), and more in flight would spill at the 64 registers a
+// thread that kernel 1's launch bounds leave.
 template <typename T>
 __device__ __forceinline__ void stage_planes(T* dst, u32 stride, const T* src, u64 plane, u32 classes, u32 count,
                                              FiniteCheck<T>& check) {
+    constexpr u32 PER_VECTOR = 16 / sizeof(T);
+    constexpr u32 WARPS = ROW_THREADS / WARP;
     const u32 lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
-    for (u32 c = warp; c < classes; c += ROW_THREADS / WARP)
-        for (u32 i = lane; i < count; i += WARP) check.add(dst[c * stride + i] = src[c * plane + i]);
+    const T* run = src + warp * plane;
+    T* out = dst + warp * stride;
+#pragma unroll 1
+    for (u32 c = warp; c < classes; c += WARPS, run += WARPS * plane, out += WARPS * stride) {
+        const u32 head = head_to_16_bytes(run, count);
+        const u32 words = (count - head) / PER_VECTOR;
+#pragma unroll 1
+        for (u32 w = lane; w < words; w += WARP) {
+            const uint4 v = reinterpret_cast<const uint4*>(run + head)[w];
+            reinterpret_cast<uint4*>(out + head)[w] = v;
+            check.add(v);
+        }
+        // The ends, fewer than PER_VECTOR elements each: a lane each.
+        const u32 i = lane < head ? lane : head + words * PER_VECTOR + (lane - head);
+        if (i < count) check.add(out[i] = run[i]);
+    }
 }
 
 // One tile of kernel 1: `count` consecutive rows from global row `first`,
@@ -456,12 +479,6 @@ template <typename T, typename L> __device__ void mining_keys_and_positive_terms
     const u32 r = threadIdx.x / lanes;
     const u64 tiles = channel_major ? u64(p.batch) * ((p.priors + tile_rows - 1) / tile_rows)
                                     : (rows + tile_rows - 1) / tile_rows;
-    // Channel-major class planes in shared memory are an odd number of
-    // 4-byte words apart (tile_rows, a multiple of 8, plus 4 bytes), so that
-    // the lanes of a group, each reading a class of the same prior, spread
-    // over the banks (2 ways at worst in the emulator's model at C = 21 and
-    // 81).
-    const u32 staged_stride = tile_rows + 4 / u32(sizeof(T));
 
     // Kernel 2 counts its finished blocks here; it runs after this kernel.
     if (blockIdx.x == 0 && threadIdx.x == 0) p.totals->images_done = 0;
@@ -484,26 +501,27 @@ template <typename T, typename L> __device__ void mining_keys_and_positive_terms
         }
         const bool in_range = r < tile.count;
         const T* global_row = x0 + u64(r) * row_stride;
-        // Staged, the tile in shared memory: row-major at the logits' offset
-        // within a 16-byte line, so that 16-byte global vectors land on
-        // aligned shared ones; channel-major as class planes `staged_stride`
-        // apart. Derived from `staged` where it is used, so that the
-        // compiler knows it for shared memory (32-bit addresses, LDS).
-        const u32 copy_offset = channel_major ? 0u : u32(u64(x0) & 15u);
+        // Staged, the tile in shared memory at the logits' offset within a
+        // 16-byte line, so that 16-byte global vectors land on aligned
+        // shared ones: row-major as in global memory, channel-major as class
+        // planes `plane_stride` apart. Derived from `staged` where it is
+        // used, so that the compiler knows it for shared memory (32-bit
+        // addresses, LDS).
+        const u32 copy_offset = u32(u64(x0) & 15u);
         if (staging) {
             FiniteCheck<T> check;
             T* copy = reinterpret_cast<T*>(staged + copy_offset);
             if (!channel_major)
                 stage_tile(copy, x0, tile.count * p.classes, check);
             else
-                stage_planes(copy, staged_stride, x0, p.priors, p.classes, tile.count, check);
+                stage_planes(copy, p.plane_stride, x0, p.priors, p.classes, tile.count, check);
             if (check.any()) status |= STATUS_NONFINITE_INPUT;
             if (threadIdx.x < tile.count) {
                 const i64 l = load_label<L>(p.labels, tile.first + threadIdx.x);
                 tile_labels[threadIdx.x] = i32(l < -2 ? -2 : l > i64(p.classes) ? i64(p.classes) : l);
             }
             __syncthreads();  // the tile and its labels are in shared memory
-            if (channel_major) class_stride = staged_stride;
+            if (channel_major) class_stride = p.plane_stride;
         } else if (in_range && row_nonfinite(global_row, class_stride, p.classes, sub, lanes)) {
             status |= STATUS_NONFINITE_INPUT;
         }
@@ -567,7 +585,7 @@ template <typename T, typename L> __device__ void mining_keys_and_positive_terms
     }
 
     status = block_or<ROW_THREADS>(status, status_scratch);
-    if (threadIdx.x == 0) p.block_status[blockIdx.x] = status;
+    if (threadIdx.x == 0) p.block_status[block_index()] = status;
 }
 
 MB_KERNEL(multibox_rows_f32_i32, MultiboxParams, ROW_THREADS) { mining_keys_and_positive_terms<float, i32>(p); }

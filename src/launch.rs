@@ -283,6 +283,8 @@ fn params(config: &MultiboxConfig, call: &RawCall, plan: &LaunchPlan) -> Result<
         gradient_tile_rows: plan.gradient_tile_rows,
         set_copy_lanes: plan.set_copy_lanes,
         set_slot_bytes: plan.set_slot_bytes,
+        plane_stride: plan.plane_stride,
+        _padding: 0,
     })
 }
 

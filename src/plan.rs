@@ -196,6 +196,9 @@ pub struct LaunchPlan {
     /// a tile, read from global memory. A channel-major tile is this many
     /// consecutive priors of one image.
     pub tile_rows: u32,
+    /// Elements between the class planes of kernel 1's channel-major tile
+    /// in shared memory ([`plane_stride`]); 0 row-major or unstaged.
+    pub plane_stride: u32,
     /// Rows of kernel 3's row-major tiles whose logit gradients are built
     /// in shared memory and stored whole ([`gradient_tile_rows`]):
     /// [`ROW_THREADS`], or 0 (channel-major, or rows too long for a tile).
@@ -270,7 +273,11 @@ impl LaunchPlan {
     ) -> Result<Self> {
         shape.validate()?;
         let lanes_per_row = lanes_per_row(shape.classes, dtype);
-        let tile_rows = tile_rows(shape.classes, lanes_per_row, layout, dtype);
+        let tile_rows = tile_rows(shape, lanes_per_row, layout, dtype);
+        let plane_stride = match (layout, tile_rows) {
+            (Layout::ChannelMajor, 1..) => plane_stride(shape.priors, tile_rows, dtype),
+            _ => 0,
+        };
         let grid =
             |limit: u32, blocks: usize| blocks.min(limit.clamp(1, MAX_ROW_BLOCKS) as usize) as u32;
         // With a tile or without, a block takes one step of the lane groups
@@ -283,14 +290,14 @@ impl LaunchPlan {
             step: Step::Rows,
             grid: row_blocks,
             block: ROW_THREADS,
-            shared_bytes: tile_shared_bytes(shape.classes, tile_rows, layout, dtype),
+            shared_bytes: tile_shared_bytes(shape, tile_rows, layout, dtype),
         };
 
         let gradient_tile_rows = gradient_tile_rows(shape.classes, layout, dtype);
         let set_slot_bytes = set_slot_bytes(shape.classes, layout, dtype);
         let set_lanes = set_lanes(shape.classes, dtype);
         let gradient_shared_bytes = if gradient_tile_rows != 0 {
-            tile_shared_bytes(shape.classes, gradient_tile_rows, layout, dtype)
+            row_tile_bytes(shape.classes, gradient_tile_rows, dtype)
         } else {
             (ROW_THREADS / set_lanes) * set_slot_bytes
         };
@@ -326,6 +333,7 @@ impl LaunchPlan {
             set_lanes,
             set_copy_lanes: set_copy_lanes(shape.classes, dtype),
             tile_rows,
+            plane_stride,
             gradient_tile_rows,
             set_slot_bytes,
             rows: rows_launch,
@@ -563,8 +571,7 @@ pub const ROW_TILE_BYTES: usize = 48 * 1024 - 9 * 256;
 pub fn lanes_per_row(classes: usize, dtype: DType) -> u32 {
     let mut lanes = 1;
     while lanes < 32
-        && tile_shared_bytes(classes, ROW_THREADS / lanes, Layout::RowMajor, dtype) as usize
-            > ROW_TILE_BYTES
+        && row_tile_bytes(classes, ROW_THREADS / lanes, dtype) as usize > ROW_TILE_BYTES
     {
         lanes *= 2;
     }
@@ -613,9 +620,9 @@ pub fn set_copy_lanes(classes: usize, dtype: DType) -> u32 {
 /// Kernel 1's rows per tile: one step of the lane groups,
 /// `ROW_THREADS / lanes_per_row`, when it fits [`ROW_TILE_BYTES`]; 0
 /// otherwise (the rows are then read from global memory).
-pub fn tile_rows(classes: usize, lanes_per_row: u32, layout: Layout, dtype: DType) -> u32 {
+pub fn tile_rows(shape: Shape, lanes_per_row: u32, layout: Layout, dtype: DType) -> u32 {
     let rows = ROW_THREADS / lanes_per_row;
-    if tile_shared_bytes(classes, rows, layout, dtype) as usize <= ROW_TILE_BYTES {
+    if tile_shared_bytes(shape, rows, layout, dtype) as usize <= ROW_TILE_BYTES {
         rows
     } else {
         0
@@ -633,8 +640,7 @@ pub const GRADIENT_TILE_BYTES: usize = 42 * 1024;
 /// in f32); 0 otherwise, and channel-major, whose stores are whole class
 /// planes of a tile's priors and need no staging.
 pub fn gradient_tile_rows(classes: usize, layout: Layout, dtype: DType) -> u32 {
-    let fits = tile_shared_bytes(classes, ROW_THREADS, Layout::RowMajor, dtype) as usize
-        <= GRADIENT_TILE_BYTES;
+    let fits = row_tile_bytes(classes, ROW_THREADS, dtype) as usize <= GRADIENT_TILE_BYTES;
     if layout == Layout::RowMajor && fits {
         ROW_THREADS
     } else {
@@ -661,20 +667,42 @@ pub fn set_slot_bytes(classes: usize, layout: Layout, dtype: DType) -> u32 {
     }
 }
 
-/// Dynamic shared memory for a tile of `tile_rows` rows (kernel 1's logits,
-/// kernel 3's logit gradients).
-/// Row-major, the tile's logits as they lie in global memory, plus 32 bytes:
-/// the copy keeps the logits' offset within a 16-byte line, and a row's
-/// last 16-byte load may reach past the tile's last element to the end of
-/// its line. Channel-major, C class planes of the tile's priors, each 4
-/// bytes longer than the run of priors, so that planes are an odd number of
-/// 4-byte words apart (against bank conflicts).
-pub fn tile_shared_bytes(classes: usize, tile_rows: u32, layout: Layout, dtype: DType) -> u32 {
-    let tile = tile_rows as usize * dtype.size();
+/// Dynamic shared memory for a row-major tile of `tile_rows` rows (kernel
+/// 1's logits, kernel 3's logit gradients): the tile as it lies in global
+/// memory, plus 32 bytes. The copy keeps the logits' offset within a
+/// 16-byte line, and a row's last 16-byte load may reach past the tile's
+/// last element to the end of its line.
+pub fn row_tile_bytes(classes: usize, tile_rows: u32, dtype: DType) -> u32 {
+    match tile_rows {
+        0 => 0,
+        _ => (tile_rows as usize * dtype.size() * classes + 32) as u32,
+    }
+}
+
+/// Kernel 1's channel-major tile in shared memory: elements from one class
+/// plane's run of priors to the next. The smallest count no less than
+/// `tile_rows` that is congruent to P modulo a 16-byte word's elements, so
+/// that every plane keeps in shared memory its global run's offset within
+/// 16 bytes, and is copied with 16-byte loads and stores whatever P is.
+pub fn plane_stride(priors: usize, tile_rows: u32, dtype: DType) -> u32 {
+    let per_word = 16 / dtype.size();
+    let pad = (per_word - tile_rows as usize % per_word + priors % per_word) % per_word;
+    tile_rows + pad as u32
+}
+
+/// Dynamic shared memory for kernel 1's tile of `tile_rows` rows of
+/// `shape` in `layout`: row-major, [`row_tile_bytes`]; channel-major, the
+/// C class planes [`plane_stride`] elements apart, after the first
+/// plane's offset within 16 bytes (at most 16 bytes less an element).
+pub fn tile_shared_bytes(shape: Shape, tile_rows: u32, layout: Layout, dtype: DType) -> u32 {
+    let size = dtype.size();
     match (tile_rows, layout) {
         (0, _) => 0,
-        (_, Layout::RowMajor) => (tile * classes + 32) as u32,
-        (_, Layout::ChannelMajor) => ((tile + 4) * classes) as u32,
+        (_, Layout::RowMajor) => row_tile_bytes(shape.classes, tile_rows, dtype),
+        (_, Layout::ChannelMajor) => {
+            let stride = plane_stride(shape.priors, tile_rows, dtype) as usize;
+            (16 - size + stride * size * shape.classes) as u32
+        }
     }
 }
 
@@ -774,9 +802,11 @@ pub(crate) struct MultiboxParams {
     pub(crate) gradient_tile_rows: u32,
     pub(crate) set_copy_lanes: u32,
     pub(crate) set_slot_bytes: u32,
+    pub(crate) plane_stride: u32,
+    pub(crate) _padding: u32,
 }
 
-const _: () = assert!(std::mem::size_of::<MultiboxParams>() == 208);
+const _: () = assert!(std::mem::size_of::<MultiboxParams>() == 216);
 const _: () = assert!(std::mem::size_of::<PositiveTerms>() == 8);
 const _: () = assert!(std::mem::size_of::<ImageSelection>() == 32);
 const _: () = assert!(std::mem::size_of::<Totals>() == 32);

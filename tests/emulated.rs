@@ -458,9 +458,10 @@ fn lane_groups_split_rows_into_runs_of_classes() {
     use multibox::DType;
     assert_eq!(lanes_per_row(200, DType::BF16), 4);
     assert_eq!(lanes_per_row(961, DType::F32), 32);
-    assert_eq!(tile_rows(961, 32, Layout::RowMajor, DType::F32), 8);
+    let shape = |classes| multibox::Shape::new(1, 100, classes);
+    assert_eq!(tile_rows(shape(961), 32, Layout::RowMajor, DType::F32), 8);
     assert_eq!(lanes_per_row(3000, DType::BF16), 32);
-    assert_eq!(tile_rows(3000, 32, Layout::RowMajor, DType::BF16), 0);
+    assert_eq!(tile_rows(shape(3000), 32, Layout::RowMajor, DType::BF16), 0);
     layouts_and_normalisers::<bf16, i64>(905..906, 200_000, Some(200));
     layouts_and_normalisers::<f32, i32>(906..907, 200_000, Some(961));
     layouts_and_normalisers::<bf16, i32>(907..908, 200_000, Some(3000));
@@ -571,6 +572,73 @@ fn rows_too_long_for_a_tile_are_read_from_global_memory() {
     let walked = emulated::run(&case.config, shape, &case.host(), few).unwrap();
     assert_eq!(walked, got);
     assert_channel_major_is_row_major("long rows, two blocks", &case, few, &got);
+}
+
+/// Channel-major class planes start wherever c * P puts them within 16
+/// bytes. Kernel 1 stages each plane's run of a tile's priors, and kernel 3
+/// writes each plane's run of gradients, as 16-byte words with the ends
+/// element by element: P of every residue modulo a word's elements, full
+/// and partial tiles, gradients one element past alignment, and one and
+/// two lanes a row (C = 21 and C = 81 in f32), bit for bit against the
+/// row-major call and close to the reference.
+#[test]
+fn channel_major_planes_at_every_offset_within_16_bytes() {
+    fn planes<T: Float, L: Label>(priors: usize, classes: usize) {
+        let shape = Shape::new(2, priors, classes);
+        let plan = multibox::plan::LaunchPlan::with_limits(
+            shape,
+            T::DTYPE,
+            Layout::ChannelMajor,
+            Default::default(),
+        )
+        .unwrap();
+        assert_ne!(plan.tile_rows, 0, "staged");
+        let mut rng = SplitMix64(priors as u64 * 1000 + classes as u64);
+        let confidence = (0..shape.confidence_len())
+            .map(|_| T::from_f64(rng.normal() * 3.0))
+            .collect();
+        // Positives, ignored priors and negatives, a few of which are mined.
+        let labels = (0..shape.rows())
+            .map(|i| match i % 11 {
+                0 | 4 => L::from_i64(1 + (i / 11 % (classes - 1)) as i64),
+                7 => L::from_i64(-1),
+                _ => L::from_i64(0),
+            })
+            .collect();
+        let case = Drawn::<T, L>::with(shape, confidence, labels, &mut rng);
+        let what = format!("{:?} P={priors} C={classes}", T::DTYPE);
+        let want = case.reference();
+        for misaligned in [false, true] {
+            let call = Call {
+                misaligned,
+                ..Call::default()
+            };
+            let row_major = emulated::run(&case.config, shape, &case.host(), call).unwrap();
+            compare(
+                &what,
+                &case,
+                &want,
+                &row_major,
+                &case.divisors(Normalizer::Positives),
+            );
+            let call = Call {
+                layout: Layout::ChannelMajor,
+                ..call
+            };
+            assert_channel_major_is_row_major(&what, &case, call, &row_major);
+        }
+    }
+    // Tiles of 256 priors (128 at C = 81 in f32): P = 256 + 0..8 gives every
+    // plane offset within 16 bytes in the half types, and a last tile of
+    // 0 to 7 priors, shorter than a word.
+    for priors in 256..264 {
+        planes::<f16, i64>(priors, 21);
+        planes::<bf16, i32>(priors, 21);
+    }
+    for priors in [256, 257, 258, 259, 300] {
+        planes::<f32, i64>(priors, 21);
+        planes::<f32, i32>(priors, 81);
+    }
 }
 
 #[test]

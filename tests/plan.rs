@@ -10,7 +10,7 @@ const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
 #[test]
 fn kernel_1_takes_the_fewest_lanes_whose_tile_fits() {
-    use multibox::plan::{tile_shared_bytes, ROW_TILE_BYTES};
+    use multibox::plan::{row_tile_bytes, ROW_TILE_BYTES};
     for dtype in DTYPES {
         for classes in 2..=3000 {
             let lanes = lanes_per_row(classes, dtype);
@@ -18,9 +18,7 @@ fn kernel_1_takes_the_fewest_lanes_whose_tile_fits() {
                 lanes.is_power_of_two() && lanes <= 32,
                 "C={classes}: {lanes}"
             );
-            let bytes = |lanes: u32| {
-                tile_shared_bytes(classes, ROW_THREADS / lanes, Layout::RowMajor, dtype) as usize
-            };
+            let bytes = |lanes: u32| row_tile_bytes(classes, ROW_THREADS / lanes, dtype) as usize;
             if lanes < 32 {
                 assert!(bytes(lanes) <= ROW_TILE_BYTES, "C={classes} {dtype:?}");
             }
@@ -339,40 +337,65 @@ fn regions_give_each_kernel_its_buffers_and_the_selection_one_image_per_block() 
 fn kernel_1_tiles_are_one_step_and_fit_shared_memory() {
     use multibox::plan::{tile_rows, ROW_TILE_BYTES};
     for dtype in DTYPES {
+        let size = dtype.size();
+        let per_word = 16 / size;
         for classes in [2, 3, 21, 81, 91, 200, 1000, 5000, 100_000] {
-            let shape = Shape::new(2, 500, classes);
-            let size = dtype.size();
-            for layout in [Layout::RowMajor, Layout::ChannelMajor] {
-                let plan =
-                    LaunchPlan::with_limits(shape, dtype, layout, GridLimits::default()).unwrap();
-                let step = ROW_THREADS / plan.lanes_per_row;
-                assert_eq!(plan.lanes_per_row, lanes_per_row(classes, dtype));
-                assert_eq!(
-                    plan.tile_rows,
-                    tile_rows(classes, plan.lanes_per_row, layout, dtype)
-                );
-                // Row-major: the tile as in global memory plus 32 bytes (its
-                // offset in a 16-byte line, the last row's last 16-byte load);
-                // channel-major: C planes 4 bytes longer than the tile.
-                let bytes = match layout {
-                    Layout::RowMajor => step as usize * classes * size + 32,
-                    Layout::ChannelMajor => (step as usize * size + 4) * classes,
-                };
-                if bytes <= ROW_TILE_BYTES {
-                    assert_eq!(plan.tile_rows, step, "C={classes} {dtype:?} {layout:?}");
-                    assert_eq!(plan.rows.shared_bytes as usize, bytes);
-                } else {
-                    assert_eq!(plan.tile_rows, 0, "C={classes} {dtype:?} {layout:?}");
-                    assert_eq!(plan.rows.shared_bytes, 0);
+            // Every residue of P modulo a 16-byte word's elements.
+            for priors in [500, 8732, 3000, 3001, 3003, 8731] {
+                let shape = Shape::new(2, priors, classes);
+                for layout in [Layout::RowMajor, Layout::ChannelMajor] {
+                    let what = format!("C={classes} P={priors} {dtype:?} {layout:?}");
+                    let plan = LaunchPlan::with_limits(shape, dtype, layout, GridLimits::default())
+                        .unwrap();
+                    let step = ROW_THREADS / plan.lanes_per_row;
+                    assert_eq!(plan.lanes_per_row, lanes_per_row(classes, dtype));
+                    assert_eq!(
+                        plan.tile_rows,
+                        tile_rows(shape, plan.lanes_per_row, layout, dtype)
+                    );
+                    // Channel-major planes keep their global offset within 16
+                    // bytes: the stride is the tile padded to P's residue.
+                    let stride = step as usize + (priors % per_word);
+                    // Row-major: the tile as in global memory plus 32 bytes
+                    // (its offset in a 16-byte line, the last row's last
+                    // 16-byte load); channel-major: C planes `stride` apart,
+                    // after the first one's offset within 16 bytes.
+                    let bytes = match layout {
+                        Layout::RowMajor => step as usize * classes * size + 32,
+                        Layout::ChannelMajor => 16 - size + stride * size * classes,
+                    };
+                    if bytes <= ROW_TILE_BYTES {
+                        assert_eq!(plan.tile_rows, step, "{what}");
+                        assert_eq!(plan.rows.shared_bytes as usize, bytes, "{what}");
+                    } else {
+                        assert_eq!(plan.tile_rows, 0, "{what}");
+                        assert_eq!(plan.rows.shared_bytes, 0, "{what}");
+                    }
+                    if layout == Layout::ChannelMajor && plan.tile_rows != 0 {
+                        assert_eq!(plan.plane_stride as usize, stride, "{what}");
+                        assert_eq!(stride % per_word, priors % per_word, "{what}");
+                    } else {
+                        assert_eq!(plan.plane_stride, 0, "{what}");
+                    }
                 }
             }
         }
     }
-    assert_eq!(tile_rows(21, 1, Layout::RowMajor, DType::F32), 256);
-    assert_eq!(tile_rows(81, 1, Layout::RowMajor, DType::BF16), 256);
-    assert_eq!(tile_rows(81, 1, Layout::ChannelMajor, DType::BF16), 256);
-    assert_eq!(tile_rows(81, 2, Layout::RowMajor, DType::F32), 128);
-    assert_eq!(tile_rows(5000, 32, Layout::RowMajor, DType::F32), 0);
+    let shape = |classes| Shape::new(2, 8732, classes);
+    assert_eq!(tile_rows(shape(21), 1, Layout::RowMajor, DType::F32), 256);
+    assert_eq!(tile_rows(shape(81), 1, Layout::RowMajor, DType::BF16), 256);
+    assert_eq!(
+        tile_rows(shape(81), 1, Layout::ChannelMajor, DType::BF16),
+        256
+    );
+    assert_eq!(tile_rows(shape(81), 2, Layout::RowMajor, DType::F32), 128);
+    assert_eq!(tile_rows(shape(5000), 32, Layout::RowMajor, DType::F32), 0);
+    // A thread per prior up to C = 91 channel-major in the half types when
+    // P is a multiple of 8 (SSDLite's 3,000 priors): no plane is padded.
+    assert_eq!(
+        tile_rows(Shape::new(2, 3000, 91), 1, Layout::ChannelMajor, DType::F16),
+        256
+    );
 }
 
 #[test]
