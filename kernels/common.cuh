@@ -379,6 +379,11 @@ __device__ __forceinline__ void store_shared_16(void* p, uint4 v) {
 template <typename T> struct ElementBits { typedef u16 type; };
 template <> struct ElementBits<float> { typedef u32 type; };
 
+// An element's bits, zero-extended to 32.
+__device__ __forceinline__ u32 element_bits(float x) { return f32_bits(x); }
+__device__ __forceinline__ u32 element_bits(f16 x) { return x.bits; }
+__device__ __forceinline__ u32 element_bits(bf16 x) { return x.bits; }
+
 // Copies the n elements from `src` (global memory, within the buffer of
 // bytes [lo, hi)) to `dst` (shared memory) by `lanes` lanes, reading the
 // 16-byte words that cover the run whole, a word a lane: one load

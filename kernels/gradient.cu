@@ -329,33 +329,57 @@ __device__ void write_gradients_row_major(const MultiboxParams& p, GradientShare
 }
 
 // Channel-major: tiles of ROW_THREADS consecutive priors of one image, a
-// thread per prior. Every class plane and box coordinate is a contiguous
-// run across the block, so when each thread writes its prior's gradient of
-// class c, the warp's store is one contiguous request, zeros included.
+// thread per prior. Every class plane's run of the tile's priors is one
+// contiguous range of the gradient.
 //   1. Each thread decides its prior and writes its box gradients; a block
-//      scan lists the set's priors, as row-major.
+//      scan lists the set's priors, as row-major, and a ballot per warp
+//      marks them in a bitmask of the tile.
 //   2. Lane groups take the set's priors and compute their row statistics
 //      with row_stats, reading each class plane at stride P: the same lanes
 //      and the same order as the row-major path, so every gradient is bit
 //      for bit the row-major call's.
-//   3. Each thread writes its column: zeros outside the set, otherwise
-//      softmax - one-hot from the statistics its group left in shared memory.
+//   3. A warp per class plane writes the plane's run in 16-byte words (its
+//      ends, wherever c * P puts them, element by element): a word over
+//      priors outside the set is zeros, found from the bitmask without
+//      reading anything else; a set prior's element is softmax - one-hot,
+//      from the statistics its group left in shared memory.
 struct ColumnShared {
     u32 scan[ROW_THREADS / WARP + 1];
-    u16 set_rows[ROW_THREADS];     // tile offsets of the set's priors, in order
+    u16 set_rows[ROW_THREADS];         // tile offsets of the set's priors, in order
     u32 set_labels[ROW_THREADS];
-    u8 slot[ROW_THREADS];          // a set prior's index in the lists above
-    RowStats stats[ROW_THREADS];   // per set prior, from step 2
+    RowStats stats[ROW_THREADS];       // per set prior, from step 2
+    u32 in_set[ROW_THREADS / WARP];    // bit r % 32 of word r / 32: tile prior r is in the set
+    u32 set_before[ROW_THREADS / WARP];  // the set's priors before word w's: the list index of its first
+    float cls_scale;                   // the set's g_cls / divisor: one image, one divisor
 };
+
+// Bits `first`, ..., `first + n - 1` (n <= 32) of the tile's set bitmask, from bit 0.
+__device__ __forceinline__ u32 set_bits(const ColumnShared& sh, u32 first, u32 n) {
+    const u32 w = first / WARP;
+    const u64 two = u64(sh.in_set[w]) | (w + 1 < ROW_THREADS / WARP ? u64(sh.in_set[w + 1]) << 32 : 0ull);
+    return u32(two >> (first % WARP)) & (n == 32 ? ~0u : (1u << n) - 1u);
+}
+
+// The gradient of class c at tile prior r, which is in the set: the same
+// expression, in the same order, as the row-major path's.
+template <typename T>
+__device__ __forceinline__ T set_prior_gradient(const ColumnShared& sh, const T* x0, u64 priors, u32 r, u32 c) {
+    const u32 i = sh.set_before[r / WARP] + __popc(sh.in_set[r / WARP] & ((1u << (r % WARP)) - 1u));
+    const RowStats stats = sh.stats[i];
+    const float inv_sum = 1.0f / stats.sum_exp;
+    return from_f32<T>(sh.cls_scale * softmax_minus_onehot(stats, inv_sum, x0 + r, priors, c, sh.set_labels[i]));
+}
 
 template <typename T, typename L>
 __device__ void write_gradients_channel_major(const MultiboxParams& p, ColumnShared& sh) {
+    constexpr u32 PER_VECTOR = 16 / sizeof(T);
+    constexpr u32 WARPS = ROW_THREADS / WARP;
     const T* confidence = static_cast<const T*>(p.confidence);
     const T* pred = static_cast<const T*>(p.predicted_locations);
     const T* gt = static_cast<const T*>(p.gt_locations);
     T* grad_confidence = static_cast<T*>(p.grad_confidence);
     T* grad_locations = static_cast<T*>(p.grad_locations);
-    const u32 t = threadIdx.x;
+    const u32 t = threadIdx.x, lane = t % WARP, warp = t / WARP;
     const u64 priors = p.priors;
     const u32 per_image = (p.priors + ROW_THREADS - 1) / ROW_THREADS;
     const u64 tiles = u64(p.batch) * per_image;
@@ -379,12 +403,17 @@ __device__ void write_gradients_channel_major(const MultiboxParams& p, ColumnSha
         }
         u32 set_count;
         const u32 slot = block_exclusive_scan<ROW_THREADS>(u32(mine.in_set), sh.scan, &set_count);
+        const u32 in_set = __ballot_sync(FULL_MASK, mine.in_set);
         if (mine.in_set) {
             sh.set_rows[slot] = u16(t);
             sh.set_labels[slot] = mine.label;
-            sh.slot[t] = u8(slot);
+            if (slot == 0) sh.cls_scale = mine.cls_scale;
         }
-        __syncthreads();  // the list is complete
+        if (lane == 0) {
+            sh.in_set[warp] = in_set;
+            sh.set_before[warp] = slot;
+        }
+        __syncthreads();  // the list and the bitmask are complete
 
         // 2. The set's statistics, a lane group per prior. Every thread walks
         // the same number of steps, so the group shuffles find all 32 lanes.
@@ -398,19 +427,34 @@ __device__ void write_gradients_channel_major(const MultiboxParams& p, ColumnSha
         }
         __syncthreads();  // the statistics are complete
 
-        // 3. This thread's column, every class. One store per class for the
-        // whole warp, zeros and values alike, so that each is one request.
-        if (t < count) {
-            T* out = grad_confidence + image * p.classes * priors + p0 + t;
-            RowStats stats = {};
-            if (mine.in_set) stats = sh.stats[sh.slot[t]];
-            const float inv_sum = 1.0f / stats.sum_exp;
-            const u32 label = mine.label;
-            for (u32 c = 0; c < p.classes; ++c) {
-                float d = 0.0f;
-                if (mine.in_set) d = mine.cls_scale * softmax_minus_onehot(stats, inv_sum, x0 + t, priors, c, label);
-                out[c * priors] = from_f32<T>(d);
+        // 3. The class planes, a warp each at a time.
+        T* const g0 = grad_confidence + image * p.classes * priors + p0;
+#pragma unroll 1
+        for (u32 c = warp; c < p.classes; c += WARPS) {
+            T* out = g0 + c * priors;
+            const u32 head = head_to_16_bytes(out, count);
+            const u32 words = (count - head) / PER_VECTOR;
+#pragma unroll 1
+            for (u32 w = lane; w < words; w += WARP) {
+                const u32 first = head + w * PER_VECTOR;
+                uint4 v = make_uint4(0u, 0u, 0u, 0u);
+                const u32 in_set = set_bits(sh, first, PER_VECTOR);
+                if (in_set != 0) {
+                    constexpr u32 PER_U32 = 4 / sizeof(T), BITS = 8 * sizeof(T);
+                    u32 bits[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+                    for (u32 e = 0; e < PER_VECTOR; ++e)
+                        if (in_set & (1u << e))
+                            bits[e / PER_U32] |= element_bits(set_prior_gradient(sh, x0, priors, first + e, c))
+                                                 << (e % PER_U32 * BITS);
+                    v = make_uint4(bits[0], bits[1], bits[2], bits[3]);
+                }
+                *reinterpret_cast<uint4*>(out + first) = v;
             }
+            // The ends, fewer than PER_VECTOR elements each: a lane each.
+            const u32 i = lane < head ? lane : head + words * PER_VECTOR + (lane - head);
+            if (i < count)
+                out[i] = set_bits(sh, i, 1) != 0 ? set_prior_gradient(sh, x0, priors, i, c) : from_f32<T>(0.0f);
         }
         // No barrier here: the next tile's first shared writes (the lists)
         // come after its scan's barriers, which every thread reaches only
