@@ -1436,3 +1436,103 @@ fn the_emulator_knows_every_kernel_the_crate_launches() {
         );
     }
 }
+
+/// The emulator's traffic model (what the kernels ask of memory, counted
+/// on the CPU; not a measurement), on tensors placed as a device allocator
+/// places them. Every other test would pass a kernel that fell back to
+/// element accesses; this one would not. Kernel 1 reads the logits, and
+/// kernel 3 writes their gradients, in whole sectors (at least 99 % of the
+/// bytes fetched are asked for row-major, 90 % channel-major, whose class
+/// planes start anywhere within 16 bytes, and for f32 rows at C = 81, whose
+/// gradients are written row by row); kernel 3 fetches each sector of the
+/// set's rows once; and, row-major, the call touches at most 1.1 times the
+/// bytes floor.
+#[test]
+fn the_traffic_model_sees_whole_sectors() {
+    use common::emulated::Placed;
+    use multibox::synthetic::{Batch, BatchSpec};
+
+    fn check<T: Float, L: Label>(shape: Shape, layout: Layout, stores: f64) {
+        let what = format!("{:?} {shape} {layout:?}", T::DTYPE);
+        let batch = Batch::<T, L>::generate(shape, BatchSpec::default()).in_layout(layout);
+        let placed = (
+            Placed::copy_of(&batch.confidence, 0),
+            Placed::copy_of(&batch.predicted_locations, 0),
+            Placed::copy_of(&batch.labels, 0),
+            Placed::copy_of(&batch.gt_locations, 0),
+        );
+        let inputs = HostInputs {
+            confidence: placed.0.as_slice(),
+            predicted_locations: placed.1.as_slice(),
+            labels: placed.2.as_slice(),
+            gt_locations: placed.3.as_slice(),
+        };
+        let call = Call {
+            layout,
+            model_traffic: true,
+            races: false,
+            ..Call::default()
+        };
+        let out = emulated::run(&MultiboxConfig::default(), shape, &inputs, call).unwrap();
+        // A buffer's traffic in one kernel, its per-image regions summed.
+        let traffic = |kernel: &str, buffer: &str| {
+            let (_, t) = out
+                .traffic
+                .iter()
+                .find(|(k, _)| k.starts_with(kernel))
+                .unwrap_or_else(|| panic!("{what}: no {kernel}"));
+            let mut sum = multibox_emu::RegionTraffic::default();
+            for (_, r) in t
+                .regions
+                .iter()
+                .filter(|(n, _)| n.split('[').next() == Some(buffer))
+            {
+                sum.loads.sectors += r.loads.sectors;
+                sum.loads.used_bytes += r.loads.used_bytes;
+                sum.stores.sectors += r.stores.sectors;
+                sum.stores.used_bytes += r.stores.used_bytes;
+                sum.unique_sectors += r.unique_sectors;
+            }
+            sum
+        };
+        let logits = traffic("multibox_rows", "confidence").loads.efficiency();
+        let want = if layout == Layout::RowMajor {
+            0.99
+        } else {
+            0.9
+        };
+        assert!(logits >= want, "{what}: kernel 1 logits {logits:.3}");
+        let gradients = traffic("multibox_gradient", "grad_confidence")
+            .stores
+            .efficiency();
+        assert!(
+            gradients >= stores,
+            "{what}: kernel 3 gradients {gradients:.3}"
+        );
+        if layout == Layout::RowMajor {
+            let set_rows = traffic("multibox_gradient", "confidence");
+            assert!(
+                set_rows.loads.sectors as f64 <= 1.02 * set_rows.unique_sectors as f64,
+                "{what}: kernel 3 fetches {} sectors of the set's rows, {} distinct",
+                set_rows.loads.sectors,
+                set_rows.unique_sectors
+            );
+            let unique: u64 = out.traffic.iter().map(|(_, t)| t.unique_bytes()).sum();
+            let floor = multibox::plan::bytes_floor(shape, T::DTYPE, L::LABEL_TYPE, true);
+            assert!(
+                unique as f64 <= 1.1 * floor as f64,
+                "{what}: {unique} distinct bytes, floor {floor}"
+            );
+        }
+    }
+    for layout in [Layout::RowMajor, Layout::ChannelMajor] {
+        let whole = if layout == Layout::RowMajor {
+            0.99
+        } else {
+            0.9
+        };
+        check::<f16, i64>(Shape::new(4, 3000, 21), layout, whole);
+        check::<bf16, i32>(Shape::new(2, 2000, 81), layout, whole);
+        check::<f32, i64>(Shape::new(2, 2000, 81), layout, 0.9);
+    }
+}
