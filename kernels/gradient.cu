@@ -453,8 +453,13 @@ __device__ void write_gradients_channel_major(const MultiboxParams& p, ColumnSha
             }
             // The ends, fewer than PER_VECTOR elements each: a lane each.
             const u32 i = lane < head ? lane : head + words * PER_VECTOR + (lane - head);
-            if (i < count)
-                out[i] = set_bits(sh, i, 1) != 0 ? set_prior_gradient(sh, x0, priors, i, c) : from_f32<T>(0.0f);
+            if (i < count) {
+                // One store for both cases, so that the warp's end elements
+                // are one request.
+                T g = from_f32<T>(0.0f);
+                if (set_bits(sh, i, 1) != 0) g = set_prior_gradient(sh, x0, priors, i, c);
+                out[i] = g;
+            }
         }
         // No barrier here: the next tile's first shared writes (the lists)
         // come after its scan's barriers, which every thread reaches only
