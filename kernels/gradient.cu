@@ -347,7 +347,7 @@ struct ColumnShared {
     u32 scan[ROW_THREADS / WARP + 1];
     u16 set_rows[ROW_THREADS];         // tile offsets of the set's priors, in order
     u32 set_labels[ROW_THREADS];
-    RowStats stats[ROW_THREADS];       // per set prior, from step 2
+    RowStats stats[ROW_THREADS];       // per set prior, from step 2; sum_exp holds 1 / sum_exp
     u32 in_set[ROW_THREADS / WARP];    // bit r % 32 of word r / 32: tile prior r is in the set
     u32 set_before[ROW_THREADS / WARP];  // the set's priors before word w's: the list index of its first
     float cls_scale;                   // the set's g_cls / divisor: one image, one divisor
@@ -360,14 +360,20 @@ __device__ __forceinline__ u32 set_bits(const ColumnShared& sh, u32 first, u32 n
     return u32(two >> (first % WARP)) & (n == 32 ? ~0u : (1u << n) - 1u);
 }
 
-// The gradient of class c at tile prior r, which is in the set: the same
-// expression, in the same order, as the row-major path's.
+// The set's priors before tile prior r: r's index in the set's list, if r
+// is in the set.
+__device__ __forceinline__ u32 set_index(const ColumnShared& sh, u32 r) {
+    return sh.set_before[r / WARP] + __popc(sh.in_set[r / WARP] & ((1u << (r % WARP)) - 1u));
+}
+
+// The gradient of class c at tile prior r, the set's i-th: the same
+// expression, in the same order, as the row-major path's. Step 2 took the
+// reciprocal of the prior's sum once, for its C elements.
 template <typename T>
-__device__ __forceinline__ T set_prior_gradient(const ColumnShared& sh, const T* x0, u64 priors, u32 r, u32 c) {
-    const u32 i = sh.set_before[r / WARP] + __popc(sh.in_set[r / WARP] & ((1u << (r % WARP)) - 1u));
+__device__ __forceinline__ T set_prior_gradient(const ColumnShared& sh, float cls_scale, const T* x0, u64 priors, u32 r,
+                                                u32 i, u32 c) {
     const RowStats stats = sh.stats[i];
-    const float inv_sum = 1.0f / stats.sum_exp;
-    return from_f32<T>(sh.cls_scale * softmax_minus_onehot(stats, inv_sum, x0 + r, priors, c, sh.set_labels[i]));
+    return from_f32<T>(cls_scale * softmax_minus_onehot(stats, stats.sum_exp, x0 + r, priors, c, sh.set_labels[i]));
 }
 
 template <typename T, typename L>
@@ -421,14 +427,16 @@ __device__ void write_gradients_channel_major(const MultiboxParams& p, ColumnSha
             const u32 i = base + group;
             const bool active = i < set_count;
             const u32 r = active ? sh.set_rows[i] : 0u;
-            const RowStats stats =
+            RowStats stats =
                 row_stats(x0 + r, priors, p.classes, sub, lanes, active, active ? sh.set_labels[i] : 0u);
+            stats.sum_exp = 1.0f / stats.sum_exp;
             if (active && sub == 0) sh.stats[i] = stats;
         }
         __syncthreads();  // the statistics are complete
 
         // 3. The class planes, a warp each at a time.
         T* const g0 = grad_confidence + image * p.classes * priors + p0;
+        const float cls_scale = set_count != 0 ? sh.cls_scale : 0.0f;
 #pragma unroll 1
         for (u32 c = warp; c < p.classes; c += WARPS) {
             T* out = g0 + c * priors;
@@ -440,13 +448,18 @@ __device__ void write_gradients_channel_major(const MultiboxParams& p, ColumnSha
                 uint4 v = make_uint4(0u, 0u, 0u, 0u);
                 const u32 in_set = set_bits(sh, first, PER_VECTOR);
                 if (in_set != 0) {
+                    // The word's set priors are consecutive in the list.
+                    const u32 i0 = set_index(sh, first);
                     constexpr u32 PER_U32 = 4 / sizeof(T), BITS = 8 * sizeof(T);
                     u32 bits[4] = {0u, 0u, 0u, 0u};
 #pragma unroll
-                    for (u32 e = 0; e < PER_VECTOR; ++e)
-                        if (in_set & (1u << e))
-                            bits[e / PER_U32] |= element_bits(set_prior_gradient(sh, x0, priors, first + e, c))
-                                                 << (e % PER_U32 * BITS);
+                    for (u32 e = 0; e < PER_VECTOR; ++e) {
+                        if (in_set & (1u << e)) {
+                            const u32 i = i0 + __popc(in_set & ((1u << e) - 1u));
+                            const T g = set_prior_gradient(sh, cls_scale, x0, priors, first + e, i, c);
+                            bits[e / PER_U32] |= element_bits(g) << (e % PER_U32 * BITS);
+                        }
+                    }
                     v = make_uint4(bits[0], bits[1], bits[2], bits[3]);
                 }
                 *reinterpret_cast<uint4*>(out + first) = v;
@@ -457,7 +470,7 @@ __device__ void write_gradients_channel_major(const MultiboxParams& p, ColumnSha
                 // One store for both cases, so that the warp's end elements
                 // are one request.
                 T g = from_f32<T>(0.0f);
-                if (set_bits(sh, i, 1) != 0) g = set_prior_gradient(sh, x0, priors, i, c);
+                if (set_bits(sh, i, 1) != 0) g = set_prior_gradient(sh, cls_scale, x0, priors, i, set_index(sh, i), c);
                 out[i] = g;
             }
         }
