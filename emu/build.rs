@@ -70,9 +70,8 @@ fn main() {
         .flag("-x")
         .flag("c++")
         .flag("-Wno-unknown-pragmas")
-        // No vectors of the host compiler's making: every 16-byte access is
-        // then the kernel's own, which the checker holds to 16-byte
-        // alignment as a GPU does (check.cpp).
+        // No vectors of the host compiler's making: the traffic model and
+        // the checker see the kernel's own access widths.
         .flag("-fno-tree-vectorize")
         .flag("-fno-tree-slp-vectorize")
         .files(cu_files(&kernels))

@@ -33,6 +33,16 @@
 struct uint3 {
     unsigned x, y, z;
 };
+
+namespace emu {
+namespace detail {
+// A vector copy reads `from` and writes `to`, `size` bytes each: a GPU
+// faults unless both are aligned to the width, so the checker holds shared
+// and global addresses to it (a CPU would not complain).
+void on_vector_copy(void* to, const void* from, unsigned size);
+}  // namespace detail
+}  // namespace emu
+
 // CUDA's vector types. A copy is one access of the whole width, as on the
 // GPU (LDG.E.128, STG.E.64), not one per member: the checker and the traffic
 // model see what the GPU does.
@@ -40,8 +50,12 @@ struct alignas(8) uint2 {
     unsigned x, y;
     uint2() = default;
     constexpr uint2(unsigned x_, unsigned y_) : x(x_), y(y_) {}
-    uint2(const uint2& o) { __builtin_memcpy(static_cast<void*>(this), &o, sizeof *this); }
+    uint2(const uint2& o) {
+        ::emu::detail::on_vector_copy(this, &o, sizeof *this);
+        __builtin_memcpy(static_cast<void*>(this), &o, sizeof *this);
+    }
     uint2& operator=(const uint2& o) {
+        ::emu::detail::on_vector_copy(this, &o, sizeof *this);
         __builtin_memcpy(static_cast<void*>(this), &o, sizeof *this);
         return *this;
     }
@@ -50,8 +64,12 @@ struct alignas(16) uint4 {
     unsigned x, y, z, w;
     uint4() = default;
     constexpr uint4(unsigned x_, unsigned y_, unsigned z_, unsigned w_) : x(x_), y(y_), z(z_), w(w_) {}
-    uint4(const uint4& o) { __builtin_memcpy(static_cast<void*>(this), &o, sizeof *this); }
+    uint4(const uint4& o) {
+        ::emu::detail::on_vector_copy(this, &o, sizeof *this);
+        __builtin_memcpy(static_cast<void*>(this), &o, sizeof *this);
+    }
     uint4& operator=(const uint4& o) {
+        ::emu::detail::on_vector_copy(this, &o, sizeof *this);
         __builtin_memcpy(static_cast<void*>(this), &o, sizeof *this);
         return *this;
     }

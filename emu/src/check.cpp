@@ -324,19 +324,23 @@ bool Checker::access(uintptr_t addr, unsigned size, unsigned kind, const void* p
     return true;
 }
 
+bool Checker::aligned(uintptr_t addr, unsigned size, unsigned kind, const void* pc) {
+    if ((addr & (size - 1)) == 0 || has_finding()) return !has_finding();
+    int region = -1;
+    const Space space = classify(addr, size, kind, &region, pc);
+    // An access out of bounds is reported as that.
+    if (has_finding()) return false;
+    if (space == SPACE_LOCAL) return true;
+    finding_.what = "misaligned access";
+    finding_.addr = addr;
+    finding_.size = size;
+    finding_.second = current(0, kind, pc, 0);
+    finding_.detail = fmt("%" PRIuPTR " bytes past a multiple of %u: a GPU faults", addr & (size - 1), size);
+    return false;
+}
+
 bool Checker::aligned_access(uintptr_t addr, unsigned size, unsigned kind, const void* pc) {
-    if ((addr & (size - 1)) != 0 && !has_finding()) {
-        int region = -1;
-        if (classify(addr, size, kind, &region, pc) != SPACE_LOCAL) {
-            finding_.what = "misaligned access";
-            finding_.addr = addr;
-            finding_.size = size;
-            finding_.second = current(0, kind, pc, 0);
-            finding_.detail = fmt("%" PRIuPTR " bytes past a multiple of %u: a GPU faults", addr & (size - 1), size);
-            return false;
-        }
-    }
-    return access(addr, size, kind, pc);
+    return aligned(addr, size, kind, pc) && access(addr, size, kind, pc);
 }
 
 Checker::Space Checker::classify(uintptr_t addr, unsigned size, unsigned kind, int* region, const void* pc) {
@@ -640,13 +644,11 @@ inline void plain(const void* addr, unsigned size, unsigned kind, const void* pc
 }
 
 // A GPU faults on an access that is not naturally aligned. The
-// instrumentation calls the aligned hooks where the compiler can prove
-// alignment, and the unaligned ones elsewhere: for a uint4 load through a
-// computed pointer, say (or the range hooks, for an aggregate), and where it
-// merged narrower accesses itself. The kernels are built without the host
-// compiler's vectorizer, so a 16-byte access is always one of the kernel's
-// own (uint4, float4), and is checked from any hook; narrower ones only
-// from the aligned hooks.
+// instrumentation calls the aligned hooks where the access's type implies
+// its alignment (a u32 through a computed pointer, say), and the unaligned
+// ones where the compiler does not vouch for it or merged narrower
+// accesses itself: only the former are checked here. Vector copies check
+// themselves (on_vector_copy).
 inline void aligned(const void* addr, unsigned size, unsigned kind, const void* pc) {
     emu::detail::Checker* c = emu::detail::t_checker;
     if (c && c->active() && !c->aligned_access(uintptr_t(addr), size, kind, pc)) emu::detail::stop_for_finding();
@@ -663,16 +665,24 @@ void emu::detail::on_fence() {
     if (c && c->active()) c->fence();
 }
 
+void emu::detail::on_vector_copy(void* to, const void* from, unsigned size) {
+    Checker* c = t_checker;
+    const void* pc = __builtin_return_address(0);
+    if (c && c->active() &&
+        !(c->aligned(uintptr_t(from), size, ACCESS_READ, pc) && c->aligned(uintptr_t(to), size, ACCESS_WRITE, pc)))
+        stop_for_finding();
+}
+
 #define EMU_TSAN_ACCESS(n)                                                                                         \
     extern "C" void __tsan_read##n(void* a) { aligned(a, n, emu::detail::ACCESS_READ, __builtin_return_address(0)); } \
     extern "C" void __tsan_write##n(void* a) {                                                                     \
         aligned(a, n, emu::detail::ACCESS_WRITE, __builtin_return_address(0));                                     \
     }                                                                                                              \
     extern "C" void __tsan_unaligned_read##n(void* a) {                                                            \
-        (n == 16 ? aligned : plain)(a, n, emu::detail::ACCESS_READ, __builtin_return_address(0));                  \
+        plain(a, n, emu::detail::ACCESS_READ, __builtin_return_address(0));                                        \
     }                                                                                                              \
     extern "C" void __tsan_unaligned_write##n(void* a) {                                                           \
-        (n == 16 ? aligned : plain)(a, n, emu::detail::ACCESS_WRITE, __builtin_return_address(0));                 \
+        plain(a, n, emu::detail::ACCESS_WRITE, __builtin_return_address(0));                                       \
     }
 EMU_TSAN_ACCESS(1)
 EMU_TSAN_ACCESS(2)
@@ -681,13 +691,11 @@ EMU_TSAN_ACCESS(8)
 EMU_TSAN_ACCESS(16)
 #undef EMU_TSAN_ACCESS
 
-// A 16-byte range is a uint4 or float4 copied as an aggregate where the
-// compiler cannot prove its alignment.
 extern "C" void __tsan_read_range(void* a, unsigned long size) {
-    (size == 16 ? aligned : plain)(a, unsigned(size), emu::detail::ACCESS_READ, __builtin_return_address(0));
+    plain(a, unsigned(size), emu::detail::ACCESS_READ, __builtin_return_address(0));
 }
 extern "C" void __tsan_write_range(void* a, unsigned long size) {
-    (size == 16 ? aligned : plain)(a, unsigned(size), emu::detail::ACCESS_WRITE, __builtin_return_address(0));
+    plain(a, unsigned(size), emu::detail::ACCESS_WRITE, __builtin_return_address(0));
 }
 extern "C" void __tsan_init() {}
 extern "C" void __tsan_func_entry(void*) {}

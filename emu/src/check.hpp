@@ -103,9 +103,10 @@ class Checker {
     // A load, store or atomic by the current thread. Returns false if it is a
     // finding: the launch must stop.
     bool access(uintptr_t addr, unsigned size, unsigned kind, const void* pc);
-    // An access the compiler emitted as naturally aligned for its type (a
-    // GPU faults on any other): as `access`, and a finding if addr is not a
-    // multiple of size in shared or global memory.
+    // Whether addr, in shared or global memory, is a multiple of size, as
+    // a GPU requires of an access of that size; false if it is a finding.
+    bool aligned(uintptr_t addr, unsigned size, unsigned kind, const void* pc);
+    // An access whose type implies its alignment: `aligned`, then `access`.
     bool aligned_access(uintptr_t addr, unsigned size, unsigned kind, const void* pc);
     // After the block's threads finished: the traffic of its warp requests.
     void end_block();
@@ -200,6 +201,7 @@ class Checker {
 // The hooks of multibox_emu.h (declared there for the kernels).
 void on_atomic(const void* addr, unsigned size, const void* pc);
 void on_fence();
+void on_vector_copy(void* to, const void* from, unsigned size);
 
 // The checker of the launch running on this OS thread, or null.
 extern thread_local Checker* t_checker;
