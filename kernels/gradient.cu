@@ -409,14 +409,14 @@ __device__ void write_gradients_channel_major(const MultiboxParams& p, ColumnSha
         }
         u32 set_count;
         const u32 slot = block_exclusive_scan<ROW_THREADS>(u32(mine.in_set), sh.scan, &set_count);
-        const u32 in_set = __ballot_sync(FULL_MASK, mine.in_set);
+        const u32 warp_set = __ballot_sync(FULL_MASK, mine.in_set);
         if (mine.in_set) {
             sh.set_rows[slot] = u16(t);
             sh.set_labels[slot] = mine.label;
             if (slot == 0) sh.cls_scale = mine.cls_scale;
         }
         if (lane == 0) {
-            sh.in_set[warp] = in_set;
+            sh.in_set[warp] = warp_set;
             sh.set_before[warp] = slot;
         }
         __syncthreads();  // the list and the bitmask are complete
@@ -446,16 +446,16 @@ __device__ void write_gradients_channel_major(const MultiboxParams& p, ColumnSha
             for (u32 w = lane; w < words; w += WARP) {
                 const u32 first = head + w * PER_VECTOR;
                 uint4 v = make_uint4(0u, 0u, 0u, 0u);
-                const u32 in_set = set_bits(sh, first, PER_VECTOR);
-                if (in_set != 0) {
+                const u32 word_set = set_bits(sh, first, PER_VECTOR);
+                if (word_set != 0) {
                     // The word's set priors are consecutive in the list.
                     const u32 i0 = set_index(sh, first);
                     constexpr u32 PER_U32 = 4 / sizeof(T), BITS = 8 * sizeof(T);
                     u32 bits[4] = {0u, 0u, 0u, 0u};
 #pragma unroll
                     for (u32 e = 0; e < PER_VECTOR; ++e) {
-                        if (in_set & (1u << e)) {
-                            const u32 i = i0 + __popc(in_set & ((1u << e) - 1u));
+                        if (word_set & (1u << e)) {
+                            const u32 i = i0 + __popc(word_set & ((1u << e) - 1u));
                             const T g = set_prior_gradient(sh, cls_scale, x0, priors, first + e, i, c);
                             bits[e / PER_U32] |= element_bits(g) << (e % PER_U32 * BITS);
                         }
@@ -474,9 +474,10 @@ __device__ void write_gradients_channel_major(const MultiboxParams& p, ColumnSha
                 out[i] = g;
             }
         }
-        // No barrier here: the next tile's first shared writes (the lists)
-        // come after its scan's barriers, which every thread reaches only
-        // after finishing this tile's step 3.
+        // No barrier here: the next tile's first shared writes (the lists,
+        // the bitmask, set_before, cls_scale) come after its scan's
+        // barriers, which every thread reaches only after finishing this
+        // tile's step 3.
     }
 }
 

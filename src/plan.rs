@@ -619,7 +619,10 @@ pub fn set_copy_lanes(classes: usize, dtype: DType) -> u32 {
 
 /// Kernel 1's rows per tile: one step of the lane groups,
 /// `ROW_THREADS / lanes_per_row`, when it fits [`ROW_TILE_BYTES`]; 0
-/// otherwise (the rows are then read from global memory).
+/// otherwise (the rows are then read from global memory). Channel-major,
+/// the planes are padded to P's residue ([`plane_stride`]), so at C = 90
+/// and 91, where a row-major tile just fits, whether they fit depends on P
+/// (SSDLite's 3,000 priors, a multiple of 8, need no padding).
 pub fn tile_rows(shape: Shape, lanes_per_row: u32, layout: Layout, dtype: DType) -> u32 {
     let rows = ROW_THREADS / lanes_per_row;
     if tile_shared_bytes(shape, rows, layout, dtype) as usize <= ROW_TILE_BYTES {
@@ -631,7 +634,7 @@ pub fn tile_rows(shape: Shape, lanes_per_row: u32, layout: Layout, dtype: DType)
 
 /// Dynamic shared memory kernel 3 builds a row-major tile's logit gradients
 /// in, at most: within what the 48 KiB a block may take without opting in
-/// leaves beside kernel 3's static shared memory (4,912 bytes: the lists of
+/// leaves beside kernel 3's static shared memory (4,720 bytes: the lists of
 /// whichever of its paths runs, in one union).
 pub const GRADIENT_TILE_BYTES: usize = 42 * 1024;
 
@@ -675,8 +678,14 @@ pub fn set_slot_bytes(classes: usize, layout: Layout, dtype: DType) -> u32 {
 pub fn row_tile_bytes(classes: usize, tile_rows: u32, dtype: DType) -> u32 {
     match tile_rows {
         0 => 0,
-        _ => (tile_rows as usize * dtype.size() * classes + 32) as u32,
+        _ => saturating_u32(tile_rows as usize * dtype.size() * classes + 32),
     }
+}
+
+/// `n`, or `u32::MAX` where it does not fit: a tile of millions of classes
+/// must not wrap around to a size that seems to fit shared memory.
+fn saturating_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 /// Kernel 1's channel-major tile in shared memory: elements from one class
@@ -701,7 +710,7 @@ pub fn tile_shared_bytes(shape: Shape, tile_rows: u32, layout: Layout, dtype: DT
         (_, Layout::RowMajor) => row_tile_bytes(shape.classes, tile_rows, dtype),
         (_, Layout::ChannelMajor) => {
             let stride = plane_stride(shape.priors, tile_rows, dtype) as usize;
-            (16 - size + stride * size * shape.classes) as u32
+            saturating_u32(16 - size + stride * size * shape.classes)
         }
     }
 }

@@ -340,8 +340,8 @@ fn kernel_1_tiles_are_one_step_and_fit_shared_memory() {
         let size = dtype.size();
         let per_word = 16 / size;
         for classes in [2, 3, 21, 81, 91, 200, 1000, 5000, 100_000] {
-            // Every residue of P modulo a 16-byte word's elements.
-            for priors in [500, 8732, 3000, 3001, 3003, 8731] {
+            // Every residue of P modulo 8 (a 16-byte word of f16/bf16).
+            for priors in [3000, 3001, 3002, 3003, 8732, 3005, 3006, 3007] {
                 let shape = Shape::new(2, priors, classes);
                 for layout in [Layout::RowMajor, Layout::ChannelMajor] {
                     let what = format!("C={classes} P={priors} {dtype:?} {layout:?}");
@@ -378,6 +378,27 @@ fn kernel_1_tiles_are_one_step_and_fit_shared_memory() {
                         assert_eq!(plan.plane_stride, 0, "{what}");
                     }
                 }
+            }
+        }
+    }
+    // Rows of millions of classes: their tile's bytes overflow u32, and must
+    // not wrap around to a size that seems to fit.
+    for classes in [1 << 22, 1 << 23] {
+        for dtype in DTYPES {
+            for layout in [Layout::RowMajor, Layout::ChannelMajor] {
+                let plan = LaunchPlan::with_limits(
+                    Shape::new(1, 2, classes),
+                    dtype,
+                    layout,
+                    GridLimits::default(),
+                )
+                .unwrap();
+                assert_eq!(plan.lanes_per_row, 32, "C={classes} {dtype:?}");
+                assert_eq!(
+                    (plan.tile_rows, plan.rows.shared_bytes),
+                    (0, 0),
+                    "C={classes} {dtype:?}"
+                );
             }
         }
     }
