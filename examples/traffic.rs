@@ -18,7 +18,7 @@ use multibox::{DType, Float, Label, LabelType, Layout, MultiboxConfig, Shape};
 #[allow(dead_code)]
 mod emulated;
 
-use emulated::{Call, HostInputs, Placed};
+use emulated::{buffer_traffic, Call, HostInputs, PlacedInputs};
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -65,17 +65,16 @@ fn main() -> Result<()> {
 
 fn report<T: Float, L: Label>(shape: Shape, layout: Layout, sliced: bool) -> Result<()> {
     let batch = Batch::<T, L>::generate(shape, BatchSpec::default()).in_layout(layout);
-    let skip = usize::from(sliced);
-    let confidence = Placed::copy_of(&batch.confidence, skip);
-    let predicted_locations = Placed::copy_of(&batch.predicted_locations, skip);
-    let labels = Placed::copy_of(&batch.labels, skip);
-    let gt_locations = Placed::copy_of(&batch.gt_locations, skip);
-    let inputs = HostInputs {
-        confidence: confidence.as_slice(),
-        predicted_locations: predicted_locations.as_slice(),
-        labels: labels.as_slice(),
-        gt_locations: gt_locations.as_slice(),
-    };
+    let placed = PlacedInputs::new(
+        &HostInputs {
+            confidence: &batch.confidence,
+            predicted_locations: &batch.predicted_locations,
+            labels: &batch.labels,
+            gt_locations: &batch.gt_locations,
+        },
+        usize::from(sliced),
+    );
+    let inputs = placed.host();
     let call = Call {
         layout,
         model_traffic: true,
@@ -102,21 +101,22 @@ fn report<T: Float, L: Label>(shape: Shape, layout: Layout, sliced: bool) -> Res
     );
     let mut total = 0;
     for (kernel, traffic) in &out.traffic {
-        let mut rows: Vec<(&str, &multibox_emu::RegionTraffic)> = Vec::new();
         // Per-image regions (keys[image 3]) are summed under their buffer.
-        let mut merged: Vec<(String, multibox_emu::RegionTraffic)> = Vec::new();
-        for (name, t) in &traffic.regions {
-            let base = name.split('[').next().unwrap_or(name).to_owned();
-            match merged.iter_mut().find(|(n, _)| *n == base) {
-                Some((_, m)) => add(m, t),
-                None => merged.push((base, *t)),
+        let mut buffers: Vec<&str> = Vec::new();
+        for (name, _) in &traffic.regions {
+            let base = name.split('[').next().unwrap_or(name);
+            if !buffers.contains(&base) {
+                buffers.push(base);
             }
         }
+        let mut rows: Vec<(&str, multibox_emu::RegionTraffic)> = buffers
+            .iter()
+            .map(|&b| (b, buffer_traffic(traffic, b)))
+            .collect();
         if traffic.unregistered != Default::default() {
-            merged.push(("(unregistered)".to_owned(), traffic.unregistered));
+            rows.push(("(unregistered)", traffic.unregistered));
         }
-        rows.extend(merged.iter().map(|(n, t)| (n.as_str(), t)));
-        for (name, t) in rows {
+        for (name, t) in &rows {
             for (kind, a) in [
                 ("load", &t.loads),
                 ("store", &t.stores),
@@ -181,13 +181,8 @@ fn set_rows_line(
     else {
         return;
     };
-    let (mut sectors, mut unique) = (0u64, 0u64);
-    for (name, r) in &t.regions {
-        if name.split('[').next() == Some("confidence") {
-            sectors += r.loads.sectors;
-            unique += r.unique_sectors;
-        }
-    }
+    let logits = buffer_traffic(t, "confidence");
+    let (sectors, unique) = (logits.loads.sectors, logits.unique_sectors);
     if sectors == 0 {
         return;
     }
@@ -198,18 +193,4 @@ fn set_rows_line(
         100.0 * own / (sectors * 32) as f64,
         100.0 * own / (unique * 32) as f64
     );
-}
-
-fn add(into: &mut multibox_emu::RegionTraffic, t: &multibox_emu::RegionTraffic) {
-    for (a, b) in [
-        (&mut into.loads, &t.loads),
-        (&mut into.stores, &t.stores),
-        (&mut into.atomics, &t.atomics),
-    ] {
-        a.requests += b.requests;
-        a.sectors += b.sectors;
-        a.bytes += b.bytes;
-        a.used_bytes += b.used_bytes;
-    }
-    into.unique_sectors += t.unique_sectors;
 }

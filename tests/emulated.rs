@@ -1449,7 +1449,7 @@ fn the_emulator_knows_every_kernel_the_crate_launches() {
 /// bytes floor.
 #[test]
 fn the_traffic_model_sees_whole_sectors() {
-    use common::emulated::Placed;
+    use common::emulated::{buffer_traffic, PlacedInputs};
     use multibox::synthetic::{Batch, BatchSpec};
 
     if !multibox_emu::checks_available() {
@@ -1462,45 +1462,30 @@ fn the_traffic_model_sees_whole_sectors() {
     fn check<T: Float, L: Label>(shape: Shape, layout: Layout, stores: f64) {
         let what = format!("{:?} {shape} {layout:?}", T::DTYPE);
         let batch = Batch::<T, L>::generate(shape, BatchSpec::default()).in_layout(layout);
-        let placed = (
-            Placed::copy_of(&batch.confidence, 0),
-            Placed::copy_of(&batch.predicted_locations, 0),
-            Placed::copy_of(&batch.labels, 0),
-            Placed::copy_of(&batch.gt_locations, 0),
+        let placed = PlacedInputs::new(
+            &HostInputs {
+                confidence: &batch.confidence,
+                predicted_locations: &batch.predicted_locations,
+                labels: &batch.labels,
+                gt_locations: &batch.gt_locations,
+            },
+            0,
         );
-        let inputs = HostInputs {
-            confidence: placed.0.as_slice(),
-            predicted_locations: placed.1.as_slice(),
-            labels: placed.2.as_slice(),
-            gt_locations: placed.3.as_slice(),
-        };
         let call = Call {
             layout,
             model_traffic: true,
             races: false,
             ..Call::default()
         };
-        let out = emulated::run(&MultiboxConfig::default(), shape, &inputs, call).unwrap();
-        // A buffer's traffic in one kernel, its per-image regions summed.
+        let out = emulated::run(&MultiboxConfig::default(), shape, &placed.host(), call).unwrap();
+        // A buffer's traffic in one kernel.
         let traffic = |kernel: &str, buffer: &str| {
             let (_, t) = out
                 .traffic
                 .iter()
                 .find(|(k, _)| k.starts_with(kernel))
                 .unwrap_or_else(|| panic!("{what}: no {kernel}"));
-            let mut sum = multibox_emu::RegionTraffic::default();
-            for (_, r) in t
-                .regions
-                .iter()
-                .filter(|(n, _)| n.split('[').next() == Some(buffer))
-            {
-                sum.loads.sectors += r.loads.sectors;
-                sum.loads.used_bytes += r.loads.used_bytes;
-                sum.stores.sectors += r.stores.sectors;
-                sum.stores.used_bytes += r.stores.used_bytes;
-                sum.unique_sectors += r.unique_sectors;
-            }
-            sum
+            buffer_traffic(t, buffer)
         };
         let logits = traffic("multibox_rows", "confidence").loads.efficiency();
         let want = if layout == Layout::RowMajor {

@@ -9,7 +9,7 @@ use multibox::{
     launch_call, Backend, DeviceStatus, Float, Label, Layout, MultiboxConfig, Pass, RawBuffers,
     RawCall, RawNormalizer, RawUpstream, Shape,
 };
-use multibox_emu::{Checks, Region, Traffic};
+use multibox_emu::{Checks, Region, RegionTraffic, Traffic};
 
 /// The emulator as a launch backend, with its checker: data races always
 /// (unless `MULTIBOX_EMU_RACECHECK=0`), and, for a call it was made for
@@ -231,7 +231,7 @@ pub struct Placed<T> {
     len: usize,
 }
 
-impl<T: Copy> Placed<T> {
+impl<T: Copy + Default> Placed<T> {
     /// `len` elements of `fill` (garbage, so that a kernel that relies on
     /// zeroed memory fails).
     pub fn filled(len: usize, fill: T, skip: usize) -> Self {
@@ -247,14 +247,7 @@ impl<T: Copy> Placed<T> {
 
     /// A placed copy of `data`.
     pub fn copy_of(data: &[T], skip: usize) -> Self {
-        let Some(&first) = data.first() else {
-            return Self {
-                storage: Vec::new(),
-                start: 0,
-                len: 0,
-            };
-        };
-        let mut placed = Self::filled(data.len(), first, skip);
+        let mut placed = Self::filled(data.len(), T::default(), skip);
         placed.as_mut_slice().copy_from_slice(data);
         placed
     }
@@ -274,6 +267,59 @@ impl<T: Copy> Placed<T> {
     pub fn into_vec(self) -> Vec<T> {
         self.as_slice().to_vec()
     }
+}
+
+/// A call's four inputs, each [`Placed`] `skip` elements past 256-byte
+/// alignment: what the traffic model should see.
+pub struct PlacedInputs<T, L> {
+    confidence: Placed<T>,
+    predicted_locations: Placed<T>,
+    labels: Placed<L>,
+    gt_locations: Placed<T>,
+}
+
+impl<T: Copy + Default, L: Copy + Default> PlacedInputs<T, L> {
+    pub fn new(inputs: &HostInputs<'_, T, L>, skip: usize) -> Self {
+        Self {
+            confidence: Placed::copy_of(inputs.confidence, skip),
+            predicted_locations: Placed::copy_of(inputs.predicted_locations, skip),
+            labels: Placed::copy_of(inputs.labels, skip),
+            gt_locations: Placed::copy_of(inputs.gt_locations, skip),
+        }
+    }
+
+    pub fn host(&self) -> HostInputs<'_, T, L> {
+        HostInputs {
+            confidence: self.confidence.as_slice(),
+            predicted_locations: self.predicted_locations.as_slice(),
+            labels: self.labels.as_slice(),
+            gt_locations: self.gt_locations.as_slice(),
+        }
+    }
+}
+
+/// A buffer's traffic in one launch: its regions (`keys`, or `keys[image
+/// 3]` where a kernel registers a buffer per image) summed.
+pub fn buffer_traffic(traffic: &Traffic, buffer: &str) -> RegionTraffic {
+    let mut sum = RegionTraffic::default();
+    for (_, t) in traffic
+        .regions
+        .iter()
+        .filter(|(name, _)| name.split('[').next() == Some(buffer))
+    {
+        for (a, b) in [
+            (&mut sum.loads, &t.loads),
+            (&mut sum.stores, &t.stores),
+            (&mut sum.atomics, &t.atomics),
+        ] {
+            a.requests += b.requests;
+            a.sectors += b.sectors;
+            a.bytes += b.bytes;
+            a.used_bytes += b.used_bytes;
+        }
+        sum.unique_sectors += t.unique_sectors;
+    }
+    sum
 }
 
 /// Runs one call of the real kernels on the emulator. Outputs and the
