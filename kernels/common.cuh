@@ -384,6 +384,54 @@ __device__ __forceinline__ u32 element_bits(float x) { return f32_bits(x); }
 __device__ __forceinline__ u32 element_bits(f16 x) { return x.bits; }
 __device__ __forceinline__ u32 element_bits(bf16 x) { return x.bits; }
 
+// -inf in each half type's bits.
+template <typename T> constexpr u16 HALF_NEG_INF = 0;
+template <> constexpr u16 HALF_NEG_INF<f16> = 0xfc00u;
+template <> constexpr u16 HALF_NEG_INF<bf16> = 0xff80u;
+
+// 16 bytes of logits: PER elements of T, as 4 words. Kernel 1 pads a
+// row's positions outside it with -inf, which the maximum ignores
+// and whose term is exactly 0, so a chunk's sum is its row's elements' in
+// order whatever the chunk's alignment. This one is f16's and bf16's: two
+// elements a word, the first in the low half.
+template <typename T> struct Chunk {
+    static constexpr u32 PER = 8;
+    static constexpr u32 PADDING = u32(HALF_NEG_INF<T>) * 0x10001u;  // a word of two -inf
+    u32 w[4];
+    __device__ __forceinline__ float at(u32 j) const {
+        T h;
+        h.bits = u16(j & 1 ? w[j / 2] >> 16 : w[j / 2]);
+        return to_f32(h);
+    }
+    __device__ __forceinline__ void set(u32 j, T x) {
+        const u32 s = (j & 1) * 16;
+        w[j / 2] = (w[j / 2] & ~(0xffffu << s)) | (u32(x.bits) << s);
+    }
+    __device__ __forceinline__ void pad(u32 j) {
+        const u32 s = (j & 1) * 16;
+        w[j / 2] = (w[j / 2] & ~(0xffffu << s)) | (PADDING & (0xffffu << s));
+    }
+};
+
+template <> struct Chunk<float> {
+    static constexpr u32 PER = 4;
+    static constexpr u32 PADDING = NEG_INF_BITS;
+    u32 w[4];
+    __device__ __forceinline__ float at(u32 j) const { return f32_from_bits(w[j]); }
+    __device__ __forceinline__ void set(u32 j, float x) { w[j] = f32_bits(x); }
+    __device__ __forceinline__ void pad(u32 j) { w[j] = PADDING; }
+};
+
+// The chunk of a 16-byte word's bits.
+template <typename T> __device__ __forceinline__ Chunk<T> chunk_of(uint4 v) {
+    Chunk<T> c;
+    c.w[0] = v.x;
+    c.w[1] = v.y;
+    c.w[2] = v.z;
+    c.w[3] = v.w;
+    return c;
+}
+
 // Copies the n elements from `src` (global memory, within the buffer of
 // bytes [lo, hi)) to `dst` (shared memory) by `lanes` lanes, reading the
 // 16-byte words that cover the run whole, a word a lane: one load
