@@ -63,7 +63,7 @@ struct MultiboxParams {
     u32 set_copy_lanes;      // power of two in 1..32: kernel 3's lanes that copy a set row into shared memory
     u32 set_slot_bytes;      // unstaged: bytes of kernel 3's shared slot per lane group, or 0 (set rows from global)
     u32 plane_stride;        // channel-major, staged: elements between kernel 1's class planes in shared memory
-    u32 padding;
+    u32 gradient_plane_stride;  // channel-major: the same for kernel 3's tile of the set's logits, or 0 (from global)
 };
 MB_ASSERT_SIZE(MultiboxParams, 216);
 

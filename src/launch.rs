@@ -284,7 +284,7 @@ fn params(config: &MultiboxConfig, call: &RawCall, plan: &LaunchPlan) -> Result<
         set_copy_lanes: plan.set_copy_lanes,
         set_slot_bytes: plan.set_slot_bytes,
         plane_stride: plan.plane_stride,
-        _padding: 0,
+        gradient_plane_stride: plan.gradient_plane_stride,
     })
 }
 

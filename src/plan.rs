@@ -203,6 +203,11 @@ pub struct LaunchPlan {
     /// in shared memory and stored whole ([`gradient_tile_rows`]):
     /// [`ROW_THREADS`], or 0 (channel-major, or rows too long for a tile).
     pub gradient_tile_rows: u32,
+    /// Elements between the class planes of kernel 3's channel-major tile
+    /// in shared memory, which holds the logits of the set's priors
+    /// ([`gradient_plane_stride`]); 0 row-major, or where the tile does
+    /// not fit (the set's logits are then read from global memory).
+    pub gradient_plane_stride: u32,
     /// Bytes of each of kernel 3's shared slots for the set's rows when
     /// its tile is not staged ([`set_slot_bytes`]); 0: those rows are
     /// read from global memory.
@@ -294,10 +299,13 @@ impl LaunchPlan {
         };
 
         let gradient_tile_rows = gradient_tile_rows(shape.classes, layout, dtype);
+        let gradient_plane_stride = gradient_plane_stride(shape, layout, dtype);
         let set_slot_bytes = set_slot_bytes(shape.classes, layout, dtype);
         let set_lanes = set_lanes(shape.classes, dtype);
         let gradient_shared_bytes = if gradient_tile_rows != 0 {
             row_tile_bytes(shape.classes, gradient_tile_rows, dtype)
+        } else if gradient_plane_stride != 0 {
+            tile_shared_bytes(shape, ROW_THREADS, layout, dtype)
         } else {
             (ROW_THREADS / set_lanes) * set_slot_bytes
         };
@@ -335,6 +343,7 @@ impl LaunchPlan {
             tile_rows,
             plane_stride,
             gradient_tile_rows,
+            gradient_plane_stride,
             set_slot_bytes,
             rows: rows_launch,
             select: Launch {
@@ -633,7 +642,8 @@ pub fn tile_rows(shape: Shape, lanes_per_row: u32, layout: Layout, dtype: DType)
 }
 
 /// Dynamic shared memory kernel 3 builds a row-major tile's logit gradients
-/// in, at most: within what the 48 KiB a block may take without opting in
+/// in, or holds a channel-major tile's logits in, at most: within what the
+/// 48 KiB a block may take without opting in
 /// leaves beside kernel 3's static shared memory (4,720 bytes: the lists of
 /// whichever of its paths runs, in one union).
 pub const GRADIENT_TILE_BYTES: usize = 42 * 1024;
@@ -641,11 +651,27 @@ pub const GRADIENT_TILE_BYTES: usize = 42 * 1024;
 /// Kernel 3's rows per staged tile: row-major, [`ROW_THREADS`] when their
 /// logit gradients fit [`GRADIENT_TILE_BYTES`] (C up to 83 in f16/bf16, 41
 /// in f32); 0 otherwise, and channel-major, whose stores are whole class
-/// planes of a tile's priors and need no staging.
+/// planes of a tile's priors and need no staging (its tile holds logits:
+/// [`gradient_plane_stride`]).
 pub fn gradient_tile_rows(classes: usize, layout: Layout, dtype: DType) -> u32 {
     let fits = row_tile_bytes(classes, ROW_THREADS, dtype) as usize <= GRADIENT_TILE_BYTES;
     if layout == Layout::RowMajor && fits {
         ROW_THREADS
+    } else {
+        0
+    }
+}
+
+/// Kernel 3's channel-major tile in shared memory: the class planes of its
+/// [`ROW_THREADS`] priors, [`plane_stride`] elements apart as in kernel 1's
+/// tile, into which it copies the 32-byte sectors of the logits that hold
+/// a set prior's, each sector whole and once. 0 where the tile would not
+/// fit [`GRADIENT_TILE_BYTES`] (above C = 83 in f16/bf16, fewer for some P,
+/// and above C = 41 in f32), and row-major.
+pub fn gradient_plane_stride(shape: Shape, layout: Layout, dtype: DType) -> u32 {
+    let bytes = tile_shared_bytes(shape, ROW_THREADS, Layout::ChannelMajor, dtype) as usize;
+    if layout == Layout::ChannelMajor && bytes <= GRADIENT_TILE_BYTES {
+        plane_stride(shape.priors, ROW_THREADS, dtype)
     } else {
         0
     }
@@ -812,7 +838,7 @@ pub(crate) struct MultiboxParams {
     pub(crate) set_copy_lanes: u32,
     pub(crate) set_slot_bytes: u32,
     pub(crate) plane_stride: u32,
-    pub(crate) _padding: u32,
+    pub(crate) gradient_plane_stride: u32,
 }
 
 const _: () = assert!(std::mem::size_of::<MultiboxParams>() == 216);

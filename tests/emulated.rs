@@ -1501,14 +1501,28 @@ fn the_traffic_model_sees_whole_sectors() {
             gradients >= stores,
             "{what}: kernel 3 gradients {gradients:.3}"
         );
-        if layout == Layout::RowMajor {
-            let set_rows = traffic("multibox_gradient", "confidence");
+        // Kernel 3 fetches the sectors of the set's logits once: row-major
+        // as the words that cover each set row, channel-major where its
+        // tile is staged as the whole sectors that hold a set prior's, and
+        // those by whole requests.
+        let plane_stride = multibox::plan::gradient_plane_stride(shape, layout, T::DTYPE);
+        let set_rows = traffic("multibox_gradient", "confidence");
+        if layout == Layout::RowMajor || plane_stride != 0 {
             assert!(
                 set_rows.loads.sectors as f64 <= 1.02 * set_rows.unique_sectors as f64,
                 "{what}: kernel 3 fetches {} sectors of the set's rows, {} distinct",
                 set_rows.loads.sectors,
                 set_rows.unique_sectors
             );
+        }
+        if plane_stride != 0 {
+            let efficiency = set_rows.loads.efficiency();
+            assert!(
+                efficiency >= 0.9,
+                "{what}: kernel 3 set logits {efficiency:.3}"
+            );
+        }
+        if layout == Layout::RowMajor {
             let unique: u64 = out.traffic.iter().map(|(_, t)| t.unique_bytes()).sum();
             let floor = multibox::plan::bytes_floor(shape, T::DTYPE, L::LABEL_TYPE, true);
             assert!(

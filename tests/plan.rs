@@ -420,42 +420,83 @@ fn kernel_1_tiles_are_one_step_and_fit_shared_memory() {
 }
 
 #[test]
-fn kernel_3_stages_row_major_tiles_that_fit_shared_memory() {
-    use multibox::plan::{gradient_tile_rows, GRADIENT_TILE_BYTES};
+fn kernel_3_stages_tiles_that_fit_shared_memory() {
+    use multibox::plan::{gradient_plane_stride, gradient_tile_rows, GRADIENT_TILE_BYTES};
     for dtype in DTYPES {
+        let size = dtype.size();
+        let per_word = 16 / size;
         for classes in [2, 3, 21, 41, 42, 81, 83, 84, 91, 200, 5000] {
-            let shape = Shape::new(2, 500, classes);
-            // 256 rows of gradients as they lie in global memory, plus 32
-            // bytes: their offset in a 16-byte line, and the last word's end.
-            let bytes = 256 * classes * dtype.size() + 32;
-            let fits = bytes <= GRADIENT_TILE_BYTES;
-            for layout in [Layout::RowMajor, Layout::ChannelMajor] {
-                let plan =
-                    LaunchPlan::with_limits(shape, dtype, layout, GridLimits::default()).unwrap();
-                let staged = fits && layout == Layout::RowMajor;
-                let what = format!("C={classes} {dtype:?} {layout:?}");
-                assert_eq!(
-                    plan.gradient_tile_rows,
-                    gradient_tile_rows(classes, layout, dtype)
-                );
-                assert_eq!(
-                    plan.gradient_tile_rows,
-                    if staged { 256 } else { 0 },
-                    "{what}"
-                );
-                // Unstaged row-major rows get a slot per lane group instead,
-                // when those fit.
-                let groups = (256 / plan.set_lanes) as usize;
-                let slots = groups * plan.set_slot_bytes as usize;
-                assert_eq!(
-                    plan.gradient.shared_bytes as usize,
-                    if staged { bytes } else { slots },
-                    "{what}"
-                );
-                assert!(plan.gradient.shared_bytes as usize <= GRADIENT_TILE_BYTES);
+            // Every residue of P modulo 8 (a 16-byte word of f16/bf16).
+            for priors in [3000, 3001, 3002, 3003, 8732, 3005, 3006, 3007] {
+                let shape = Shape::new(2, priors, classes);
+                // Row-major: 256 rows of gradients as they lie in global
+                // memory, plus 32 bytes: their offset in a 16-byte line, and
+                // the last word's end. Channel-major: C planes of 256 priors'
+                // logits, padded to P's residue, after the first plane's
+                // offset within 16 bytes.
+                let row_bytes = 256 * classes * size + 32;
+                let stride = 256 + priors % per_word;
+                let plane_bytes = 16 - size + stride * size * classes;
+                for layout in [Layout::RowMajor, Layout::ChannelMajor] {
+                    let plan = LaunchPlan::with_limits(shape, dtype, layout, GridLimits::default())
+                        .unwrap();
+                    let what = format!("C={classes} P={priors} {dtype:?} {layout:?}");
+                    assert_eq!(
+                        plan.gradient_tile_rows,
+                        gradient_tile_rows(classes, layout, dtype)
+                    );
+                    assert_eq!(
+                        plan.gradient_plane_stride,
+                        gradient_plane_stride(shape, layout, dtype)
+                    );
+                    let rows_staged =
+                        row_bytes <= GRADIENT_TILE_BYTES && layout == Layout::RowMajor;
+                    let planes_staged =
+                        plane_bytes <= GRADIENT_TILE_BYTES && layout == Layout::ChannelMajor;
+                    assert_eq!(
+                        plan.gradient_tile_rows,
+                        if rows_staged { 256 } else { 0 },
+                        "{what}"
+                    );
+                    assert_eq!(
+                        plan.gradient_plane_stride as usize,
+                        if planes_staged { stride } else { 0 },
+                        "{what}"
+                    );
+                    // Unstaged row-major rows get a slot per lane group instead,
+                    // when those fit.
+                    let groups = (256 / plan.set_lanes) as usize;
+                    let slots = groups * plan.set_slot_bytes as usize;
+                    let bytes = match (rows_staged, planes_staged) {
+                        (true, _) => row_bytes,
+                        (_, true) => plane_bytes,
+                        _ => slots,
+                    };
+                    assert_eq!(plan.gradient.shared_bytes as usize, bytes, "{what}");
+                    assert!(plan.gradient.shared_bytes as usize <= GRADIENT_TILE_BYTES);
+                }
             }
         }
     }
+    // Channel-major: VOC in every type, COCO in the half types at SSD300's
+    // 8,732 priors; not f32 COCO.
+    let ssd = |classes| Shape::new(2, 8732, classes);
+    assert_eq!(
+        gradient_plane_stride(ssd(21), Layout::ChannelMajor, DType::F32),
+        256
+    );
+    assert_eq!(
+        gradient_plane_stride(ssd(81), Layout::ChannelMajor, DType::BF16),
+        260
+    );
+    assert_eq!(
+        gradient_plane_stride(ssd(81), Layout::ChannelMajor, DType::F32),
+        0
+    );
+    assert_eq!(
+        gradient_plane_stride(ssd(21), Layout::RowMajor, DType::F16),
+        0
+    );
     // The common shapes: VOC in every type, COCO in the half types.
     assert_eq!(gradient_tile_rows(21, Layout::RowMajor, DType::F32), 256);
     assert_eq!(gradient_tile_rows(41, Layout::RowMajor, DType::F32), 256);
