@@ -1501,6 +1501,21 @@ fn the_traffic_model_sees_whole_sectors() {
             gradients >= stores,
             "{what}: kernel 3 gradients {gradients:.3}"
         );
+        // Kernel 3 writes every gradient element once. This also holds the
+        // checker to seeing every store: one it missed (GCC's
+        // instrumentation once skipped f16 box gradients) would show here.
+        let size = T::DTYPE.size() as u64;
+        for (buffer, elements) in [
+            ("grad_confidence", shape.rows() * shape.classes),
+            ("grad_locations", shape.rows() * 4),
+        ] {
+            let written = traffic("multibox_gradient", buffer).stores.bytes;
+            assert_eq!(
+                written,
+                elements as u64 * size,
+                "{what}: {buffer} bytes stored"
+            );
+        }
         // Kernel 3 fetches the sectors of the set's logits once: row-major
         // as the words that cover each set row, channel-major where its
         // tile is staged as the whole sectors that hold a set prior's, and
