@@ -334,23 +334,27 @@ __device__ void write_gradients_row_major(const MultiboxParams& p, GradientShare
 //   1. Each thread decides its prior and writes its box gradients; a block
 //      scan lists the set's priors, as row-major, and a ballot per warp
 //      marks them in a bitmask of the tile.
-//   Staged (gradient_plane_stride != 0), a warp per class plane then copies
-//   into shared memory the 32-byte sectors of the plane's run that hold a
-//   set prior's logit (stage_set_sectors): whole, by coalesced 16-byte
-//   loads. A set prior's C logits lie in C planes; read one by one at
-//   stride P, each is a request of its own in each of steps 2 and 3, which
-//   uses about a tenth of the bytes of the sectors it fetches. Copied, each
-//   sector the set needs is fetched once, and no other. Unstaged (planes
-//   too long for shared memory), steps 2 and 3 read them so.
-//   2. Lane groups take the set's priors and compute their row statistics
-//      with row_stats, reading each class plane at its stride (the tile's,
-//      or P): the same lanes and the same order as the row-major path, so
-//      every gradient is bit for bit the row-major call's.
-//   3. A warp per class plane writes the plane's run in 16-byte words (its
-//      ends, wherever c * P puts them, element by element): a word over
-//      priors outside the set is zeros, found from the bitmask without
-//      reading anything else; a set prior's element is softmax - one-hot,
-//      from the statistics its group left in shared memory.
+//   Steps 2 and 3 then run on parts of the tile: staged
+//   (gradient_plane_rows != 0), parts of gradient_plane_rows priors, the
+//   whole tile where its planes fit shared memory; otherwise one part.
+//   Staged, for each part a warp per class plane first copies into shared
+//   memory the 32-byte sectors of the plane's run that hold a set prior's
+//   logit (stage_set_sectors): whole, by coalesced 16-byte loads. A set
+//   prior's C logits lie in C planes; read one by one at stride P, each is
+//   a request of its own in each of steps 2 and 3, which uses about a tenth
+//   of the bytes of the sectors it fetches. Copied, each sector the set
+//   needs is fetched once, and no other. Unstaged (planes too long for even
+//   32 priors' to fit), steps 2 and 3 read them so.
+//   2. Lane groups take the part's set priors and compute their row
+//      statistics with row_stats, reading each class plane at its stride
+//      (the staged part's, or P): the same lanes and the same order as the
+//      row-major path, so every gradient is bit for bit the row-major
+//      call's.
+//   3. A warp per class plane writes the plane's run of the part in 16-byte
+//      words (its ends, wherever c * P puts them, element by element): a
+//      word over priors outside the set is zeros, found from the bitmask
+//      without reading anything else; a set prior's element is softmax -
+//      one-hot, from the statistics its group left in shared memory.
 struct ColumnShared {
     u32 scan[ROW_THREADS / WARP + 1];
     u16 set_rows[ROW_THREADS];         // tile offsets of the set's priors, in order
@@ -385,28 +389,29 @@ __device__ __forceinline__ T set_prior_gradient(const ColumnShared& sh, float cl
 }
 
 // Whether the 32-byte sector that holds element i of a class plane's run of
-// the tile (from `run`, `count` priors) holds a set prior's logit: the
-// sectors that stage_set_sectors copies.
+// a part of the tile (from `run`, `count` priors from tile prior `from`)
+// holds a set prior's logit: the sectors that stage_set_sectors copies.
 template <typename T>
-__device__ __forceinline__ bool sector_has_set(const ColumnShared& sh, const T* run, u32 i, u32 count) {
+__device__ __forceinline__ bool sector_has_set(const ColumnShared& sh, const T* run, u32 i, u32 count, u32 from) {
     constexpr u32 PER_SECTOR = 32 / sizeof(T);
     const u32 before = u32(u64(run + i) & 31u) / u32(sizeof(T));  // the sector's elements before i
     const u32 first = i > before ? i - before : 0u;
     const u32 end = i + (PER_SECTOR - before) < count ? i + (PER_SECTOR - before) : count;
-    return set_bits(sh, first, end - first) != 0;
+    return set_bits(sh, from + first, end - first) != 0;
 }
 
-// Staged channel-major: the sectors of each class plane's run that hold a
-// set prior (sector_has_set), from `x0` (planes `priors` apart) into `dst`
-// (planes `stride` apart, each at its run's offset within 16 bytes), a warp
-// a plane. The words of a run are 16-byte loads and stores, its ends (where
+// Staged channel-major: the sectors of each class plane's run of a part of
+// the tile (`count` priors from tile prior `from`) that hold a set prior
+// (sector_has_set), from `x0` (planes `priors` apart) into `dst` (planes
+// `stride` apart, each at its run's offset within 16 bytes), a warp a
+// plane. The words of a run are 16-byte loads and stores, its ends (where
 // c * P puts them) an element a lane. A word whose sector holds a set prior
 // is copied even if its own priors are not in the set: its sector is
 // fetched anyway, and the warp's request then takes every byte of it. The
-// other elements of the tile are left as they are, and never read.
+// other elements of the part are left as they are, and never read.
 template <typename T>
 __device__ __forceinline__ void stage_set_sectors(T* dst, u32 stride, const T* x0, u64 priors, u32 classes, u32 count,
-                                                  const ColumnShared& sh) {
+                                                  u32 from, const ColumnShared& sh) {
     constexpr u32 PER_VECTOR = 16 / sizeof(T);
     constexpr u32 WARPS = ROW_THREADS / WARP;
     const u32 lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
@@ -418,12 +423,12 @@ __device__ __forceinline__ void stage_set_sectors(T* dst, u32 stride, const T* x
         const u32 words = (count - head) / PER_VECTOR;
 #pragma unroll 1
         for (u32 w = lane; w < words; w += WARP) {
-            if (sector_has_set(sh, run, head + w * PER_VECTOR, count))
+            if (sector_has_set(sh, run, head + w * PER_VECTOR, count, from))
                 reinterpret_cast<uint4*>(out + head)[w] = reinterpret_cast<const uint4*>(run + head)[w];
         }
         // The ends, fewer than PER_VECTOR elements each: a lane each.
         const u32 i = lane < head ? lane : head + words * PER_VECTOR + (lane - head);
-        if (i < count && sector_has_set(sh, run, i, count)) out[i] = run[i];
+        if (i < count && sector_has_set(sh, run, i, count, from)) out[i] = run[i];
     }
 }
 
@@ -443,20 +448,17 @@ __device__ void write_gradients_channel_major(const MultiboxParams& p, ColumnSha
     const Scales scales = gradient_scales(p);
     const u32 lanes = p.set_lanes, sub = t % lanes, group = t / lanes;
     const u32 groups = ROW_THREADS / lanes;
-    MB_DYNAMIC_SHARED(unsigned char, staged);  // the tile's planes, staged
-    // Class c of a set prior's logits, staged or not: x[r + c * stride].
+    MB_DYNAMIC_SHARED(unsigned char, staged);  // a part's planes, staged
+    // Class c of a part's prior r (from its first) lies at x[r + c * stride].
     const u64 stride = STAGED ? p.gradient_plane_stride : priors;
+    const u32 part_rows = STAGED ? p.gradient_plane_rows : ROW_THREADS;
 
     for (u64 tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
         const u64 image = tile / per_image;
         const u32 p0 = u32(tile % per_image) * ROW_THREADS;
         const u32 count = p.priors - p0 < ROW_THREADS ? p.priors - p0 : ROW_THREADS;
         const T* x0 = confidence + image * p.classes * priors + p0;  // class c of tile prior r: x0[r + c * P]
-        // Staged, the planes at x0's offset within 16 bytes, which the
-        // stride keeps for every plane (plane_stride). Derived from `staged`
-        // where it is used, so that the compiler knows it for shared memory.
-        T* const copy = reinterpret_cast<T*>(staged + (u64(x0) & 15u));
-        const T* const x = STAGED ? copy : x0;
+        T* const g0 = grad_confidence + image * p.classes * priors + p0;
 
         // 1. This thread's prior.
         const RowDecision mine = decide<L>(p, scales, image * priors + p0 + t, t < count);
@@ -479,74 +481,93 @@ __device__ void write_gradients_channel_major(const MultiboxParams& p, ColumnSha
             sh.set_before[warp] = slot;
         }
         __syncthreads();  // the list and the bitmask are complete
-        if (STAGED) {
-            stage_set_sectors(copy, p.gradient_plane_stride, x0, priors, p.classes, count, sh);
-            __syncthreads();  // the set's logits are in shared memory
-        }
-
-        // 2. The set's statistics, a lane group per prior. Every thread walks
-        // the same number of steps, so the group shuffles find all 32 lanes.
-        for (u32 base = 0; base < set_count; base += groups) {
-            const u32 i = base + group;
-            const bool active = i < set_count;
-            const u32 r = active ? sh.set_rows[i] : 0u;
-            RowStats stats =
-                row_stats(x + r, stride, p.classes, sub, lanes, active, active ? sh.set_labels[i] : 0u);
-            stats.sum_exp = 1.0f / stats.sum_exp;
-            if (active && sub == 0) sh.stats[i] = stats;
-        }
-        __syncthreads();  // the statistics are complete
-
-        // 3. The class planes, a warp each at a time.
-        T* const g0 = grad_confidence + image * p.classes * priors + p0;
         const float cls_scale = set_count != 0 ? sh.cls_scale : 0.0f;
         // Whether the logits and their gradients lie at the same offset
         // within 16 bytes (tensors from an allocator do), so that a word of
         // one is a word of the other.
         const bool same_words = STAGED && ((u64(x0) ^ u64(g0)) & 15u) == 0;
-#pragma unroll 1
-        for (u32 c = warp; c < p.classes; c += WARPS) {
-            T* out = g0 + c * priors;
-            const u32 head = head_to_16_bytes(out, count);
-            const u32 words = (count - head) / PER_VECTOR;
-#pragma unroll 1
-            for (u32 w = lane; w < words; w += WARP) {
-                const u32 first = head + w * PER_VECTOR;
-                uint4 v = make_uint4(0u, 0u, 0u, 0u);
-                const u32 word_set = set_bits(sh, first, PER_VECTOR);
-                if (word_set != 0) {
-                    // The word's set priors are consecutive in the list.
-                    const u32 i0 = set_index(sh, first);
-                    // Staged, and where the logits' words are the
-                    // gradient's, the word's logits are one 16-byte shared
-                    // load: its sector holds a set prior, so it was copied.
-                    const T* const xc = x + c * stride + first;
-                    Chunk<T> logits;
-                    if (same_words) logits = chunk_of<T>(*reinterpret_cast<const uint4*>(xc));
-                    constexpr u32 PER_U32 = 4 / sizeof(T), BITS = 8 * sizeof(T);
-                    u32 bits[4] = {0u, 0u, 0u, 0u};
-#pragma unroll
-                    for (u32 e = 0; e < PER_VECTOR; ++e) {
-                        if (word_set & (1u << e)) {
-                            const u32 i = i0 + __popc(word_set & ((1u << e) - 1u));
-                            const float logit = same_words ? logits.at(e) : to_f32(xc[e]);
-                            const T g = set_prior_gradient<T>(sh, cls_scale, logit, i, c);
-                            bits[e / PER_U32] |= element_bits(g) << (e % PER_U32 * BITS);
-                        }
-                    }
-                    v = make_uint4(bits[0], bits[1], bits[2], bits[3]);
-                }
-                *reinterpret_cast<uint4*>(out + first) = v;
+
+        // The parts: a multiple of 32 priors apart, so that each starts at
+        // a word of the bitmask, and at x0's offset within 16 bytes.
+        for (u32 from = 0; from < count; from += part_rows) {
+            const u32 n = count - from < part_rows ? count - from : part_rows;
+            // Staged, the part's planes at its offset within 16 bytes, which
+            // the stride keeps for every plane (plane_stride). Derived from
+            // `staged` where it is used, so that the compiler knows it for
+            // shared memory.
+            T* const copy = reinterpret_cast<T*>(staged + (u64(x0) & 15u));
+            const T* const x = STAGED ? copy : x0 + from;
+            if (STAGED) {
+                // The previous part's step 3 has read its copy.
+                if (from != 0) __syncthreads();
+                stage_set_sectors(copy, p.gradient_plane_stride, x0 + from, priors, p.classes, n, from, sh);
+                __syncthreads();  // the part's set logits are in shared memory
             }
-            // The ends, fewer than PER_VECTOR elements each: a lane each.
-            const u32 i = lane < head ? lane : head + words * PER_VECTOR + (lane - head);
-            if (i < count) {
-                // One store for both cases, so that the warp's end elements
-                // are one request.
-                T g = from_f32<T>(0.0f);
-                if (set_bits(sh, i, 1) != 0)
-                    g = set_prior_gradient<T>(sh, cls_scale, to_f32(x[i + c * stride]), set_index(sh, i), c);
-                out[i] = g;
+
+            // 2. The part's set statistics, a lane group per prior. Every
+            // thread walks the same number of steps, so the group shuffles
+            // find all 32 lanes. The part's set priors are consecutive in
+            // the list.
+            const u32 set_first = from == 0 ? 0u : set_index(sh, from);
+            const u32 set_end = from + n == count ? set_count : set_index(sh, from + n);
+            for (u32 base = set_first; base < set_end; base += groups) {
+                const u32 i = base + group;
+                const bool active = i < set_end;
+                const u32 r = active ? sh.set_rows[i] - from : 0u;
+                RowStats stats =
+                    row_stats(x + r, stride, p.classes, sub, lanes, active, active ? sh.set_labels[i] : 0u);
+                stats.sum_exp = 1.0f / stats.sum_exp;
+                if (active && sub == 0) sh.stats[i] = stats;
+            }
+            __syncthreads();  // the statistics are complete
+
+            // 3. The class planes' runs of the part, a warp each at a time.
+#pragma unroll 1
+            for (u32 c = warp; c < p.classes; c += WARPS) {
+                T* out = g0 + c * priors + from;
+                const u32 head = head_to_16_bytes(out, n);
+                const u32 words = (n - head) / PER_VECTOR;
+#pragma unroll 1
+                for (u32 w = lane; w < words; w += WARP) {
+                    const u32 first = head + w * PER_VECTOR;
+                    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+                    const u32 word_set = set_bits(sh, from + first, PER_VECTOR);
+                    if (word_set != 0) {
+                        // The word's set priors are consecutive in the list.
+                        const u32 i0 = set_index(sh, from + first);
+                        // Staged, and where the logits' words are the
+                        // gradient's, the word's logits are one 16-byte
+                        // shared load: its sector holds a set prior, so it
+                        // was copied.
+                        const T* const xc = x + c * stride + first;
+                        Chunk<T> logits;
+                        if (same_words) logits = chunk_of<T>(*reinterpret_cast<const uint4*>(xc));
+                        constexpr u32 PER_U32 = 4 / sizeof(T), BITS = 8 * sizeof(T);
+                        u32 bits[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+                        for (u32 e = 0; e < PER_VECTOR; ++e) {
+                            if (word_set & (1u << e)) {
+                                const u32 i = i0 + __popc(word_set & ((1u << e) - 1u));
+                                const float logit = same_words ? logits.at(e) : to_f32(xc[e]);
+                                const T g = set_prior_gradient<T>(sh, cls_scale, logit, i, c);
+                                bits[e / PER_U32] |= element_bits(g) << (e % PER_U32 * BITS);
+                            }
+                        }
+                        v = make_uint4(bits[0], bits[1], bits[2], bits[3]);
+                    }
+                    *reinterpret_cast<uint4*>(out + first) = v;
+                }
+                // The ends, fewer than PER_VECTOR elements each: a lane each.
+                const u32 i = lane < head ? lane : head + words * PER_VECTOR + (lane - head);
+                if (i < n) {
+                    // One store for both cases, so that the warp's end
+                    // elements are one request.
+                    T g = from_f32<T>(0.0f);
+                    if (set_bits(sh, from + i, 1) != 0)
+                        g = set_prior_gradient<T>(sh, cls_scale, to_f32(x[i + c * stride]), set_index(sh, from + i),
+                                                  c);
+                    out[i] = g;
+                }
             }
         }
         // No barrier here: the next tile's first shared writes (the lists,
@@ -563,7 +584,7 @@ template <typename T, typename L> __device__ void write_gradients(const Multibox
         GradientShared rows;
         ColumnShared columns;
     } sh;
-    if (p.layout == LAYOUT_CHANNEL_MAJOR && p.gradient_plane_stride != 0)
+    if (p.layout == LAYOUT_CHANNEL_MAJOR && p.gradient_plane_rows != 0)
         write_gradients_channel_major<T, L, true>(p, sh.columns);
     else if (p.layout == LAYOUT_CHANNEL_MAJOR)
         write_gradients_channel_major<T, L, false>(p, sh.columns);

@@ -63,9 +63,11 @@ struct MultiboxParams {
     u32 set_copy_lanes;      // power of two in 1..32: kernel 3's lanes that copy a set row into shared memory
     u32 set_slot_bytes;      // unstaged: bytes of kernel 3's shared slot per lane group, or 0 (set rows from global)
     u32 plane_stride;        // channel-major, staged: elements between kernel 1's class planes in shared memory
-    u32 gradient_plane_stride;  // channel-major: the same for kernel 3's tile of the set's logits, or 0 (from global)
+    u32 gradient_plane_rows;    // channel-major: priors of each staged part of kernel 3's tile, or 0 (from global)
+    u32 gradient_plane_stride;  // elements between that part's class planes in shared memory
+    u32 padding;
 };
-MB_ASSERT_SIZE(MultiboxParams, 216);
+MB_ASSERT_SIZE(MultiboxParams, 224);
 
 // A positive prior's two loss terms, from kernel 1 to kernel 2, which adds
 // them up per image (for NORMALIZER_PER_IMAGE, and so that every normaliser

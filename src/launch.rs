@@ -284,7 +284,9 @@ fn params(config: &MultiboxConfig, call: &RawCall, plan: &LaunchPlan) -> Result<
         set_copy_lanes: plan.set_copy_lanes,
         set_slot_bytes: plan.set_slot_bytes,
         plane_stride: plan.plane_stride,
+        gradient_plane_rows: plan.gradient_plane_rows,
         gradient_plane_stride: plan.gradient_plane_stride,
+        _padding: 0,
     })
 }
 

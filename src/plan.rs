@@ -203,10 +203,13 @@ pub struct LaunchPlan {
     /// in shared memory and stored whole ([`gradient_tile_rows`]):
     /// [`ROW_THREADS`], or 0 (channel-major, or rows too long for a tile).
     pub gradient_tile_rows: u32,
-    /// Elements between the class planes of kernel 3's channel-major tile
-    /// in shared memory, which holds the logits of the set's priors
-    /// ([`gradient_plane_stride`]); 0 row-major, or where the tile does
-    /// not fit (the set's logits are then read from global memory).
+    /// Priors of each part of kernel 3's channel-major tile whose set
+    /// logits are staged in shared memory ([`gradient_plane_rows`]: 256,
+    /// 128, 64 or 32); 0 row-major, or where not even 32 fit (the set's
+    /// logits are then read from global memory).
+    pub gradient_plane_rows: u32,
+    /// Elements between the class planes of that part in shared memory
+    /// ([`gradient_plane_stride`]); 0 where there is no part.
     pub gradient_plane_stride: u32,
     /// Bytes of each of kernel 3's shared slots for the set's rows when
     /// its tile is not staged ([`set_slot_bytes`]); 0: those rows are
@@ -299,13 +302,17 @@ impl LaunchPlan {
         };
 
         let gradient_tile_rows = gradient_tile_rows(shape.classes, layout, dtype);
-        let gradient_plane_stride = gradient_plane_stride(shape, layout, dtype);
+        let gradient_plane_rows = gradient_plane_rows(shape, layout, dtype);
+        let gradient_plane_stride = match gradient_plane_rows {
+            0 => 0,
+            rows => gradient_plane_stride(shape.priors, rows, dtype),
+        };
         let set_slot_bytes = set_slot_bytes(shape.classes, layout, dtype);
         let set_lanes = set_lanes(shape.classes, dtype);
         let gradient_shared_bytes = if gradient_tile_rows != 0 {
             row_tile_bytes(shape.classes, gradient_tile_rows, dtype)
-        } else if gradient_plane_stride != 0 {
-            tile_shared_bytes(shape, ROW_THREADS, layout, dtype)
+        } else if gradient_plane_rows != 0 {
+            planes_bytes(gradient_plane_stride, shape.classes, dtype)
         } else {
             (ROW_THREADS / set_lanes) * set_slot_bytes
         };
@@ -343,6 +350,7 @@ impl LaunchPlan {
             tile_rows,
             plane_stride,
             gradient_tile_rows,
+            gradient_plane_rows,
             gradient_plane_stride,
             set_slot_bytes,
             rows: rows_launch,
@@ -652,7 +660,7 @@ pub const GRADIENT_TILE_BYTES: usize = 42 * 1024;
 /// logit gradients fit [`GRADIENT_TILE_BYTES`] (C up to 83 in f16/bf16, 41
 /// in f32); 0 otherwise, and channel-major, whose stores are whole class
 /// planes of a tile's priors and need no staging (its tile holds logits:
-/// [`gradient_plane_stride`]).
+/// [`gradient_plane_rows`]).
 pub fn gradient_tile_rows(classes: usize, layout: Layout, dtype: DType) -> u32 {
     let fits = row_tile_bytes(classes, ROW_THREADS, dtype) as usize <= GRADIENT_TILE_BYTES;
     if layout == Layout::RowMajor && fits {
@@ -662,19 +670,52 @@ pub fn gradient_tile_rows(classes: usize, layout: Layout, dtype: DType) -> u32 {
     }
 }
 
-/// Kernel 3's channel-major tile in shared memory: the class planes of its
-/// [`ROW_THREADS`] priors, [`plane_stride`] elements apart as in kernel 1's
-/// tile, into which it copies the 32-byte sectors of the logits that hold
-/// a set prior's, each sector whole and once. 0 where the tile would not
-/// fit [`GRADIENT_TILE_BYTES`] (above C = 83 in f16/bf16, fewer for some P,
-/// and above C = 41 in f32), and row-major.
-pub fn gradient_plane_stride(shape: Shape, layout: Layout, dtype: DType) -> u32 {
-    let bytes = tile_shared_bytes(shape, ROW_THREADS, Layout::ChannelMajor, dtype) as usize;
-    if layout == Layout::ChannelMajor && bytes <= GRADIENT_TILE_BYTES {
-        plane_stride(shape.priors, ROW_THREADS, dtype)
-    } else {
-        0
+/// Kernel 3's channel-major tile, staged: it walks its [`ROW_THREADS`]
+/// priors in parts of this many, and for each copies into shared memory
+/// the 32-byte sectors of the logits that hold a set prior's, each sector
+/// whole and once, into the part's class planes
+/// ([`gradient_plane_stride`] elements apart). The most priors, of 256,
+/// 128, 64 and 32 (a word of the tile's set bitmask), whose planes fit
+/// [`GRADIENT_TILE_BYTES`]: the whole tile up to C = 81 in f16/bf16 and 41
+/// in f32, then half as many priors for about each doubling of C, down to
+/// 32 priors up to C = 537 in f16/bf16 and 298 in f32 (a little more for
+/// some P: the planes' padding depends on it). 0 where not even 32 fit, and
+/// row-major.
+pub fn gradient_plane_rows(shape: Shape, layout: Layout, dtype: DType) -> u32 {
+    let fits = |rows| {
+        let stride = gradient_plane_stride(shape.priors, rows, dtype);
+        planes_bytes(stride, shape.classes, dtype) as usize <= GRADIENT_TILE_BYTES
+    };
+    match layout {
+        Layout::RowMajor => 0,
+        Layout::ChannelMajor => [256, 128, 64, 32]
+            .into_iter()
+            .find(|&rows| fits(rows))
+            .unwrap_or(0),
     }
+}
+
+/// Elements between kernel 3's staged class planes for parts of `rows`
+/// priors: [`plane_stride`] (each plane keeps its offset within 16 bytes),
+/// and a 16-byte word more where that stride is a multiple of 32 bytes.
+/// A lane group reads one prior's classes across the planes, and planes a
+/// multiple of 32 bytes apart share at most 4 of the 32 banks (all of them
+/// one bank at 128 bytes: 32-way conflicts for f32 rows at C = 81, a warp
+/// a row); 16 bytes more spread consecutive planes over 8 banks.
+pub fn gradient_plane_stride(priors: usize, rows: u32, dtype: DType) -> u32 {
+    let stride = plane_stride(priors, rows, dtype);
+    if (stride as usize * dtype.size()) % 32 == 0 {
+        stride + (16 / dtype.size()) as u32
+    } else {
+        stride
+    }
+}
+
+/// Shared bytes of C class planes `stride` elements apart, after the first
+/// plane's offset within 16 bytes (at most 16 bytes less an element).
+fn planes_bytes(stride: u32, classes: usize, dtype: DType) -> u32 {
+    let size = dtype.size();
+    saturating_u32(16 - size + stride as usize * size * classes)
 }
 
 /// Kernel 3's shared slot for one set row when its row-major tile is not
@@ -730,14 +771,14 @@ pub fn plane_stride(priors: usize, tile_rows: u32, dtype: DType) -> u32 {
 /// C class planes [`plane_stride`] elements apart, after the first
 /// plane's offset within 16 bytes (at most 16 bytes less an element).
 pub fn tile_shared_bytes(shape: Shape, tile_rows: u32, layout: Layout, dtype: DType) -> u32 {
-    let size = dtype.size();
     match (tile_rows, layout) {
         (0, _) => 0,
         (_, Layout::RowMajor) => row_tile_bytes(shape.classes, tile_rows, dtype),
-        (_, Layout::ChannelMajor) => {
-            let stride = plane_stride(shape.priors, tile_rows, dtype) as usize;
-            saturating_u32(16 - size + stride * size * shape.classes)
-        }
+        (_, Layout::ChannelMajor) => planes_bytes(
+            plane_stride(shape.priors, tile_rows, dtype),
+            shape.classes,
+            dtype,
+        ),
     }
 }
 
@@ -838,10 +879,12 @@ pub(crate) struct MultiboxParams {
     pub(crate) set_copy_lanes: u32,
     pub(crate) set_slot_bytes: u32,
     pub(crate) plane_stride: u32,
+    pub(crate) gradient_plane_rows: u32,
     pub(crate) gradient_plane_stride: u32,
+    pub(crate) _padding: u32,
 }
 
-const _: () = assert!(std::mem::size_of::<MultiboxParams>() == 216);
+const _: () = assert!(std::mem::size_of::<MultiboxParams>() == 224);
 const _: () = assert!(std::mem::size_of::<PositiveTerms>() == 8);
 const _: () = assert!(std::mem::size_of::<ImageSelection>() == 32);
 const _: () = assert!(std::mem::size_of::<Totals>() == 32);

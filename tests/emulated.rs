@@ -583,7 +583,8 @@ fn rows_too_long_for_a_tile_are_read_from_global_memory() {
 /// row-major call and close to the reference.
 #[test]
 fn channel_major_planes_at_every_offset_within_16_bytes() {
-    fn planes<T: Float, L: Label>(priors: usize, classes: usize) {
+    // `part`: the priors of kernel 3's staged parts of a tile.
+    fn planes<T: Float, L: Label>(priors: usize, classes: usize, part: u32) {
         let shape = Shape::new(2, priors, classes);
         let plan = multibox::plan::LaunchPlan::with_limits(
             shape,
@@ -593,6 +594,7 @@ fn channel_major_planes_at_every_offset_within_16_bytes() {
         )
         .unwrap();
         assert_ne!(plan.tile_rows, 0, "staged");
+        assert_eq!(plan.gradient_plane_rows, part, "kernel 3's parts");
         let mut rng = SplitMix64(priors as u64 * 1000 + classes as u64);
         let confidence = (0..shape.confidence_len())
             .map(|_| T::from_f64(rng.normal() * 3.0))
@@ -628,16 +630,22 @@ fn channel_major_planes_at_every_offset_within_16_bytes() {
             assert_channel_major_is_row_major(&what, &case, call, &row_major);
         }
     }
-    // Tiles of 256 priors (128 at C = 81 in f32): P = 256 + 0..8 gives every
-    // plane offset within 16 bytes in the half types, and a last tile of
-    // 0 to 7 priors, shorter than a word.
+    // Tiles of 256 priors (kernel 1's of 128 at C = 81 in f32): P = 256 +
+    // 0..8 gives every plane offset within 16 bytes in the half types, and
+    // a last tile of 0 to 7 priors, shorter than a word. Kernel 3 stages
+    // its tiles whole, in halves (f32 at C = 81), quarters (C = 200) or
+    // eighths (C = 500).
     for priors in 256..264 {
-        planes::<f16, i64>(priors, 21);
-        planes::<bf16, i32>(priors, 21);
+        planes::<f16, i64>(priors, 21, 256);
+        planes::<bf16, i32>(priors, 21, 256);
     }
     for priors in [256, 257, 258, 259, 300] {
-        planes::<f32, i64>(priors, 21);
-        planes::<f32, i32>(priors, 81);
+        planes::<f32, i64>(priors, 21, 256);
+        planes::<f32, i32>(priors, 81, 128);
+    }
+    for priors in [256, 259, 263, 300] {
+        planes::<f16, i32>(priors, 200, 64);
+        planes::<bf16, i64>(priors, 500, 32);
     }
 }
 
@@ -1520,9 +1528,9 @@ fn the_traffic_model_sees_whole_sectors() {
         // as the words that cover each set row, channel-major where its
         // tile is staged as the whole sectors that hold a set prior's, and
         // those by whole requests.
-        let plane_stride = multibox::plan::gradient_plane_stride(shape, layout, T::DTYPE);
+        let staged = multibox::plan::gradient_plane_rows(shape, layout, T::DTYPE) != 0;
         let set_rows = traffic("multibox_gradient", "confidence");
-        if layout == Layout::RowMajor || plane_stride != 0 {
+        if layout == Layout::RowMajor || staged {
             assert!(
                 set_rows.loads.sectors as f64 <= 1.02 * set_rows.unique_sectors as f64,
                 "{what}: kernel 3 fetches {} sectors of the set's rows, {} distinct",
@@ -1530,7 +1538,7 @@ fn the_traffic_model_sees_whole_sectors() {
                 set_rows.unique_sectors
             );
         }
-        if plane_stride != 0 {
+        if staged {
             let efficiency = set_rows.loads.efficiency();
             assert!(
                 efficiency >= 0.9,

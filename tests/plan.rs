@@ -421,22 +421,32 @@ fn kernel_1_tiles_are_one_step_and_fit_shared_memory() {
 
 #[test]
 fn kernel_3_stages_tiles_that_fit_shared_memory() {
-    use multibox::plan::{gradient_plane_stride, gradient_tile_rows, GRADIENT_TILE_BYTES};
+    use multibox::plan::{gradient_plane_rows, gradient_tile_rows, GRADIENT_TILE_BYTES};
     for dtype in DTYPES {
         let size = dtype.size();
         let per_word = 16 / size;
-        for classes in [2, 3, 21, 41, 42, 81, 83, 84, 91, 200, 5000] {
+        for classes in [
+            2, 3, 21, 41, 42, 81, 83, 84, 91, 167, 168, 200, 335, 672, 5000,
+        ] {
             // Every residue of P modulo 8 (a 16-byte word of f16/bf16).
             for priors in [3000, 3001, 3002, 3003, 8732, 3005, 3006, 3007] {
                 let shape = Shape::new(2, priors, classes);
                 // Row-major: 256 rows of gradients as they lie in global
                 // memory, plus 32 bytes: their offset in a 16-byte line, and
-                // the last word's end. Channel-major: C planes of 256 priors'
+                // the last word's end. Channel-major: C planes of a part's
                 // logits, padded to P's residue, after the first plane's
-                // offset within 16 bytes.
+                // offset within 16 bytes; the largest part that fits.
+                // The planes are a 16-byte word further apart where they
+                // would otherwise be a multiple of 32 bytes apart (banks).
                 let row_bytes = 256 * classes * size + 32;
-                let stride = 256 + priors % per_word;
-                let plane_bytes = 16 - size + stride * size * classes;
+                let stride = |rows: usize| {
+                    let stride = rows + priors % per_word;
+                    stride + if stride * size % 32 == 0 { per_word } else { 0 }
+                };
+                let plane_bytes = |rows: usize| 16 - size + stride(rows) * size * classes;
+                let part = [256, 128, 64, 32]
+                    .into_iter()
+                    .find(|&rows| plane_bytes(rows) <= GRADIENT_TILE_BYTES);
                 for layout in [Layout::RowMajor, Layout::ChannelMajor] {
                     let plan = LaunchPlan::with_limits(shape, dtype, layout, GridLimits::default())
                         .unwrap();
@@ -446,30 +456,34 @@ fn kernel_3_stages_tiles_that_fit_shared_memory() {
                         gradient_tile_rows(classes, layout, dtype)
                     );
                     assert_eq!(
-                        plan.gradient_plane_stride,
-                        gradient_plane_stride(shape, layout, dtype)
+                        plan.gradient_plane_rows,
+                        gradient_plane_rows(shape, layout, dtype)
                     );
                     let rows_staged =
                         row_bytes <= GRADIENT_TILE_BYTES && layout == Layout::RowMajor;
-                    let planes_staged =
-                        plane_bytes <= GRADIENT_TILE_BYTES && layout == Layout::ChannelMajor;
+                    let part = part.filter(|_| layout == Layout::ChannelMajor);
                     assert_eq!(
                         plan.gradient_tile_rows,
                         if rows_staged { 256 } else { 0 },
                         "{what}"
                     );
                     assert_eq!(
+                        plan.gradient_plane_rows as usize,
+                        part.unwrap_or(0),
+                        "{what}"
+                    );
+                    assert_eq!(
                         plan.gradient_plane_stride as usize,
-                        if planes_staged { stride } else { 0 },
+                        part.map_or(0, stride),
                         "{what}"
                     );
                     // Unstaged row-major rows get a slot per lane group instead,
                     // when those fit.
                     let groups = (256 / plan.set_lanes) as usize;
                     let slots = groups * plan.set_slot_bytes as usize;
-                    let bytes = match (rows_staged, planes_staged) {
+                    let bytes = match (rows_staged, part) {
                         (true, _) => row_bytes,
-                        (_, true) => plane_bytes,
+                        (_, Some(rows)) => plane_bytes(rows),
                         _ => slots,
                     };
                     assert_eq!(plan.gradient.shared_bytes as usize, bytes, "{what}");
@@ -478,23 +492,18 @@ fn kernel_3_stages_tiles_that_fit_shared_memory() {
             }
         }
     }
-    // Channel-major: VOC in every type, COCO in the half types at SSD300's
-    // 8,732 priors; not f32 COCO.
+    // Channel-major: the whole tile for VOC in every type and for COCO in
+    // the half types at SSD300's 8,732 priors, halves for f32 COCO; 32
+    // priors at C = 537 in f16 when P is a multiple of 8, none above.
     let ssd = |classes| Shape::new(2, 8732, classes);
+    let rows = |shape, dtype| gradient_plane_rows(shape, Layout::ChannelMajor, dtype);
+    assert_eq!(rows(ssd(21), DType::F32), 256);
+    assert_eq!(rows(ssd(81), DType::BF16), 256);
+    assert_eq!(rows(ssd(81), DType::F32), 128);
+    assert_eq!(rows(Shape::new(2, 3000, 537), DType::F16), 32);
+    assert_eq!(rows(Shape::new(2, 3000, 538), DType::F16), 0);
     assert_eq!(
-        gradient_plane_stride(ssd(21), Layout::ChannelMajor, DType::F32),
-        256
-    );
-    assert_eq!(
-        gradient_plane_stride(ssd(81), Layout::ChannelMajor, DType::BF16),
-        260
-    );
-    assert_eq!(
-        gradient_plane_stride(ssd(81), Layout::ChannelMajor, DType::F32),
-        0
-    );
-    assert_eq!(
-        gradient_plane_stride(ssd(21), Layout::RowMajor, DType::F16),
+        gradient_plane_rows(ssd(21), Layout::RowMajor, DType::F16),
         0
     );
     // The common shapes: VOC in every type, COCO in the half types.
