@@ -492,9 +492,9 @@ __device__ void write_gradients_channel_major(const MultiboxParams& p, ColumnSha
         for (u32 from = 0; from < count; from += part_rows) {
             const u32 n = count - from < part_rows ? count - from : part_rows;
             // Staged, the part's planes at its offset within 16 bytes, which
-            // the stride keeps for every plane (plane_stride). Derived from
-            // `staged` where it is used, so that the compiler knows it for
-            // shared memory.
+            // the stride keeps for every plane (gradient_plane_stride).
+            // Derived from `staged` where it is used, so that the compiler
+            // knows it for shared memory.
             T* const copy = reinterpret_cast<T*>(staged + (u64(x0) & 15u));
             const T* const x = STAGED ? copy : x0 + from;
             if (STAGED) {
