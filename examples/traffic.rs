@@ -18,7 +18,7 @@ use multibox::{DType, Float, Label, LabelType, Layout, MultiboxConfig, Shape};
 #[allow(dead_code)]
 mod emulated;
 
-use emulated::{buffer_traffic, Call, HostInputs, PlacedInputs};
+use emulated::{buffer_traffic, Call, PlacedInputs};
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -65,15 +65,7 @@ fn main() -> Result<()> {
 
 fn report<T: Float, L: Label>(shape: Shape, layout: Layout, sliced: bool) -> Result<()> {
     let batch = Batch::<T, L>::generate(shape, BatchSpec::default()).in_layout(layout);
-    let placed = PlacedInputs::new(
-        &HostInputs {
-            confidence: &batch.confidence,
-            predicted_locations: &batch.predicted_locations,
-            labels: &batch.labels,
-            gt_locations: &batch.gt_locations,
-        },
-        usize::from(sliced),
-    );
+    let placed = PlacedInputs::new(&batch, usize::from(sliced));
     let inputs = placed.host();
     let call = Call {
         layout,

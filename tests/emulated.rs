@@ -1470,15 +1470,7 @@ fn the_traffic_model_sees_whole_sectors() {
     fn check<T: Float, L: Label>(shape: Shape, layout: Layout, stores: f64) {
         let what = format!("{:?} {shape} {layout:?}", T::DTYPE);
         let batch = Batch::<T, L>::generate(shape, BatchSpec::default()).in_layout(layout);
-        let placed = PlacedInputs::new(
-            &HostInputs {
-                confidence: &batch.confidence,
-                predicted_locations: &batch.predicted_locations,
-                labels: &batch.labels,
-                gt_locations: &batch.gt_locations,
-            },
-            0,
-        );
+        let placed = PlacedInputs::new(&batch, 0);
         let call = Call {
             layout,
             model_traffic: true,

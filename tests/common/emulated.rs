@@ -269,8 +269,8 @@ impl<T: Copy + Default> Placed<T> {
     }
 }
 
-/// A call's four inputs, each [`Placed`] `skip` elements past 256-byte
-/// alignment: what the traffic model should see.
+/// A synthetic batch's four inputs, each [`Placed`] `skip` elements past
+/// 256-byte alignment: what the traffic model should see.
 pub struct PlacedInputs<T, L> {
     confidence: Placed<T>,
     predicted_locations: Placed<T>,
@@ -279,12 +279,12 @@ pub struct PlacedInputs<T, L> {
 }
 
 impl<T: Copy + Default, L: Copy + Default> PlacedInputs<T, L> {
-    pub fn new(inputs: &HostInputs<'_, T, L>, skip: usize) -> Self {
+    pub fn new(batch: &multibox::synthetic::Batch<T, L>, skip: usize) -> Self {
         Self {
-            confidence: Placed::copy_of(inputs.confidence, skip),
-            predicted_locations: Placed::copy_of(inputs.predicted_locations, skip),
-            labels: Placed::copy_of(inputs.labels, skip),
-            gt_locations: Placed::copy_of(inputs.gt_locations, skip),
+            confidence: Placed::copy_of(&batch.confidence, skip),
+            predicted_locations: Placed::copy_of(&batch.predicted_locations, skip),
+            labels: Placed::copy_of(&batch.labels, skip),
+            gt_locations: Placed::copy_of(&batch.gt_locations, skip),
         }
     }
 
