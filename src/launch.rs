@@ -151,7 +151,9 @@ pub unsafe fn launch_call<B: Backend + ?Sized>(
     let plan = LaunchPlan::with_limits(call.shape, call.dtype, call.layout, backend.grid_limits())?;
     let params = params(config, call, &plan)?;
     for launch in plan.launches(call.pass) {
-        let kernel = launch.step.kernel_name(call.dtype, call.label_type);
+        let kernel = launch
+            .step
+            .kernel_name(call.dtype, call.label_type, call.layout);
         // SAFETY: `params` holds the addresses the caller vouched for, checked
         // against the shape above, in the layout of MultiboxParams.
         unsafe {

@@ -627,9 +627,9 @@ fn check<T>(
     Ok(())
 }
 
-/// SMs x the fewest blocks per SM of any type instantiation of kernels 1
-/// and 3, each counted with its largest tile of shared memory, so that the
-/// limit holds for every shape.
+/// SMs x the fewest blocks per SM of any type instantiation of kernel 1,
+/// and of kernel 3's entry for each layout, each counted with its largest
+/// tile of shared memory, so that the limit holds for every shape.
 fn resident_blocks(
     ctx: &Arc<CudaContext>,
     functions: &HashMap<&'static str, CudaFunction>,
@@ -638,9 +638,9 @@ fn resident_blocks(
     let sms = ctx
         .attribute(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
         .max(1) as u32;
-    let per_sm = |step: Step, shared: usize| -> Result<u32> {
+    let fewest_per_sm = |names: Vec<&'static str>, shared: usize| -> Result<u32> {
         let mut fewest = u32::MAX;
-        for name in step.kernel_names() {
+        for name in names {
             let blocks = functions[name].occupancy_max_active_blocks_per_multiprocessor(
                 ROW_THREADS,
                 shared,
@@ -650,11 +650,18 @@ fn resident_blocks(
         }
         Ok(fewest)
     };
-    Ok(GridLimits::resident(
-        sms,
-        per_sm(Step::Rows, ROW_TILE_BYTES)?,
-        per_sm(Step::Gradient, GRADIENT_TILE_BYTES)?,
-    ))
+    let gradient = |layout| {
+        fewest_per_sm(
+            Step::Gradient.layout_kernel_names(layout),
+            GRADIENT_TILE_BYTES,
+        )
+    };
+    let per_sm = GridLimits {
+        rows: fewest_per_sm(Step::Rows.kernel_names(), ROW_TILE_BYTES)?,
+        gradient: gradient(Layout::RowMajor)?,
+        gradient_channel_major: gradient(Layout::ChannelMajor)?,
+    };
+    Ok(GridLimits::resident(sms, per_sm))
 }
 
 /// Launches through the CUDA driver on one stream.

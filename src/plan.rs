@@ -34,24 +34,34 @@ pub enum Step {
 }
 
 impl Step {
-    /// The kernel symbol for this step and these types.
-    pub fn kernel_name(self, dtype: DType, labels: LabelType) -> &'static str {
+    /// The kernel symbol for this step, these types and this layout. Kernel
+    /// 3 has an entry per layout (the channel-major one's staging would
+    /// otherwise set the registers, and so the occupancy, of both); the
+    /// other two serve both layouts.
+    pub fn kernel_name(self, dtype: DType, labels: LabelType, layout: Layout) -> &'static str {
         use DType::*;
         use LabelType::*;
-        match (self, dtype, labels) {
-            (Step::Select, _, _) => "multibox_select",
-            (Step::Rows, F32, I32) => "multibox_rows_f32_i32",
-            (Step::Rows, F32, I64) => "multibox_rows_f32_i64",
-            (Step::Rows, F16, I32) => "multibox_rows_f16_i32",
-            (Step::Rows, F16, I64) => "multibox_rows_f16_i64",
-            (Step::Rows, BF16, I32) => "multibox_rows_bf16_i32",
-            (Step::Rows, BF16, I64) => "multibox_rows_bf16_i64",
-            (Step::Gradient, F32, I32) => "multibox_gradient_f32_i32",
-            (Step::Gradient, F32, I64) => "multibox_gradient_f32_i64",
-            (Step::Gradient, F16, I32) => "multibox_gradient_f16_i32",
-            (Step::Gradient, F16, I64) => "multibox_gradient_f16_i64",
-            (Step::Gradient, BF16, I32) => "multibox_gradient_bf16_i32",
-            (Step::Gradient, BF16, I64) => "multibox_gradient_bf16_i64",
+        use Layout::*;
+        match (self, dtype, labels, layout) {
+            (Step::Select, _, _, _) => "multibox_select",
+            (Step::Rows, F32, I32, _) => "multibox_rows_f32_i32",
+            (Step::Rows, F32, I64, _) => "multibox_rows_f32_i64",
+            (Step::Rows, F16, I32, _) => "multibox_rows_f16_i32",
+            (Step::Rows, F16, I64, _) => "multibox_rows_f16_i64",
+            (Step::Rows, BF16, I32, _) => "multibox_rows_bf16_i32",
+            (Step::Rows, BF16, I64, _) => "multibox_rows_bf16_i64",
+            (Step::Gradient, F32, I32, RowMajor) => "multibox_gradient_f32_i32",
+            (Step::Gradient, F32, I64, RowMajor) => "multibox_gradient_f32_i64",
+            (Step::Gradient, F16, I32, RowMajor) => "multibox_gradient_f16_i32",
+            (Step::Gradient, F16, I64, RowMajor) => "multibox_gradient_f16_i64",
+            (Step::Gradient, BF16, I32, RowMajor) => "multibox_gradient_bf16_i32",
+            (Step::Gradient, BF16, I64, RowMajor) => "multibox_gradient_bf16_i64",
+            (Step::Gradient, F32, I32, ChannelMajor) => "multibox_gradient_channel_major_f32_i32",
+            (Step::Gradient, F32, I64, ChannelMajor) => "multibox_gradient_channel_major_f32_i64",
+            (Step::Gradient, F16, I32, ChannelMajor) => "multibox_gradient_channel_major_f16_i32",
+            (Step::Gradient, F16, I64, ChannelMajor) => "multibox_gradient_channel_major_f16_i64",
+            (Step::Gradient, BF16, I32, ChannelMajor) => "multibox_gradient_channel_major_bf16_i32",
+            (Step::Gradient, BF16, I64, ChannelMajor) => "multibox_gradient_channel_major_bf16_i64",
         }
     }
 
@@ -64,15 +74,27 @@ impl Step {
         }
     }
 
-    /// This step's kernel symbols, one per type combination it is built for
-    /// (the selection works on keys only, so it has one).
+    /// This step's kernel symbols, one per combination of types and layout
+    /// it is built for (the selection works on keys only, so it has one).
     pub fn kernel_names(self) -> Vec<&'static str> {
+        self.names_for(&[Layout::RowMajor, Layout::ChannelMajor])
+    }
+
+    /// This step's kernel symbols that serve `layout`, one per type
+    /// combination it is built for.
+    pub fn layout_kernel_names(self, layout: Layout) -> Vec<&'static str> {
+        self.names_for(&[layout])
+    }
+
+    fn names_for(self, layouts: &[Layout]) -> Vec<&'static str> {
         let mut names: Vec<&'static str> = Vec::new();
-        for dtype in [DType::F32, DType::F16, DType::BF16] {
-            for labels in [LabelType::I32, LabelType::I64] {
-                let name = self.kernel_name(dtype, labels);
-                if !names.contains(&name) {
-                    names.push(name);
+        for &layout in layouts {
+            for dtype in [DType::F32, DType::F16, DType::BF16] {
+                for labels in [LabelType::I32, LabelType::I64] {
+                    let name = self.kernel_name(dtype, labels, layout);
+                    if !names.contains(&name) {
+                        names.push(name);
+                    }
                 }
             }
         }
@@ -235,8 +257,11 @@ pub struct LaunchPlan {
 pub struct GridLimits {
     /// Kernel 1's resident blocks.
     pub rows: u32,
-    /// Kernel 3's resident blocks.
+    /// Kernel 3's resident blocks, row-major.
     pub gradient: u32,
+    /// Kernel 3's resident blocks, channel-major (its own entry, with its
+    /// own registers).
+    pub gradient_channel_major: u32,
 }
 
 impl Default for GridLimits {
@@ -244,17 +269,27 @@ impl Default for GridLimits {
         Self {
             rows: MAX_ROW_BLOCKS,
             gradient: MAX_ROW_BLOCKS,
+            gradient_channel_major: MAX_ROW_BLOCKS,
         }
     }
 }
 
 impl GridLimits {
-    /// `sms` multiprocessors, each holding `rows_per_sm` blocks of kernel 1
-    /// and `gradient_per_sm` of kernel 3.
-    pub fn resident(sms: u32, rows_per_sm: u32, gradient_per_sm: u32) -> Self {
+    /// `sms` multiprocessors, each holding `per_sm.rows` blocks of kernel 1
+    /// and so on: the limits are per SM in `per_sm`.
+    pub fn resident(sms: u32, per_sm: GridLimits) -> Self {
         Self {
-            rows: sms.saturating_mul(rows_per_sm),
-            gradient: sms.saturating_mul(gradient_per_sm),
+            rows: sms.saturating_mul(per_sm.rows),
+            gradient: sms.saturating_mul(per_sm.gradient),
+            gradient_channel_major: sms.saturating_mul(per_sm.gradient_channel_major),
+        }
+    }
+
+    /// Kernel 3's resident blocks for `layout`.
+    pub fn gradient_for(&self, layout: Layout) -> u32 {
+        match layout {
+            Layout::RowMajor => self.gradient,
+            Layout::ChannelMajor => self.gradient_channel_major,
         }
     }
 }
@@ -364,7 +399,10 @@ impl LaunchPlan {
             // for its decisions (see gradient.cu).
             gradient: Launch {
                 step: Step::Gradient,
-                grid: grid(limits.gradient, tiles(shape, layout, ROW_THREADS)),
+                grid: grid(
+                    limits.gradient_for(layout),
+                    tiles(shape, layout, ROW_THREADS),
+                ),
                 block: ROW_THREADS,
                 shared_bytes: gradient_shared_bytes,
             },

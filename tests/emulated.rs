@@ -566,6 +566,7 @@ fn rows_too_long_for_a_tile_are_read_from_global_memory() {
         grid_limits: multibox::plan::GridLimits {
             rows: 2,
             gradient: 2,
+            gradient_channel_major: 2,
         },
         ..Call::default()
     };
@@ -804,6 +805,7 @@ fn few_resident_blocks_walk_many_tiles<T: Float, L: Label>(seed: u64) {
         grid_limits: multibox::plan::GridLimits {
             rows: 2,
             gradient: 3,
+            gradient_channel_major: 3,
         },
         ..call
     };

@@ -210,21 +210,35 @@ fn grids_cover_every_row_and_image() {
 }
 
 #[test]
-fn kernel_names_say_the_step_and_types() {
+fn kernel_names_say_the_step_types_and_layout() {
+    use Layout::{ChannelMajor, RowMajor};
     assert_eq!(
-        Step::Rows.kernel_name(DType::F16, LabelType::I64),
+        Step::Rows.kernel_name(DType::F16, LabelType::I64, ChannelMajor),
         "multibox_rows_f16_i64"
     );
     assert_eq!(
-        Step::Gradient.kernel_name(DType::BF16, LabelType::I32),
+        Step::Gradient.kernel_name(DType::BF16, LabelType::I32, RowMajor),
         "multibox_gradient_bf16_i32"
     );
     assert_eq!(
-        Step::Select.kernel_name(DType::F32, LabelType::I64),
+        Step::Gradient.kernel_name(DType::BF16, LabelType::I32, ChannelMajor),
+        "multibox_gradient_channel_major_bf16_i32"
+    );
+    assert_eq!(
+        Step::Select.kernel_name(DType::F32, LabelType::I64, RowMajor),
         "multibox_select"
     );
+    // Kernels 1 and 2 serve both layouts; kernel 3 has an entry per layout.
+    for step in [Step::Rows, Step::Select] {
+        assert_eq!(
+            step.layout_kernel_names(RowMajor),
+            step.layout_kernel_names(ChannelMajor)
+        );
+    }
+    assert_eq!(Step::Gradient.layout_kernel_names(RowMajor).len(), 6);
+    assert_eq!(Step::Gradient.layout_kernel_names(ChannelMajor).len(), 6);
     let names = Step::all_kernel_names();
-    assert_eq!(names.len(), 13);
+    assert_eq!(names.len(), 19);
     let unique: std::collections::HashSet<_> = names.iter().collect();
     assert_eq!(unique.len(), names.len());
 }
@@ -551,18 +565,29 @@ fn kernel_3_gives_unstaged_set_rows_a_slot_per_lane_group() {
 fn grids_stop_at_the_resident_blocks_and_the_workspace_does_not_move() {
     let shape = Shape::new(256, 8732, 81);
     let free = LaunchPlan::new(shape).unwrap();
-    // An H100-like device: 132 SMs, 4 blocks of kernel 1 and 8 of kernel 3 each.
-    let limits = GridLimits::resident(132, 4, 8);
+    // An H100-like device: 132 SMs, 4 blocks of kernel 1, 8 of kernel 3's
+    // row-major entry and 6 of its channel-major one each.
+    let per_sm = GridLimits {
+        rows: 4,
+        gradient: 8,
+        gradient_channel_major: 6,
+    };
+    let limits = GridLimits::resident(132, per_sm);
     assert_eq!(
         limits,
         GridLimits {
             rows: 528,
-            gradient: 1056
+            gradient: 1056,
+            gradient_channel_major: 792,
         }
     );
     let plan = LaunchPlan::with_limits(shape, DType::BF16, Layout::RowMajor, limits).unwrap();
     assert_eq!(plan.rows.grid, 528);
     assert_eq!(plan.gradient.grid, 1056);
+    assert_eq!(plan.workspace, free.workspace);
+    let plan = LaunchPlan::with_limits(shape, DType::BF16, Layout::ChannelMajor, limits).unwrap();
+    assert_eq!(plan.rows.grid, 528);
+    assert_eq!(plan.gradient.grid, 792);
     assert_eq!(plan.workspace, free.workspace);
     assert_eq!(free.rows.grid, MAX_ROW_BLOCKS);
     // A small shape needs fewer blocks than the device holds.
@@ -582,6 +607,7 @@ fn grids_stop_at_the_resident_blocks_and_the_workspace_does_not_move() {
         GridLimits {
             rows: 0,
             gradient: 0,
+            gradient_channel_major: 0,
         },
     )
     .unwrap();

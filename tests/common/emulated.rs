@@ -47,7 +47,9 @@ impl Emulator {
                     })
                     .collect();
                 (
-                    launch.step.kernel_name(call.dtype, call.label_type),
+                    launch
+                        .step
+                        .kernel_name(call.dtype, call.label_type, call.layout),
                     regions,
                 )
             })
