@@ -8,7 +8,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DevicePtr, DevicePtr
 use crate::launch::{
     launch_call, Backend, DeviceStatus, RawBuffers, RawCall, RawNormalizer, RawUpstream,
 };
-use crate::plan::{GridLimits, Pass, Step, GRADIENT_TILE_BYTES, ROW_THREADS, ROW_TILE_BYTES};
+use crate::plan::{GridLimits, Pass, Residency, Step, MAX_BLOCKS_PER_SM, ROW_THREADS};
 use crate::{kernels, Error, Float, Label, Layout, MultiboxConfig, Result, Shape};
 
 /// The inputs of one call, on the device. Any cudarc slice or view works
@@ -161,8 +161,9 @@ impl MultiboxLoss {
         })
     }
 
-    /// How many blocks of the row kernels the device keeps resident: their
-    /// grids (from the occupancy calculator, so there is no tail wave).
+    /// How many blocks of the row kernels the device keeps resident, by the
+    /// shared memory a shape's tile takes: their grids (from the occupancy
+    /// calculator, so there is no tail wave).
     pub fn grid_limits(&self) -> GridLimits {
         self.grid_limits
     }
@@ -627,9 +628,10 @@ fn check<T>(
     Ok(())
 }
 
-/// SMs x the fewest blocks per SM of any type instantiation of kernel 1,
-/// and of kernel 3's entry for each layout, each counted with its largest
-/// tile of shared memory, so that the limit holds for every shape.
+/// The device's multiprocessors, and how many blocks of kernel 1 and of
+/// each of kernel 3's entries one holds by the shared memory they take:
+/// for each count of blocks, the fewest bytes any type instantiation
+/// allows, so that the limits hold whichever runs.
 fn resident_blocks(
     ctx: &Arc<CudaContext>,
     functions: &HashMap<&'static str, CudaFunction>,
@@ -638,30 +640,38 @@ fn resident_blocks(
     let sms = ctx
         .attribute(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
         .max(1) as u32;
-    let fewest_per_sm = |names: Vec<&'static str>, shared: usize| -> Result<u32> {
-        let mut fewest = u32::MAX;
-        for name in names {
-            let blocks = functions[name].occupancy_max_active_blocks_per_multiprocessor(
+    let residency = |names: Vec<&'static str>| -> Result<Residency> {
+        // Registers and threads first: they hold this many blocks at most,
+        // whatever shared memory the blocks take.
+        let mut most_blocks = u32::MAX;
+        for &name in &names {
+            let f = &functions[name];
+            most_blocks = most_blocks.min(f.occupancy_max_active_blocks_per_multiprocessor(
                 ROW_THREADS,
-                shared,
+                0,
                 None,
-            )?;
-            fewest = fewest.min(blocks.max(1));
+            )?);
         }
-        Ok(fewest)
+        let mut shared_for = [None; MAX_BLOCKS_PER_SM];
+        for (k, bytes) in (1..=most_blocks).zip(shared_for.iter_mut()) {
+            let mut fewest = usize::MAX;
+            for &name in &names {
+                fewest = fewest.min(
+                    functions[name].occupancy_available_dynamic_smem_per_block(k, ROW_THREADS)?,
+                );
+            }
+            *bytes = Some(fewest.min(u32::MAX as usize) as u32);
+        }
+        Ok(Residency { shared_for })
     };
-    let gradient = |layout| {
-        fewest_per_sm(
-            Step::Gradient.layout_kernel_names(layout),
-            GRADIENT_TILE_BYTES,
-        )
-    };
-    let per_sm = GridLimits {
-        rows: fewest_per_sm(Step::Rows.kernel_names(), ROW_TILE_BYTES)?,
-        gradient: gradient(Layout::RowMajor)?,
-        gradient_channel_major: gradient(Layout::ChannelMajor)?,
-    };
-    Ok(GridLimits::resident(sms, per_sm))
+    Ok(GridLimits {
+        sms,
+        rows: residency(Step::Rows.kernel_names())?,
+        gradient: residency(Step::Gradient.layout_kernel_names(Layout::RowMajor))?,
+        gradient_channel_major: residency(
+            Step::Gradient.layout_kernel_names(Layout::ChannelMajor),
+        )?,
+    })
 }
 
 /// Launches through the CUDA driver on one stream.

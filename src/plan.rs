@@ -248,49 +248,107 @@ pub struct LaunchPlan {
     pub workspace: WorkspaceLayout,
 }
 
-/// How many blocks of each row kernel the device keeps resident at once
-/// (SMs x blocks per SM, from the occupancy calculator). The row kernels'
-/// grids stop there: their blocks walk the rows with a stride, so more
-/// blocks would only wait for a second wave. Without a device
-/// ([`GridLimits::default`]) the grids stop at [`MAX_ROW_BLOCKS`].
+/// The most blocks of [`ROW_THREADS`] threads a multiprocessor holds: 2,048
+/// threads on sm_80 and later.
+pub const MAX_BLOCKS_PER_SM: usize = 8;
+
+/// How many blocks of one kernel of [`ROW_THREADS`] threads a
+/// multiprocessor keeps resident, by the dynamic shared memory each block
+/// takes: what the occupancy calculator says for the kernel's registers,
+/// its static shared memory and the device. The tile a shape needs decides
+/// the blocks: kernel 3's row-major entry holds 5 an sm_90 SM with the
+/// small tiles of C = 21 and 4 with the 42 KiB ones of C = 81.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Residency {
+    /// Element `k - 1`: the most dynamic shared memory, in bytes, that each
+    /// of `k` blocks resident at once may take; `None` where the kernel's
+    /// registers or threads allow fewer than `k` blocks whatever the shared
+    /// memory.
+    pub shared_for: [Option<u32>; MAX_BLOCKS_PER_SM],
+}
+
+impl Residency {
+    /// `blocks` (at most [`MAX_BLOCKS_PER_SM`]) resident whatever shared
+    /// memory they take.
+    pub fn uniform(blocks: usize) -> Self {
+        let mut shared_for = [None; MAX_BLOCKS_PER_SM];
+        for bytes in shared_for.iter_mut().take(blocks) {
+            *bytes = Some(u32::MAX);
+        }
+        Self { shared_for }
+    }
+
+    /// Blocks resident at once when each takes `shared` bytes of dynamic
+    /// shared memory; at least 1 (a launch runs its blocks in waves).
+    pub fn blocks(&self, shared: u32) -> u32 {
+        self.shared_for
+            .iter()
+            .take_while(|most| most.is_some_and(|most| shared <= most))
+            .count()
+            .max(1) as u32
+    }
+}
+
+/// How many blocks of each row kernel the device keeps resident at once:
+/// the row kernels' grids stop there, since their blocks walk the tiles
+/// with a stride, and more blocks would only wait for a second wave.
+/// Without a device ([`GridLimits::default`], `sms` 0) the grids stop at
+/// [`MAX_ROW_BLOCKS`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GridLimits {
-    /// Kernel 1's resident blocks.
-    pub rows: u32,
-    /// Kernel 3's resident blocks, row-major.
-    pub gradient: u32,
-    /// Kernel 3's resident blocks, channel-major (its own entry, with its
-    /// own registers).
-    pub gradient_channel_major: u32,
+    /// Multiprocessors; 0 where the device is not known.
+    pub sms: u32,
+    /// Kernel 1's blocks an SM.
+    pub rows: Residency,
+    /// Kernel 3's blocks an SM, row-major.
+    pub gradient: Residency,
+    /// Kernel 3's blocks an SM, channel-major (its own entry, with its own
+    /// registers).
+    pub gradient_channel_major: Residency,
 }
 
 impl Default for GridLimits {
     fn default() -> Self {
         Self {
-            rows: MAX_ROW_BLOCKS,
-            gradient: MAX_ROW_BLOCKS,
-            gradient_channel_major: MAX_ROW_BLOCKS,
+            sms: 0,
+            rows: Residency::uniform(MAX_BLOCKS_PER_SM),
+            gradient: Residency::uniform(MAX_BLOCKS_PER_SM),
+            gradient_channel_major: Residency::uniform(MAX_BLOCKS_PER_SM),
         }
     }
 }
 
 impl GridLimits {
-    /// `sms` multiprocessors, each holding `per_sm.rows` blocks of kernel 1
-    /// and so on: the limits are per SM in `per_sm`.
-    pub fn resident(sms: u32, per_sm: GridLimits) -> Self {
+    /// Grids of at most `rows` blocks for kernel 1 and `gradient` for
+    /// kernel 3 (each at most [`MAX_BLOCKS_PER_SM`]): a device of one SM.
+    /// Tests use it to make a few blocks walk many tiles.
+    pub fn at_most(rows: usize, gradient: usize) -> Self {
         Self {
-            rows: sms.saturating_mul(per_sm.rows),
-            gradient: sms.saturating_mul(per_sm.gradient),
-            gradient_channel_major: sms.saturating_mul(per_sm.gradient_channel_major),
+            sms: 1,
+            rows: Residency::uniform(rows),
+            gradient: Residency::uniform(gradient),
+            gradient_channel_major: Residency::uniform(gradient),
         }
     }
 
-    /// Kernel 3's resident blocks for `layout`.
-    pub fn gradient_for(&self, layout: Layout) -> u32 {
+    /// Kernel 3's residency for `layout`.
+    pub fn gradient_for(&self, layout: Layout) -> &Residency {
         match layout {
-            Layout::RowMajor => self.gradient,
-            Layout::ChannelMajor => self.gradient_channel_major,
+            Layout::RowMajor => &self.gradient,
+            Layout::ChannelMajor => &self.gradient_channel_major,
         }
+    }
+
+    /// The grid of a kernel of `residency` whose blocks take `shared` bytes
+    /// each, for `blocks` tiles: one block a tile, up to the blocks the
+    /// device holds at once, and never more than [`MAX_ROW_BLOCKS`] (the
+    /// workspace has a status word for each of kernel 1's).
+    fn grid(&self, residency: &Residency, shared: u32, blocks: usize) -> u32 {
+        let resident = match self.sms {
+            0 => MAX_ROW_BLOCKS,
+            sms => sms.saturating_mul(residency.blocks(shared)),
+        };
+        blocks.min(resident.min(MAX_ROW_BLOCKS) as usize) as u32
     }
 }
 
@@ -321,19 +379,18 @@ impl LaunchPlan {
             (Layout::ChannelMajor, 1..) => plane_stride(shape.priors, tile_rows, dtype),
             _ => 0,
         };
-        let grid =
-            |limit: u32, blocks: usize| blocks.min(limit.clamp(1, MAX_ROW_BLOCKS) as usize) as u32;
         // With a tile or without, a block takes one step of the lane groups
         // at a time.
-        let row_blocks = grid(
-            limits.rows,
-            tiles(shape, layout, ROW_THREADS / lanes_per_row),
-        );
+        let rows_shared = tile_shared_bytes(shape, tile_rows, layout, dtype);
         let rows_launch = Launch {
             step: Step::Rows,
-            grid: row_blocks,
+            grid: limits.grid(
+                &limits.rows,
+                rows_shared,
+                tiles(shape, layout, ROW_THREADS / lanes_per_row),
+            ),
             block: ROW_THREADS,
-            shared_bytes: tile_shared_bytes(shape, tile_rows, layout, dtype),
+            shared_bytes: rows_shared,
         };
 
         let gradient_tile_rows = gradient_tile_rows(shape.classes, layout, dtype);
@@ -399,8 +456,9 @@ impl LaunchPlan {
             // for its decisions (see gradient.cu).
             gradient: Launch {
                 step: Step::Gradient,
-                grid: grid(
+                grid: limits.grid(
                     limits.gradient_for(layout),
+                    gradient_shared_bytes,
                     tiles(shape, layout, ROW_THREADS),
                 ),
                 block: ROW_THREADS,

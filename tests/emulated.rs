@@ -563,11 +563,7 @@ fn rows_too_long_for_a_tile_are_read_from_global_memory() {
     // Two blocks walking all the tiles: the same bits, and the checker
     // sees each block reuse its shared memory from tile to tile.
     let few = Call {
-        grid_limits: multibox::plan::GridLimits {
-            rows: 2,
-            gradient: 2,
-            gradient_channel_major: 2,
-        },
+        grid_limits: multibox::plan::GridLimits::at_most(2, 2),
         ..Call::default()
     };
     let walked = emulated::run(&case.config, shape, &case.host(), few).unwrap();
@@ -802,11 +798,7 @@ fn few_resident_blocks_walk_many_tiles<T: Float, L: Label>(seed: u64) {
     };
     let many = emulated::run(&case.config, case.shape, &case.host(), call).unwrap();
     let call = Call {
-        grid_limits: multibox::plan::GridLimits {
-            rows: 2,
-            gradient: 3,
-            gradient_channel_major: 3,
-        },
+        grid_limits: multibox::plan::GridLimits::at_most(2, 3),
         ..call
     };
     let few = emulated::run(&case.config, case.shape, &case.host(), call).unwrap();

@@ -277,3 +277,50 @@ fn a_captured_graph_reads_the_device_divisor_at_each_replay() {
     assert_eq!(losses[0].0, 2.0 * losses[1].0);
     assert_eq!(losses[0].1, 2.0 * losses[1].1);
 }
+
+/// The occupancy the loss asked the driver for: every kernel fits a block
+/// an SM with its largest tile, more shared memory never means more blocks,
+/// and on sm_90 the counts tests/plan.rs plans with (kernel 1 at 4 blocks,
+/// kernel 3's row-major entry at 5 even with C = 81's bf16 tile, its
+/// channel-major one at 4).
+#[test]
+fn the_grids_follow_the_drivers_occupancy() {
+    use cudarc::driver::sys::CUdevice_attribute::*;
+    use multibox::plan::{GRADIENT_TILE_BYTES, ROW_TILE_BYTES};
+    let Some(ctx) = gpu::device("the_grids_follow_the_drivers_occupancy") else {
+        return;
+    };
+    let loss = MultiboxLoss::new(&ctx, MultiboxConfig::default()).unwrap();
+    let limits = loss.grid_limits();
+    let sms = ctx
+        .attribute(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .unwrap();
+    assert_eq!(limits.sms, sms as u32);
+    for (what, residency, tile) in [
+        ("kernel 1", limits.rows, ROW_TILE_BYTES),
+        ("kernel 3", limits.gradient, GRADIENT_TILE_BYTES),
+        (
+            "kernel 3, channel-major",
+            limits.gradient_channel_major,
+            GRADIENT_TILE_BYTES,
+        ),
+    ] {
+        let most = residency.shared_for;
+        assert!(
+            most[0].is_some_and(|b| b as usize >= tile),
+            "{what}: {most:?}"
+        );
+        assert!(
+            most.windows(2).all(|w| w[1].is_none() || w[1] <= w[0]),
+            "{what}: {most:?}"
+        );
+    }
+    let major = ctx
+        .attribute(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+        .unwrap();
+    if major == 9 {
+        assert_eq!(limits.rows.blocks(0), 4);
+        assert_eq!(limits.gradient.blocks(41_504), 5);
+        assert_eq!(limits.gradient_channel_major.blocks(0), 4);
+    }
+}

@@ -1,9 +1,9 @@
 //! The launch plan is a pure function of the shape: check its invariants.
 
-use multibox::plan::GridLimits;
 use multibox::plan::{
     lanes_per_row, LaunchPlan, Step, MAX_ROW_BLOCKS, ROW_THREADS, SELECT_THREADS,
 };
+use multibox::plan::{GridLimits, Residency, MAX_BLOCKS_PER_SM};
 use multibox::{DType, LabelType, Layout, Pass, Shape};
 
 const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
@@ -561,55 +561,89 @@ fn kernel_3_gives_unstaged_set_rows_a_slot_per_lane_group() {
     assert_eq!(set_slot_bytes(21, Layout::RowMajor, DType::F32), 0);
 }
 
+/// An H100 (or H200) multiprocessor's residency for a kernel of 256-thread
+/// blocks with `registers` a thread and `static_shared` bytes, by CUDA's
+/// occupancy rules: 64 Ki registers, allocated 256 a warp; 2,048 threads;
+/// 228 KiB of shared memory, taken 128 bytes at a time, 1 KiB of it
+/// reserved a block.
+fn h100(registers: u32, static_shared: u32) -> Residency {
+    let per_block = (registers * 32).next_multiple_of(256) * (ROW_THREADS / 32);
+    let by_registers = (65536 / per_block).min(2048 / ROW_THREADS) as usize;
+    let mut shared_for = [None; MAX_BLOCKS_PER_SM];
+    for (k, bytes) in (1..=by_registers as u32).zip(shared_for.iter_mut()) {
+        let each = (228 * 1024 / k) / 128 * 128;
+        *bytes = Some(each - 1024 - static_shared.next_multiple_of(128));
+    }
+    Residency { shared_for }
+}
+
 #[test]
-fn grids_stop_at_the_resident_blocks_and_the_workspace_does_not_move() {
-    let shape = Shape::new(256, 8732, 81);
-    let free = LaunchPlan::new(shape).unwrap();
-    // An H100-like device: 132 SMs, 4 blocks of kernel 1, 8 of kernel 3's
-    // row-major entry and 6 of its channel-major one each.
-    let per_sm = GridLimits {
-        rows: 4,
-        gradient: 8,
-        gradient_channel_major: 6,
+fn grids_stop_at_the_blocks_the_device_holds_for_the_shapes_tile() {
+    // Kernel 1 at 64 registers, kernel 3's row-major entry at 48 and its
+    // channel-major one at 52 (sm_90, the landed kernels).
+    let limits = GridLimits {
+        sms: 132,
+        rows: h100(64, 0),
+        gradient: h100(48, 3888),
+        gradient_channel_major: h100(52, 4720),
     };
-    let limits = GridLimits::resident(132, per_sm);
-    assert_eq!(
-        limits,
-        GridLimits {
-            rows: 528,
-            gradient: 1056,
-            gradient_channel_major: 792,
-        }
-    );
-    let plan = LaunchPlan::with_limits(shape, DType::BF16, Layout::RowMajor, limits).unwrap();
-    assert_eq!(plan.rows.grid, 528);
-    assert_eq!(plan.gradient.grid, 1056);
-    assert_eq!(plan.workspace, free.workspace);
-    let plan = LaunchPlan::with_limits(shape, DType::BF16, Layout::ChannelMajor, limits).unwrap();
-    assert_eq!(plan.rows.grid, 528);
-    assert_eq!(plan.gradient.grid, 792);
-    assert_eq!(plan.workspace, free.workspace);
+    assert_eq!(limits.rows.blocks(0), 4);
+    assert_eq!(limits.gradient.blocks(0), 5);
+    assert_eq!(limits.gradient_channel_major.blocks(0), 4);
+    let plan =
+        |shape, dtype, layout| LaunchPlan::with_limits(shape, dtype, layout, limits).unwrap();
+
+    // SSD300 on COCO: kernel 3's row-major tile (256 rows x 81 x 2 bytes,
+    // and 32 for the copy's ends) still lets 5 blocks share an SM; the
+    // channel-major planes, padded and skewed, and its registers, 4.
+    let coco = Shape::new(256, 8732, 81);
+    let rows = plan(coco, DType::BF16, Layout::RowMajor);
+    assert_eq!(rows.gradient.shared_bytes, 41_504);
+    assert_eq!((rows.rows.grid, rows.gradient.grid), (528, 660));
+    let columns = plan(coco, DType::BF16, Layout::ChannelMajor);
+    assert_eq!((columns.rows.grid, columns.gradient.grid), (528, 528));
+    // f32 at C = 81: a set row's slot for each of 8 lane groups, under 3
+    // KiB in all, 5 blocks.
+    let f32_rows = plan(coco, DType::F32, Layout::RowMajor);
+    assert!(f32_rows.gradient.shared_bytes < 3 * 1024);
+    assert_eq!(f32_rows.gradient.grid, 660);
+    // A shape's tile past what 5 blocks may each take: 4.
+    let wide = Shape::new(256, 8732, 83);
+    let wide_rows = plan(wide, DType::F16, Layout::RowMajor);
+    assert!(wide_rows.gradient.shared_bytes > limits.gradient.shared_for[4].unwrap());
+    assert_eq!(wide_rows.gradient.grid, 528);
+
+    // The workspace is the same on every device.
+    let free = LaunchPlan::new(coco).unwrap();
+    assert_eq!(rows.workspace, free.workspace);
+    assert_eq!(columns.workspace, free.workspace);
+    // Without a device, the grids stop at MAX_ROW_BLOCKS.
     assert_eq!(free.rows.grid, MAX_ROW_BLOCKS);
+    assert_eq!(free.gradient.grid, MAX_ROW_BLOCKS);
+
     // A small shape needs fewer blocks than the device holds.
     let small = Shape::new(1, 300, 21);
-    let plan = LaunchPlan::with_limits(small, DType::F32, Layout::RowMajor, limits).unwrap();
-    assert_eq!(plan.rows.grid, 2); // tiles of 256 rows
-    assert_eq!(plan.gradient.grid, 2);
-    let plan = LaunchPlan::with_limits(small, DType::F32, Layout::ChannelMajor, limits).unwrap();
-    assert_eq!(plan.rows.grid, 2);
-    assert_eq!(plan.gradient.grid, 2);
-    assert_eq!(plan.workspace, LaunchPlan::new(small).unwrap().workspace);
-    // A limit of 0 (an occupancy query that found none) still launches.
-    let zero = LaunchPlan::with_limits(
-        shape,
-        DType::F32,
+    for layout in [Layout::RowMajor, Layout::ChannelMajor] {
+        let p = plan(small, DType::F32, layout);
+        assert_eq!((p.rows.grid, p.gradient.grid), (2, 2)); // tiles of 256 rows
+        assert_eq!(p.workspace, LaunchPlan::new(small).unwrap().workspace);
+    }
+    // A residency with no block (an occupancy query that found none) still
+    // launches a block an SM.
+    let none = GridLimits {
+        rows: Residency::uniform(0),
+        gradient_channel_major: Residency::uniform(0),
+        ..limits
+    };
+    let p = LaunchPlan::with_limits(coco, DType::F32, Layout::ChannelMajor, none).unwrap();
+    assert_eq!((p.rows.grid, p.gradient.grid), (132, 132));
+    // Fixed small grids, as the tests' few-block runs use them.
+    let few = LaunchPlan::with_limits(
+        coco,
+        DType::F16,
         Layout::ChannelMajor,
-        GridLimits {
-            rows: 0,
-            gradient: 0,
-            gradient_channel_major: 0,
-        },
+        GridLimits::at_most(2, 3),
     )
     .unwrap();
-    assert_eq!((zero.rows.grid, zero.gradient.grid), (1, 1));
+    assert_eq!((few.rows.grid, few.gradient.grid), (2, 3));
 }
