@@ -18,6 +18,7 @@ typedef unsigned long long u64;
 // the CPU; see emu/include/multibox_emu.h.
 #include "multibox_emu.h"
 #define MB_KERNEL(name, Params, threads) MB_EMU_KERNEL(name, Params)
+#define MB_KERNEL_BLOCKS(name, Params, threads, blocks) MB_EMU_KERNEL(name, Params)
 #define MB_DYNAMIC_SHARED(T, var) T* var = static_cast<T*>(::emu::dynamic_shared_memory())
 #else
 // Kernels take their host arguments as one struct, mirrored in Rust with a
@@ -26,10 +27,12 @@ typedef unsigned long long u64;
 // Kernels of up to 256 threads promise ptxas 1024 resident threads per SM
 // (at most 64 registers): left to itself, ptxas for sm_100 aims at full
 // occupancy, 32 registers, and spills. Larger blocks (the 512-thread
-// selection) state no minimum (0), which leaves them as they were.
+// selection) state no minimum (0), which leaves them as they were. A kernel
+// that fits in fewer registers states its own minimum (MB_KERNEL_BLOCKS).
 #define MB_MIN_BLOCKS(threads) ((threads) <= 256 ? 1024 / (threads) : 0)
-#define MB_KERNEL(name, Params, threads) \
-    extern "C" __global__ void __launch_bounds__(threads, MB_MIN_BLOCKS(threads)) name(const Params p)
+#define MB_KERNEL(name, Params, threads) MB_KERNEL_BLOCKS(name, Params, threads, MB_MIN_BLOCKS(threads))
+#define MB_KERNEL_BLOCKS(name, Params, threads, blocks) \
+    extern "C" __global__ void __launch_bounds__(threads, blocks) name(const Params p)
 #define MB_DYNAMIC_SHARED(T, var)                                     \
     extern __shared__ __align__(16) unsigned char mb_dynamic_smem_[]; \
     T* var = reinterpret_cast<T*>(mb_dynamic_smem_)

@@ -581,9 +581,19 @@ __device__ void write_gradients_channel_major(const MultiboxParams& p, ColumnSha
 // demanding path, and the channel-major staging holds more live values
 // (the part's offsets, its plane stride, the sector tests) than any
 // row-major path: in one entry the row-major paths ran at 53 registers
-// (51 in f32) on sm_90, 4 blocks of 256 threads an SM; apart, at 48 (46),
-// 5. The plan picks the entry (Step::kernel_name), and each has the shared
-// record of its own path only.
+// (51 in f32) on sm_90. The plan picks the entry (Step::kernel_name), and
+// each has the shared record of its own path only.
+//
+// Both entries ask ptxas for 5 resident blocks of 256 threads (at most 48
+// registers), which an sm_90 SM's 228 KiB of shared memory allows with
+// tiles of up to about 40.6 KiB each (C = 81's bf16 row-major tile is 40.5
+// KiB): 40 warps an SM, where 53 registers allowed 32. The row-major entry
+// fits in 48 on sm_90 as it is (46 in f32); the channel-major one pays for
+// it with 3 % more instructions in its plane writer (320 -> 329 in the half
+// types). Nothing spills on any architecture (tests/kernel_build.rs).
+constexpr u32 GRADIENT_BLOCKS = 5;
+#define GRADIENT_KERNEL(name) MB_KERNEL_BLOCKS(name, MultiboxParams, ROW_THREADS, GRADIENT_BLOCKS)
+
 template <typename T, typename L> __device__ void write_gradients_rows(const MultiboxParams& p) {
     __shared__ GradientShared sh;
     if (p.gradient_tile_rows != 0)
@@ -602,15 +612,15 @@ template <typename T, typename L> __device__ void write_gradients_planes(const M
         write_gradients_channel_major<T, L, false>(p, sh);
 }
 
-MB_KERNEL(multibox_gradient_f32_i32, MultiboxParams, ROW_THREADS) { write_gradients_rows<float, i32>(p); }
-MB_KERNEL(multibox_gradient_f32_i64, MultiboxParams, ROW_THREADS) { write_gradients_rows<float, i64>(p); }
-MB_KERNEL(multibox_gradient_f16_i32, MultiboxParams, ROW_THREADS) { write_gradients_rows<f16, i32>(p); }
-MB_KERNEL(multibox_gradient_f16_i64, MultiboxParams, ROW_THREADS) { write_gradients_rows<f16, i64>(p); }
-MB_KERNEL(multibox_gradient_bf16_i32, MultiboxParams, ROW_THREADS) { write_gradients_rows<bf16, i32>(p); }
-MB_KERNEL(multibox_gradient_bf16_i64, MultiboxParams, ROW_THREADS) { write_gradients_rows<bf16, i64>(p); }
-MB_KERNEL(multibox_gradient_channel_major_f32_i32, MultiboxParams, ROW_THREADS) { write_gradients_planes<float, i32>(p); }
-MB_KERNEL(multibox_gradient_channel_major_f32_i64, MultiboxParams, ROW_THREADS) { write_gradients_planes<float, i64>(p); }
-MB_KERNEL(multibox_gradient_channel_major_f16_i32, MultiboxParams, ROW_THREADS) { write_gradients_planes<f16, i32>(p); }
-MB_KERNEL(multibox_gradient_channel_major_f16_i64, MultiboxParams, ROW_THREADS) { write_gradients_planes<f16, i64>(p); }
-MB_KERNEL(multibox_gradient_channel_major_bf16_i32, MultiboxParams, ROW_THREADS) { write_gradients_planes<bf16, i32>(p); }
-MB_KERNEL(multibox_gradient_channel_major_bf16_i64, MultiboxParams, ROW_THREADS) { write_gradients_planes<bf16, i64>(p); }
+GRADIENT_KERNEL(multibox_gradient_f32_i32) { write_gradients_rows<float, i32>(p); }
+GRADIENT_KERNEL(multibox_gradient_f32_i64) { write_gradients_rows<float, i64>(p); }
+GRADIENT_KERNEL(multibox_gradient_f16_i32) { write_gradients_rows<f16, i32>(p); }
+GRADIENT_KERNEL(multibox_gradient_f16_i64) { write_gradients_rows<f16, i64>(p); }
+GRADIENT_KERNEL(multibox_gradient_bf16_i32) { write_gradients_rows<bf16, i32>(p); }
+GRADIENT_KERNEL(multibox_gradient_bf16_i64) { write_gradients_rows<bf16, i64>(p); }
+GRADIENT_KERNEL(multibox_gradient_channel_major_f32_i32) { write_gradients_planes<float, i32>(p); }
+GRADIENT_KERNEL(multibox_gradient_channel_major_f32_i64) { write_gradients_planes<float, i64>(p); }
+GRADIENT_KERNEL(multibox_gradient_channel_major_f16_i32) { write_gradients_planes<f16, i32>(p); }
+GRADIENT_KERNEL(multibox_gradient_channel_major_f16_i64) { write_gradients_planes<f16, i64>(p); }
+GRADIENT_KERNEL(multibox_gradient_channel_major_bf16_i32) { write_gradients_planes<bf16, i32>(p); }
+GRADIENT_KERNEL(multibox_gradient_channel_major_bf16_i64) { write_gradients_planes<bf16, i64>(p); }
