@@ -747,9 +747,9 @@ pub fn tile_rows(shape: Shape, lanes_per_row: u32, layout: Layout, dtype: DType)
 
 /// Dynamic shared memory kernel 3 builds a row-major tile's logit gradients
 /// in, or holds a channel-major tile's logits in, at most: within what the
-/// 48 KiB a block may take without opting in
-/// leaves beside kernel 3's static shared memory (4,720 bytes: the lists of
-/// whichever of its paths runs, in one union).
+/// 48 KiB a block may take without opting in leaves beside kernel 3's
+/// static shared memory (its lists: 3,888 bytes in the row-major entry,
+/// 4,720 in the channel-major one).
 pub const GRADIENT_TILE_BYTES: usize = 42 * 1024;
 
 /// Kernel 3's rows per staged tile: row-major, [`ROW_THREADS`] when their
