@@ -628,6 +628,10 @@ fn check<T>(
     Ok(())
 }
 
+/// The step of the search for the shared memory k blocks may each take: the
+/// granule in which sm_80 and later allocate shared memory to blocks.
+const SHARED_GRANULE: usize = 128;
+
 /// The device's multiprocessors, and how many blocks of kernel 1 and of
 /// each of kernel 3's entries one holds by the shared memory they take:
 /// for each count of blocks, the fewest bytes any type instantiation
@@ -656,9 +660,18 @@ fn resident_blocks(
         for (k, bytes) in (1..=most_blocks).zip(shared_for.iter_mut()) {
             let mut fewest = usize::MAX;
             for &name in &names {
-                fewest = fewest.min(
-                    functions[name].occupancy_available_dynamic_smem_per_block(k, ROW_THREADS)?,
-                );
+                let f = &functions[name];
+                let mut most = f.occupancy_available_dynamic_smem_per_block(k, ROW_THREADS)?;
+                // The block count is the calculator's own answer: where the
+                // two disagree (older occupancy rules left out the 1 KiB an
+                // SM reserves a block), step down to where k blocks fit.
+                while most > 0
+                    && f.occupancy_max_active_blocks_per_multiprocessor(ROW_THREADS, most, None)?
+                        < k
+                {
+                    most = most.saturating_sub(SHARED_GRANULE);
+                }
+                fewest = fewest.min(most);
             }
             *bytes = Some(fewest.min(u32::MAX as usize) as u32);
         }

@@ -248,16 +248,17 @@ pub struct LaunchPlan {
     pub workspace: WorkspaceLayout,
 }
 
-/// The most blocks of [`ROW_THREADS`] threads a multiprocessor holds: 2,048
-/// threads on sm_80 and later.
+/// The most blocks of [`ROW_THREADS`] threads a multiprocessor holds on
+/// any architecture: 2,048 threads (sm_80, sm_90, sm_100; others hold
+/// fewer).
 pub const MAX_BLOCKS_PER_SM: usize = 8;
 
 /// How many blocks of one kernel of [`ROW_THREADS`] threads a
 /// multiprocessor keeps resident, by the dynamic shared memory each block
 /// takes: what the occupancy calculator says for the kernel's registers,
 /// its static shared memory and the device. The tile a shape needs decides
-/// the blocks: kernel 3's row-major entry holds 5 an sm_90 SM with the
-/// small tiles of C = 21 and 4 with the 42 KiB ones of C = 81.
+/// the blocks: kernel 3's row-major entry holds 5 an sm_90 SM up to C = 81
+/// in f16/bf16 (a 41,504-byte tile), and 4 from C = 83 (42,528 bytes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Residency {
     /// Element `k - 1`: the most dynamic shared memory, in bytes, that each
@@ -268,9 +269,15 @@ pub struct Residency {
 }
 
 impl Residency {
-    /// `blocks` (at most [`MAX_BLOCKS_PER_SM`]) resident whatever shared
-    /// memory they take.
+    /// `blocks` resident whatever shared memory they take.
+    ///
+    /// # Panics
+    /// If `blocks` is above [`MAX_BLOCKS_PER_SM`].
     pub fn uniform(blocks: usize) -> Self {
+        assert!(
+            blocks <= MAX_BLOCKS_PER_SM,
+            "{blocks} blocks an SM: at most {MAX_BLOCKS_PER_SM}"
+        );
         let mut shared_for = [None; MAX_BLOCKS_PER_SM];
         for bytes in shared_for.iter_mut().take(blocks) {
             *bytes = Some(u32::MAX);
@@ -320,8 +327,11 @@ impl Default for GridLimits {
 
 impl GridLimits {
     /// Grids of at most `rows` blocks for kernel 1 and `gradient` for
-    /// kernel 3 (each at most [`MAX_BLOCKS_PER_SM`]): a device of one SM.
-    /// Tests use it to make a few blocks walk many tiles.
+    /// kernel 3: a device of one SM. Tests use it to make a few blocks walk
+    /// many tiles.
+    ///
+    /// # Panics
+    /// If either is above [`MAX_BLOCKS_PER_SM`].
     pub fn at_most(rows: usize, gradient: usize) -> Self {
         Self {
             sms: 1,

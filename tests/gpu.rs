@@ -321,6 +321,7 @@ fn the_grids_follow_the_drivers_occupancy() {
     if major == 9 {
         assert_eq!(limits.rows.blocks(0), 4);
         assert_eq!(limits.gradient.blocks(41_504), 5);
+        assert_eq!(limits.gradient.blocks(42_528), 4); // C = 83's f16 tile
         assert_eq!(limits.gradient_channel_major.blocks(0), 5);
     }
 }

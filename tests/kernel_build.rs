@@ -125,7 +125,7 @@ fn staged_tiles_fit_without_opting_in_to_more_shared_memory() {
 
 /// Kernel 3's entries fit 5 blocks of 256 threads in an sm_90
 /// multiprocessor's 64 Ki registers (at most 48 a thread; a warp's
-/// registers are allocated 256 at a time), as tiles of up to about 40.6 KiB
+/// registers are allocated 256 at a time), as tiles of up to about 40 KiB
 /// do in its shared memory: gradient.cu asks ptxas for it. The row-major
 /// entry fits as it is; should a change make ptxas squeeze it, the spill
 /// test above says so.
