@@ -588,11 +588,11 @@ __device__ void write_gradients_channel_major(const MultiboxParams& p, ColumnSha
 // registers), which an sm_90 SM's 228 KiB of shared memory allows with
 // tiles of up to about 40.7 KiB each row-major (C = 81's bf16 tile is 40.5
 // KiB) and 39.9 KiB channel-major: 40 warps an SM, where 53 registers
-// allowed 32. (An sm_75 SM holds 1,024 threads, 4 blocks, whatever the
-// bound.) The row-major entry
-// fits in 48 on sm_90 as it is (46 in f32); the channel-major one pays for
-// it with 3 % more instructions in its plane writer (320 -> 329 in the half
-// types). Nothing spills on any architecture (tests/kernel_build.rs).
+// allowed 32. The row-major entry fits in 48 on sm_90 as it is (46 in
+// f32); the channel-major one pays for it with 3 % more instructions in
+// its plane writer (320 -> 329 in the half types). Nothing spills on any
+// architecture (tests/kernel_build.rs). An sm_75 SM holds 1,024 threads,
+// 4 blocks, whatever the bound.
 constexpr u32 GRADIENT_BLOCKS = 5;
 #define GRADIENT_KERNEL(name) MB_KERNEL_BLOCKS(name, MultiboxParams, ROW_THREADS, GRADIENT_BLOCKS)
 
