@@ -23,7 +23,10 @@
 // row (the maximum, then the sum of exponentials), base-2 exponentials on
 // the special-function unit with log2(e) folded into one fma, each lane of
 // a row's group over its own contiguous run of classes in class order, and
-// the group's partial sums added by a fixed xor tree. A staged row-major
+// the group's partial sums added by a fixed xor tree. The sum leaves out
+// the row's own class (its label; the background for a negative), whose
+// term is kept apart: the loss is log1p(others / e_own), and a confident
+// row's small loss keeps its relative precision. A staged row-major
 // row is read with 16-byte shared loads, 4 or 8 classes at a time, and a
 // channel-major one element by element; both add the same terms in the same
 // order, so the keys, and with them the mined set, are bit for bit the same
@@ -53,11 +56,17 @@ constexpr float LN2_LO = 1.42860682030941723e-6f;
 
 __device__ __forceinline__ float scaled_exp(float x, float shift) { return exp2_approx(fmaf(x, LOG2E, -shift)); }
 
+// A row's log-sum-exp in two parts: the term of its own class (its label,
+// the background for a negative) and the sum of the others. Summed apart,
+// so that a confident row's small loss, log1p(others / e), keeps its
+// relative precision: a sum that took in the own term (about 1 there) and
+// took it out again would keep that term's rounding, about 6e-8 for each
+// class added after it, next to a loss of 1e-4 or less.
 struct RowSums {
     float shift;   // an integer
-    float others;  // sum of e_c over classes 1..C-1: each lane's in class order, then the group's xor tree
-    float x0;      // the background's logit
-    float e0;      // and its term
+    float others;  // sum of e_c over the classes but the own: each lane's in class order, then the group's xor tree
+    float x;       // the own class's logit
+    float e;       // and its term
 };
 
 // -log softmax[k] = lse - x_k, from its term e (of logit x) and `rest`, the
@@ -215,49 +224,93 @@ __device__ __forceinline__ void for_each_chunk(const T* row, u32 lo, u32 hi, u32
 
 // RowSums of a row-major row by a group of `lanes`, each lane reading its
 // run of classes with 16-byte loads: from the staged tile (STAGED), or from
-// global memory for rows too long for one. Class 0 is left out of the
-// second pass, so that each lane's part of `others` is its run's terms over
-// classes 1..C-1 in class order. Every lane of the group calls it (the
-// shuffles need them); inactive rows read nothing.
+// global memory for rows too long for one. The own class `own`, whose
+// logit `x_own` the caller read, is left out of the second pass, so that
+// each lane's part of `others` is its run's other terms in class order: a
+// negative's (class 0) padded out of lane 0's first chunk, a positive's
+// out of the staged tile by the caller (-inf, leave_out_own), or in global
+// memory by walking the classes on either side of it apart (the chunk
+// that holds it padded at each end: the same terms in the same order).
+// Every lane of the group calls it (the shuffles need them); inactive rows
+// read nothing.
 template <bool STAGED, typename T>
-__device__ __forceinline__ RowSums chunked_row_sums(const T* row, u32 classes, u32 sub, u32 lanes, bool active) {
+__device__ __forceinline__ RowSums chunked_row_sums(const T* row, u32 classes, u32 own, float x_own, u32 sub,
+                                                    u32 lanes, bool active) {
     const ClassRun run = lane_classes(classes, sub, lanes);
     MaxOf<T> max;
     if (active) for_each_chunk<STAGED, true>(row, run.lo, run.hi, 0, [&](const Chunk<T>& c) { max.add(c); });
     RowSums r;
-    r.shift = rintf(group_max(max.value(), lanes) * LOG2E);
+    // The own class counts in the maximum even where the tile has it -inf.
+    r.shift = rintf(fmaxf(group_max(max.value(), lanes), x_own) * LOG2E);
     float s = 0.0f;
-    // The same chunks as the first pass, class 0 padded out of lane 0's first.
-    if (active)
-        for_each_chunk<STAGED, sizeof(T) == 4>(row, run.lo, run.hi, run.lo == 0 ? 1u : 0u,
-                       [&](const Chunk<T>& c) { s = add_terms(c, r.shift, s); });
+    const auto add = [&](const Chunk<T>& c) { s = add_terms(c, r.shift, s); };
+    // Where the walk stops short of a positive's own class in global memory.
+    const u32 split = !STAGED && own != 0 && own >= run.lo && own < run.hi ? own : run.hi;
+    if (active) {
+        for_each_chunk<STAGED, sizeof(T) == 4>(row, run.lo, split, own == 0 && run.lo == 0 ? 1u : 0u, add);
+        if (!STAGED) for_each_chunk<STAGED, sizeof(T) == 4>(row, split + 1, run.hi, 0, add);
+    }
     r.others = group_sum(s, lanes);
-    r.x0 = active ? to_f32(row[0]) : 0.0f;
-    r.e0 = active ? scaled_exp(r.x0, r.shift) : 0.0f;
+    r.x = x_own;
+    r.e = active ? scaled_exp(x_own, r.shift) : 0.0f;
     return r;
 }
 
 // RowSums element by element, class c of the row at x[c * stride], each
 // lane over its run of classes: the very terms of chunked_row_sums, in the
-// same order. Every lane of the group calls it; inactive rows read nothing.
-template <typename T>
-__device__ __forceinline__ RowSums strided_row_sums(const T* x, u64 stride, u32 classes, u32 sub, u32 lanes,
-                                                    bool active) {
+// same order (a term it pads out adds an exact 0; here it is not added).
+// Every lane of the group calls it; inactive rows read nothing.
+template <bool STAGED, typename T>
+__device__ __forceinline__ RowSums strided_row_sums(const T* x, u64 stride, u32 classes, u32 own, float x_own,
+                                                    u32 sub, u32 lanes, bool active) {
     const ClassRun run = lane_classes(classes, sub, lanes);
     float m = NEG_INF;
     if (active) {
         for (u32 c = run.lo; c < run.hi; ++c) m = fmaxf(m, to_f32(x[c * stride]));
     }
     RowSums r;
-    r.shift = rintf(group_max(m, lanes) * LOG2E);
+    r.shift = rintf(fmaxf(group_max(m, lanes), x_own) * LOG2E);
     float s = 0.0f;
     if (active) {
-        for (u32 c = run.lo > 1 ? run.lo : 1; c < run.hi; ++c) s += scaled_exp(to_f32(x[c * stride]), r.shift);
+        const u32 first = own == 0 && run.lo == 0 ? 1 : run.lo;
+        if (STAGED) {
+#pragma unroll 16
+            for (u32 c = first; c < run.hi; ++c) s += scaled_exp(to_f32(x[c * stride]), r.shift);
+        } else {
+            for (u32 c = first; c < run.hi; ++c)
+                if (c != own) s += scaled_exp(to_f32(x[c * stride]), r.shift);
+        }
     }
     r.others = group_sum(s, lanes);
-    r.x0 = active ? to_f32(x[0]) : 0.0f;
-    r.e0 = active ? scaled_exp(r.x0, r.shift) : 0.0f;
+    r.x = x_own;
+    r.e = active ? scaled_exp(x_own, r.shift) : 0.0f;
     return r;
+}
+
+// -inf as a T: its term is an exact 0.
+template <typename T> __device__ __forceinline__ T minus_infinity() {
+    T t;
+    t.bits = HALF_NEG_INF<T>;
+    return t;
+}
+template <> __device__ __forceinline__ float minus_infinity<float>() { return NEG_INF; }
+
+// A staged row's own class, read, and for a positive (own > 0) left out of
+// the tile: -inf in its place, so that the row sums add the other classes
+// directly, with no test in their loops. Every lane of the group reads
+// it, then (after a __syncwarp) the lane whose run holds it writes it; the
+// caller's barrier then orders the write before every read of the tile,
+// the 16-byte words of neighbouring rows' ends included, which may be
+// another warp's. Every lane of the warp calls it.
+template <typename T>
+__device__ __forceinline__ float leave_out_own(const T* own_element, u32 own, u32 classes, u32 sub, u32 lanes,
+                                               bool active) {
+    const float x = active ? to_f32(*own_element) : 0.0f;
+    __syncwarp();
+    const ClassRun run = lane_classes(classes, sub, lanes);
+    // The tile is the block's own copy in shared memory.
+    if (active && own != 0 && own >= run.lo && own < run.hi) *const_cast<T*>(own_element) = minus_infinity<T>();
+    return x;
 }
 
 // Whether any element passed through is NaN or infinite: x * 0 + acc is
@@ -486,34 +539,38 @@ template <typename T, typename L> __device__ void mining_keys_and_positive_terms
             label = -1;
         }
         const bool active = label >= 0;
+        const u32 own = active ? u32(label) : 0u;  // the row's own class
         const T* staged_row = reinterpret_cast<const T*>(staged + copy_offset) + u64(r) * row_stride;
+        float x_own;
+        if (staging) {
+            x_own = leave_out_own(staged_row + u64(own) * class_stride, own, p.classes, sub, lanes, active);
+            __syncthreads();  // the tile without the positives' own classes
+        } else {
+            x_own = active ? to_f32(global_row[u64(own) * class_stride]) : 0.0f;
+        }
         RowSums sums = {};
         // Every lane of the block calls these, so the group shuffles find all
         // 32 lanes. A call each, so that the compiler knows which rows are in
         // shared memory (LDS, 32-bit addresses).
         if (channel_major && staging) {
-            sums = strided_row_sums(staged_row, class_stride, p.classes, sub, lanes, active);
+            sums = strided_row_sums<true>(staged_row, class_stride, p.classes, own, x_own, sub, lanes, active);
         } else if (channel_major) {
-            sums = strided_row_sums(global_row, class_stride, p.classes, sub, lanes, active);
+            sums = strided_row_sums<false>(global_row, class_stride, p.classes, own, x_own, sub, lanes, active);
         } else if (staging) {
-            sums = chunked_row_sums<true>(staged_row, p.classes, sub, lanes, active);
+            sums = chunked_row_sums<true>(staged_row, p.classes, own, x_own, sub, lanes, active);
         } else {
-            sums = chunked_row_sums<false>(global_row, p.classes, sub, lanes, active);
+            sums = chunked_row_sums<false>(global_row, p.classes, own, x_own, sub, lanes, active);
         }
-        const T* x = staging ? staged_row : global_row;
         // The group's first lane writes the row's results.
         if (sub == 0 && in_range) {
             if (!active) {
                 tile_keys[r] = KEY_IGNORED;
             } else if (label == 0) {
-                tile_keys[r] = candidate_key(loss_of(sums.e0, sums.others, sums.x0, sums.shift));
+                tile_keys[r] = candidate_key(loss_of(sums.e, sums.others, sums.x, sums.shift));
             } else {
                 tile_keys[r] = KEY_POSITIVE;
-                // The label's term is among `others`: take it out, put the background's in.
-                const float x_label = to_f32(x[u64(label) * class_stride]);
-                const float e = scaled_exp(x_label, sums.shift);
                 PositiveTerms terms;
-                terms.cross_entropy = loss_of(e, (sums.others - e) + sums.e0, x_label, sums.shift);
+                terms.cross_entropy = loss_of(sums.e, sums.others, sums.x, sums.shift);
                 terms.regression = 0.0f;
                 const u64 box = tile.box_first + r * tile.box_row;
                 float a[4], b[4];

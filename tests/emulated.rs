@@ -571,6 +571,61 @@ fn rows_too_long_for_a_tile_are_read_from_global_memory() {
     assert_channel_major_is_row_major("long rows, two blocks", &case, few, &got);
 }
 
+/// Confident rows, as late in training: every row's own class (its label,
+/// the background for negatives) 12 above the rest, so each loss is about
+/// 1e-4. A positive's loss is log1p(rest / e) with `rest` the sum of the
+/// other classes' terms: a sum that took in the label's own term (about 1)
+/// and took it out again would keep that term's rounding, 1e-7 at each
+/// class added after it, and miss 1e-6 relative. Staged and read from
+/// global memory, one and two lanes a row (whose label lies in either
+/// lane's run), both layouts bit for bit.
+fn confident_rows<T: Float>(shape: Shape, seed: u64) {
+    let mut rng = SplitMix64(seed);
+    let labels: Vec<i64> = (0..shape.rows())
+        .map(|i| match i % 5 {
+            0 => 1 + (rng.next_u64() % (shape.classes as u64 - 1)) as i64,
+            _ => 0,
+        })
+        .collect();
+    let c = shape.classes;
+    let confidence: Vec<T> = (0..shape.confidence_len())
+        .map(|i| {
+            let own = labels[i / c] as usize == i % c;
+            T::from_f64(rng.normal() + if own { 12.0 } else { 0.0 })
+        })
+        .collect();
+    let case = Drawn::with(shape, confidence, labels, &mut rng);
+    let what = format!("confident rows {shape} {:?}", T::DTYPE);
+    let want = case.reference();
+    let got = emulated::run(&case.config, shape, &case.host(), Call::default()).unwrap();
+    compare(
+        &what,
+        &case,
+        &want,
+        &got,
+        &case.divisors(Normalizer::Positives),
+    );
+    assert_channel_major_is_row_major(&what, &case, Call::default(), &got);
+}
+
+#[test]
+fn confident_positives_keep_their_relative_precision() {
+    let one_lane = Shape::new(2, 300, 21);
+    let two_lanes = Shape::new(2, 130, 81);
+    assert_eq!(multibox::plan::lanes_per_row(21, multibox::DType::F16), 1);
+    assert_eq!(multibox::plan::lanes_per_row(81, multibox::DType::F32), 2);
+    confident_rows::<f16>(one_lane, 5);
+    confident_rows::<bf16>(one_lane, 6);
+    confident_rows::<f32>(one_lane, 7);
+    confident_rows::<f32>(two_lanes, 8);
+    let global = Shape::new(1, 24, 7000);
+    assert_eq!(
+        multibox::plan::LaunchPlan::new(global).unwrap().tile_rows,
+        0
+    );
+    confident_rows::<f32>(global, 9);
+}
+
 /// Channel-major class planes start wherever c * P puts them within 16
 /// bytes. Kernel 1 stages each plane's run of a tile's priors, and kernel 3
 /// writes each plane's run of gradients, as 16-byte words with the ends
