@@ -15,6 +15,9 @@
 constexpr u32 TARGET_STATUS_COUNT_CLAMPED = 1u;      // gt_counts[b] outside 0..T, clamped
 constexpr u32 TARGET_STATUS_INVALID_BOX_LABEL = 2u;  // a box label < 1 or >= C (when C is known)
 constexpr u32 TARGET_STATUS_DEGENERATE_BOX = 4u;     // a non-finite box or x1 <= x0 or y1 <= y0: skipped
+// What a prior matched to a box labelled below 1 gets: below -1, so never
+// a label the loss accepts (src/targets/mod.rs: INVALID_PRIOR_LABEL).
+constexpr i32 INVALID_PRIOR_LABEL = -2;
 
 constexpr int PRIOR_TILE = 256;    // priors per block, one per thread
 constexpr int RESET_THREADS = 256;
@@ -229,7 +232,12 @@ template <typename T, typename L> __device__ void encode(const TargetParams& p) 
         return;
     }
     const u64 row = first_row + u32(index);
-    labels[out] = v >= p.iou_threshold ? static_cast<const L*>(p.gt_labels)[row] : L(0);
+    // A box label below 1 is invalid (its matched priors are neither
+    // background nor ignored): it goes out as INVALID_PRIOR_LABEL, which
+    // the loss refuses like any label outside -1..C-1, so that its losses
+    // are NaN. A label >= C goes out as it is, for the same reason.
+    const L box_label = static_cast<const L*>(p.gt_labels)[row];
+    labels[out] = v < p.iou_threshold ? L(0) : box_label < L(1) ? L(INVALID_PRIOR_LABEL) : box_label;
 
     const Box b = load_box(p, row);
     const float* c = p.priors + u64(prior) * 4;

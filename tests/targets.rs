@@ -297,6 +297,42 @@ fn recorded_bad_inputs_are_handled_as_spec_says() {
     let r = reference::assign::<i64>(&c, shape, &priors, &boxes, &[0, 2, -7, 2, -7, -7], &[2, 1])
         .unwrap();
     assert!(r.status.invalid_box_label);
+    // The priors of the box labelled 0 are neither background nor ignored:
+    // they get INVALID_PRIOR_LABEL, which the loss refuses. The padding
+    // row's label, -7, is never read.
+    let invalid = r
+        .labels
+        .iter()
+        .filter(|&&l| l == targets::INVALID_PRIOR_LABEL)
+        .count();
+    assert!(invalid > 0, "no prior of the box labelled 0 is marked");
+    assert!(!r.labels.contains(&-7));
+    let clean_matches = clean.labels[..shape.priors]
+        .iter()
+        .filter(|&&l| l == 1)
+        .count();
+    assert_eq!(
+        invalid, clean_matches,
+        "every prior of that box, and only those"
+    );
+    let loss_shape = multibox::Shape::new(shape.batch, shape.priors, 3);
+    let confidence = vec![0.0f32; loss_shape.confidence_len()];
+    let locations = vec![0.0f32; loss_shape.locations_len()];
+    let loss = multibox::reference::forward_backward(
+        &multibox::MultiboxConfig::default(),
+        loss_shape,
+        &multibox::reference::Inputs {
+            confidence: &confidence,
+            predicted_locations: &locations,
+            labels: &r.labels,
+            gt_locations: &locations,
+        },
+        Default::default(),
+    );
+    assert!(
+        matches!(loss, Err(Error::InvalidLabel { value: -2, .. })),
+        "{loss:?}"
+    );
 
     // A degenerate box is skipped as if absent.
     let mut with_bad = boxes.clone();

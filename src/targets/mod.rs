@@ -197,14 +197,20 @@ impl TargetShape {
     }
 }
 
+/// The label a prior matched to a box labelled below 1 gets: neither
+/// background (0) nor ignored (-1), so that the loss counts it an invalid
+/// label (SPEC.md, "Bad input": its losses are NaN).
+pub const INVALID_PRIOR_LABEL: i64 = -2;
+
 /// What assignment saw in its inputs that SPEC.md has it record rather than
 /// refuse (on the GPU it cannot refuse: it never reads back).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct TargetStatus {
     /// A `gt_counts[b]` outside `0..=T`, clamped to that range.
     pub count_clamped: bool,
-    /// A box label below 1 (or `>= C` when C is known): copied as it is, so
-    /// a following loss call reports it (losses NaN) when it is outside `-1..C`.
+    /// A box label below 1 (or `>= C` when C is known). The priors matched
+    /// to such a box get [`INVALID_PRIOR_LABEL`] (below 1) or the label (`>=
+    /// C`), so that a following loss call refuses them: losses NaN.
     pub invalid_box_label: bool,
     /// A box that is not finite, or has `x1 <= x0` or `y1 <= y0`: skipped as
     /// if absent.

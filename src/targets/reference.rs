@@ -106,6 +106,10 @@ pub fn assign<L: Label>(
     gt_labels: &[L],
     gt_counts: &[i32],
 ) -> Result<Targets<L>> {
+    // Before the outputs are allocated: a shape too large for the kernels'
+    // indices is an error, not an allocation that aborts.
+    config.validate()?;
+    shape.validate()?;
     let mut labels = vec![L::default(); shape.labels_len()];
     let mut gt_locations = vec![0.0f32; shape.locations_len()];
     let status = assign_into(
@@ -240,10 +244,12 @@ pub fn assign_into<L: Label, T: Float>(
                 out.fill(T::from_f32(0.0));
                 continue;
             }
-            out_labels[p] = if v >= config.iou_threshold {
-                box_labels[t]
-            } else {
+            out_labels[p] = if v < config.iou_threshold {
                 L::default()
+            } else if box_labels[t].to_i64() < 1 {
+                L::from_i64(super::INVALID_PRIOR_LABEL)
+            } else {
+                box_labels[t]
             };
             let bx = &boxes[t * 4..t * 4 + 4];
             let prior = &priors[p * 4..p * 4 + 4];
