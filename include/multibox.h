@@ -21,7 +21,8 @@ typedef enum multibox_status_code {
   // Success.
   MULTIBOX_OK = 0,
   // A null pointer, a shape, length, configuration, enum value, label or
-  // workspace size out of range; nothing was launched or written.
+  // workspace size out of range, or an address that is not memory of the
+  // device (host memory, another device's); nothing was launched or written.
   MULTIBOX_INVALID_ARGUMENT = 1,
   // No CUDA driver on this machine, or no device of that ordinal.
   MULTIBOX_NO_DEVICE = 2,
@@ -521,7 +522,8 @@ enum multibox_status_code multibox_assigner_create(int32_t device_ordinal,
 //
 // # Safety
 // `assigner` is NULL or came from `multibox_assigner_create` and is not
-// used again; no work queued through it is still to be launched.
+// used again. Work queued through it may still be running: this waits for
+// the device before it frees the assigner's priors.
 enum multibox_status_code multibox_assigner_destroy(struct multibox_assigner *assigner);
 
 // Assigns targets (3 launches on `stream`, a `CUstream`/`cudaStream_t` of

@@ -41,7 +41,8 @@ pub enum multibox_status_code {
     /// Success.
     MULTIBOX_OK = 0,
     /// A null pointer, a shape, length, configuration, enum value, label or
-    /// workspace size out of range; nothing was launched or written.
+    /// workspace size out of range, or an address that is not memory of the
+    /// device (host memory, another device's); nothing was launched or written.
     MULTIBOX_INVALID_ARGUMENT = 1,
     /// No CUDA driver on this machine, or no device of that ordinal.
     MULTIBOX_NO_DEVICE = 2,
@@ -293,6 +294,7 @@ impl From<Error> for Failure {
             | Error::NullPointer { .. }
             | Error::Misaligned { .. }
             | Error::WrongContext { .. }
+            | Error::NotDeviceMemory { .. }
             | Error::InvalidTargetShape { .. }
             | Error::TargetLengthMismatch { .. }
             | Error::TargetWorkspaceTooSmall { .. }
@@ -1223,7 +1225,8 @@ pub unsafe extern "C" fn multibox_assigner_create(
 ///
 /// # Safety
 /// `assigner` is NULL or came from `multibox_assigner_create` and is not
-/// used again; no work queued through it is still to be launched.
+/// used again. Work queued through it may still be running: this waits for
+/// the device before it frees the assigner's priors.
 #[no_mangle]
 pub unsafe extern "C" fn multibox_assigner_destroy(
     assigner: *mut multibox_assigner,

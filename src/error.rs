@@ -98,6 +98,19 @@ pub enum Error {
         /// The ordinal of the loss's device.
         expected_ordinal: usize,
     },
+    /// A device address whose memory the kernels cannot use, as the driver
+    /// describes it (the raw and C entry points ask it): host memory CUDA
+    /// does not know, a freed buffer, or one that ends before the shape's
+    /// size, where its allocation is followed by memory CUDA does not know.
+    #[error("`{name}` (address {addr:#x}) is not device memory the kernels can use: {reason}")]
+    NotDeviceMemory {
+        /// The argument's name.
+        name: &'static str,
+        /// The address passed.
+        addr: u64,
+        /// What the driver said of it.
+        reason: String,
+    },
     /// This build has no kernels (`MULTIBOX_SKIP_KERNELS=1`) or none that
     /// this device can load.
     #[error("no kernel image for this device: {0}")]

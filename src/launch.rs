@@ -34,6 +34,15 @@ pub trait Backend {
     fn grid_limits(&self) -> GridLimits {
         GridLimits::default()
     }
+
+    /// Checks, before anything is launched, that the `bytes` bytes from
+    /// `addr` that a call's kernels may touch as `name` are memory they can
+    /// reach. The default trusts the caller; the driver backend of the raw
+    /// entry points asks the driver ([`crate::device_memory`]).
+    fn check_buffer(&self, name: &'static str, addr: u64, bytes: usize) -> Result<()> {
+        let _ = (name, addr, bytes);
+        Ok(())
+    }
 }
 
 /// The upstream gradients `g_reg` and `g_cls` (they carry loss scaling and
@@ -150,6 +159,11 @@ pub unsafe fn launch_call<B: Backend + ?Sized>(
     config.validate()?;
     let plan = LaunchPlan::with_limits(call.shape, call.dtype, call.layout, backend.grid_limits())?;
     let params = params(config, call, &plan)?;
+    for (name, addr, bytes) in buffer_extents(call, &plan) {
+        if addr != 0 {
+            backend.check_buffer(name, addr, bytes)?;
+        }
+    }
     for launch in plan.launches(call.pass) {
         let kernel = launch
             .step
@@ -290,6 +304,56 @@ fn params(config: &MultiboxConfig, call: &RawCall, plan: &LaunchPlan) -> Result<
         gradient_plane_stride: plan.gradient_plane_stride,
         _padding: 0,
     })
+}
+
+/// Every buffer this call's pass touches: its name, address (0 where the
+/// pass does not use it) and the bytes the kernels may read or write from
+/// there. A fixed array, so a call allocates nothing.
+fn buffer_extents(call: &RawCall, plan: &LaunchPlan) -> [(&'static str, u64, usize); 13] {
+    let b = &call.buffers;
+    let shape = call.shape;
+    let (t, l) = (call.dtype.size(), call.label_type.size());
+    let (forward, backward) = (call.pass.runs_forward(), call.pass.writes_gradients());
+    let when = |used: bool, addr: u64| if used { addr } else { 0 };
+    let upstream = match call.upstream {
+        RawUpstream::Device(addr) => when(backward, addr),
+        RawUpstream::Host { .. } => 0,
+    };
+    let normalizer = match call.normalizer {
+        RawNormalizer::GivenOnDevice(addr) => when(forward, addr),
+        _ => 0,
+    };
+    [
+        ("confidence", b.confidence, shape.confidence_len() * t),
+        (
+            "predicted_locations",
+            b.predicted_locations,
+            shape.locations_len() * t,
+        ),
+        ("labels", b.labels, shape.rows() * l),
+        ("gt_locations", b.gt_locations, shape.locations_len() * t),
+        ("workspace", b.workspace, plan.workspace.bytes),
+        ("regression_loss", when(forward, b.regression_loss), 4),
+        (
+            "classification_loss",
+            when(forward, b.classification_loss),
+            4,
+        ),
+        ("num_pos", when(forward, b.num_pos), 4),
+        ("mask", when(forward, b.mask), shape.rows()),
+        ("normalizer", normalizer, 4),
+        (
+            "grad_confidence",
+            when(backward, b.grad_confidence),
+            shape.confidence_len() * t,
+        ),
+        (
+            "grad_locations",
+            when(backward, b.grad_locations),
+            shape.locations_len() * t,
+        ),
+        ("upstream", upstream, 8),
+    ]
 }
 
 fn check_alignment(name: &'static str, addr: u64, align: usize) -> Result<()> {

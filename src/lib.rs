@@ -68,6 +68,7 @@
 pub mod candle;
 pub mod capi;
 mod config;
+pub mod device_memory;
 mod dtype;
 mod error;
 pub mod kernels;

@@ -9,7 +9,7 @@ use crate::launch::{
     launch_call, Backend, DeviceStatus, RawBuffers, RawCall, RawNormalizer, RawUpstream,
 };
 use crate::plan::{GridLimits, Pass, Residency, Step, MAX_BLOCKS_PER_SM, ROW_THREADS};
-use crate::{kernels, Error, Float, Label, Layout, MultiboxConfig, Result, Shape};
+use crate::{device_memory, kernels, Error, Float, Label, Layout, MultiboxConfig, Result, Shape};
 
 /// The inputs of one call, on the device. Any cudarc slice or view works
 /// (`&CudaSlice<T>`, `&CudaView<T>`, ...). The shapes are those of
@@ -472,18 +472,25 @@ impl MultiboxLoss {
             layout: options.layout,
             normalizer,
         };
-        // SAFETY: every address comes from a cudarc buffer of this context
-        // whose length was checked against the shape above, and the guards
-        // keep the buffers borrowed until the launches are queued; cudarc's
-        // stream ordering keeps them alive for the work itself.
-        unsafe { self.launch_raw(&call, stream.cu_stream()) }
+        // SAFETY: every address comes from a `DevicePtr` of this context
+        // whose length was checked against the shape above. cudarc's own
+        // safe API trusts that trait (a safe one, so an implementation
+        // could lie) as this does; its buffers, views and candle's storage
+        // tell the truth. The guards keep the buffers borrowed until the
+        // launches are queued; cudarc's stream ordering keeps them alive
+        // for the work itself.
+        unsafe { self.launch(&call, stream.cu_stream(), false) }
     }
 
     /// The raw entry point, for other frameworks (PyTorch, C++): device
     /// addresses and a `CUstream` of this loss's context.
     ///
     /// Validates the shape, the configuration, null and misaligned addresses
-    /// and the workspace size before launching anything. Launches 2 kernels
+    /// and the workspace size before launching anything, and asks the driver
+    /// whether each address is memory of this loss's device
+    /// ([`crate::device_memory`]): a host pointer, another device's buffer,
+    /// or one that ends in memory CUDA does not know is an error, not a
+    /// fault that would poison the context. Launches 2 kernels
     /// ([`Pass::Forward`]), 1 ([`Pass::Backward`], with the preconditions of
     /// [`MultiboxLoss::backward`]) or 3 ([`Pass::ForwardBackward`]) on
     /// `stream`; allocates nothing, reads nothing back, so it can be
@@ -505,6 +512,22 @@ impl MultiboxLoss {
         call: &RawCall,
         stream: cudarc::driver::sys::CUstream,
     ) -> Result<()> {
+        // SAFETY: the caller's contract above is launch's.
+        unsafe { self.launch(call, stream, true) }
+    }
+
+    /// The launch of every entry point; `check_memory` asks the driver about
+    /// each address (the raw and C entry points' bare addresses; the typed
+    /// ones' cudarc buffers were checked against this context already).
+    ///
+    /// # Safety
+    /// As [`MultiboxLoss::launch_raw`].
+    unsafe fn launch(
+        &self,
+        call: &RawCall,
+        stream: cudarc::driver::sys::CUstream,
+        check_memory: bool,
+    ) -> Result<()> {
         // Every entry point (typed, raw, C) comes through here, so nsys
         // shows each call as one range with its kernels under it.
         #[cfg(feature = "nvtx")]
@@ -514,8 +537,12 @@ impl MultiboxLoss {
             Pass::ForwardBackward => c"multibox::forward_backward",
         });
         self.ctx.bind_to_thread()?;
-        let backend = DriverBackend { loss: self, stream };
-        // SAFETY: the caller's contract above is launch_call's.
+        let backend = DriverBackend {
+            loss: self,
+            stream,
+            check_memory,
+        };
+        // SAFETY: the caller's contract is launch_call's.
         unsafe { launch_call(&self.config, call, &backend) }.map(|_| ())
     }
 
@@ -528,6 +555,8 @@ impl MultiboxLoss {
         shape: Shape,
         workspace: &dyn DevicePtr<u8>,
     ) -> Result<DeviceStatus> {
+        self.check_stream(stream)?;
+        self.check_context("workspace", workspace.stream())?;
         let offset = crate::launch::status_offset(shape)?;
         if workspace.len() < offset + 4 {
             return Err(Error::WorkspaceTooSmall {
@@ -537,6 +566,9 @@ impl MultiboxLoss {
             });
         }
         let (base, _guard) = workspace.device_ptr(stream);
+        // The copy below is a raw driver call: it runs in the thread's
+        // current context, which must be this loss's.
+        self.ctx.bind_to_thread()?;
         let mut bits = [0u32; 1];
         // SAFETY: the word lies inside the workspace (checked above), the
         // destination is 4 bytes of host memory, and the stream is
@@ -691,11 +723,24 @@ fn resident_blocks(
 struct DriverBackend<'a> {
     loss: &'a MultiboxLoss,
     stream: cudarc::driver::sys::CUstream,
+    /// Whether to ask the driver about each address (bare addresses).
+    check_memory: bool,
 }
 
 impl Backend for DriverBackend<'_> {
     fn grid_limits(&self) -> GridLimits {
         self.loss.grid_limits
+    }
+
+    fn check_buffer(&self, name: &'static str, addr: u64, bytes: usize) -> Result<()> {
+        if !self.check_memory {
+            return Ok(());
+        }
+        let owner = device_memory::Owner {
+            context: self.loss.ctx.cu_ctx() as u64,
+            ordinal: self.loss.ctx.ordinal(),
+        };
+        device_memory::check(owner, name, addr, bytes)
     }
 
     unsafe fn launch(

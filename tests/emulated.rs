@@ -1483,6 +1483,289 @@ fn every_bad_call_is_refused_before_any_launch() {
     assert_eq!(launched.get(), 1);
 }
 
+/// A backend that records the buffers a call asks it to check, refuses
+/// the one named `refuse`, and fails the test if anything is launched
+/// after a refusal.
+struct Extents {
+    checked: std::cell::RefCell<Vec<(&'static str, u64, usize)>>,
+    refuse: Option<&'static str>,
+    launched: std::cell::Cell<usize>,
+}
+
+impl Backend for Extents {
+    unsafe fn launch(
+        &self,
+        _: &'static str,
+        _: u32,
+        _: u32,
+        _: u32,
+        _: &[u8],
+    ) -> multibox::Result<()> {
+        self.launched.set(self.launched.get() + 1);
+        Ok(())
+    }
+
+    fn check_buffer(&self, name: &'static str, addr: u64, bytes: usize) -> multibox::Result<()> {
+        self.checked.borrow_mut().push((name, addr, bytes));
+        if self.refuse == Some(name) {
+            return Err(Error::NotDeviceMemory {
+                name,
+                addr,
+                reason: "refused by the test".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The raw entry points ask the backend about every buffer a pass touches,
+/// with the bytes its kernels may reach, before the first launch; the
+/// driver backend asks the driver (multibox::device_memory).
+#[test]
+fn every_buffer_a_pass_touches_is_checked_before_any_launch() {
+    let shape = Shape::new(2, 10, 3);
+    let workspace_bytes = multibox::workspace_bytes(shape).unwrap();
+    let call = RawCall {
+        shape,
+        dtype: multibox::DType::F16,
+        label_type: multibox::LabelType::I32,
+        buffers: RawBuffers {
+            confidence: 0x1000,
+            predicted_locations: 0x2000,
+            labels: 0x3000,
+            gt_locations: 0x4000,
+            grad_confidence: 0x5000,
+            grad_locations: 0x6000,
+            regression_loss: 0x7000,
+            classification_loss: 0x7004,
+            num_pos: 0x7008,
+            mask: 0x8001,
+            workspace: 0x10000,
+            workspace_bytes: workspace_bytes + 4096,
+        },
+        upstream: RawUpstream::Device(0x9000),
+        pass: Pass::ForwardBackward,
+        layout: Layout::RowMajor,
+        normalizer: RawNormalizer::GivenOnDevice(0xa000),
+    };
+    let run = |call: &RawCall, refuse| {
+        let backend = Extents {
+            checked: Default::default(),
+            refuse,
+            launched: Default::default(),
+        };
+        // SAFETY: Extents never touches the addresses.
+        let result = unsafe { launch_call(&MultiboxConfig::default(), call, &backend) };
+        (
+            result.map(|_| ()),
+            backend.checked.into_inner(),
+            backend.launched.get(),
+        )
+    };
+    let (logits, boxes, rows) = (2 * 10 * 3 * 2, 2 * 10 * 4 * 2, 2 * 10);
+    let (result, mut checked, launched) = run(&call, None);
+    result.unwrap();
+    assert_eq!(launched, 3);
+    checked.sort();
+    let mut want = vec![
+        ("confidence", 0x1000, logits),
+        ("predicted_locations", 0x2000, boxes),
+        ("labels", 0x3000, rows * 4),
+        ("gt_locations", 0x4000, boxes),
+        ("grad_confidence", 0x5000, logits),
+        ("grad_locations", 0x6000, boxes),
+        ("regression_loss", 0x7000, 4),
+        ("classification_loss", 0x7004, 4),
+        ("num_pos", 0x7008, 4),
+        ("mask", 0x8001, rows),
+        // What the kernels use of the workspace, not what the caller has.
+        ("workspace", 0x10000, workspace_bytes),
+        ("upstream", 0x9000, 8),
+        ("normalizer", 0xa000, 4),
+    ];
+    want.sort();
+    assert_eq!(checked, want);
+
+    // A pass checks only what it touches: the forward no gradient or
+    // upstream, the backward no loss output, mask or divisor.
+    for (pass, skipped) in [
+        (
+            Pass::Forward,
+            ["grad_confidence", "grad_locations", "upstream"].as_slice(),
+        ),
+        (
+            Pass::Backward,
+            [
+                "regression_loss",
+                "classification_loss",
+                "num_pos",
+                "mask",
+                "normalizer",
+            ]
+            .as_slice(),
+        ),
+    ] {
+        let (result, checked, _) = run(&RawCall { pass, ..call }, None);
+        result.unwrap();
+        let names: Vec<_> = checked.iter().map(|c| c.0).collect();
+        for (name, _, _) in &want {
+            assert_eq!(
+                names.contains(name),
+                !skipped.contains(name),
+                "{pass:?}: {name}"
+            );
+        }
+    }
+    // No mask: not checked.
+    let mut no_mask = call;
+    no_mask.buffers.mask = 0;
+    let (_, checked, _) = run(&no_mask, None);
+    assert!(!checked.iter().any(|c| c.0 == "mask"));
+
+    // A refusal stops the call before its first launch.
+    for name in ["confidence", "workspace", "grad_locations", "normalizer"] {
+        let (result, _, launched) = run(&call, Some(name));
+        assert!(
+            matches!(result, Err(Error::NotDeviceMemory { name: n, .. }) if n == name),
+            "{name}: {result:?}"
+        );
+        assert_eq!(launched, 0, "{name}");
+    }
+}
+
+/// What the driver may say of an address, and what the raw entry points
+/// make of it (multibox::device_memory::judge).
+#[test]
+fn addresses_are_judged_by_what_the_driver_says() {
+    use multibox::device_memory::{judge, judge_end, Owner, PointerInfo, Reach};
+    const HOST: u32 = 1;
+    const DEVICE: u32 = 2;
+    const ARRAY: u32 = 3;
+    const UNIFIED: u32 = 4;
+    let owner = Owner {
+        context: 0xc0,
+        ordinal: 1,
+    };
+    let ours = PointerInfo {
+        memory_type: DEVICE,
+        managed: false,
+        device_ordinal: 1,
+        context: 0xc0,
+        range_start: 0x1000,
+        range_size: 0x1000,
+    };
+    let at =
+        |info: PointerInfo, addr: u64, bytes: usize| judge("confidence", addr, bytes, &info, owner);
+    assert_eq!(at(ours, 0x1000, 0x1000).unwrap(), Reach::Whole);
+    assert_eq!(at(ours, 0x1800, 0x800).unwrap(), Reach::Whole);
+    assert_eq!(at(ours, 0x1800, 0x801).unwrap(), Reach::PastItsAllocation);
+    // Memory of a pool or of the virtual memory API: no context.
+    let pooled = PointerInfo { context: 0, ..ours };
+    assert_eq!(at(pooled, 0x1000, 16).unwrap(), Reach::Whole);
+    // No range known: nothing to check it against.
+    let unranged = PointerInfo {
+        range_start: 0,
+        range_size: 0,
+        ..ours
+    };
+    assert_eq!(at(unranged, 0x1000, 1 << 40).unwrap(), Reach::Whole);
+    // Pinned host and managed memory: reachable from every device.
+    for info in [
+        PointerInfo {
+            memory_type: HOST,
+            device_ordinal: 0,
+            context: 0xd0,
+            ..ours
+        },
+        PointerInfo {
+            memory_type: UNIFIED,
+            device_ordinal: 0,
+            ..ours
+        },
+        PointerInfo {
+            managed: true,
+            device_ordinal: 0,
+            context: 0xd0,
+            ..ours
+        },
+    ] {
+        assert!(at(info, 0x1000, 16).is_ok(), "{info:?}");
+    }
+    // Unknown memory, another device or context, an array: refused, by name.
+    let unknown = PointerInfo::default();
+    let e = at(unknown, 0x1234, 16).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::NotDeviceMemory {
+                name: "confidence",
+                addr: 0x1234,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("CUDA knows no allocation"), "{e}");
+    for info in [
+        PointerInfo {
+            device_ordinal: 0,
+            ..ours
+        },
+        PointerInfo {
+            context: 0xd0,
+            ..ours
+        },
+    ] {
+        let e = at(info, 0x1000, 16).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::WrongContext {
+                    name: "confidence",
+                    expected_ordinal: 1
+                }
+            ),
+            "{info:?}: {e:?}"
+        );
+    }
+    assert!(matches!(
+        at(
+            PointerInfo {
+                memory_type: ARRAY,
+                ..ours
+            },
+            0x1000,
+            16
+        ),
+        Err(Error::NotDeviceMemory { .. })
+    ));
+
+    // Past its allocation, the memory under the last byte decides: unknown
+    // is a buffer too short for the shape; the next mapping of ours is fine;
+    // another device's is not.
+    let e = judge_end("confidence", 0x1800, 0x1000, &ours, &unknown, owner).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("needs 4096 bytes from there, but its allocation ends 2048 bytes in"),
+        "{e}"
+    );
+    assert!(judge_end("confidence", 0x1800, 0x1000, &ours, &pooled, owner).is_ok());
+    assert!(matches!(
+        judge_end(
+            "confidence",
+            0x1800,
+            0x1000,
+            &ours,
+            &PointerInfo {
+                device_ordinal: 0,
+                ..ours
+            },
+            owner
+        ),
+        Err(Error::WrongContext { .. })
+    ));
+}
+
 #[test]
 fn the_emulator_knows_every_kernel_the_crate_launches() {
     let known = multibox_emu::kernel_names();

@@ -182,6 +182,45 @@ fn gpu_refuses_bad_calls_before_launching() {
     ));
 }
 
+/// The raw entry point asks the driver about every address: host memory,
+/// which a kernel would fault on (and poison the context), is an error
+/// that names the buffer, and the context still works afterwards.
+#[test]
+fn gpu_raw_calls_refuse_memory_the_kernels_cannot_use() {
+    let Some(ctx) = gpu::device("gpu_raw_calls_refuse_memory_the_kernels_cannot_use") else {
+        return;
+    };
+    let shape = Shape::new(2, 100, 21);
+    let b = batch(shape, 7);
+    let stream = ctx.default_stream();
+    let loss = MultiboxLoss::new(&ctx, MultiboxConfig::default()).unwrap();
+    let call = DeviceCall::new(&stream, shape, &host(&b)).unwrap();
+    let raw = call.raw_call(&stream);
+    // SAFETY: the addresses are `call`'s live buffers, sized for `shape`.
+    unsafe { loss.launch_raw(&raw, stream.cu_stream()) }.unwrap();
+
+    let on_the_host = vec![0.0f32; shape.confidence_len()];
+    for name in ["confidence", "labels", "grad_locations"] {
+        let mut bad = raw;
+        let host = on_the_host.as_ptr() as u64;
+        match name {
+            "confidence" => bad.buffers.confidence = host,
+            "labels" => bad.buffers.labels = host,
+            _ => bad.buffers.grad_locations = host,
+        }
+        // SAFETY: the call is refused before any launch (the point of the test).
+        let e = unsafe { loss.launch_raw(&bad, stream.cu_stream()) }.unwrap_err();
+        assert!(
+            matches!(e, Error::NotDeviceMemory { name: n, .. } if n == name),
+            "{name}: {e:?}"
+        );
+    }
+    // Nothing faulted: the context still runs the good call.
+    // SAFETY: as above.
+    unsafe { loss.launch_raw(&raw, stream.cu_stream()) }.unwrap();
+    stream.synchronize().unwrap();
+}
+
 /// On the GPU too, a channel-major call is the row-major call on the
 /// transposed inputs, bit for bit, under every normaliser.
 #[test]

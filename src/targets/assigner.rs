@@ -10,7 +10,7 @@ use cudarc::driver::{
 use super::launch::{launch_assign, RawTargetBuffers, RawTargetCall};
 use super::plan::{TargetPlan, TargetStep};
 use super::{validate_priors, TargetConfig, TargetShape, TargetStatus};
-use crate::{kernels, Backend, Error, Float, Label, Result};
+use crate::{device_memory, kernels, Backend, Error, Float, Label, Result};
 
 /// The inputs of one assignment, on the device (any cudarc slice or view).
 pub struct TargetInputs<'a, L> {
@@ -95,6 +95,18 @@ pub struct TargetAssigner {
     priors_addr: u64,
     num_priors: usize,
     functions: HashMap<&'static str, CudaFunction>,
+}
+
+impl Drop for TargetAssigner {
+    /// Waits for the device before the priors are freed: the calls read them
+    /// through their bare address, with no cudarc event that would order the
+    /// free after work queued on the caller's streams (a non-blocking stream
+    /// does not wait for the one cudarc frees on). Dropping an assigner is
+    /// rare, so a context-wide wait costs nothing that matters.
+    fn drop(&mut self) {
+        // An error here (a device already lost) leaves nothing to wait for.
+        let _ = self.ctx.synchronize();
+    }
 }
 
 impl std::fmt::Debug for TargetAssigner {
@@ -218,11 +230,12 @@ impl TargetAssigner {
                 workspace_bytes,
             },
         };
-        // SAFETY: every address comes from a cudarc buffer of this context
-        // whose length was checked against the shape above; the guards keep
-        // them borrowed until the launches are queued, and cudarc's stream
+        // SAFETY: every address comes from a `DevicePtr` of this context
+        // whose length was checked against the shape above (a safe trait
+        // that cudarc's own API trusts as this does); the guards keep them
+        // borrowed until the launches are queued, and cudarc's stream
         // ordering keeps them alive for the work.
-        unsafe { self.launch_raw(&call, stream.cu_stream()) }
+        unsafe { self.launch(&call, stream.cu_stream(), false) }
     }
 
     /// The raw entry point, for other frameworks: device addresses and a
@@ -231,7 +244,9 @@ impl TargetAssigner {
     /// another address uses those priors instead, unchecked.
     ///
     /// Validates the shape, the settings, null and misaligned addresses and
-    /// the workspace size before launching anything; launches three kernels
+    /// the workspace size before launching anything, and asks the driver
+    /// whether each address is memory of this assigner's device
+    /// ([`crate::device_memory`]); launches three kernels
     /// on `stream`, allocates nothing, reads nothing back.
     ///
     /// # Safety
@@ -249,8 +264,25 @@ impl TargetAssigner {
         call: &RawTargetCall,
         stream: cudarc::driver::sys::CUstream,
     ) -> Result<()> {
+        // SAFETY: the caller's contract above is launch's.
+        unsafe { self.launch(call, stream, true) }
+    }
+
+    /// The launch of both entry points; `check_memory` asks the driver
+    /// about each address (the raw entry point's bare addresses).
+    ///
+    /// # Safety
+    /// As [`TargetAssigner::launch_raw`].
+    unsafe fn launch(
+        &self,
+        call: &RawTargetCall,
+        stream: cudarc::driver::sys::CUstream,
+        check_memory: bool,
+    ) -> Result<()> {
         #[cfg(feature = "nvtx")]
         let _range = nvtx::LocalRange::new(c"multibox::assign_targets");
+        // The shape first: the length below is a product of its sizes.
+        call.shape.validate()?;
         let mut call = *call;
         if call.buffers.priors == 0 {
             if call.shape.priors != self.num_priors {
@@ -267,6 +299,10 @@ impl TargetAssigner {
         let backend = DriverBackend {
             functions: &self.functions,
             stream,
+            check_memory: check_memory.then(|| device_memory::Owner {
+                context: self.ctx.cu_ctx() as u64,
+                ordinal: self.ctx.ordinal(),
+            }),
         };
         // SAFETY: the caller's contract above is launch_assign's; the
         // assigner's priors live as long as `self`.
@@ -371,9 +407,18 @@ impl TargetAssigner {
 struct DriverBackend<'a> {
     functions: &'a HashMap<&'static str, CudaFunction>,
     stream: cudarc::driver::sys::CUstream,
+    /// The context and device to check each address against, if any.
+    check_memory: Option<device_memory::Owner>,
 }
 
 impl Backend for DriverBackend<'_> {
+    fn check_buffer(&self, name: &'static str, addr: u64, bytes: usize) -> Result<()> {
+        match self.check_memory {
+            Some(owner) => device_memory::check(owner, name, addr, bytes),
+            None => Ok(()),
+        }
+    }
+
     unsafe fn launch(
         &self,
         kernel: &'static str,

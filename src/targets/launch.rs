@@ -55,6 +55,24 @@ pub unsafe fn launch_assign<B: Backend + ?Sized>(
     config.validate()?;
     let plan = TargetPlan::new(call.shape)?;
     let params = params(config, call, &plan)?;
+    let b = &call.buffers;
+    let shape = call.shape;
+    let l = call.label_type.size();
+    for (name, addr, bytes) in [
+        ("priors", b.priors, shape.priors_len() * 4),
+        ("gt_boxes", b.gt_boxes, shape.boxes_len() * 4),
+        ("gt_labels", b.gt_labels, shape.box_labels_len() * l),
+        ("gt_counts", b.gt_counts, shape.batch * 4),
+        ("labels", b.labels, shape.labels_len() * l),
+        (
+            "gt_locations",
+            b.gt_locations,
+            shape.locations_len() * call.dtype.size(),
+        ),
+        ("workspace", b.workspace, plan.workspace.bytes),
+    ] {
+        backend.check_buffer(name, addr, bytes)?;
+    }
     for launch in plan.launches() {
         let kernel = launch.step.kernel_name(call.dtype, call.label_type);
         // SAFETY: `params` holds the addresses the caller vouched for,

@@ -75,6 +75,37 @@ impl<T: Float, L: Label> DeviceCall<T, L> {
         })
     }
 
+    /// The raw entry point's description of a forward_backward on these
+    /// buffers. The addresses stay valid while `self` lives.
+    pub fn raw_call(&self, stream: &Arc<CudaStream>) -> multibox::RawCall {
+        use cudarc::driver::DevicePtr;
+        let addr = |b: &dyn DevicePtr<u8>| b.device_ptr(stream).0;
+        let t = |b: &CudaSlice<T>| b.device_ptr(stream).0;
+        multibox::RawCall {
+            shape: self.shape,
+            dtype: T::DTYPE,
+            label_type: L::LABEL_TYPE,
+            buffers: multibox::RawBuffers {
+                confidence: t(&self.confidence),
+                predicted_locations: t(&self.predicted_locations),
+                labels: self.labels.device_ptr(stream).0,
+                gt_locations: t(&self.gt_locations),
+                grad_confidence: t(&self.grad_confidence),
+                grad_locations: t(&self.grad_locations),
+                regression_loss: self.regression_loss.device_ptr(stream).0,
+                classification_loss: self.classification_loss.device_ptr(stream).0,
+                num_pos: self.num_pos.device_ptr(stream).0,
+                mask: addr(&self.mask),
+                workspace: addr(&self.workspace),
+                workspace_bytes: self.workspace.len(),
+            },
+            upstream: multibox::RawUpstream::default(),
+            pass: multibox::Pass::ForwardBackward,
+            layout: multibox::Layout::RowMajor,
+            normalizer: multibox::RawNormalizer::Positives,
+        }
+    }
+
     /// Queues one call on `stream` (nothing is read back).
     pub fn launch(
         &mut self,
