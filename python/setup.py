@@ -59,10 +59,13 @@ def ensure_nvrtc():
         )
 
 
+# The checkout first: outside one (an sdist of python/ alone) there is no
+# scripts/setup either, and its failure would be reported as NVRTC's.
+version = crate_version()
 ensure_nvrtc()
 
 setup(
-    version=crate_version(),
+    version=version,
     rust_extensions=[
         RustExtension(
             "multibox_torch._libmultibox",

@@ -21,7 +21,14 @@ is rounded once and no ``[B, P, C]`` tensor lives between the two.
 own as NVIDIA's SSD, or a given n: a number, or a one-element tensor the
 kernels read on the device, such as a positive count all-reduced across
 data-parallel ranks); ``layout="channel_major"`` takes ``[B, C, P]`` logits
-and ``[B, 4, P]`` boxes. See ``multibox_loss`` and docs/SPEC.md.
+and ``[B, 4, P]`` boxes. See ``multibox_loss`` and docs/SPEC.md. A divisor
+that changes every step belongs in a tensor: torch.compile makes each
+Python number (the normaliser, neg_pos_ratio, beta) a constant of the graph
+and compiles again for each new value.
+
+Invalid labels and non-finite inputs do not stop the kernels; they are
+recorded in a status word on the device, which ``MultiboxLoss.last_status()``
+reads when asked (one explicit call, which synchronises).
 
 ``pip install ./python`` bundles the library in this package;
 ``$MULTIBOX_LIB`` overrides it (see ``_capi.find_library``).
@@ -30,14 +37,14 @@ and ``[B, 4, P]`` boxes. See ``multibox_loss`` and docs/SPEC.md.
 import math
 import numbers
 import operator
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from . import _capi
 
-__all__ = ["multibox_loss", "library_path", "MultiboxError", "__version__"]
+__all__ = ["multibox_loss", "library_path", "MultiboxError", "LossStatus", "__version__"]
 
 MultiboxError = _capi.MultiboxError
 
@@ -56,8 +63,25 @@ _NORMALIZERS = {"positives": _capi.NORMALIZE_POSITIVES, "per_image": _capi.NORMA
 
 # (device index, neg_pos_ratio, min_negatives_per_image, beta) -> multibox_loss*
 # A loss loads the kernels once per device and configuration; it lives as
-# long as the process.
+# long as the process. Not bounded: multibox_loss_destroy requires that no
+# work queued through the loss is still to be launched, and a CUDA graph
+# captured with its kernels (torch.cuda.graph, torch.compile's
+# "reduce-overhead") may replay them at any time, so no handle is ever
+# known to be free. A run uses a handful of configurations; a schedule that
+# gives neg_pos_ratio or beta a new value each step would load the kernels
+# each step (see multibox_loss).
 _losses = {}
+
+
+class LossStatus(NamedTuple):
+    """What the loss's kernels saw that only the device can see
+    (``MultiboxLoss.last_status()``; the C ABI's ``multibox_device_status``)."""
+
+    #: A label outside ``-1..C-1``: both losses of that call are NaN.
+    invalid_label: bool
+    #: A NaN or infinity among the logits (ignored priors' too) or a
+    #: positive's box offsets (predicted minus target).
+    nonfinite_input: bool
 
 
 def library_path():
@@ -85,7 +109,9 @@ def _check_settings(neg_pos_ratio, min_negatives_per_image, beta):
     for name, value in (("neg_pos_ratio", neg_pos_ratio), ("beta", beta)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"multibox_loss: {name} must be a real number, got {value!r}")
-        if not (math.isfinite(value) and 0 < value <= _F32_MAX):
+        # Comparisons only, which reject NaN and infinity too: torch.compile
+        # traces them on a symbolic float, where math.isfinite fails.
+        if not 0 < value <= _F32_MAX:
             raise ValueError(f"multibox_loss: {name} must be positive and finite (as a float32), got {value!r}")
     if isinstance(min_negatives_per_image, bool):
         raise TypeError(f"multibox_loss: min_negatives_per_image must be an integer, got {min_negatives_per_image!r}")
@@ -143,7 +169,9 @@ def _check_normalizer(normalizer, device=None):
             f"tensor, got {normalizer!r}"
         )
     value = float(normalizer)
-    if math.isfinite(value) and abs(value) > _F32_MAX:
+    # A comparison, not math.isfinite (see _check_settings): finite values
+    # beyond float32 are refused; infinity and NaN pass (NaN losses).
+    if _F32_MAX < abs(value) < math.inf:
         raise ValueError(f"multibox_loss: normalizer {value!r} is out of float32's range")
     return _capi.NORMALIZE_GIVEN, value, None
 
@@ -493,6 +521,25 @@ def _(confidence, predicted_locations, labels, gt_locations, workspace, upstream
     return grad_confidence, grad_locations
 
 
+def _backward_setup_context(ctx, inputs, output):
+    pass
+
+
+def _double_backward(ctx, *grads):
+    # Reached only when a graph built with create_graph=True is
+    # differentiated again (a first backward with create_graph=True alone
+    # is fine): without this, autograd's "no autograd formula was
+    # registered for multibox.backward.default" said nothing useful.
+    raise RuntimeError(
+        "multibox_loss does not support double backward (create_graph=True, then a backward through its "
+        "gradients): its backward (multibox::backward, kernel 3) has no derivative. Take its gradients "
+        "without create_graph=True, or leave multibox_loss out of the term whose gradient is differentiated"
+    )
+
+
+_backward_op.register_autograd(_double_backward, setup_context=_backward_setup_context)
+
+
 def _setup_context(ctx, inputs, output):
     (confidence, predicted_locations, labels, gt_locations, neg_pos_ratio, min_negatives_per_image, beta,
      layout, normalizer, normalizer_value, normalizer_tensor) = inputs
@@ -559,6 +606,65 @@ def _autocast(confidence, predicted_locations, gt_locations):
     return cast(confidence), cast(predicted_locations), cast(gt_locations)
 
 
+def _loss_and_record(
+    confidence, predicted_locations, labels, gt_locations, neg_pos_ratio, min_negatives_per_image, beta,
+    normalizer, layout,
+):
+    """``multibox_loss``'s ``(reg, cls, num_pos)`` and what ``_loss_status``
+    reads afterwards: on CUDA ``(workspace, shape, settings)`` (the workspace
+    is small, and the forward's output anyway: keeping it allocates
+    nothing); on the CPU, whose reference keeps no status, the inputs as
+    the op got them and the layout, for a check made only when asked."""
+    settings = _check_settings(neg_pos_ratio, min_negatives_per_image, beta)
+    layout_kind = _check_layout(layout)
+    kind, value, tensor = _check_normalizer(normalizer, confidence.device)
+    confidence, predicted_locations, gt_locations = _autocast(confidence, predicted_locations, gt_locations)
+    reg, cls, num_pos, workspace = _forward_op(
+        confidence, predicted_locations, labels, gt_locations, *settings, layout_kind, kind, value, tensor
+    )
+    if confidence.device.type == "cuda":
+        if layout_kind == _capi.ROW_MAJOR:
+            b, p, c = confidence.shape
+        else:
+            b, c, p = confidence.shape
+        record = ("cuda", workspace, (b, p, c), settings)
+    else:
+        # Detached: the values without the autograd graph that made them.
+        inputs = (confidence.detach(), predicted_locations.detach(), labels, gt_locations.detach())
+        record = ("cpu", *inputs, layout_kind)
+    return reg, cls, num_pos, record
+
+
+def _loss_status(record):
+    """The ``LossStatus`` of the call ``record`` (from ``_loss_and_record``)
+    describes. On CUDA the status word in its workspace, read on the current
+    stream, which this waits for; on the CPU the inputs checked now."""
+    if record[0] == "cuda":
+        _, workspace, shape, settings = record
+        device = workspace.device
+        lib = _capi.library()
+        out = _capi.DeviceStatus()
+        with torch.cuda.device(device):
+            handle = _loss_handle(device.index, *settings)
+            stream = torch.cuda.current_stream(device).cuda_stream
+            lib.call(
+                "multibox_status", handle, _capi.ctypes.byref(_capi.Shape(*shape)), workspace.data_ptr(),
+                workspace.numel(), _capi.ctypes.c_void_p(stream), _capi.ctypes.byref(out),
+            )
+        return LossStatus(bool(out.invalid_label), bool(out.nonfinite_input))
+    _, confidence, predicted_locations, labels, gt_locations, layout = record
+    with torch.no_grad():
+        # What the kernels flag: any logit, and a positive's offset
+        # difference (in the logits' dtype, as the op converts the targets).
+        bad_logit = not bool(torch.isfinite(confidence).all())
+        d = predicted_locations - gt_locations.to(confidence.dtype)
+        finite_rows = torch.isfinite(d).all(dim=1 if layout == _capi.CHANNEL_MAJOR else 2)
+        bad_offset = bool((~finite_rows & (labels > 0)).any())
+    # The CPU reference refuses an invalid label (MultiboxError) before it
+    # returns, so a call that returned had none.
+    return LossStatus(invalid_label=False, nonfinite_input=bad_logit or bad_offset)
+
+
 def multibox_loss(
     confidence: Tensor,
     predicted_locations: Tensor,
@@ -598,7 +704,9 @@ def multibox_loss(
       across data-parallel ranks, say). On CUDA the kernels read the tensor
       in device memory: no host synchronisation. ``n <= 0`` gives zero
       losses and gradients, a non-finite n NaN losses. The tensor gets no
-      gradient.
+      gradient. A divisor that changes from step to step belongs in a
+      tensor: under torch.compile a Python number is a constant of the
+      graph, and each new one compiles the step again.
 
     The losses are 0-dim float32 tensors (0 when there is no positive),
     num_pos a 0-dim int32 tensor (this call's own positives, whatever the
@@ -610,21 +718,26 @@ def multibox_loss(
     requires one (no gradient flows to the targets).
 
     neg_pos_ratio and beta must be positive and finite,
-    min_negatives_per_image an integer in ``0..2**32-1``. An invalid label
-    makes both losses NaN on the GPU (the device status word records it) and
-    raises on the CPU.
+    min_negatives_per_image an integer in ``0..2**32-1``. Each distinct
+    ``(neg_pos_ratio, min_negatives_per_image, beta)`` loads the kernels on
+    the device once and keeps them for the life of the process (a CUDA graph
+    may replay them at any time), so keep these settings fixed rather than
+    scheduled per step. Under torch.compile each new value compiles again.
+
+    An invalid label makes both losses NaN on the GPU and raises
+    MultiboxError on the CPU. On the GPU, invalid labels and non-finite
+    inputs are recorded in the device status word rather than stopping the
+    step: ``MultiboxLoss`` keeps its last call's and ``last_status()`` reads
+    it (one synchronising call, when the caller chooses).
     """
-    settings = _check_settings(neg_pos_ratio, min_negatives_per_image, beta)
-    layout_kind = _check_layout(layout)
-    kind, value, tensor = _check_normalizer(normalizer, confidence.device)
-    confidence, predicted_locations, gt_locations = _autocast(confidence, predicted_locations, gt_locations)
-    reg, cls, num_pos, _ = _forward_op(
-        confidence, predicted_locations, labels, gt_locations, *settings, layout_kind, kind, value, tensor
+    reg, cls, num_pos, _ = _loss_and_record(
+        confidence, predicted_locations, labels, gt_locations, neg_pos_ratio, min_negatives_per_image, beta,
+        normalizer, layout,
     )
     return reg, cls, num_pos
 
 
 # Target assignment and the drop-in MultiboxLoss module (targets.py).
-from .targets import MultiboxLoss, assign_targets, pad_targets, standard_priors  # noqa: E402
+from .targets import MultiboxLoss, TargetStatus, assign_targets, pad_targets, standard_priors  # noqa: E402
 
-__all__ += ["assign_targets", "pad_targets", "standard_priors", "MultiboxLoss"]
+__all__ += ["assign_targets", "pad_targets", "standard_priors", "MultiboxLoss", "TargetStatus"]

@@ -16,14 +16,15 @@ equal the reference's float32 labels bit for bit.
 """
 
 import ctypes
-from typing import Optional, Sequence, Tuple
+import weakref
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from . import _capi, _capi_targets
 
-__all__ = ["assign_targets", "pad_targets", "standard_priors", "MultiboxLoss"]
+__all__ = ["assign_targets", "pad_targets", "standard_priors", "MultiboxLoss", "TargetStatus"]
 
 _LABEL_TYPES = {torch.int32: _capi.I32, torch.int64: _capi.I64}
 
@@ -32,6 +33,29 @@ _LABEL_TYPES = {torch.int32: _capi.I32, torch.int64: _capi.I64}
 # settings and lives as long as the process. Every call passes its own
 # priors tensor, so one assigner serves any priors.
 _assigners = {}
+
+# The CUDA priors tensors checked on the host so far (the kernels read the
+# priors unchecked): (device, data_ptr, shape, strides, dtype) -> (a weak
+# reference to the tensor, its version counter then). A tensor is checked
+# again when it was written since (in place: the counter moved) or when
+# another tensor took its place at that address (the entry's tensor was
+# freed, which removes the entry). Priors are usually one constant tensor
+# made once, so this copies them to the host once.
+_checked_priors = {}
+
+
+class TargetStatus(NamedTuple):
+    """What target assignment recorded about its inputs
+    (``MultiboxLoss.last_assign_status()``; the C ABI's
+    ``multibox_target_status``). None of them stops the assignment."""
+
+    #: A ``gt_counts[b]`` outside ``0..T``: clamped.
+    count_clamped: bool
+    #: A box label below 1: its priors get -2, which the loss refuses (NaN
+    #: losses on CUDA, MultiboxError on the CPU).
+    invalid_box_label: bool
+    #: A non-finite box, or one with ``x1 <= x0`` or ``y1 <= y0``: skipped.
+    degenerate_box: bool
 
 
 def standard_priors(name: str = "ssdlite300") -> Tensor:
@@ -134,6 +158,9 @@ def _cuda_assign(priors, gt_boxes, gt_labels, gt_counts, thr, cv, sv):
     lib = _capi_targets.library()
     device = gt_boxes.device
     p, b, t = priors.shape[0], gt_boxes.shape[0], gt_boxes.shape[1]
+    # The caller's priors tensor (not its float32 copy, if any) is what is
+    # remembered as checked.
+    priors_key, priors_arg = _priors_key(priors), priors
     priors = priors.to(torch.float32).contiguous()
     gt_boxes = gt_boxes.to(torch.float32).contiguous()
     gt_labels = gt_labels.contiguous()
@@ -145,10 +172,18 @@ def _cuda_assign(priors, gt_boxes, gt_labels, gt_counts, thr, cv, sv):
     workspace = torch.empty(_capi_targets.workspace_bytes(b, p, t), dtype=torch.uint8, device=device)
     with torch.cuda.device(device):
         handle = _assigners.get((device.index, float(thr), float(cv), float(sv)))
+        # The kernels read the priors unchecked, so each priors tensor is
+        # checked on the host once (a copy, which waits for the stream):
+        # when the assigner is made (outside any graph capture), and for
+        # every other priors tensor, or one written since, after that. A
+        # graph capture cannot copy to the host: there, priors that no call
+        # before the capture saw go unchecked.
         if handle is None:
-            # Once per device and settings: the first priors are checked on
-            # the host (a copy, outside any graph capture).
             handle = _assigner(device.index, priors.cpu(), thr, cv, sv)
+            _priors_seen(priors_key, priors_arg)
+        elif not _priors_checked(priors_key, priors_arg) and not torch.cuda.is_current_stream_capturing():
+            _check_priors_on_host(priors.cpu())
+            _priors_seen(priors_key, priors_arg)
         call = _capi_targets.TargetCall(
             shape=_capi_targets.TargetShape(b, p, t),
             dtype=_capi.F32,
@@ -164,7 +199,40 @@ def _cuda_assign(priors, gt_boxes, gt_labels, gt_counts, thr, cv, sv):
         )
         stream = torch.cuda.current_stream(device).cuda_stream
         lib.call("multibox_assign_targets", handle, ctypes.byref(call), ctypes.c_void_p(stream))
-    return labels, gt_locations
+    # The workspace holds the status word (last_assign_status reads it).
+    return labels, gt_locations, workspace
+
+
+def _priors_key(priors):
+    return (priors.device, priors.data_ptr(), tuple(priors.shape), priors.stride(), priors.dtype)
+
+
+def _priors_checked(key, priors):
+    """Whether ``priors`` (at ``key``) were checked and not written since."""
+    entry = _checked_priors.get(key)
+    return entry is not None and entry[0]() is not None and entry[1] == priors._version
+
+
+def _priors_seen(key, priors):
+    """Records ``priors`` as checked; the entry goes with the tensor."""
+
+    def forget(_ref, key=key):
+        entry = _checked_priors.get(key)
+        if entry is not None and entry[0] is _ref:
+            del _checked_priors[key]
+
+    _checked_priors[key] = (weakref.ref(priors, forget), priors._version)
+
+
+def _check_priors_on_host(priors_host):
+    """Checks host priors ``[P, 4]`` as the crate does (finite, w and h
+    positive), raising its MultiboxError: an assignment of one empty image
+    by the CPU reference, which checks the priors before anything else."""
+    priors_host = priors_host.to(torch.float32).contiguous()
+    gt_boxes = torch.zeros((1, 1, 4), dtype=torch.float32)
+    gt_labels = torch.zeros((1, 1), dtype=torch.int32)
+    gt_counts = torch.zeros((1,), dtype=torch.int32)
+    _cpu_assign(priors_host, gt_boxes, gt_labels, gt_counts, 0.5, 0.1, 0.2)
 
 
 def _cpu_assign(priors, gt_boxes, gt_labels, gt_counts, thr, cv, sv):
@@ -193,8 +261,11 @@ def _cpu_assign(priors, gt_boxes, gt_labels, gt_counts, thr, cv, sv):
         gt_locations_len=gt_locations.numel(),
     )
     config = _config(thr, cv, sv)
-    lib.call("multibox_reference_assign_targets", ctypes.byref(config), ctypes.byref(call), None)
-    return labels, gt_locations
+    status = _capi_targets.TargetStatus()
+    lib.call("multibox_reference_assign_targets", ctypes.byref(config), ctypes.byref(call), ctypes.byref(status))
+    # The CPU's stand-in for the workspace: the status, one byte a flag.
+    flags = [status.count_clamped, status.invalid_box_label, status.degenerate_box]
+    return labels, gt_locations, torch.tensor(flags, dtype=torch.uint8)
 
 
 @torch.library.custom_op("multibox::assign_targets", mutates_args=())
@@ -206,8 +277,11 @@ def _assign_op(
     iou_threshold: float,
     center_variance: float,
     size_variance: float,
-) -> Tuple[Tensor, Tensor]:
-    """(labels [B, P], gt_locations [B, P, 4] float32)."""
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """(labels [B, P], gt_locations [B, P, 4] float32, status): ``status`` is
+    the uint8 workspace on CUDA, whose status word ``_assign_status`` reads;
+    on the CPU the reference's status itself, three bytes (count_clamped,
+    invalid_box_label, degenerate_box)."""
     _check(priors, gt_boxes, gt_labels, gt_counts)
     args = (priors, gt_boxes, gt_labels, gt_counts, iou_threshold, center_variance, size_variance)
     if gt_boxes.is_cuda:
@@ -218,10 +292,39 @@ def _assign_op(
 
 @_assign_op.register_fake
 def _(priors, gt_boxes, gt_labels, gt_counts, iou_threshold, center_variance, size_variance):
-    p, b, _ = _check(priors, gt_boxes, gt_labels, gt_counts)
+    p, b, t = _check(priors, gt_boxes, gt_labels, gt_counts)
     labels = gt_labels.new_empty((b, p))
     gt_locations = gt_boxes.new_empty((b, p, 4), dtype=torch.float32)
-    return labels, gt_locations
+    if not gt_boxes.is_cuda:
+        size = 3
+    elif all(isinstance(n, int) for n in (b, p, t)):
+        size = _capi_targets.workspace_bytes(b, p, t)
+    else:
+        # Symbolic shapes: the workspace's layout is the crate's business.
+        size = torch.library.get_ctx().new_dynamic_size()
+    status = gt_boxes.new_empty((size,), dtype=torch.uint8)
+    return labels, gt_locations, status
+
+
+def _assign_status(record):
+    """The ``TargetStatus`` of the assignment ``record`` (``(status, shape,
+    settings)`` from ``MultiboxLoss.assign``) describes: on CUDA the status
+    word in its workspace, read on the current stream, which this waits
+    for; on the CPU the reference's, kept as it is."""
+    status, shape, settings = record
+    if not status.is_cuda:
+        return TargetStatus(*(bool(v) for v in status.tolist()))
+    device = status.device
+    lib = _capi_targets.library()
+    out = _capi_targets.TargetStatus()
+    with torch.cuda.device(device):
+        handle = _assigners[(device.index, *settings)]
+        stream = torch.cuda.current_stream(device).cuda_stream
+        lib.call(
+            "multibox_assigner_status", handle, ctypes.byref(_capi_targets.TargetShape(*shape)),
+            status.data_ptr(), status.numel(), ctypes.c_void_p(stream), ctypes.byref(out),
+        )
+    return TargetStatus(bool(out.count_clamped), bool(out.invalid_box_label), bool(out.degenerate_box))
 
 
 def assign_targets(
@@ -247,9 +350,15 @@ def assign_targets(
     (threshold outside (0, 1], variances <= 0) raise; on the GPU, bad counts
     (clamped), box labels below 1 and degenerate boxes (skipped) are recorded
     in the device status word instead, as SPEC.md says; on the CPU they are
-    handled the same way, silently.
+    handled the same way. ``MultiboxLoss.assign`` keeps the status of its
+    last assignment for ``last_assign_status()``.
+
+    On CUDA the kernels read the priors unchecked, so each priors tensor is
+    copied to the host and checked (finite, positive sizes) the first time
+    it is used and after it was written in place: pass one priors tensor,
+    made once, rather than a new copy each call.
     """
-    return _assign_op(
+    labels, gt_locations, _ = _assign_op(
         priors,
         gt_boxes,
         gt_labels,
@@ -258,6 +367,7 @@ def assign_targets(
         float(center_variance),
         float(size_variance),
     )
+    return labels, gt_locations
 
 
 class MultiboxLoss(nn.Module):
@@ -277,7 +387,9 @@ class MultiboxLoss(nn.Module):
       (NVIDIA's SSD recipe) or a number. ``forward(..., normalizer=n)``
       overrides it for one call: that is where a step's all-reduced positive
       count goes (a one-element tensor on the inputs' device), see README,
-      "Data-parallel training".
+      "Data-parallel training". A divisor that changes from step to step
+      belongs in such a tensor, not in a Python number: under
+      torch.compile each new number compiles the step again.
     - ``layout``: ``"row_major"`` (``[B, P, C]`` logits, ``[B, P, 4]``
       boxes; the default) or ``"channel_major"`` (``[B, C, P]``, ``[B, 4, P]``:
       heads concatenated without a transpose). A property of the model, so
@@ -292,6 +404,21 @@ class MultiboxLoss(nn.Module):
     dtype (one copy, the one that half-precision logits need for the float32
     targets anyway), so that nothing but the caller's tensors and the
     workspace is kept between the two.
+
+    Bad inputs that only the device sees do not stop a step: an invalid
+    label (both losses NaN) or a non-finite input in the loss, a clamped
+    count, a box label below 1 or a degenerate box in the assignment are
+    recorded in a status word on the device. ``last_status()`` (a
+    ``LossStatus``) and ``last_assign_status()`` (a ``TargetStatus``) read
+    the last ``forward``'s and ``assign``'s: one explicit call that waits
+    for the current stream, made when the caller chooses (every N steps, or
+    when a loss turns NaN); the steps themselves never synchronise. The
+    module keeps the last call's workspace for this (a few bytes per prior),
+    so the calls allocate nothing more. On the CPU, where the reference
+    raises MultiboxError on an invalid label (so ``invalid_label`` is always
+    False), ``last_status()`` checks the last forward's inputs, which the
+    module keeps until the next forward; ``last_assign_status()`` returns
+    the reference's status.
     """
 
     def __init__(self, priors, iou_threshold, neg_pos_ratio, center_variance, size_variance, device, *,
@@ -309,23 +436,50 @@ class MultiboxLoss(nn.Module):
         _check_normalizer(normalizer)
         self.normalizer = normalizer
         self.layout = layout
+        # What last_status() and last_assign_status() read.
+        self._last_loss = None
+        self._last_assign = None
 
     def forward(self, confidence: Tensor, predicted_locations: Tensor, labels: Tensor, gt_locations: Tensor,
                 normalizer=None):
         """``(regression_loss, classification_loss)``; ``normalizer`` (not
         None) replaces the module's for this call."""
-        from . import multibox_loss
+        from . import _loss_and_record
 
-        regression_loss, classification_loss, _ = multibox_loss(
+        regression_loss, classification_loss, _, record = _loss_and_record(
             confidence,
             predicted_locations,
             labels,
             gt_locations,
-            neg_pos_ratio=float(self.neg_pos_ratio),
-            normalizer=self.normalizer if normalizer is None else normalizer,
-            layout=self.layout,
+            float(self.neg_pos_ratio),
+            0,
+            1.0,
+            self.normalizer if normalizer is None else normalizer,
+            self.layout,
         )
+        self._last_loss = record
         return regression_loss, classification_loss
+
+    @torch.compiler.disable
+    def last_status(self):
+        """The ``LossStatus`` (invalid_label, nonfinite_input) of the last
+        ``forward``: on CUDA its device status word, read on the current
+        stream, which this waits for (call it on the stream the loss ran on,
+        the usual case). See the class's documentation."""
+        from . import _loss_status
+
+        if self._last_loss is None:
+            raise RuntimeError("MultiboxLoss.last_status(): the module has not computed a loss yet")
+        return _loss_status(self._last_loss)
+
+    @torch.compiler.disable
+    def last_assign_status(self) -> TargetStatus:
+        """The ``TargetStatus`` (count_clamped, invalid_box_label,
+        degenerate_box) of the last ``assign``: on CUDA its device status
+        word, read as ``last_status`` reads the loss's."""
+        if self._last_assign is None:
+            raise RuntimeError("MultiboxLoss.last_assign_status(): the module has not assigned targets yet")
+        return _assign_status(self._last_assign)
 
     def assign(self, gt_boxes, gt_labels, gt_counts: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """``(labels, gt_locations)`` for a padded batch (``gt_counts`` given)
@@ -336,15 +490,9 @@ class MultiboxLoss(nn.Module):
                 raise ValueError("gt_counts is required with padded gt_boxes; pass lists to have them padded")
             gt_boxes, gt_labels, gt_counts = pad_targets(list(gt_boxes), list(gt_labels))
         priors = self.priors.to(gt_boxes.device)
-        labels, gt_locations = assign_targets(
-            priors,
-            gt_boxes,
-            gt_labels,
-            gt_counts,
-            self.iou_threshold,
-            self.center_variance,
-            self.size_variance,
-        )
+        settings = (float(self.iou_threshold), float(self.center_variance), float(self.size_variance))
+        labels, gt_locations, status = _assign_op(priors, gt_boxes, gt_labels, gt_counts, *settings)
+        self._last_assign = (status, (gt_boxes.shape[0], priors.shape[0], gt_boxes.shape[1]), settings)
         if self.layout == "channel_major":
             gt_locations = gt_locations.transpose(1, 2)
         return labels, gt_locations

@@ -11,6 +11,7 @@ run where a GPU is present (``scripts/gpu-check``).
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -190,6 +191,58 @@ def test_torch_compile_fullgraph_matches_eager(device, layout):
     compiled = torch.compile(step, fullgraph=True)
     for got, want in zip(run(compiled), run(step)):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dynamic", [True, None])
+def test_torch_compile_with_symbolic_float_settings(device, dynamic):
+    # Before, _check_settings and _check_normalizer called math.isfinite,
+    # which Dynamo cannot trace on a symbolic float: fullgraph failed with
+    # dynamic=True, and without it from the second float value on (the
+    # float turns symbolic then). Each new value still compiles again (a
+    # custom op's float is a constant of the graph), but it runs.
+    confidence, locations, labels, gt = _small(device)
+
+    def step(confidence, locations, labels, gt, ratio, beta, n):
+        reg, cls, num_pos = multibox_loss(confidence, locations, labels, gt, ratio, 1, beta, normalizer=n)
+        return 0.5 * reg + 2.0 * cls, num_pos
+
+    def run(f, *settings):
+        conf = confidence.detach().requires_grad_()
+        loc = locations.detach().requires_grad_()
+        total, num_pos = f(conf, loc, labels, gt, *settings)
+        total.backward()
+        return total.detach(), num_pos, conf.grad, loc.grad
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, dynamic=dynamic)
+    for settings in [(3.0, 1.0, 3.0), (2.5, 0.5, 4.0), (4.0, 2.0, 7.5), (1.5, 0.25, 9.0)]:
+        for got, want in zip(run(compiled, *settings), run(step, *settings)):
+            assert torch.equal(got, want), settings
+    # Bad values are still refused, with the eager messages.
+    for name, bad in (("neg_pos_ratio", float("nan")), ("beta", float("inf")), ("beta", -1.0)):
+        settings = {"neg_pos_ratio": 3.0, "beta": 1.0, name: bad}
+        with pytest.raises(Exception, match=f"{name} must be positive and finite"):
+            compiled(confidence, locations, labels, gt, settings["neg_pos_ratio"], settings["beta"], 5.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_double_backward_is_refused_with_a_clear_error(device):
+    # Before, the second backward failed inside autograd with "no autograd
+    # formula was registered" for multibox.backward.default.
+    confidence, locations, labels, gt = _small(device)
+    conf = confidence.detach().requires_grad_()
+    loc = locations.detach().requires_grad_()
+    reg, cls, _ = multibox_loss(conf, loc, labels, gt)
+    # create_graph=True alone is fine: the first-order gradients are the usual ones.
+    d_conf, d_loc = torch.autograd.grad(reg + cls, (conf, loc), create_graph=True)
+    reg, cls, _ = multibox_loss(conf, loc, labels, gt)
+    want_conf, want_loc = torch.autograd.grad(reg + cls, (conf, loc))
+    assert torch.equal(d_conf.detach(), want_conf) and torch.equal(d_loc.detach(), want_loc)
+    # Differentiating those gradients is not.
+    penalty = d_conf.square().sum() + d_loc.square().sum()
+    with pytest.raises(RuntimeError, match=r"multibox_loss does not support double backward \(create_graph=True"):
+        penalty.backward()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -502,6 +555,26 @@ def test_a_wrong_multibox_lib_names_the_variable_and_the_path(tmp_path):
                          timeout=300)
     assert out.returncode != 0
     assert "MULTIBOX_LIB" in out.stderr and str(junk) in out.stderr, out.stderr
+
+
+def test_setup_outside_a_checkout_says_so_before_fetching_nvrtc(tmp_path):
+    # setup.py alone, as in an sdist of python/: no ../Cargo.toml and no
+    # ../scripts/setup. Before, it ran scripts/setup first and reported
+    # "could not install NVRTC" instead of asking for a checkout. Stubs of
+    # setuptools and setuptools_rust (next to setup.py, so they come first
+    # on the path) make this independent of what is installed: setup.py
+    # must stop before it uses either.
+    package = tmp_path / "python"
+    package.mkdir()
+    shutil.copy(ROOT / "python" / "setup.py", package)
+    (package / "setuptools.py").write_text("def setup(**kwargs):\n    raise SystemExit('setup() was reached')\n")
+    (package / "setuptools_rust.py").write_text("Binding = RustExtension = None\n")
+    drop = ("MULTIBOX_NVRTC", "MULTIBOX_SKIP_KERNELS", "PYTHONPATH")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    out = subprocess.run([sys.executable, "setup.py", "--version"], cwd=package, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode != 0
+    assert "Build from a checkout" in out.stderr and "NVRTC" not in out.stderr, out.stderr
 
 
 def test_the_version_follows_the_crate():

@@ -189,3 +189,51 @@ def test_module_assign_pads_lists():
 def test_exports():
     for name in ("assign_targets", "pad_targets", "standard_priors", "MultiboxLoss"):
         assert name in multibox_torch.__all__ and hasattr(multibox_torch, name)
+
+
+def test_priors_are_checked_once_per_tensor_and_again_after_a_write():
+    # On CUDA the kernels read the priors unchecked. Before, only the first
+    # priors of each (device, settings) were checked, when the assigner was
+    # made; later calls' priors were passed on unchecked. Now each priors
+    # tensor is checked on its first use and after an in-place write (the
+    # bookkeeping runs on CPU tensors too; CUDA below).
+    from multibox_torch import targets
+
+    priors = standard_priors("ssdlite300").clone()
+    key = targets._priors_key(priors)
+    assert not targets._priors_checked(key, priors)
+    targets._check_priors_on_host(priors)
+    targets._priors_seen(key, priors)
+    assert targets._priors_checked(key, priors)
+    # A view of the same memory shares the version counter.
+    assert targets._priors_checked(key, priors.view(-1, 4))
+    priors[5, 2] = -0.1  # in place: checked again, and refused
+    assert not targets._priors_checked(key, priors)
+    with pytest.raises(multibox_torch.MultiboxError, match="prior 5 .* w, h > 0"):
+        targets._check_priors_on_host(priors)
+    priors[5, 2] = float("nan")
+    with pytest.raises(multibox_torch.MultiboxError, match="prior 5 .* finite"):
+        targets._check_priors_on_host(priors)
+    # The entry goes with the tensor, so a new tensor at that address is checked.
+    del priors
+    assert key not in targets._checked_priors
+
+
+@needs_gpu
+def test_cuda_checks_every_priors_tensor():
+    priors = standard_priors("ssdlite300").cuda()
+    gt_boxes, gt_labels, gt_counts = pad_targets(
+        [torch.tensor([[0.1, 0.1, 0.4, 0.5]])], [torch.tensor([5])]
+    )
+    gt = (gt_boxes.cuda(), gt_labels.cuda(), gt_counts.cuda())
+    want, _ = assign_targets(priors, *gt)  # makes the assigner for these settings
+    bad = priors.clone()
+    bad[7, 3] = 0.0
+    with pytest.raises(multibox_torch.MultiboxError, match="prior 7"):
+        assign_targets(bad, *gt)
+    priors[7, 3] = float("inf")  # the checked tensor, written in place
+    with pytest.raises(multibox_torch.MultiboxError, match="prior 7"):
+        assign_targets(priors, *gt)
+    priors[7, 3] = standard_priors("ssdlite300")[7, 3].item()
+    got, _ = assign_targets(priors, *gt)
+    assert torch.equal(got, want)
