@@ -14,9 +14,10 @@ use crate::{DType, LabelType, Layout, Result, Shape};
 pub const ROW_THREADS: u32 = 256;
 /// Threads per block of the per-image selection (`SELECT_THREADS` in select.cu).
 pub const SELECT_THREADS: u32 = 512;
-/// At most this many blocks walk the rows; each adds one partial sum, which
-/// the selection kernel's last block adds up. Enough to fill any current GPU
-/// several times over, few enough that the final sum is cheap.
+/// At most this many blocks walk the rows (fewer where the device's
+/// resident blocks say so, [`GridLimits`]); each leaves one status word,
+/// which the selection kernel's last block ORs together. Enough to fill any
+/// current GPU several times over, few enough that that pass is cheap.
 pub const MAX_ROW_BLOCKS: u32 = 2048;
 
 /// Workspace sections are aligned to this many bytes.
