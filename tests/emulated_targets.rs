@@ -313,6 +313,90 @@ impl multibox::Backend for NoLaunch {
     }
 }
 
+/// A backend that records the buffers an assignment asks it to check and
+/// refuses `refuse`, counting launches.
+struct Extents {
+    checked: std::cell::RefCell<Vec<(&'static str, usize)>>,
+    refuse: Option<&'static str>,
+    launched: std::cell::Cell<usize>,
+}
+
+impl multibox::Backend for Extents {
+    unsafe fn launch(
+        &self,
+        _: &'static str,
+        _: u32,
+        _: u32,
+        _: u32,
+        _: &[u8],
+    ) -> multibox::Result<()> {
+        self.launched.set(self.launched.get() + 1);
+        Ok(())
+    }
+
+    fn check_buffer(&self, name: &'static str, addr: u64, bytes: usize) -> multibox::Result<()> {
+        self.checked.borrow_mut().push((name, bytes));
+        match self.refuse {
+            Some(n) if n == name => Err(Error::NotDeviceMemory {
+                name,
+                addr,
+                reason: "refused by the test".into(),
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The raw entry point asks about every buffer, with the bytes its kernels
+/// may reach, before the first launch (the driver backend asks the driver).
+#[test]
+fn every_buffer_is_checked_before_any_launch() {
+    let shape = TargetShape::new(2, 300, 5);
+    let bytes = TargetPlan::new(shape).unwrap().workspace.bytes;
+    let call = RawTargetCall {
+        dtype: DType::F16,
+        label_type: LabelType::I32,
+        ..raw_call(shape, 4096, bytes + 512)
+    };
+    let run = |refuse| {
+        let backend = Extents {
+            checked: Default::default(),
+            refuse,
+            launched: Default::default(),
+        };
+        // SAFETY: Extents dereferences nothing.
+        let result = unsafe { launch_assign(&TargetConfig::default(), &call, &backend) };
+        (
+            result.map(|_| ()),
+            backend.checked.into_inner(),
+            backend.launched.get(),
+        )
+    };
+    let (result, checked, launched) = run(None);
+    result.unwrap();
+    assert_eq!(launched, 3);
+    assert_eq!(
+        checked,
+        [
+            ("priors", 300 * 4 * 4),
+            ("gt_boxes", 2 * 5 * 4 * 4),
+            ("gt_labels", 2 * 5 * 4),
+            ("gt_counts", 2 * 4),
+            ("labels", 2 * 300 * 4),
+            ("gt_locations", 2 * 300 * 4 * 2),
+            ("workspace", bytes),
+        ]
+    );
+    for name in ["priors", "gt_counts", "workspace"] {
+        let (result, _, launched) = run(Some(name));
+        assert!(
+            matches!(result, Err(Error::NotDeviceMemory { name: n, .. }) if n == name),
+            "{name}: {result:?}"
+        );
+        assert_eq!(launched, 0, "{name}");
+    }
+}
+
 #[test]
 fn host_refuses_bad_calls_before_launching() {
     let shape = TargetShape::new(2, 300, 5);
