@@ -5,6 +5,7 @@
 mod common;
 
 use common::emulated::{self, Call, HostInputs, KernelOutput, Normalizer, Upstream};
+use common::extents::Extents;
 use half::{bf16, f16};
 use multibox::reference;
 use multibox::synthetic::SplitMix64;
@@ -1276,11 +1277,11 @@ impl Backend for MustNotLaunch {
     }
 }
 
-#[test]
-fn every_bad_call_is_refused_before_any_launch() {
-    let shape = Shape::new(2, 10, 3);
-    let workspace_bytes = multibox::workspace_bytes(shape).unwrap();
-    let good = RawCall {
+/// A forward_backward call at made-up addresses, which a backend that
+/// launches nothing never touches: every buffer distinct and aligned but
+/// the mask (bytes), with a device upstream and divisor.
+fn fake_call(shape: Shape, workspace_bytes: usize) -> RawCall {
+    RawCall {
         shape,
         dtype: multibox::DType::F16,
         label_type: multibox::LabelType::I64,
@@ -1305,7 +1306,14 @@ fn every_bad_call_is_refused_before_any_launch() {
         pass: Pass::ForwardBackward,
         layout: multibox::Layout::RowMajor,
         normalizer: RawNormalizer::Positives,
-    };
+    }
+}
+
+#[test]
+fn every_bad_call_is_refused_before_any_launch() {
+    let shape = Shape::new(2, 10, 3);
+    let workspace_bytes = multibox::workspace_bytes(shape).unwrap();
+    let good = fake_call(shape, workspace_bytes);
     let config = MultiboxConfig::default();
     let refuse = |edit: &dyn Fn(&mut RawCall, &mut MultiboxConfig)| {
         let (mut call, mut config) = (good, config);
@@ -1483,41 +1491,6 @@ fn every_bad_call_is_refused_before_any_launch() {
     assert_eq!(launched.get(), 1);
 }
 
-/// A backend that records the buffers a call asks it to check, refuses
-/// the one named `refuse`, and fails the test if anything is launched
-/// after a refusal.
-struct Extents {
-    checked: std::cell::RefCell<Vec<(&'static str, u64, usize)>>,
-    refuse: Option<&'static str>,
-    launched: std::cell::Cell<usize>,
-}
-
-impl Backend for Extents {
-    unsafe fn launch(
-        &self,
-        _: &'static str,
-        _: u32,
-        _: u32,
-        _: u32,
-        _: &[u8],
-    ) -> multibox::Result<()> {
-        self.launched.set(self.launched.get() + 1);
-        Ok(())
-    }
-
-    fn check_buffer(&self, name: &'static str, addr: u64, bytes: usize) -> multibox::Result<()> {
-        self.checked.borrow_mut().push((name, addr, bytes));
-        if self.refuse == Some(name) {
-            return Err(Error::NotDeviceMemory {
-                name,
-                addr,
-                reason: "refused by the test".into(),
-            });
-        }
-        Ok(())
-    }
-}
-
 /// The raw entry points ask the backend about every buffer a pass touches,
 /// with the bytes its kernels may reach, before the first launch; the
 /// driver backend asks the driver (multibox::device_memory).
@@ -1526,34 +1499,13 @@ fn every_buffer_a_pass_touches_is_checked_before_any_launch() {
     let shape = Shape::new(2, 10, 3);
     let workspace_bytes = multibox::workspace_bytes(shape).unwrap();
     let call = RawCall {
-        shape,
-        dtype: multibox::DType::F16,
         label_type: multibox::LabelType::I32,
-        buffers: RawBuffers {
-            confidence: 0x1000,
-            predicted_locations: 0x2000,
-            labels: 0x3000,
-            gt_locations: 0x4000,
-            grad_confidence: 0x5000,
-            grad_locations: 0x6000,
-            regression_loss: 0x7000,
-            classification_loss: 0x7004,
-            num_pos: 0x7008,
-            mask: 0x8001,
-            workspace: 0x10000,
-            workspace_bytes: workspace_bytes + 4096,
-        },
         upstream: RawUpstream::Device(0x9000),
-        pass: Pass::ForwardBackward,
-        layout: Layout::RowMajor,
         normalizer: RawNormalizer::GivenOnDevice(0xa000),
+        ..fake_call(shape, workspace_bytes + 4096)
     };
     let run = |call: &RawCall, refuse| {
-        let backend = Extents {
-            checked: Default::default(),
-            refuse,
-            launched: Default::default(),
-        };
+        let backend = Extents::refusing(refuse);
         // SAFETY: Extents never touches the addresses.
         let result = unsafe { launch_call(&MultiboxConfig::default(), call, &backend) };
         (

@@ -7,6 +7,7 @@
 mod common;
 
 use common::emulated_targets::{assign, Assigned};
+use common::extents::Extents;
 use common::target_golden::{check_against, load_target_cases, TargetCase};
 use half::{bf16, f16};
 use multibox::synthetic::SplitMix64;
@@ -313,40 +314,6 @@ impl multibox::Backend for NoLaunch {
     }
 }
 
-/// A backend that records the buffers an assignment asks it to check and
-/// refuses `refuse`, counting launches.
-struct Extents {
-    checked: std::cell::RefCell<Vec<(&'static str, usize)>>,
-    refuse: Option<&'static str>,
-    launched: std::cell::Cell<usize>,
-}
-
-impl multibox::Backend for Extents {
-    unsafe fn launch(
-        &self,
-        _: &'static str,
-        _: u32,
-        _: u32,
-        _: u32,
-        _: &[u8],
-    ) -> multibox::Result<()> {
-        self.launched.set(self.launched.get() + 1);
-        Ok(())
-    }
-
-    fn check_buffer(&self, name: &'static str, addr: u64, bytes: usize) -> multibox::Result<()> {
-        self.checked.borrow_mut().push((name, bytes));
-        match self.refuse {
-            Some(n) if n == name => Err(Error::NotDeviceMemory {
-                name,
-                addr,
-                reason: "refused by the test".into(),
-            }),
-            _ => Ok(()),
-        }
-    }
-}
-
 /// The raw entry point asks about every buffer, with the bytes its kernels
 /// may reach, before the first launch (the driver backend asks the driver).
 #[test]
@@ -359,11 +326,7 @@ fn every_buffer_is_checked_before_any_launch() {
         ..raw_call(shape, 4096, bytes + 512)
     };
     let run = |refuse| {
-        let backend = Extents {
-            checked: Default::default(),
-            refuse,
-            launched: Default::default(),
-        };
+        let backend = Extents::refusing(refuse);
         // SAFETY: Extents dereferences nothing.
         let result = unsafe { launch_assign(&TargetConfig::default(), &call, &backend) };
         (
@@ -375,8 +338,12 @@ fn every_buffer_is_checked_before_any_launch() {
     let (result, checked, launched) = run(None);
     result.unwrap();
     assert_eq!(launched, 3);
+    let extents: Vec<_> = checked
+        .iter()
+        .map(|&(name, _, bytes)| (name, bytes))
+        .collect();
     assert_eq!(
-        checked,
+        extents,
         [
             ("priors", 300 * 4 * 4),
             ("gt_boxes", 2 * 5 * 4 * 4),

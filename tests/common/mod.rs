@@ -6,6 +6,7 @@
 pub mod check;
 pub mod emulated;
 pub mod emulated_targets;
+pub mod extents;
 pub mod golden;
 pub mod gpu;
 pub mod target_golden;
