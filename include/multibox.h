@@ -297,7 +297,8 @@ typedef struct multibox_target_call {
 typedef struct multibox_target_status {
   // A `gt_counts[b]` outside 0..T, clamped.
   bool count_clamped;
-  // A box label below 1 (or >= C when C is known), copied as it is.
+  // A box label below 1 (its priors get -2, which the loss refuses) or >= C
+  // when C is known (copied as it is; the loss refuses it too).
   bool invalid_box_label;
   // A non-finite box, or one with x1 <= x0 or y1 <= y0: skipped.
   bool degenerate_box;
@@ -378,7 +379,8 @@ enum multibox_status_code multibox_loss_create(int32_t device_ordinal,
 //
 // # Safety
 // `loss` is NULL or came from `multibox_loss_create` and is not used again;
-// no work queued through it is still to be launched.
+// no work queued through it is still to be launched, and no CUDA graph that
+// captured its launches is launched afterwards.
 enum multibox_status_code multibox_loss_destroy(struct multibox_loss *loss);
 
 // The losses only (2 launches on `stream`, a `CUstream`/`cudaStream_t` of
@@ -522,8 +524,10 @@ enum multibox_status_code multibox_assigner_create(int32_t device_ordinal,
 //
 // # Safety
 // `assigner` is NULL or came from `multibox_assigner_create` and is not
-// used again. Work queued through it may still be running: this waits for
-// the device before it frees the assigner's priors.
+// used again, nor is any CUDA graph that captured its launches. Work queued
+// through it may still be running: this waits for the device
+// (`cuCtxSynchronize`, so not while another thread captures a graph in
+// global mode) before it frees the assigner's priors.
 enum multibox_status_code multibox_assigner_destroy(struct multibox_assigner *assigner);
 
 // Assigns targets (3 launches on `stream`, a `CUstream`/`cudaStream_t` of

@@ -531,7 +531,8 @@ pub unsafe extern "C" fn multibox_loss_create(
 ///
 /// # Safety
 /// `loss` is NULL or came from `multibox_loss_create` and is not used again;
-/// no work queued through it is still to be launched.
+/// no work queued through it is still to be launched, and no CUDA graph that
+/// captured its launches is launched afterwards.
 #[no_mangle]
 pub unsafe extern "C" fn multibox_loss_destroy(loss: *mut multibox_loss) -> multibox_status_code {
     guard(|| {
@@ -1037,7 +1038,8 @@ pub struct multibox_target_call {
 pub struct multibox_target_status {
     /// A `gt_counts[b]` outside 0..T, clamped.
     pub count_clamped: bool,
-    /// A box label below 1 (or >= C when C is known), copied as it is.
+    /// A box label below 1 (its priors get -2, which the loss refuses) or >= C
+    /// when C is known (copied as it is; the loss refuses it too).
     pub invalid_box_label: bool,
     /// A non-finite box, or one with x1 <= x0 or y1 <= y0: skipped.
     pub degenerate_box: bool,
@@ -1225,8 +1227,10 @@ pub unsafe extern "C" fn multibox_assigner_create(
 ///
 /// # Safety
 /// `assigner` is NULL or came from `multibox_assigner_create` and is not
-/// used again. Work queued through it may still be running: this waits for
-/// the device before it frees the assigner's priors.
+/// used again, nor is any CUDA graph that captured its launches. Work queued
+/// through it may still be running: this waits for the device
+/// (`cuCtxSynchronize`, so not while another thread captures a graph in
+/// global mode) before it frees the assigner's priors.
 #[no_mangle]
 pub unsafe extern "C" fn multibox_assigner_destroy(
     assigner: *mut multibox_assigner,

@@ -10,12 +10,17 @@
 //! take cudarc buffers, whose context and length are already checked, and
 //! skip it.
 //!
+//! On a device that reaches pageable host memory (HMM, or ATS on Grace
+//! Hopper) a malloc'd buffer is usable, and passes. The check refuses only
+//! on a positive answer, never on a query the driver fails.
+//!
 //! The check is as strict as the driver's answers allow, and no stricter:
 //! memory from a caching allocator lies inside a larger allocation, so a
 //! buffer too short for the shape is only caught where it runs past the end
 //! of that allocation into memory CUDA does not know.
 
 use cudarc::driver::sys::{self, CUmemorytype, CUpointer_attribute};
+use cudarc::driver::CudaContext;
 
 use crate::{Error, Result};
 
@@ -46,6 +51,23 @@ pub struct Owner {
     pub context: u64,
     /// Its device's ordinal.
     pub ordinal: usize,
+    /// The device reaches pageable host memory (HMM, or ATS on Grace
+    /// Hopper): there, memory CUDA knows nothing of may be a host
+    /// allocation the kernels can use, so it is not refused.
+    pub pageable_memory_access: bool,
+}
+
+impl Owner {
+    /// `ctx` and its device, asked once (when a loss or an assigner loads
+    /// its kernels).
+    pub fn of(ctx: &CudaContext) -> Result<Self> {
+        use sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_PAGEABLE_MEMORY_ACCESS;
+        Ok(Self {
+            context: ctx.cu_ctx() as u64,
+            ordinal: ctx.ordinal(),
+            pageable_memory_access: ctx.attribute(CU_DEVICE_ATTRIBUTE_PAGEABLE_MEMORY_ACCESS)? == 1,
+        })
+    }
 }
 
 /// How far [`judge`] could see: the whole buffer, or only that it starts in
@@ -61,9 +83,12 @@ pub enum Reach {
 }
 
 /// Whether the kernels of `owner` can use `bytes` bytes from `addr`, which
-/// the driver describes as `info`: memory CUDA knows, on the owner's device
-/// (pinned host and managed memory are reachable from every device), in
-/// the owner's context where the memory has one.
+/// the driver describes as `info`: memory CUDA knows (or any, where the
+/// device reaches pageable host memory), on the owner's device (pinned host
+/// and managed memory are reachable from every device), in the owner's
+/// context where the memory has one. Only a positive answer refuses: a
+/// field the driver left unset (a device ordinal of -1, a null context)
+/// passes.
 pub fn judge(
     name: &'static str,
     addr: u64,
@@ -76,6 +101,7 @@ pub fn judge(
     const UNIFIED: u32 = CUmemorytype::CU_MEMORYTYPE_UNIFIED as u32;
     let unusable = |reason: String| Error::NotDeviceMemory { name, addr, reason };
     match info.memory_type {
+        0 if owner.pageable_memory_access => return Ok(Reach::Whole),
         0 => {
             return Err(unusable(
                 "CUDA knows no allocation there (host memory from malloc, or a freed buffer?)"
@@ -85,7 +111,8 @@ pub fn judge(
         HOST | UNIFIED => {}
         DEVICE if info.managed => {}
         DEVICE => {
-            let other_device = usize::try_from(info.device_ordinal) != Ok(owner.ordinal);
+            let other_device =
+                usize::try_from(info.device_ordinal).is_ok_and(|d| d != owner.ordinal);
             let other_context = info.context != 0 && info.context != owner.context;
             if other_device || other_context {
                 return Err(Error::WrongContext {
@@ -117,7 +144,7 @@ pub fn judge_end(
     last: &PointerInfo,
     owner: Owner,
 ) -> Result<()> {
-    if last.memory_type == 0 {
+    if last.memory_type == 0 && !owner.pageable_memory_access {
         let allocated = (first.range_start.saturating_add(first.range_size)).saturating_sub(addr);
         return Err(Error::NotDeviceMemory {
             name,
@@ -183,16 +210,21 @@ pub fn query(addr: u64) -> Result<PointerInfo> {
 }
 
 /// [`judge`] and, where needed, [`judge_end`], on what the driver says.
+/// A query the driver fails (an attribute some memory or driver does not
+/// support) leaves the buffer unjudged, as before the check existed: the
+/// check refuses only on a positive answer.
 pub fn check(owner: Owner, name: &'static str, addr: u64, bytes: usize) -> Result<()> {
     if bytes == 0 {
         return Ok(());
     }
-    let first = query(addr)?;
+    let Ok(first) = query(addr) else {
+        return Ok(());
+    };
     match judge(name, addr, bytes, &first, owner)? {
         Reach::Whole => Ok(()),
-        Reach::PastItsAllocation => {
-            let last = query(addr + bytes as u64 - 1)?;
-            judge_end(name, addr, bytes, &first, &last, owner)
-        }
+        Reach::PastItsAllocation => match query(addr + bytes as u64 - 1) {
+            Ok(last) => judge_end(name, addr, bytes, &first, &last, owner),
+            Err(_) => Ok(()),
+        },
     }
 }

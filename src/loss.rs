@@ -120,6 +120,8 @@ pub struct MultiboxLoss {
     ctx: Arc<CudaContext>,
     functions: HashMap<&'static str, CudaFunction>,
     grid_limits: GridLimits,
+    /// What the raw entry points check addresses against.
+    owner: device_memory::Owner,
 }
 
 impl std::fmt::Debug for MultiboxLoss {
@@ -158,6 +160,7 @@ impl MultiboxLoss {
             ctx: ctx.clone(),
             functions,
             grid_limits,
+            owner: device_memory::Owner::of(ctx)?,
         })
     }
 
@@ -488,9 +491,10 @@ impl MultiboxLoss {
     /// Validates the shape, the configuration, null and misaligned addresses
     /// and the workspace size before launching anything, and asks the driver
     /// whether each address is memory of this loss's device
-    /// ([`crate::device_memory`]): a host pointer, another device's buffer,
-    /// or one that ends in memory CUDA does not know is an error, not a
-    /// fault that would poison the context. Launches 2 kernels
+    /// ([`crate::device_memory`]): a host pointer (where the device cannot
+    /// reach pageable host memory), another device's buffer, or one that
+    /// ends in memory CUDA does not know is an error, not a fault that
+    /// would poison the context. Launches 2 kernels
     /// ([`Pass::Forward`]), 1 ([`Pass::Backward`], with the preconditions of
     /// [`MultiboxLoss::backward`]) or 3 ([`Pass::ForwardBackward`]) on
     /// `stream`; allocates nothing, reads nothing back, so it can be
@@ -611,6 +615,7 @@ impl MultiboxLoss {
             });
         }
         self.ctx.bind_to_thread()?;
+        device_memory::check(self.owner, "workspace", workspace, offset + 4)?;
         let mut bits = [0u32; 1];
         // SAFETY: the word lies inside the caller's workspace (its size was
         // checked above), the destination is 4 bytes of host memory, and
@@ -736,11 +741,7 @@ impl Backend for DriverBackend<'_> {
         if !self.check_memory {
             return Ok(());
         }
-        let owner = device_memory::Owner {
-            context: self.loss.ctx.cu_ctx() as u64,
-            ordinal: self.loss.ctx.ordinal(),
-        };
-        device_memory::check(owner, name, addr, bytes)
+        device_memory::check(self.loss.owner, name, addr, bytes)
     }
 
     unsafe fn launch(

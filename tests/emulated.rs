@@ -1597,6 +1597,7 @@ fn addresses_are_judged_by_what_the_driver_says() {
     let owner = Owner {
         context: 0xc0,
         ordinal: 1,
+        pageable_memory_access: false,
     };
     let ours = PointerInfo {
         memory_type: DEVICE,
@@ -1691,6 +1692,23 @@ fn addresses_are_judged_by_what_the_driver_says() {
         ),
         Err(Error::NotDeviceMemory { .. })
     ));
+    // Only a positive answer refuses: an ordinal the driver left at -1 passes.
+    let no_ordinal = PointerInfo {
+        device_ordinal: -1,
+        ..ours
+    };
+    assert!(at(no_ordinal, 0x1000, 16).is_ok());
+    // A device that reaches pageable host memory (HMM, ATS) can use memory
+    // CUDA does not know: malloc'd memory passes there.
+    let pageable = Owner {
+        pageable_memory_access: true,
+        ..owner
+    };
+    assert_eq!(
+        judge("confidence", 0x1234, 16, &unknown, pageable).unwrap(),
+        Reach::Whole
+    );
+    assert!(judge_end("confidence", 0x1800, 0x1000, &ours, &unknown, pageable).is_ok());
 
     // Past its allocation, the memory under the last byte decides: unknown
     // is a buffer too short for the shape; the next mapping of ours is fine;

@@ -95,6 +95,8 @@ pub struct TargetAssigner {
     priors_addr: u64,
     num_priors: usize,
     functions: HashMap<&'static str, CudaFunction>,
+    /// What the raw entry point checks addresses against.
+    owner: device_memory::Owner,
 }
 
 impl Drop for TargetAssigner {
@@ -102,7 +104,10 @@ impl Drop for TargetAssigner {
     /// through their bare address, with no cudarc event that would order the
     /// free after work queued on the caller's streams (a non-blocking stream
     /// does not wait for the one cudarc frees on). Dropping an assigner is
-    /// rare, so a context-wide wait costs nothing that matters.
+    /// rare, so a context-wide wait costs nothing that matters; but it is
+    /// `cuCtxSynchronize`, which a graph capture in global mode on another
+    /// thread does not allow (that capture fails), and a graph that captured
+    /// the assigner's launches must not be launched after the drop.
     fn drop(&mut self) {
         // An error here (a device already lost) leaves nothing to wait for.
         let _ = self.ctx.synchronize();
@@ -155,6 +160,7 @@ impl TargetAssigner {
             priors_addr,
             num_priors,
             functions,
+            owner: device_memory::Owner::of(ctx)?,
         })
     }
 
@@ -299,10 +305,7 @@ impl TargetAssigner {
         let backend = DriverBackend {
             functions: &self.functions,
             stream,
-            check_memory: check_memory.then(|| device_memory::Owner {
-                context: self.ctx.cu_ctx() as u64,
-                ordinal: self.ctx.ordinal(),
-            }),
+            check_memory: check_memory.then_some(self.owner),
         };
         // SAFETY: the caller's contract above is launch_assign's; the
         // assigner's priors live as long as `self`.
@@ -358,6 +361,7 @@ impl TargetAssigner {
             });
         }
         self.ctx.bind_to_thread()?;
+        device_memory::check(self.owner, "workspace", workspace, section.offset + 4)?;
         let mut bits = [0u32; 1];
         // SAFETY: the word lies inside the caller's workspace (its size was
         // checked above), the destination is 4 bytes of host memory, and the
