@@ -272,12 +272,21 @@ __device__ __forceinline__ RowSums strided_row_sums(const T* x, u64 stride, u32 
     r.shift = rintf(fmaxf(group_max(m, lanes), x_own) * LOG2E);
     float s = 0.0f;
     if (active) {
-        const u32 first = own == 0 && run.lo == 0 ? 1 : run.lo;
         if (STAGED) {
+            // A positive's own class is -inf in the tile (leave_out_own).
+            // Every lane reads the first class of its run in the same
+            // step, lane 0 of a negative's group adding nothing for class
+            // 0, so the lanes of a group stay a fixed number of planes
+            // apart, which the plan's stride spreads over the banks
+            // (rows_plane_stride).
+            if (run.lo < run.hi) {
+                const float first = scaled_exp(to_f32(x[run.lo * stride]), r.shift);
+                s += own == 0 && run.lo == 0 ? 0.0f : first;
+            }
 #pragma unroll 16
-            for (u32 c = first; c < run.hi; ++c) s += scaled_exp(to_f32(x[c * stride]), r.shift);
+            for (u32 c = run.lo + 1; c < run.hi; ++c) s += scaled_exp(to_f32(x[c * stride]), r.shift);
         } else {
-            for (u32 c = first; c < run.hi; ++c)
+            for (u32 c = own == 0 && run.lo == 0 ? 1 : run.lo; c < run.hi; ++c)
                 if (c != own) s += scaled_exp(to_f32(x[c * stride]), r.shift);
         }
     }
@@ -295,13 +304,15 @@ template <typename T> __device__ __forceinline__ T minus_infinity() {
 }
 template <> __device__ __forceinline__ float minus_infinity<float>() { return NEG_INF; }
 
-// A staged row's own class, read, and for a positive (own > 0) left out of
-// the tile: -inf in its place, so that the row sums add the other classes
-// directly, with no test in their loops. Every lane of the group reads
-// it, then (after a __syncwarp) the lane whose run holds it writes it; the
-// caller's barrier then orders the write before every read of the tile,
-// the 16-byte words of neighbouring rows' ends included, which may be
-// another warp's. Every lane of the warp calls it.
+// A staged row's own class (its label; the background for a negative),
+// read, and for a positive left out of the tile: -inf in its place, so
+// that the row sums add the other classes directly, with no test in their
+// loops (a negative's class 0 is left out of lane 0's first chunk or first
+// class instead). Every lane of the group reads it, then (after a
+// __syncwarp) the lane whose run holds it writes it; the caller's barrier
+// then orders the write before every read of the tile, the 16-byte words
+// of neighbouring rows' ends included, which may be another warp's. Every
+// lane of the warp calls it.
 template <typename T>
 __device__ __forceinline__ float leave_out_own(const T* own_element, u32 own, u32 classes, u32 sub, u32 lanes,
                                                bool active) {
@@ -544,7 +555,7 @@ template <typename T, typename L> __device__ void mining_keys_and_positive_terms
         float x_own;
         if (staging) {
             x_own = leave_out_own(staged_row + u64(own) * class_stride, own, p.classes, sub, lanes, active);
-            __syncthreads();  // the tile without the positives' own classes
+            __syncthreads();  // the tile without the rows' own classes
         } else {
             x_own = active ? to_f32(global_row[u64(own) * class_stride]) : 0.0f;
         }

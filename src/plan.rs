@@ -387,7 +387,7 @@ impl LaunchPlan {
         let lanes_per_row = lanes_per_row(shape.classes, dtype);
         let tile_rows = tile_rows(shape, lanes_per_row, layout, dtype);
         let plane_stride = match (layout, tile_rows) {
-            (Layout::ChannelMajor, 1..) => plane_stride(shape.priors, tile_rows, dtype),
+            (Layout::ChannelMajor, 1..) => rows_plane_stride(shape, tile_rows, dtype),
             _ => 0,
         };
         // With a tile or without, a block takes one step of the lane groups
@@ -873,16 +873,55 @@ pub fn plane_stride(priors: usize, tile_rows: u32, dtype: DType) -> u32 {
     tile_rows + pad as u32
 }
 
+/// Kernel 1's channel-major plane stride for a tile of `tile_rows` priors
+/// of `shape`: [`plane_stride`], or up to 7 16-byte words more where that
+/// spreads a warp's shared reads over all 32 banks and the tile still fits
+/// [`ROW_TILE_BYTES`].
+///
+/// With `lanes = ROW_THREADS / tile_rows` lanes a row, a warp reads
+/// `R = 32 / lanes` consecutive priors of a plane in each lane group's
+/// place, and lane `s` of every group reads `s * per` planes further
+/// (`per = ceil(C / lanes)` classes a lane). In f32 (a bank a 4-byte
+/// element) the lanes' R-element runs fill the 32 banks once when `per *
+/// stride` is an odd multiple of R modulo 32; a stride that is a multiple
+/// of 32 puts them all on the same R banks. That is f32 at C = 46 to 90,
+/// two lanes a row, with P a multiple of 4 (SSD300's 8,732, SSDLite's
+/// 3,000): 128 priors a tile, a stride of 128, two words a bank, twice the
+/// wavefronts of every read in both passes. The stride must stay congruent
+/// to P modulo 4, so P = 2 modulo 4 has no such stride; the half types have
+/// one lane a row up to C = 91, where a warp reads 32 consecutive
+/// elements whatever the stride, and keep [`plane_stride`] beyond.
+pub fn rows_plane_stride(shape: Shape, tile_rows: u32, dtype: DType) -> u32 {
+    let least = plane_stride(shape.priors, tile_rows, dtype);
+    if dtype != DType::F32 || tile_rows == 0 || tile_rows >= ROW_THREADS {
+        return least;
+    }
+    let lanes = (ROW_THREADS / tile_rows) as usize;
+    let (rows, per) = (32 / lanes, shape.classes.div_ceil(lanes));
+    let spreads = |stride: u32| {
+        let offset = per * stride as usize % 32;
+        offset % rows == 0 && (offset / rows) % 2 == 1
+    };
+    // A 16-byte word (4 elements) at a time keeps P's residue; 8 of them
+    // try every stride modulo 32.
+    (0..8)
+        .map(|k| least + 4 * k)
+        .find(|&stride| {
+            spreads(stride) && planes_bytes(stride, shape.classes, dtype) as usize <= ROW_TILE_BYTES
+        })
+        .unwrap_or(least)
+}
+
 /// Dynamic shared memory for kernel 1's tile of `tile_rows` rows of
 /// `shape` in `layout`: row-major, [`row_tile_bytes`]; channel-major, the
-/// C class planes [`plane_stride`] elements apart, after the first
+/// C class planes [`rows_plane_stride`] elements apart, after the first
 /// plane's offset within 16 bytes (at most 16 bytes less an element).
 pub fn tile_shared_bytes(shape: Shape, tile_rows: u32, layout: Layout, dtype: DType) -> u32 {
     match (tile_rows, layout) {
         (0, _) => 0,
         (_, Layout::RowMajor) => row_tile_bytes(shape.classes, tile_rows, dtype),
         (_, Layout::ChannelMajor) => planes_bytes(
-            plane_stride(shape.priors, tile_rows, dtype),
+            rows_plane_stride(shape, tile_rows, dtype),
             shape.classes,
             dtype,
         ),

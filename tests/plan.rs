@@ -368,8 +368,19 @@ fn kernel_1_tiles_are_one_step_and_fit_shared_memory() {
                         tile_rows(shape, plan.lanes_per_row, layout, dtype)
                     );
                     // Channel-major planes keep their global offset within 16
-                    // bytes: the stride is the tile padded to P's residue.
-                    let stride = step as usize + (priors % per_word);
+                    // bytes: the stride is the tile padded to P's residue,
+                    // and f32 with lane groups may take a few words more
+                    // (rows_plane_stride, checked below).
+                    let stride = if layout == Layout::ChannelMajor && plan.tile_rows != 0 {
+                        plan.plane_stride as usize
+                    } else {
+                        step as usize + (priors % per_word)
+                    };
+                    let least = step as usize + (priors % per_word);
+                    assert!(
+                        (least..least + 8 * per_word).contains(&stride),
+                        "{what}: stride {stride}"
+                    );
                     // Row-major: the tile as in global memory plus 32 bytes
                     // (its offset in a 16-byte line, the last row's last
                     // 16-byte load); channel-major: C planes `stride` apart,
@@ -654,4 +665,89 @@ fn grids_stop_at_the_blocks_the_device_holds_for_the_shapes_tile() {
     )
     .unwrap();
     assert_eq!((few.rows.grid, few.gradient.grid), (2, 3));
+}
+
+/// Kernel 1's channel-major passes read, in each lane group's place, its
+/// lane s's class `s * per` of R = 32 / lanes consecutive priors. The f32
+/// plane stride spreads those runs over all 32 banks where P's residue and
+/// the 48 KiB tile allow (rows_plane_stride), and is P's least otherwise.
+#[test]
+fn f32_lane_groups_read_channel_major_planes_on_distinct_banks() {
+    use multibox::plan::{
+        lanes_per_row, plane_stride, rows_plane_stride, tile_rows, ROW_TILE_BYTES,
+    };
+    // The banks one warp read touches, f32: lane t reads element
+    // t / lanes + (t % lanes) * per * stride.
+    let banks = |stride: u32, classes: usize, lanes: u32| -> Vec<usize> {
+        let per = classes.div_ceil(lanes as usize);
+        let mut b: Vec<usize> = (0..32usize)
+            .filter(|t| t % lanes as usize * per < classes)
+            .map(|t| (t / lanes as usize + t % lanes as usize * per * stride as usize) % 32)
+            .collect();
+        b.sort_unstable();
+        b
+    };
+    for (priors, classes, spread) in [
+        (8732, 81, true),
+        (3000, 81, true),
+        (2000, 60, true),
+        (3000, 46, true),
+        // P = 2 modulo 4: no stride keeps P's residue and spreads them.
+        (3234, 81, false),
+        // The spreading stride's tile would pass 48 KiB.
+        (8732, 91, false),
+    ] {
+        let shape = Shape::new(2, priors, classes);
+        let lanes = lanes_per_row(classes, DType::F32);
+        assert_eq!(lanes, 2, "C = {classes}");
+        let rows = tile_rows(shape, lanes, Layout::ChannelMajor, DType::F32);
+        assert_eq!(rows, 128);
+        let least = plane_stride(priors, rows, DType::F32);
+        let stride = rows_plane_stride(shape, rows, DType::F32);
+        let what = format!("P = {priors}, C = {classes}: stride {stride}");
+        assert_eq!(stride % 4, (priors % 4) as u32, "{what}");
+        assert!(
+            12 + stride as usize * 4 * classes <= ROW_TILE_BYTES,
+            "{what}"
+        );
+        let plan = LaunchPlan::with_limits(
+            shape,
+            DType::F32,
+            Layout::ChannelMajor,
+            GridLimits::default(),
+        )
+        .unwrap();
+        assert_eq!(plan.plane_stride, stride, "{what}");
+        assert_eq!(
+            plan.rows.shared_bytes as usize,
+            12 + stride as usize * 4 * classes,
+            "{what}"
+        );
+        if spread {
+            assert_eq!(
+                banks(stride, classes, lanes),
+                (0..32).collect::<Vec<_>>(),
+                "{what}"
+            );
+            // The least stride, a multiple of 32 here, doubles up every bank.
+            assert_eq!(
+                banks(least, classes, lanes)
+                    .windows(2)
+                    .filter(|w| w[0] == w[1])
+                    .count(),
+                16
+            );
+        } else {
+            assert_eq!(stride, least, "{what}");
+        }
+    }
+    // The half types (one lane a row up to C = 91) keep the least stride.
+    let shape = Shape::new(2, 8732, 81);
+    for dtype in [DType::F16, DType::BF16] {
+        let rows = tile_rows(shape, lanes_per_row(81, dtype), Layout::ChannelMajor, dtype);
+        assert_eq!(
+            rows_plane_stride(shape, rows, dtype),
+            plane_stride(8732, rows, dtype)
+        );
+    }
 }
