@@ -59,14 +59,17 @@ pub struct Owner {
 
 impl Owner {
     /// `ctx` and its device, asked once (when a loss or an assigner loads
-    /// its kernels).
-    pub fn of(ctx: &CudaContext) -> Result<Self> {
+    /// its kernels). A driver that cannot say whether the device reaches
+    /// pageable memory is taken to say no: such memory would fault there.
+    pub fn of(ctx: &CudaContext) -> Self {
         use sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_PAGEABLE_MEMORY_ACCESS;
-        Ok(Self {
+        Self {
             context: ctx.cu_ctx() as u64,
             ordinal: ctx.ordinal(),
-            pageable_memory_access: ctx.attribute(CU_DEVICE_ATTRIBUTE_PAGEABLE_MEMORY_ACCESS)? == 1,
-        })
+            pageable_memory_access: ctx
+                .attribute(CU_DEVICE_ATTRIBUTE_PAGEABLE_MEMORY_ACCESS)
+                .is_ok_and(|v| v == 1),
+        }
     }
 }
 

@@ -160,7 +160,7 @@ impl MultiboxLoss {
             ctx: ctx.clone(),
             functions,
             grid_limits,
-            owner: device_memory::Owner::of(ctx)?,
+            owner: device_memory::Owner::of(ctx),
         })
     }
 

@@ -160,7 +160,7 @@ impl TargetAssigner {
             priors_addr,
             num_priors,
             functions,
-            owner: device_memory::Owner::of(ctx)?,
+            owner: device_memory::Owner::of(ctx),
         })
     }
 
