@@ -4,11 +4,12 @@
 
 mod common;
 
+use common::check::GRAD_HALF_GOLDEN_FLOOR;
 use common::golden::Expected;
 use common::{
     check, emulated, gpu, list_cases, BackendResult, Case, CaseMeta, CaseVisitor, Report,
 };
-use half::f16;
+use half::{bf16, f16};
 use multibox::reference::{self, Upstream};
 use multibox::{DType, Float, Label, Layout};
 
@@ -185,8 +186,10 @@ fn every_golden_case_on_every_backend() {
     );
 }
 
+/// A committed case: the checker's own test must not depend on
+/// `$MULTIBOX_GOLDENS`.
 fn case_named(name: &str) -> CaseMeta {
-    list_cases()
+    common::golden::list_cases_in(&common::golden::committed_goldens_dir())
         .into_iter()
         .find(|c| c.name == name)
         .unwrap_or_else(|| panic!("golden case {name} not found"))
@@ -278,6 +281,30 @@ fn checker_catches_each_kind_of_error() {
     let report = step(2);
     assert!(
         report.failures.len() == 1 && report.failures[0].contains("2 ulp"),
+        "{:?}",
+        report.failures
+    );
+
+    // bf16: below the golden's own float64 rounding, ulps do not count
+    // (a golden 0 against a true -exp(-50) / N); just above it, they do.
+    let case = case_named("ssdlite_voc_bf16").load::<bf16, i64>();
+    let good = BackendResult::<bf16>::from_reference("perturbed", &golden_reference(&case));
+    let scale = case
+        .expected
+        .grad_confidence
+        .iter()
+        .fold(0.0f64, |m, &g| m.max(f64::from(g).abs()));
+    let zero = case.expected.mask.iter().position(|&m| m == 0).unwrap() * case.meta.shape.classes;
+    assert_eq!(case.expected.grad_confidence[zero], 0.0);
+    let at = |fraction: f64| {
+        let mut result = good.clone();
+        result.grad_confidence[zero] = bf16::from_f64(-fraction * scale);
+        check(&case, &result)
+    };
+    assert!(at(0.5 * GRAD_HALF_GOLDEN_FLOOR).passed());
+    let report = at(2.0 * GRAD_HALF_GOLDEN_FLOOR);
+    assert!(
+        report.failures.len() == 1 && report.failures[0].contains(&format!("index {zero} ")),
         "{:?}",
         report.failures
     );

@@ -10,10 +10,15 @@ use serde_json::Value;
 pub fn goldens_dir() -> PathBuf {
     match std::env::var_os("MULTIBOX_GOLDENS") {
         Some(dir) => PathBuf::from(dir),
-        None => Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests")
-            .join("goldens"),
+        None => committed_goldens_dir(),
     }
+}
+
+/// `tests/goldens/`, whatever the environment says.
+pub fn committed_goldens_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("goldens")
 }
 
 /// Python's `json` module writes `NaN`, `Infinity` and `-Infinity`, which
@@ -81,8 +86,12 @@ pub struct CaseMeta {
 /// Every case under [`goldens_dir`], sorted by name. Panics with the
 /// folder's name when a case cannot be read.
 pub fn list_cases() -> Vec<CaseMeta> {
-    let dir = goldens_dir();
-    let entries = std::fs::read_dir(&dir)
+    list_cases_in(&goldens_dir())
+}
+
+/// Every case under `dir` (see [`list_cases`]).
+pub fn list_cases_in(dir: &Path) -> Vec<CaseMeta> {
+    let entries = std::fs::read_dir(dir)
         .unwrap_or_else(|e| panic!("cannot read golden folder {}: {e}", dir.display()));
     let mut cases: Vec<CaseMeta> = entries
         .map(|e| {
