@@ -36,27 +36,27 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA de
 DEVICES = ["cpu", pytest.param("cuda", marks=needs_gpu)]
 
 
-def _meta(case):
-    return json.loads((GOLDENS / case / "case.json").read_text())
+def _meta(case, folder=None):
+    return json.loads(((folder or GOLDENS) / case / "case.json").read_text())
 
 
-def _array(case, name, dtype):
-    raw = bytearray((GOLDENS / case / f"{name}.bin").read_bytes())
-    shape = _meta(case)["files"][name]["shape"]
+def _array(case, name, dtype, folder=None):
+    raw = bytearray(((folder or GOLDENS) / case / f"{name}.bin").read_bytes())
+    shape = _meta(case, folder)["files"][name]["shape"]
     return torch.frombuffer(raw, dtype=dtype).reshape(shape).clone()
 
 
-def load(case, device):
-    meta = _meta(case)
+def load(case, device, folder=None):
+    meta = _meta(case, folder)
     dtype = DTYPES[meta["input_dtype"]]
     label_dtype = torch.int64 if meta["label_dtype"] == "i64" else torch.int32
     t = {
-        "confidence": _array(case, "confidence", torch.float32).to(dtype),
-        "locations": _array(case, "locations", torch.float32).to(dtype),
-        "labels": _array(case, "labels", label_dtype),
-        "gt_locations": _array(case, "gt_locations", torch.float32).to(dtype),
-        "grad_confidence": _array(case, "grad_confidence", torch.float32),
-        "grad_locations": _array(case, "grad_locations", torch.float32),
+        "confidence": _array(case, "confidence", torch.float32, folder).to(dtype),
+        "locations": _array(case, "locations", torch.float32, folder).to(dtype),
+        "labels": _array(case, "labels", label_dtype, folder),
+        "gt_locations": _array(case, "gt_locations", torch.float32, folder).to(dtype),
+        "grad_confidence": _array(case, "grad_confidence", torch.float32, folder),
+        "grad_locations": _array(case, "grad_locations", torch.float32, folder),
     }
     return meta, {k: v.to(device) for k, v in t.items()}
 
@@ -96,7 +96,11 @@ GOLDEN_PARAMS = [pytest.param(case, "cpu", id=f"{case}-cpu") for case in CASES i
 
 @pytest.mark.parametrize("case,device", GOLDEN_PARAMS)
 def test_golden(case, device):
-    meta, t = load(case, device)
+    check_golden(case, device)
+
+
+def check_golden(case, device, folder=None):
+    meta, t = load(case, device, folder)
     dtype = t["confidence"].dtype
     confidence = t["confidence"].clone().requires_grad_()
     locations = t["locations"].clone().requires_grad_()
@@ -116,6 +120,21 @@ def test_golden(case, device):
     )
     assert abs(r_reg.item() - meta["regression_loss"]) <= 1e-9 * max(abs(meta["regression_loss"]), 1.0)
     assert abs(r_cls.item() - meta["classification_loss"]) <= 1e-6 * max(abs(meta["classification_loss"]), 1.0)
+
+
+def test_random_goldens_script_writes_cases_the_op_meets(tmp_path):
+    """scripts/random_goldens.py's loss cases (expected values from float64
+    autograd, apart from the crate) in the goldens' format: the f32 ones
+    through the op on the CPU, as test_golden runs the committed ones."""
+    script = ROOT / "scripts" / "random_goldens.py"
+    subprocess.run([sys.executable, str(script), "loss", str(tmp_path), "--seed", "5", "--count", "12"],
+                   check=True, capture_output=True)
+    cases = sorted(p.name for p in tmp_path.iterdir() if (p / "case.json").exists())
+    assert len(cases) == 12
+    f32_cases = [c for c in cases if _meta(c, tmp_path)["input_dtype"] == "f32"]
+    assert f32_cases, "seed 5 draws f32 cases"
+    for case in f32_cases:
+        check_golden(case, "cpu", tmp_path)
 
 
 def _small(device, dtype=torch.float32, seed=0, b=2, p=64, c=5):

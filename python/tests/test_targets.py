@@ -10,6 +10,7 @@ algorithm's losses. Skips when PyTorch is not installed.
 import json
 import math
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -78,6 +79,21 @@ def test_cuda_matches_the_golden(name):
     )
     assert labels.is_cuda and gt_locations.is_cuda
     check_case(name, labels, gt_locations, a)
+
+
+def test_random_goldens_script_writes_cases_the_op_meets(tmp_path):
+    """scripts/random_goldens.py's target cases (labelled by the reference
+    MatchPrior in float32 PyTorch, apart from the crate) through the op."""
+    script = COMMITTED.parents[1] / "scripts" / "random_goldens.py"
+    subprocess.run([sys.executable, str(script), "targets", str(tmp_path), "--seed", "5", "--count", "6"],
+                   check=True, capture_output=True)
+    names = sorted(p.name for p in tmp_path.iterdir() if (p / "case.json").exists())
+    assert len(names) == 6
+    for name in names:
+        meta, a = load(name, tmp_path)
+        labels, gt_locations = assign_targets(a["priors"], a["gt_boxes"], a["gt_labels"], a["gt_counts"],
+                                              **settings(meta))
+        check_case(name, labels, gt_locations, a)
 
 
 def test_standard_priors_are_the_goldens():
