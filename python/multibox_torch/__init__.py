@@ -717,8 +717,11 @@ def multibox_loss(
     rounding to the inputs' dtype. gt_locations gets a zero gradient if it
     requires one (no gradient flows to the targets).
 
-    neg_pos_ratio and beta must be positive and finite,
-    min_negatives_per_image an integer in ``0..2**32-1``. Each distinct
+    Each image mines ``floor(neg_pos_ratio * its positives)`` hard negatives
+    (at least min_negatives_per_image, at most its background priors); a
+    fractional product rounds down, where the reference code's ``orders <
+    num_neg`` takes one more. neg_pos_ratio and beta must be positive and
+    finite, min_negatives_per_image an integer in ``0..2**32-1``. Each distinct
     ``(neg_pos_ratio, min_negatives_per_image, beta)`` loads the kernels on
     the device once and keeps them for the life of the process (a CUDA graph
     may replay them at any time), so keep these settings fixed rather than

@@ -479,6 +479,27 @@ def test_min_negatives_must_be_an_integer_and_the_edges_work():
         assert int(num_pos) == int((labels > 0).sum())
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_fractional_ratio_mines_its_floor(device):
+    """Ratio 2.5 and 3 positives mine floor(7.5) = 7 negatives (SPEC.md),
+    not the reference code's 8 (``orders < num_neg`` against 7.5)."""
+    p, c = 12, 3
+    confidence = torch.zeros(1, p, c)
+    confidence[0, 3:, 0] = -torch.arange(1, p - 2, dtype=torch.float32)  # distinct background losses
+    labels = torch.zeros(1, p, dtype=torch.int64)
+    labels[0, :3] = 1
+    locations, gt = torch.zeros(1, p, 4), torch.zeros(1, p, 4)
+    ce = torch.logsumexp(confidence[0], dim=1) - confidence[0, torch.arange(p), labels[0]]
+    negatives = ce[3:].sort(descending=True).values
+
+    def expected(k):
+        return ((ce[:3].sum() + negatives[:k].sum()) / 3).item()
+
+    assert abs(expected(7) - expected(8)) > 1e-3
+    _, cls, _ = multibox_loss(*(t.to(device) for t in (confidence, locations, labels, gt)), neg_pos_ratio=2.5)
+    assert cls.item() == pytest.approx(expected(7), rel=1e-6)
+
+
 @pytest.mark.parametrize("name", ["neg_pos_ratio", "beta"])
 @pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf"), 1e39])
 def test_ratio_and_beta_must_be_positive_and_finite(name, value):
