@@ -542,7 +542,8 @@ def _encode(boxes, priors, center_variance=0.1, size_variance=0.2):
                       torch.log(center[..., 2:] / priors[..., 2:]) / size_variance], -1)
 
 
-def match_prior(priors, corner_priors, gt_boxes, gt_labels, iou_threshold=0.5):
+def match_prior(priors, corner_priors, gt_boxes, gt_labels, iou_threshold=0.5, center_variance=0.1,
+                size_variance=0.2):
     """The reference's MatchPrior for one image: (gt_locations, labels)."""
     ious = _iou(gt_boxes.unsqueeze(0), corner_priors.unsqueeze(1))  # [P, n]
     best_target, best_target_index = ious.max(1)
@@ -552,7 +553,7 @@ def match_prior(priors, corner_priors, gt_boxes, gt_labels, iou_threshold=0.5):
     best_target.index_fill_(0, best_prior_index, 2)
     labels = gt_labels[best_target_index]
     labels[best_target < iou_threshold] = 0
-    return _encode(gt_boxes[best_target_index], priors), labels
+    return _encode(gt_boxes[best_target_index], priors, center_variance, size_variance), labels
 
 
 def match_prior_batched(priors, corner_priors, gt_boxes, gt_labels, gt_counts, iou_threshold=0.5):

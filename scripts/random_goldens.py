@@ -22,7 +22,7 @@ case that lands on one fails its mask check and names the prior.
 
 targets: cases in the format of tests/goldens-targets/README.md, labelled by
 the reference `MatchPrior` (qfgaohao/pytorch-ssd, float32, per image, as
-SPEC.md's "Target assignment" quotes it): standard SSDLite-300 and SSD300
+SPEC.md's "Target assignment" quotes it; scripts/pytorch_baseline.py's): standard SSDLite-300 and SSD300
 priors or grids of equal-size priors (many equal ious), boxes equal to a
 prior, tiny, partly outside the image or repeated, empty images, settings
 other than the defaults. No degenerate box: there the specification, not
@@ -34,12 +34,13 @@ The same seed gives the same cases.
 import argparse
 import json
 import math
-import os
 import sys
 from fractions import Fraction
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from pytorch_baseline import _corners, match_prior  # noqa: E402 - the reference's MatchPrior
 
 
 def f32(x):
@@ -174,42 +175,6 @@ def loss_case(root, name, rng, extreme):
 
 
 # ------------------------------------------------------------------ targets
-# The reference's box_utils, as SPEC.md names them, in float32 torch.
-
-def iou_of(boxes0, boxes1, eps=1e-5):
-    import torch
-
-    def area_of(left_top, right_bottom):
-        hw = torch.clamp(right_bottom - left_top, min=0.0)
-        return hw[..., 0] * hw[..., 1]
-
-    left_top = torch.max(boxes0[..., :2], boxes1[..., :2])
-    right_bottom = torch.min(boxes0[..., 2:], boxes1[..., 2:])
-    overlap = area_of(left_top, right_bottom)
-    area0 = area_of(boxes0[..., :2], boxes0[..., 2:])
-    area1 = area_of(boxes1[..., :2], boxes1[..., 2:])
-    return overlap / (area0 + area1 - overlap + eps)
-
-
-def match_prior(gt_boxes, gt_labels, priors, iou_threshold, center_variance, size_variance):
-    import torch
-    corner = torch.cat([priors[:, :2] - priors[:, 2:] / 2, priors[:, :2] + priors[:, 2:] / 2], 1)
-    ious = iou_of(gt_boxes.unsqueeze(0), corner.unsqueeze(1))
-    best_target, best_target_index = ious.max(1)
-    _, best_prior_index = ious.max(0)
-    for target, prior in enumerate(best_prior_index):
-        best_target_index[prior] = target
-    best_target.index_fill_(0, best_prior_index, 2)
-    labels = gt_labels[best_target_index]
-    labels[best_target < iou_threshold] = 0
-    boxes = gt_boxes[best_target_index]
-    boxes = torch.cat([(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]], 1)
-    locations = torch.cat([
-        (boxes[:, :2] - priors[:, :2]) / priors[:, 2:] / center_variance,
-        torch.log(boxes[:, 2:] / priors[:, 2:]) / size_variance,
-    ], 1)
-    return labels, locations
-
 
 def random_priors(rng):
     import numpy as np
@@ -271,9 +236,11 @@ def targets_case(root, name, rng):
             continue  # the specification's answer: zeros
         boxes[i, :n] = random_boxes(rng, n, priors)
         box_labels[i, :n] = rng.integers(1, 21, n)
-        got = match_prior(torch.from_numpy(boxes[i, :n]), torch.from_numpy(box_labels[i, :n]),
-                          torch.from_numpy(priors), threshold, center_variance, size_variance)
-        labels[i], locations[i] = got[0].numpy(), got[1].numpy()
+        prior_tensor = torch.from_numpy(priors)
+        got_locations, got_labels = match_prior(
+            prior_tensor, _corners(prior_tensor), torch.from_numpy(boxes[i, :n]),
+            torch.from_numpy(box_labels[i, :n]), threshold, center_variance, size_variance)
+        labels[i], locations[i] = got_labels.numpy(), got_locations.numpy()
     d = Path(root) / name
     d.mkdir(parents=True, exist_ok=True)
     label_np = np.int64 if label_dtype == "i64" else np.int32
