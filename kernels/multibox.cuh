@@ -65,7 +65,7 @@ struct MultiboxParams {
     u32 plane_stride;        // channel-major, staged: elements between kernel 1's class planes in shared memory
     u32 gradient_plane_rows;    // channel-major: priors of each staged part of kernel 3's tile, or 0 (from global)
     u32 gradient_plane_stride;  // elements between that part's class planes in shared memory
-    u32 padding;
+    u32 select_staged_keys;     // 1: kernel 2 keeps an image's keys in dynamic shared memory; 0: it reads them from L2
 };
 MB_ASSERT_SIZE(MultiboxParams, 224);
 

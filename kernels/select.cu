@@ -12,6 +12,13 @@
 // easily; 8-bit digits would need 4 passes, 16-bit ones a 256 KiB histogram.
 // The first pass is also the one that counts the image's positives and
 // candidates, which k needs.
+// The first pass reads the keys from global memory, LOADS of them a thread
+// before it counts any, so that their L2 round trips overlap; where an
+// image's keys fit (select_shared_bytes: up to 9,984 priors), it also
+// leaves them in shared memory, and every later pass (two more digits, the
+// tie search, the mask and the sums) reads them there: each step of those
+// loops waits on a load before its warp collectives, so a step costs a
+// shared-memory round trip instead of an L2 one.
 // A pass ends the search early when the chosen bucket holds exactly the keys
 // still needed. What remains are ties with the k-th key itself; they go to
 // the lowest prior indices, as a stable descending sort would order them, so
@@ -20,6 +27,7 @@
 #include "multibox.cuh"
 
 constexpr int SELECT_THREADS = 512;
+constexpr u32 LOADS = 4;  // keys a thread loads at once in the first pass
 constexpr int DIGIT_BITS = 11;
 constexpr u32 BUCKETS = 1u << DIGIT_BITS;
 constexpr u32 BUCKETS_PER_THREAD = BUCKETS / SELECT_THREADS;
@@ -163,25 +171,38 @@ __device__ __forceinline__ ImageSelection load_image(const ImageSelection* at) {
 
 __device__ void select_and_reduce(const MultiboxParams& p) {
     __shared__ SelectShared sh;
+    MB_DYNAMIC_SHARED(u32, staged_keys);  // the image's keys, where they fit
     const u32 image = blockIdx.x;
     const u32 n = p.priors;
-    const u32* keys = p.keys + u64(image) * n;
+    const bool staged = p.select_staged_keys != 0;
+    const u32* const image_keys = p.keys + u64(image) * n;
 
     // One read of the keys counts the positives and candidates (k needs
-    // them) and builds the first radix pass's histogram over all candidates.
+    // them), builds the first radix pass's histogram over all candidates
+    // and, staged, copies them to shared memory.
     for (u32 b = threadIdx.x; b < BUCKETS; b += SELECT_THREADS) sh.histogram[b] = 0;
     __syncthreads();
     u32 positives = 0, candidates = 0;
-    for (u32 base = 0; base < n; base += SELECT_THREADS) {  // whole warps, for count_in_warp
-        const u32 i = base + threadIdx.x;
-        const u32 key = i < n ? keys[i] : KEY_IGNORED;
-        positives += key == KEY_POSITIVE;
-        candidates += is_candidate(key);
-        count_in_warp(sh.histogram, key >> (32 - DIGIT_BITS), is_candidate(key));
+    for (u32 base = 0; base < n; base += LOADS * SELECT_THREADS) {  // whole warps, for count_in_warp
+        u32 key[LOADS];
+#pragma unroll
+        for (u32 j = 0; j < LOADS; ++j) {
+            const u32 i = base + j * SELECT_THREADS + threadIdx.x;
+            key[j] = i < n ? image_keys[i] : KEY_IGNORED;
+        }
+#pragma unroll
+        for (u32 j = 0; j < LOADS; ++j) {
+            const u32 i = base + j * SELECT_THREADS + threadIdx.x;
+            if (staged && i < n) staged_keys[i] = key[j];
+            positives += key[j] == KEY_POSITIVE;
+            candidates += is_candidate(key[j]);
+            count_in_warp(sh.histogram, key[j] >> (32 - DIGIT_BITS), is_candidate(key[j]));
+        }
     }
-    // The sums' barriers also complete the histogram.
+    // The sums' barriers also complete the histogram and the staged keys.
     positives = block_sum<SELECT_THREADS>(positives, sh.scan);
     candidates = block_sum<SELECT_THREADS>(candidates, sh.scan);
+    const u32* const keys = staged ? staged_keys : image_keys;
 
     // k = min(max(floor(ratio * pos), min_neg), candidates), as in
     // MultiboxConfig::negatives_to_mine.

@@ -302,7 +302,7 @@ fn params(config: &MultiboxConfig, call: &RawCall, plan: &LaunchPlan) -> Result<
         plane_stride: plan.plane_stride,
         gradient_plane_rows: plan.gradient_plane_rows,
         gradient_plane_stride: plan.gradient_plane_stride,
-        _padding: 0,
+        select_staged_keys: u32::from(plan.select.shared_bytes != 0),
     })
 }
 

@@ -461,7 +461,7 @@ impl LaunchPlan {
                 step: Step::Select,
                 grid: shape.batch as u32,
                 block: SELECT_THREADS,
-                shared_bytes: 0,
+                shared_bytes: select_shared_bytes(shape),
             },
             // Kernel 3 walks tiles of ROW_THREADS rows, one row per thread
             // for its decisions (see gradient.cu).
@@ -684,6 +684,30 @@ pub fn bytes_floor(shape: Shape, dtype: DType, labels: LabelType, backward: bool
 /// Enough for a thread per row at C = 91 in f16/bf16 (46,624 bytes). Four
 /// such blocks, which their registers allow at 256 threads, fit an H100's SM.
 pub const ROW_TILE_BYTES: usize = 48 * 1024 - 9 * 256;
+
+/// Dynamic shared memory the selection may keep an image's keys in, at
+/// most: with its static shared memory (8,352 bytes: the 2,048-bucket
+/// histogram and the scan), within the 48 KiB a block may take without
+/// opting in. 9,984 keys: SSD300's 8,732 priors and SSDLite's 3,000 fit.
+pub const SELECT_KEYS_BYTES: usize = 39 * 1024;
+
+/// The selection's dynamic shared memory for `shape`: an image's keys
+/// (4 bytes a prior) where they fit [`SELECT_KEYS_BYTES`], else 0 (the
+/// keys are then read from global memory, L2, in each pass).
+///
+/// The first pass reads them from global memory anyway (they come from
+/// kernel 1); kept, the later radix passes (up to two), the tie search
+/// and the pass that writes the mask and adds up the losses wait on
+/// shared memory (some 30 cycles a load) instead of L2 (some 250): each
+/// of those loops' steps waits on its load before its warp collectives.
+pub fn select_shared_bytes(shape: Shape) -> u32 {
+    let bytes = shape.priors * 4;
+    if bytes <= SELECT_KEYS_BYTES {
+        bytes as u32
+    } else {
+        0
+    }
+}
 
 /// Kernel 1's lanes per row: the fewest (a power of two up to 32) that
 /// leave a row-major tile of one step, `ROW_THREADS / lanes` rows, within
@@ -1027,7 +1051,7 @@ pub(crate) struct MultiboxParams {
     pub(crate) plane_stride: u32,
     pub(crate) gradient_plane_rows: u32,
     pub(crate) gradient_plane_stride: u32,
-    pub(crate) _padding: u32,
+    pub(crate) select_staged_keys: u32,
 }
 
 const _: () = assert!(std::mem::size_of::<MultiboxParams>() == 224);

@@ -498,31 +498,41 @@ fn kernel_3_copies_set_rows_wide_and_works_them_narrow() {
     layouts_and_normalisers::<bf16, i64>(911..912, 150_000, Some(83));
 }
 
-/// Large images exercise every radix pass and the tie scan over many chunks.
+/// Large images exercise every radix pass and the tie scan over many
+/// chunks: with the image's keys in shared memory (the most priors that
+/// fit) and read from global memory (more than fit).
 #[test]
 fn long_images_with_heavy_ties() {
-    let shape = Shape::new(2, 20000, 2);
-    let mut rng = SplitMix64(7);
-    // Two classes and logits in {-1, 0, 1}: only 9 distinct rows, so the k-th
-    // key is tied thousands of times and the lower-index rule decides.
-    let confidence: Vec<f32> = (0..shape.confidence_len())
-        .map(|_| (rng.next_u64() % 3) as f32 - 1.0)
-        .collect();
-    let labels: Vec<i64> = (0..shape.rows())
-        .map(|_| i64::from(rng.next_u64() % 50 == 0))
-        .collect();
-    let case = Drawn::with(shape, confidence, labels, &mut rng);
-    let want = case.reference();
-    let got = emulated::run(&case.config, shape, &case.host(), Call::default()).unwrap();
-    // Equal rows give bit-equal keys on both sides: the masks agree exactly.
-    assert_eq!(got.mask, want.mask);
-    compare(
-        "heavy ties",
-        &case,
-        &want,
-        &got,
-        &case.divisors(Normalizer::Positives),
-    );
+    let most_staged = multibox::plan::SELECT_KEYS_BYTES / 4;
+    for (priors, staged) in [(most_staged, true), (20000, false)] {
+        let shape = Shape::new(2, priors, 2);
+        assert_eq!(
+            multibox::plan::select_shared_bytes(shape) != 0,
+            staged,
+            "P = {priors}"
+        );
+        let mut rng = SplitMix64(7);
+        // Two classes and logits in {-1, 0, 1}: only 9 distinct rows, so the
+        // k-th key is tied thousands of times and the lower-index rule decides.
+        let confidence: Vec<f32> = (0..shape.confidence_len())
+            .map(|_| (rng.next_u64() % 3) as f32 - 1.0)
+            .collect();
+        let labels: Vec<i64> = (0..shape.rows())
+            .map(|_| i64::from(rng.next_u64() % 50 == 0))
+            .collect();
+        let case = Drawn::with(shape, confidence, labels, &mut rng);
+        let want = case.reference();
+        let got = emulated::run(&case.config, shape, &case.host(), Call::default()).unwrap();
+        // Equal rows give bit-equal keys on both sides: the masks agree exactly.
+        assert_eq!(got.mask, want.mask, "P = {priors}");
+        compare(
+            &format!("heavy ties, P = {priors}"),
+            &case,
+            &want,
+            &got,
+            &case.divisors(Normalizer::Positives),
+        );
+    }
 }
 
 /// Rows too long for kernel 1's shared-memory tile (the plan's tile_rows is
@@ -1839,6 +1849,16 @@ fn the_traffic_model_sees_whole_sectors() {
                 "{what}: kernel 3 set logits {efficiency:.3}"
             );
         }
+        // The selection reads an image's keys from global memory once and
+        // keeps them in shared memory for its later passes (every shape here
+        // fits), where the L2 path read them four or five times.
+        assert_ne!(multibox::plan::select_shared_bytes(shape), 0, "{what}");
+        let keys = traffic("multibox_select", "keys").loads.bytes;
+        assert_eq!(
+            keys,
+            shape.rows() as u64 * 4,
+            "{what}: selection key bytes loaded"
+        );
         // Channel-major, kernel 1's element-by-element passes read one word
         // a lane from planes the plan's stride spreads over the banks: few
         // requests conflict (f32 at C = 81, two lanes a row, had 92 % with

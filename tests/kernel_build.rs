@@ -98,16 +98,17 @@ fn target_assignment_kernels_live_in_targets_cu() {
     }
 }
 
-/// The largest tile of kernel 1 (logits) and of kernel 3 (logit
-/// gradients) plus the kernel's static shared memory stays within the 48
-/// KiB a block may take without opting in to more, on every architecture:
-/// above it the launch would fail on a GPU, which the emulator (up to 227
-/// KiB) would not show.
+/// The largest tile of kernel 1 (logits), of kernel 2 (an image's keys)
+/// and of kernel 3 (logit gradients) plus the kernel's static shared
+/// memory stays within the 48 KiB a block may take without opting in to
+/// more, on every architecture: above it the launch would fail on a GPU,
+/// which the emulator (up to 227 KiB) would not show.
 #[test]
 fn staged_tiles_fit_without_opting_in_to_more_shared_memory() {
-    use multibox::plan::{GRADIENT_TILE_BYTES, ROW_TILE_BYTES};
+    use multibox::plan::{GRADIENT_TILE_BYTES, ROW_TILE_BYTES, SELECT_KEYS_BYTES};
     for (step, tile) in [
         (Step::Rows, ROW_TILE_BYTES),
+        (Step::Select, SELECT_KEYS_BYTES),
         (Step::Gradient, GRADIENT_TILE_BYTES),
     ] {
         for kernel in step.kernel_names() {

@@ -1,7 +1,7 @@
 //! The launch plan is a pure function of the shape: check its invariants.
 
 use multibox::plan::{
-    lanes_per_row, LaunchPlan, Step, MAX_ROW_BLOCKS, ROW_THREADS, SELECT_THREADS,
+    lanes_per_row, LaunchPlan, Step, MAX_ROW_BLOCKS, ROW_THREADS, SELECT_KEYS_BYTES, SELECT_THREADS,
 };
 use multibox::plan::{GridLimits, Residency, MAX_BLOCKS_PER_SM};
 use multibox::{DType, LabelType, Layout, Pass, Shape};
@@ -241,6 +241,38 @@ fn kernel_names_say_the_step_types_and_layout() {
     assert_eq!(names.len(), 19);
     let unique: std::collections::HashSet<_> = names.iter().collect();
     assert_eq!(unique.len(), names.len());
+}
+
+/// The selection keeps an image's keys in shared memory where they fit
+/// SELECT_KEYS_BYTES (SSDLite's and SSD300's priors do), and launches with
+/// exactly those bytes; longer images (SSD512's 24,564 priors) read them
+/// from global memory, with no dynamic shared memory. Whatever the type and
+/// layout: the selection works on keys only.
+#[test]
+fn the_selection_keeps_an_images_keys_in_shared_memory_where_they_fit() {
+    let most = SELECT_KEYS_BYTES / 4;
+    assert_eq!(most, 9_984);
+    for (priors, bytes) in [
+        (1, 4),
+        (3_000, 12_000),
+        (8_732, 34_928),
+        (most, 39_936),
+        (most + 1, 0),
+        (24_564, 0),
+    ] {
+        for (dtype, layout) in DTYPES
+            .into_iter()
+            .flat_map(|d| [(d, Layout::RowMajor), (d, Layout::ChannelMajor)])
+        {
+            let shape = Shape::new(3, priors, 21);
+            let plan =
+                LaunchPlan::with_limits(shape, dtype, layout, GridLimits::default()).unwrap();
+            assert_eq!(
+                plan.select.shared_bytes, bytes,
+                "{shape} {dtype:?} {layout:?}"
+            );
+        }
+    }
 }
 
 #[test]
