@@ -15,8 +15,8 @@
 // The first pass reads the keys from global memory, LOADS of them a thread
 // before it counts any, so that their L2 round trips overlap; where an
 // image's keys fit (select_shared_bytes: up to 9,984 priors), it also
-// leaves them in shared memory, and every later pass (two more digits, the
-// tie search, the mask and the sums) reads them there: each step of those
+// leaves them in shared memory, and every later pass (up to two more
+// digits, the tie search, the mask and the sums) reads them there: each step of those
 // loops waits on a load before its warp collectives, so a step costs a
 // shared-memory round trip instead of an L2 one.
 // A pass ends the search early when the chosen bucket holds exactly the keys

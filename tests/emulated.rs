@@ -1851,7 +1851,7 @@ fn the_traffic_model_sees_whole_sectors() {
         }
         // The selection reads an image's keys from global memory once and
         // keeps them in shared memory for its later passes (every shape here
-        // fits), where the L2 path read them four or five times.
+        // fits), where the L2 path read them once a pass.
         assert_ne!(multibox::plan::select_shared_bytes(shape), 0, "{what}");
         let keys = traffic("multibox_select", "keys").loads.bytes;
         assert_eq!(
