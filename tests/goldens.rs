@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::check::GRAD_HALF_GOLDEN_FLOOR;
+use common::check::{max_abs, GRAD_HALF_GOLDEN_FLOOR};
 use common::golden::Expected;
 use common::{
     check, emulated, gpu, list_cases, BackendResult, Case, CaseMeta, CaseVisitor, Report,
@@ -235,11 +235,8 @@ fn checker_catches_each_kind_of_error() {
         assert!(f[0].contains(part), "{:?} lacks {part:?}", f[0]);
     }
 
-    let scale = case
-        .expected
-        .grad_confidence
-        .iter()
-        .fold(0.0f32, |m, g| m.max(g.abs()));
+    // Exact: the largest |gradient| is an f32.
+    let scale = max_abs(&case.expected.grad_confidence) as f32;
     let i = case
         .expected
         .grad_confidence
@@ -289,11 +286,7 @@ fn checker_catches_each_kind_of_error() {
     // (a golden 0 against a true -exp(-50) / N); just above it, they do.
     let case = case_named("ssdlite_voc_bf16").load::<bf16, i64>();
     let good = BackendResult::<bf16>::from_reference("perturbed", &golden_reference(&case));
-    let scale = case
-        .expected
-        .grad_confidence
-        .iter()
-        .fold(0.0f64, |m, &g| m.max(f64::from(g).abs()));
+    let scale = max_abs(&case.expected.grad_confidence);
     let zero = case.expected.mask.iter().position(|&m| m == 0).unwrap() * case.meta.shape.classes;
     assert_eq!(case.expected.grad_confidence[zero], 0.0);
     let at = |fraction: f64| {

@@ -273,6 +273,13 @@ struct GradCheck {
     failures: Vec<String>,
 }
 
+/// max |v|: the scale the gradient tolerances are relative to.
+pub fn max_abs(values: &[f32]) -> f64 {
+    values
+        .iter()
+        .fold(0.0f64, |m, &v| m.max(f64::from(v).abs()))
+}
+
 /// f32: max |err| <= 1e-6 * max |golden|. f16 / bf16: within 1 ulp of the
 /// golden value rounded to `T`, or within the golden's own float64 rounding
 /// ([`GRAD_HALF_GOLDEN_FLOOR`]).
@@ -283,9 +290,7 @@ fn check_grad<T: Float>(
     got: &[T],
     index: &dyn Fn(usize) -> String,
 ) -> GradCheck {
-    let scale = expected
-        .iter()
-        .fold(0.0f64, |m, &e| m.max(f64::from(e).abs()));
+    let scale = max_abs(expected);
     let mut result = GradCheck {
         max_abs_err: 0.0,
         scale,
