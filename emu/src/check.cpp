@@ -556,7 +556,9 @@ void Checker::end_block() {
         if (r.space == SPACE_SHARED) {
             // A bank serves one 4-byte word per cycle; lanes reading the same
             // word share it (broadcast). Ways = the most distinct words any
-            // bank must serve.
+            // bank must serve. A request is conflicted when that is more
+            // than its distinct words need over 32 banks: a warp's 8- or
+            // 16-byte accesses take 2 or 4 wavefronts however they fall.
             for (const auto& lane : r.lanes)
                 for (uint64_t w = lane.first >> 2; w <= (lane.first + lane.second - 1) >> 2; ++w) units.push_back(w);
             std::sort(units.begin(), units.end());
@@ -568,7 +570,7 @@ void Checker::end_block() {
             ++s.requests;
             s.wavefronts += ways;
             s.max_ways = std::max(s.max_ways, ways);
-            s.conflicted += ways > 1;
+            s.conflicted += ways > (units.size() + 31) / 32;
             continue;
         }
         EmuAccessTraffic& t = region_traffic_[r.region < 0 ? regions_.size() : size_t(r.region)]

@@ -44,7 +44,7 @@ struct EmuSharedTraffic {
     uint64_t requests;
     uint64_t wavefronts;      // sum over requests of the bank-conflict ways
     uint64_t max_ways;
-    uint64_t conflicted;      // requests with more than one way
+    uint64_t conflicted;      // requests with more ways than their distinct words need (over 32 banks)
 };
 struct EmuTraffic {
     EmuSharedTraffic shared;

@@ -129,7 +129,9 @@ pub struct SharedTraffic {
     pub wavefronts: u64,
     /// The worst request's ways: the most distinct 4-byte words one bank serves.
     pub max_ways: u64,
-    /// Requests with more than one way.
+    /// Requests with more ways than their distinct words need, ceil(words /
+    /// 32): a warp's 8- or 16-byte accesses take 2 or 4 wavefronts however
+    /// they fall, and count as conflicted only beyond that.
     pub conflicted: u64,
 }
 
