@@ -28,9 +28,11 @@
 // term is kept apart: the loss is log1p(others / e_own), and a confident
 // row's small loss keeps its relative precision. A staged row-major
 // row is read with 16-byte shared loads, 4 or 8 classes at a time, and a
-// channel-major one element by element; both add the same terms in the same
-// order, so the keys, and with them the mined set, are bit for bit the same
-// whatever the layout, the tiling or the alignment of the logits.
+// channel-major one a class at a time: two neighbouring priors' elements a
+// load where the planes are 2-element aligned, element by element where
+// not. All add the same terms in the same order, so the keys, and with them
+// the mined set, are bit for bit the same whatever the layout, the tiling
+// or the alignment of the logits.
 #include "multibox.cuh"
 
 __device__ __forceinline__ float smooth_l1(float d, float beta) {
@@ -296,6 +298,116 @@ __device__ __forceinline__ RowSums strided_row_sums(const T* x, u64 stride, u32 
     return r;
 }
 
+// Two neighbouring priors' elements of a class plane, as one shared load:
+// 4 bytes of two halves, or 8 of two f32 (LDS.64). Where a tile's planes
+// are 2-element aligned (P even, the logits 2-element aligned), a thread
+// that takes two neighbouring priors reads both with the load one of them
+// took, and the address arithmetic and loop of an element are shared by
+// two logits.
+template <typename T> struct TwoOf {
+    u32 w;
+    __device__ __forceinline__ static TwoOf load(const T* p) {
+        TwoOf t;
+        t.w = *reinterpret_cast<const u32*>(p);
+        return t;
+    }
+    __device__ __forceinline__ float at(u32 j) const {
+        T h;
+        h.bits = u16(j == 0 ? w : w >> 16);
+        return to_f32(h);
+    }
+};
+template <> struct TwoOf<float> {
+    uint2 v;
+    __device__ __forceinline__ static TwoOf load(const float* p) {
+        TwoOf t;
+        t.v = *reinterpret_cast<const uint2*>(p);
+        return t;
+    }
+    __device__ __forceinline__ float at(u32 j) const { return f32_from_bits(j == 0 ? v.x : v.y); }
+};
+
+// The running maximum of two rows. The half types on sm_80 and later
+// compare both rows' elements in one max.{bf16,f16}x2, as MaxOf does a
+// chunk's: the maximum is one of the elements either way.
+template <typename T> struct TwoMax {
+    float m[2] = {NEG_INF, NEG_INF};
+    __device__ __forceinline__ void add(const TwoOf<T>& x) {
+        m[0] = fmaxf(m[0], x.at(0));
+        m[1] = fmaxf(m[1], x.at(1));
+    }
+    __device__ __forceinline__ float value(u32 j) const { return m[j]; }
+};
+#if !defined(MULTIBOX_EMULATOR) && __CUDA_ARCH__ >= 800
+template <typename T> struct PackedTwoMax {
+    TwoOf<T> m = {u32(HALF_NEG_INF<T>) * 0x10001u};
+    __device__ __forceinline__ void add(const TwoOf<T>& x) { m.w = max2(static_cast<const T*>(nullptr), m.w, x.w); }
+    __device__ __forceinline__ float value(u32 j) const { return m.at(j); }
+};
+template <> struct TwoMax<bf16> : PackedTwoMax<bf16> {};
+template <> struct TwoMax<f16> : PackedTwoMax<f16> {};
+#endif
+
+// Calls f on the pairs x[c * stride] for c in [lo, hi), in class order:
+// whole rounds of UNROLL loads, which test no bound between them, then the
+// rest one by one.
+template <u32 UNROLL, typename T, typename F>
+__device__ __forceinline__ void for_each_class_pair(const T* x, u32 stride, u32 lo, u32 hi, F f) {
+    const T* q = x + lo * stride;
+#pragma unroll 1
+    for (u32 rounds = (hi - lo) / UNROLL; rounds != 0; --rounds, q += UNROLL * stride) {
+        TwoOf<T> v[UNROLL];
+#pragma unroll
+        for (u32 k = 0; k < UNROLL; ++k) v[k] = TwoOf<T>::load(q + k * stride);
+#pragma unroll
+        for (u32 k = 0; k < UNROLL; ++k) f(v[k]);
+    }
+#pragma unroll 1
+    for (u32 rest = (hi - lo) % UNROLL; rest != 0; --rest, q += stride) f(TwoOf<T>::load(q));
+}
+
+// strided_row_sums of a staged channel-major tile for two neighbouring
+// priors at once, x at the first one's class 0 (2-element aligned): each
+// lane of the pair's group over its run of classes, both rows' terms in
+// the very order strided_row_sums adds them, so both rows get the same
+// bits. own[j], x_own[j]: row j's own class and its logit; its own class
+// is -inf in the tile for a positive (leave_out_own), class 0 is left out
+// of lane 0's first step for a negative. Every lane of the group calls it.
+template <typename T>
+__device__ __forceinline__ void paired_row_sums(const T* x, u32 stride, u32 classes, const u32 own[2],
+                                                const float x_own[2], u32 sub, u32 lanes, bool active,
+                                                RowSums out[2]) {
+    const ClassRun run = lane_classes(classes, sub, lanes);
+    TwoMax<T> max;
+    // Eight classes a round: eight loads in flight (8 registers, 16 in f32),
+    // and the loop's own instructions shared by 16 logits. 0 spills on
+    // every architecture at kernel 1's 64 registers (tests/kernel_build).
+    constexpr u32 ROUND = 8;
+    if (active) for_each_class_pair<ROUND>(x, stride, run.lo, run.hi, [&](const TwoOf<T>& v) { max.add(v); });
+    float shift[2], s[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (u32 j = 0; j < 2; ++j) shift[j] = rintf(fmaxf(group_max(max.value(j), lanes), x_own[j]) * LOG2E);
+    if (active && run.lo < run.hi) {
+        const TwoOf<T> first = TwoOf<T>::load(x + run.lo * stride);
+#pragma unroll
+        for (u32 j = 0; j < 2; ++j) {
+            const float t = scaled_exp(first.at(j), shift[j]);
+            s[j] += own[j] == 0 && run.lo == 0 ? 0.0f : t;
+        }
+        for_each_class_pair<ROUND>(x, stride, run.lo + 1, run.hi, [&](const TwoOf<T>& v) {
+#pragma unroll
+            for (u32 j = 0; j < 2; ++j) s[j] += scaled_exp(v.at(j), shift[j]);
+        });
+    }
+#pragma unroll
+    for (u32 j = 0; j < 2; ++j) {
+        out[j].shift = shift[j];
+        out[j].others = group_sum(s[j], lanes);
+        out[j].x = x_own[j];
+        out[j].e = active ? scaled_exp(x_own[j], shift[j]) : 0.0f;
+    }
+}
+
 // -inf as a T: its term is an exact 0.
 template <typename T> __device__ __forceinline__ T minus_infinity() {
     T t;
@@ -444,22 +556,24 @@ struct Tile {
 
 // Row-major tiles are `tile_rows` consecutive rows anywhere in the batch;
 // channel-major tiles stay in one image (its priors are contiguous in
-// each class plane), `tile_rows` priors from prior `p0`.
-__device__ __forceinline__ Tile tile_at(const MultiboxParams& p, u64 t, u32 tile_rows, u64 rows) {
+// each class plane), `tile_rows` priors from prior `p0`. Rows and tiles
+// count in 32 bits: B * P < 2^31 (Shape::validate).
+__device__ __forceinline__ Tile tile_at(const MultiboxParams& p, u32 t, u32 tile_rows, u32 rows) {
     Tile tile;
     if (p.layout == LAYOUT_ROW_MAJOR) {
-        tile.first = t * tile_rows;
-        tile.count = u32(rows - tile.first < tile_rows ? rows - tile.first : tile_rows);
+        const u32 first = t * tile_rows;
+        tile.first = first;
+        tile.count = rows - first < tile_rows ? rows - first : tile_rows;
         tile.box_first = tile.first * 4;
         tile.box_row = 4;
         tile.box_coord = 1;
     } else {
         const u32 per_image = (p.priors + tile_rows - 1) / tile_rows;
-        const u64 image = t / per_image;
-        const u32 p0 = u32(t % per_image) * tile_rows;
+        const u32 image = t / per_image;
+        const u32 p0 = t % per_image * tile_rows;
         tile.first = image * p.priors + p0;
         tile.count = p.priors - p0 < tile_rows ? p.priors - p0 : tile_rows;
-        tile.box_first = image * 4 * p.priors + p0;
+        tile.box_first = u64(image) * 4 * p.priors + p0;
         tile.box_row = 1;
         tile.box_coord = p.priors;
     }
@@ -475,33 +589,30 @@ __device__ __forceinline__ bool row_nonfinite(const T* x, u64 stride, u32 classe
     return check.any();
 }
 
-template <typename T, typename L> __device__ void mining_keys_and_positive_terms(const MultiboxParams& p) {
-    __shared__ u32 status_scratch[ROW_THREADS / WARP];
-    // Labels as i32, clamped to -2..C: an invalid label stays invalid, and
-    // the 1 KiB this saves over i64 lets one-thread-per-row tiles reach
-    // C = 91 in f16/bf16 (SSDLite on COCO) within 48 KiB.
-    __shared__ i32 tile_labels[ROW_THREADS];
-    __shared__ u32 tile_keys[ROW_THREADS];
+// A block's walk over its tiles (t = blockIdx.x, + gridDim.x, ...), and the
+// status bits it found. PAIRS: the call's tiles are staged channel-major
+// planes read two priors a lane group (pairs_of_priors); a body of its own,
+// so that the other paths keep the registers they had without it.
+template <typename T, typename L, bool PAIRS>
+__device__ __forceinline__ u32 walk_tiles(const MultiboxParams& p, i32* tile_labels, u32* tile_keys) {
     MB_DYNAMIC_SHARED(unsigned char, staged);
     const T* confidence = static_cast<const T*>(p.confidence);
     const T* pred = static_cast<const T*>(p.predicted_locations);
     const T* gt = static_cast<const T*>(p.gt_locations);
     const u32 lanes = p.lanes_per_row;
     const u32 sub = threadIdx.x % lanes;
-    const u64 rows = u64(p.batch) * p.priors;
-    const bool staging = p.tile_rows != 0;
-    const bool channel_major = p.layout == LAYOUT_CHANNEL_MAJOR;
+    const u32 rows = p.batch * p.priors;  // below 2^31 (Shape::validate)
+    const bool staging = PAIRS || p.tile_rows != 0;
+    const bool channel_major = PAIRS || p.layout == LAYOUT_CHANNEL_MAJOR;
     // A tile is one step of the lane groups: row r of it is lane group r.
     const u32 tile_rows = ROW_THREADS / lanes;
     const u32 r = threadIdx.x / lanes;
-    const u64 tiles = channel_major ? u64(p.batch) * ((p.priors + tile_rows - 1) / tile_rows)
+
+    const u32 tiles = channel_major ? p.batch * ((p.priors + tile_rows - 1) / tile_rows)
                                     : (rows + tile_rows - 1) / tile_rows;
 
-    // Kernel 2 counts its finished blocks here; it runs after this kernel.
-    if (blockIdx.x == 0 && threadIdx.x == 0) p.totals->images_done = 0;
-
     u32 status = 0;
-    for (u64 t = blockIdx.x; t < tiles; t += gridDim.x) {
+    for (u32 t = blockIdx.x; t < tiles; t += gridDim.x) {
         const Tile tile = tile_at(p, t, tile_rows, rows);
         // Class c of tile row r is x[r * row_stride + c * class_stride].
         const T* x0;
@@ -542,53 +653,91 @@ template <typename T, typename L> __device__ void mining_keys_and_positive_terms
         } else if (in_range && row_nonfinite(global_row, class_stride, p.classes, sub, lanes)) {
             status |= STATUS_NONFINITE_INPUT;
         }
-        const u64 row = tile.first + r;
-        i64 label = !in_range ? -1 : staging ? tile_labels[r] : load_label<L>(p.labels, row);
-        if (label < -1 || label >= i64(p.classes)) {
-            // Never index with it: count the prior as ignored and flag the call.
-            status |= STATUS_INVALID_LABEL;
-            label = -1;
-        }
-        const bool active = label >= 0;
-        const u32 own = active ? u32(label) : 0u;  // the row's own class
-        const T* staged_row = reinterpret_cast<const T*>(staged + copy_offset) + u64(r) * row_stride;
-        float x_own;
-        if (staging) {
-            x_own = leave_out_own(staged_row + u64(own) * class_stride, own, p.classes, sub, lanes, active);
+        // A row's label, clamped: an invalid one is counted as ignored and
+        // flags the call, so that nothing ever indexes with it.
+        const auto label_of = [&](u32 rr) -> i32 {
+            const i64 l = rr >= tile.count ? -1 : staging ? tile_labels[rr] : load_label<L>(p.labels, tile.first + rr);
+            if (l < -1 || l >= i64(p.classes)) {
+                status |= STATUS_INVALID_LABEL;
+                return -1;
+            }
+            return i32(l);
+        };
+        const auto staged_row = [&](u32 rr) {
+            return reinterpret_cast<const T*>(staged + copy_offset) + u64(rr) * row_stride;
+        };
+        // Pairs: the first half of the block's lane groups take the tile's
+        // rows two at a time (paired_row_sums), and the other half's warps
+        // wait at the next barrier. Either way each row's lanes and terms
+        // are the same.
+        const u32 first_row = PAIRS ? 2 * r : r;  // of this lane group's one or two
+        i32 label[2] = {-1, -1};
+        RowSums sums[2] = {};
+        if constexpr (PAIRS) {
+            u32 own[2];
+            float x_own[2];
+#pragma unroll
+            for (u32 j = 0; j < 2; ++j) {
+                label[j] = label_of(first_row + j);
+                own[j] = label[j] >= 0 ? u32(label[j]) : 0u;
+                x_own[j] = leave_out_own(staged_row(first_row + j) + u64(own[j]) * class_stride, own[j], p.classes,
+                                         sub, lanes, label[j] >= 0);
+            }
             __syncthreads();  // the tile without the rows' own classes
+            // Whole warps: ROW_THREADS / 2 is a multiple of 32.
+            if (threadIdx.x < ROW_THREADS / 2)
+                paired_row_sums(staged_row(first_row), class_stride, p.classes, own, x_own, sub, lanes,
+                                label[0] >= 0 || label[1] >= 0, sums);
         } else {
-            x_own = active ? to_f32(global_row[u64(own) * class_stride]) : 0.0f;
-        }
-        RowSums sums = {};
-        // Every lane of the block calls these, so the group shuffles find all
-        // 32 lanes. A call each, so that the compiler knows which rows are in
-        // shared memory (LDS, 32-bit addresses).
-        if (channel_major && staging) {
-            sums = strided_row_sums<true>(staged_row, class_stride, p.classes, own, x_own, sub, lanes, active);
-        } else if (channel_major) {
-            sums = strided_row_sums<false>(global_row, class_stride, p.classes, own, x_own, sub, lanes, active);
-        } else if (staging) {
-            sums = chunked_row_sums<true>(staged_row, p.classes, own, x_own, sub, lanes, active);
-        } else {
-            sums = chunked_row_sums<false>(global_row, p.classes, own, x_own, sub, lanes, active);
-        }
-        // The group's first lane writes the row's results.
-        if (sub == 0 && in_range) {
-            if (!active) {
-                tile_keys[r] = KEY_IGNORED;
-            } else if (label == 0) {
-                tile_keys[r] = candidate_key(loss_of(sums.e, sums.others, sums.x, sums.shift));
+            label[0] = label_of(r);
+            const bool active = label[0] >= 0;
+            const u32 own = active ? u32(label[0]) : 0u;  // the row's own class
+            float x_own;
+            if (staging) {
+                x_own = leave_out_own(staged_row(r) + u64(own) * class_stride, own, p.classes, sub, lanes, active);
+                __syncthreads();  // the tile without the rows' own classes
             } else {
-                tile_keys[r] = KEY_POSITIVE;
+                x_own = active ? to_f32(global_row[u64(own) * class_stride]) : 0.0f;
+            }
+            // Every lane of the block calls these, so the group shuffles find
+            // all 32 lanes. A call each, so that the compiler knows which
+            // rows are in shared memory (LDS, 32-bit addresses).
+            if (channel_major && staging) {
+                sums[0] = strided_row_sums<true>(staged_row(r), class_stride, p.classes, own, x_own, sub, lanes, active);
+            } else if (channel_major) {
+                sums[0] = strided_row_sums<false>(global_row, class_stride, p.classes, own, x_own, sub, lanes, active);
+            } else if (staging) {
+                sums[0] = chunked_row_sums<true>(staged_row(r), p.classes, own, x_own, sub, lanes, active);
+            } else {
+                sums[0] = chunked_row_sums<false>(global_row, p.classes, own, x_own, sub, lanes, active);
+            }
+        }
+        // The group's first lane writes each of its rows' results: first
+        // the losses, so that only they stay live across the box loads.
+        float loss[2];
+#pragma unroll
+        for (u32 j = 0; j < 2; ++j)
+            if (j == 0 || PAIRS) loss[j] = loss_of(sums[j].e, sums[j].others, sums[j].x, sums[j].shift);
+#pragma unroll
+        for (u32 j = 0; j < 2; ++j) {
+            const u32 rr = first_row + j;
+            if (sub != 0 || rr >= tile.count || (j == 1 && !PAIRS)) continue;
+            const u64 row = tile.first + rr;
+            if (label[j] < 0) {
+                tile_keys[rr] = KEY_IGNORED;
+            } else if (label[j] == 0) {
+                tile_keys[rr] = candidate_key(loss[j]);
+            } else {
+                tile_keys[rr] = KEY_POSITIVE;
                 PositiveTerms terms;
-                terms.cross_entropy = loss_of(sums.e, sums.others, sums.x, sums.shift);
+                terms.cross_entropy = loss[j];
                 terms.regression = 0.0f;
-                const u64 box = tile.box_first + r * tile.box_row;
+                const u64 box = tile.box_first + rr * tile.box_row;
                 float a[4], b[4];
                 load_box(pred + box, tile.box_coord, a);
                 load_box(gt + box, tile.box_coord, b);
-                for (u32 j = 0; j < 4; ++j) {
-                    const float d = a[j] - b[j];
+                for (u32 k = 0; k < 4; ++k) {
+                    const float d = a[k] - b[k];
                     if (!isfinite(d)) status |= STATUS_NONFINITE_INPUT;
                     terms.regression += smooth_l1(d, p.beta);
                 }
@@ -605,6 +754,33 @@ template <typename T, typename L> __device__ void mining_keys_and_positive_terms
         if (!staging) __syncthreads();
     }
 
+    return status;
+}
+
+// Whether a call's staged channel-major planes are 2-element aligned in
+// every tile, so that kernel 1 can read them two priors a load: P even
+// (each plane's run then starts where the first's does, modulo 2
+// elements, and a tile's first prior is a multiple of tile_rows) and the
+// logits 2-element aligned.
+template <typename T> __device__ __forceinline__ bool pairs_of_priors(const MultiboxParams& p) {
+    return p.layout == LAYOUT_CHANNEL_MAJOR && p.tile_rows != 0 && p.priors % 2 == 0 &&
+           u64(p.confidence) % (2 * sizeof(T)) == 0;
+}
+
+template <typename T, typename L> __device__ void mining_keys_and_positive_terms(const MultiboxParams& p) {
+    __shared__ u32 status_scratch[ROW_THREADS / WARP];
+    // Labels as i32, clamped to -2..C: an invalid label stays invalid, and
+    // the 1 KiB this saves over i64 lets one-thread-per-row tiles reach
+    // C = 91 in f16/bf16 (SSDLite on COCO) within 48 KiB. Declared here,
+    // once for both walks.
+    __shared__ i32 tile_labels[ROW_THREADS];
+    __shared__ u32 tile_keys[ROW_THREADS];
+
+    // Kernel 2 counts its finished blocks here; it runs after this kernel.
+    if (blockIdx.x == 0 && threadIdx.x == 0) p.totals->images_done = 0;
+
+    u32 status = pairs_of_priors<T>(p) ? walk_tiles<T, L, true>(p, tile_labels, tile_keys)
+                                       : walk_tiles<T, L, false>(p, tile_labels, tile_keys);
     status = block_or<ROW_THREADS>(status, status_scratch);
     if (threadIdx.x == 0) p.block_status[block_index()] = status;
 }

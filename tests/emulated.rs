@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::emulated::{self, Call, HostInputs, KernelOutput, Normalizer, Upstream};
+use common::emulated::{self, Call, HostInputs, KernelOutput, Normalizer, Placed, Upstream};
 use common::extents::Extents;
 use half::{bf16, f16};
 use multibox::reference;
@@ -641,8 +641,9 @@ fn confident_positives_keep_their_relative_precision() {
 /// bytes. Kernel 1 stages each plane's run of a tile's priors, and kernel 3
 /// writes each plane's run of gradients, as 16-byte words with the ends
 /// element by element: P of every residue modulo a word's elements, full
-/// and partial tiles, gradients one element past alignment, and one and
-/// two lanes a row (C = 21 and C = 81 in f32), bit for bit against the
+/// and partial tiles, logits and gradients one element past alignment
+/// (kernel 1's passes two priors a lane group, or one), and one and two
+/// lanes a row (C = 21 and C = 81 in f32), bit for bit against the
 /// row-major call and close to the reference.
 #[test]
 fn channel_major_planes_at_every_offset_within_16_bytes() {
@@ -691,6 +692,27 @@ fn channel_major_planes_at_every_offset_within_16_bytes() {
                 ..call
             };
             assert_channel_major_is_row_major(&what, &case, call, &row_major);
+            // The logits placed 0 and 1 elements past 256-byte alignment:
+            // with P even, kernel 1 reads 2-element aligned planes two
+            // priors a lane group, and the others element by element.
+            for skip in [0, 1] {
+                let placed = |inputs: &HostInputs<'_, T, L>, call| {
+                    let confidence = Placed::copy_of(inputs.confidence, skip);
+                    let inputs = HostInputs {
+                        confidence: confidence.as_slice(),
+                        ..*inputs
+                    };
+                    emulated::run(&case.config, shape, &inputs, call)
+                };
+                emulated::assert_channel_major_is_row_major(
+                    &format!("{what}, logits {skip} elements past alignment"),
+                    shape,
+                    &case.host(),
+                    call,
+                    &row_major,
+                    placed,
+                );
+            }
         }
     }
     // Tiles of 256 priors (kernel 1's of 128 at C = 81 in f32): P = 256 +
