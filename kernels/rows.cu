@@ -423,8 +423,9 @@ template <> __device__ __forceinline__ float minus_infinity<float>() { return NE
 // class instead). Every lane of the group reads it, then (after a
 // __syncwarp) the lane whose run holds it writes it; the caller's barrier
 // then orders the write before every read of the tile, the 16-byte words
-// of neighbouring rows' ends included, which may be another warp's. Every
-// lane of the warp calls it.
+// of neighbouring rows' ends included, which may be another warp's (the
+// pair walk reads nothing another lane wrote, and has none). Every lane of
+// the warp calls it.
 template <typename T>
 __device__ __forceinline__ float leave_out_own(const T* own_element, u32 own, u32 classes, u32 sub, u32 lanes,
                                                bool active) {
@@ -683,7 +684,9 @@ __device__ __forceinline__ u32 walk_tiles(const MultiboxParams& p, i32* tile_lab
                 x_own[j] = leave_out_own(staged_row(first_row + j) + u64(own[j]) * class_stride, own[j], p.classes,
                                          sub, lanes, label[j] >= 0);
             }
-            __syncthreads();  // the tile without the rows' own classes
+            // No barrier: a pair's loads hold the group's own two rows only,
+            // and every lane reads the classes of its run, whose own
+            // elements it wrote itself (the same run for both rows).
             // Whole warps: ROW_THREADS / 2 is a multiple of 32.
             if (threadIdx.x < ROW_THREADS / 2)
                 paired_row_sums(staged_row(first_row), class_stride, p.classes, own, x_own, sub, lanes,
