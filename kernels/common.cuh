@@ -312,6 +312,30 @@ template <typename T> __device__ __forceinline__ u32 head_to_16_bytes(const T* p
     return n < head ? u32(n) : head;
 }
 
+// A warp's copy of a run of n elements from p as 16-byte words, with its
+// ends element by element (one request: a lane an element), split so that
+// no 32-byte sector is touched both by the ends' request and by a word's,
+// which would fetch or write it twice. An end that falls inside a 16-byte
+// word goes element by element to the sector boundary (splitting at the
+// word left the sector around it to both requests); an end on a 16-byte
+// boundary needs no elements. Each end is under 32 bytes, so head + tail
+// < 2 * 32 / sizeof(T) <= 32 elements: a lane each.
+struct SectorSplit {
+    u32 head;   // elements before the first word
+    u32 words;  // 16-byte words after them; the rest of the run is the tail
+};
+template <typename T> __device__ __forceinline__ SectorSplit sector_split(const T* p, u32 n) {
+    const u64 start = u64(p), end = start + u64(n) * sizeof(T);
+    const u64 up = (start + 31) & ~u64(31);
+    const u64 lo = (start & 15) == 0 ? start : up < end ? up : end;  // the words' first byte
+    const u64 down = end & ~u64(31);
+    const u64 hi = (end & 15) == 0 ? end : down > lo ? down : lo;  // past their last
+    SectorSplit s;
+    s.head = u32((lo - start) / sizeof(T));
+    s.words = u32((hi - lo) / 16);
+    return s;
+}
+
 // blockIdx.x, read again from its special register where it is used. A
 // kernel near its register cap may otherwise keep the value from its start
 // to its end, and spill it to local memory to do so.

@@ -405,7 +405,8 @@ __device__ __forceinline__ bool sector_has_set(const ColumnShared& sh, const T* 
 // (sector_has_set), from `x0` (planes `priors` apart) into `dst` (planes
 // `stride` apart, each at its run's offset within 16 bytes), a warp a
 // plane. The words of a run are 16-byte loads and stores, its ends (where
-// c * P puts them) an element a lane. A word whose sector holds a set prior
+// c * P puts them; to the sector boundaries, sector_split) an element a
+// lane. A word whose sector holds a set prior
 // is copied even if its own priors are not in the set: its sector is
 // fetched anyway, and the warp's request then takes every byte of it. The
 // other elements of the part are left as they are, and never read.
@@ -419,14 +420,14 @@ __device__ __forceinline__ void stage_set_sectors(T* dst, u32 stride, const T* x
     for (u32 c = warp; c < classes; c += WARPS) {
         const T* run = x0 + c * priors;
         T* out = dst + c * stride;
-        const u32 head = head_to_16_bytes(run, count);
-        const u32 words = (count - head) / PER_VECTOR;
+        const SectorSplit split = sector_split(run, count);
+        const u32 head = split.head, words = split.words;
 #pragma unroll 1
         for (u32 w = lane; w < words; w += WARP) {
             if (sector_has_set(sh, run, head + w * PER_VECTOR, count, from))
                 reinterpret_cast<uint4*>(out + head)[w] = reinterpret_cast<const uint4*>(run + head)[w];
         }
-        // The ends, fewer than PER_VECTOR elements each: a lane each.
+        // The ends, within a sector each: a lane each.
         const u32 i = lane < head ? lane : head + words * PER_VECTOR + (lane - head);
         if (i < count && sector_has_set(sh, run, i, count, from)) out[i] = run[i];
     }
@@ -525,8 +526,8 @@ __device__ void write_gradients_channel_major(const MultiboxParams& p, ColumnSha
 #pragma unroll 1
             for (u32 c = warp; c < p.classes; c += WARPS) {
                 T* out = g0 + c * priors + from;
-                const u32 head = head_to_16_bytes(out, n);
-                const u32 words = (n - head) / PER_VECTOR;
+                const SectorSplit split = sector_split(out, n);
+                const u32 head = split.head, words = split.words;
 #pragma unroll 1
                 for (u32 w = lane; w < words; w += WARP) {
                     const u32 first = head + w * PER_VECTOR;
@@ -557,7 +558,7 @@ __device__ void write_gradients_channel_major(const MultiboxParams& p, ColumnSha
                     }
                     *reinterpret_cast<uint4*>(out + first) = v;
                 }
-                // The ends, fewer than PER_VECTOR elements each: a lane each.
+                // The ends, within a sector each: a lane each.
                 const u32 i = lane < head ? lane : head + words * PER_VECTOR + (lane - head);
                 if (i < n) {
                     // One store for both cases, so that the warp's end

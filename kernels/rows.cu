@@ -515,10 +515,11 @@ __device__ __forceinline__ void stage_tile(T* dst, const T* src, u32 n, FiniteCh
 // congruent to `plane` modulo a 16-byte word's elements, and dst shares
 // src's offset within 16 bytes: every plane's run then shares its global
 // offset within 16 bytes, and is copied like a row-major tile, in whole
-// 16-byte words with its ends element by element, whatever P is. One word
-// a lane at a time: a plane's run of ROW_THREADS priors is a word a lane
-// (two in f32), and more in flight would spill at the 64 registers a
-// thread that kernel 1's launch bounds leave.
+// 16-byte words with its ends element by element (to the sector
+// boundaries: sector_split), whatever P is. One word a lane at a time: a
+// plane's run of ROW_THREADS priors is a word a lane (two in f32), and more
+// in flight would spill at the 64 registers a thread that kernel 1's
+// launch bounds leave.
 template <typename T>
 __device__ __forceinline__ void stage_planes(T* dst, u32 stride, const T* src, u64 plane, u32 classes, u32 count,
                                              FiniteCheck<T>& check) {
@@ -529,15 +530,15 @@ __device__ __forceinline__ void stage_planes(T* dst, u32 stride, const T* src, u
     T* out = dst + warp * stride;
 #pragma unroll 1
     for (u32 c = warp; c < classes; c += WARPS, run += WARPS * plane, out += WARPS * stride) {
-        const u32 head = head_to_16_bytes(run, count);
-        const u32 words = (count - head) / PER_VECTOR;
+        const SectorSplit split = sector_split(run, count);
+        const u32 head = split.head, words = split.words;
 #pragma unroll 1
         for (u32 w = lane; w < words; w += WARP) {
             const uint4 v = reinterpret_cast<const uint4*>(run + head)[w];
             reinterpret_cast<uint4*>(out + head)[w] = v;
             check.add(v);
         }
-        // The ends, fewer than PER_VECTOR elements each: a lane each.
+        // The ends, within a sector each: a lane each.
         const u32 i = lane < head ? lane : head + words * PER_VECTOR + (lane - head);
         if (i < count) check.add(out[i] = run[i]);
     }
