@@ -406,10 +406,10 @@ __device__ __forceinline__ bool sector_has_set(const ColumnShared& sh, const T* 
 // `stride` apart, each at its run's offset within 16 bytes), a warp a
 // plane. The words of a run are 16-byte loads and stores, its ends (where
 // c * P puts them; to the sector boundaries, sector_split) an element a
-// lane. A word whose sector holds a set prior
-// is copied even if its own priors are not in the set: its sector is
-// fetched anyway, and the warp's request then takes every byte of it. The
-// other elements of the part are left as they are, and never read.
+// lane. A word whose sector holds a set prior is copied even if its own
+// priors are not in the set: its sector is fetched anyway, and the warp's
+// request then takes every byte of it. The other elements of the part are
+// left as they are, and never read.
 template <typename T>
 __device__ __forceinline__ void stage_set_sectors(T* dst, u32 stride, const T* x0, u64 priors, u32 classes, u32 count,
                                                   u32 from, const ColumnShared& sh) {
