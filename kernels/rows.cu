@@ -716,25 +716,26 @@ __device__ __forceinline__ u32 walk_tiles(const MultiboxParams& p, i32* tile_lab
                 sums[0] = chunked_row_sums<false>(global_row, p.classes, own, x_own, sub, lanes, active);
             }
         }
-        // The group's first lane writes each of its rows' results: first
-        // the losses, so that only they stay live across the box loads.
-        float loss[2];
-#pragma unroll
-        for (u32 j = 0; j < 2; ++j)
-            if (j == 0 || PAIRS) loss[j] = loss_of(sums[j].e, sums[j].others, sums[j].x, sums[j].shift);
+        // The group's first lane writes each of its rows' results. A row's
+        // loss is taken before the branch on its kind, so that a warp of
+        // negatives and positives runs loss_of once, and only for rows that
+        // have one: ignored rows, rows past the tile and the pair walk's
+        // idle warps skip it (and its log branch).
 #pragma unroll
         for (u32 j = 0; j < 2; ++j) {
             const u32 rr = first_row + j;
             if (sub != 0 || rr >= tile.count || (j == 1 && !PAIRS)) continue;
-            const u64 row = tile.first + rr;
             if (label[j] < 0) {
                 tile_keys[rr] = KEY_IGNORED;
-            } else if (label[j] == 0) {
-                tile_keys[rr] = candidate_key(loss[j]);
+                continue;
+            }
+            const float loss = loss_of(sums[j].e, sums[j].others, sums[j].x, sums[j].shift);
+            if (label[j] == 0) {
+                tile_keys[rr] = candidate_key(loss);
             } else {
                 tile_keys[rr] = KEY_POSITIVE;
                 PositiveTerms terms;
-                terms.cross_entropy = loss[j];
+                terms.cross_entropy = loss;
                 terms.regression = 0.0f;
                 const u64 box = tile.box_first + rr * tile.box_row;
                 float a[4], b[4];
@@ -745,7 +746,7 @@ __device__ __forceinline__ u32 walk_tiles(const MultiboxParams& p, i32* tile_lab
                     if (!isfinite(d)) status |= STATUS_NONFINITE_INPUT;
                     terms.regression += smooth_l1(d, p.beta);
                 }
-                p.terms[row] = terms;
+                p.terms[tile.first + rr] = terms;
             }
         }
         // Every row of the tile is done (and the staged tile read): the keys
