@@ -19,20 +19,21 @@
 // sectors, whatever C is. Rows too long for a tile (the plan says
 // tile_rows == 0) are read from global memory.
 //
-// The arithmetic (RowSums) is the same for every path: two passes over the
-// row (the maximum, then the sum of exponentials), base-2 exponentials on
-// the special-function unit with log2(e) folded into one fma, each lane of
-// a row's group over its own contiguous run of classes in class order, and
-// the group's partial sums added by a fixed xor tree. The sum leaves out
-// the row's own class (its label; the background for a negative), whose
-// term is kept apart: the loss is log1p(others / e_own), and a confident
-// row's small loss keeps its relative precision. A staged row-major
-// row is read with 16-byte shared loads, 4 or 8 classes at a time, and a
-// channel-major one a class at a time: two neighbouring priors' elements a
-// load where the planes are 2-element aligned, element by element where
-// not. All add the same terms in the same order, so the keys, and with them
-// the mined set, are bit for bit the same whatever the layout, the tiling
-// or the alignment of the logits.
+// The arithmetic (RowSums) is the same for every path: one pass over the
+// row, the sum of its exponentials shifted by its own logit (a second try
+// at its maximum for the rare row where that overflows), base-2
+// exponentials on the special-function unit with log2(e) folded into one
+// fma, each lane of a row's group over its own contiguous run of classes
+// in class order, and the group's partial sums added by a fixed xor tree.
+// The sum leaves out the row's own class (its label; the background for a
+// negative), whose term is kept apart: the loss is log1p(others / e_own),
+// and a confident row's small loss keeps its relative precision. A staged
+// row-major row is read with 16-byte shared loads, 4 or 8 classes at a
+// time, and a channel-major one a class at a time: two neighbouring priors'
+// elements a load where the planes are 2-element aligned, element by
+// element where not. All add the same terms in the same order, so the
+// keys, and with them the mined set, are bit for bit the same whatever the
+// layout, the tiling or the alignment of the logits.
 #include "multibox.cuh"
 
 __device__ __forceinline__ float smooth_l1(float d, float beta) {
@@ -43,18 +44,25 @@ __device__ __forceinline__ float smooth_l1(float d, float beta) {
 // ---------------------------------------------------------------------------
 // The log-sum-exp of a row, in base 2 with an integer shift:
 //   e_c = 2^(x_c log2(e) - shift) = exp(x_c - shift ln 2),
-//   shift = rint(max_c x_c * log2(e)),   lse = shift ln 2 + log(sum_c e_c).
-// The shift is the row maximum to within half a unit of log2, so the terms
-// neither overflow nor all underflow, and one fma per class computes the
-// exponent: its only rounding is relative to the result, and an error in
-// the shift scales every term alike, which log1p(rest / e) cancels. Logits
-// beyond about 1e38 in magnitude overflow the shift (NaN losses).
+//   shift = rint(x_k * log2(e)),   lse = shift ln 2 + log(sum_c e_c),
+// with x_k the row's own logit (its label's, the background's for a
+// negative), or its maximum where the own one would overflow the sum
+// (own_or_max_shift). Either is within half a unit of log2 of a logit of
+// the row, so the terms neither all underflow nor, checked, overflow, and
+// one fma per class computes the exponent: its only rounding is relative
+// to the result, and an error in the shift scales every term alike, which
+// log1p(rest / e) cancels. Logits beyond about 1e38 in magnitude overflow
+// the shift (NaN losses).
 
 constexpr float LOG2E = 1.44269504088896341f;
 // ln 2 in two parts: shift * LN2_HI is exact for |shift| < 2^9, and beyond
 // that rounded at the scale of the loss itself.
 constexpr float LN2_HI = 0.693145751953125f;
 constexpr float LN2_LO = 1.42860682030941723e-6f;
+// The most a row's sum of other terms may be at the own logit's shift:
+// its loss divides it by the own term, at least 2^-0.5 there, and 2^127.5
+// is still finite.
+constexpr float SUM_LIMIT = 0x1p127f;
 
 __device__ __forceinline__ float scaled_exp(float x, float shift) { return exp2_approx(fmaf(x, LOG2E, -shift)); }
 
@@ -191,8 +199,8 @@ __device__ __forceinline__ ClassRun lane_classes(u32 classes, u32 sub, u32 lanes
 // whenever its lanes' counts differ in parity: at C = 21 in f16, one or two
 // middle chunks, a pair plus a single instead of two singles. Worth it
 // where f is cheap next to the loop's 4 instructions: the maximum (8 or 9
-// a chunk) and f32's sum (17), not the half types' sum (37, which the
-// conversions double).
+// a chunk, in a second try) and f32's sum (17), not the half types' sum
+// (37, which the conversions double).
 template <bool STAGED, bool PAIRS, typename T, typename F>
 __device__ __forceinline__ void for_each_chunk(const T* row, u32 lo, u32 hi, u32 skip, F f) {
     if (lo >= hi) return;
@@ -224,10 +232,50 @@ __device__ __forceinline__ void for_each_chunk(const T* row, u32 lo, u32 hi, u32
     if (last > 0) f(end_chunk(last, 0, end - last * PER));
 }
 
+// A row's sums at its own logit's shift, rint(x_own log2(e)), and at its
+// maximum's where that overflows. The own shift makes the own term about 1
+// and needs no pass for the maximum, so a row is one pass: the sum of its
+// other terms. Only a class some 88 above the own one makes a term of
+// 2^127; a row whose sum reaches that (SUM_LIMIT), or is not finite, takes
+// the maximum's shift after all: a pass for the maximum and a second sum,
+// while every other row keeps its one pass. Whole warps run that second
+// try (its shuffles need every lane), but a row's sums depend on its own
+// logits alone, never on its neighbours', so every path and layout still
+// gives the same bits. Either shift is within half a unit of the log2 of
+// one of the row's logits (the own or the largest), whose term is then
+// between 2^-0.5 and 2^0.5: the terms never all underflow, and
+// log1p(others / e) cancels the shift either way.
+//
+// sum_at(shift, on): the group's sum of the row's other terms at `shift`,
+// each lane's run in class order (every lane calls it; lanes with !on read
+// nothing and add 0). run_max(on): this lane's maximum over its run, -inf
+// where !on. x_own: the own logit, which every lane of the group has.
+template <typename Sum, typename Max>
+__device__ __forceinline__ RowSums own_or_max_shift(float x_own, u32 lanes, bool active, Sum sum_at, Max run_max) {
+    RowSums r;
+    r.shift = rintf(x_own * LOG2E);
+    r.others = sum_at(r.shift, active);
+    // Too large, infinite or NaN (a NaN logit, which the call reports):
+    // the group's sum, so every lane of the group agrees.
+    const bool overflow = active && !(r.others < SUM_LIMIT);
+    if (__any_sync(FULL_MASK, overflow)) {
+        // The own class counts in the maximum even where the tile has it -inf.
+        const float shift = rintf(fmaxf(group_max(run_max(overflow), lanes), x_own) * LOG2E);
+        const float others = sum_at(shift, overflow);
+        if (overflow) {
+            r.shift = shift;
+            r.others = others;
+        }
+    }
+    r.x = x_own;
+    r.e = active ? scaled_exp(x_own, r.shift) : 0.0f;
+    return r;
+}
+
 // RowSums of a row-major row by a group of `lanes`, each lane reading its
 // run of classes with 16-byte loads: from the staged tile (STAGED), or from
 // global memory for rows too long for one. The own class `own`, whose
-// logit `x_own` the caller read, is left out of the second pass, so that
+// logit `x_own` the caller read, is left out of the sum, so that
 // each lane's part of `others` is its run's other terms in class order: a
 // negative's (class 0) padded out of lane 0's first chunk, a positive's
 // out of the staged tile by the caller (-inf, leave_out_own), or in global
@@ -239,42 +287,37 @@ template <bool STAGED, typename T>
 __device__ __forceinline__ RowSums chunked_row_sums(const T* row, u32 classes, u32 own, float x_own, u32 sub,
                                                     u32 lanes, bool active) {
     const ClassRun run = lane_classes(classes, sub, lanes);
-    MaxOf<T> max;
-    if (active) for_each_chunk<STAGED, true>(row, run.lo, run.hi, 0, [&](const Chunk<T>& c) { max.add(c); });
-    RowSums r;
-    // The own class counts in the maximum even where the tile has it -inf.
-    r.shift = rintf(fmaxf(group_max(max.value(), lanes), x_own) * LOG2E);
-    float s = 0.0f;
-    const auto add = [&](const Chunk<T>& c) { s = add_terms(c, r.shift, s); };
     // Where the walk stops short of a positive's own class in global memory.
     const u32 split = !STAGED && own != 0 && own >= run.lo && own < run.hi ? own : run.hi;
-    if (active) {
-        for_each_chunk<STAGED, sizeof(T) == 4>(row, run.lo, split, own == 0 && run.lo == 0 ? 1u : 0u, add);
-        if (!STAGED) for_each_chunk<STAGED, sizeof(T) == 4>(row, split + 1, run.hi, 0, add);
-    }
-    r.others = group_sum(s, lanes);
-    r.x = x_own;
-    r.e = active ? scaled_exp(x_own, r.shift) : 0.0f;
-    return r;
+    const auto sum_at = [&](float shift, bool on) {
+        float s = 0.0f;
+        const auto add = [&](const Chunk<T>& c) { s = add_terms(c, shift, s); };
+        if (on) {
+            for_each_chunk<STAGED, sizeof(T) == 4>(row, run.lo, split, own == 0 && run.lo == 0 ? 1u : 0u, add);
+            if (!STAGED) for_each_chunk<STAGED, sizeof(T) == 4>(row, split + 1, run.hi, 0, add);
+        }
+        return group_sum(s, lanes);
+    };
+    const auto run_max = [&](bool on) {
+        MaxOf<T> max;
+        if (on) for_each_chunk<STAGED, true>(row, run.lo, run.hi, 0, [&](const Chunk<T>& c) { max.add(c); });
+        return max.value();
+    };
+    return own_or_max_shift(x_own, lanes, active, sum_at, run_max);
 }
 
 // RowSums element by element, class c of the row at x[c * stride], each
 // lane over its run of classes: the very terms of chunked_row_sums, in the
-// same order (a term it pads out adds an exact 0; here it is not added).
+// same order, at the same shifts (a term it pads out adds an exact 0; here
+// it is not added).
 // Every lane of the group calls it; inactive rows read nothing.
 template <bool STAGED, typename T>
 __device__ __forceinline__ RowSums strided_row_sums(const T* x, u64 stride, u32 classes, u32 own, float x_own,
                                                     u32 sub, u32 lanes, bool active) {
     const ClassRun run = lane_classes(classes, sub, lanes);
-    float m = NEG_INF;
-    if (active) {
-        for (u32 c = run.lo; c < run.hi; ++c) m = fmaxf(m, to_f32(x[c * stride]));
-    }
-    RowSums r;
-    r.shift = rintf(fmaxf(group_max(m, lanes), x_own) * LOG2E);
-    float s = 0.0f;
-    if (active) {
-        if (STAGED) {
+    const auto sum_at = [&](float shift, bool on) {
+        float s = 0.0f;
+        if (on && STAGED) {
             // A positive's own class is -inf in the tile (leave_out_own).
             // Every lane reads the first class of its run in the same
             // step, lane 0 of a negative's group adding nothing for class
@@ -282,20 +325,24 @@ __device__ __forceinline__ RowSums strided_row_sums(const T* x, u64 stride, u32 
             // apart, which the plan's stride spreads over the banks
             // (rows_plane_stride).
             if (run.lo < run.hi) {
-                const float first = scaled_exp(to_f32(x[run.lo * stride]), r.shift);
+                const float first = scaled_exp(to_f32(x[run.lo * stride]), shift);
                 s += own == 0 && run.lo == 0 ? 0.0f : first;
             }
 #pragma unroll 16
-            for (u32 c = run.lo + 1; c < run.hi; ++c) s += scaled_exp(to_f32(x[c * stride]), r.shift);
-        } else {
+            for (u32 c = run.lo + 1; c < run.hi; ++c) s += scaled_exp(to_f32(x[c * stride]), shift);
+        } else if (on) {
             for (u32 c = own == 0 && run.lo == 0 ? 1 : run.lo; c < run.hi; ++c)
-                if (c != own) s += scaled_exp(to_f32(x[c * stride]), r.shift);
+                if (c != own) s += scaled_exp(to_f32(x[c * stride]), shift);
         }
-    }
-    r.others = group_sum(s, lanes);
-    r.x = x_own;
-    r.e = active ? scaled_exp(x_own, r.shift) : 0.0f;
-    return r;
+        return group_sum(s, lanes);
+    };
+    const auto run_max = [&](bool on) {
+        float m = NEG_INF;
+        if (on)
+            for (u32 c = run.lo; c < run.hi; ++c) m = fmaxf(m, to_f32(x[c * stride]));
+        return m;
+    };
+    return own_or_max_shift(x_own, lanes, active, sum_at, run_max);
 }
 
 // Two neighbouring priors' elements of a class plane, as one shared load:
@@ -370,39 +417,68 @@ __device__ __forceinline__ void for_each_class_pair(const T* x, u32 stride, u32 
 // priors at once, x at the first one's class 0 (2-element aligned): each
 // lane of the pair's group over its run of classes, both rows' terms in
 // the very order strided_row_sums adds them, so both rows get the same
-// bits. own[j], x_own[j]: row j's own class and its logit; its own class
-// is -inf in the tile for a positive (leave_out_own), class 0 is left out
-// of lane 0's first step for a negative. Every lane of the group calls it.
+// bits (own_or_max_shift's shifts, each row's second try its own). own[j],
+// x_own[j]: row j's own class and its logit; its own class is -inf in the
+// tile for a positive (leave_out_own), class 0 is left out of lane 0's
+// first step for a negative. Every lane of the group calls it.
 template <typename T>
 __device__ __forceinline__ void paired_row_sums(const T* x, u32 stride, u32 classes, const u32 own[2],
                                                 const float x_own[2], u32 sub, u32 lanes, bool active,
                                                 RowSums out[2]) {
     const ClassRun run = lane_classes(classes, sub, lanes);
-    TwoMax<T> max;
     // Eight classes a round: eight loads in flight (8 registers, 16 in f32),
     // and the loop's own instructions shared by 16 logits. 0 spills on
     // every architecture at kernel 1's 64 registers (tests/kernel_build).
     constexpr u32 ROUND = 8;
-    if (active) for_each_class_pair<ROUND>(x, stride, run.lo, run.hi, [&](const TwoOf<T>& v) { max.add(v); });
-    float shift[2], s[2] = {0.0f, 0.0f};
+    // Both rows' sums of their other terms, as strided_row_sums adds them:
+    // own_or_max_shift's sum_at for two rows.
+    const auto sums_at = [&](const float (&shift)[2], bool on, float (&others)[2]) {
+        float s[2] = {0.0f, 0.0f};
+        if (on && run.lo < run.hi) {
+            const TwoOf<T> first = TwoOf<T>::load(x + run.lo * stride);
 #pragma unroll
-    for (u32 j = 0; j < 2; ++j) shift[j] = rintf(fmaxf(group_max(max.value(j), lanes), x_own[j]) * LOG2E);
-    if (active && run.lo < run.hi) {
-        const TwoOf<T> first = TwoOf<T>::load(x + run.lo * stride);
+            for (u32 j = 0; j < 2; ++j) {
+                const float t = scaled_exp(first.at(j), shift[j]);
+                s[j] += own[j] == 0 && run.lo == 0 ? 0.0f : t;
+            }
+            for_each_class_pair<ROUND>(x, stride, run.lo + 1, run.hi, [&](const TwoOf<T>& v) {
+#pragma unroll
+                for (u32 j = 0; j < 2; ++j) s[j] += scaled_exp(v.at(j), shift[j]);
+            });
+        }
+#pragma unroll
+        for (u32 j = 0; j < 2; ++j) others[j] = group_sum(s[j], lanes);
+    };
+    // own_or_max_shift for two rows: the own shifts, and a second try at
+    // the maximum's where either row's sum overflows (each row keeping the
+    // result of its own first try where that was finite).
+    float shift[2], others[2];
+    bool overflow[2];
+#pragma unroll
+    for (u32 j = 0; j < 2; ++j) shift[j] = rintf(x_own[j] * LOG2E);
+    sums_at(shift, active, others);
+#pragma unroll
+    for (u32 j = 0; j < 2; ++j) overflow[j] = active && !(others[j] < SUM_LIMIT);
+    if (__any_sync(FULL_MASK, overflow[0] || overflow[1])) {
+        const bool on = overflow[0] || overflow[1];
+        TwoMax<T> max;
+        if (on) for_each_class_pair<ROUND>(x, stride, run.lo, run.hi, [&](const TwoOf<T>& v) { max.add(v); });
+        float at_max[2], again[2];
+#pragma unroll
+        for (u32 j = 0; j < 2; ++j) at_max[j] = rintf(fmaxf(group_max(max.value(j), lanes), x_own[j]) * LOG2E);
+        sums_at(at_max, on, again);
 #pragma unroll
         for (u32 j = 0; j < 2; ++j) {
-            const float t = scaled_exp(first.at(j), shift[j]);
-            s[j] += own[j] == 0 && run.lo == 0 ? 0.0f : t;
+            if (overflow[j]) {
+                shift[j] = at_max[j];
+                others[j] = again[j];
+            }
         }
-        for_each_class_pair<ROUND>(x, stride, run.lo + 1, run.hi, [&](const TwoOf<T>& v) {
-#pragma unroll
-            for (u32 j = 0; j < 2; ++j) s[j] += scaled_exp(v.at(j), shift[j]);
-        });
     }
 #pragma unroll
     for (u32 j = 0; j < 2; ++j) {
         out[j].shift = shift[j];
-        out[j].others = group_sum(s[j], lanes);
+        out[j].others = others[j];
         out[j].x = x_own[j];
         out[j].e = active ? scaled_exp(x_own[j], shift[j]) : 0.0f;
     }

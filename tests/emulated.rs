@@ -606,17 +606,23 @@ fn confident_rows<T: Float>(shape: Shape, seed: u64) {
         })
         .collect();
     let case = Drawn::with(shape, confidence, labels, &mut rng);
-    let what = format!("confident rows {shape} {:?}", T::DTYPE);
+    checked_in_both_layouts(&format!("confident rows {shape} {:?}", T::DTYPE), &case);
+}
+
+/// Runs `case` row-major, close to the reference, and channel-major, bit
+/// for bit the row-major call; returns the row-major output.
+fn checked_in_both_layouts<T: Float, L: Label>(what: &str, case: &Drawn<T, L>) -> KernelOutput<T> {
     let want = case.reference();
-    let got = emulated::run(&case.config, shape, &case.host(), Call::default()).unwrap();
+    let got = emulated::run(&case.config, case.shape, &case.host(), Call::default()).unwrap();
     compare(
-        &what,
-        &case,
+        what,
+        case,
         &want,
         &got,
         &case.divisors(Normalizer::Positives),
     );
-    assert_channel_major_is_row_major(&what, &case, Call::default(), &got);
+    assert_channel_major_is_row_major(what, case, Call::default(), &got);
+    got
 }
 
 #[test]
@@ -635,6 +641,78 @@ fn confident_positives_keep_their_relative_precision() {
         0
     );
     confident_rows::<f32>(global, 9);
+}
+
+/// Rows whose sum overflows at their own logit's shift: kernel 1 sums a
+/// row's terms at rint(x_own log2 e), one pass, and only a row with a class
+/// some 88 or more above its own (a term past 2^128) takes a second try at
+/// its maximum's shift. Positives and negatives with a class 100 above the
+/// own one (a second try), 80 above (none: a sum near 2^115), and positives
+/// 60 below the rest, and negatives whose sum is finite but its ratio to
+/// the own term is not, between ordinary rows of the same warps; one and two
+/// lanes a row, staged and from global memory, and channel-major two priors
+/// a lane group (P even) and element by element (P odd), bit for bit
+/// against row-major and close to the reference. Each hard negative is
+/// mined (fewer of them than 3 per positive), so the mined set's edge lies
+/// among the ordinary rows.
+fn rows_far_from_their_own_class<T: Float>(shape: Shape, seed: u64) {
+    let mut rng = SplitMix64(seed);
+    let c = shape.classes;
+    let other = |i: usize| 1 + (i * 7 + 3) % (c - 1);
+    let labels: Vec<i64> = (0..shape.rows())
+        .map(|i| match i % 7 {
+            0 | 3 => 1 + (i / 7 % (c - 1)) as i64,
+            _ => 0,
+        })
+        .collect();
+    let confidence: Vec<T> = (0..shape.confidence_len())
+        .map(|e| {
+            let (row, class) = (e / c, e % c);
+            let label = labels[row] as usize;
+            // A class other than the row's own, 100 or 80 above the rest.
+            let far = if other(row) == label {
+                1 + other(row) % (c - 1)
+            } else {
+                other(row)
+            };
+            let noise = rng.normal();
+            match row % 7 {
+                0 | 1 if class == far => T::from_f64(noise + 100.0),
+                2 if class == far => T::from_f64(noise + 80.0),
+                3 if class == label => T::from_f64(noise - 60.0),
+                // A sum just below 2^128 (its class 88.5 above the rest's
+                // scale) over an own term of 2^-0.43: finite, but not
+                // once divided by it.
+                4 if class == far => T::from_f64(88.5),
+                4 if class == 0 => T::from_f64(-0.3),
+                _ => T::from_f64(noise),
+            }
+        })
+        .collect();
+    let case = Drawn::with(shape, confidence, labels, &mut rng);
+    let what = format!("rows far from their own class {shape} {:?}", T::DTYPE);
+    let got = checked_in_both_layouts(&what, &case);
+    assert!(
+        got.classification_loss.is_finite(),
+        "{what}: {}",
+        got.classification_loss
+    );
+}
+
+#[test]
+fn rows_that_overflow_at_their_own_shift_take_their_maximum() {
+    let one_lane = Shape::new(2, 300, 21);
+    rows_far_from_their_own_class::<f16>(one_lane, 11);
+    rows_far_from_their_own_class::<bf16>(one_lane, 12);
+    rows_far_from_their_own_class::<f32>(one_lane, 13);
+    rows_far_from_their_own_class::<f16>(Shape::new(2, 301, 21), 14);
+    rows_far_from_their_own_class::<f32>(Shape::new(2, 130, 81), 15);
+    let global = Shape::new(1, 24, 7000);
+    assert_eq!(
+        multibox::plan::LaunchPlan::new(global).unwrap().tile_rows,
+        0
+    );
+    rows_far_from_their_own_class::<f32>(global, 16);
 }
 
 /// Channel-major class planes start wherever c * P puts them within 16
@@ -1886,10 +1964,12 @@ fn the_traffic_model_sees_whole_sectors() {
             shape.rows() as u64 * 4,
             "{what}: selection key bytes loaded"
         );
-        // Channel-major, kernel 1's passes read one element (or, unsliced,
+        // Channel-major, kernel 1's pass reads one element (or, unsliced,
         // a pair of priors' elements) a lane from planes the plan's stride
         // spreads over the banks: few requests conflict (f32 at C = 81, two
-        // lanes a row, had 92 % with planes 128 elements apart).
+        // lanes a row, had 92 % with planes 128 elements apart). Sliced
+        // bf16 at C = 81 has 2,324 conflicted of 15,094: as many as when a
+        // pass for the maximum came first, whose 10,206 requests had none.
         if layout == Layout::ChannelMajor {
             let (_, rows) = out
                 .traffic
@@ -1898,7 +1978,7 @@ fn the_traffic_model_sees_whole_sectors() {
                 .unwrap();
             let conflicted = rows.shared.conflicted as f64 / rows.shared.requests as f64;
             assert!(
-                conflicted <= 0.15,
+                conflicted <= 0.2,
                 "{what}: kernel 1 {:.0} % of shared requests conflicted",
                 100.0 * conflicted
             );
