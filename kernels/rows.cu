@@ -450,8 +450,8 @@ __device__ __forceinline__ void paired_row_sums(const T* x, u32 stride, u32 clas
         for (u32 j = 0; j < 2; ++j) others[j] = group_sum(s[j], lanes);
     };
     // own_or_max_shift for two rows: the own shifts, and a second try at
-    // the maximum's where either row's sum overflows (each row keeping the
-    // result of its own first try where that was finite).
+    // the maximum's where either row's sum reaches SUM_LIMIT (each row
+    // keeping the result of its own first try where that stayed below).
     float shift[2], others[2];
     bool overflow[2];
 #pragma unroll
