@@ -6,8 +6,11 @@
 
 mod common;
 
-use common::emulated::{self, Call, HostInputs, Normalizer, Upstream};
+use std::sync::Arc;
+
+use common::emulated::{self, Call, HostInputs, KernelOutput, Normalizer, Upstream};
 use common::gpu::{self, DeviceCall};
+use multibox::cudarc::driver::CudaContext;
 use multibox::synthetic::{Batch, BatchSpec};
 use multibox::{CallOptions, Error, Layout, MultiboxConfig, MultiboxLoss, Shape};
 
@@ -31,6 +34,42 @@ fn host(b: &Batch<f32, i64>) -> HostInputs<'_, f32, i64> {
     }
 }
 
+/// Runs `b` on the GPU and on the emulated kernels and checks that they
+/// agree: status clean, the same positives, and the same losses to 1e-6.
+/// expf differs between the GPU and the CPU's libm by an ulp or two, which
+/// can reorder keys within rounding; the goldens hold both to the f64
+/// reference. Returns the GPU's output.
+fn gpu_matches_emulated(
+    ctx: &Arc<CudaContext>,
+    config: &MultiboxConfig,
+    shape: Shape,
+    b: &Batch<f32, i64>,
+) -> KernelOutput<f32> {
+    let on_gpu = gpu::run(ctx, config, shape, &host(b), Call::default()).unwrap();
+    let emulated = emulated::run(config, shape, &host(b), Call::default()).unwrap();
+    assert!(on_gpu.status.is_ok(), "{shape}: {:?}", on_gpu.status);
+    assert_eq!(on_gpu.num_pos, emulated.num_pos, "{shape}");
+    let rel = |a: f32, b: f32| ((a - b) / b.abs().max(1e-30)).abs();
+    for (what, got, want) in [
+        (
+            "classification",
+            on_gpu.classification_loss,
+            emulated.classification_loss,
+        ),
+        (
+            "regression",
+            on_gpu.regression_loss,
+            emulated.regression_loss,
+        ),
+    ] {
+        assert!(
+            rel(got, want) < 1e-6,
+            "{shape}: {what} loss {got} against {want}"
+        );
+    }
+    on_gpu
+}
+
 #[test]
 fn gpu_matches_the_emulated_kernels() {
     let Some(ctx) = gpu::device("gpu_matches_the_emulated_kernels") else {
@@ -42,23 +81,7 @@ fn gpu_matches_the_emulated_kernels() {
         (Shape::new(2, 8732, 81), 2),
         (Shape::new(3, 17, 3), 3),
     ] {
-        let b = batch(shape, seed);
-        let on_gpu = gpu::run(&ctx, &config, shape, &host(&b), Call::default()).unwrap();
-        let emulated = emulated::run(&config, shape, &host(&b), Call::default()).unwrap();
-        assert!(on_gpu.status.is_ok(), "{shape}: {:?}", on_gpu.status);
-        assert_eq!(on_gpu.num_pos, emulated.num_pos, "{shape}");
-        // expf differs between the GPU and the CPU's libm by an ulp or two,
-        // which can reorder keys within rounding; the goldens hold both to
-        // the f64 reference. Here: the same losses to 1e-6.
-        let rel = |a: f32, b: f32| ((a - b) / b.abs().max(1e-30)).abs();
-        assert!(
-            rel(on_gpu.classification_loss, emulated.classification_loss) < 1e-6,
-            "{shape}"
-        );
-        assert!(
-            rel(on_gpu.regression_loss, emulated.regression_loss) < 1e-6,
-            "{shape}"
-        );
+        gpu_matches_emulated(&ctx, &config, shape, &batch(shape, seed));
     }
 }
 
@@ -91,17 +114,8 @@ fn gpu_rows_far_from_their_own_class_take_a_second_try() {
                 x[far] = 88.5;
             }
         }
-        let on_gpu = gpu::run(&ctx, &config, shape, &host(&b), Call::default()).unwrap();
-        let emulated = emulated::run(&config, shape, &host(&b), Call::default()).unwrap();
-        assert!(on_gpu.status.is_ok(), "{shape}: {:?}", on_gpu.status);
+        let on_gpu = gpu_matches_emulated(&ctx, &config, shape, &b);
         assert!(on_gpu.classification_loss.is_finite(), "{shape}");
-        let rel = |a: f32, b: f32| ((a - b) / b.abs().max(1e-30)).abs();
-        assert!(
-            rel(on_gpu.classification_loss, emulated.classification_loss) < 1e-6,
-            "{shape}: {} against {}",
-            on_gpu.classification_loss,
-            emulated.classification_loss
-        );
         let run =
             |inputs: &HostInputs<'_, f32, i64>, call| gpu::run(&ctx, &config, shape, inputs, call);
         emulated::assert_channel_major_is_row_major(
