@@ -12,8 +12,8 @@ graph and traced by torch.compile (the ops have fake implementations). CPU
 tensors (f32) run the crate's CPU reference, the same semantics in f64.
 
 The forward (``multibox::forward``: kernels 1 and 2) computes the losses and
-keeps the mining decisions in a small workspace (one u32 per prior and a
-few bytes per image); the backward (``multibox::backward``: kernel 3) reads
+keeps the mining decisions in a small workspace (12 bytes per prior and
+a few per image); the backward (``multibox::backward``: kernel 3) reads
 them with autograd's upstream gradients from device memory, so each gradient
 is rounded once and no ``[B, P, C]`` tensor lives between the two.
 
@@ -58,6 +58,7 @@ except PackageNotFoundError:  # a source checkout used without installing
 _DTYPES = {torch.float32: _capi.F32, torch.float16: _capi.F16, torch.bfloat16: _capi.BF16}
 _LABEL_TYPES = {torch.int32: _capi.I32, torch.int64: _capi.I64}
 _F32_MAX = 3.4028234663852886e38
+_F32_HALF_TINY = 2.0**-150
 _LAYOUTS = {"row_major": _capi.ROW_MAJOR, "channel_major": _capi.CHANNEL_MAJOR}
 _NORMALIZERS = {"positives": _capi.NORMALIZE_POSITIVES, "per_image": _capi.NORMALIZE_PER_IMAGE}
 
@@ -173,6 +174,12 @@ def _check_normalizer(normalizer, device=None):
     # beyond float32 are refused; infinity and NaN pass (NaN losses).
     if _F32_MAX < abs(value) < math.inf:
         raise ValueError(f"multibox_loss: normalizer {value!r} is out of float32's range")
+    # The divisor is a float32: a tiny n would become 0, which means "no
+    # positives" (zero losses), not a division by n. A comparison again:
+    # 2**-150, half the smallest subnormal, is the largest value that
+    # rounds (to even) to 0.
+    if value != 0.0 and abs(value) <= _F32_HALF_TINY:
+        raise ValueError(f"multibox_loss: normalizer {value!r} rounds to 0 in float32")
     return _capi.NORMALIZE_GIVEN, value, None
 
 
@@ -702,7 +709,10 @@ def multibox_loss(
     - a number n, or a one-element tensor on the inputs' device holding n
       (any real dtype: an int64 count from ``(labels > 0).sum()``, all-reduced
       across data-parallel ranks, say). On CUDA the kernels read the tensor
-      in device memory: no host synchronisation. ``n <= 0`` gives zero
+      in device memory: no host synchronisation. n is used as a float32:
+      a number it would round to 0 or beyond is refused; a tensor is
+      converted on the device (below float32's range 0, beyond it infinity),
+      as the C ABI's device divisor is one float32. ``n <= 0`` gives zero
       losses and gradients, a non-finite n NaN losses. The tensor gets no
       gradient. A divisor that changes from step to step belongs in a
       tensor: under torch.compile a Python number is a constant of the

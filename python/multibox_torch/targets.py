@@ -96,7 +96,9 @@ def pad_targets(
         counts.append(int(b.shape[0]))
     longest = max(counts)
     t = max(1, longest) if max_boxes is None else int(max_boxes)
-    if t < max(1, longest):
+    if t < 1:
+        raise ValueError(f"max_boxes={max_boxes}: T must be at least 1 (an image without boxes takes one padding row)")
+    if t < longest:
         raise ValueError(f"max_boxes={max_boxes} is smaller than an image's {longest} boxes")
     device = boxes[0].device
     label_dtype = labels[0].dtype
@@ -122,12 +124,22 @@ def _check(priors, gt_boxes, gt_labels, gt_counts):
     torch._check(priors.is_floating_point(), lambda: f"priors must be floating point, got {priors.dtype}")
     torch._check(gt_boxes.is_floating_point(), lambda: f"gt_boxes must be floating point, got {gt_boxes.dtype}")
     torch._check(
-        not gt_counts.is_floating_point() and not gt_counts.is_complex(),
+        not gt_counts.is_floating_point() and not gt_counts.is_complex() and gt_counts.dtype != torch.bool,
         lambda: f"gt_counts must be integers, got {gt_counts.dtype}",
     )
     for name, x in (("priors", priors), ("gt_labels", gt_labels), ("gt_counts", gt_counts)):
         torch._check(x.device == gt_boxes.device, lambda: f"{name} is on {x.device}, gt_boxes on {gt_boxes.device}")
     return priors.shape[0], b, t
+
+
+def _counts_i32(gt_counts, t):
+    """``gt_counts`` as the int32 the kernels read. A count outside 0..=T is
+    clamped by the kernels, which record it in the status word; a wider
+    integer is first brought to -1..=T+1 in its own type, so that the
+    conversion cannot wrap a count of 2**32 + 1 into a valid 1."""
+    if gt_counts.dtype != torch.int32:
+        gt_counts = gt_counts.to(torch.int64).clamp(-1, t + 1)
+    return gt_counts.to(torch.int32).contiguous()
 
 
 def _config(iou_threshold, center_variance, size_variance):
@@ -164,7 +176,7 @@ def _cuda_assign(priors, gt_boxes, gt_labels, gt_counts, thr, cv, sv):
     priors = priors.to(torch.float32).contiguous()
     gt_boxes = gt_boxes.to(torch.float32).contiguous()
     gt_labels = gt_labels.contiguous()
-    gt_counts = gt_counts.to(torch.int32).contiguous()
+    gt_counts = _counts_i32(gt_counts, t)
     labels = torch.empty((b, p), dtype=gt_labels.dtype, device=device)
     gt_locations = torch.empty((b, p, 4), dtype=torch.float32, device=device)
     # From PyTorch's caching allocator (512-byte aligned blocks; the kernels
@@ -241,7 +253,7 @@ def _cpu_assign(priors, gt_boxes, gt_labels, gt_counts, thr, cv, sv):
     priors = priors.to(torch.float32).contiguous()
     gt_boxes = gt_boxes.to(torch.float32).contiguous()
     gt_labels = gt_labels.contiguous()
-    gt_counts = gt_counts.to(torch.int32).contiguous()
+    gt_counts = _counts_i32(gt_counts, t)
     labels = torch.empty((b, p), dtype=gt_labels.dtype)
     gt_locations = torch.empty((b, p, 4), dtype=torch.float32)
     call = _capi_targets.TargetHostCall(
@@ -304,6 +316,22 @@ def _(priors, gt_boxes, gt_labels, gt_counts, iou_threshold, center_variance, si
         size = torch.library.get_ctx().new_dynamic_size()
     status = gt_boxes.new_empty((size,), dtype=torch.uint8)
     return labels, gt_locations, status
+
+
+def _assign_setup_context(ctx, inputs, output):
+    # The targets are constants of the loss, as SPEC.md says (no gradient
+    # reaches gt_locations): boxes that require grad, say from an
+    # augmentation written in PyTorch, must not make the loss's backward
+    # try to go through the assignment.
+    ctx.mark_non_differentiable(*output)
+
+
+def _assign_backward(ctx, *grads):
+    # Not called (no output is differentiable); no input gets a gradient.
+    return (None,) * 7
+
+
+_assign_op.register_autograd(_assign_backward, setup_context=_assign_setup_context)
 
 
 def _assign_status(record):
@@ -431,6 +459,8 @@ class MultiboxLoss(nn.Module):
         self.center_variance = center_variance
         self.size_variance = size_variance
         self.priors = priors.to(device)
+        # assign()'s copies of the priors on other devices (see _priors_on).
+        self._priors_copies = {}
         # Refused here rather than at the first step.
         _check_layout(layout)
         _check_normalizer(normalizer)
@@ -481,6 +511,24 @@ class MultiboxLoss(nn.Module):
             raise RuntimeError("MultiboxLoss.last_assign_status(): the module has not assigned targets yet")
         return _assign_status(self._last_assign)
 
+    def _priors_on(self, device):
+        """``self.priors`` on ``device``: the tensor itself, or a copy made
+        once per device and kept until ``self.priors`` is replaced or written.
+        A copy each call would be a new priors tensor each step, which on
+        CUDA is checked on the host again (a synchronisation) and could not
+        be made inside a graph capture. ``priors`` is an attribute, not a
+        buffer, as in the reference, so that ``.half()`` leaves it float32;
+        ``.cuda()`` therefore does not move it, and this is what serves a
+        module made with ``device="cpu"`` whose boxes are on the GPU."""
+        priors = self.priors
+        if priors.device == device:
+            return priors
+        kept = self._priors_copies.get(device)
+        if kept is None or kept[0] is not priors or kept[1] != priors._version:
+            kept = (priors, priors._version, priors.to(device))
+            self._priors_copies[device] = kept
+        return kept[2]
+
     def assign(self, gt_boxes, gt_labels, gt_counts: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """``(labels, gt_locations)`` for a padded batch (``gt_counts`` given)
         or for lists of per-image boxes and labels (``gt_counts`` None);
@@ -489,7 +537,7 @@ class MultiboxLoss(nn.Module):
             if isinstance(gt_boxes, Tensor):
                 raise ValueError("gt_counts is required with padded gt_boxes; pass lists to have them padded")
             gt_boxes, gt_labels, gt_counts = pad_targets(list(gt_boxes), list(gt_labels))
-        priors = self.priors.to(gt_boxes.device)
+        priors = self._priors_on(gt_boxes.device)
         settings = (float(self.iou_threshold), float(self.center_variance), float(self.size_variance))
         labels, gt_locations, status = _assign_op(priors, gt_boxes, gt_labels, gt_counts, *settings)
         self._last_assign = (status, (gt_boxes.shape[0], priors.shape[0], gt_boxes.shape[1]), settings)

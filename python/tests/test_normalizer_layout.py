@@ -340,6 +340,13 @@ def test_normalizer_beyond_float32_is_refused():
     inputs = batch("cpu")
     with pytest.raises(ValueError, match="out of float32's range"):
         multibox_loss(*inputs, normalizer=1e39)
+    # One that float32 rounds to 0 would mean "no positives": zero losses,
+    # silently. The smallest float32 itself is a divisor like any other.
+    for tiny in (1e-50, -1e-50, 2.0**-150):
+        with pytest.raises(ValueError, match="rounds to 0 in float32"):
+            multibox_loss(*inputs, normalizer=tiny)
+    reg, cls, _ = multibox_loss(*inputs, normalizer=2.0**-150 * 1.0000001)  # rounds to 2**-149
+    assert reg.item() > 0 and cls.item() > 0
 
 
 @pytest.mark.parametrize("value", ["NCHW", "rowmajor", 0, 1, None])

@@ -116,6 +116,8 @@ def test_pad_targets():
     # Every image empty: one padding row, count 0.
     gb, gl, gc = pad_targets([torch.zeros((0, 4))], [torch.zeros((0,), dtype=torch.int32)])
     assert gb.shape == (1, 1, 4) and gl.dtype == torch.int32 and gc.tolist() == [0]
+    with pytest.raises(ValueError, match="T must be at least 1"):
+        pad_targets([torch.zeros((0, 4))], [torch.zeros((0,), dtype=torch.int32)], max_boxes=0)
     with pytest.raises(ValueError):
         pad_targets(boxes, labels, max_boxes=2)
     with pytest.raises(ValueError):
@@ -139,6 +141,62 @@ def test_empty_image_and_bad_settings():
         assign_targets(priors, gt_boxes, gt_labels.float(), gt_counts)
     with pytest.raises(RuntimeError):
         assign_targets(priors[:, :3], gt_boxes, gt_labels, gt_counts)
+
+
+def test_targets_of_boxes_that_require_grad_are_constants_of_the_loss():
+    # SPEC.md: no gradient flows to the targets. Boxes that require grad
+    # (an augmentation written in PyTorch, say) made gt_locations require
+    # grad too, and the loss's backward then raised "no autograd formula
+    # was registered" for multibox::assign_targets.
+    _, a = load("t_ssdlite_voc", COMMITTED)
+    boxes = a["gt_boxes"].clone().requires_grad_()
+    criterion = MultiboxLoss(a["priors"], 0.5, 3, 0.1, 0.2, "cpu")
+    labels, gt_locations = criterion.assign(boxes, a["gt_labels"], a["gt_counts"])
+    assert not labels.requires_grad and not gt_locations.requires_grad
+    check_case("t_ssdlite_voc", labels, gt_locations, a)
+    b, p = labels.shape
+    confidence = torch.randn((b, p, 21), requires_grad=True)
+    predicted = torch.randn((b, p, 4), requires_grad=True)
+    reg, cls = criterion(confidence, predicted, labels, gt_locations)
+    (reg + cls).backward()
+    assert confidence.grad is not None and boxes.grad is None
+    compiled = torch.compile(lambda x: assign_targets(a["priors"], x, a["gt_labels"], a["gt_counts"])[1])
+    assert not compiled(boxes).requires_grad
+
+
+def test_wide_counts_are_clamped_not_wrapped():
+    # gt_counts is read as int32. An int64 count of 2**32 + 1 used to wrap
+    # to 1 (one box used, nothing recorded), and -(2**32) + 2 to a valid 2.
+    _, a = load("t_ssdlite_voc", COMMITTED)
+    t = a["gt_boxes"].shape[1]
+    criterion = MultiboxLoss(a["priors"], 0.5, 3, 0.1, 0.2, "cpu")
+    full = criterion.assign(a["gt_boxes"], a["gt_labels"], torch.full_like(a["gt_counts"], t, dtype=torch.int64))
+    empty = criterion.assign(a["gt_boxes"], a["gt_labels"], torch.zeros_like(a["gt_counts"], dtype=torch.int64))
+    for counts, want in (((2**32 + 1), full), ((t + 1), full), (-(2**32) + 2, empty), (-1, empty)):
+        got = criterion.assign(a["gt_boxes"], a["gt_labels"], torch.full_like(a["gt_counts"], counts, dtype=torch.int64))
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), counts
+        assert criterion.last_assign_status().count_clamped, counts
+    criterion.assign(a["gt_boxes"], a["gt_labels"], a["gt_counts"].to(torch.int64))
+    assert not criterion.last_assign_status().count_clamped
+    with pytest.raises(RuntimeError, match="gt_counts must be integers, got torch.bool"):
+        assign_targets(a["priors"], a["gt_boxes"], a["gt_labels"], a["gt_counts"] > 0)
+
+
+def test_module_copies_its_priors_to_another_device_once():
+    # MultiboxLoss(..., device="cpu") with boxes on the GPU: a new copy of
+    # the priors each step would be checked on the host each step (a
+    # synchronisation). The meta device stands in for the GPU here.
+    priors = standard_priors("ssdlite300")
+    criterion = MultiboxLoss(priors, 0.5, 3, 0.1, 0.2, "cpu")
+    meta = torch.device("meta")
+    first = criterion._priors_on(meta)
+    assert first.device == meta and criterion._priors_on(meta) is first
+    assert criterion._priors_on(torch.device("cpu")) is criterion.priors
+    criterion.priors.mul_(1.0)  # written in place: copied again
+    second = criterion._priors_on(meta)
+    assert second is not first and criterion._priors_on(meta) is second
+    criterion.priors = priors.clone()  # replaced: copied again
+    assert criterion._priors_on(meta) is not second
 
 
 def test_opcheck():
