@@ -2,8 +2,9 @@
  * multibox: the SSD MultiBox loss (hard negative mining, cross-entropy,
  * smooth-L1) and its gradients, as fused CUDA kernels; C ABI.
  * Link libmultibox.so or libmultibox.a (with -lpthread -ldl -lm).
- * Every function returns a multibox_status_code except multibox_version and
- * multibox_last_error; on failure multibox_last_error() says why.
+ * Every function returns a multibox_status_code except multibox_version,
+ * multibox_abi and multibox_last_error; on failure multibox_last_error()
+ * says why.
  */
 
 #ifndef MULTIBOX_H
@@ -343,6 +344,14 @@ extern "C" {
 
 // The library's version, e.g. `"0.1.0"`: a static string.
 const char *multibox_version(void);
+
+// A hash of the declarations in `include/multibox.h` as this library was
+// built (FNV-1a over the header's text without comments and whitespace).
+// A caller that declares the structs itself, as ctypes does, compares it
+// with the value of the header it was written against, so that a library
+// built from another header is refused rather than handed structs of the
+// wrong layout.
+uint64_t multibox_abi(void);
 
 // The message of the last failure on this thread (empty if none): valid
 // until the next failing call on this thread. Never NULL.

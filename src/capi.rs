@@ -6,8 +6,8 @@
 //!
 //! The rules every function here follows:
 //!
-//! - It returns a [`multibox_status_code`] (except [`multibox_version`] and
-//!   [`multibox_last_error`], which cannot fail). On failure,
+//! - It returns a [`multibox_status_code`] (except [`multibox_version`],
+//!   [`multibox_abi`] and [`multibox_last_error`], which cannot fail). On failure,
 //!   [`multibox_last_error`] gives a readable message on the same thread.
 //! - It never unwinds across the boundary: a panic becomes
 //!   [`multibox_status_code::MULTIBOX_PANIC`].
@@ -444,6 +444,48 @@ fn label_type(value: i32) -> Result<LabelType, Failure> {
 #[no_mangle]
 pub extern "C" fn multibox_version() -> *const c_char {
     concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
+}
+
+/// A hash of the declarations in `include/multibox.h` as this library was
+/// built (FNV-1a over the header's text without comments and whitespace).
+/// A caller that declares the structs itself, as ctypes does, compares it
+/// with the value of the header it was written against, so that a library
+/// built from another header is refused rather than handed structs of the
+/// wrong layout.
+#[no_mangle]
+pub extern "C" fn multibox_abi() -> u64 {
+    HEADER_ABI
+}
+
+/// [`multibox_abi`]'s value, computed when the crate compiles.
+const HEADER_ABI: u64 = declarations_hash(include_bytes!("../include/multibox.h"));
+
+/// FNV-1a (64-bit) over the bytes of a C header that are neither comments
+/// (`//` to the end of the line, `/* ... */`) nor whitespace, so that a
+/// header whose only changes are in its comments or layout keeps its hash.
+pub const fn declarations_hash(text: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut i = 0;
+    while i < text.len() {
+        let next = if i + 1 < text.len() { text[i + 1] } else { 0 };
+        if text[i] == b'/' && next == b'/' {
+            while i < text.len() && text[i] != b'\n' {
+                i += 1;
+            }
+        } else if text[i] == b'/' && next == b'*' {
+            i += 2;
+            while i + 1 < text.len() && !(text[i] == b'*' && text[i + 1] == b'/') {
+                i += 1;
+            }
+            i += 2;
+        } else {
+            if !text[i].is_ascii_whitespace() {
+                hash = (hash ^ text[i] as u64).wrapping_mul(0x0000_0100_0000_01b3);
+            }
+            i += 1;
+        }
+    }
+    hash
 }
 
 /// The message of the last failure on this thread (empty if none): valid

@@ -27,6 +27,14 @@ CODE_NAMES = {
     PANIC: "MULTIBOX_PANIC",
 }
 
+# multibox_abi() of a library built from the include/multibox.h that the
+# structs and signatures here (and in _capi_targets) mirror: a hash of its
+# declarations, comments and whitespace left out. A library of another
+# header is refused instead of being handed structs of the wrong layout.
+# python/tests/test_capi_ctypes.py fails when the header changes: check the
+# structs against it, then set the value the test prints.
+ABI = 0x8B5ECE2E4F726B6B
+
 F32, F16, BF16 = 0, 1, 2
 I32, I64 = 0, 1
 # multibox_layout: confidence [B, P, C] and locations [B, P, 4], or
@@ -198,6 +206,7 @@ def _declare(lib):
     c = ctypes
     sigs = {
         "multibox_version": (c.c_char_p, []),
+        "multibox_abi": (c.c_uint64, []),
         "multibox_last_error": (c.c_char_p, []),
         "multibox_config_default": (c.c_int, [_P(Config)]),
         "multibox_workspace_bytes": (c.c_int, [c.c_size_t, c.c_size_t, c.c_size_t, _P(c.c_size_t)]),
@@ -240,6 +249,13 @@ class Library:
                 f"{self.path} is not a multibox library of this package's version "
                 f"(a C function is missing: {e}); rebuild it or unset MULTIBOX_LIB"
             ) from e
+        abi = self.lib.multibox_abi()
+        if abi != ABI:
+            raise OSError(
+                f"{self.path} was built from another C header than this package's "
+                f"(multibox_abi() {abi:#018x}, the package's {ABI:#018x}): a stale build? "
+                "Rebuild it (cargo build --release --lib) or unset MULTIBOX_LIB"
+            )
 
     def version(self):
         return self.lib.multibox_version().decode()

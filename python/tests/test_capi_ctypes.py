@@ -63,6 +63,45 @@ def test_enum_values_match_the_header():
         assert getattr(capi, ENUMS[cname]) == int(value), f"{cname}: _capi.{ENUMS[cname]} != {value}"
 
 
+def _declarations_hash(text):
+    """multibox_abi()'s hash (src/capi.rs, declarations_hash): FNV-1a over
+    the header's bytes that are neither comments nor ASCII whitespace."""
+    h, i, n = 0xCBF29CE484222325, 0, len(text)
+    while i < n:
+        pair = text[i : i + 2]
+        if pair == b"//":
+            while i < n and text[i] != ord("\n"):
+                i += 1
+        elif pair == b"/*":
+            end = text.find(b"*/", i + 2)
+            i = n if end < 0 else end + 2
+        else:
+            if text[i] not in b" \t\n\x0c\r":
+                h = ((h ^ text[i]) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+            i += 1
+    return h
+
+
+def test_the_binding_and_the_library_are_of_the_headers_abi():
+    want = _declarations_hash((ROOT / "include" / "multibox.h").read_bytes())
+    assert capi.ABI == want, (
+        f"include/multibox.h changed: check _capi.py's and _capi_targets.py's structs and signatures "
+        f"against it, then set _capi.ABI = {want:#018X}"
+    )
+    lib = capi.Library()
+    assert lib.lib.multibox_abi() == want
+    # A library of another header is refused with a message that says so.
+    saved = capi.ABI
+    capi.ABI = saved ^ 1
+    try:
+        capi.Library(lib.path)
+        raise AssertionError("a library of another ABI was loaded")
+    except OSError as e:
+        assert "built from another C header" in str(e) and "stale build" in str(e), e
+    finally:
+        capi.ABI = saved
+
+
 def test_reference_on_the_hand_computed_case():
     lib = capi.Library()
     assert lib.version()
