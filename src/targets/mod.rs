@@ -159,11 +159,11 @@ impl TargetShape {
         if self.priors >= LIMIT
             || self.max_boxes >= LIMIT
             || self.batch >= LIMIT
-            || self.batch.checked_mul(tiles).map_or(true, |g| g >= LIMIT)
+            || self.batch.checked_mul(tiles).is_none_or(|g| g >= LIMIT)
             || self
                 .batch
                 .checked_mul(self.max_boxes)
-                .map_or(true, |n| n >= LIMIT)
+                .is_none_or(|n| n >= LIMIT)
             || self.locations_len_checked().is_none()
         {
             return bad("too large for the kernels' 32-bit grid and index arithmetic");
