@@ -93,16 +93,6 @@ typedef struct multibox_assigner multibox_assigner;
 // `multibox_loss_create`, free it with `multibox_loss_destroy`.
 typedef struct multibox_loss multibox_loss;
 
-// The loss's parameters; `multibox_config_default` fills in the defaults.
-typedef struct multibox_config {
-  // Hard negatives mined per positive, per image; positive, finite; 3 by default.
-  float neg_pos_ratio;
-  // Floor on the negatives mined per image; 0 by default.
-  uint32_t min_negatives_per_image;
-  // The smooth-L1 transition point; positive, finite; 1 by default.
-  float beta;
-} multibox_config;
-
 // The batch shape: `B` images, `P` priors, `C` classes (background included).
 typedef struct multibox_shape {
   // B >= 1.
@@ -116,8 +106,10 @@ typedef struct multibox_shape {
 // One device call: device addresses (`CUdeviceptr`, or a `void*` cast to
 // `uint64_t`) of contiguous arrays, all of one context. The shapes below
 // are row-major's; with `layout` MULTIBOX_CHANNEL_MAJOR they are `[B, C, P]`
-// and `[B, 4, P]`. A zero-initialised call (`multibox_call call = {0};`)
-// is row-major and normalised by N.
+// and `[B, 4, P]`. Start from `multibox_call_default` (row-major,
+// normalised by N, upstream gradients 1.0). A zero-initialised call
+// (`multibox_call call = {0};`) differs in one thing: its `g_reg` and
+// `g_cls` are 0, so its gradients are 0 unless they or `upstream` are set.
 typedef struct multibox_call {
   // The batch shape.
   struct multibox_shape shape;
@@ -176,18 +168,10 @@ typedef struct multibox_call {
   uint64_t normalizer_device;
 } multibox_call;
 
-// What the kernels saw that only the device can see.
-typedef struct multibox_device_status {
-  // A label outside `-1..C-1` was found; both losses are NaN.
-  bool invalid_label;
-  // A NaN or infinity was among the logits (ignored priors' too) or a
-  // positive's box offsets.
-  bool nonfinite_input;
-} multibox_device_status;
-
 // One CPU reference call on host arrays: f32 inputs and gradients, i32 or
 // i64 labels, each array with its length in elements. Outputs may be NULL
-// where a function says so.
+// where a function says so. Start from `multibox_host_call_default`
+// (upstream gradients 1.0); zero-initialised, `g_reg` and `g_cls` are 0.
 typedef struct multibox_host_call_f32 {
   // The batch shape.
   struct multibox_shape shape;
@@ -232,6 +216,25 @@ typedef struct multibox_host_call_f32 {
   // MULTIBOX_NORMALIZE_GIVEN's n.
   float normalizer_value;
 } multibox_host_call_f32;
+
+// The loss's parameters; `multibox_config_default` fills in the defaults.
+typedef struct multibox_config {
+  // Hard negatives mined per positive, per image; positive, finite; 3 by default.
+  float neg_pos_ratio;
+  // Floor on the negatives mined per image; 0 by default.
+  uint32_t min_negatives_per_image;
+  // The smooth-L1 transition point; positive, finite; 1 by default.
+  float beta;
+} multibox_config;
+
+// What the kernels saw that only the device can see.
+typedef struct multibox_device_status {
+  // A label outside `-1..C-1` was found; both losses are NaN.
+  bool invalid_label;
+  // A NaN or infinity was among the logits (ignored priors' too) or a
+  // positive's box offsets.
+  bool nonfinite_input;
+} multibox_device_status;
 
 // The losses from the CPU reference, in double.
 typedef struct multibox_losses {
@@ -296,10 +299,12 @@ typedef struct multibox_target_call {
 
 // What assignment recorded about its inputs (SPEC.md): nothing stops it.
 typedef struct multibox_target_status {
-  // A `gt_counts[b]` outside 0..T, clamped.
+  // A `gt_counts[b]` outside 0..=T, clamped.
   bool count_clamped;
   // A box label below 1 (its priors get -2, which the loss refuses) or >= C
-  // when C is known (copied as it is; the loss refuses it too).
+  // when C is known (copied as it is; the loss refuses it too). A box
+  // that ends up with no prior (its best one forced to a later box, or
+  // itself degenerate) leaves no such label: this flag is its only record.
   bool invalid_box_label;
   // A non-finite box, or one with x1 <= x0 or y1 <= y0: skipped.
   bool degenerate_box;
@@ -357,6 +362,23 @@ uint64_t multibox_abi(void);
 // until the next failing call on this thread. Never NULL.
 const char *multibox_last_error(void);
 
+// Writes a call with no buffers to `out`: every address and length 0,
+// row-major, normalised by N (MULTIBOX_NORMALIZE_POSITIVES), and upstream
+// gradients `g_reg` = `g_cls` = 1.0, SPEC.md's default. Set the shape, the
+// types and the buffers.
+//
+// # Safety
+// `out` is NULL or points to a writable `multibox_call`.
+enum multibox_status_code multibox_call_default(struct multibox_call *out);
+
+// Writes a host call with no arrays to `out`: every pointer NULL and
+// every length 0, row-major, normalised by N, and upstream gradients
+// `g_reg` = `g_cls` = 1.0. Set the shape, the label type and the arrays.
+//
+// # Safety
+// `out` is NULL or points to a writable `multibox_host_call_f32`.
+enum multibox_status_code multibox_host_call_default(struct multibox_host_call_f32 *out);
+
 // Writes the default configuration (ratio 3, no floor, beta 1) to `out`.
 //
 // # Safety
@@ -384,12 +406,14 @@ enum multibox_status_code multibox_loss_create(int32_t device_ordinal,
                                                const struct multibox_config *config,
                                                struct multibox_loss **out);
 
-// Frees a loss from `multibox_loss_create`; NULL is a no-op.
+// Frees a loss from `multibox_loss_create`; NULL is a no-op. Work queued
+// through it may still be running: this waits for the device
+// (`cuCtxSynchronize`, so not while another thread captures a graph in
+// global mode) before it unloads the kernels.
 //
 // # Safety
-// `loss` is NULL or came from `multibox_loss_create` and is not used again;
-// no work queued through it is still to be launched, and no CUDA graph that
-// captured its launches is launched afterwards.
+// `loss` is NULL or came from `multibox_loss_create` and is not used again,
+// nor is any CUDA graph that captured its launches.
 enum multibox_status_code multibox_loss_destroy(struct multibox_loss *loss);
 
 // The losses only (2 launches on `stream`, a `CUstream`/`cudaStream_t` of

@@ -12,7 +12,7 @@
 // reference, and ties between priors of one size come out the same.
 #include "common.cuh"
 
-constexpr u32 TARGET_STATUS_COUNT_CLAMPED = 1u;      // gt_counts[b] outside 0..T, clamped
+constexpr u32 TARGET_STATUS_COUNT_CLAMPED = 1u;      // gt_counts[b] outside 0..=T, clamped
 constexpr u32 TARGET_STATUS_INVALID_BOX_LABEL = 2u;  // a box label < 1 or >= C (when C is known)
 constexpr u32 TARGET_STATUS_DEGENERATE_BOX = 4u;     // a non-finite box or x1 <= x0 or y1 <= y0: skipped
 // What a prior matched to a box labelled below 1 gets: below -1, so never

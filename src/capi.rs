@@ -14,6 +14,8 @@
 //! - Every pointer argument is checked for null, every enum value passed as
 //!   an integer is checked for range, and every shape, length and
 //!   configuration is validated as in the Rust API before anything runs.
+//! - One that uses a device leaves the calling thread's current CUDA context
+//!   as it found it (the runtime API's current device follows that context).
 //!
 //! The device entry points ([`multibox_forward`], [`multibox_backward`],
 //! [`multibox_forward_backward`]) wrap [`crate::MultiboxLoss::launch_raw`]:
@@ -133,8 +135,10 @@ pub struct multibox_shape {
 /// One device call: device addresses (`CUdeviceptr`, or a `void*` cast to
 /// `uint64_t`) of contiguous arrays, all of one context. The shapes below
 /// are row-major's; with `layout` MULTIBOX_CHANNEL_MAJOR they are `[B, C, P]`
-/// and `[B, 4, P]`. A zero-initialised call (`multibox_call call = {0};`)
-/// is row-major and normalised by N.
+/// and `[B, 4, P]`. Start from `multibox_call_default` (row-major,
+/// normalised by N, upstream gradients 1.0). A zero-initialised call
+/// (`multibox_call call = {0};`) differs in one thing: its `g_reg` and
+/// `g_cls` are 0, so its gradients are 0 unless they or `upstream` are set.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct multibox_call {
@@ -208,7 +212,8 @@ pub struct multibox_device_status {
 
 /// One CPU reference call on host arrays: f32 inputs and gradients, i32 or
 /// i64 labels, each array with its length in elements. Outputs may be NULL
-/// where a function says so.
+/// where a function says so. Start from `multibox_host_call_default`
+/// (upstream gradients 1.0); zero-initialised, `g_reg` and `g_cls` are 0.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct multibox_host_call_f32 {
@@ -343,6 +348,67 @@ fn guard(body: impl FnOnce() -> Result<(), Failure>) -> multibox_status_code {
                 .unwrap_or_else(|| "unknown panic payload".into());
             set_last_error(&format!("multibox panicked (a bug, please report): {what}"));
             MULTIBOX_PANIC
+        }
+    }
+}
+
+/// [`guard`] for the entry points that use a CUDA context: the calling
+/// thread's current context is the caller's again when they return.
+fn device_guard(body: impl FnOnce() -> Result<(), Failure>) -> multibox_status_code {
+    let _keep = KeepCurrentContext::new();
+    guard(body)
+}
+
+/// The calling thread's current CUDA context, made current again when this
+/// is dropped.
+///
+/// A call binds its loss's or assigner's context (the device's primary
+/// context) to the thread, through cudarc, and cudarc leaves it bound. The
+/// CUDA runtime takes its current device from the thread's context, so a C
+/// or C++ caller working on device 0 would otherwise find its next
+/// `cudaMalloc` or launch on the device of its last multibox call.
+struct KeepCurrentContext {
+    /// The context to restore (null: none was current, or the driver was
+    /// not initialised yet); `None` where there is no driver library.
+    previous: Option<cudarc::driver::sys::CUcontext>,
+}
+
+impl KeepCurrentContext {
+    fn new() -> Self {
+        use cudarc::driver::{result::ctx, sys};
+        // Asked once: is_culib_present opens and closes the library each
+        // time, and the answer does not change while the process runs.
+        static DRIVER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        // SAFETY: is_culib_present only tries to load the driver library.
+        let driver = *DRIVER.get_or_init(|| unsafe { sys::is_culib_present() });
+        let previous = driver.then(|| {
+            // An error (CUDA_ERROR_NOT_INITIALIZED before any cuInit) means
+            // no context is current either.
+            ctx::get_current()
+                .ok()
+                .flatten()
+                .unwrap_or(std::ptr::null_mut())
+        });
+        Self { previous }
+    }
+}
+
+impl Drop for KeepCurrentContext {
+    fn drop(&mut self) {
+        use cudarc::driver::result::ctx;
+        let Some(previous) = self.previous else {
+            return;
+        };
+        // An error: the call did not get as far as cuInit, so bound nothing.
+        let Ok(now) = ctx::get_current() else {
+            return;
+        };
+        if now.unwrap_or(std::ptr::null_mut()) != previous {
+            // SAFETY: `previous` was current on this thread when the call
+            // began, so it is a live context of the caller's (or null,
+            // which unbinds). Failing, it leaves the loss's context bound,
+            // as before this guard; there is no one to tell.
+            let _ = unsafe { ctx::set_current(previous) };
         }
     }
 }
@@ -495,6 +561,53 @@ pub extern "C" fn multibox_last_error() -> *const c_char {
     LAST_ERROR.with(|last| last.borrow().as_ptr())
 }
 
+/// Writes a call with no buffers to `out`: every address and length 0,
+/// row-major, normalised by N (MULTIBOX_NORMALIZE_POSITIVES), and upstream
+/// gradients `g_reg` = `g_cls` = 1.0, SPEC.md's default. Set the shape, the
+/// types and the buffers.
+///
+/// # Safety
+/// `out` is NULL or points to a writable `multibox_call`.
+#[no_mangle]
+pub unsafe extern "C" fn multibox_call_default(out: *mut multibox_call) -> multibox_status_code {
+    guard(|| {
+        // SAFETY: every field is an integer or a float, for which all-zero
+        // bits are a valid value (0, row-major, positives).
+        let zero: multibox_call = unsafe { std::mem::zeroed() };
+        let value = multibox_call {
+            g_reg: 1.0,
+            g_cls: 1.0,
+            ..zero
+        };
+        // SAFETY: the caller's contract above.
+        unsafe { write_out("out", out, value) }
+    })
+}
+
+/// Writes a host call with no arrays to `out`: every pointer NULL and
+/// every length 0, row-major, normalised by N, and upstream gradients
+/// `g_reg` = `g_cls` = 1.0. Set the shape, the label type and the arrays.
+///
+/// # Safety
+/// `out` is NULL or points to a writable `multibox_host_call_f32`.
+#[no_mangle]
+pub unsafe extern "C" fn multibox_host_call_default(
+    out: *mut multibox_host_call_f32,
+) -> multibox_status_code {
+    guard(|| {
+        // SAFETY: every field is an integer, a float or a raw pointer, for
+        // which all-zero bits are a valid value (0, NULL).
+        let zero: multibox_host_call_f32 = unsafe { std::mem::zeroed() };
+        let value = multibox_host_call_f32 {
+            g_reg: 1.0,
+            g_cls: 1.0,
+            ..zero
+        };
+        // SAFETY: the caller's contract above.
+        unsafe { write_out("out", out, value) }
+    })
+}
+
 /// Writes the default configuration (ratio 3, no floor, beta 1) to `out`.
 ///
 /// # Safety
@@ -547,7 +660,7 @@ pub unsafe extern "C" fn multibox_loss_create(
     config: *const multibox_config,
     out: *mut *mut multibox_loss,
 ) -> multibox_status_code {
-    guard(|| {
+    device_guard(|| {
         // SAFETY: the caller's contract above.
         unsafe { write_out("out", out, std::ptr::null_mut()) }?;
         let config = if config.is_null() {
@@ -569,15 +682,17 @@ pub unsafe extern "C" fn multibox_loss_create(
     })
 }
 
-/// Frees a loss from `multibox_loss_create`; NULL is a no-op.
+/// Frees a loss from `multibox_loss_create`; NULL is a no-op. Work queued
+/// through it may still be running: this waits for the device
+/// (`cuCtxSynchronize`, so not while another thread captures a graph in
+/// global mode) before it unloads the kernels.
 ///
 /// # Safety
-/// `loss` is NULL or came from `multibox_loss_create` and is not used again;
-/// no work queued through it is still to be launched, and no CUDA graph that
-/// captured its launches is launched afterwards.
+/// `loss` is NULL or came from `multibox_loss_create` and is not used again,
+/// nor is any CUDA graph that captured its launches.
 #[no_mangle]
 pub unsafe extern "C" fn multibox_loss_destroy(loss: *mut multibox_loss) -> multibox_status_code {
-    guard(|| {
+    device_guard(|| {
         if !loss.is_null() {
             // SAFETY: the caller passes a pointer from Box::into_raw in
             // multibox_loss_create, once.
@@ -630,7 +745,14 @@ unsafe fn launch(
         upstream,
         pass,
         layout: layout(c.layout)?,
-        normalizer: normalizer(c.normalizer, c.normalizer_value, c.normalizer_device)?,
+        // The backward divides by what its forward did (the workspace
+        // holds it) and, as the header says, ignores `normalizer`: a stale
+        // value in a reused call is not an error there.
+        normalizer: if pass.runs_forward() {
+            normalizer(c.normalizer, c.normalizer_value, c.normalizer_device)?
+        } else {
+            RawNormalizer::Positives
+        },
     };
     // SAFETY: the caller's contract is launch_raw's.
     unsafe { loss.loss.launch_raw(&raw, stream.cast()) }?;
@@ -655,7 +777,7 @@ pub unsafe extern "C" fn multibox_forward(
     stream: *mut c_void,
 ) -> multibox_status_code {
     // SAFETY: the caller's contract above.
-    guard(|| unsafe { launch(loss, call, stream, Pass::Forward) })
+    device_guard(|| unsafe { launch(loss, call, stream, Pass::Forward) })
 }
 
 /// The gradients of an earlier `multibox_forward` (1 launch on `stream`),
@@ -681,7 +803,7 @@ pub unsafe extern "C" fn multibox_backward(
     stream: *mut c_void,
 ) -> multibox_status_code {
     // SAFETY: the caller's contract above.
-    guard(|| unsafe { launch(loss, call, stream, Pass::Backward) })
+    device_guard(|| unsafe { launch(loss, call, stream, Pass::Backward) })
 }
 
 /// The losses and both gradients (3 launches on `stream`); as
@@ -697,7 +819,7 @@ pub unsafe extern "C" fn multibox_forward_backward(
     stream: *mut c_void,
 ) -> multibox_status_code {
     // SAFETY: the caller's contract above.
-    guard(|| unsafe { launch(loss, call, stream, Pass::ForwardBackward) })
+    device_guard(|| unsafe { launch(loss, call, stream, Pass::ForwardBackward) })
 }
 
 /// Reads the device status word the last call with this `workspace` (and
@@ -716,7 +838,7 @@ pub unsafe extern "C" fn multibox_status(
     stream: *mut c_void,
     out: *mut multibox_device_status,
 ) -> multibox_status_code {
-    guard(|| {
+    device_guard(|| {
         // SAFETY: the caller's contract above.
         let loss = unsafe { read_arg("loss", loss) }?;
         // SAFETY: the caller's contract above.
@@ -1078,10 +1200,12 @@ pub struct multibox_target_call {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct multibox_target_status {
-    /// A `gt_counts[b]` outside 0..T, clamped.
+    /// A `gt_counts[b]` outside 0..=T, clamped.
     pub count_clamped: bool,
     /// A box label below 1 (its priors get -2, which the loss refuses) or >= C
-    /// when C is known (copied as it is; the loss refuses it too).
+    /// when C is known (copied as it is; the loss refuses it too). A box
+    /// that ends up with no prior (its best one forced to a later box, or
+    /// itself degenerate) leaves no such label: this flag is its only record.
     pub invalid_box_label: bool,
     /// A non-finite box, or one with x1 <= x0 or y1 <= y0: skipped.
     pub degenerate_box: bool,
@@ -1220,10 +1344,13 @@ pub unsafe extern "C" fn multibox_standard_priors(
                 )))
             }
         };
+        // Checked before anything is written: on failure nothing is.
+        if !out.is_null() {
+            check_output("out", out, out_len, priors.len())?;
+        }
         // SAFETY: the caller's contract above.
         unsafe { write_out("len_out", len_out, priors.len()) }?;
         if !out.is_null() {
-            check_output("out", out, out_len, priors.len())?;
             // SAFETY: checked above; the caller vouches that it is writable.
             unsafe { write_host(out, &priors) };
         }
@@ -1247,7 +1374,7 @@ pub unsafe extern "C" fn multibox_assigner_create(
     config: *const multibox_target_config,
     out: *mut *mut multibox_assigner,
 ) -> multibox_status_code {
-    guard(|| {
+    device_guard(|| {
         // SAFETY: the caller's contract above.
         unsafe { write_out("out", out, std::ptr::null_mut()) }?;
         // SAFETY: the caller's contract above.
@@ -1277,7 +1404,7 @@ pub unsafe extern "C" fn multibox_assigner_create(
 pub unsafe extern "C" fn multibox_assigner_destroy(
     assigner: *mut multibox_assigner,
 ) -> multibox_status_code {
-    guard(|| {
+    device_guard(|| {
         if !assigner.is_null() {
             // SAFETY: a pointer from Box::into_raw in multibox_assigner_create, once.
             drop(unsafe { Box::from_raw(assigner) });
@@ -1303,7 +1430,7 @@ pub unsafe extern "C" fn multibox_assign_targets(
     call: *const multibox_target_call,
     stream: *mut c_void,
 ) -> multibox_status_code {
-    guard(|| {
+    device_guard(|| {
         // SAFETY: the caller's contract above.
         let assigner = unsafe { read_arg("assigner", assigner) }?;
         // SAFETY: the caller's contract above.
@@ -1345,7 +1472,7 @@ pub unsafe extern "C" fn multibox_assigner_status(
     stream: *mut c_void,
     out: *mut multibox_target_status,
 ) -> multibox_status_code {
-    guard(|| {
+    device_guard(|| {
         // SAFETY: the caller's contract above.
         let assigner = unsafe { read_arg("assigner", assigner) }?;
         // SAFETY: the caller's contract above.

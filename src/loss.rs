@@ -115,6 +115,8 @@ pub struct CallOptions<'a> {
 /// The MultiBox loss on one CUDA context. Build it once (it loads the
 /// kernels), then call it every step on the caller's stream: no allocation,
 /// no host synchronisation, so the calls can be captured in a CUDA graph.
+/// Dropping it waits for the device, so that work still queued finishes
+/// before the kernels are unloaded.
 pub struct MultiboxLoss {
     config: MultiboxConfig,
     ctx: Arc<CudaContext>,
@@ -130,6 +132,20 @@ impl std::fmt::Debug for MultiboxLoss {
             .field("config", &self.config)
             .field("device", &self.ctx.ordinal())
             .finish()
+    }
+}
+
+impl Drop for MultiboxLoss {
+    /// Waits for the device before the kernels' modules are unloaded (which
+    /// follows, as the fields drop): work queued through the loss may still
+    /// be running on the caller's streams, and the driver does not promise
+    /// that unloading a module waits for its kernels. Dropping a loss is
+    /// rare, so a context-wide wait costs nothing that matters; but, as
+    /// `TargetAssigner`'s drop, it is `cuCtxSynchronize`, which a graph
+    /// capture in global mode on another thread does not allow.
+    fn drop(&mut self) {
+        // An error here (a device already lost) leaves nothing to wait for.
+        let _ = self.ctx.synchronize();
     }
 }
 

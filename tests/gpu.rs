@@ -443,3 +443,87 @@ fn the_grids_follow_the_drivers_occupancy() {
         assert_eq!(limits.gradient_channel_major.blocks(0), 5);
     }
 }
+
+/// The C ABI leaves the calling thread's current context as it found it,
+/// where cudarc would leave the device's primary context bound: a C or C++
+/// caller's runtime API takes its current device from that context.
+#[test]
+fn c_abi_calls_leave_the_callers_context_current() {
+    use multibox::capi::{self, multibox_status_code::MULTIBOX_OK};
+    use multibox::cudarc::driver::{result, sys};
+    let Some(ctx) = gpu::device("c_abi_calls_leave_the_callers_context_current") else {
+        return;
+    };
+    let shape = Shape::new(2, 100, 21);
+    let b = batch(shape, 11);
+    let stream = ctx.default_stream();
+    let buffers = DeviceCall::new(&stream, shape, &host(&b)).unwrap();
+    let raw = buffers.raw_call(&stream).buffers;
+    let mut call = std::mem::MaybeUninit::uninit();
+    // SAFETY: `call` is a writable multibox_call.
+    assert_eq!(
+        unsafe { capi::multibox_call_default(call.as_mut_ptr()) },
+        MULTIBOX_OK
+    );
+    // SAFETY: written just above.
+    let mut call = unsafe { call.assume_init() };
+    call.shape = capi::multibox_shape {
+        batch: 2,
+        priors: 100,
+        classes: 21,
+    };
+    call.dtype = capi::multibox_dtype::MULTIBOX_F32 as i32;
+    call.label_type = capi::multibox_label_type::MULTIBOX_I64 as i32;
+    call.confidence = raw.confidence;
+    call.predicted_locations = raw.predicted_locations;
+    call.labels = raw.labels;
+    call.gt_locations = raw.gt_locations;
+    call.grad_confidence = raw.grad_confidence;
+    call.grad_locations = raw.grad_locations;
+    call.regression_loss = raw.regression_loss;
+    call.classification_loss = raw.classification_loss;
+    call.num_pos = raw.num_pos;
+    call.workspace = raw.workspace;
+    call.workspace_bytes = raw.workspace_bytes;
+    stream.synchronize().unwrap();
+
+    let current = || {
+        result::ctx::get_current()
+            .unwrap()
+            .unwrap_or(std::ptr::null_mut())
+    };
+    // A context of the caller's own (not the primary one the crate uses),
+    // then none at all.
+    let (mut device, mut own) = (0, std::ptr::null_mut());
+    // SAFETY: the driver is initialised (gpu::device made a context of
+    // device 0); both out-parameters are writable.
+    unsafe { sys::cuDeviceGet(&mut device, 0) }
+        .result()
+        .unwrap();
+    // SAFETY: as above.
+    unsafe { sys::cuCtxCreate_v2(&mut own, 0, device) }
+        .result()
+        .unwrap();
+    for previous in [own, std::ptr::null_mut()] {
+        // SAFETY: `own` is live until the end of the test; null unbinds.
+        unsafe { result::ctx::set_current(previous) }.unwrap();
+        let mut loss = std::ptr::null_mut();
+        // SAFETY: a NULL config means the defaults; `loss` is writable.
+        let code = unsafe { capi::multibox_loss_create(0, std::ptr::null(), &mut loss) };
+        assert_eq!(code, MULTIBOX_OK);
+        assert_eq!(current(), previous, "after multibox_loss_create");
+        // SAFETY: the addresses are `buffers`' live allocations in the
+        // primary context of device 0, sized for `shape`; NULL stream.
+        let code = unsafe { capi::multibox_forward_backward(loss, &call, std::ptr::null_mut()) };
+        assert_eq!(code, MULTIBOX_OK);
+        assert_eq!(current(), previous, "after multibox_forward_backward");
+        // SAFETY: from multibox_loss_create, not used again.
+        assert_eq!(unsafe { capi::multibox_loss_destroy(loss) }, MULTIBOX_OK);
+        assert_eq!(current(), previous, "after multibox_loss_destroy");
+    }
+    // SAFETY: `own` is no longer current or used.
+    unsafe { sys::cuCtxDestroy_v2(own) }.result().unwrap();
+    // The calls ran: the losses are finite.
+    let losses = stream.clone_dtoh(&buffers.regression_loss).unwrap();
+    assert!(losses[0].is_finite(), "{losses:?}");
+}

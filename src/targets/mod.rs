@@ -210,7 +210,9 @@ pub struct TargetStatus {
     pub count_clamped: bool,
     /// A box label below 1 (or `>= C` when C is known). The priors matched
     /// to such a box get [`INVALID_PRIOR_LABEL`] (below 1) or the label (`>=
-    /// C`), so that a following loss call refuses them: losses NaN.
+    /// C`), so that a following loss call refuses them: losses NaN. A box
+    /// that ends up with no prior (its best one forced to a later box, or
+    /// itself degenerate) leaves no such label: this flag is its only record.
     pub invalid_box_label: bool,
     /// A box that is not finite, or has `x1 <= x0` or `y1 <= y0`: skipped as
     /// if absent.

@@ -52,7 +52,9 @@ static uint8_t mask[B * P];
 
 static multibox_host_call_f32 small_call(void) {
     multibox_host_call_f32 call;
-    memset(&call, 0, sizeof call);
+    CHECK(multibox_host_call_default(&call) == MULTIBOX_OK);
+    CHECK(call.g_reg == 1.0f && call.g_cls == 1.0f && call.confidence == NULL && call.mask_len == 0);
+    CHECK(call.layout == MULTIBOX_ROW_MAJOR && call.normalizer == MULTIBOX_NORMALIZE_POSITIVES);
     call.shape.batch = B;
     call.shape.priors = P;
     call.shape.classes = C;
@@ -65,8 +67,6 @@ static multibox_host_call_f32 small_call(void) {
     call.labels_len = B * P;
     call.gt_locations = gt;
     call.gt_locations_len = B * P * 4;
-    call.g_reg = 1.0f;
-    call.g_cls = 1.0f;
     call.grad_confidence = grad_confidence;
     call.grad_confidence_len = B * P * C;
     call.grad_locations = grad_locations;
@@ -219,11 +219,17 @@ int main(void) {
         printf("created a loss on device 0\n");
         CHECK_INVALID(multibox_forward(loss, NULL, NULL), "call");
         multibox_call device_call;
-        memset(&device_call, 0, sizeof device_call);
+        CHECK(multibox_call_default(&device_call) == MULTIBOX_OK);
         device_call.shape = shape;
         device_call.dtype = MULTIBOX_F32;
         device_call.label_type = MULTIBOX_I64;
         CHECK_INVALID(multibox_forward(loss, &device_call, NULL), "null");
+        /* The backward ignores the normaliser (its forward's is in the
+           workspace): a stale value is no error there. */
+        device_call.normalizer = 7;
+        CHECK_INVALID(multibox_forward(loss, &device_call, NULL), "normalizer 7");
+        CHECK_INVALID(multibox_backward(loss, &device_call, NULL), "null");
+        device_call.normalizer = MULTIBOX_NORMALIZE_POSITIVES;
         device_call.dtype = 9;
         CHECK_INVALID(multibox_forward_backward(loss, &device_call, NULL), "dtype 9");
         CHECK_INVALID(multibox_status(loss, &shape, 0, 0, NULL, &device_status), "workspace");
@@ -239,6 +245,9 @@ int main(void) {
         static float priors[3000 * 4];
         CHECK(multibox_standard_priors(MULTIBOX_PRIORS_SSDLITE300, priors, n, &n) == MULTIBOX_OK);
         CHECK_INVALID(multibox_standard_priors(7, priors, n, &n), "kind");
+        size_t untouched = 5; /* a failure writes nothing, not even the length */
+        CHECK_INVALID(multibox_standard_priors(MULTIBOX_PRIORS_SSDLITE300, priors, 8, &untouched), "`out`");
+        CHECK(untouched == 5);
         multibox_target_config tconfig;
         CHECK(multibox_target_config_default(&tconfig) == MULTIBOX_OK);
         CHECK(tconfig.iou_threshold == 0.5f && tconfig.center_variance == 0.1f && tconfig.size_variance == 0.2f);
