@@ -328,7 +328,8 @@ thread_local! {
 
 fn set_last_error(message: &str) {
     let message = CString::new(message.replace('\0', " ")).unwrap_or_default();
-    LAST_ERROR.with(|last| *last.borrow_mut() = message);
+    // Nowhere to keep it while the thread's locals are being destroyed.
+    let _ = LAST_ERROR.try_with(|last| *last.borrow_mut() = message);
 }
 
 /// Runs `body`, turning an error into its code (and the thread's last
@@ -558,7 +559,12 @@ pub const fn declarations_hash(text: &[u8]) -> u64 {
 /// until the next failing call on this thread. Never NULL.
 #[no_mangle]
 pub extern "C" fn multibox_last_error() -> *const c_char {
-    LAST_ERROR.with(|last| last.borrow().as_ptr())
+    // `try_with`: called from a thread-local destructor while the thread
+    // exits, `with` would panic across the boundary (an abort); the
+    // message is gone by then anyway.
+    LAST_ERROR
+        .try_with(|last| last.borrow().as_ptr())
+        .unwrap_or(c"".as_ptr())
 }
 
 /// Writes a call with no buffers to `out`: every address and length 0,

@@ -162,3 +162,42 @@ fn abi_hash_follows_the_declarations_not_the_comments() {
         );
     }
 }
+
+/// A failing call, and `multibox_last_error`, from a thread-local's
+/// destructor after the library's own thread-local (the message) is gone:
+/// no panic, which would abort the process from inside a C call.
+#[test]
+fn calls_during_thread_exit_do_not_panic() {
+    use multibox::capi::{multibox_last_error, multibox_status_code, multibox_workspace_bytes};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static CALLED: AtomicBool = AtomicBool::new(false);
+    struct CallsOnDrop;
+    impl Drop for CallsOnDrop {
+        fn drop(&mut self) {
+            // SAFETY: a null `out` is refused, not written.
+            let code = unsafe { multibox_workspace_bytes(0, 1, 2, std::ptr::null_mut()) };
+            // SAFETY: never NULL, a NUL-terminated string.
+            let message = unsafe { std::ffi::CStr::from_ptr(multibox_last_error()) };
+            let _ = message.to_bytes();
+            CALLED.store(
+                code == multibox_status_code::MULTIBOX_INVALID_ARGUMENT,
+                Ordering::SeqCst,
+            );
+        }
+    }
+    thread_local!(static ON_EXIT: CallsOnDrop = const { CallsOnDrop });
+    std::thread::spawn(|| {
+        // Registered first, so destroyed last (glibc runs thread-local
+        // destructors in reverse order of registration): after the
+        // message's, which this failing call registers.
+        ON_EXIT.with(|_| {});
+        // SAFETY: as above.
+        unsafe { multibox_workspace_bytes(0, 1, 2, std::ptr::null_mut()) };
+    })
+    .join()
+    .unwrap();
+    assert!(
+        CALLED.load(Ordering::SeqCst),
+        "the destructor's call did not fail as it should"
+    );
+}
