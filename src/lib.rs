@@ -50,8 +50,9 @@
 //!
 //! What is computed is fixed by the crate's specification, summarised in the
 //! README: the reference PyTorch MultiBox loss, except that a batch with no
-//! positive gives 0 (not NaN), and ties among the hard-negative candidates go
-//! to the lower prior index.
+//! positive gives 0 (not NaN), ties among the hard-negative candidates go
+//! to the lower prior index, and a fractional `neg_pos_ratio * pos_b` is
+//! rounded down.
 //!
 //! Per call, [`CallOptions`] chooses the [`Layout`] (row-major `[B, P, C]`
 //! or NVIDIA's channel-major `[B, C, P]`, read and written in place) and the

@@ -768,9 +768,10 @@ pub fn set_copy_lanes(classes: usize, dtype: DType) -> u32 {
 /// Kernel 1's rows per tile: one step of the lane groups,
 /// `ROW_THREADS / lanes_per_row`, when it fits [`ROW_TILE_BYTES`]; 0
 /// otherwise (the rows are then read from global memory). Channel-major,
-/// the planes are padded to P's residue ([`plane_stride`]), so at C = 90
-/// and 91, where a row-major tile just fits, whether they fit depends on P
-/// (SSDLite's 3,000 priors, a multiple of 8, need no padding).
+/// the planes are padded to P's residue ([`plane_stride`]), so where a
+/// row-major tile just fits (C = 90 and 91, and the top of each wider band
+/// of lanes per row), whether they fit depends on P (SSDLite's 3,000
+/// priors, a multiple of 8, need no padding).
 pub fn tile_rows(shape: Shape, lanes_per_row: u32, layout: Layout, dtype: DType) -> u32 {
     let rows = ROW_THREADS / lanes_per_row;
     if tile_shared_bytes(shape, rows, layout, dtype) as usize <= ROW_TILE_BYTES {

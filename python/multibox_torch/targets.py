@@ -10,8 +10,9 @@ op, and ``MultiboxLoss``, a drop-in for the reference training code's module.
 
 The assignment is the reference's ``MatchPrior`` (SPEC.md, "Target
 assignment"), for a whole padded batch at once: on CUDA tensors the crate's
-kernels on the current stream (no host synchronisation, capturable in a
-CUDA graph), on CPU tensors the crate's CPU reference. Either way the labels
+kernels on the current stream (no host synchronisation once a priors
+tensor has been checked on the host, at its first use and after an
+in-place write; capturable in a CUDA graph), on CPU tensors the crate's CPU reference. Either way the labels
 equal the reference's float32 labels bit for bit.
 """
 
