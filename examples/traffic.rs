@@ -163,18 +163,25 @@ fn report<T: Float, L: Label>(shape: Shape, layout: Layout, sliced: bool) -> Res
 /// into a forward and a backward call avoids. This line gives the total
 /// without it, to compare with row-major's.
 fn second_read_line(total: u64, floor: usize, traffic: &[(&str, multibox_emu::Traffic)]) {
-    let Some((_, t)) = traffic
-        .iter()
-        .find(|(kernel, _)| kernel.starts_with("multibox_gradient"))
-    else {
+    let Some(logits) = kernel_3_logits(traffic) else {
         return;
     };
-    let second = buffer_traffic(t, "confidence").unique_sectors * 32;
+    let second = logits.unique_sectors * 32;
     println!(
         "of which kernel 3's second read of the set's logit sectors {:.3} MB; without it {:.2}x the floor",
         second as f64 / 1e6,
         (total - second) as f64 / floor as f64
     );
+}
+
+/// Kernel 3's loads of the logits (the set rows' second read), if it ran.
+fn kernel_3_logits(
+    traffic: &[(&str, multibox_emu::Traffic)],
+) -> Option<multibox_emu::RegionTraffic> {
+    let (_, t) = traffic
+        .iter()
+        .find(|(kernel, _)| kernel.starts_with("multibox_gradient"))?;
+    Some(buffer_traffic(t, "confidence"))
 }
 
 /// Kernel 3 reads the logits of the classification set's rows (the mask)
@@ -190,13 +197,9 @@ fn set_rows_line(
 ) {
     let set = mask.iter().filter(|&&m| m != 0).count();
     let own = (set * shape.classes * size) as f64;
-    let Some((_, t)) = traffic
-        .iter()
-        .find(|(kernel, _)| kernel.starts_with("multibox_gradient"))
-    else {
+    let Some(logits) = kernel_3_logits(traffic) else {
         return;
     };
-    let logits = buffer_traffic(t, "confidence");
     let (sectors, unique) = (logits.loads.sectors, logits.unique_sectors);
     if sectors == 0 {
         return;
