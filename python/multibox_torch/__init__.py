@@ -108,8 +108,12 @@ def _check_settings(neg_pos_ratio, min_negatives_per_image, beta):
     (whose uint32 would wrap -1 to 4294967295 and 2**32 to 0, and whose
     float would turn 1e39 into infinity)."""
     for name, value in (("neg_pos_ratio", neg_pos_ratio), ("beta", beta)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        # numbers.Real takes numpy's scalars too (a config read with numpy);
+        # bool is refused, though Python counts it an int.
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"multibox_loss: {name} must be a real number, got {value!r}")
+        if not isinstance(value, (int, float)):
+            value = float(value)  # numpy's float16 would overflow comparing with _F32_MAX
         # Comparisons only, which reject NaN and infinity too: torch.compile
         # traces them on a symbolic float, where math.isfinite fails.
         if not 0 < value <= _F32_MAX:

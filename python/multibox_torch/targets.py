@@ -17,6 +17,7 @@ equal the reference's float32 labels bit for bit.
 """
 
 import ctypes
+import numbers
 import weakref
 from typing import NamedTuple, Optional, Sequence, Tuple
 
@@ -141,6 +142,18 @@ def _counts_i32(gt_counts, t):
     if gt_counts.dtype != torch.int32:
         gt_counts = gt_counts.to(torch.int64).clamp(-1, t + 1)
     return gt_counts.to(torch.int32).contiguous()
+
+
+def _settings(iou_threshold, center_variance, size_variance):
+    """The three settings as floats; their ranges are checked by the library.
+    Python's and numpy's real numbers are taken; bool is refused (``float``
+    would make True a threshold of 1.0), as are strings and tensors."""
+    settings = (("iou_threshold", iou_threshold), ("center_variance", center_variance),
+                ("size_variance", size_variance))
+    for name, value in settings:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"assign_targets: {name} must be a real number, got {value!r}")
+    return tuple(float(value) for _, value in settings)
 
 
 def _config(iou_threshold, center_variance, size_variance):
@@ -387,15 +400,8 @@ def assign_targets(
     it is used and after it was written in place: pass one priors tensor,
     made once, rather than a new copy each call.
     """
-    labels, gt_locations, _ = _assign_op(
-        priors,
-        gt_boxes,
-        gt_labels,
-        gt_counts,
-        float(iou_threshold),
-        float(center_variance),
-        float(size_variance),
-    )
+    settings = _settings(iou_threshold, center_variance, size_variance)
+    labels, gt_locations, _ = _assign_op(priors, gt_boxes, gt_labels, gt_counts, *settings)
     return labels, gt_locations
 
 
@@ -453,7 +459,7 @@ class MultiboxLoss(nn.Module):
     def __init__(self, priors, iou_threshold, neg_pos_ratio, center_variance, size_variance, device, *,
                  normalizer=None, layout: str = "row_major"):
         super().__init__()
-        from . import _check_layout, _check_normalizer
+        from . import _check_layout, _check_normalizer, _check_settings
 
         self.iou_threshold = iou_threshold
         self.neg_pos_ratio = neg_pos_ratio
@@ -463,6 +469,8 @@ class MultiboxLoss(nn.Module):
         # assign()'s copies of the priors on other devices (see _priors_on).
         self._priors_copies = {}
         # Refused here rather than at the first step.
+        _settings(iou_threshold, center_variance, size_variance)
+        _check_settings(neg_pos_ratio, 0, 1.0)
         _check_layout(layout)
         _check_normalizer(normalizer)
         self.normalizer = normalizer
@@ -482,7 +490,7 @@ class MultiboxLoss(nn.Module):
             predicted_locations,
             labels,
             gt_locations,
-            float(self.neg_pos_ratio),
+            self.neg_pos_ratio,
             0,
             1.0,
             self.normalizer if normalizer is None else normalizer,
@@ -539,7 +547,7 @@ class MultiboxLoss(nn.Module):
                 raise ValueError("gt_counts is required with padded gt_boxes; pass lists to have them padded")
             gt_boxes, gt_labels, gt_counts = pad_targets(list(gt_boxes), list(gt_labels))
         priors = self._priors_on(gt_boxes.device)
-        settings = (float(self.iou_threshold), float(self.center_variance), float(self.size_variance))
+        settings = _settings(self.iou_threshold, self.center_variance, self.size_variance)
         labels, gt_locations, status = _assign_op(priors, gt_boxes, gt_labels, gt_counts, *settings)
         self._last_assign = (status, (gt_boxes.shape[0], priors.shape[0], gt_boxes.shape[1]), settings)
         if self.layout == "channel_major":

@@ -508,6 +508,24 @@ def test_ratio_and_beta_must_be_positive_and_finite(name, value):
         multibox_loss(confidence, locations, labels, gt, **{name: value})
 
 
+def test_numpy_settings_are_taken_and_other_types_refused():
+    # Before, np.float32(3.0) (a config read with numpy) was refused as
+    # "not a real number": the check took Python's int and float only.
+    np = pytest.importorskip("numpy")
+    confidence, locations, labels, gt = _small("cpu")
+    want = multibox_loss(confidence, locations, labels, gt, neg_pos_ratio=2.5, beta=0.5)
+    for ratio, beta in ((np.float32(2.5), np.float64(0.5)), (np.float16(2.5), np.float32(0.5))):
+        got = multibox_loss(confidence, locations, labels, gt, neg_pos_ratio=ratio, beta=beta)
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
+    _, _, num_pos = multibox_loss(confidence, locations, labels, gt, neg_pos_ratio=np.int64(2))
+    assert int(num_pos) == int((labels > 0).sum())
+    for name in ("neg_pos_ratio", "beta"):
+        for bad in (True, np.bool_(True), "3", torch.tensor(3.0)):
+            with pytest.raises(TypeError, match=f"{name} must be a real number"):
+                multibox_loss(confidence, locations, labels, gt, **{name: bad})
+
+
 def test_invalid_label_message_names_the_valid_classes():
     # C = 5: the classes are 1..4 (the message used to say 1..5).
     confidence, locations, labels, gt = _small("cpu", c=5)

@@ -143,6 +143,31 @@ def test_empty_image_and_bad_settings():
         assign_targets(priors[:, :3], gt_boxes, gt_labels, gt_counts)
 
 
+def test_settings_take_numpy_scalars_and_refuse_other_types():
+    # Before, float() took True as a threshold of 1.0 and "0.5" as 0.5, and
+    # MultiboxLoss took any neg_pos_ratio until its first step.
+    np = pytest.importorskip("numpy")
+    _, a = load("t_ssdlite_voc", COMMITTED)
+    args = (a["priors"], a["gt_boxes"], a["gt_labels"], a["gt_counts"])
+    labels, gt_locations = assign_targets(*args, np.float32(0.5), np.float64(0.1), np.float32(0.2))
+    check_case("t_ssdlite_voc", labels, gt_locations, a)
+    for name in ("iou_threshold", "center_variance", "size_variance"):
+        for bad in (True, "0.5", torch.tensor(0.5)):
+            with pytest.raises(TypeError, match=f"{name} must be a real number"):
+                assign_targets(*args, **{name: bad})
+            settings = dict(iou_threshold=0.5, neg_pos_ratio=3, center_variance=0.1, size_variance=0.2)
+            with pytest.raises(TypeError, match=f"{name} must be a real number"):
+                MultiboxLoss(a["priors"], device="cpu", **{**settings, name: bad})
+    settings = dict(iou_threshold=0.5, center_variance=0.1, size_variance=0.2, device="cpu")
+    with pytest.raises(TypeError, match="neg_pos_ratio must be a real number"):
+        MultiboxLoss(a["priors"], neg_pos_ratio=True, **settings)
+    with pytest.raises(ValueError, match="neg_pos_ratio must be positive and finite"):
+        MultiboxLoss(a["priors"], neg_pos_ratio=-3, **settings)
+    criterion = MultiboxLoss(a["priors"], neg_pos_ratio=np.int64(3), **settings)
+    labels, gt_locations = criterion.assign(a["gt_boxes"], a["gt_labels"], a["gt_counts"])
+    check_case("t_ssdlite_voc", labels, gt_locations, a)
+
+
 def test_targets_of_boxes_that_require_grad_are_constants_of_the_loss():
     # SPEC.md: no gradient flows to the targets. Boxes that require grad
     # (an augmentation written in PyTorch, say) made gt_locations require
