@@ -1,7 +1,8 @@
 /*
  * multibox: the SSD MultiBox loss (hard negative mining, cross-entropy,
  * smooth-L1) and its gradients, as fused CUDA kernels; C ABI.
- * Link libmultibox.so or libmultibox.a (with -lpthread -ldl -lm).
+ * Link libmultibox.so, or libmultibox.a with -lpthread -ldl -lm -lgcc_s
+ * (rustc --print native-static-libs; gcc adds -lgcc_s by itself).
  * Every function returns a multibox_status_code except multibox_version,
  * multibox_abi and multibox_last_error; on failure multibox_last_error()
  * says why.

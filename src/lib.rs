@@ -92,3 +92,10 @@ pub use loss::{
     cuda_context, CallOptions, Gradients, Inputs, MultiboxLoss, Normalizer, Outputs, Upstream,
 };
 pub use plan::{workspace_bytes, LaunchPlan, Pass};
+
+// The README's Rust examples, run as doctests by `cargo test --doc` (the
+// candle one compiles to an empty `main` unless the `candle` feature is on:
+// `cargo test --features candle --doc`).
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -80,7 +80,9 @@ use std::cmp::Ordering;
 
 use crate::{Error, Float, Label, Layout, MultiboxConfig, Result, Shape};
 
-/// The four input arrays of one call, contiguous and row-major.
+/// The four input arrays of one call, contiguous, in [`Options::layout`]'s
+/// layout (row-major, the default, is shown below; channel-major's are
+/// `[B, C, P]` and `[B, 4, P]`; labels are `[B, P]` in both).
 #[derive(Debug, Clone, Copy)]
 pub struct Inputs<'a, T: Float, L: Label> {
     /// Logits, `[B, P, C]`.
