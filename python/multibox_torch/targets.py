@@ -30,8 +30,8 @@ __all__ = ["assign_targets", "pad_targets", "standard_priors", "MultiboxLoss", "
 
 _LABEL_TYPES = {torch.int32: _capi.I32, torch.int64: _capi.I64}
 
-# (device index, iou_threshold, center_variance, size_variance) ->
-# multibox_assigner*. An assigner loads the kernels once per device and
+# (device index, iou_threshold, center_variance, size_variance, num_classes)
+# -> multibox_assigner*. An assigner loads the kernels once per device and
 # settings and lives as long as the process. Every call passes its own
 # priors tensor, so one assigner serves any priors.
 _assigners = {}
@@ -53,8 +53,9 @@ class TargetStatus(NamedTuple):
 
     #: A ``gt_counts[b]`` outside ``0..T``: clamped.
     count_clamped: bool
-    #: A box label below 1: its priors get -2, which the loss refuses (NaN
-    #: losses on CUDA, MultiboxError on the CPU).
+    #: A box label below 1 (or, with ``num_classes=C``, one ``>= C``): its
+    #: priors get -2 (the label itself when ``>= C``), which the loss refuses
+    #: (NaN losses on CUDA, MultiboxError on the CPU).
     invalid_box_label: bool
     #: A non-finite box, or one with ``x1 <= x0`` or ``y1 <= y0``: skipped.
     degenerate_box: bool
@@ -144,28 +145,44 @@ def _counts_i32(gt_counts, t):
     return gt_counts.to(torch.int32).contiguous()
 
 
-def _settings(iou_threshold, center_variance, size_variance):
-    """The three settings as floats; their ranges are checked by the library.
-    Python's and numpy's real numbers are taken; bool is refused (``float``
-    would make True a threshold of 1.0), as are strings and tensors."""
+def _settings(iou_threshold, center_variance, size_variance, num_classes=None):
+    """The settings as ``(iou_threshold, center_variance, size_variance,
+    num_classes)``: three floats, whose ranges are checked by the library,
+    and C as an int, 0 for None (unknown). Python's and numpy's real
+    numbers are taken; bool is refused (``float`` would make True a
+    threshold of 1.0), as are strings and tensors. ``num_classes`` is None
+    or an integer >= 2 (background and one class)."""
     settings = (("iou_threshold", iou_threshold), ("center_variance", center_variance),
                 ("size_variance", size_variance))
     for name, value in settings:
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"assign_targets: {name} must be a real number, got {value!r}")
-    return tuple(float(value) for _, value in settings)
+    if num_classes is None:
+        classes = 0
+    elif isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):
+        raise TypeError(f"assign_targets: num_classes must be None or an integer, got {num_classes!r}")
+    elif not 2 <= num_classes <= 0xFFFFFFFF:
+        raise ValueError(
+            "assign_targets: num_classes must be at least 2 (background and one class) and below 2**32, "
+            f"got {num_classes!r}"
+        )
+    else:
+        classes = int(num_classes)
+    return (*(float(value) for _, value in settings), classes)
 
 
-def _config(iou_threshold, center_variance, size_variance):
-    return _capi_targets.TargetConfig(float(iou_threshold), float(center_variance), float(size_variance), 0)
+def _config(iou_threshold, center_variance, size_variance, num_classes):
+    return _capi_targets.TargetConfig(
+        float(iou_threshold), float(center_variance), float(size_variance), int(num_classes)
+    )
 
 
-def _assigner(device_index, priors_host, iou_threshold, center_variance, size_variance):
-    key = (device_index, float(iou_threshold), float(center_variance), float(size_variance))
+def _assigner(device_index, priors_host, iou_threshold, center_variance, size_variance, num_classes):
+    key = (device_index, float(iou_threshold), float(center_variance), float(size_variance), int(num_classes))
     handle = _assigners.get(key)
     if handle is None:
         lib = _capi_targets.library()
-        config = _config(iou_threshold, center_variance, size_variance)
+        config = _config(iou_threshold, center_variance, size_variance, num_classes)
         out = ctypes.c_void_p()
         lib.call(
             "multibox_assigner_create",
@@ -180,7 +197,7 @@ def _assigner(device_index, priors_host, iou_threshold, center_variance, size_va
     return handle
 
 
-def _cuda_assign(priors, gt_boxes, gt_labels, gt_counts, thr, cv, sv):
+def _cuda_assign(priors, gt_boxes, gt_labels, gt_counts, thr, cv, sv, num_classes):
     lib = _capi_targets.library()
     device = gt_boxes.device
     p, b, t = priors.shape[0], gt_boxes.shape[0], gt_boxes.shape[1]
@@ -197,7 +214,7 @@ def _cuda_assign(priors, gt_boxes, gt_labels, gt_counts, thr, cv, sv):
     # need 256): the library allocates nothing.
     workspace = torch.empty(_capi_targets.workspace_bytes(b, p, t), dtype=torch.uint8, device=device)
     with torch.cuda.device(device):
-        handle = _assigners.get((device.index, float(thr), float(cv), float(sv)))
+        handle = _assigners.get((device.index, float(thr), float(cv), float(sv), int(num_classes)))
         # The kernels read the priors unchecked, so each priors tensor is
         # checked on the host once (a copy, which waits for the stream):
         # when the assigner is made (outside any graph capture), and for
@@ -205,7 +222,7 @@ def _cuda_assign(priors, gt_boxes, gt_labels, gt_counts, thr, cv, sv):
         # graph capture cannot copy to the host: there, priors that no call
         # before the capture saw go unchecked.
         if handle is None:
-            handle = _assigner(device.index, priors.cpu(), thr, cv, sv)
+            handle = _assigner(device.index, priors.cpu(), thr, cv, sv, num_classes)
             _priors_seen(priors_key, priors_arg)
         elif not _priors_checked(priors_key, priors_arg) and not torch.cuda.is_current_stream_capturing():
             _check_priors_on_host(priors.cpu())
@@ -258,10 +275,10 @@ def _check_priors_on_host(priors_host):
     gt_boxes = torch.zeros((1, 1, 4), dtype=torch.float32)
     gt_labels = torch.zeros((1, 1), dtype=torch.int32)
     gt_counts = torch.zeros((1,), dtype=torch.int32)
-    _cpu_assign(priors_host, gt_boxes, gt_labels, gt_counts, 0.5, 0.1, 0.2)
+    _cpu_assign(priors_host, gt_boxes, gt_labels, gt_counts, 0.5, 0.1, 0.2, 0)
 
 
-def _cpu_assign(priors, gt_boxes, gt_labels, gt_counts, thr, cv, sv):
+def _cpu_assign(priors, gt_boxes, gt_labels, gt_counts, thr, cv, sv, num_classes):
     lib = _capi_targets.library()
     p, b, t = priors.shape[0], gt_boxes.shape[0], gt_boxes.shape[1]
     priors = priors.to(torch.float32).contiguous()
@@ -286,7 +303,7 @@ def _cpu_assign(priors, gt_boxes, gt_labels, gt_counts, thr, cv, sv):
         gt_locations=gt_locations.data_ptr(),
         gt_locations_len=gt_locations.numel(),
     )
-    config = _config(thr, cv, sv)
+    config = _config(thr, cv, sv, num_classes)
     status = _capi_targets.TargetStatus()
     lib.call("multibox_reference_assign_targets", ctypes.byref(config), ctypes.byref(call), ctypes.byref(status))
     # The CPU's stand-in for the workspace: the status, one byte a flag.
@@ -303,13 +320,15 @@ def _assign_op(
     iou_threshold: float,
     center_variance: float,
     size_variance: float,
+    num_classes: int = 0,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(labels [B, P], gt_locations [B, P, 4] float32, status): ``status`` is
     the uint8 workspace on CUDA, whose status word ``_assign_status`` reads;
     on the CPU the reference's status itself, three bytes (count_clamped,
-    invalid_box_label, degenerate_box)."""
+    invalid_box_label, degenerate_box). ``num_classes`` is C, or 0 when
+    unknown."""
     _check(priors, gt_boxes, gt_labels, gt_counts)
-    args = (priors, gt_boxes, gt_labels, gt_counts, iou_threshold, center_variance, size_variance)
+    args = (priors, gt_boxes, gt_labels, gt_counts, iou_threshold, center_variance, size_variance, num_classes)
     if gt_boxes.is_cuda:
         return _cuda_assign(*args)
     torch._check(gt_boxes.device.type == "cpu", lambda: f"unsupported device {gt_boxes.device}")
@@ -317,7 +336,7 @@ def _assign_op(
 
 
 @_assign_op.register_fake
-def _(priors, gt_boxes, gt_labels, gt_counts, iou_threshold, center_variance, size_variance):
+def _(priors, gt_boxes, gt_labels, gt_counts, iou_threshold, center_variance, size_variance, num_classes=0):
     p, b, t = _check(priors, gt_boxes, gt_labels, gt_counts)
     labels = gt_labels.new_empty((b, p))
     gt_locations = gt_boxes.new_empty((b, p, 4), dtype=torch.float32)
@@ -342,7 +361,7 @@ def _assign_setup_context(ctx, inputs, output):
 
 def _assign_backward(ctx, *grads):
     # Not called (no output is differentiable); no input gets a gradient.
-    return (None,) * 7
+    return (None,) * 8
 
 
 _assign_op.register_autograd(_assign_backward, setup_context=_assign_setup_context)
@@ -377,6 +396,8 @@ def assign_targets(
     iou_threshold: float = 0.5,
     center_variance: float = 0.1,
     size_variance: float = 0.2,
+    *,
+    num_classes: Optional[int] = None,
 ) -> Tuple[Tensor, Tensor]:
     """The reference's ``MatchPrior`` for a padded batch: ``(labels,
     gt_locations)`` ready for the loss.
@@ -388,19 +409,26 @@ def assign_targets(
     device. Returns labels ``[B, P]`` (gt_labels' type; 0 background) and
     gt_locations ``[B, P, 4]`` float32 (every prior's best box, encoded).
 
+    ``num_classes`` (keyword-only): C, the classes of the loss that follows
+    (background included), an integer >= 2, or None (the default) when
+    unknown. When given, a box label ``>= C`` is recorded as an invalid box
+    label too (its priors keep that label, which the loss then refuses);
+    box labels below 1 are recorded either way.
+
     An image with no box gets labels 0 and offsets 0. Settings out of range
-    (threshold outside (0, 1], variances <= 0) raise; on the GPU, bad counts
-    (clamped), box labels below 1 and degenerate boxes (skipped) are recorded
-    in the device status word instead, as SPEC.md says; on the CPU they are
-    handled the same way. ``MultiboxLoss.assign`` keeps the status of its
-    last assignment for ``last_assign_status()``.
+    (threshold outside (0, 1], variances <= 0, num_classes below 2) raise;
+    on the GPU, bad counts (clamped), invalid box labels and degenerate
+    boxes (skipped) are recorded in the device status word instead, as
+    SPEC.md says; on the CPU they are handled the same way.
+    ``MultiboxLoss.assign`` keeps the status of its last assignment for
+    ``last_assign_status()``.
 
     On CUDA the kernels read the priors unchecked, so each priors tensor is
     copied to the host and checked (finite, positive sizes) the first time
     it is used and after it was written in place: pass one priors tensor,
     made once, rather than a new copy each call.
     """
-    settings = _settings(iou_threshold, center_variance, size_variance)
+    settings = _settings(iou_threshold, center_variance, size_variance, num_classes)
     labels, gt_locations, _ = _assign_op(priors, gt_boxes, gt_labels, gt_counts, *settings)
     return labels, gt_locations
 
@@ -411,24 +439,30 @@ class MultiboxLoss(nn.Module):
     Same constructor, same ``forward(confidence, predicted_locations, labels,
     gt_locations) -> (regression_loss, classification_loss)``: a training
     script switches by changing one import. Differences, from SPEC.md: a
-    batch with no positive gives 0 losses (the reference divides by 0), and
-    ties among hard-negative candidates go to the lower prior index.
+    batch with no positive gives 0 losses (the reference divides by 0),
+    ties among hard-negative candidates go to the lower prior index, and a
+    fractional ``neg_pos_ratio * pos`` is rounded down (floor: ratio 2.5
+    with 3 positives mines 7 negatives, the reference 8).
 
-    Two keyword-only settings beyond the reference's (``multibox_loss``
-    documents both):
+    Three keyword-only settings beyond the reference's (``multibox_loss``
+    documents the first two, ``assign_targets`` the third):
 
     - ``normalizer``: what the losses are divided by; ``None`` or
       ``"positives"`` (the reference's N, the default), ``"per_image"``
-      (NVIDIA's SSD recipe) or a number. ``forward(..., normalizer=n)``
-      overrides it for one call: that is where a step's all-reduced positive
-      count goes (a one-element tensor on the inputs' device), see README,
-      "Data-parallel training". A divisor that changes from step to step
+      (NVIDIA's SSD recipe), a number, or a one-element tensor holding the
+      divisor (on the inputs' device, which each ``forward`` checks).
+      ``forward(..., normalizer=n)`` overrides it for one call: that is
+      where a step's all-reduced positive count goes (a one-element tensor
+      on the inputs' device), see README, "Data-parallel training". A divisor that changes from step to step
       belongs in such a tensor, not in a Python number: under
       torch.compile each new number compiles the step again.
     - ``layout``: ``"row_major"`` (``[B, P, C]`` logits, ``[B, P, 4]``
       boxes; the default) or ``"channel_major"`` (``[B, C, P]``, ``[B, 4, P]``:
       heads concatenated without a transpose). A property of the model, so
       set here only.
+    - ``num_classes``: C, for ``assign``: None (the default, unknown) or an
+      integer >= 2; with it a box label ``>= C`` is recorded as an invalid
+      box label (``last_assign_status()``), as one below 1 always is.
 
     ``assign(gt_boxes, gt_labels, gt_counts)`` makes ``labels`` and
     ``gt_locations`` from padded boxes with the stored priors and settings
@@ -442,7 +476,8 @@ class MultiboxLoss(nn.Module):
 
     Bad inputs that only the device sees do not stop a step: an invalid
     label (both losses NaN) or a non-finite input in the loss, a clamped
-    count, a box label below 1 or a degenerate box in the assignment are
+    count, an invalid box label (below 1, or ``>= num_classes`` when that
+    is given) or a degenerate box in the assignment are
     recorded in a status word on the device. ``last_status()`` (a
     ``LossStatus``) and ``last_assign_status()`` (a ``TargetStatus``) read
     the last ``forward``'s and ``assign``'s: one explicit call that waits
@@ -457,7 +492,7 @@ class MultiboxLoss(nn.Module):
     """
 
     def __init__(self, priors, iou_threshold, neg_pos_ratio, center_variance, size_variance, device, *,
-                 normalizer=None, layout: str = "row_major"):
+                 normalizer=None, layout: str = "row_major", num_classes: Optional[int] = None):
         super().__init__()
         from . import _check_layout, _check_normalizer, _check_settings
 
@@ -469,12 +504,13 @@ class MultiboxLoss(nn.Module):
         # assign()'s copies of the priors on other devices (see _priors_on).
         self._priors_copies = {}
         # Refused here rather than at the first step.
-        _settings(iou_threshold, center_variance, size_variance)
+        _settings(iou_threshold, center_variance, size_variance, num_classes)
         _check_settings(neg_pos_ratio, 0, 1.0)
         _check_layout(layout)
         _check_normalizer(normalizer)
         self.normalizer = normalizer
         self.layout = layout
+        self.num_classes = num_classes
         # What last_status() and last_assign_status() read.
         self._last_loss = None
         self._last_assign = None
@@ -547,7 +583,7 @@ class MultiboxLoss(nn.Module):
                 raise ValueError("gt_counts is required with padded gt_boxes; pass lists to have them padded")
             gt_boxes, gt_labels, gt_counts = pad_targets(list(gt_boxes), list(gt_labels))
         priors = self._priors_on(gt_boxes.device)
-        settings = _settings(self.iou_threshold, self.center_variance, self.size_variance)
+        settings = _settings(self.iou_threshold, self.center_variance, self.size_variance, self.num_classes)
         labels, gt_locations, status = _assign_op(priors, gt_boxes, gt_labels, gt_counts, *settings)
         self._last_assign = (status, (gt_boxes.shape[0], priors.shape[0], gt_boxes.shape[1]), settings)
         if self.layout == "channel_major":

@@ -336,3 +336,92 @@ def test_cuda_checks_every_priors_tensor():
     priors[7, 3] = standard_priors("ssdlite300")[7, 3].item()
     got, _ = assign_targets(priors, *gt)
     assert torch.equal(got, want)
+
+
+def test_num_classes_flags_box_labels_of_c_and_above():
+    # SPEC.md, "Target assignment": a box label outside 1..C-1 is recorded
+    # in the status word. The C ABI's config carries C (0: unknown); the
+    # package passed 0, so a label >= C went unrecorded. Such a box is not
+    # skipped: it is matched as any other, and its priors keep its label,
+    # which the loss that follows refuses (NaN on CUDA, an error on the CPU).
+    np = pytest.importorskip("numpy")
+    priors = standard_priors("ssdlite300")
+    boxes = torch.tensor([[[0.1, 0.1, 0.4, 0.5], [0.5, 0.5, 0.9, 0.8]]])
+    box_labels = torch.tensor([[3, 21]])
+    counts = torch.tensor([2], dtype=torch.int32)
+    settings = dict(iou_threshold=0.5, neg_pos_ratio=3, center_variance=0.1, size_variance=0.2, device="cpu")
+
+    # Without num_classes, as before: nothing recorded.
+    before = MultiboxLoss(priors, **settings)
+    want_labels, want_loc = before.assign(boxes, box_labels, counts)
+    assert before.last_assign_status() == (False, False, False)
+    assert (want_labels == 21).any() and (want_labels == 3).any()
+    assert set(want_labels.unique().tolist()) == {0, 3, 21}
+
+    # With C = 21: recorded, and the targets are the same.
+    criterion = MultiboxLoss(priors, **settings, num_classes=21)
+    labels, gt_locations = criterion.assign(boxes, box_labels, counts)
+    status = criterion.last_assign_status()
+    assert status.invalid_box_label and not status.count_clamped and not status.degenerate_box
+    assert torch.equal(labels, want_labels) and torch.equal(gt_locations, want_loc)
+    got = assign_targets(priors, boxes, box_labels, counts, num_classes=np.int64(21))
+    assert torch.equal(got[0], want_labels) and torch.equal(got[1], want_loc)
+    # ... and the loss with C = 21 refuses the prior labelled 21.
+    b, p = labels.shape
+    confidence = torch.randn((b, p, 21), requires_grad=True)
+    predicted = torch.randn((b, p, 4), requires_grad=True)
+    with pytest.raises(multibox_torch.MultiboxError):
+        criterion(confidence, predicted, labels, gt_locations)
+
+    # A label below C is not flagged; a label below 1 is, whatever C is
+    # (its priors get -2).
+    criterion = MultiboxLoss(priors, **settings, num_classes=22)
+    criterion.assign(boxes, box_labels, counts)
+    assert not criterion.last_assign_status().invalid_box_label
+    labels, _ = criterion.assign(boxes, torch.tensor([[3, 0]]), counts)
+    assert criterion.last_assign_status().invalid_box_label and (labels == -2).any()
+
+    # None or an integer >= 2; bool, floats and strings refused.
+    for bad in (True, 21.0, "21"):
+        with pytest.raises(TypeError, match="num_classes must be None or an integer"):
+            assign_targets(priors, boxes, box_labels, counts, num_classes=bad)
+        with pytest.raises(TypeError, match="num_classes must be None or an integer"):
+            MultiboxLoss(priors, **settings, num_classes=bad)
+    for bad in (1, 0, -3, 2**32):
+        with pytest.raises(ValueError, match="num_classes must be at least 2"):
+            assign_targets(priors, boxes, box_labels, counts, num_classes=bad)
+        with pytest.raises(ValueError, match="num_classes must be at least 2"):
+            MultiboxLoss(priors, **settings, num_classes=bad)
+    with pytest.raises(TypeError):
+        assign_targets(priors, boxes, box_labels, counts, 0.5, 0.1, 0.2, 21)  # keyword-only
+
+
+def test_opcheck_with_num_classes():
+    _, a = load("t_threshold_045", COMMITTED)
+    args = (a["priors"], a["gt_boxes"], a["gt_labels"], a["gt_counts"], 0.45, 0.1, 0.2, 21)
+    torch.library.opcheck(_assign_op, args, test_utils=("test_schema", "test_faketensor"))
+    compiled = torch.compile(
+        lambda boxes: assign_targets(a["priors"], boxes, a["gt_labels"], a["gt_counts"], num_classes=21),
+        fullgraph=True,
+    )
+    want = assign_targets(a["priors"], a["gt_boxes"], a["gt_labels"], a["gt_counts"])
+    got = compiled(a["gt_boxes"])
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@needs_gpu
+def test_cuda_num_classes_flags_box_labels_of_c_and_above():
+    # The kernels read C from the assigner's config: the CPU test above,
+    # on the GPU.
+    priors = standard_priors("ssdlite300")
+    boxes = torch.tensor([[[0.1, 0.1, 0.4, 0.5], [0.5, 0.5, 0.9, 0.8]]])
+    box_labels = torch.tensor([[3, 21]])
+    counts = torch.tensor([2], dtype=torch.int32)
+    settings = dict(iou_threshold=0.5, neg_pos_ratio=3, center_variance=0.1, size_variance=0.2)
+    want = MultiboxLoss(priors, **settings, device="cpu", num_classes=21).assign(boxes, box_labels, counts)
+    for classes, flagged in ((21, True), (22, False), (None, False)):
+        criterion = MultiboxLoss(priors, **settings, device="cuda", num_classes=classes)
+        labels, gt_locations = criterion.assign(boxes.cuda(), box_labels.cuda(), counts.cuda())
+        assert criterion.last_assign_status().invalid_box_label == flagged, classes
+        assert torch.equal(labels.cpu(), want[0])
+        assert (gt_locations.cpu() - want[1]).abs().max() <= 1e-6 * max(1.0, want[1].abs().max().item())
