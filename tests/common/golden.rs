@@ -16,9 +16,7 @@ pub fn goldens_dir() -> PathBuf {
 
 /// `tests/goldens/`, whatever the environment says.
 pub fn committed_goldens_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests")
-        .join("goldens")
+    super::repo_root().join("tests").join("goldens")
 }
 
 /// Python's `json` module writes `NaN`, `Infinity` and `-Infinity`, which

@@ -2,7 +2,7 @@
 //! one. Without a GPU the tests say why and pass, unless
 //! MULTIBOX_REQUIRE_GPU=1, where they fail.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use multibox::cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use multibox::{
@@ -228,6 +228,30 @@ impl<T: Float, L: Label> DeviceCall<T, L> {
     }
 }
 
+/// The loss of `config` in `ctx`'s CUDA context, loaded once per
+/// executable (each test's `device` is a new handle on the same primary
+/// context): a goldens run makes hundreds of calls, and compute-sanitizer
+/// instruments each module load again.
+fn loss_for(
+    ctx: &Arc<CudaContext>,
+    config: &MultiboxConfig,
+) -> multibox::Result<Arc<MultiboxLoss>> {
+    type Loaded = Vec<(Arc<CudaContext>, MultiboxConfig, Arc<MultiboxLoss>)>;
+    static LOADED: Mutex<Loaded> = Mutex::new(Vec::new());
+    let mut loaded = LOADED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some((_, _, loss)) = loaded
+        .iter()
+        .find(|(c, k, _)| c.cu_ctx() == ctx.cu_ctx() && k == config)
+    {
+        return Ok(loss.clone());
+    }
+    let loss = Arc::new(MultiboxLoss::new(ctx, *config)?);
+    loaded.push((ctx.clone(), *config, loss.clone()));
+    Ok(loss)
+}
+
 /// One call on the GPU, like `emulated::run`.
 pub fn run<T: Float, L: Label>(
     ctx: &Arc<CudaContext>,
@@ -237,7 +261,7 @@ pub fn run<T: Float, L: Label>(
     call: Call,
 ) -> multibox::Result<KernelOutput<T>> {
     let stream = ctx.default_stream();
-    let loss = MultiboxLoss::new(ctx, *config)?;
+    let loss = loss_for(ctx, config)?;
     let mut buffers = DeviceCall::new(&stream, shape, inputs)?;
     buffers.launch(&loss, &stream, call)?;
     buffers.read(&loss, &stream, call)

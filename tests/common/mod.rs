@@ -12,4 +12,18 @@ pub mod gpu;
 pub mod target_golden;
 
 pub use check::{check, BackendResult, Report};
+
+use std::path::PathBuf;
+
+/// The repository's root: where the crate was built, or, for a test
+/// executable carried to another machine (scripts/gpu-check runs them there
+/// from the repository's root, with no Rust), the working directory when
+/// the built-in path does not hold the tests.
+pub fn repo_root() -> PathBuf {
+    let built = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    if built.join("tests").is_dir() {
+        return built;
+    }
+    std::env::current_dir().expect("the working directory is readable")
+}
 pub use golden::{list_cases, Case, CaseMeta, CaseVisitor, Expected};

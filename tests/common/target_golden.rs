@@ -16,9 +16,7 @@ pub fn target_goldens_dir() -> PathBuf {
 
 /// `tests/goldens-targets/`, whatever the environment says.
 pub fn committed_target_goldens_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests")
-        .join("goldens-targets")
+    super::repo_root().join("tests").join("goldens-targets")
 }
 
 /// One case, its arrays read.
