@@ -13,20 +13,29 @@
 //!   (the three launches without the host's launch gaps),
 //! - the fewest bytes a call must move (logits read and their gradient
 //!   written, boxes read and their gradient written, labels read), the
-//!   bandwidth that implies at the graph time, and its share of the
-//!   device's peak where the device is in [`PEAK_BANDWIDTH`].
+//!   bandwidth that implies at the graph time, and its share of two
+//!   ceilings: the device's datasheet peak where the device is in
+//!   [`PEAK_BANDWIDTH`], and the bandwidth of a device-to-device copy
+//!   measured at the start (bytes read and written), which is what a kernel
+//!   that only streams memory can reach,
+//! - `launch-bound` where the host took about as long to issue the calls as
+//!   the device took to run them: the call time then measures the launch
+//!   rate, and the graph time is the device's.
 //!
 //! With `MULTIBOX_BENCH_OUT=FILE` it also appends one JSON object per case
 //! to FILE (read by `scripts/gpu-check`). Without a GPU it says why each case
 //! is skipped and exits 0. A bench never asserts: it measures and reports.
 //!
-//! Then target assignment ([`multibox::targets::TargetAssigner::assign`]) at
-//! B = 32 and 256, the SSDLite-300 and SSD300 priors, T = 20 and 100 boxes
-//! per image (about T/2 real boxes each, the rest padding): the median device
-//! time of one call and of one graph replay, as records with an
-//! `assign_case` key.
+//! The row-major cases come first, then target assignment
+//! ([`multibox::targets::TargetAssigner::assign`]) at B = 32 and 256, the
+//! SSDLite-300 and SSD300 priors, T = 20 and 100 boxes per image (about T/2
+//! real boxes each, the rest padding): the median device time of one call
+//! and of one graph replay, as records with an `assign_case` key; then the
+//! channel-major (`_cm`) cases.
 //!
-//! Environment: `MULTIBOX_BENCH_QUICK=1` times fewer calls (a smoke run).
+//! Environment: `MULTIBOX_BENCH_QUICK=1` times fewer calls (a smoke run);
+//! `MULTIBOX_BENCH_DEADLINE_S=S` starts no case after S seconds, and says
+//! which it left out.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -67,11 +76,11 @@ fn options(name: &str) -> (Layout, Normalizer<'static>) {
 /// against a substring of the device name (so "H100 PCIe" before "H100").
 /// Datasheet numbers: a measured device-to-device copy reaches about 90 %.
 const PEAK_BANDWIDTH: &[(&str, f64)] = &[
+    ("GH200", 4.0e12),
     ("H200", 4.8e12),
     ("H100 NVL", 3.9e12),
     ("H100 PCIe", 2.0e12),
     ("H100", 3.35e12),
-    ("GH200", 4.0e12),
     ("A100-SXM4-80GB", 2.039e12),
     ("A100 80GB PCIe", 1.935e12),
     ("A100", 1.555e12),
@@ -99,7 +108,7 @@ fn main() {
         .filter(|a| !a.starts_with("--"))
         .collect();
     let quick = std::env::var("MULTIBOX_BENCH_QUICK").is_ok_and(|v| v == "1");
-    let mut out = match std::env::var_os("MULTIBOX_BENCH_OUT") {
+    let out = match std::env::var_os("MULTIBOX_BENCH_OUT") {
         Some(path) => match std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -147,73 +156,175 @@ fn main() {
             p / 1e12
         ))
     );
-    println!(
-        "{:<13} {:>4} {:>5} {:>3} {:>5} | {:>9} {:>9} | {:>8} {:>8} {:>6} | sets",
-        "case", "B", "P", "C", "dtype", "call us", "graph us", "min MB", "GB/s", "%peak"
-    );
+    let copy = match copy_bandwidth(&ctx) {
+        Ok(bw) => {
+            println!(
+                "device-to-device copy: {:.2} TB/s (read + written)",
+                bw / 1e12
+            );
+            Some(bw)
+        }
+        Err(e) => {
+            println!("device-to-device copy: not measured ({e:#})");
+            None
+        }
+    };
+    let deadline = std::env::var("MULTIBOX_BENCH_DEADLINE_S")
+        .ok()
+        .and_then(|s| s.parse::<f64>().ok())
+        .map(|s| Instant::now() + std::time::Duration::from_secs_f64(s.max(0.0)));
     let bench = Bench {
         ctx: &ctx,
         device: &device,
         peak,
+        copy,
         l2,
         quick,
     };
-    for &(name, shape) in CASES {
-        // One host batch per shape, in f32, converted per dtype: drawing the
-        // 181 M logits of B=256 three times would take longer than timing them.
-        let wanted: Vec<&str> = ["f32", "f16", "bf16"]
-            .into_iter()
-            .filter(|d| {
-                let id = format!("{name}/{}/{d}", shape.batch);
-                filters.iter().all(|f| id.contains(f.as_str()))
-            })
-            .collect();
-        if wanted.is_empty() {
-            continue;
-        }
-        let host = synthetic_batch(shape, options(name).0);
-        for dtype in wanted {
-            let result = match dtype {
-                "f32" => bench.case::<f32>(name, &host),
-                "f16" => bench.case::<f16>(name, &host),
-                _ => bench.case::<bf16>(name, &host),
-            };
-            match result {
-                Ok(record) => {
-                    println!("{}", record.row());
-                    if let Some(f) = out.as_mut() {
-                        if let Err(e) = writeln!(f, "{}", record.json()) {
-                            eprintln!("writing MULTIBOX_BENCH_OUT: {e}");
-                        }
-                    }
-                }
-                Err(e) => println!("failed  {name} {shape} {dtype}: {e:#}"),
-            }
-        }
-    }
+    let mut run = Run {
+        filters,
+        deadline,
+        left_out: Vec::new(),
+        out,
+    };
 
+    run.loss_cases(&bench, false);
     println!();
     println!(
         "{:<16} {:>4} {:>5} {:>4} | {:>9} {:>9}",
         "assign", "B", "P", "T", "call us", "graph us"
     );
     for (name, batch, max_boxes) in assign_cases() {
-        let id = format!("assign/{name}/{batch}/t{max_boxes}");
-        if !filters.iter().all(|f| id.contains(f.as_str())) {
+        if !run.may_start(format!("assign/{name}/{batch}/t{max_boxes}")) {
             continue;
         }
         match bench.assign_case(name, batch, max_boxes) {
             Ok(record) => {
                 println!("{}", record.row());
-                if let Some(f) = out.as_mut() {
-                    if let Err(e) = writeln!(f, "{}", record.json()) {
-                        eprintln!("writing MULTIBOX_BENCH_OUT: {e}");
-                    }
-                }
+                run.write(record.json());
             }
             Err(e) => println!("failed  assign {name} B={batch} T={max_boxes}: {e:#}"),
         }
     }
+    println!();
+    run.loss_cases(&bench, true);
+    if !run.left_out.is_empty() {
+        println!(
+            "deadline: {} cases not started ({})",
+            run.left_out.len(),
+            run.left_out.join(" ")
+        );
+    }
+}
+
+/// Which cases run, and where their records go.
+struct Run {
+    /// A case runs when its id contains every filter.
+    filters: Vec<String>,
+    /// No case starts after it (`MULTIBOX_BENCH_DEADLINE_S`).
+    deadline: Option<Instant>,
+    /// The cases the deadline left out.
+    left_out: Vec<String>,
+    /// `MULTIBOX_BENCH_OUT`.
+    out: Option<std::fs::File>,
+}
+
+impl Run {
+    /// Whether the case `id` runs: it passes the filters, and the deadline
+    /// has not come (else it is noted as left out).
+    fn may_start(&mut self, id: String) -> bool {
+        if !self.filters.iter().all(|f| id.contains(f.as_str())) {
+            return false;
+        }
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            self.left_out.push(id);
+            return false;
+        }
+        true
+    }
+
+    fn write(&mut self, json: String) {
+        if let Some(f) = self.out.as_mut() {
+            if let Err(e) = writeln!(f, "{json}") {
+                eprintln!("writing MULTIBOX_BENCH_OUT: {e}");
+            }
+        }
+    }
+
+    /// The row-major cases, or the channel-major (`_cm`) ones.
+    fn loss_cases(&mut self, bench: &Bench, channel_major: bool) {
+        println!(
+            "{:<14} {:>4} {:>5} {:>3} {:>5} | {:>9} {:>9} | {:>8} {:>8} {:>6} {:>6} | sets",
+            "case",
+            "B",
+            "P",
+            "C",
+            "dtype",
+            "call us",
+            "graph us",
+            "min MB",
+            "GB/s",
+            "%peak",
+            "%copy"
+        );
+        for &(name, shape) in CASES
+            .iter()
+            .filter(|(n, _)| n.ends_with("_cm") == channel_major)
+        {
+            // One host batch per shape, in f32, converted per dtype: drawing
+            // the 181 M logits of B=256 three times would take longer than
+            // timing them.
+            let wanted: Vec<&str> = ["f32", "f16", "bf16"]
+                .into_iter()
+                .filter(|d| self.may_start(format!("{name}/{}/{d}", shape.batch)))
+                .collect();
+            if wanted.is_empty() {
+                continue;
+            }
+            let host = synthetic_batch(shape, options(name).0);
+            for dtype in wanted {
+                let result = match dtype {
+                    "f32" => bench.case::<f32>(name, &host),
+                    "f16" => bench.case::<f16>(name, &host),
+                    _ => bench.case::<bf16>(name, &host),
+                };
+                match result {
+                    Ok(record) => {
+                        println!("{}", record.row());
+                        self.write(record.json());
+                    }
+                    Err(e) => println!("failed  {name} {shape} {dtype}: {e:#}"),
+                }
+            }
+        }
+    }
+}
+
+/// The bandwidth of a device-to-device copy of 1 GiB (bytes read plus
+/// bytes written, per second): the median of 10, after 3 to warm up.
+fn copy_bandwidth(ctx: &Arc<CudaContext>) -> Result<f64> {
+    const BYTES: usize = 1 << 30;
+    let stream = ctx.new_stream()?;
+    let src = stream.alloc_zeros::<u8>(BYTES)?;
+    let mut dst = stream.alloc_zeros::<u8>(BYTES)?;
+    for _ in 0..3 {
+        stream.memcpy_dtod(&src, &mut dst)?;
+    }
+    let timing = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+    let events: Vec<_> = (0..=10)
+        .map(|_| ctx.new_event(timing))
+        .collect::<Result<_, _>>()?;
+    events[0].record(&stream)?;
+    for e in &events[1..] {
+        stream.memcpy_dtod(&src, &mut dst)?;
+        e.record(&stream)?;
+    }
+    stream.synchronize()?;
+    let times: Vec<f64> = events
+        .windows(2)
+        .map(|w| w[0].elapsed_ms(&w[1]).map(|ms| f64::from(ms) * 1e-3))
+        .collect::<Result<_, _>>()?;
+    Ok(2.0 * BYTES as f64 / median(times))
 }
 
 /// Target assignment's cases: (priors, B, T).
@@ -336,7 +447,10 @@ fn synthetic_batch(shape: Shape, layout: Layout) -> Batch<f32, i64> {
 struct Bench<'a> {
     ctx: &'a Arc<CudaContext>,
     device: &'a str,
+    /// Datasheet DRAM bandwidth, bytes/s.
     peak: Option<f64>,
+    /// Measured device-to-device copy bandwidth, bytes/s.
+    copy: Option<f64>,
     l2: usize,
     quick: bool,
 }
@@ -413,10 +527,13 @@ struct Record {
     dtype: &'static str,
     device: String,
     call_us: f64,
+    /// The host's time to issue one call (the loop's wall time over n).
+    host_us: f64,
     graph_us: Option<f64>,
     graph_error: Option<String>,
     bytes: usize,
     peak: Option<f64>,
+    copy: Option<f64>,
     sets: usize,
     calls: usize,
 }
@@ -428,15 +545,28 @@ impl Record {
         self.bytes as f64 / (us * 1e-6)
     }
 
+    /// The share of `ceiling` (bytes/s) that `bandwidth` reaches, in %.
+    fn pct_of(&self, ceiling: Option<f64>) -> Option<f64> {
+        ceiling.map(|c| 100.0 * self.bandwidth() / c)
+    }
+
+    /// The host issued the calls about as slowly as the device ran them:
+    /// the device may have waited for launches.
+    fn launch_bound(&self) -> bool {
+        self.host_us >= 0.9 * self.call_us
+    }
+
     fn row(&self) -> String {
         let graph = self
             .graph_us
             .map_or(format!("{:>9}", "n/a"), |us| format!("{us:9.1}"));
-        let pct = self.peak.map_or(format!("{:>6}", "n/a"), |p| {
-            format!("{:6.1}", 100.0 * self.bandwidth() / p)
-        });
+        let pct = |ceiling| {
+            self.pct_of(ceiling)
+                .map_or(format!("{:>6}", "n/a"), |p| format!("{p:6.1}"))
+        };
+        let (peak, copy) = (pct(self.peak), pct(self.copy));
         let mut row = format!(
-            "{:<13} {:>4} {:>5} {:>3} {:>5} | {:9.1} {graph} | {:8.1} {:8.0} {pct} | {}",
+            "{:<14} {:>4} {:>5} {:>3} {:>5} | {:9.1} {graph} | {:8.1} {:8.0} {peak} {copy} | {}",
             self.name,
             self.shape.batch,
             self.shape.priors,
@@ -447,6 +577,12 @@ impl Record {
             self.bandwidth() / 1e9,
             self.sets,
         );
+        if self.launch_bound() {
+            row.push_str(&format!(
+                "  launch-bound (host {:.1} us a call)",
+                self.host_us
+            ));
+        }
         if let Some(e) = &self.graph_error {
             row.push_str(&format!("  (graph: {e})"));
         }
@@ -465,12 +601,16 @@ impl Record {
             "normalizer": format!("{:?}", options(&self.name).1),
             "device": self.device,
             "call_us": self.call_us,
+            "host_us": self.host_us,
+            "launch_bound": self.launch_bound(),
             "graph_us": self.graph_us,
             "graph_error": self.graph_error,
             "min_bytes": self.bytes,
             "gbps": self.bandwidth() / 1e9,
             "peak_gbps": self.peak.map(|p| p / 1e9),
-            "peak_pct": self.peak.map(|p| 100.0 * self.bandwidth() / p),
+            "peak_pct": self.pct_of(self.peak),
+            "copy_gbps": self.copy.map(|c| c / 1e9),
+            "copy_pct": self.pct_of(self.copy),
             "sets": self.sets,
             "calls": self.calls,
         })
@@ -543,11 +683,13 @@ impl Bench<'_> {
             .collect::<Result<_, _>>()?;
         // Back to back: event i, call i, event i+1, ... so that the device
         // never waits on the host between calls longer than the launches take.
+        let issuing = Instant::now();
         events[0].record(&stream)?;
         for i in 0..n {
             calls[i % sets].call(&loss, &stream, shape, name)?;
             events[i + 1].record(&stream)?;
         }
+        let host_us = issuing.elapsed().as_secs_f64() * 1e6 / n as f64;
         stream.synchronize()?;
         let times: Vec<f64> = events
             .windows(2)
@@ -572,10 +714,12 @@ impl Bench<'_> {
             dtype,
             device: self.device.to_string(),
             call_us,
+            host_us,
             graph_us,
             graph_error,
             bytes,
             peak: self.peak,
+            copy: self.copy,
             sets,
             calls: n,
         })

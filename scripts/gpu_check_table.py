@@ -65,27 +65,31 @@ def main():
             nvidia_compare.append(r)
 
     device = next((r.get("device") for r in bench.values()), None)
+    copy_gbps = next((r.get("copy_gbps") for r in bench.values() if r.get("copy_gbps")), None)
     print("== gpu-check: stages ==")
     for stage in stages:
         stage += [""] * (3 - len(stage))
-        print(f"  {stage[0]:<22} {stage[1]:<9} {stage[2]}")
+        print(f"  {stage[0]:<28} {stage[1]:<9} {stage[2]}")
     if compare:
         bad = [r["case"] for r in compare if not r.get("ok")]
-        print(f"  {'losses vs PyTorch f64':<22} {'ok' if not bad else 'FAILED':<9} "
+        print(f"  {'losses vs PyTorch f64':<28} {'ok' if not bad else 'FAILED':<9} "
               f"{len(compare) - len(bad)}/{len(compare)} cases within 1e-5"
               + (f"; failed: {', '.join(bad)}" if bad else ""))
     if nvidia_compare:
         bad = [r["case"] for r in nvidia_compare if not r.get("ok")]
-        print(f"  {'NVIDIA loss vs ours':<22} {'ok' if not bad else 'FAILED':<9} "
+        print(f"  {'NVIDIA loss vs ours':<28} {'ok' if not bad else 'FAILED':<9} "
               f"{len(nvidia_compare) - len(bad)}/{len(nvidia_compare)} cases (loss 1e-5, gradients)"
               + (f"; failed: {', '.join(bad)}" if bad else ""))
 
     header = (f"{'shape':<13} {'B':>4} {'P':>5} {'C':>3} {'dtype':<5} | {'ours us':>8} "
               f"{'graph us':>8} | {'eager us':>9} {'compile us':>10} | {'eager/ours':>10} "
-              f"{'compile/ours':>12} | {'% bw floor':>10}")
+              f"{'compile/ours':>12} | {'% peak':>6} {'% copy':>6}")
     print()
     print(f"== forward+backward, median device time per call"
           f" ({device or 'no GPU run'}) ==")
+    print("% peak / % copy: the bytes a call must move, at the better of the two times, against the "
+          "datasheet bandwidth / a measured device-to-device copy"
+          + (f" ({copy_gbps:.0f} GB/s)" if copy_gbps else "") + "; * launch-bound (see benches/gpu.rs)")
     print(header)
     print("-" * len(header))
     for dtype in DTYPES:
@@ -95,12 +99,13 @@ def main():
             comp = torch_times.get(("compile", name, b, dtype), {})
             call_us = ours.get("call_us")
             graph_us = ours.get("graph_us")
-            print(f"{name:<13} {b:>4} {p:>5} {c:>3} {dtype:<5} | {fmt(call_us, '8.1f'):>8} "
+            mark = "*" if ours.get("launch_bound") else " "
+            print(f"{name:<13} {b:>4} {p:>5} {c:>3} {dtype:<5} |{mark}{fmt(call_us, '8.1f'):>8} "
                   f"{fmt(graph_us, '8.1f'):>8} | {fmt(eager.get('us'), '9.1f'):>9} "
                   f"{fmt(comp.get('us'), '10.1f'):>10} | "
                   f"{fmt(ratio(eager.get('us'), call_us), '10.1f'):>10} "
                   f"{fmt(ratio(comp.get('us'), call_us), '12.1f'):>12} | "
-                  f"{fmt(ours.get('peak_pct'), '10.1f'):>10}")
+                  f"{fmt(ours.get('peak_pct'), '6.1f'):>6} {fmt(ours.get('copy_pct'), '6.1f'):>6}")
     sanitizers = [s for s in stages if s[0].startswith("sanitizer")]
     summary = ", ".join(f"{s[0].split(' ', 1)[-1]} {s[1]}" + ("" if s[1] == "0" else f" ({s[2]})")
                         for s in sanitizers) or "n/a"

@@ -4,7 +4,7 @@ against, and a check that both compute the same losses.
 
     scripts/pytorch_baseline.py [--out FILE.jsonl] [--compare BENCH_COMPARE]
                                 [--lib LIBMULTIBOX] [--budget SECONDS] [--quick]
-                                [--no-compile]
+                                [--no-compile] [--compile-dtypes f16,...]
 
 1. Check: draws small batches (B=4) of each benchmark shape and input type
    deterministically, writes them in the layout of tests/goldens/ and runs
@@ -17,7 +17,9 @@ against, and a check that both compute the same losses.
    rotating among input sets whose bytes exceed the L2 cache 4 times; the
    median is reported. torch.compile runs with its defaults (after the first
    shape of a dtype it recompiles with dynamic shapes, as a training run
-   that changes shapes would), and stops when --budget seconds are spent.
+   that changes shapes would), for the --compile-dtypes only (f16 by
+   default: each dtype compiles again, which a short budget cannot afford).
+   Every case stops when --budget seconds are spent, a compile included.
 
    NVIDIA's SSD loss (DeepLearningExamples, PyTorch/Detection/SSD,
    `ssd/model.py`'s `Loss`: channel-major `[B, C, P]` / `[B, 4, P]` inputs,
@@ -47,8 +49,9 @@ reference algorithm is docs/SPEC.md's, as the SSD training code writes it:
 a sort of the background losses, then a sort of the sort, boolean indexing
 (which synchronises with the host), cross_entropy and smooth_l1_loss.
 
-Exit status: 0 when done, 3 when skipped (no PyTorch), 1 when a comparison
-failed or something broke.
+Each part runs even when one before it broke (its error is logged and
+recorded). Exit status: 0 when done, 3 when skipped (no PyTorch), 1 when a
+comparison failed or something broke.
 """
 
 import argparse
@@ -56,11 +59,13 @@ import json
 import math
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 
 SHAPES = [  # name, B, P, C: the shapes of benches/gpu.rs
     ("ssdlite_voc", 32, 3000, 21),
@@ -362,7 +367,8 @@ def nvidia_check(args, out, mb):
         want.backward()
         got = float(reg.detach()) + float(cls.detach())
         problems = []
-        err = abs(got - float(want)) / max(abs(float(want)), 1e-30)
+        want = float(want.detach())
+        err = abs(got - want) / max(abs(want), 1e-30)
         if not err <= RTOL:
             problems.append(f"loss {got!r} vs {float(want)!r} (rel {err:.2e})")
         for what, g, w in (("d confidence", c1.grad, c2.grad), ("d locations", l1.grad, l2.grad)):
@@ -379,6 +385,26 @@ def nvidia_check(args, out, mb):
 
 
 # --------------------------------------------------------------- the timing
+
+class OutOfTime(Exception):
+    """The run's --budget ended during a case."""
+
+
+def _out_of_time(signum, frame):
+    raise OutOfTime("time budget spent during the case")
+
+
+def until(deadline):
+    """Raises OutOfTime in the main thread at `deadline` (time.monotonic()):
+    a torch.compile that runs past the budget ends as a failed case, not as
+    a run killed from outside with its later parts lost. until(None) stops
+    the clock."""
+    if deadline is None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        return
+    signal.signal(signal.SIGALRM, _out_of_time)
+    signal.setitimer(signal.ITIMER_REAL, max(0.1, deadline - time.monotonic()))
+
 
 def time_calls(fn, sets, n, warmup):
     """Median device time of one forward+backward, by CUDA events around
@@ -440,7 +466,8 @@ def timing(args, out, deadline, mb=None):
     # lasts, dtype by dtype so that each dtype's recompiles happen once.
     impls = ["eager"] + (["nvidia", "ours_channel_major"] if mb is not None else [])
     impls += [] if args.no_compile else ["compile"]
-    plan = [(impl, dtype, shape) for impl in impls for dtype in DTYPES for shape in shapes]
+    plan = [(impl, dtype, shape) for impl in impls for dtype in DTYPES for shape in shapes
+            if impl != "compile" or dtype in args.compile_dtypes]
     fns = {"eager": multibox_loss, "compile": compiled, "nvidia": nvidia_as_pair}
     if mb is not None:
         fns["ours_channel_major"] = ours_channel_major(mb)
@@ -455,6 +482,7 @@ def timing(args, out, deadline, mb=None):
             out.write(json.dumps(rec) + "\n")
             continue
         try:
+            until(deadline)
             elem = torch.tensor([], dtype=torch_dtype(dtype)).element_size()
             nsets = max(2, min(16, math.ceil(4 * l2 / min_bytes(b, p, c, elem))))
             sets = []
@@ -479,6 +507,7 @@ def timing(args, out, deadline, mb=None):
             rec["error"] = f"{type(e).__name__}: {e}"[:500]
             log(f"{impl:18} {name:12} B={b:<3} {dtype:4}: FAILED {rec['error']}")
         finally:
+            until(None)
             sets = None
             torch.cuda.empty_cache()
         out.write(json.dumps(rec) + "\n")
@@ -682,7 +711,13 @@ def main():
     ap.add_argument("--budget", type=float, default=240.0, help="seconds for the whole run")
     ap.add_argument("--quick", action="store_true", help="one shape, few calls")
     ap.add_argument("--no-compile", action="store_true", help="eager only")
+    ap.add_argument("--compile-dtypes", default="f16",
+                    help=f"comma-separated, of {','.join(DTYPES)}: the input types timed under torch.compile")
     args = ap.parse_args()
+    args.compile_dtypes = [d for d in args.compile_dtypes.split(",") if d]
+    unknown = set(args.compile_dtypes) - set(DTYPES)
+    if unknown:
+        ap.error(f"--compile-dtypes: unknown {sorted(unknown)}; known: {DTYPES}")
     deadline = time.monotonic() + args.budget
     try:
         import torch
@@ -695,15 +730,28 @@ def main():
     mb, args.mb_error = load_multibox_torch(args.lib)
     log(f"our op: {mb.library_path() if mb else 'not available: ' + args.mb_error}")
     with open(args.out, "a") as out:
-        ok = check(args, out)
-        out.flush()
-        ok &= nvidia_check(args, out, mb)
-        out.flush()
-        ok &= assign_check(out)
+
+        def part(name, fn, *part_args):
+            """One part; an exception in it is logged and recorded, and the
+            next part runs."""
+            try:
+                good = fn(*part_args)
+            except Exception as e:  # noqa: BLE001 - report, then the next part
+                traceback.print_exc()
+                log(f"{name} FAILED: {type(e).__name__}: {e}")
+                out.write(json.dumps({"kind": "error", "part": name, "error": f"{type(e).__name__}: {e}"[:500]})
+                          + "\n")
+                good = False
+            out.flush()
+            return good
+
+        ok = part("check", check, args, out)
+        ok &= part("nvidia check", nvidia_check, args, out, mb)
+        ok &= part("assignment check", assign_check, out)
         # The assignment's timing is short; the loss's torch.compile may use
         # the rest of the budget.
-        ok &= assign_timing(args, out, deadline)
-        ok &= timing(args, out, deadline, mb)
+        ok &= part("assignment timing", assign_timing, args, out, deadline)
+        ok &= part("timing", timing, args, out, deadline, mb)
     return 0 if ok else 1
 
 
