@@ -82,8 +82,8 @@ def main():
               + (f"; failed: {', '.join(bad)}" if bad else ""))
 
     header = (f"{'shape':<13} {'B':>4} {'P':>5} {'C':>3} {'dtype':<5} | {'ours us':>8} "
-              f"{'graph us':>8} | {'eager us':>9} {'compile us':>10} | {'eager/ours':>10} "
-              f"{'compile/ours':>12} | {'% peak':>6} {'% copy':>6}")
+              f"{'graph us':>8} {'op us':>8} | {'eager us':>9} {'compile us':>10} | {'eager/op':>8} "
+              f"{'compile/op':>10} | {'% peak':>6} {'% copy':>6}")
     print()
     print(f"== forward+backward, median device time per call"
           f" ({device or 'no GPU run'}) ==")
@@ -97,14 +97,15 @@ def main():
             ours = bench.get((name, b, dtype), {})
             eager = torch_times.get(("eager", name, b, dtype), {})
             comp = torch_times.get(("compile", name, b, dtype), {})
+            op_us = torch_times.get(("ours_op", name, b, dtype), {}).get("us")
             call_us = ours.get("call_us")
             graph_us = ours.get("graph_us")
             mark = "*" if ours.get("launch_bound") else " "
             print(f"{name:<13} {b:>4} {p:>5} {c:>3} {dtype:<5} |{mark}{fmt(call_us, '8.1f'):>8} "
-                  f"{fmt(graph_us, '8.1f'):>8} | {fmt(eager.get('us'), '9.1f'):>9} "
+                  f"{fmt(graph_us, '8.1f'):>8} {fmt(op_us, '8.1f'):>8} | {fmt(eager.get('us'), '9.1f'):>9} "
                   f"{fmt(comp.get('us'), '10.1f'):>10} | "
-                  f"{fmt(ratio(eager.get('us'), call_us), '10.1f'):>10} "
-                  f"{fmt(ratio(comp.get('us'), call_us), '12.1f'):>12} | "
+                  f"{fmt(ratio(eager.get('us'), op_us), '8.1f'):>8} "
+                  f"{fmt(ratio(comp.get('us'), op_us), '10.1f'):>10} | "
                   f"{fmt(ours.get('peak_pct'), '6.1f'):>6} {fmt(ours.get('copy_pct'), '6.1f'):>6}")
     sanitizers = [s for s in stages if s[0].startswith("sanitizer")]
     summary = ", ".join(f"{s[0].split(' ', 1)[-1]} {s[1]}" + ("" if s[1] == "0" else f" ({s[2]})")

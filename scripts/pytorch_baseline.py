@@ -20,6 +20,9 @@ against, and a check that both compute the same losses.
    that changes shapes would), for the --compile-dtypes only (f16 by
    default: each dtype compiles again, which a short budget cannot afford).
    Every case stops when --budget seconds are spent, a compile included.
+   Our op (multibox_torch over --lib, row-major, the same normaliser) is
+   timed the same way on the same inputs (impl "ours_op"), so that the
+   comparison with eager PyTorch is made from Python on both sides.
 
    NVIDIA's SSD loss (DeepLearningExamples, PyTorch/Detection/SSD,
    `ssd/model.py`'s `Loss`: channel-major `[B, C, P]` / `[B, 4, P]` inputs,
@@ -188,6 +191,16 @@ def load_multibox_torch(lib):
     except Exception as e:  # noqa: BLE001 - no library: report why
         return None, f"{type(e).__name__}: {e}"
     return multibox_torch, None
+
+
+def ours_row_major(mb):
+    """Our op as a PyTorch user calls it: (reg, cls) of row-major inputs,
+    the reference's normaliser. Beside `eager`, it is the like-for-like
+    comparison from Python (the bench's `ours us` is the Rust API's)."""
+    def loss(conf, loc, labels, gt):
+        reg, cls, _ = mb.multibox_loss(conf, loc, labels, gt, neg_pos_ratio=NEG_POS_RATIO)
+        return reg, cls
+    return loss
 
 
 def ours_channel_major(mb):
@@ -461,15 +474,17 @@ def timing(args, out, deadline, mb=None):
     shapes = SHAPES[:1] if args.quick else SHAPES
     n_target = 0.05 if args.quick else 0.3
     ok = True
-    # Eager for every case first, then NVIDIA's loss and ours side by side
-    # (channel-major, per image), then torch.compile while the budget
-    # lasts, dtype by dtype so that each dtype's recompiles happen once.
-    impls = ["eager"] + (["nvidia", "ours_channel_major"] if mb is not None else [])
+    # Eager for every case first, then our op from Python on the same
+    # inputs, then NVIDIA's loss and ours side by side (channel-major, per
+    # image), then torch.compile while the budget lasts, dtype by dtype so
+    # that each dtype's recompiles happen once.
+    impls = ["eager"] + (["ours_op", "nvidia", "ours_channel_major"] if mb is not None else [])
     impls += [] if args.no_compile else ["compile"]
     plan = [(impl, dtype, shape) for impl in impls for dtype in DTYPES for shape in shapes
             if impl != "compile" or dtype in args.compile_dtypes]
     fns = {"eager": multibox_loss, "compile": compiled, "nvidia": nvidia_as_pair}
     if mb is not None:
+        fns["ours_op"] = ours_row_major(mb)
         fns["ours_channel_major"] = ours_channel_major(mb)
     for impl, dtype, (name, b, p, c) in plan:
         rec = {"kind": "time", "impl": impl, "case": name, "batch": b, "priors": p,
