@@ -12,7 +12,7 @@ The model is a stand-in for an SSD head (one linear layer per prior on
 random features, outputs concatenated channel-major as NVIDIA's SSD
 concatenates its heads); the data is random. --check compares the first
 step's DDP gradient with the single-process gradient of the whole batch on
-rank 0.
+rank 0, and exits with an error when they differ.
 
 Why the mean count (README, "Data-parallel training"): the single-process
 loss divides the batch's sums by N, the batch's positive count. With W
@@ -54,6 +54,7 @@ from torch.nn.parallel import DistributedDataParallel
 from multibox_torch import multibox_loss
 
 PRIORS, CLASSES, FEATURES = 3000, 21, 32
+CHECK_TOLERANCE = 1e-5  # --check: of the largest single-process gradient
 
 
 def make_model(seed=0):
@@ -147,11 +148,17 @@ def check_first_step(model, world, args):
     loss, _ = step_loss(single, features, labels, gt, "per_image" if args.normalizer == "per_image" else None)
     loss.backward()
     scale = 1.0 / world if args.normalizer == "global_count" else 1.0
+    worst = 0.0
     for (name, p), q in zip(model.named_parameters(), single.parameters()):
         ratio = (p.grad.double().norm() / q.grad.double().norm()).item()
         err = ((p.grad - q.grad * scale).abs().max() / q.grad.abs().max()).item()
+        worst = max(worst, err)
         print(f"check {name}: |DDP grad| / |single-process grad| = {ratio:.6f} (expected {scale:g}); "
               f"largest difference {err:.1e} of the largest gradient", flush=True)
+    # float32 sums in another order: a few ulps of the largest gradient.
+    if not worst <= CHECK_TOLERANCE:
+        raise SystemExit(f"check FAILED: the DDP gradient is {worst:.1e} of the largest gradient away "
+                         f"from {scale:g} times the single-process one (tolerance {CHECK_TOLERANCE:g})")
 
 
 def worker(rank, world, args, store):

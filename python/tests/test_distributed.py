@@ -18,6 +18,7 @@ refuses, and the test then skips saying so). One spawn per backend serves
 every test of that backend.
 """
 
+import subprocess
 import sys
 import time
 import traceback
@@ -262,3 +263,26 @@ def test_spawned_ranks_saw_the_backend_device(ranks):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q", "-rs"] + sys.argv[1:]))
+
+
+@pytest.mark.parametrize(("normalizer", "expected_ratio"),
+                         [("mean_count", 1.0), ("global_count", 1.0 / WORLD), ("per_image", 1.0)])
+def test_the_ddp_example_runs_and_its_check_holds(normalizer, expected_ratio):
+    # python/examples/ddp_step.py, as README's "Data-parallel training" runs
+    # it: two gloo ranks spawned by the script, one step, --check (which
+    # exits with an error when the DDP gradient is not `expected_ratio`
+    # times the single-process one).
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available in this PyTorch")
+    script = Path(__file__).resolve().parents[1] / "examples" / "ddp_step.py"
+    run = subprocess.run(
+        [sys.executable, str(script), "--steps", "1", "--check", "--normalizer", normalizer],
+        capture_output=True, text=True, timeout=SPAWN_TIMEOUT_S,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    checks = [line for line in run.stdout.splitlines() if line.startswith("check ")]
+    assert checks, run.stdout
+    for line in checks:
+        ratio = float(line.split("= ")[1].split(" ")[0])
+        assert abs(ratio - expected_ratio) <= 1e-5, line
+    assert "step 0: loss" in run.stdout
