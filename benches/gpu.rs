@@ -195,7 +195,8 @@ fn main() {
         "assign", "B", "P", "T", "call us", "graph us"
     );
     for (name, batch, max_boxes) in assign_cases() {
-        if !run.may_start(format!("assign/{name}/{batch}/t{max_boxes}")) {
+        let id = format!("assign/{name}/{batch}/t{max_boxes}");
+        if !run.wants(&id) || !run.in_time(id) {
             continue;
         }
         match bench.assign_case(name, batch, max_boxes) {
@@ -230,12 +231,14 @@ struct Run {
 }
 
 impl Run {
-    /// Whether the case `id` runs: it passes the filters, and the deadline
-    /// has not come (else it is noted as left out).
-    fn may_start(&mut self, id: String) -> bool {
-        if !self.filters.iter().all(|f| id.contains(f.as_str())) {
-            return false;
-        }
+    /// Whether the case `id` passes the filters.
+    fn wants(&self, id: &str) -> bool {
+        self.filters.iter().all(|f| id.contains(f.as_str()))
+    }
+
+    /// Whether the case `id` may start now: before the deadline (else it is
+    /// noted as left out).
+    fn in_time(&mut self, id: String) -> bool {
         if self.deadline.is_some_and(|d| Instant::now() >= d) {
             self.left_out.push(id);
             return false;
@@ -271,22 +274,20 @@ impl Run {
             .iter()
             .filter(|(n, _)| n.ends_with("_cm") == channel_major)
         {
-            // One host batch per shape, in f32, converted per dtype: drawing
+            // One host batch per shape, in f32, converted per dtype (drawing
             // the 181 M logits of B=256 three times would take longer than
-            // timing them.
-            let wanted: Vec<&str> = ["f32", "f16", "bf16"]
-                .into_iter()
-                .filter(|d| self.may_start(format!("{name}/{}/{d}", shape.batch)))
-                .collect();
-            if wanted.is_empty() {
-                continue;
-            }
-            let host = synthetic_batch(shape, options(name).0);
-            for dtype in wanted {
+            // timing them), drawn for the first of its cases that runs.
+            let mut host = None;
+            for dtype in ["f32", "f16", "bf16"] {
+                let id = format!("{name}/{}/{dtype}", shape.batch);
+                if !self.wants(&id) || !self.in_time(id) {
+                    continue;
+                }
+                let host = host.get_or_insert_with(|| synthetic_batch(shape, options(name).0));
                 let result = match dtype {
-                    "f32" => bench.case::<f32>(name, &host),
-                    "f16" => bench.case::<f16>(name, &host),
-                    _ => bench.case::<bf16>(name, &host),
+                    "f32" => bench.case::<f32>(name, host),
+                    "f16" => bench.case::<f16>(name, host),
+                    _ => bench.case::<bf16>(name, host),
                 };
                 match result {
                     Ok(record) => {
