@@ -1,5 +1,5 @@
 """MULTIBOX_GPU_TESTS_ONLY=1 keeps the tests that use a GPU, and the ctypes
-binding's checks of the library, and deselects the rest: scripts/gpu-check
+bindings' checks of the library (test_*_ctypes.py), and deselects the rest: scripts/gpu-check
 runs this suite on a GPU machine within a short budget, after CI has run
 the CPU tests. A test uses a GPU when a parameter of it is a CUDA device or
 backend ("cuda" in its id) or when it is skipped without one (a skipif whose
@@ -19,7 +19,7 @@ def pytest_collection_modifyitems(config, items):
         return
     keep, drop = [], []
     for item in items:
-        binding = os.path.basename(str(item.fspath)) == "test_capi_ctypes.py"
+        binding = item.path.name.endswith("_ctypes.py")
         (keep if binding or _uses_gpu(item) else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)

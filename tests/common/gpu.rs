@@ -247,8 +247,13 @@ fn loss_for(
     {
         return Ok(loss.clone());
     }
-    let loss = Arc::new(MultiboxLoss::new(ctx, *config)?);
-    loaded.push((ctx.clone(), *config, loss.clone()));
+    // A handle of the cache's own on the same context: cudarc keeps a
+    // deferred error (a failed free, say) in the handle that made the
+    // buffer, and the first test's handle would pass its errors on to
+    // every later test that uses the cached loss.
+    let own = multibox::cuda_context(ctx.ordinal())?;
+    let loss = Arc::new(MultiboxLoss::new(&own, *config)?);
+    loaded.push((own, *config, loss.clone()));
     Ok(loss)
 }
 
