@@ -4,7 +4,11 @@
 //!
 //! - **CPU tensors**: the forward and backward run the crate's CPU reference
 //!   ([`crate::reference`]: f64 arithmetic, results rounded once to the input
-//!   type).
+//!   type). The backward reads candle's upstream gradients on the host and
+//!   refuses a non-finite one ([`crate::Error::InvalidUpstream`]), as the
+//!   crate's host-side upstream does; on CUDA they stay in device memory,
+//!   unread by the host, and a NaN or infinite one gives NaN gradients for
+//!   the rows it scales, as in PyTorch.
 //! - **CUDA tensors** (feature `candle-cuda`): the kernels, on candle's own
 //!   stream, through [`crate::MultiboxLoss`] (one per CUDA context and
 //!   configuration, built on first use). The forward runs kernels 1 and 2

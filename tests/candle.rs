@@ -96,6 +96,33 @@ fn upstream_gradients_scale_each_loss() -> candle_core::Result<()> {
 }
 
 #[test]
+fn a_non_finite_upstream_gradient_is_refused_on_the_cpu() -> candle_core::Result<()> {
+    // The CPU backward reads the upstream on the host, as the crate's host
+    // upstream, and refuses it as that does (module docs).
+    let dev = Device::Cpu;
+    let confidence = Var::from_tensor(&Tensor::zeros((1, 3, 2), DType::F32, &dev)?)?;
+    let predicted = Var::from_tensor(&Tensor::zeros((1, 3, 4), DType::F32, &dev)?)?;
+    let labels = Tensor::new(&[[1i64, 0, 0]], &dev)?;
+    let gt = Tensor::zeros((1, 3, 4), DType::F32, &dev)?;
+    let loss = multibox_loss(
+        &MultiboxConfig::default(),
+        &confidence,
+        &predicted,
+        &labels,
+        &gt,
+    )?;
+    let scaled = (loss.classification_loss * f64::NAN)?;
+    let err = (&loss.regression_loss + &scaled)?
+        .backward()
+        .expect_err("a NaN upstream gradient is refused");
+    assert!(
+        err.to_string().contains("g_cls") && err.to_string().contains("not a finite number"),
+        "{err}"
+    );
+    Ok(())
+}
+
+#[test]
 fn f16_inputs() -> candle_core::Result<()> {
     matches_reference::<f16>(Shape::new(1, 200, 8), 1.0, 1.0)
 }
