@@ -1,9 +1,9 @@
 """MULTIBOX_GPU_TESTS_ONLY=1 keeps the tests that use a GPU, and the ctypes
-bindings' checks of the library (test_*_ctypes.py), and deselects the rest: scripts/gpu-check
-runs this suite on a GPU machine within a short budget, after CI has run
-the CPU tests. A test uses a GPU when a parameter of it is a CUDA device or
-backend ("cuda" in its id) or when it is skipped without one (a skipif whose
-reason names CUDA)."""
+bindings' checks of the library (test_*_ctypes.py), and deselects the rest:
+scripts/gpu-check runs this suite on a GPU machine within a short budget,
+after CI has run the CPU tests. A test uses a GPU when a parameter of it is
+a CUDA device or backend ("cuda" in its id) or when it is skipped without
+one (a skipif whose reason names CUDA)."""
 
 import os
 

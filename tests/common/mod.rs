@@ -12,6 +12,7 @@ pub mod gpu;
 pub mod target_golden;
 
 pub use check::{check, BackendResult, Report};
+pub use golden::{list_cases, Case, CaseMeta, CaseVisitor, Expected};
 
 use std::path::PathBuf;
 
@@ -26,4 +27,3 @@ pub fn repo_root() -> PathBuf {
     }
     std::env::current_dir().expect("the working directory is readable")
 }
-pub use golden::{list_cases, Case, CaseMeta, CaseVisitor, Expected};
