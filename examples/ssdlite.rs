@@ -1,6 +1,7 @@
 //! The main job: the MultiBox loss and its gradients for a synthetic
 //! SSDLite-VOC batch (32 images, 3000 priors, 21 classes), on the GPU when
-//! there is one, else with the CPU reference.
+//! there is one (its losses then checked against the CPU reference's),
+//! else with the CPU reference.
 //!
 //!     scripts/setup && cargo run --release --example ssdlite
 
@@ -116,6 +117,20 @@ fn gpu(
     println!(
         "device status: {:?}",
         loss.status(&stream, shape, &workspace)?
+    );
+
+    // The same losses from the CPU reference (SPEC.md: relative 1e-6).
+    let cpu = reference::forward(config, shape, &batch.reference_inputs())?.losses;
+    let close = |gpu: f32, cpu: f64| (f64::from(gpu) - cpu).abs() <= 1e-6 * cpu.abs().max(1e-30);
+    println!(
+        "CPU reference:      regression_loss {:.6}, classification_loss {:.6}, num_pos {}",
+        cpu.regression_loss, cpu.classification_loss, cpu.num_pos
+    );
+    anyhow::ensure!(
+        close(reg, cpu.regression_loss)
+            && close(cls, cpu.classification_loss)
+            && u64::try_from(n) == Ok(cpu.num_pos),
+        "the GPU's losses differ from the CPU reference's"
     );
     Ok(())
 }
