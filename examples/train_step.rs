@@ -1,8 +1,11 @@
 //! One training step from ground-truth boxes: target assignment (prior
 //! matching and box encoding), then the MultiBox loss forward and backward,
 //! on one stream, for a synthetic batch of 16 images with 5 to 15 boxes
-//! each over the SSDLite-300 priors. On the GPU when there is one, else with
-//! the CPU references.
+//! each over the SSDLite-300 priors. The CPU references always run; on a
+//! machine with a GPU the same step runs there too and is checked against
+//! them to SPEC.md's tolerances (labels and `num_pos` exact, offsets within
+//! 1e-6 of max(1, |x|), losses relative 1e-6, gradients within 1e-6 of the
+//! largest reference gradient), and the example fails when they differ.
 //!
 //!     scripts/setup && cargo run --release --example train_step
 
@@ -38,6 +41,36 @@ fn main() -> Result<()> {
         shape.classes,
         MAX_BOXES,
         boxes.gt_counts.iter().sum::<i32>()
+    );
+
+    // The CPU references: targets per image as a data loader would, then the loss.
+    let shape_t = targets::TargetShape::new(shape.batch, shape.priors, MAX_BOXES);
+    let t = targets::reference::assign::<i64>(
+        &target_config,
+        shape_t,
+        &priors,
+        &boxes.gt_boxes,
+        &boxes.gt_labels,
+        &boxes.gt_counts,
+    )?;
+    let cpu = reference::forward_backward(
+        &loss_config,
+        shape,
+        &reference::Inputs {
+            confidence: &confidence,
+            predicted_locations: &predicted_locations,
+            labels: &t.labels,
+            gt_locations: &t.gt_locations,
+        },
+        Default::default(),
+    )?;
+    let l = &cpu.losses;
+    println!(
+        "CPU: reg {:.5} cls {:.5} num_pos {} (targets status ok: {})",
+        l.regression_loss,
+        l.classification_loss,
+        l.num_pos,
+        t.status.is_ok()
     );
 
     match multibox::cuda_context(0) {
@@ -102,45 +135,77 @@ fn main() -> Result<()> {
                 &mut loss_ws,
             )?;
             let status = assigner.status(&stream, shape.batch, MAX_BOXES, &target_ws)?;
-            println!(
-                "GPU: reg {:.5} cls {:.5} num_pos {} (targets status ok: {})",
+            let (reg, cls, n) = (
                 stream.clone_dtoh(&reg)?[0],
                 stream.clone_dtoh(&cls)?[0],
                 stream.clone_dtoh(&num_pos)?[0],
+            );
+            println!(
+                "GPU: reg {reg:.5} cls {cls:.5} num_pos {n} (targets status ok: {})",
                 status.is_ok()
             );
-        }
-        Err(why) => {
-            println!("no GPU ({why}): using the CPU references");
-            let shape_t = targets::TargetShape::new(shape.batch, shape.priors, MAX_BOXES);
-            let t = targets::reference::assign::<i64>(
-                &target_config,
-                shape_t,
-                &priors,
-                &boxes.gt_boxes,
-                &boxes.gt_labels,
-                &boxes.gt_counts,
-            )?;
-            let out = reference::forward_backward(
-                &loss_config,
-                shape,
-                &reference::Inputs {
-                    confidence: &confidence,
-                    predicted_locations: &predicted_locations,
-                    labels: &t.labels,
-                    gt_locations: &t.gt_locations,
+            check_against_cpu(
+                &t,
+                &cpu,
+                &Step {
+                    labels: stream.clone_dtoh(&labels)?,
+                    gt_locations: stream.clone_dtoh(&gt_locations)?,
+                    reg,
+                    cls,
+                    num_pos: n,
+                    grad_confidence: stream.clone_dtoh(&grad_confidence)?,
+                    grad_locations: stream.clone_dtoh(&grad_locations)?,
                 },
-                Default::default(),
             )?;
-            let l = &out.losses;
-            println!(
-                "CPU: reg {:.5} cls {:.5} num_pos {} (targets status ok: {})",
-                l.regression_loss,
-                l.classification_loss,
-                l.num_pos,
-                t.status.is_ok()
-            );
+            println!("GPU matches the CPU references");
         }
+        Err(why) => println!("no GPU ({why}): the CPU references only"),
     }
+    Ok(())
+}
+
+/// What the GPU computed in one step, copied back to the host.
+struct Step {
+    labels: Vec<i64>,
+    gt_locations: Vec<f32>,
+    reg: f32,
+    cls: f32,
+    num_pos: i32,
+    grad_confidence: Vec<f32>,
+    grad_locations: Vec<f32>,
+}
+
+/// The GPU's step against the CPU references, to SPEC.md's tolerances.
+fn check_against_cpu(
+    t: &targets::reference::Targets<i64>,
+    cpu: &reference::Output,
+    gpu: &Step,
+) -> Result<()> {
+    anyhow::ensure!(gpu.labels == t.labels, "labels differ");
+    let offsets_close = gpu
+        .gt_locations
+        .iter()
+        .zip(&t.gt_locations)
+        .all(|(&g, &r)| (g - r).abs() <= 1e-6 * r.abs().max(1.0));
+    anyhow::ensure!(offsets_close, "encoded offsets differ");
+    let l = &cpu.losses;
+    let close = |g: f32, r: f64| (f64::from(g) - r).abs() <= 1e-6 * r.abs().max(1e-30);
+    anyhow::ensure!(
+        close(gpu.reg, l.regression_loss)
+            && close(gpu.cls, l.classification_loss)
+            && u64::try_from(gpu.num_pos) == Ok(l.num_pos),
+        "losses or num_pos differ"
+    );
+    let grads_close = |g: &[f32], r: &[f64]| {
+        let scale = r.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+        g.iter()
+            .zip(r)
+            .all(|(&g, &r)| (f64::from(g) - r).abs() <= 1e-6 * scale)
+    };
+    anyhow::ensure!(
+        grads_close(&gpu.grad_confidence, &cpu.grad_confidence)
+            && grads_close(&gpu.grad_locations, &cpu.grad_locations),
+        "gradients differ"
+    );
     Ok(())
 }
