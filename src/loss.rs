@@ -79,7 +79,8 @@ pub enum Normalizer<'a> {
     Positives,
     /// A divisor known on the host. `n <= 0` gives zero losses and
     /// gradients (as N == 0 does); a non-finite `n` gives NaN losses, and
-    /// NaN gradients for the priors in the set.
+    /// NaN gradients for the priors in the set (`-inf` too: non-finite
+    /// comes first).
     Given(f32),
     /// One f32 on the device, read by the kernels when they run, never by
     /// the host: the positive count all-reduced across data-parallel ranks
