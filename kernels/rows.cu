@@ -246,30 +246,64 @@ __device__ __forceinline__ void for_each_chunk(const T* row, u32 lo, u32 hi, u32
 // between 2^-0.5 and 2^0.5: the terms never all underflow, and
 // log1p(others / e) cancels the shift either way.
 //
-// sum_at(shift, on): the group's sum of the row's other terms at `shift`,
-// each lane's run in class order (every lane calls it; lanes with !on read
-// nothing and add 0). run_max(on): this lane's maximum over its run, -inf
-// where !on. x_own: the own logit, which every lane of the group has.
-template <typename Sum, typename Max>
-__device__ __forceinline__ RowSums own_or_max_shift(float x_own, u32 lanes, bool active, Sum sum_at, Max run_max) {
-    RowSums r;
-    r.shift = rintf(x_own * LOG2E);
-    r.others = sum_at(r.shift, active);
+// sums_at(shift, on, others): for each of the N rows a lane group walks
+// together, the group's sum of that row's other terms at shift[j], each
+// lane's run in class order (every lane calls it; lanes with !on read
+// nothing and add 0). run_max(on, m): this lane's maximum over its run of
+// each row, -inf where !on. x_own[j]: row j's own logit, which every lane
+// of the group has. A row's second try is its own: where only one of the
+// N overflows, the others keep their first sums.
+template <u32 N, typename Sums, typename Max>
+__device__ __forceinline__ void own_or_max_shift(const float (&x_own)[N], u32 lanes, bool active, Sums sums_at,
+                                                 Max run_max, RowSums (&out)[N]) {
+    float shift[N], others[N];
+#pragma unroll
+    for (u32 j = 0; j < N; ++j) shift[j] = rintf(x_own[j] * LOG2E);
+    sums_at(shift, active, others);
     // Too large, infinite or NaN (a NaN logit, which the call reports):
     // the group's sum, so every lane of the group agrees.
-    const bool overflow = active && !(r.others < SUM_LIMIT);
-    if (__any_sync(FULL_MASK, overflow)) {
+    bool overflow[N], any = false;
+#pragma unroll
+    for (u32 j = 0; j < N; ++j) {
+        overflow[j] = active && !(others[j] < SUM_LIMIT);
+        any = any || overflow[j];
+    }
+    if (__any_sync(FULL_MASK, any)) {
+        float m[N], at_max[N], again[N];
+        run_max(any, m);
         // The own class counts in the maximum even where the tile has it -inf.
-        const float shift = rintf(fmaxf(group_max(run_max(overflow), lanes), x_own) * LOG2E);
-        const float others = sum_at(shift, overflow);
-        if (overflow) {
-            r.shift = shift;
-            r.others = others;
+#pragma unroll
+        for (u32 j = 0; j < N; ++j) at_max[j] = rintf(fmaxf(group_max(m[j], lanes), x_own[j]) * LOG2E);
+        sums_at(at_max, any, again);
+#pragma unroll
+        for (u32 j = 0; j < N; ++j) {
+            if (overflow[j]) {
+                shift[j] = at_max[j];
+                others[j] = again[j];
+            }
         }
     }
-    r.x = x_own;
-    r.e = active ? scaled_exp(x_own, r.shift) : 0.0f;
-    return r;
+#pragma unroll
+    for (u32 j = 0; j < N; ++j) {
+        out[j].shift = shift[j];
+        out[j].others = others[j];
+        out[j].x = x_own[j];
+        out[j].e = active ? scaled_exp(x_own[j], shift[j]) : 0.0f;
+    }
+}
+
+// own_or_max_shift of one row: sum_at(shift, on) its group's sum of the
+// other terms, run_max(on) this lane's maximum.
+template <typename Sum, typename Max>
+__device__ __forceinline__ RowSums own_or_max_shift(float x_own, u32 lanes, bool active, Sum sum_at, Max run_max) {
+    const float x[1] = {x_own};
+    RowSums r[1];
+    const auto sums_at = [&](const float (&shift)[1], bool on, float (&others)[1]) {
+        others[0] = sum_at(shift[0], on);
+    };
+    const auto max_of = [&](bool on, float (&m)[1]) { m[0] = run_max(on); };
+    own_or_max_shift(x, lanes, active, sums_at, max_of, r);
+    return r[0];
 }
 
 // RowSums of a row-major row by a group of `lanes`, each lane reading its
@@ -422,16 +456,15 @@ __device__ __forceinline__ void for_each_class_pair(const T* x, u32 stride, u32 
 // tile for a positive (leave_out_own), class 0 is left out of lane 0's
 // first step for a negative. Every lane of the group calls it.
 template <typename T>
-__device__ __forceinline__ void paired_row_sums(const T* x, u32 stride, u32 classes, const u32 own[2],
-                                                const float x_own[2], u32 sub, u32 lanes, bool active,
-                                                RowSums out[2]) {
+__device__ __forceinline__ void paired_row_sums(const T* x, u32 stride, u32 classes, const u32 (&own)[2],
+                                                const float (&x_own)[2], u32 sub, u32 lanes, bool active,
+                                                RowSums (&out)[2]) {
     const ClassRun run = lane_classes(classes, sub, lanes);
     // Eight classes a round: eight loads in flight (8 registers, 16 in f32),
     // and the loop's own instructions shared by 16 logits. 0 spills on
     // every architecture at kernel 1's 64 registers (tests/kernel_build).
     constexpr u32 ROUND = 8;
-    // Both rows' sums of their other terms, as strided_row_sums adds them:
-    // own_or_max_shift's sum_at for two rows.
+    // Both rows' sums of their other terms, as strided_row_sums adds them.
     const auto sums_at = [&](const float (&shift)[2], bool on, float (&others)[2]) {
         float s[2] = {0.0f, 0.0f};
         if (on && run.lo < run.hi) {
@@ -449,39 +482,13 @@ __device__ __forceinline__ void paired_row_sums(const T* x, u32 stride, u32 clas
 #pragma unroll
         for (u32 j = 0; j < 2; ++j) others[j] = group_sum(s[j], lanes);
     };
-    // own_or_max_shift for two rows: the own shifts, and a second try at
-    // the maximum's where either row's sum reaches SUM_LIMIT (each row
-    // keeping the result of its own first try where that stayed below).
-    float shift[2], others[2];
-    bool overflow[2];
-#pragma unroll
-    for (u32 j = 0; j < 2; ++j) shift[j] = rintf(x_own[j] * LOG2E);
-    sums_at(shift, active, others);
-#pragma unroll
-    for (u32 j = 0; j < 2; ++j) overflow[j] = active && !(others[j] < SUM_LIMIT);
-    if (__any_sync(FULL_MASK, overflow[0] || overflow[1])) {
-        const bool on = overflow[0] || overflow[1];
+    const auto run_max = [&](bool on, float (&m)[2]) {
         TwoMax<T> max;
         if (on) for_each_class_pair<ROUND>(x, stride, run.lo, run.hi, [&](const TwoOf<T>& v) { max.add(v); });
-        float at_max[2], again[2];
 #pragma unroll
-        for (u32 j = 0; j < 2; ++j) at_max[j] = rintf(fmaxf(group_max(max.value(j), lanes), x_own[j]) * LOG2E);
-        sums_at(at_max, on, again);
-#pragma unroll
-        for (u32 j = 0; j < 2; ++j) {
-            if (overflow[j]) {
-                shift[j] = at_max[j];
-                others[j] = again[j];
-            }
-        }
-    }
-#pragma unroll
-    for (u32 j = 0; j < 2; ++j) {
-        out[j].shift = shift[j];
-        out[j].others = others[j];
-        out[j].x = x_own[j];
-        out[j].e = active ? scaled_exp(x_own[j], shift[j]) : 0.0f;
-    }
+        for (u32 j = 0; j < 2; ++j) m[j] = max.value(j);
+    };
+    own_or_max_shift(x_own, lanes, active, sums_at, run_max, out);
 }
 
 // -inf as a T: its term is an exact 0.
