@@ -106,7 +106,7 @@ def _loss_handle(device_index, neg_pos_ratio, min_negatives_per_image, beta):
 def _check_settings(neg_pos_ratio, min_negatives_per_image, beta):
     """The settings as the C ABI takes them, checked before they reach ctypes
     (whose uint32 would wrap -1 to 4294967295 and 2**32 to 0, and whose
-    float would turn 1e39 into infinity)."""
+    float would turn 1e39 into infinity and 1e-46 into 0)."""
     for name, value in (("neg_pos_ratio", neg_pos_ratio), ("beta", beta)):
         # numbers.Real takes numpy's scalars too (a config read with numpy);
         # bool is refused, though Python counts it an int.
@@ -118,6 +118,10 @@ def _check_settings(neg_pos_ratio, min_negatives_per_image, beta):
         # traces them on a symbolic float, where math.isfinite fails.
         if not 0 < value <= _F32_MAX:
             raise ValueError(f"multibox_loss: {name} must be positive and finite (as a float32), got {value!r}")
+        # The C ABI takes a float32, in which a positive value this small
+        # is 0, which the library refuses (see _check_normalizer).
+        if value <= _F32_HALF_TINY:
+            raise ValueError(f"multibox_loss: {name} {value!r} rounds to 0 in float32")
     if isinstance(min_negatives_per_image, bool):
         raise TypeError(f"multibox_loss: min_negatives_per_image must be an integer, got {min_negatives_per_image!r}")
     try:
@@ -735,7 +739,7 @@ def multibox_loss(
     (at least min_negatives_per_image, at most its background priors); a
     fractional product rounds down, where the reference code's ``orders <
     num_neg`` takes one more. neg_pos_ratio and beta must be positive and
-    finite, min_negatives_per_image an integer in ``0..2**32-1``. Each distinct
+    finite as float32s (not rounding to 0), min_negatives_per_image an integer in ``0..2**32-1``. Each distinct
     ``(neg_pos_ratio, min_negatives_per_image, beta)`` loads the kernels on
     the device once and keeps them for the life of the process (a CUDA graph
     may replay them at any time), so keep these settings fixed rather than

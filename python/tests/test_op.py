@@ -508,6 +508,19 @@ def test_ratio_and_beta_must_be_positive_and_finite(name, value):
         multibox_loss(confidence, locations, labels, gt, **{name: value})
 
 
+@pytest.mark.parametrize("name", ["neg_pos_ratio", "beta"])
+@pytest.mark.parametrize("value", [1e-46, 1e-50, 2.0**-150])
+def test_ratio_and_beta_that_round_to_0_in_float32_are_refused(name, value):
+    # Before, they passed the Python check (> 0) and the library refused
+    # the float32 they became: "beta must be a positive finite number, got 0".
+    confidence, locations, labels, gt = _small("cpu")
+    with pytest.raises(ValueError, match=f"multibox_loss: {name} {value!r} rounds to 0 in float32"):
+        multibox_loss(confidence, locations, labels, gt, **{name: value})
+    # The smallest float32 (what anything above 2**-150 rounds to) is taken.
+    reg, cls, _ = multibox_loss(confidence, locations, labels, gt, **{name: 2.0**-150 * 1.0000001})
+    assert torch.isfinite(reg) and torch.isfinite(cls)
+
+
 def test_numpy_settings_are_taken_and_other_types_refused():
     # Before, np.float32(3.0) (a config read with numpy) was refused as
     # "not a real number": the check took Python's int and float only.
