@@ -177,7 +177,15 @@ def _check_normalizer(normalizer, device=None):
             f"multibox_loss: normalizer must be None, 'positives', 'per_image', a number or a one-element "
             f"tensor, got {normalizer!r}"
         )
-    value = float(normalizer)
+    try:
+        value = float(normalizer)
+    except OverflowError:
+        # An integer (or a Fraction) beyond even a float64's range; its
+        # repr may run to hundreds of digits.
+        text = repr(normalizer)
+        if len(text) > 32:
+            text = f"{text[:16]}... ({len(text)} characters)"
+        raise ValueError(f"multibox_loss: normalizer {text} is out of float32's range") from None
     # A comparison, not math.isfinite (see _check_settings): finite values
     # beyond float32 are refused; infinity and NaN pass (NaN losses).
     if _F32_MAX < abs(value) < math.inf:

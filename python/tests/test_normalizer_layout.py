@@ -340,6 +340,11 @@ def test_normalizer_beyond_float32_is_refused():
     inputs = batch("cpu")
     with pytest.raises(ValueError, match="out of float32's range"):
         multibox_loss(*inputs, normalizer=1e39)
+    # Integers too large for a float: before, float() raised a bare
+    # OverflowError ("int too large to convert to float").
+    for huge in (10**400, -(10**400)):
+        with pytest.raises(ValueError, match="multibox_loss: normalizer .* is out of float32's range"):
+            multibox_loss(*inputs, normalizer=huge)
     # One that float32 rounds to 0 would mean "no positives": zero losses,
     # silently. The smallest float32 itself is a divisor like any other.
     for tiny in (1e-50, -1e-50, 2.0**-150):
