@@ -251,6 +251,14 @@ def _check(confidence, predicted_locations, labels, gt_locations, layout=_capi.R
         devices[0].type in ("cuda", "cpu"),
         lambda: f"multibox_loss runs on CUDA and CPU tensors, got {devices[0]}",
     )
+    # The CPU's own check first: there f16 and bf16 are refused too, and
+    # the CUDA kernels' list of dtypes would mislead.
+    if devices[0].type == "cpu":
+        torch._check(
+            confidence.dtype == torch.float32,
+            lambda: f"on the CPU (the crate's reference) only float32 is supported, got {confidence.dtype}; "
+            "under torch.autocast the inputs are cast to float32 for you",
+        )
     torch._check(confidence.dtype in _DTYPES, lambda: f"confidence must be f32, f16 or bf16, got {confidence.dtype}")
     torch._check(
         predicted_locations.dtype == confidence.dtype,
@@ -262,12 +270,6 @@ def _check(confidence, predicted_locations, labels, gt_locations, layout=_capi.R
         lambda: f"gt_locations must be a floating-point tensor (it is converted to confidence's dtype), "
         f"got {gt_locations.dtype}",
     )
-    if devices[0].type == "cpu":
-        torch._check(
-            confidence.dtype == torch.float32,
-            lambda: f"on the CPU (the crate's reference) only float32 is supported, got {confidence.dtype}; "
-            "under torch.autocast the inputs are cast to float32 for you",
-        )
     return b, p, c
 
 

@@ -439,6 +439,11 @@ def test_shapes_and_dtypes_are_checked():
         multibox_loss(confidence, locations, labels, gt.to(torch.int64))
     with pytest.raises(Exception, match="only float32 is supported"):
         multibox_loss(confidence.half(), locations.half(), labels, gt)
+    # Before, float64 on the CPU was told "must be f32, f16 or bf16", the
+    # CUDA kernels' dtypes, which the CPU reference does not take.
+    with pytest.raises(Exception, match="on the CPU .* only float32 is supported, got torch.float64") as e:
+        multibox_loss(confidence.double(), locations.double(), labels, gt)
+    assert "f16" not in str(e.value)
 
 
 def test_tensors_on_different_devices_are_refused():
