@@ -202,73 +202,92 @@ def _check_normalizer(normalizer, device=None):
 def _check_normalizer_tensor(normalizer_tensor, device):
     if normalizer_tensor is None:
         return
-    torch._check(
+    torch._check_value(
         normalizer_tensor.numel() == 1,
-        lambda: f"the normalizer tensor must hold one element, got shape {tuple(normalizer_tensor.shape)}",
+        lambda: f"multibox_loss: the normalizer tensor must hold one element, got shape "
+        f"{tuple(normalizer_tensor.shape)}",
     )
-    torch._check(
+    torch._check_type(
         normalizer_tensor.dtype != torch.bool and not normalizer_tensor.is_complex(),
-        lambda: f"the normalizer tensor must be real numbers, got {normalizer_tensor.dtype}",
+        lambda: f"multibox_loss: the normalizer tensor must be real numbers, got {normalizer_tensor.dtype}",
     )
-    torch._check(
+    torch._check_value(
         normalizer_tensor.device == device,
-        lambda: f"the normalizer tensor is on {normalizer_tensor.device}, the loss's inputs on {device}: "
-        f"move it with .to({str(device)!r}) (on CUDA the kernels read it there, with no host synchronisation)",
+        lambda: f"multibox_loss: the normalizer tensor is on {normalizer_tensor.device}, the loss's inputs on "
+        f"{device}: move it with .to({str(device)!r}) (on CUDA the kernels read it there, with no host "
+        "synchronisation)",
     )
 
 
 def _check(confidence, predicted_locations, labels, gt_locations, layout=_capi.ROW_MAJOR):
     """(B, P, C) of the inputs in ``layout`` (a ``multibox_layout``); shapes,
-    dtypes and devices checked."""
-    torch._check(layout in (_capi.ROW_MAJOR, _capi.CHANNEL_MAJOR), lambda: f"bad layout {layout}")
+    dtypes and devices checked: a wrong dtype raises TypeError, a wrong
+    shape, device or layout ValueError (as the settings' checks do), through
+    torch's checks, which fake and symbolic shapes go through too."""
+    torch._check_value(
+        layout in (_capi.ROW_MAJOR, _capi.CHANNEL_MAJOR), lambda: f"multibox_loss: bad layout {layout}"
+    )
     if layout == _capi.ROW_MAJOR:
-        torch._check(confidence.dim() == 3, lambda: f"confidence must be [B, P, C], got {tuple(confidence.shape)}")
+        torch._check_value(
+            confidence.dim() == 3,
+            lambda: f"multibox_loss: confidence must be [B, P, C], got {tuple(confidence.shape)}",
+        )
         b, p, c = confidence.shape
         loc_shape, loc_text = (b, p, 4), f"[{b}, {p}, 4]"
     else:
-        torch._check(
+        torch._check_value(
             confidence.dim() == 3,
-            lambda: f"confidence must be [B, C, P] (layout='channel_major'), got {tuple(confidence.shape)}",
+            lambda: f"multibox_loss: confidence must be [B, C, P] (layout='channel_major'), got "
+            f"{tuple(confidence.shape)}",
         )
         b, c, p = confidence.shape
         loc_shape, loc_text = (b, 4, p), f"[{b}, 4, {p}] (layout='channel_major')"
-    torch._check(
+    torch._check_value(
         tuple(predicted_locations.shape) == loc_shape,
-        lambda: f"predicted_locations must be {loc_text}, got {tuple(predicted_locations.shape)}",
+        lambda: f"multibox_loss: predicted_locations must be {loc_text}, got {tuple(predicted_locations.shape)}",
     )
-    torch._check(tuple(labels.shape) == (b, p), lambda: f"labels must be [{b}, {p}], got {tuple(labels.shape)}")
-    torch._check(
+    torch._check_value(
+        tuple(labels.shape) == (b, p),
+        lambda: f"multibox_loss: labels must be [{b}, {p}], got {tuple(labels.shape)}",
+    )
+    torch._check_value(
         tuple(gt_locations.shape) == loc_shape,
-        lambda: f"gt_locations must be {loc_text}, got {tuple(gt_locations.shape)}",
+        lambda: f"multibox_loss: gt_locations must be {loc_text}, got {tuple(gt_locations.shape)}",
     )
     devices = [t.device for t in (confidence, predicted_locations, labels, gt_locations)]
-    torch._check(
+    torch._check_value(
         all(d == devices[0] for d in devices),
-        lambda: "confidence, predicted_locations, labels and gt_locations must be on one device, got "
-        + ", ".join(str(d) for d in devices),
+        lambda: "multibox_loss: confidence, predicted_locations, labels and gt_locations must be on one device, "
+        "got " + ", ".join(str(d) for d in devices),
     )
-    torch._check(
+    torch._check_value(
         devices[0].type in ("cuda", "cpu"),
         lambda: f"multibox_loss runs on CUDA and CPU tensors, got {devices[0]}",
     )
     # The CPU's own check first: there f16 and bf16 are refused too, and
     # the CUDA kernels' list of dtypes would mislead.
     if devices[0].type == "cpu":
-        torch._check(
+        torch._check_type(
             confidence.dtype == torch.float32,
-            lambda: f"on the CPU (the crate's reference) only float32 is supported, got {confidence.dtype}; "
-            "under torch.autocast the inputs are cast to float32 for you",
+            lambda: f"multibox_loss: on the CPU (the crate's reference) only float32 is supported, got "
+            f"{confidence.dtype}; under torch.autocast the inputs are cast to float32 for you",
         )
-    torch._check(confidence.dtype in _DTYPES, lambda: f"confidence must be f32, f16 or bf16, got {confidence.dtype}")
-    torch._check(
-        predicted_locations.dtype == confidence.dtype,
-        lambda: f"predicted_locations is {predicted_locations.dtype}, confidence {confidence.dtype}: they must match",
+    torch._check_type(
+        confidence.dtype in _DTYPES,
+        lambda: f"multibox_loss: confidence must be f32, f16 or bf16, got {confidence.dtype}",
     )
-    torch._check(labels.dtype in _LABEL_TYPES, lambda: f"labels must be int64 or int32, got {labels.dtype}")
-    torch._check(
+    torch._check_type(
+        predicted_locations.dtype == confidence.dtype,
+        lambda: f"multibox_loss: predicted_locations is {predicted_locations.dtype}, confidence "
+        f"{confidence.dtype}: they must match",
+    )
+    torch._check_type(
+        labels.dtype in _LABEL_TYPES, lambda: f"multibox_loss: labels must be int64 or int32, got {labels.dtype}"
+    )
+    torch._check_type(
         gt_locations.dtype.is_floating_point,
-        lambda: f"gt_locations must be a floating-point tensor (it is converted to confidence's dtype), "
-        f"got {gt_locations.dtype}",
+        lambda: f"multibox_loss: gt_locations must be a floating-point tensor (it is converted to confidence's "
+        f"dtype), got {gt_locations.dtype}",
     )
     return b, p, c
 

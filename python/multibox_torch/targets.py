@@ -115,23 +115,46 @@ def pad_targets(
 
 
 def _check(priors, gt_boxes, gt_labels, gt_counts):
-    torch._check(priors.dim() == 2 and priors.shape[-1] == 4, lambda: f"priors must be [P, 4], got {tuple(priors.shape)}")
-    torch._check(
+    """(P, B, T) of the inputs; a wrong dtype raises TypeError, a wrong shape
+    or device ValueError, through torch's checks (which fake and symbolic
+    shapes go through too)."""
+    torch._check_value(
+        priors.dim() == 2 and priors.shape[-1] == 4,
+        lambda: f"assign_targets: priors must be [P, 4], got {tuple(priors.shape)}",
+    )
+    torch._check_value(
         gt_boxes.dim() == 3 and gt_boxes.shape[-1] == 4,
-        lambda: f"gt_boxes must be [B, T, 4], got {tuple(gt_boxes.shape)}",
+        lambda: f"assign_targets: gt_boxes must be [B, T, 4], got {tuple(gt_boxes.shape)}",
     )
     b, t = gt_boxes.shape[0], gt_boxes.shape[1]
-    torch._check(tuple(gt_labels.shape) == (b, t), lambda: f"gt_labels must be [{b}, {t}], got {tuple(gt_labels.shape)}")
-    torch._check(tuple(gt_counts.shape) == (b,), lambda: f"gt_counts must be [{b}], got {tuple(gt_counts.shape)}")
-    torch._check(gt_labels.dtype in _LABEL_TYPES, lambda: f"gt_labels must be int64 or int32, got {gt_labels.dtype}")
-    torch._check(priors.is_floating_point(), lambda: f"priors must be floating point, got {priors.dtype}")
-    torch._check(gt_boxes.is_floating_point(), lambda: f"gt_boxes must be floating point, got {gt_boxes.dtype}")
-    torch._check(
+    torch._check_value(
+        tuple(gt_labels.shape) == (b, t),
+        lambda: f"assign_targets: gt_labels must be [{b}, {t}], got {tuple(gt_labels.shape)}",
+    )
+    torch._check_value(
+        tuple(gt_counts.shape) == (b,),
+        lambda: f"assign_targets: gt_counts must be [{b}], got {tuple(gt_counts.shape)}",
+    )
+    torch._check_type(
+        gt_labels.dtype in _LABEL_TYPES,
+        lambda: f"assign_targets: gt_labels must be int64 or int32, got {gt_labels.dtype}",
+    )
+    torch._check_type(
+        priors.is_floating_point(), lambda: f"assign_targets: priors must be floating point, got {priors.dtype}"
+    )
+    torch._check_type(
+        gt_boxes.is_floating_point(),
+        lambda: f"assign_targets: gt_boxes must be floating point, got {gt_boxes.dtype}",
+    )
+    torch._check_type(
         not gt_counts.is_floating_point() and not gt_counts.is_complex() and gt_counts.dtype != torch.bool,
-        lambda: f"gt_counts must be integers, got {gt_counts.dtype}",
+        lambda: f"assign_targets: gt_counts must be integers, got {gt_counts.dtype}",
     )
     for name, x in (("priors", priors), ("gt_labels", gt_labels), ("gt_counts", gt_counts)):
-        torch._check(x.device == gt_boxes.device, lambda: f"{name} is on {x.device}, gt_boxes on {gt_boxes.device}")
+        torch._check_value(
+            x.device == gt_boxes.device,
+            lambda: f"assign_targets: {name} is on {x.device}, gt_boxes on {gt_boxes.device}",
+        )
     return priors.shape[0], b, t
 
 
@@ -331,7 +354,9 @@ def _assign_op(
     args = (priors, gt_boxes, gt_labels, gt_counts, iou_threshold, center_variance, size_variance, num_classes)
     if gt_boxes.is_cuda:
         return _cuda_assign(*args)
-    torch._check(gt_boxes.device.type == "cpu", lambda: f"unsupported device {gt_boxes.device}")
+    torch._check_value(
+        gt_boxes.device.type == "cpu", lambda: f"assign_targets runs on CUDA and CPU tensors, got {gt_boxes.device}"
+    )
     return _cpu_assign(*args)
 
 

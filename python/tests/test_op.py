@@ -446,6 +446,35 @@ def test_shapes_and_dtypes_are_checked():
     assert "f16" not in str(e.value)
 
 
+def test_bad_dtypes_raise_type_error_and_bad_shapes_or_devices_value_error():
+    # As the settings' checks do (and Python's convention); before, all of
+    # these were RuntimeErrors from torch._check. Neither TypeError nor
+    # ValueError is a RuntimeError.
+    confidence, locations, labels, gt = _small("cpu")
+    for args in (
+        (confidence, locations, labels.float(), gt),
+        (confidence, locations, labels, gt.to(torch.int64)),
+        (confidence.double(), locations.double(), labels, gt),
+        (confidence, locations.double(), labels, gt),
+    ):
+        with pytest.raises(TypeError, match="^multibox_loss: "):
+            multibox_loss(*args)
+    for args in (
+        (confidence, locations[:, :10], labels, gt),
+        (confidence[0], locations, labels, gt),
+        (confidence, locations, labels[:, :3], gt),
+        (confidence, locations, labels.to("meta"), gt),
+    ):
+        with pytest.raises(ValueError, match="^multibox_loss: "):
+            multibox_loss(*args)
+    # The op itself checks its normaliser tensor the same way.
+    settings = (3.0, 0, 1.0, _capi.ROW_MAJOR, _capi.NORMALIZE_GIVEN, 0.0)
+    with pytest.raises(ValueError, match="^multibox_loss: the normalizer tensor must hold one element"):
+        _forward_op(confidence, locations, labels, gt, *settings, torch.tensor([1.0, 2.0]))
+    with pytest.raises(TypeError, match="^multibox_loss: the normalizer tensor must be real numbers"):
+        _forward_op(confidence, locations, labels, gt, *settings, torch.tensor(True))
+
+
 def test_tensors_on_different_devices_are_refused():
     # Before, labels or gt_locations on another device than confidence gave
     # uninitialised losses; now the call is refused before anything runs.

@@ -137,10 +137,16 @@ def test_empty_image_and_bad_settings():
     for bad in (dict(iou_threshold=0.0), dict(iou_threshold=1.5), dict(center_variance=0.0), dict(size_variance=-1.0)):
         with pytest.raises(RuntimeError):
             assign_targets(priors, gt_boxes, gt_labels, gt_counts, **bad)
-    with pytest.raises(RuntimeError):
+    # A wrong dtype is a TypeError, a wrong shape or device a ValueError
+    # (before, RuntimeErrors from torch._check; neither is one).
+    with pytest.raises(TypeError, match="assign_targets: gt_labels must be int64 or int32, got torch.float32"):
         assign_targets(priors, gt_boxes, gt_labels.float(), gt_counts)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match="assign_targets: priors must be \\[P, 4\\], got \\(3000, 3\\)"):
         assign_targets(priors[:, :3], gt_boxes, gt_labels, gt_counts)
+    with pytest.raises(ValueError, match="assign_targets: gt_counts must be \\[2\\], got \\(1,\\)"):
+        assign_targets(priors, gt_boxes, gt_labels, gt_counts[:1])
+    with pytest.raises(ValueError, match="assign_targets: gt_labels is on meta, gt_boxes on cpu"):
+        assign_targets(priors, gt_boxes, gt_labels.to("meta"), gt_counts)
 
 
 def test_settings_take_numpy_scalars_and_refuse_other_types():
@@ -203,7 +209,7 @@ def test_wide_counts_are_clamped_not_wrapped():
         assert criterion.last_assign_status().count_clamped, counts
     criterion.assign(a["gt_boxes"], a["gt_labels"], a["gt_counts"].to(torch.int64))
     assert not criterion.last_assign_status().count_clamped
-    with pytest.raises(RuntimeError, match="gt_counts must be integers, got torch.bool"):
+    with pytest.raises(TypeError, match="gt_counts must be integers, got torch.bool"):
         assign_targets(a["priors"], a["gt_boxes"], a["gt_labels"], a["gt_counts"] > 0)
 
 
