@@ -260,9 +260,12 @@ def _check(confidence, predicted_locations, labels, gt_locations, layout=_capi.R
         lambda: "multibox_loss: confidence, predicted_locations, labels and gt_locations must be on one device, "
         "got " + ", ".join(str(d) for d in devices),
     )
+    # Meta tensors reach only the fake implementations (the dispatcher
+    # runs them for the meta device): shape inference, with any dtype the
+    # kernels take.
     torch._check_value(
-        devices[0].type in ("cuda", "cpu"),
-        lambda: f"multibox_loss runs on CUDA and CPU tensors, got {devices[0]}",
+        devices[0].type in ("cuda", "cpu", "meta"),
+        lambda: f"multibox_loss runs on CUDA and CPU tensors (and meta ones, for their shapes), got {devices[0]}",
     )
     # The CPU's own check first: there f16 and bf16 are refused too, and
     # the CUDA kernels' list of dtypes would mislead.
@@ -727,7 +730,8 @@ def multibox_loss(
     dtype: f32, f16 or bf16 on CUDA; f32 on the CPU), labels ``[B, P]`` (int64
     or int32: -1 ignore, 0 background, 1..C-1 class), gt_locations
     ``[B, P, 4]`` (any floating dtype; converted to confidence's). All four on
-    one device. Any strides: non-contiguous inputs are copied for the call.
+    one device: CUDA, CPU, or meta (the outputs' shapes and dtypes, for shape
+    inference; the gradients too). Any strides: non-contiguous inputs are copied for the call.
     Under ``torch.autocast`` the inputs are cast to a supported dtype (f32 on
     the CPU).
 

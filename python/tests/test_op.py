@@ -487,6 +487,32 @@ def test_tensors_on_different_devices_are_refused():
             multibox_loss(*args)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_meta_tensors_give_the_outputs_shapes(dtype):
+    # Shape inference with no data (a model built on the meta device, say).
+    # Before, the device check refused them: "runs on CUDA and CPU tensors,
+    # got meta". Any of the CUDA kernels' dtypes, as the device is unknown.
+    confidence, locations, labels, gt = (t.to("meta") for t in _small("cpu", b=3, p=16, c=7))
+    for layout, (conf, loc, g) in (
+        ("row_major", (confidence, locations, gt)),
+        ("channel_major", (confidence.transpose(1, 2), locations.transpose(1, 2), gt.transpose(1, 2))),
+    ):
+        conf = conf.to(dtype).requires_grad_()
+        loc = loc.to(dtype).requires_grad_()
+        reg, cls, num_pos = multibox_loss(conf, loc, labels, g, layout=layout)
+        for t, want in ((reg, torch.float32), (cls, torch.float32), (num_pos, torch.int32)):
+            assert t.device.type == "meta" and t.shape == () and t.dtype == want, layout
+        (reg + cls).backward()
+        for x in (conf, loc):
+            assert x.grad.device.type == "meta" and x.grad.shape == x.shape and x.grad.dtype == dtype, layout
+    # The module too, and the checks still apply.
+    criterion = multibox_torch.MultiboxLoss(torch.zeros(16, 4), 0.5, 3, 0.1, 0.2, "meta")
+    reg, cls = criterion(confidence.to(dtype), locations.to(dtype), labels, gt)
+    assert reg.device.type == "meta" and cls.shape == ()
+    with pytest.raises(ValueError, match="labels must be \\[3, 16\\]"):
+        multibox_loss(confidence, locations, labels[:, :4], gt)
+
+
 @needs_gpu
 def test_cuda_and_cpu_tensors_together_are_refused():
     confidence, locations, labels, gt = _small("cuda")

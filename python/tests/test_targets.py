@@ -213,6 +213,24 @@ def test_wide_counts_are_clamped_not_wrapped():
         assign_targets(a["priors"], a["gt_boxes"], a["gt_labels"], a["gt_counts"] > 0)
 
 
+def test_meta_tensors_give_the_assignments_shapes():
+    # Shape inference with no data, as for the loss (test_op.py).
+    priors = standard_priors("ssdlite300")
+    gt_boxes, gt_labels, gt_counts = pad_targets(
+        [torch.tensor([[0.1, 0.1, 0.4, 0.5]]), torch.zeros((0, 4))],
+        [torch.tensor([5], dtype=torch.int32), torch.zeros((0,), dtype=torch.int32)],
+    )
+    meta = [t.to("meta") for t in (priors, gt_boxes, gt_labels, gt_counts)]
+    labels, gt_locations = assign_targets(*meta)
+    assert labels.device.type == "meta" and labels.shape == (2, 3000) and labels.dtype == torch.int32
+    assert gt_locations.device.type == "meta" and gt_locations.shape == (2, 3000, 4)
+    assert gt_locations.dtype == torch.float32
+    criterion = MultiboxLoss(priors, 0.5, 3, 0.1, 0.2, "meta", layout="channel_major")
+    labels, gt_locations = criterion.assign(*meta[1:])
+    assert labels.shape == (2, 3000) and gt_locations.shape == (2, 4, 3000)
+    assert gt_locations.device.type == "meta"
+
+
 def test_module_copies_its_priors_to_another_device_once():
     # MultiboxLoss(..., device="cpu") with boxes on the GPU: a new copy of
     # the priors each step would be checked on the host each step (a
