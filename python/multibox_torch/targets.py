@@ -478,7 +478,9 @@ class MultiboxLoss(nn.Module):
       divisor (on the inputs' device, which each ``forward`` checks).
       ``forward(..., normalizer=n)`` overrides it for one call: that is
       where a step's all-reduced positive count goes (a one-element tensor
-      on the inputs' device), see README, "Data-parallel training". A divisor that changes from step to step
+      on the inputs' device), see README, "Data-parallel training". A tensor
+      given here is a non-persistent buffer: ``.to()`` and ``.cuda()`` move
+      it, ``state_dict()`` leaves it out and ``.half()`` keeps its dtype. A divisor that changes from step to step
       belongs in such a tensor, not in a Python number: under
       torch.compile each new number compiles the step again.
     - ``layout``: ``"row_major"`` (``[B, P, C]`` logits, ``[B, P, 4]``
@@ -519,7 +521,7 @@ class MultiboxLoss(nn.Module):
     def __init__(self, priors, iou_threshold, neg_pos_ratio, center_variance, size_variance, device, *,
                  normalizer=None, layout: str = "row_major", num_classes: Optional[int] = None):
         super().__init__()
-        from . import _check_layout, _check_normalizer, _check_settings
+        from . import _check_layout, _check_settings
 
         self.iou_threshold = iou_threshold
         self.neg_pos_ratio = neg_pos_ratio
@@ -532,13 +534,59 @@ class MultiboxLoss(nn.Module):
         _settings(iou_threshold, center_variance, size_variance, num_classes)
         _check_settings(neg_pos_ratio, 0, 1.0)
         _check_layout(layout)
-        _check_normalizer(normalizer)
-        self.normalizer = normalizer
+        self.normalizer = normalizer  # checked by the property's setter
         self.layout = layout
         self.num_classes = num_classes
         # What last_status() and last_assign_status() read.
         self._last_loss = None
         self._last_assign = None
+
+    @property
+    def normalizer(self):
+        """The module's divisor setting (``multibox_loss``'s ``normalizer``).
+        A tensor is kept as a non-persistent buffer: ``.to(device)`` and
+        ``.cuda()`` move it with the module, ``state_dict()`` leaves it out
+        (it is a setting, not a learned value), and it keeps its dtype
+        through ``.half()`` and ``.double()`` (see ``_apply``)."""
+        tensor = self._buffers.get("_normalizer_tensor")
+        return tensor if tensor is not None else self._normalizer_setting
+
+    @normalizer.setter
+    def normalizer(self, normalizer):
+        from . import _check_normalizer
+
+        _check_normalizer(normalizer)
+        is_tensor = isinstance(normalizer, Tensor)
+        self.register_buffer("_normalizer_tensor", normalizer if is_tensor else None, persistent=False)
+        self._normalizer_setting = None if is_tensor else normalizer
+
+    def _apply(self, fn, recurse=True):
+        # nn.Module's conversions (.half(), .double(), .to(dtype)) convert
+        # floating buffers; the normaliser tensor follows the device only.
+        # The op converts it to float32 anyway, and a float16 divisor would
+        # have rounded it first (4097 to 4096; 70000 to infinity).
+        before = self._buffers.get("_normalizer_tensor")
+        super()._apply(fn, recurse)
+        after = self._buffers.get("_normalizer_tensor")
+        if before is not None and after is not None and after.dtype != before.dtype:
+            self._buffers["_normalizer_tensor"] = before.to(after.device)
+        return self
+
+    def extra_repr(self):
+        normalizer = self.normalizer
+        if isinstance(normalizer, Tensor):
+            # Its metadata only: printing a CUDA tensor's value would copy it.
+            normalizer = (
+                f"tensor(shape={tuple(normalizer.shape)}, dtype={normalizer.dtype}, device={normalizer.device})"
+            )
+        else:
+            normalizer = repr(normalizer)
+        return (
+            f"priors={tuple(self.priors.shape)}, iou_threshold={self.iou_threshold!r}, "
+            f"neg_pos_ratio={self.neg_pos_ratio!r}, center_variance={self.center_variance!r}, "
+            f"size_variance={self.size_variance!r}, normalizer={normalizer}, layout={self.layout!r}, "
+            f"num_classes={self.num_classes!r}"
+        )
 
     def forward(self, confidence: Tensor, predicted_locations: Tensor, labels: Tensor, gt_locations: Tensor,
                 normalizer=None):

@@ -435,3 +435,51 @@ def test_module_assign_gives_channel_major_targets():
     want_reg, want_cls = row(cm(confidence), cm(locations), labels, gt)
     assert_loss(reg, want_reg)
     assert_loss(cls, want_cls)
+
+
+def test_module_repr_names_its_settings():
+    priors = multibox_torch.standard_priors("ssdlite300")
+    criterion = MultiboxLoss(priors, 0.5, 3, 0.1, 0.2, "cpu", normalizer="per_image", layout="channel_major",
+                             num_classes=21)
+    text = repr(criterion)
+    for part in ("priors=(3000, 4)", "iou_threshold=0.5", "neg_pos_ratio=3", "center_variance=0.1",
+                 "size_variance=0.2", "normalizer='per_image'", "layout='channel_major'", "num_classes=21"):
+        assert part in text, text
+    # A tensor normaliser by its metadata: its value may be on a GPU.
+    text = repr(MultiboxLoss(priors, 0.5, 3, 0.1, 0.2, "cpu", normalizer=torch.tensor(300)))
+    assert "normalizer=tensor(shape=(), dtype=torch.int64, device=cpu)" in text and "num_classes=None" in text
+
+
+@pytest.mark.parametrize("n", [torch.tensor(4097.0), torch.tensor([4097]), torch.tensor(4097.0, dtype=torch.float64)])
+def test_module_normalizer_tensor_follows_the_module_and_keeps_its_dtype(n):
+    # A normaliser tensor given to the constructor is a non-persistent
+    # buffer: .to(device) and .cuda() move it (before, it stayed where it
+    # was and the next forward refused it), state_dict() stays empty, and
+    # .half() leaves it in its dtype (float16 would make 4097 a 4096).
+    confidence, locations, labels, gt = batch("cpu", seed=17)
+    want = run(confidence, locations, labels, gt, g_reg=1.0, g_cls=1.0, normalizer=4097.0)
+    priors = multibox_torch.standard_priors("ssdlite300")
+    criterion = MultiboxLoss(priors, 0.5, 3, 0.1, 0.2, "cpu", normalizer=n.clone())
+    assert list(criterion.state_dict()) == [] and list(criterion.buffers()) != []
+    criterion.load_state_dict({})
+    conversions = (lambda m: m.half(), lambda m: m.bfloat16(), lambda m: m.double(), lambda m: m.to(torch.float16),
+                   lambda m: m.float())
+    for convert in conversions:
+        assert convert(criterion) is criterion
+        assert criterion.normalizer.dtype == n.dtype and criterion.normalizer.item() == 4097
+        reg, cls = criterion(confidence, locations, labels, gt)
+        assert torch.equal(reg, want[0]) and torch.equal(cls, want[1])
+    assert list(criterion.state_dict()) == []
+    # The meta device stands in for a GPU; the priors are an attribute (as
+    # in the reference) and stay.
+    criterion.to("meta")
+    assert criterion.normalizer.device.type == "meta" and criterion.normalizer.dtype == n.dtype
+    assert criterion.priors.device.type == "cpu"
+    # Another setting may replace it, and a tensor again.
+    criterion.normalizer = "per_image"
+    assert criterion.normalizer == "per_image" and list(criterion.buffers()) == []
+    criterion.normalizer = torch.tensor(2.0)
+    assert criterion.to(torch.float16).normalizer.dtype == torch.float32
+    with pytest.raises(ValueError, match="normalizer must be None, 'positives', 'per_image'"):
+        criterion.normalizer = "mean"
+
