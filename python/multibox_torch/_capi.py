@@ -3,8 +3,9 @@
 The library is, in order: ``$MULTIBOX_LIB`` if set (an override: it must
 exist), else the one bundled in this package by ``pip install`` (built by
 cargo through setuptools-rust, ``_libmultibox*.so``), else, for a source
-checkout used without installing, the repository's ``target/release`` or
-``target/debug`` (after ``cargo build --release --lib``).
+checkout used without installing, the newer of the repository's
+``target/release`` and ``target/debug`` builds (after ``cargo build --release
+--lib`` or ``cargo build --lib``).
 """
 
 import ctypes
@@ -188,15 +189,36 @@ def find_library():
     name = _library_name()
     repo = here.parent.parent
     candidates = [repo / "target" / "release" / name, repo / "target" / "debug" / name]
-    for path in candidates:
-        if path.exists():
-            return path
+    newest = _newest(candidates)
+    if newest is not None:
+        return newest
     looked = [str(here / "_libmultibox*.so")] + [str(p) for p in candidates]
     raise LibraryNotFound(
         f"the multibox library was not found (looked for {', '.join(looked)}). Install the package "
         "with `pip install ./python` from the repository (it builds and bundles the library), "
         "or build it with `cargo build --release --lib` and set MULTIBOX_LIB to its path"
     )
+
+
+def _newest(paths):
+    """The most recently modified of ``paths`` that exist (the first of those
+    modified together), or None: of a checkout's release and debug builds,
+    the one built last, rather than a release build left from long ago."""
+    found = [p for p in paths if p.exists()]
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
+
+
+def _rebuild_hint(path, from_env):
+    """What to do about a library at ``path`` that is not this package's:
+    the build that makes it again, and unsetting MULTIBOX_LIB only when that
+    is where the path came from."""
+    if path.name.startswith("_libmultibox"):
+        hint = "reinstall the package (pip install ./python)"
+    elif path.parent.name == "debug":
+        hint = "rebuild it (cargo build --lib)"
+    else:
+        hint = "rebuild it (cargo build --release --lib)"
+    return f"{hint} or unset MULTIBOX_LIB" if from_env else hint
 
 
 _P = ctypes.POINTER
@@ -237,24 +259,26 @@ class Library:
 
     def __init__(self, path=None):
         self.path = Path(path) if path else find_library()
+        from_env = bool(os.environ.get("MULTIBOX_LIB")) and not path
         try:
             self.lib = ctypes.CDLL(str(self.path))
         except OSError as e:
-            source = "MULTIBOX_LIB" if os.environ.get("MULTIBOX_LIB") and not path else "the package"
+            source = "MULTIBOX_LIB" if from_env else "the package"
             raise OSError(f"could not load the multibox library {self.path} (from {source}): {e}") from e
         try:
             _declare(self.lib)
         except AttributeError as e:
             raise OSError(
                 f"{self.path} is not a multibox library of this package's version "
-                f"(a C function is missing: {e}); rebuild it or unset MULTIBOX_LIB"
+                f"(a C function is missing: {e}); {_rebuild_hint(self.path, from_env)}"
             ) from e
         abi = self.lib.multibox_abi()
         if abi != ABI:
+            hint = _rebuild_hint(self.path, from_env)
             raise OSError(
                 f"{self.path} was built from another C header than this package's "
                 f"(multibox_abi() {abi:#018x}, the package's {ABI:#018x}): a stale build? "
-                "Rebuild it (cargo build --release --lib) or unset MULTIBOX_LIB"
+                f"{hint[:1].upper()}{hint[1:]}"
             )
 
     def version(self):

@@ -98,8 +98,66 @@ def test_the_binding_and_the_library_are_of_the_headers_abi():
         raise AssertionError("a library of another ABI was loaded")
     except OSError as e:
         assert "built from another C header" in str(e) and "stale build" in str(e), e
+        # A path given directly is not MULTIBOX_LIB: unsetting it would not
+        # help (before, the message said so whether it was set or not).
+        assert "MULTIBOX_LIB" not in str(e) and "Rebuild it (cargo build" in str(e), e
     finally:
         capi.ABI = saved
+
+
+def test_a_stale_library_names_multibox_lib_only_when_it_came_from_there():
+    saved_abi, saved_env = capi.ABI, os.environ.get("MULTIBOX_LIB")
+    path = str(capi.find_library())
+    capi.ABI = saved_abi ^ 1
+    try:
+        os.environ["MULTIBOX_LIB"] = path
+        try:
+            capi.Library()
+            raise AssertionError("a library of another ABI was loaded")
+        except OSError as e:
+            assert "or unset MULTIBOX_LIB" in str(e), e
+    finally:
+        capi.ABI = saved_abi
+        if saved_env is None:
+            os.environ.pop("MULTIBOX_LIB", None)
+        else:
+            os.environ["MULTIBOX_LIB"] = saved_env
+
+
+def test_the_checkout_lookup_takes_the_newer_of_release_and_debug():
+    # Before, target/release won whenever it existed, so a `cargo build`
+    # (debug) after an old release build loaded the old library. A copy of
+    # _capi.py in a checkout's layout, with empty stand-ins for the builds
+    # (find_library only looks at the files).
+    saved_env = os.environ.pop("MULTIBOX_LIB", None)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            package = Path(tmp) / "python" / "multibox_torch"
+            package.mkdir(parents=True)
+            (package / "_capi.py").write_bytes((ROOT / "python" / "multibox_torch" / "_capi.py").read_bytes())
+            spec = importlib.util.spec_from_file_location("_capi_copy", package / "_capi.py")
+            copy = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(copy)
+            name = copy._library_name()
+            release = Path(tmp) / "target" / "release" / name
+            debug = Path(tmp) / "target" / "debug" / name
+            for p in (release, debug):
+                p.parent.mkdir(parents=True)
+            try:
+                copy.find_library()
+                raise AssertionError("a library was found in an empty checkout")
+            except copy.LibraryNotFound as e:
+                assert str(release) in str(e) and str(debug) in str(e), e
+            debug.write_bytes(b"")
+            assert copy.find_library() == debug  # the only one
+            release.write_bytes(b"")
+            for release_time, debug_time, want in ((1000, 2000, debug), (2000, 1000, release), (1000, 1000, release)):
+                os.utime(release, (release_time, release_time))
+                os.utime(debug, (debug_time, debug_time))
+                assert copy.find_library().resolve() == want.resolve(), (release_time, debug_time)
+    finally:
+        if saved_env is not None:
+            os.environ["MULTIBOX_LIB"] = saved_env
 
 
 def test_reference_on_the_hand_computed_case():
