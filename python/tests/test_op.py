@@ -265,6 +265,30 @@ def test_double_backward_is_refused_with_a_clear_error(device):
         penalty.backward()
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_torch_func_transforms_are_as_the_readme_says():
+    # README, "PyTorch": not supported. If a PyTorch release changes any of
+    # this, the README's sentence must change with it.
+    confidence, locations, labels, gt = _small("cpu")
+
+    def total(conf):
+        reg, cls, _ = multibox_loss(conf, locations, labels, gt)
+        return reg + cls
+
+    with pytest.raises(RuntimeError, match="functorch transforms"):
+        torch.func.grad(total)(confidence)
+    # jvp: no forward-mode formula, and no error either; the tangent is 0
+    # where autograd's directional derivative is not.
+    tangent = torch.randn_like(confidence)
+    _, got = torch.func.jvp(total, (confidence,), (tangent,))
+    conf = confidence.detach().requires_grad_()
+    total(conf).backward()
+    assert got.item() == 0.0 and (conf.grad * tangent).sum().abs().item() > 1e-3
+    # vmap: PyTorch's per-sample fallback, with the per-sample values.
+    batch = torch.stack([confidence, confidence * 2])
+    assert torch.equal(torch.func.vmap(total)(batch), torch.stack([total(confidence), total(confidence * 2)]))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_gradients_match_autograd_on_the_plain_pytorch_reference(device):
     # The kernels have no float64 path, so gradcheck's float64 finite
