@@ -415,7 +415,9 @@ fn compute_row_major<T: Float, L: Label>(
         let sum: f64 = x.iter().map(|&v| (widen(v) - max).exp()).sum();
         row_max.push(max);
         row_sum.push(sum);
-        background_loss.push(max + sum.ln() - widen(x[0]));
+        // -log_softmax as PyTorch orders it, -((x - max) - ln sum): the
+        // difference first, which no magnitude of the logits absorbs.
+        background_loss.push((max - widen(x[0])) + sum.ln());
     }
 
     // Mining, per image.
@@ -462,7 +464,7 @@ fn compute_row_major<T: Float, L: Label>(
         let image = row / p_count;
         // Labels were validated: in the set, 0 <= label < C.
         let target = label(row) as usize;
-        cls_sums[image] += row_max[row] + row_sum[row].ln() - widen(row_logits(row)[target]);
+        cls_sums[image] += (row_max[row] - widen(row_logits(row)[target])) + row_sum[row].ln();
         if target == 0 {
             continue; // a mined negative: no box regression
         }
