@@ -351,6 +351,10 @@ impl Nvrtc {
         let options: Vec<CString> = [
             format!("--gpu-architecture={}", target.name()),
             "--std=c++17".into(),
+            // Device code is all there is: a generic lambda (kernels/rows.cu's
+            // row walks, over either kind of term) has no execution space of
+            // its own, and NVRTC would take it for host code.
+            "-default-device".into(),
             format!("--include-path={}", include_dir.display()),
             // Source lines in nsys / ncu; costs nothing at run time.
             "--generate-line-info".into(),

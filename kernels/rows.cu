@@ -21,10 +21,11 @@
 //
 // The arithmetic (RowSums) is the same for every path: one pass over the
 // row, the sum of its exponentials shifted by its own logit (a second try
-// at its maximum for the rare row where that overflows), base-2
-// exponentials on the special-function unit with log2(e) folded into one
-// fma, each lane of a row's group over its own contiguous run of classes
-// in class order, and the group's partial sums added by a fixed xor tree.
+// against its maximum for the rare row where that overflows, or whose own
+// logit is beyond 1.2e7 in magnitude), base-2 exponentials on the
+// special-function unit with log2(e) folded into one fma, each lane of a
+// row's group over its own contiguous run of classes in class order, and
+// the group's partial sums added by a fixed xor tree.
 // The sum leaves out the row's own class (its label; the background for a
 // negative), whose term is kept apart: the loss is log1p(others / e_own),
 // and a confident row's small loss keeps its relative precision. A staged
@@ -46,13 +47,19 @@ __device__ __forceinline__ float smooth_l1(float d, float beta) {
 //   e_c = 2^(x_c log2(e) - shift) = exp(x_c - shift ln 2),
 //   shift = rint(x_k * log2(e)),   lse = shift ln 2 + log(sum_c e_c),
 // with x_k the row's own logit (its label's, the background's for a
-// negative), or its maximum where the own one would overflow the sum
-// (own_or_max_shift). Either is within half a unit of log2 of a logit of
-// the row, so the terms neither all underflow nor, checked, overflow, and
-// one fma per class computes the exponent: its only rounding is relative
-// to the result, and an error in the shift scales every term alike, which
-// log1p(rest / e) cancels. Logits beyond about 1e38 in magnitude overflow
-// the shift (NaN losses).
+// negative). It is within half a unit of log2 of the own term, so the
+// terms neither all underflow nor, checked, overflow, and one fma per
+// class computes the exponent: its only rounding is relative to the
+// result, and an error in the shift scales every term alike, which
+// log1p(rest / e) cancels. That holds while x_k log2(e) is below 2^24:
+// beyond, the product's own rounding (half its ulp, 2^7 at 2^32) moves the
+// shift so far from x_k log2(e) that the own term itself over- or
+// underflows. Such a row (|x_k| above about 1.2e7), and the rare row whose
+// sum overflows at its own shift, take a second try against the row's
+// maximum m instead (own_or_max_shift):
+//   e_c = 2^((x_c - m) log2(e)),   lse = m + log(sum_c e_c),
+// an exact difference wherever the term is not negligible, whatever the
+// logits' magnitude.
 
 constexpr float LOG2E = 1.44269504088896341f;
 // ln 2 in two parts: shift * LN2_HI is exact for |shift| < 2^9, and beyond
@@ -63,8 +70,23 @@ constexpr float LN2_LO = 1.42860682030941723e-6f;
 // its loss divides it by the own term, at least 2^-0.5 there, and 2^127.5
 // is still finite.
 constexpr float SUM_LIMIT = 0x1p127f;
+// The largest |x_k log2(e)| whose rounding to an integer is the integer
+// nearest to the exact product, so that the own term stays within 2^0.5.
+constexpr float NEAR_LIMIT = 0x1p24f;
 
-__device__ __forceinline__ float scaled_exp(float x, float shift) { return exp2_approx(fmaf(x, LOG2E, -shift)); }
+// A class's term at a row's integer shift: the first try, one fma.
+struct AtShift {
+    float shift;
+    __device__ __forceinline__ float operator()(float x) const { return exp2_approx(fmaf(x, LOG2E, -shift)); }
+};
+// A class's term against the row's maximum m: the second try. The
+// difference first, rounded relative to itself (exact for x within a
+// factor 2 of m), so that the magnitude of the logits never enters; one
+// instruction more a class than the first try, in a rare pass.
+struct FromMax {
+    float m;
+    __device__ __forceinline__ float operator()(float x) const { return exp2_approx((x - m) * LOG2E); }
+};
 
 // A row's log-sum-exp in two parts: the term of its own class (its label,
 // the background for a negative) and the sum of the others. Summed apart,
@@ -73,21 +95,23 @@ __device__ __forceinline__ float scaled_exp(float x, float shift) { return exp2_
 // took it out again would keep that term's rounding, about 6e-8 for each
 // class added after it, next to a loss of 1e-4 or less.
 struct RowSums {
-    float shift;   // an integer
+    float shift;   // an integer: the first try's, 0 after a second try
+    float m;       // the second try's maximum, 0 after a first try: lse = m + shift ln 2 + log(e + others)
     float others;  // sum of e_c over the classes but the own: each lane's in class order, then the group's xor tree
     float x;       // the own class's logit
     float e;       // and its term
 };
 
-// -log softmax[k] = lse - x_k, from its term e (of logit x) and `rest`, the
-// sum of every other class's. While e is well inside f32's normal range,
-// log1p(rest / e): the shift cancels, and a confident row's small loss
-// (1e-9, say) keeps its relative precision, so mining still ranks such rows
-// by their loss. Past that the loss is above 69: lse - x directly, with
-// shift ln 2 - x formed before the rounding at the scale of shift.
-__device__ __forceinline__ float loss_of(float e, float rest, float x, float shift) {
-    if (e >= 0x1p-100f) return log1pf(rest / e);
-    return fmaf(shift, LN2_HI, -x) + fmaf(shift, LN2_LO, logf(e + rest));
+// -log softmax[k] = lse - x_k, from its term e (of logit x) and `others`,
+// the sum of every other class's. While e is well inside f32's normal
+// range, log1p(others / e): the shift cancels, and a confident row's small
+// loss (1e-9, say) keeps its relative precision, so mining still ranks such
+// rows by their loss. Past that the loss is above 69: lse - x directly,
+// with m + shift ln 2 - x formed before the rounding at the scale of shift
+// (one of m and shift is 0).
+__device__ __forceinline__ float loss_of(const RowSums& r) {
+    if (r.e >= 0x1p-100f) return log1pf(r.others / r.e);
+    return fmaf(r.shift, LN2_HI, r.m - r.x) + fmaf(r.shift, LN2_LO, logf(r.e + r.others));
 }
 
 // The chunk whose positions [lo, hi) are p[lo, hi), read element by
@@ -161,10 +185,11 @@ template <> struct MaxOf<bf16> : PackedMax<bf16> {};
 template <> struct MaxOf<f16> : PackedMax<f16> {};
 #endif
 
-// s plus the chunk's terms, in position order.
-template <typename T> __device__ __forceinline__ float add_terms(const Chunk<T>& c, float shift, float s) {
+// s plus the chunk's terms (AtShift or FromMax), in position order.
+template <typename T, typename Term>
+__device__ __forceinline__ float add_terms(const Chunk<T>& c, Term term, float s) {
 #pragma unroll
-    for (u32 j = 0; j < Chunk<T>::PER; ++j) s += scaled_exp(c.at(j), shift);
+    for (u32 j = 0; j < Chunk<T>::PER; ++j) s += term(c.at(j));
     return s;
 }
 
@@ -232,75 +257,79 @@ __device__ __forceinline__ void for_each_chunk(const T* row, u32 lo, u32 hi, u32
     if (last > 0) f(end_chunk(last, 0, end - last * PER));
 }
 
-// A row's sums at its own logit's shift, rint(x_own log2(e)), and at its
-// maximum's where that overflows. The own shift makes the own term about 1
+// A row's sums at its own logit's shift, rint(x_own log2(e)), and against
+// its maximum where that fails. The own shift makes the own term about 1
 // and needs no pass for the maximum, so a row is one pass: the sum of its
 // other terms. Only a class some 88 above the own one makes a term of
-// 2^127; a row whose sum reaches that (SUM_LIMIT), or is not finite, takes
-// the maximum's shift after all: a pass for the maximum and a second sum,
-// while every other row keeps its one pass. Whole warps run that second
-// try (its shuffles need every lane), but a row's sums depend on its own
-// logits alone, never on its neighbours', so every path and layout still
-// gives the same bits. Either shift is within half a unit of the log2 of
-// one of the row's logits (the own or the largest), whose term is then
-// between 2^-0.5 and 2^0.5: the terms never all underflow, and
-// log1p(others / e) cancels the shift either way.
+// 2^127; a row whose sum reaches that (SUM_LIMIT), or is not finite, or
+// whose own logit is too large for the shift (NEAR_LIMIT), takes a second
+// try against its maximum after all: a pass for the maximum and a second
+// sum, while every other row keeps its one pass. Whole warps run that
+// second try (its shuffles need every lane), but a row's sums depend on
+// its own logits alone, never on its neighbours', so every path and layout
+// still gives the same bits. The first try's own term is between 2^-0.5
+// and 2^0.5, the second's maximum term 1: the terms never all underflow,
+// and log1p(others / e) cancels the shift either way.
 //
-// sums_at(shift, on, others): for each of the N rows a lane group walks
-// together, the group's sum of that row's other terms at shift[j], each
-// lane's run in class order (every lane calls it; lanes with !on read
-// nothing and add 0). run_max(on, m): this lane's maximum over its run of
-// each row, -inf where !on. x_own[j]: row j's own logit, which every lane
-// of the group has. A row's second try is its own: where only one of the
-// N overflows, the others keep their first sums.
+// sums_at(terms, on, others): for each of the N rows a lane group walks
+// together, the group's sum of that row's other terms, terms[j] (AtShift
+// or FromMax) of each class, each lane's run in class order (every lane
+// calls it; lanes with !on read nothing and add 0). run_max(on, m): this
+// lane's maximum over its run of each row, -inf where !on. x_own[j]: row
+// j's own logit, which every lane of the group has. A row's second try is
+// its own: where only one of the N needs one, the others keep their first
+// sums.
 template <u32 N, typename Sums, typename Max>
 __device__ __forceinline__ void own_or_max_shift(const float (&x_own)[N], u32 lanes, bool active, Sums sums_at,
                                                  Max run_max, RowSums (&out)[N]) {
-    float shift[N], others[N];
+    AtShift at_own[N];
+    float others[N];
 #pragma unroll
-    for (u32 j = 0; j < N; ++j) shift[j] = rintf(x_own[j] * LOG2E);
-    sums_at(shift, active, others);
+    for (u32 j = 0; j < N; ++j) at_own[j].shift = rintf(x_own[j] * LOG2E);
+    sums_at(at_own, active, others);
     // Too large, infinite or NaN (a NaN logit, which the call reports):
     // the group's sum, so every lane of the group agrees.
-    bool overflow[N], any = false;
+    bool again[N], any = false;
 #pragma unroll
     for (u32 j = 0; j < N; ++j) {
-        overflow[j] = active && !(others[j] < SUM_LIMIT);
-        any = any || overflow[j];
+        again[j] = active && !(others[j] < SUM_LIMIT && fabsf(x_own[j] * LOG2E) < NEAR_LIMIT);
+        any = any || again[j];
+    }
+#pragma unroll
+    for (u32 j = 0; j < N; ++j) {
+        out[j].shift = at_own[j].shift;
+        out[j].m = 0.0f;
+        out[j].others = others[j];
+        out[j].x = x_own[j];
+        out[j].e = active ? at_own[j](x_own[j]) : 0.0f;
     }
     if (__any_sync(FULL_MASK, any)) {
-        float m[N], at_max[N], again[N];
+        float m[N], sums[N];
         run_max(any, m);
+        FromMax at_max[N];
         // The own class counts in the maximum even where the tile has it -inf.
 #pragma unroll
-        for (u32 j = 0; j < N; ++j) at_max[j] = rintf(fmaxf(group_max(m[j], lanes), x_own[j]) * LOG2E);
-        sums_at(at_max, any, again);
+        for (u32 j = 0; j < N; ++j) at_max[j].m = fmaxf(group_max(m[j], lanes), x_own[j]);
+        sums_at(at_max, any, sums);
 #pragma unroll
         for (u32 j = 0; j < N; ++j) {
-            if (overflow[j]) {
-                shift[j] = at_max[j];
-                others[j] = again[j];
+            if (again[j]) {
+                out[j].shift = 0.0f;
+                out[j].m = at_max[j].m;
+                out[j].others = sums[j];
+                out[j].e = at_max[j](x_own[j]);
             }
         }
     }
-#pragma unroll
-    for (u32 j = 0; j < N; ++j) {
-        out[j].shift = shift[j];
-        out[j].others = others[j];
-        out[j].x = x_own[j];
-        out[j].e = active ? scaled_exp(x_own[j], shift[j]) : 0.0f;
-    }
 }
 
-// own_or_max_shift of one row: sum_at(shift, on) its group's sum of the
+// own_or_max_shift of one row: sum_at(term, on) its group's sum of the
 // other terms, run_max(on) this lane's maximum.
 template <typename Sum, typename Max>
 __device__ __forceinline__ RowSums own_or_max_shift(float x_own, u32 lanes, bool active, Sum sum_at, Max run_max) {
     const float x[1] = {x_own};
     RowSums r[1];
-    const auto sums_at = [&](const float (&shift)[1], bool on, float (&others)[1]) {
-        others[0] = sum_at(shift[0], on);
-    };
+    const auto sums_at = [&](const auto& terms, bool on, float (&others)[1]) { others[0] = sum_at(terms[0], on); };
     const auto max_of = [&](bool on, float (&m)[1]) { m[0] = run_max(on); };
     own_or_max_shift(x, lanes, active, sums_at, max_of, r);
     return r[0];
@@ -323,9 +352,9 @@ __device__ __forceinline__ RowSums chunked_row_sums(const T* row, u32 classes, u
     const ClassRun run = lane_classes(classes, sub, lanes);
     // Where the walk stops short of a positive's own class in global memory.
     const u32 split = !STAGED && own != 0 && own >= run.lo && own < run.hi ? own : run.hi;
-    const auto sum_at = [&](float shift, bool on) {
+    const auto sum_at = [&](auto term, bool on) {
         float s = 0.0f;
-        const auto add = [&](const Chunk<T>& c) { s = add_terms(c, shift, s); };
+        const auto add = [&](const Chunk<T>& c) { s = add_terms(c, term, s); };
         if (on) {
             for_each_chunk<STAGED, sizeof(T) == 4>(row, run.lo, split, own == 0 && run.lo == 0 ? 1u : 0u, add);
             if (!STAGED) for_each_chunk<STAGED, sizeof(T) == 4>(row, split + 1, run.hi, 0, add);
@@ -349,7 +378,7 @@ template <bool STAGED, typename T>
 __device__ __forceinline__ RowSums strided_row_sums(const T* x, u64 stride, u32 classes, u32 own, float x_own,
                                                     u32 sub, u32 lanes, bool active) {
     const ClassRun run = lane_classes(classes, sub, lanes);
-    const auto sum_at = [&](float shift, bool on) {
+    const auto sum_at = [&](auto term, bool on) {
         float s = 0.0f;
         if (on && STAGED) {
             // A positive's own class is -inf in the tile (leave_out_own).
@@ -359,14 +388,14 @@ __device__ __forceinline__ RowSums strided_row_sums(const T* x, u64 stride, u32 
             // apart, which the plan's stride spreads over the banks
             // (rows_plane_stride).
             if (run.lo < run.hi) {
-                const float first = scaled_exp(to_f32(x[run.lo * stride]), shift);
+                const float first = term(to_f32(x[run.lo * stride]));
                 s += own == 0 && run.lo == 0 ? 0.0f : first;
             }
 #pragma unroll 16
-            for (u32 c = run.lo + 1; c < run.hi; ++c) s += scaled_exp(to_f32(x[c * stride]), shift);
+            for (u32 c = run.lo + 1; c < run.hi; ++c) s += term(to_f32(x[c * stride]));
         } else if (on) {
             for (u32 c = own == 0 && run.lo == 0 ? 1 : run.lo; c < run.hi; ++c)
-                if (c != own) s += scaled_exp(to_f32(x[c * stride]), shift);
+                if (c != own) s += term(to_f32(x[c * stride]));
         }
         return group_sum(s, lanes);
     };
@@ -465,18 +494,18 @@ __device__ __forceinline__ void paired_row_sums(const T* x, u32 stride, u32 clas
     // every architecture at kernel 1's 64 registers (tests/kernel_build).
     constexpr u32 ROUND = 8;
     // Both rows' sums of their other terms, as strided_row_sums adds them.
-    const auto sums_at = [&](const float (&shift)[2], bool on, float (&others)[2]) {
+    const auto sums_at = [&](const auto& terms, bool on, float (&others)[2]) {
         float s[2] = {0.0f, 0.0f};
         if (on && run.lo < run.hi) {
             const TwoOf<T> first = TwoOf<T>::load(x + run.lo * stride);
 #pragma unroll
             for (u32 j = 0; j < 2; ++j) {
-                const float t = scaled_exp(first.at(j), shift[j]);
+                const float t = terms[j](first.at(j));
                 s[j] += own[j] == 0 && run.lo == 0 ? 0.0f : t;
             }
             for_each_class_pair<ROUND>(x, stride, run.lo + 1, run.hi, [&](const TwoOf<T>& v) {
 #pragma unroll
-                for (u32 j = 0; j < 2; ++j) s[j] += scaled_exp(v.at(j), shift[j]);
+                for (u32 j = 0; j < 2; ++j) s[j] += terms[j](v.at(j));
             });
         }
 #pragma unroll
@@ -812,7 +841,7 @@ __device__ __forceinline__ u32 walk_tiles(const MultiboxParams& p, i32* tile_lab
                 tile_keys[rr] = KEY_IGNORED;
                 continue;
             }
-            const float loss = loss_of(sums[j].e, sums[j].others, sums[j].x, sums[j].shift);
+            const float loss = loss_of(sums[j]);
             if (label[j] == 0) {
                 tile_keys[rr] = candidate_key(loss);
             } else {

@@ -715,6 +715,74 @@ fn rows_that_overflow_at_their_own_shift_take_their_maximum() {
     rows_far_from_their_own_class::<f32>(global, 16);
 }
 
+/// Finite logits too large for the own logit's shift: past |x| log2(e) =
+/// 2^24 the shift rint(x log2 e) can be ulps of the product away from x
+/// log2(e) (256 at 2^32), so the own term would over- or underflow; such
+/// rows take their second try, against their maximum, exact at any
+/// magnitude. Magnitudes from 1.5e7 to 1e30, in positives whose own logit
+/// is the largest (loss 0), tied with another class (ln 2) or far below
+/// (loss about |x|), negatives tied between the background and a class,
+/// negatives whose background is far below a class (mined first: a wrong
+/// key would drop them from the set), negatives with every class at -|x|
+/// (ln C), among ordinary rows; one and two lanes a row, staged and from
+/// global memory, channel-major by pairs and element by element, bit for
+/// bit against row-major and close to the reference.
+fn rows_with_huge_logits<T: Float>(shape: Shape, seed: u64) {
+    const MAGNITUDES: [f64; 6] = [1.5e7, 2.5e9, 5e9, 1e10, 1e20, 1e30];
+    let mut rng = SplitMix64(seed);
+    let c = shape.classes;
+    let labels: Vec<i64> = (0..shape.rows())
+        .map(|i| match i % 7 {
+            0 | 1 | 4 => 1 + (i / 7 % (c - 1)) as i64,
+            _ => 0,
+        })
+        .collect();
+    let confidence: Vec<T> = (0..shape.confidence_len())
+        .map(|e| {
+            let (row, class) = (e / c, e % c);
+            let v = MAGNITUDES[row / 7 % MAGNITUDES.len()];
+            let own = labels[row] as usize;
+            let tied = 1 + (own + 2) % (c - 1); // a class other than the own one
+            let noise = rng.normal();
+            T::from_f64(match row % 7 {
+                0 if class == own => v,
+                1 if class == own || class == tied => v,
+                2 if class == 0 || class == tied => v,
+                3 if class == tied => v,
+                4 if class == own => -v,
+                5 => -v,
+                _ => noise,
+            })
+        })
+        .collect();
+    let mut case = Drawn::with(shape, confidence, labels, &mut rng);
+    // Fewer negatives mined than there are candidates: the set's edge lies
+    // among the ordinary rows, after the far ones (3 of every 7 rows).
+    case.config.neg_pos_ratio = 1.0;
+    let what = format!("huge logits {shape} {:?}", T::DTYPE);
+    let want = case.reference();
+    assert!(
+        want.losses.classification_loss > 1e6,
+        "{what}: the far rows count"
+    );
+    let got = checked_in_both_layouts(&what, &case);
+    for (row, &m) in got.mask.iter().enumerate() {
+        if row % 7 == 3 {
+            assert_eq!(m, 1, "{what}: row {row}'s background is far below a class");
+        }
+    }
+}
+
+#[test]
+fn rows_with_huge_logits_take_their_maximum() {
+    let one_lane = Shape::new(2, 300, 21);
+    rows_with_huge_logits::<bf16>(one_lane, 21);
+    rows_with_huge_logits::<f32>(one_lane, 22);
+    rows_with_huge_logits::<f32>(Shape::new(2, 301, 21), 23);
+    rows_with_huge_logits::<f32>(Shape::new(2, 130, 81), 24);
+    rows_with_huge_logits::<f32>(Shape::new(1, 24, 7000), 25);
+}
+
 /// Channel-major class planes start wherever c * P puts them within 16
 /// bytes. Kernel 1 stages each plane's run of a tile's priors, and kernel 3
 /// writes each plane's run of gradients, as 16-byte words with the ends
