@@ -146,7 +146,12 @@ __device__ __forceinline__ void box_gradient(const MultiboxParams& p, const RowD
     float a[4], b[4];
     load_box(pred, stride, a);
     load_box(gt, stride, b);
-    for (int j = 0; j < 4; ++j) g[j] = row.reg_scale * fminf(fmaxf((a[j] - b[j]) / p.beta, -1.0f), 1.0f);
+    // clamp(d / beta, -1, 1) by comparisons, which a NaN fails: it stays
+    // NaN, as in the reference (fminf and fmaxf would drop it for -1).
+    for (int j = 0; j < 4; ++j) {
+        const float r = (a[j] - b[j]) / p.beta;
+        g[j] = row.reg_scale * (r < -1.0f ? -1.0f : r > 1.0f ? 1.0f : r);
+    }
 }
 
 // softmax(x)[c] - onehot(label)[c]. softmax[label] - 1 would cancel to 0 in

@@ -1386,6 +1386,52 @@ fn non_finite_inputs_are_flagged_and_propagate() {
     );
 }
 
+/// Non-finite box offsets: the gradient of a positive's coordinate is the
+/// reference's, clamp(d / beta, -1, 1), a NaN difference (NaN, or inf -
+/// inf) giving NaN and an infinite one +-1, in f32 and in the half types,
+/// row-major and channel-major alike (bit for bit); the other coordinates
+/// keep their finite gradients.
+#[test]
+fn non_finite_box_offsets_give_the_references_gradients() {
+    fn check<T: Float>() {
+        let shape = Shape::new(1, 40, 3);
+        let mut rng = SplitMix64(31);
+        let confidence = (0..shape.confidence_len())
+            .map(|_| T::from_f64(rng.normal()))
+            .collect();
+        let labels = (0..40).map(|i| i64::from(i % 5 == 0)).collect();
+        let mut case = Drawn::<T, i64>::with(shape, confidence, labels, &mut rng);
+        let (nan, inf) = (T::from_f64(f64::NAN), T::from_f64(f64::INFINITY));
+        // Prior 10 (a positive): NaN - 0.5, inf - inf, inf - 0.5, and a finite pair.
+        case.predicted_locations[40..43].copy_from_slice(&[nan, inf, inf]);
+        case.gt_locations[40..43].copy_from_slice(&[T::from_f64(0.5), inf, T::from_f64(0.5)]);
+        let what = format!("{:?}", T::DTYPE);
+        let want = case.reference();
+        let got = emulated::run(&case.config, shape, &case.host(), Call::default()).unwrap();
+        assert!(got.status.nonfinite_input, "{what}");
+        let g: Vec<f64> = got
+            .grad_locations
+            .iter()
+            .map(|v| f64::from(v.to_f32()))
+            .collect();
+        assert!(g[40].is_nan() && g[41].is_nan(), "{what}: {:?}", &g[40..44]);
+        assert!(want.grad_locations[40].is_nan() && want.grad_locations[41].is_nan());
+        for i in (0..160).filter(|&i| i != 40 && i != 41) {
+            let w = want.grad_locations[i];
+            assert!(
+                (g[i] - w).abs() <= 1e-2 * w.abs().max(1e-3),
+                "{what}: grad_locations[{i}] {} against {w}",
+                g[i]
+            );
+        }
+        assert_eq!(g[42], want.grad_locations[42], "{what}: inf - 0.5 clamps");
+        assert_channel_major_is_row_major(&what, &case, Call::default(), &got);
+    }
+    check::<f32>();
+    check::<f16>();
+    check::<bf16>();
+}
+
 /// Kernel 1 checks every logit as it stages it: an infinity in an ignored
 /// prior's row, which no loss reads, is flagged too, and so is -inf (whose
 /// exponential is an ordinary 0). The losses stay the reference's, and the
