@@ -261,6 +261,37 @@ fn host_refuses_bad_settings_and_lengths() {
     }
 }
 
+/// A shape the kernels could index but whose outputs (`B * P` labels and
+/// `B * P * 4` offsets, 2 TB and 4 TB here) no host could hold, with inputs
+/// too short for it: the lengths are refused before anything is allocated,
+/// not by an allocation failure that aborts the process.
+#[test]
+fn lengths_are_checked_before_the_outputs_are_allocated() {
+    let shape = TargetShape::new(1 << 20, 1 << 18, 1);
+    assert!(shape.validate().is_ok());
+    let c = TargetConfig::default();
+    let r = reference::assign::<i64>(
+        &c,
+        shape,
+        &[0.5, 0.5, 0.1, 0.1],
+        &[0.1, 0.1, 0.2, 0.2],
+        &[1],
+        &[1],
+    );
+    assert!(
+        matches!(r, Err(Error::TargetLengthMismatch { name: "priors", .. })),
+        "{r:?}"
+    );
+    // Inputs of the right lengths (T = 1 keeps them small) with priors of
+    // zero size: refused as well before the outputs are allocated.
+    let priors = vec![0.0f32; shape.priors_len()];
+    let boxes = vec![0.0f32; shape.boxes_len()];
+    let labels = vec![1i64; shape.box_labels_len()];
+    let counts = vec![1i32; shape.batch];
+    let r = reference::assign::<i64>(&c, shape, &priors, &boxes, &labels, &counts);
+    assert!(matches!(r, Err(Error::InvalidPriors(_))), "{r:?}");
+}
+
 #[test]
 fn recorded_bad_inputs_are_handled_as_spec_says() {
     let (shape, priors, boxes, labels, _) = small_case();

@@ -107,9 +107,12 @@ pub fn assign<L: Label>(
     gt_counts: &[i32],
 ) -> Result<Targets<L>> {
     // Before the outputs are allocated: a shape too large for the kernels'
-    // indices is an error, not an allocation that aborts.
+    // indices, or inputs too short for the shape, is an error, not an
+    // allocation of B * P * 5 elements that aborts the process.
     config.validate()?;
     shape.validate()?;
+    check_input_lengths(shape, priors, gt_boxes, gt_labels, gt_counts)?;
+    validate_priors(priors)?;
     let mut labels = vec![L::default(); shape.labels_len()];
     let mut gt_locations = vec![0.0f32; shape.locations_len()];
     let status = assign_into(
@@ -153,23 +156,14 @@ pub fn assign_into<L: Label, T: Float>(
 ) -> Result<TargetStatus> {
     config.validate()?;
     shape.validate()?;
-    for (name, expected, actual) in [
-        ("priors", shape.priors_len(), priors.len()),
-        ("gt_boxes", shape.boxes_len(), gt_boxes.len()),
-        ("gt_labels", shape.box_labels_len(), gt_labels.len()),
-        ("gt_counts", shape.batch, gt_counts.len()),
-        ("labels", shape.labels_len(), labels.len()),
-        ("gt_locations", shape.locations_len(), gt_locations.len()),
-    ] {
-        if expected != actual {
-            return Err(Error::TargetLengthMismatch {
-                name,
-                expected,
-                actual,
-                shape,
-            });
-        }
-    }
+    check_input_lengths(shape, priors, gt_boxes, gt_labels, gt_counts)?;
+    check_length("labels", shape.labels_len(), labels.len(), shape)?;
+    check_length(
+        "gt_locations",
+        shape.locations_len(),
+        gt_locations.len(),
+        shape,
+    )?;
     validate_priors(priors)?;
 
     let (p_count, t_max) = (shape.priors, shape.max_boxes);
@@ -264,4 +258,35 @@ pub fn assign_into<L: Label, T: Float>(
         }
     }
     Ok(status)
+}
+
+/// The inputs' lengths against `shape`, in argument order.
+fn check_input_lengths<L>(
+    shape: TargetShape,
+    priors: &[f32],
+    gt_boxes: &[f32],
+    gt_labels: &[L],
+    gt_counts: &[i32],
+) -> Result<()> {
+    check_length("priors", shape.priors_len(), priors.len(), shape)?;
+    check_length("gt_boxes", shape.boxes_len(), gt_boxes.len(), shape)?;
+    check_length("gt_labels", shape.box_labels_len(), gt_labels.len(), shape)?;
+    check_length("gt_counts", shape.batch, gt_counts.len(), shape)
+}
+
+fn check_length(
+    name: &'static str,
+    expected: usize,
+    actual: usize,
+    shape: TargetShape,
+) -> Result<()> {
+    if expected != actual {
+        return Err(Error::TargetLengthMismatch {
+            name,
+            expected,
+            actual,
+            shape,
+        });
+    }
+    Ok(())
 }
