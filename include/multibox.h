@@ -425,9 +425,12 @@ enum multibox_status_code multibox_loss_destroy(struct multibox_loss *loss);
 // # Safety
 // `loss` is NULL or from `multibox_loss_create`; `call` is NULL or points
 // to a `multibox_call` whose addresses are device allocations of the
-// loss's device, as large as the shape and types imply, with no output
-// overlapping an input, alive until the queued work completes; `stream`
-// is a live stream of that device's primary context, or NULL.
+// loss's device, as large as the shape and types imply, alive until the
+// queued work completes; `stream` is a live stream of that device's
+// primary context, or NULL. No output may overlap an input, another
+// output or the workspace, nor the workspace an input (a gradient is not
+// computed in place): such a call is refused with
+// `MULTIBOX_INVALID_ARGUMENT` before anything is launched.
 enum multibox_status_code multibox_forward(const struct multibox_loss *loss,
                                            const struct multibox_call *call,
                                            void *stream);

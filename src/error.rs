@@ -36,6 +36,20 @@ pub enum Error {
         /// The shape.
         shape: Shape,
     },
+    /// Two buffers of a raw or C call that overlap where the kernels write
+    /// either one: no output may overlap an input, another output or the
+    /// workspace, nor the workspace an input. (The typed entry points'
+    /// borrows rule this out.)
+    #[error(
+        "`{a}` and `{b}` overlap: no output may overlap an input, another output or the \
+         workspace, nor the workspace an input"
+    )]
+    Overlap {
+        /// The first buffer's name, in the call's order.
+        a: &'static str,
+        /// The second buffer's name.
+        b: &'static str,
+    },
     /// The workspace passed is smaller than [`crate::workspace_bytes`] says.
     #[error("workspace has {actual} bytes, shape {shape} needs {expected}")]
     WorkspaceTooSmall {

@@ -147,10 +147,18 @@ pub struct RawCall {
 
 /// Validates `call` and launches its kernels on `backend`, in order.
 ///
+/// A call in which an output (a loss, `num_pos`, the mask, a gradient)
+/// overlaps an input, another output or the workspace, or the workspace
+/// overlaps an input, is refused with [`Error::Overlap`]. That includes a
+/// gradient over its own input: kernel 3 reads a row's logits as the whole
+/// 16-byte words that cover it, bytes of the neighbouring rows included,
+/// which other blocks may be writing. Inputs (the device upstream and
+/// divisor included) may overlap one another.
+///
 /// # Safety
 /// Every address in `call.buffers` must point to memory that `backend` can
 /// access, of at least the size the shape and types imply, and stay valid
-/// until the launched work completes; outputs must not overlap inputs.
+/// until the launched work completes.
 pub unsafe fn launch_call<B: Backend + ?Sized>(
     config: &MultiboxConfig,
     call: &RawCall,
@@ -159,7 +167,12 @@ pub unsafe fn launch_call<B: Backend + ?Sized>(
     config.validate()?;
     let plan = LaunchPlan::with_limits(call.shape, call.dtype, call.layout, backend.grid_limits())?;
     let params = params(config, call, &plan)?;
-    for (name, addr, bytes) in buffer_extents(call, &plan) {
+    let extents = buffer_extents(call, &plan);
+    check_overlaps(&extents)?;
+    for Extent {
+        name, addr, bytes, ..
+    } in extents
+    {
         if addr != 0 {
             backend.check_buffer(name, addr, bytes)?;
         }
@@ -306,10 +319,48 @@ fn params(config: &MultiboxConfig, call: &RawCall, plan: &LaunchPlan) -> Result<
     })
 }
 
+/// One buffer a call's kernels touch.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Extent {
+    /// The argument's name.
+    pub name: &'static str,
+    /// Its address; 0 where the pass does not use it.
+    pub addr: u64,
+    /// The bytes the kernels may read or write from there.
+    pub bytes: usize,
+    /// Whether they write any of it.
+    pub written: bool,
+}
+
+/// Refuses two extents that overlap where the kernels write either one
+/// ([`Error::Overlap`], naming them in `extents`' order). Unused (address
+/// 0) and empty extents overlap nothing; two read-only ones may overlap.
+pub(crate) fn check_overlaps(extents: &[Extent]) -> Result<()> {
+    let used = |e: &&Extent| e.addr != 0 && e.bytes != 0;
+    for (i, a) in extents.iter().enumerate().filter(|(_, e)| used(e)) {
+        for b in extents[i + 1..].iter().filter(used) {
+            // In u128: a made-up address near the top of the address space
+            // must not wrap around.
+            let end = |e: &Extent| u128::from(e.addr) + e.bytes as u128;
+            if (a.written || b.written)
+                && u128::from(a.addr) < end(b)
+                && u128::from(b.addr) < end(a)
+            {
+                return Err(Error::Overlap {
+                    a: a.name,
+                    b: b.name,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Every buffer this call's pass touches: its name, address (0 where the
-/// pass does not use it) and the bytes the kernels may read or write from
-/// there. A fixed array, so a call allocates nothing.
-fn buffer_extents(call: &RawCall, plan: &LaunchPlan) -> [(&'static str, u64, usize); 13] {
+/// pass does not use it), the bytes the kernels may read or write from
+/// there, and whether they write it. A fixed array, so a call allocates
+/// nothing.
+fn buffer_extents(call: &RawCall, plan: &LaunchPlan) -> [Extent; 13] {
     let b = &call.buffers;
     let shape = call.shape;
     let (t, l) = (call.dtype.size(), call.label_type.size());
@@ -323,36 +374,38 @@ fn buffer_extents(call: &RawCall, plan: &LaunchPlan) -> [(&'static str, u64, usi
         RawNormalizer::GivenOnDevice(addr) => when(forward, addr),
         _ => 0,
     };
+    let read = |name, addr, bytes| Extent {
+        name,
+        addr,
+        bytes,
+        written: false,
+    };
+    let written = |name, addr, bytes| Extent {
+        name,
+        addr,
+        bytes,
+        written: true,
+    };
+    let (logits, boxes) = (shape.confidence_len() * t, shape.locations_len() * t);
     [
-        ("confidence", b.confidence, shape.confidence_len() * t),
-        (
-            "predicted_locations",
-            b.predicted_locations,
-            shape.locations_len() * t,
-        ),
-        ("labels", b.labels, shape.rows() * l),
-        ("gt_locations", b.gt_locations, shape.locations_len() * t),
-        ("workspace", b.workspace, plan.workspace.bytes),
-        ("regression_loss", when(forward, b.regression_loss), 4),
-        (
+        read("confidence", b.confidence, logits),
+        read("predicted_locations", b.predicted_locations, boxes),
+        read("labels", b.labels, shape.rows() * l),
+        read("gt_locations", b.gt_locations, boxes),
+        // The forward fills it; the backward reads what the forward left.
+        written("workspace", b.workspace, plan.workspace.bytes),
+        written("regression_loss", when(forward, b.regression_loss), 4),
+        written(
             "classification_loss",
             when(forward, b.classification_loss),
             4,
         ),
-        ("num_pos", when(forward, b.num_pos), 4),
-        ("mask", when(forward, b.mask), shape.rows()),
-        ("normalizer", normalizer, 4),
-        (
-            "grad_confidence",
-            when(backward, b.grad_confidence),
-            shape.confidence_len() * t,
-        ),
-        (
-            "grad_locations",
-            when(backward, b.grad_locations),
-            shape.locations_len() * t,
-        ),
-        ("upstream", upstream, 8),
+        written("num_pos", when(forward, b.num_pos), 4),
+        written("mask", when(forward, b.mask), shape.rows()),
+        read("normalizer", normalizer, 4),
+        written("grad_confidence", when(backward, b.grad_confidence), logits),
+        written("grad_locations", when(backward, b.grad_locations), boxes),
+        read("upstream", upstream, 8),
     ]
 }
 

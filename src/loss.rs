@@ -505,8 +505,11 @@ impl MultiboxLoss {
     /// The raw entry point, for other frameworks (PyTorch, C++): device
     /// addresses and a `CUstream` of this loss's context.
     ///
-    /// Validates the shape, the configuration, null and misaligned addresses
-    /// and the workspace size before launching anything, and asks the driver
+    /// Validates the shape, the configuration, null and misaligned addresses,
+    /// the workspace size and overlaps before launching anything: no output
+    /// may overlap an input, another output or the workspace, nor the
+    /// workspace an input ([`Error::Overlap`]; a gradient is never computed
+    /// in place over its input). It also asks the driver
     /// whether each address is memory of this loss's device
     /// ([`crate::device_memory`]): a host pointer (where the device cannot
     /// reach pageable host memory), another device's buffer, or one that
@@ -523,7 +526,6 @@ impl MultiboxLoss {
     ///   (`B*P*C` elements of T for confidence and its gradient, `B*P*4` for
     ///   the locations and their gradient, `B*P` labels and mask bytes, one
     ///   element per loss output, [`crate::workspace_bytes`] of workspace).
-    /// - No output overlaps an input or another output.
     /// - The buffers stay allocated, and untouched by other streams, until
     ///   the work queued on `stream` completes.
     /// - `stream` is a live stream of this loss's context (or null for the

@@ -1714,6 +1714,160 @@ fn every_bad_call_is_refused_before_any_launch() {
     assert_eq!(launched.get(), 1);
 }
 
+/// No output may overlap an input, another output or the workspace, nor
+/// the workspace an input: the raw and C entry points refuse such a call,
+/// naming both buffers, before anything is launched. A gradient is not
+/// computed in place over its own input either. Inputs may overlap one
+/// another, buffers may touch end to end, and an address the pass does not
+/// use overlaps nothing.
+#[test]
+fn overlapping_buffers_are_refused_before_any_launch() {
+    let shape = Shape::new(2, 10, 3);
+    let workspace_bytes = multibox::workspace_bytes(shape).unwrap();
+    let good = fake_call(shape, workspace_bytes);
+    let (logits, boxes) = (2 * 10 * 3 * 2, 2 * 10 * 4 * 2);
+    let b = good.buffers;
+    let ws_end = b.workspace + workspace_bytes as u64;
+    let config = MultiboxConfig::default();
+    let overlap = |edit: &dyn Fn(&mut RawCall)| {
+        let mut call = good;
+        edit(&mut call);
+        // SAFETY: MustNotLaunch never touches the addresses.
+        match unsafe { launch_call(&config, &call, &MustNotLaunch) } {
+            Err(Error::Overlap { a, b }) => (a, b),
+            other => panic!("not refused as an overlap: {other:?}"),
+        }
+    };
+    // Outputs over outputs.
+    assert_eq!(
+        overlap(&|c| {
+            c.buffers.classification_loss = b.regression_loss;
+            c.buffers.num_pos = b.regression_loss;
+        }),
+        ("regression_loss", "classification_loss")
+    );
+    assert_eq!(
+        overlap(&|c| c.buffers.num_pos = b.classification_loss),
+        ("classification_loss", "num_pos")
+    );
+    assert_eq!(
+        overlap(&|c| c.buffers.grad_locations = b.grad_confidence + 64),
+        ("grad_confidence", "grad_locations")
+    );
+    assert_eq!(
+        overlap(&|c| c.buffers.mask = b.num_pos + 3),
+        ("num_pos", "mask")
+    );
+    // Outputs in the workspace, at either end.
+    assert_eq!(
+        overlap(&|c| c.buffers.mask = b.workspace + 1),
+        ("workspace", "mask")
+    );
+    assert_eq!(
+        overlap(&|c| c.buffers.grad_locations = ws_end - 8),
+        ("workspace", "grad_locations")
+    );
+    assert_eq!(
+        overlap(&|c| c.buffers.regression_loss = ws_end - 4),
+        ("workspace", "regression_loss")
+    );
+    // Outputs over inputs: the gradients over their own inputs (in place)
+    // or part of them, a loss inside the labels.
+    assert_eq!(
+        overlap(&|c| c.buffers.grad_confidence = b.confidence),
+        ("confidence", "grad_confidence")
+    );
+    assert_eq!(
+        overlap(&|c| c.buffers.grad_locations = b.predicted_locations),
+        ("predicted_locations", "grad_locations")
+    );
+    assert_eq!(
+        overlap(&|c| c.buffers.grad_confidence = b.confidence + logits as u64 - 2),
+        ("confidence", "grad_confidence")
+    );
+    assert_eq!(
+        overlap(&|c| c.buffers.num_pos = b.labels + 8),
+        ("labels", "num_pos")
+    );
+    // The workspace over an input; the device upstream and divisor (inputs)
+    // over outputs.
+    assert_eq!(
+        overlap(&|c| c.buffers.gt_locations = ws_end - 2),
+        ("gt_locations", "workspace")
+    );
+    assert_eq!(
+        overlap(&|c| c.normalizer = RawNormalizer::GivenOnDevice(b.num_pos)),
+        ("num_pos", "normalizer")
+    );
+    assert_eq!(
+        overlap(&|c| c.upstream = RawUpstream::Device(b.grad_locations + boxes as u64 - 4)),
+        ("grad_locations", "upstream")
+    );
+    // Each pass alone: the backward's gradients, the forward's losses.
+    assert_eq!(
+        overlap(&|c| {
+            c.pass = Pass::Backward;
+            c.buffers.grad_confidence = b.confidence;
+        }),
+        ("confidence", "grad_confidence")
+    );
+    assert_eq!(
+        overlap(&|c| {
+            c.pass = Pass::Forward;
+            c.buffers.mask = b.workspace;
+        }),
+        ("workspace", "mask")
+    );
+
+    // What is not an overlap: each call is accepted and launched.
+    let accepted = |what: &str, edit: &dyn Fn(&mut RawCall)| {
+        let mut call = good;
+        edit(&mut call);
+        let backend = Extents::refusing(None);
+        // SAFETY: Extents never touches the addresses.
+        let result = unsafe { launch_call(&config, &call, &backend) };
+        assert!(result.is_ok(), "{what}: {result:?}");
+        let launches =
+            2 * usize::from(call.pass.runs_forward()) + usize::from(call.pass.writes_gradients());
+        assert_eq!(backend.launched.get(), launches, "{what}");
+    };
+    accepted("distinct buffers", &|_| {});
+    accepted("end to end", &|c| {
+        c.buffers.grad_confidence = b.confidence + logits as u64;
+        c.buffers.regression_loss = b.confidence - 4;
+        c.buffers.mask = ws_end;
+        c.buffers.gt_locations = b.workspace - boxes as u64;
+    });
+    accepted("no mask", &|c| c.buffers.mask = 0);
+    accepted("channel-major", &|c| c.layout = Layout::ChannelMajor);
+    accepted("inputs over inputs", &|c| {
+        c.buffers.predicted_locations = b.confidence;
+        c.buffers.gt_locations = b.confidence + 8;
+        c.upstream = RawUpstream::Device(b.labels);
+        c.normalizer = RawNormalizer::GivenOnDevice(b.labels);
+    });
+    accepted("one divisor and upstream", &|c| {
+        c.upstream = RawUpstream::Device(0x9000);
+        c.normalizer = RawNormalizer::GivenOnDevice(0x9004);
+    });
+    // Addresses a pass ignores overlap nothing: stale loss outputs in a
+    // backward, stale gradients and upstream in a forward.
+    accepted("backward, stale outputs", &|c| {
+        c.pass = Pass::Backward;
+        c.buffers.regression_loss = b.grad_confidence;
+        c.buffers.classification_loss = b.confidence;
+        c.buffers.num_pos = b.workspace;
+        c.buffers.mask = b.workspace;
+        c.normalizer = RawNormalizer::GivenOnDevice(b.grad_locations);
+    });
+    accepted("forward, stale gradients", &|c| {
+        c.pass = Pass::Forward;
+        c.buffers.grad_confidence = b.confidence;
+        c.buffers.grad_locations = b.workspace;
+        c.upstream = RawUpstream::Device(b.num_pos);
+    });
+}
+
 /// The raw entry points ask the backend about every buffer a pass touches,
 /// with the bytes its kernels may reach, before the first launch; the
 /// driver backend asks the driver (multibox::device_memory).
