@@ -576,8 +576,11 @@ enum multibox_status_code multibox_assigner_destroy(struct multibox_assigner *as
 // `assigner` is NULL or from `multibox_assigner_create`; `call` is NULL or
 // points to a `multibox_target_call` whose addresses are device
 // allocations of the assigner's device, as large as the shape and types
-// imply, outputs not overlapping inputs, alive until the work completes;
-// `stream` is a live stream of that device's primary context, or NULL.
+// imply, alive until the work completes; `stream` is a live stream of
+// that device's primary context, or NULL. No output may overlap an input,
+// another output or the workspace, nor the workspace an input: such a
+// call is refused with `MULTIBOX_INVALID_ARGUMENT` before anything is
+// launched.
 enum multibox_status_code multibox_assign_targets(const struct multibox_assigner *assigner,
                                                   const struct multibox_target_call *call,
                                                   void *stream);

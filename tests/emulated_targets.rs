@@ -281,19 +281,23 @@ fn device_status_records_each_bad_input_and_matches_the_reference() {
     }
 }
 
+/// A call at made-up addresses from `addr`, 16 MiB apart (a backend that
+/// launches nothing never touches them): buffers that overlap would be
+/// refused.
 fn raw_call(shape: TargetShape, addr: u64, workspace_bytes: usize) -> RawTargetCall {
+    let at = |i: u64| addr + (i << 24);
     RawTargetCall {
         shape,
         dtype: DType::F32,
         label_type: LabelType::I64,
         buffers: RawTargetBuffers {
-            priors: addr,
-            gt_boxes: addr,
-            gt_labels: addr,
-            gt_counts: addr,
-            labels: addr,
-            gt_locations: addr,
-            workspace: addr,
+            priors: at(0),
+            gt_boxes: at(1),
+            gt_labels: at(2),
+            gt_counts: at(3),
+            labels: at(4),
+            gt_locations: at(5),
+            workspace: at(6),
             workspace_bytes,
         },
     }
@@ -436,6 +440,66 @@ fn host_refuses_bad_calls_before_launching() {
         refused(&c, &huge),
         Error::InvalidTargetShape { .. }
     ));
+}
+
+/// No output may overlap an input, another output or the workspace, nor
+/// the workspace an input: refused, naming both, before anything is
+/// launched. Inputs may overlap one another; buffers may touch end to end.
+#[test]
+fn overlapping_buffers_are_refused_before_launching() {
+    let shape = TargetShape::new(2, 300, 5);
+    let bytes = TargetPlan::new(shape).unwrap().workspace.bytes;
+    let ok = raw_call(shape, 4096, bytes);
+    let b = ok.buffers;
+    let c = TargetConfig::default();
+    let overlap = |edit: &dyn Fn(&mut RawTargetBuffers)| {
+        let mut call = ok;
+        edit(&mut call.buffers);
+        // SAFETY: NoLaunch dereferences nothing.
+        match unsafe { launch_assign(&c, &call, &NoLaunch) } {
+            Err(Error::Overlap { a, b }) => (a, b),
+            other => panic!("not refused as an overlap: {other:?}"),
+        }
+    };
+    assert_eq!(
+        overlap(&|x| x.gt_locations = b.labels),
+        ("labels", "gt_locations")
+    );
+    assert_eq!(
+        overlap(&|x| x.labels = b.gt_labels),
+        ("gt_labels", "labels")
+    );
+    assert_eq!(
+        overlap(&|x| x.gt_locations = b.priors + 16),
+        ("priors", "gt_locations")
+    );
+    assert_eq!(
+        overlap(&|x| x.labels = (b.workspace + bytes as u64 - 1) & !7),
+        ("labels", "workspace")
+    );
+    assert_eq!(
+        overlap(&|x| x.gt_counts = b.workspace),
+        ("gt_counts", "workspace")
+    );
+    let accepted = |what: &str, edit: &dyn Fn(&mut RawTargetBuffers)| {
+        let mut call = ok;
+        edit(&mut call.buffers);
+        let backend = Extents::refusing(None);
+        // SAFETY: Extents dereferences nothing.
+        let result = unsafe { launch_assign(&c, &call, &backend) };
+        assert!(result.is_ok(), "{what}: {result:?}");
+        assert_eq!(backend.launched.get(), 3, "{what}");
+    };
+    accepted("distinct", &|_| {});
+    accepted("inputs over inputs", &|x| {
+        x.gt_boxes = b.priors;
+        x.gt_counts = b.priors + 4;
+    });
+    accepted("end to end", &|x| {
+        // [B, P] i64 labels between the priors and the workspace.
+        x.labels = b.workspace - 2 * 300 * 8;
+        x.priors = x.labels - 300 * 16;
+    });
 }
 
 #[test]

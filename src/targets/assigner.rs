@@ -249,8 +249,10 @@ impl TargetAssigner {
     /// the assigner's own priors (then `call.shape.priors` must be P);
     /// another address uses those priors instead, unchecked.
     ///
-    /// Validates the shape, the settings, null and misaligned addresses and
-    /// the workspace size before launching anything, and asks the driver
+    /// Validates the shape, the settings, null and misaligned addresses, the
+    /// workspace size and overlaps (no output may overlap an input, another
+    /// output or the workspace, nor the workspace an input:
+    /// [`Error::Overlap`]) before launching anything, and asks the driver
     /// whether each address is memory of this assigner's device
     /// ([`crate::device_memory`]); launches three kernels
     /// on `stream`, allocates nothing, reads nothing back.
@@ -260,7 +262,6 @@ impl TargetAssigner {
     ///   context at least as large as the shape and types imply (`P*4` f32
     ///   priors, `B*T*4` f32 boxes, `B*T` box labels, `B` i32 counts, `B*P`
     ///   labels, `B*P*4` offsets, [`super::plan::workspace_bytes`] of workspace).
-    /// - No output overlaps an input or another output.
     /// - The buffers stay allocated, and untouched by other streams, until
     ///   the work queued on `stream` completes.
     /// - `stream` is a live stream of this context (or null for the legacy

@@ -4,6 +4,7 @@
 
 use super::plan::{TargetParams, TargetPlan};
 use super::{TargetConfig, TargetShape};
+use crate::launch::{check_overlaps, Extent};
 use crate::{Backend, DType, Error, LabelType, Result};
 
 /// Device addresses of one assignment's buffers. Arrays are contiguous and
@@ -43,10 +44,14 @@ pub struct RawTargetCall {
 
 /// Validates `call` and launches the three assignment kernels on `backend`.
 ///
+/// A call in which an output (`labels`, `gt_locations`) overlaps an input,
+/// another output or the workspace, or the workspace overlaps an input, is
+/// refused with [`Error::Overlap`]; inputs may overlap one another.
+///
 /// # Safety
 /// Every address in `call.buffers` must point to memory that `backend` can
 /// access, of at least the size the shape and types imply, and stay valid
-/// until the launched work completes; outputs must not overlap inputs.
+/// until the launched work completes.
 pub unsafe fn launch_assign<B: Backend + ?Sized>(
     config: &TargetConfig,
     call: &RawTargetCall,
@@ -58,20 +63,29 @@ pub unsafe fn launch_assign<B: Backend + ?Sized>(
     let b = &call.buffers;
     let shape = call.shape;
     let l = call.label_type.size();
-    for (name, addr, bytes) in [
-        ("priors", b.priors, shape.priors_len() * 4),
-        ("gt_boxes", b.gt_boxes, shape.boxes_len() * 4),
-        ("gt_labels", b.gt_labels, shape.box_labels_len() * l),
-        ("gt_counts", b.gt_counts, shape.batch * 4),
-        ("labels", b.labels, shape.labels_len() * l),
-        (
+    let extent = |name, addr, bytes, written| Extent {
+        name,
+        addr,
+        bytes,
+        written,
+    };
+    let extents = [
+        extent("priors", b.priors, shape.priors_len() * 4, false),
+        extent("gt_boxes", b.gt_boxes, shape.boxes_len() * 4, false),
+        extent("gt_labels", b.gt_labels, shape.box_labels_len() * l, false),
+        extent("gt_counts", b.gt_counts, shape.batch * 4, false),
+        extent("labels", b.labels, shape.labels_len() * l, true),
+        extent(
             "gt_locations",
             b.gt_locations,
             shape.locations_len() * call.dtype.size(),
+            true,
         ),
-        ("workspace", b.workspace, plan.workspace.bytes),
-    ] {
-        backend.check_buffer(name, addr, bytes)?;
+        extent("workspace", b.workspace, plan.workspace.bytes, true),
+    ];
+    check_overlaps(&extents)?;
+    for e in extents {
+        backend.check_buffer(e.name, e.addr, e.bytes)?;
     }
     for launch in plan.launches() {
         let kernel = launch.step.kernel_name(call.dtype, call.label_type);
