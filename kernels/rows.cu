@@ -47,7 +47,7 @@ __device__ __forceinline__ float smooth_l1(float d, float beta) {
 //   e_c = 2^(x_c log2(e) - shift) = exp(x_c - shift ln 2),
 //   shift = rint(x_k * log2(e)),   lse = shift ln 2 + log(sum_c e_c),
 // with x_k the row's own logit (its label's, the background's for a
-// negative). It is within half a unit of log2 of the own term, so the
+// negative). It is within a unit of log2 of the own term, so the
 // terms neither all underflow nor, checked, overflow, and one fma per
 // class computes the exponent: its only rounding is relative to the
 // result, and an error in the shift scales every term alike, which
@@ -67,11 +67,13 @@ constexpr float LOG2E = 1.44269504088896341f;
 constexpr float LN2_HI = 0.693145751953125f;
 constexpr float LN2_LO = 1.42860682030941723e-6f;
 // The most a row's sum of other terms may be at the own logit's shift:
-// its loss divides it by the own term, at least 2^-0.5 there, and 2^127.5
-// is still finite.
+// its loss divides it by the own term, at least 2^-0.75 there (see
+// NEAR_LIMIT), and 2^127.75 is still finite.
 constexpr float SUM_LIMIT = 0x1p127f;
-// The largest |x_k log2(e)| whose rounding to an integer is the integer
-// nearest to the exact product, so that the own term stays within 2^0.5.
+// The first try's bound on |x_k log2(e)|: below it the product's rounding
+// to f32 is at most a quarter of a unit (below 2^23) or half of one (an
+// integer already), so the own term stays within 2^+-0.75 and a sum below
+// SUM_LIMIT divided by it is still finite.
 constexpr float NEAR_LIMIT = 0x1p24f;
 
 // A class's term at a row's integer shift: the first try, one fma.
@@ -267,8 +269,8 @@ __device__ __forceinline__ void for_each_chunk(const T* row, u32 lo, u32 hi, u32
 // sum, while every other row keeps its one pass. Whole warps run that
 // second try (its shuffles need every lane), but a row's sums depend on
 // its own logits alone, never on its neighbours', so every path and layout
-// still gives the same bits. The first try's own term is between 2^-0.5
-// and 2^0.5, the second's maximum term 1: the terms never all underflow,
+// still gives the same bits. The first try's own term is between 2^-0.75
+// and 2^0.75, the second's maximum term 1: the terms never all underflow,
 // and log1p(others / e) cancels the shift either way.
 //
 // sums_at(terms, on, others): for each of the N rows a lane group walks
