@@ -70,6 +70,12 @@ __device__ __forceinline__ Box load_box(const TargetParams& p, u64 row) {
     return Box{b[0], b[1], b[2], b[3]};
 }
 
+// A box label outside 1..C-1 (only below 1 when C is unknown, 0).
+template <typename L> __device__ __forceinline__ bool invalid_box_label(const TargetParams& p, u64 row) {
+    const i64 label = i64(static_cast<const L*>(p.gt_labels)[row]);
+    return label < 1 || (p.num_classes != 0 && label >= i64(p.num_classes));
+}
+
 __device__ __forceinline__ float clamp0(float x) { return x < 0.0f ? 0.0f : x; }
 
 __device__ __forceinline__ float area(const Box& b) {
@@ -162,9 +168,7 @@ template <typename L> __device__ void match(const TargetParams& p) {
             valid[threadIdx.x] = ok;
             keys[threadIdx.x] = 0ull;
             if (reporter) {
-                const i64 label = i64(static_cast<const L*>(p.gt_labels)[row]);
-                if (label < 1 || (p.num_classes != 0 && label >= i64(p.num_classes)))
-                    status |= TARGET_STATUS_INVALID_BOX_LABEL;
+                if (invalid_box_label<L>(p, row)) status |= TARGET_STATUS_INVALID_BOX_LABEL;
                 if (!ok) status |= TARGET_STATUS_DEGENERATE_BOX;
             }
         }
@@ -194,12 +198,19 @@ MB_KERNEL(targets_match_i64, TargetParams, PRIOR_TILE) { match<i64>(p); }
 // ---------------------------------------------------------------------------
 // 3. Encode. Block (image, tile): first the forced matches that fall in this
 // tile, scattered into shared memory with atomicMax on the box row (box t
-// is forced after every earlier box, so the later box wins a shared prior);
-// then one thread per prior writes its label and offsets. Every prior is
-// written, background too, and an image without a box gets zeros.
+// is forced after every earlier box, so the later box wins a shared prior),
+// a box with an invalid label before any valid one: its label then reaches
+// at least its best prior, and through it the loss, whose losses are NaN
+// as SPEC.md asks, even where a later box shares that prior. Then one
+// thread per prior writes its label and offsets. Every prior is written,
+// background too, and an image without a box gets zeros.
+
+// A forced match as one u32 for atomicMax: an invalid label's flag above
+// the box row + 1 (T < 2^31 - 1: TargetShape::validate); 0, none.
+constexpr u32 FORCED_INVALID = 0x80000000u;
 
 template <typename T, typename L> __device__ void encode(const TargetParams& p) {
-    __shared__ i32 forced[PRIOR_TILE];
+    __shared__ u32 forced[PRIOR_TILE];
     const u32 image = blockIdx.x / p.tiles_per_image;
     const u32 tile = blockIdx.x % p.tiles_per_image;
     const u32 tile_start = tile * PRIOR_TILE;
@@ -207,13 +218,16 @@ template <typename T, typename L> __device__ void encode(const TargetParams& p) 
     const u32 n = clamped_count(p, image, &clamped);
     const u64 first_row = u64(image) * p.max_boxes;
 
-    forced[threadIdx.x] = -1;
+    forced[threadIdx.x] = 0u;
     __syncthreads();
     for (u32 t = threadIdx.x; t < n; t += PRIOR_TILE) {
         const u64 key = p.box_best[first_row + t];
         if (key == 0ull) continue;  // a skipped box forces nothing
         const u32 best = ~u32(key);
-        if (best >= tile_start && best - tile_start < u32(PRIOR_TILE)) atomicMax(&forced[best - tile_start], i32(t));
+        if (best >= tile_start && best - tile_start < u32(PRIOR_TILE)) {
+            const u32 flag = invalid_box_label<L>(p, first_row + t) ? FORCED_INVALID : 0u;
+            atomicMax(&forced[best - tile_start], flag | (t + 1));
+        }
     }
     __syncthreads();
 
@@ -221,9 +235,9 @@ template <typename T, typename L> __device__ void encode(const TargetParams& p) 
     if (prior >= p.priors_count) return;
     const u64 out = u64(image) * p.priors_count + prior;
     const PriorMatch m = p.prior_best[out];
-    const i32 f = forced[threadIdx.x];
-    const i32 index = f >= 0 ? f : m.index;
-    const float v = f >= 0 ? 2.0f : m.iou;
+    const u32 f = forced[threadIdx.x];
+    const i32 index = f != 0u ? i32((f & ~FORCED_INVALID) - 1) : m.index;
+    const float v = f != 0u ? 2.0f : m.iou;
     T* loc = static_cast<T*>(p.gt_locations) + out * 4;
     L* labels = static_cast<L*>(p.labels);
     if (index < 0) {

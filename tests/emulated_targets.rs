@@ -14,6 +14,7 @@ use multibox::synthetic::SplitMix64;
 use multibox::targets::plan::{TargetPlan, PRIOR_TILE};
 use multibox::targets::{
     launch_assign, priors, reference, RawTargetBuffers, RawTargetCall, TargetConfig, TargetShape,
+    INVALID_PRIOR_LABEL,
 };
 use multibox::{DType, Error, Float, Label, LabelType};
 
@@ -278,6 +279,45 @@ fn device_status_records_each_bad_input_and_matches_the_reference() {
         let got = assign::<f32, i64>(&config, shape, &priors, &b, &labels, &[4, 2, 0]).unwrap();
         assert!(got.labels[..3000].iter().all(|&l| l == 0));
         assert!(got.gt_locations[..12000].iter().all(|&v| v == 0.0));
+    }
+}
+
+/// A box with an invalid label whose best prior a later box also takes:
+/// the invalid box keeps that forced match, so its label still reaches a
+/// prior (and through it the loss, whose losses are then NaN: SPEC.md, "Bad
+/// input"); between valid boxes the later one wins, as the reference does.
+/// Box 0 overlaps prior 0 by an iou of 0.44, below the threshold, and no
+/// other prior at all; box 1 is prior 0 itself.
+#[test]
+fn an_invalid_box_label_keeps_its_forced_prior() {
+    let priors = [
+        0.5f32, 0.5, 0.2, 0.2, //
+        0.1, 0.1, 0.1, 0.1, //
+        0.9, 0.9, 0.1, 0.1,
+    ];
+    let shape = TargetShape::new(1, 3, 2);
+    let boxes = [0.35f32, 0.35, 0.65, 0.65, 0.4, 0.4, 0.6, 0.6];
+    let config = TargetConfig {
+        num_classes: Some(21),
+        ..Default::default()
+    };
+    for (first, prior_0, invalid) in [
+        (2i64, 1i64, false),
+        (0, INVALID_PRIOR_LABEL, true),
+        (-5, INVALID_PRIOR_LABEL, true),
+        (21, 21, true),
+    ] {
+        let labels = [first, 1];
+        let want =
+            reference::assign::<i64>(&config, shape, &priors, &boxes, &labels, &[2]).unwrap();
+        let got = assign::<f32, i64>(&config, shape, &priors, &boxes, &labels, &[2]).unwrap();
+        assert_eq!(want.labels, [prior_0, 0, 0], "box 0 labelled {first}");
+        assert_eq!(got.labels, want.labels, "box 0 labelled {first}");
+        assert_eq!(got.status.invalid_box_label, invalid);
+        assert_eq!(got.status, want.status);
+        for (g, w) in got.gt_locations.iter().zip(&want.gt_locations) {
+            assert!((g - w).abs() <= 1e-6 * w.abs().max(1.0), "{g} {w}");
+        }
     }
 }
 

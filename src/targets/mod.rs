@@ -210,9 +210,12 @@ pub struct TargetStatus {
     pub count_clamped: bool,
     /// A box label below 1 (or `>= C` when C is known). The priors matched
     /// to such a box get [`INVALID_PRIOR_LABEL`] (below 1) or the label (`>=
-    /// C`), so that a following loss call refuses them: losses NaN. A box
-    /// that ends up with no prior (its best one forced to a later box, or
-    /// itself degenerate) leaves no such label: this flag is its only record.
+    /// C`), so that a following loss call refuses them: losses NaN. Such a
+    /// box keeps its best prior even where a later valid box shares it, so
+    /// that it always labels one; only a degenerate one (skipped) leaves no
+    /// such label, and this flag is its only record. (With C unknown, a
+    /// label `>= C` is not seen here: its box is matched as a valid one,
+    /// and the loss sees the label only on the priors it keeps.)
     pub invalid_box_label: bool,
     /// A box that is not finite, or has `x1 <= x0` or `y1 <= y0`: skipped as
     /// if absent.

@@ -172,6 +172,11 @@ pub fn assign_into<L: Label, T: Float>(
     // Per image, reused: each prior's best (iou, box) and each box's best prior.
     let mut best_box: Vec<(f32, usize)> = Vec::with_capacity(p_count);
     let mut valid: Vec<usize> = Vec::with_capacity(t_max);
+    // A box label outside 1..C-1 (only below 1 when C is unknown).
+    let invalid = |label: L| {
+        let label = label.to_i64();
+        label < 1 || config.num_classes.is_some_and(|c| label >= i64::from(c))
+    };
 
     for b in 0..shape.batch {
         let count = gt_counts[b];
@@ -183,8 +188,7 @@ pub fn assign_into<L: Label, T: Float>(
         let box_labels = &gt_labels[b * t_max..][..n];
         valid.clear();
         for (t, (bx, &label)) in boxes.chunks_exact(4).zip(box_labels).enumerate() {
-            let label = label.to_i64();
-            if label < 1 || config.num_classes.is_some_and(|c| label >= i64::from(c)) {
+            if invalid(label) {
                 status.invalid_box_label = true;
             }
             if is_valid_box([bx[0], bx[1], bx[2], bx[3]]) {
@@ -225,9 +229,16 @@ pub fn assign_into<L: Label, T: Float>(
             }
             best_box.push(best);
         }
-        // Step 5: forced matches, in box order: a later box wins a shared prior.
-        for (k, &(_, p)) in best_prior.iter().enumerate() {
-            best_box[p] = (2.0, valid[k]);
+        // Step 5: forced matches, in box order: a later box wins a shared
+        // prior, but a box with an invalid label wins over every valid one,
+        // so that its label reaches the loss (whose losses are then NaN,
+        // SPEC.md "Bad input") even where a later box shares its prior.
+        for invalid_pass in [false, true] {
+            for (k, &(_, p)) in best_prior.iter().enumerate() {
+                if invalid(box_labels[valid[k]]) == invalid_pass {
+                    best_box[p] = (2.0, valid[k]);
+                }
+            }
         }
         // Steps 6 and 7.
         for (p, &(v, t)) in best_box.iter().enumerate() {
