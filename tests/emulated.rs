@@ -498,6 +498,64 @@ fn kernel_3_copies_set_rows_wide_and_works_them_narrow() {
     layouts_and_normalisers::<bf16, i64>(911..912, 150_000, Some(83));
 }
 
+/// Many images (B > 512: kernel 2's last block sums several images a
+/// thread) and the ratios at the ends of f32 (1e30 and f32::MAX mine every
+/// candidate, the smallest subnormal none but min_negatives_per_image,
+/// u32::MAX of those takes them all), with the positives' count
+/// (channel-major too, bit for bit) and per image, against the reference.
+#[test]
+fn many_images_and_extreme_ratios() {
+    for (ratio, min_negatives, batch) in [
+        (1.0e30f32, 0u32, 513usize),
+        (f32::MAX, 0, 64),
+        (f32::from_bits(1), 2, 64),
+        (0.3, u32::MAX, 64),
+    ] {
+        let shape = Shape::new(batch, 7, 2);
+        let mut rng = SplitMix64(u64::from(ratio.to_bits()));
+        let confidence = (0..shape.confidence_len())
+            .map(|_| rng.normal() as f32)
+            .collect();
+        let labels = (0..shape.rows())
+            .map(|_| match rng.next_u64() % 6 {
+                0 => 1,
+                1 => -1,
+                _ => 0,
+            })
+            .collect();
+        let mut case = Drawn::<f32, i64>::with(shape, confidence, labels, &mut rng);
+        case.config.neg_pos_ratio = ratio;
+        case.config.min_negatives_per_image = min_negatives;
+        let what = format!("ratio {ratio:e}, at least {min_negatives}, B = {batch}");
+        let got = checked_in_both_layouts(&what, &case);
+        // Every candidate of an image is in the set where the ratio or the
+        // minimum reaches them all (an image without a positive mines its
+        // minimum only).
+        for image in 0..batch {
+            let rows = image * 7..image * 7 + 7;
+            let label = |r: usize| case.labels[r];
+            let positives = rows.clone().filter(|&r| label(r) > 0).count();
+            let candidates = rows.clone().filter(|&r| label(r) == 0).count();
+            let mined = rows
+                .clone()
+                .filter(|&r| label(r) == 0 && got.mask[r] == 1)
+                .count();
+            let all = (ratio > 1e29 && positives > 0) || min_negatives == u32::MAX;
+            if all {
+                assert_eq!(mined, candidates, "{what}: image {image}");
+            }
+        }
+        let normalizer = Normalizer::PerImage;
+        let call = Call {
+            normalizer,
+            ..Call::default()
+        };
+        let got = emulated::run(&case.config, shape, &case.host(), call).unwrap();
+        let want = case.reference_with(normalizer);
+        compare(&what, &case, &want, &got, &case.divisors(normalizer));
+    }
+}
+
 /// Large images exercise every radix pass and the tie scan over many
 /// chunks: with the image's keys in shared memory (the most priors that
 /// fit) and read from global memory (more than fit).
