@@ -353,10 +353,11 @@ const char *multibox_version(void);
 
 // A hash of the declarations in `include/multibox.h` as this library was
 // built (FNV-1a over the header's text without comments and whitespace).
-// A caller that declares the structs itself, as ctypes does, compares it
-// with the value of the header it was written against, so that a library
-// built from another header is refused rather than handed structs of the
-// wrong layout.
+// A C program compares it with the header's `MULTIBOX_ABI_HASH`, and a
+// caller that declares the structs itself, as ctypes does, with the value
+// of the header it was written against, so that a library built from
+// another header is refused rather than handed structs of the wrong
+// layout.
 uint64_t multibox_abi(void);
 
 // The message of the last failure on this thread (empty if none): valid
@@ -614,5 +615,10 @@ enum multibox_status_code multibox_reference_assign_targets(const struct multibo
 #ifdef __cplusplus
 }  // extern "C"
 #endif  // __cplusplus
+
+// multibox_abi()'s value for this header: a program built against it
+// checks at start-up that the library it loaded was built from it too
+// (`if (multibox_abi() != MULTIBOX_ABI_HASH) ...`).
+#define MULTIBOX_ABI_HASH 0x77C6D3CB69DF6223ULL
 
 #endif  /* MULTIBOX_H */

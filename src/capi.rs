@@ -516,10 +516,11 @@ pub extern "C" fn multibox_version() -> *const c_char {
 
 /// A hash of the declarations in `include/multibox.h` as this library was
 /// built (FNV-1a over the header's text without comments and whitespace).
-/// A caller that declares the structs itself, as ctypes does, compares it
-/// with the value of the header it was written against, so that a library
-/// built from another header is refused rather than handed structs of the
-/// wrong layout.
+/// A C program compares it with the header's `MULTIBOX_ABI_HASH`, and a
+/// caller that declares the structs itself, as ctypes does, with the value
+/// of the header it was written against, so that a library built from
+/// another header is refused rather than handed structs of the wrong
+/// layout.
 #[no_mangle]
 pub extern "C" fn multibox_abi() -> u64 {
     HEADER_ABI
@@ -529,14 +530,18 @@ pub extern "C" fn multibox_abi() -> u64 {
 const HEADER_ABI: u64 = declarations_hash(include_bytes!("../include/multibox.h"));
 
 /// FNV-1a (64-bit) over the bytes of a C header that are neither comments
-/// (`//` to the end of the line, `/* ... */`) nor whitespace, so that a
-/// header whose only changes are in its comments or layout keeps its hash.
+/// (`//` to the end of the line, `/* ... */`), whitespace, nor the line
+/// that defines the hash itself (`#define MULTIBOX_ABI_HASH`), so that a header
+/// whose only changes are in its comments or layout keeps its hash.
 pub const fn declarations_hash(text: &[u8]) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     let mut i = 0;
     while i < text.len() {
         let next = if i + 1 < text.len() { text[i + 1] } else { 0 };
-        if text[i] == b'/' && next == b'/' {
+        let line_comment = text[i] == b'/' && next == b'/';
+        let hash_line =
+            (i == 0 || text[i - 1] == b'\n') && starts_with_at(text, i, ABI_HASH_DEFINE.as_bytes());
+        if line_comment || hash_line {
             while i < text.len() && text[i] != b'\n' {
                 i += 1;
             }
@@ -554,6 +559,29 @@ pub const fn declarations_hash(text: &[u8]) -> u64 {
         }
     }
     hash
+}
+
+// How the header's line with multibox_abi's value begins (`#define
+// MULTIBOX_ABI_HASH 0x...ULL`, written by tests/c_abi.rs after cbindgen's
+// output), which a C program compares with `multibox_abi()` to know that
+// the library it loaded was built from its header. declarations_hash
+// leaves the line out. Not `pub`: cbindgen would export it.
+const ABI_HASH_DEFINE: &str = "#define MULTIBOX_ABI_HASH ";
+
+/// Whether `text[at..]` begins with `prefix` (a `const fn`, for
+/// [`declarations_hash`]).
+const fn starts_with_at(text: &[u8], at: usize, prefix: &[u8]) -> bool {
+    if text.len() - at < prefix.len() {
+        return false;
+    }
+    let mut k = 0;
+    while k < prefix.len() {
+        if text[at + k] != prefix[k] {
+            return false;
+        }
+        k += 1;
+    }
+    true
 }
 
 /// The message of the last failure on this thread (empty if none): valid

@@ -1,6 +1,7 @@
 //! The C ABI as a C program sees it: the checked-in header is the one
-//! cbindgen generates from src/capi.rs, and tests/c/test_capi.c, compiled
-//! against it and linked with the staticlib, passes.
+//! cbindgen generates from src/capi.rs (with `MULTIBOX_ABI_HASH`, the value
+//! of `multibox_abi()`, added), and tests/c/test_capi.c and the README's C
+//! example, compiled against it and linked with the staticlib, pass.
 //!
 //! Which library: `cargo test` builds the library target with all its crate
 //! types (Cargo.toml's `[lib] crate-type`), and a cdylib/staticlib target
@@ -28,7 +29,21 @@ fn generated_header() -> String {
         .generate()
         .expect("cbindgen generates the header from src/capi.rs")
         .write(&mut out);
-    String::from_utf8(out).expect("the header is UTF-8")
+    let header = String::from_utf8(out).expect("the header is UTF-8");
+    // multibox_abi()'s value, which the hash leaves out of itself (see
+    // declarations_hash), before the include guard's #endif.
+    let end = header
+        .rfind("#endif  /* MULTIBOX_H */")
+        .expect("cbindgen closes the include guard");
+    let hash = multibox::capi::declarations_hash(header.as_bytes());
+    format!(
+        "{}// multibox_abi()'s value for this header: a program built against it\n\
+         // checks at start-up that the library it loaded was built from it too\n\
+         // (`if (multibox_abi() != MULTIBOX_ABI_HASH) ...`).\n\
+         #define MULTIBOX_ABI_HASH {hash:#018X}ULL\n\n{}",
+        &header[..end],
+        &header[end..]
+    )
 }
 
 #[test]
@@ -75,11 +90,13 @@ fn staticlib() -> PathBuf {
     );
 }
 
-#[test]
-fn c_program_passes() {
+/// Compiles the C file `source` against the header and the staticlib into
+/// `name` in this test's folder, runs it, and returns its standard output;
+/// panics if either step fails.
+fn compile_and_run(source: &Path, name: &str) -> String {
     let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("c_abi");
     std::fs::create_dir_all(&out_dir).expect("creates the output folder");
-    let exe = out_dir.join("test_capi");
+    let exe = out_dir.join(name);
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let mut compile = Command::new(&cc);
     compile
@@ -93,7 +110,7 @@ fn c_program_passes() {
         ])
         .arg("-I")
         .arg(root().join("include"))
-        .arg(root().join("tests/c/test_capi.c"))
+        .arg(source)
         .arg(staticlib())
         .arg("-o")
         .arg(&exe);
@@ -115,19 +132,39 @@ fn c_program_passes() {
     let status = compile
         .status()
         .unwrap_or_else(|e| panic!("cannot run the C compiler `{cc}`: {e}"));
-    assert!(status.success(), "compiling tests/c/test_capi.c failed");
+    assert!(status.success(), "compiling {} failed", source.display());
 
-    let output = Command::new(&exe).output().expect("runs test_capi");
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let output = Command::new(&exe).output().expect("runs the program");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&output.stderr);
     println!("{stdout}");
     eprintln!("{stderr}");
     assert!(
         output.status.success(),
-        "tests/c/test_capi.c failed ({})",
+        "{} failed ({})",
+        source.display(),
         output.status
     );
+    stdout
+}
+
+#[test]
+fn c_program_passes() {
+    let stdout = compile_and_run(&root().join("tests/c/test_capi.c"), "test_capi");
     assert!(stdout.contains("all C ABI checks passed"), "{stdout}");
+}
+
+/// The README's C example, as a user would copy it: it compiles with the
+/// header, runs, and prints the losses its comment says.
+#[test]
+fn the_readme_c_example_runs() {
+    let readme = std::fs::read_to_string(root().join("README.md")).expect("the README");
+    let start = readme.find("```c\n").expect("the README has a C example") + 5;
+    let len = readme[start..].find("```").expect("the C example ends");
+    let source = Path::new(env!("CARGO_TARGET_TMPDIR")).join("readme_example.c");
+    std::fs::write(&source, &readme[start..start + len]).expect("writes the example");
+    let stdout = compile_and_run(&source, "readme_example");
+    assert!(stdout.contains("reg 1.625 cls 1.386 N 1"), "{stdout}");
 }
 
 #[test]
@@ -135,8 +172,14 @@ fn abi_hash_follows_the_declarations_not_the_comments() {
     use multibox::capi::{declarations_hash, multibox_abi};
     let text = std::fs::read_to_string(root().join("include/multibox.h")).expect("the header");
     // The library's value is the checked-in header's (header_is_current
-    // holds that header to src/capi.rs).
+    // holds that header to src/capi.rs), and the header says so itself.
     assert_eq!(multibox_abi(), declarations_hash(text.as_bytes()));
+    let define = format!("\n#define MULTIBOX_ABI_HASH {:#018X}ULL\n", multibox_abi());
+    assert!(
+        text.contains(&define),
+        "the header has no `{}`",
+        define.trim()
+    );
     // Comments, line breaks and indentation do not count...
     let reworded = text
         .replace("// ", "//   reworded: ")

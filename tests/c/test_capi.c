@@ -95,6 +95,8 @@ int main(void) {
     printf("multibox %s\n", multibox_version());
     CHECK(strlen(multibox_version()) > 0);
     CHECK(strcmp(multibox_last_error(), "") == 0);
+    /* The library was built from this header. */
+    CHECK(multibox_abi() == MULTIBOX_ABI_HASH);
 
     /* Workspace size */
     size_t bytes = 0;
