@@ -1787,95 +1787,68 @@ fn overlapping_buffers_are_refused_before_any_launch() {
     let b = good.buffers;
     let ws_end = b.workspace + workspace_bytes as u64;
     let config = MultiboxConfig::default();
-    let overlap = |edit: &dyn Fn(&mut RawCall)| {
+    // Refused as an overlap of these two buffers, in the call's order.
+    let refused = |want: (&str, &str), edit: &dyn Fn(&mut RawCall)| {
         let mut call = good;
         edit(&mut call);
         // SAFETY: MustNotLaunch never touches the addresses.
         match unsafe { launch_call(&config, &call, &MustNotLaunch) } {
-            Err(Error::Overlap { a, b }) => (a, b),
-            other => panic!("not refused as an overlap: {other:?}"),
+            Err(Error::Overlap { a, b }) => assert_eq!((a, b), want),
+            other => panic!("{want:?}: not refused as an overlap: {other:?}"),
         }
     };
     // Outputs over outputs.
-    assert_eq!(
-        overlap(&|c| {
-            c.buffers.classification_loss = b.regression_loss;
-            c.buffers.num_pos = b.regression_loss;
-        }),
-        ("regression_loss", "classification_loss")
-    );
-    assert_eq!(
-        overlap(&|c| c.buffers.num_pos = b.classification_loss),
-        ("classification_loss", "num_pos")
-    );
-    assert_eq!(
-        overlap(&|c| c.buffers.grad_locations = b.grad_confidence + 64),
-        ("grad_confidence", "grad_locations")
-    );
-    assert_eq!(
-        overlap(&|c| c.buffers.mask = b.num_pos + 3),
-        ("num_pos", "mask")
-    );
+    refused(("regression_loss", "classification_loss"), &|c| {
+        c.buffers.classification_loss = b.regression_loss;
+        c.buffers.num_pos = b.regression_loss;
+    });
+    refused(("classification_loss", "num_pos"), &|c| {
+        c.buffers.num_pos = b.classification_loss
+    });
+    refused(("grad_confidence", "grad_locations"), &|c| {
+        c.buffers.grad_locations = b.grad_confidence + 64
+    });
+    refused(("num_pos", "mask"), &|c| c.buffers.mask = b.num_pos + 3);
     // Outputs in the workspace, at either end.
-    assert_eq!(
-        overlap(&|c| c.buffers.mask = b.workspace + 1),
-        ("workspace", "mask")
-    );
-    assert_eq!(
-        overlap(&|c| c.buffers.grad_locations = ws_end - 8),
-        ("workspace", "grad_locations")
-    );
-    assert_eq!(
-        overlap(&|c| c.buffers.regression_loss = ws_end - 4),
-        ("workspace", "regression_loss")
-    );
+    refused(("workspace", "mask"), &|c| c.buffers.mask = b.workspace + 1);
+    refused(("workspace", "grad_locations"), &|c| {
+        c.buffers.grad_locations = ws_end - 8
+    });
+    refused(("workspace", "regression_loss"), &|c| {
+        c.buffers.regression_loss = ws_end - 4
+    });
     // Outputs over inputs: the gradients over their own inputs (in place)
     // or part of them, a loss inside the labels.
-    assert_eq!(
-        overlap(&|c| c.buffers.grad_confidence = b.confidence),
-        ("confidence", "grad_confidence")
-    );
-    assert_eq!(
-        overlap(&|c| c.buffers.grad_locations = b.predicted_locations),
-        ("predicted_locations", "grad_locations")
-    );
-    assert_eq!(
-        overlap(&|c| c.buffers.grad_confidence = b.confidence + logits as u64 - 2),
-        ("confidence", "grad_confidence")
-    );
-    assert_eq!(
-        overlap(&|c| c.buffers.num_pos = b.labels + 8),
-        ("labels", "num_pos")
-    );
+    refused(("confidence", "grad_confidence"), &|c| {
+        c.buffers.grad_confidence = b.confidence
+    });
+    refused(("predicted_locations", "grad_locations"), &|c| {
+        c.buffers.grad_locations = b.predicted_locations
+    });
+    refused(("confidence", "grad_confidence"), &|c| {
+        c.buffers.grad_confidence = b.confidence + logits as u64 - 2
+    });
+    refused(("labels", "num_pos"), &|c| c.buffers.num_pos = b.labels + 8);
     // The workspace over an input; the device upstream and divisor (inputs)
     // over outputs.
-    assert_eq!(
-        overlap(&|c| c.buffers.gt_locations = ws_end - 2),
-        ("gt_locations", "workspace")
-    );
-    assert_eq!(
-        overlap(&|c| c.normalizer = RawNormalizer::GivenOnDevice(b.num_pos)),
-        ("num_pos", "normalizer")
-    );
-    assert_eq!(
-        overlap(&|c| c.upstream = RawUpstream::Device(b.grad_locations + boxes as u64 - 4)),
-        ("grad_locations", "upstream")
-    );
+    refused(("gt_locations", "workspace"), &|c| {
+        c.buffers.gt_locations = ws_end - 2
+    });
+    refused(("num_pos", "normalizer"), &|c| {
+        c.normalizer = RawNormalizer::GivenOnDevice(b.num_pos)
+    });
+    refused(("grad_locations", "upstream"), &|c| {
+        c.upstream = RawUpstream::Device(b.grad_locations + boxes as u64 - 4)
+    });
     // Each pass alone: the backward's gradients, the forward's losses.
-    assert_eq!(
-        overlap(&|c| {
-            c.pass = Pass::Backward;
-            c.buffers.grad_confidence = b.confidence;
-        }),
-        ("confidence", "grad_confidence")
-    );
-    assert_eq!(
-        overlap(&|c| {
-            c.pass = Pass::Forward;
-            c.buffers.mask = b.workspace;
-        }),
-        ("workspace", "mask")
-    );
+    refused(("confidence", "grad_confidence"), &|c| {
+        c.pass = Pass::Backward;
+        c.buffers.grad_confidence = b.confidence;
+    });
+    refused(("workspace", "mask"), &|c| {
+        c.pass = Pass::Forward;
+        c.buffers.mask = b.workspace;
+    });
 
     // What is not an overlap: each call is accepted and launched.
     let accepted = |what: &str, edit: &dyn Fn(&mut RawCall)| {
