@@ -25,6 +25,11 @@ from pathlib import Path
 from setuptools import setup
 from setuptools_rust import Binding, RustExtension
 
+try:
+    from setuptools.command.bdist_wheel import bdist_wheel
+except ImportError:  # setuptools < 70.1
+    from wheel.bdist_wheel import bdist_wheel
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 MANIFEST = ROOT / "Cargo.toml"
@@ -59,6 +64,16 @@ def ensure_nvrtc():
         )
 
 
+class LibraryWheel(bdist_wheel):
+    """Tags the wheel py3-none-<platform>: the package is Python beside a
+    C-ABI library that links no Python (ctypes loads it), so one wheel serves
+    every Python 3 on its platform, not only the interpreter that built it."""
+
+    def get_tag(self):
+        _, _, platform = super().get_tag()
+        return "py3", "none", platform
+
+
 # The checkout first: outside one (an sdist of python/ alone) there is no
 # scripts/setup either, and its failure would be reported as NVRTC's.
 version = crate_version()
@@ -66,6 +81,7 @@ ensure_nvrtc()
 
 setup(
     version=version,
+    cmdclass={"bdist_wheel": LibraryWheel},
     rust_extensions=[
         RustExtension(
             "multibox_torch._libmultibox",

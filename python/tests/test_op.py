@@ -739,3 +739,24 @@ def test_the_version_follows_the_crate():
     assert _capi.library().version() == crate
     if INSTALLED:
         assert multibox_torch.__version__ == crate
+
+
+def test_the_installed_wheel_serves_every_python_3():
+    """pip's wheel is tagged py3-none-<platform> (setup.py's LibraryWheel):
+    the bundled library links no Python, so one wheel serves every Python 3
+    on its platform. Checked on the installed package (scripts/python-tests
+    installs it); skipped for a checkout imported from PYTHONPATH."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution("multibox-torch")
+    except metadata.PackageNotFoundError:
+        pytest.skip("multibox-torch is not installed")
+    package = Path(multibox_torch.__file__).resolve().parent
+    if not (Path(dist.locate_file("multibox_torch")).resolve() == package):
+        pytest.skip(f"multibox_torch is imported from {package}, not from the installed package")
+    wheel = dist.read_text("WHEEL")
+    if wheel is None:
+        pytest.skip("installed without a wheel's metadata")
+    tags = [line.split(":", 1)[1].strip() for line in wheel.splitlines() if line.startswith("Tag:")]
+    assert tags and all(tag.startswith("py3-none-") for tag in tags), tags
