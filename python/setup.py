@@ -25,11 +25,6 @@ from pathlib import Path
 from setuptools import setup
 from setuptools_rust import Binding, RustExtension
 
-try:
-    from setuptools.command.bdist_wheel import bdist_wheel
-except ImportError:  # setuptools < 70.1
-    from wheel.bdist_wheel import bdist_wheel
-
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 MANIFEST = ROOT / "Cargo.toml"
@@ -64,14 +59,23 @@ def ensure_nvrtc():
         )
 
 
-class LibraryWheel(bdist_wheel):
-    """Tags the wheel py3-none-<platform>: the package is Python beside a
-    C-ABI library that links no Python (ctypes loads it), so one wheel serves
-    every Python 3 on its platform, not only the interpreter that built it."""
+def library_wheel():
+    """The bdist_wheel command, tagging the wheel py3-none-<platform>: the
+    package is Python beside a C-ABI library that links no Python (ctypes
+    loads it), so one wheel serves every Python 3 on its platform, not only
+    the interpreter that built it. Imported here, after the checks above:
+    outside a checkout setup.py stops before it needs the wheel machinery."""
+    try:
+        from setuptools.command.bdist_wheel import bdist_wheel
+    except ImportError:  # setuptools < 70.1
+        from wheel.bdist_wheel import bdist_wheel
 
-    def get_tag(self):
-        _, _, platform = super().get_tag()
-        return "py3", "none", platform
+    class LibraryWheel(bdist_wheel):
+        def get_tag(self):
+            _, _, platform = super().get_tag()
+            return "py3", "none", platform
+
+    return LibraryWheel
 
 
 # The checkout first: outside one (an sdist of python/ alone) there is no
@@ -81,7 +85,7 @@ ensure_nvrtc()
 
 setup(
     version=version,
-    cmdclass={"bdist_wheel": LibraryWheel},
+    cmdclass={"bdist_wheel": library_wheel()},
     rust_extensions=[
         RustExtension(
             "multibox_torch._libmultibox",

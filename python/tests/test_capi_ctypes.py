@@ -63,13 +63,18 @@ def test_enum_values_match_the_header():
         assert getattr(capi, ENUMS[cname]) == int(value), f"{cname}: _capi.{ENUMS[cname]} != {value}"
 
 
+_ABI_HASH_DEFINE = b"#define MULTIBOX_ABI_HASH "
+
+
 def _declarations_hash(text):
     """multibox_abi()'s hash (src/capi.rs, declarations_hash): FNV-1a over
-    the header's bytes that are neither comments nor ASCII whitespace."""
+    the header's bytes that are neither comments, ASCII whitespace, nor the
+    line that defines the hash itself (MULTIBOX_ABI_HASH)."""
     h, i, n = 0xCBF29CE484222325, 0, len(text)
     while i < n:
         pair = text[i : i + 2]
-        if pair == b"//":
+        hash_line = (i == 0 or text[i - 1] == ord("\n")) and text.startswith(_ABI_HASH_DEFINE, i)
+        if pair == b"//" or hash_line:
             while i < n and text[i] != ord("\n"):
                 i += 1
         elif pair == b"/*":
@@ -88,6 +93,9 @@ def test_the_binding_and_the_library_are_of_the_headers_abi():
         f"include/multibox.h changed: check _capi.py's and _capi_targets.py's structs and signatures "
         f"against it, then set _capi.ABI = {want:#018X}"
     )
+    # The header says so itself, for C programs.
+    header = (ROOT / "include" / "multibox.h").read_text()
+    assert f"\n#define MULTIBOX_ABI_HASH 0x{want:016X}ULL\n" in header
     lib = capi.Library()
     assert lib.lib.multibox_abi() == want
     # A library of another header is refused with a message that says so.

@@ -742,7 +742,7 @@ def test_the_version_follows_the_crate():
 
 
 def test_the_installed_wheel_serves_every_python_3():
-    """pip's wheel is tagged py3-none-<platform> (setup.py's LibraryWheel):
+    """pip's wheel is tagged py3-none-<platform> (setup.py's library_wheel):
     the bundled library links no Python, so one wheel serves every Python 3
     on its platform. Checked on the installed package (scripts/python-tests
     installs it); skipped for a checkout imported from PYTHONPATH."""
