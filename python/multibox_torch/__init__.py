@@ -731,9 +731,9 @@ def multibox_loss(
     or int32: -1 ignore, 0 background, 1..C-1 class), gt_locations
     ``[B, P, 4]`` (any floating dtype; converted to confidence's). All four on
     one device: CUDA, CPU, or meta (the outputs' shapes and dtypes, for shape
-    inference; the gradients too). Any strides: non-contiguous inputs are copied for the call.
-    Under ``torch.autocast`` the inputs are cast to a supported dtype (f32 on
-    the CPU).
+    inference; the gradients too). Any strides: non-contiguous inputs are
+    copied for the call. Under ``torch.autocast`` the inputs are cast to a
+    supported dtype (f32 on the CPU).
 
     ``layout="channel_major"`` takes confidence ``[B, C, P]`` and both
     location tensors ``[B, 4, P]`` instead (the layout of SSD heads
@@ -772,11 +772,12 @@ def multibox_loss(
     (at least min_negatives_per_image, at most its background priors); a
     fractional product rounds down, where the reference code's ``orders <
     num_neg`` takes one more. neg_pos_ratio and beta must be positive and
-    finite as float32s (not rounding to 0), min_negatives_per_image an integer in ``0..2**32-1``. Each distinct
-    ``(neg_pos_ratio, min_negatives_per_image, beta)`` loads the kernels on
-    the device once and keeps them for the life of the process (a CUDA graph
-    may replay them at any time), so keep these settings fixed rather than
-    scheduled per step. Under torch.compile each new value compiles again.
+    finite as float32s (not rounding to 0), min_negatives_per_image an integer
+    in ``0..2**32-1``. Each distinct ``(neg_pos_ratio, min_negatives_per_image,
+    beta)`` loads the kernels on the device once and keeps them for the life of
+    the process (a CUDA graph may replay them at any time), so keep these
+    settings fixed rather than scheduled per step. Under torch.compile each
+    new value compiles again.
 
     An invalid label makes both losses NaN on the GPU and raises
     MultiboxError on the CPU. On the GPU, invalid labels and non-finite

@@ -476,13 +476,13 @@ class MultiboxLoss(nn.Module):
       ``"positives"`` (the reference's N, the default), ``"per_image"``
       (NVIDIA's SSD recipe), a number, or a one-element tensor holding the
       divisor (on the inputs' device, which each ``forward`` checks).
-      ``forward(..., normalizer=n)`` overrides it for one call: that is
-      where a step's all-reduced positive count goes (a one-element tensor
-      on the inputs' device), see README, "Data-parallel training". A tensor
-      given here is a non-persistent buffer: ``.to()`` and ``.cuda()`` move
-      it, ``state_dict()`` leaves it out and ``.half()`` keeps its dtype. A divisor that changes from step to step
-      belongs in such a tensor, not in a Python number: under
-      torch.compile each new number compiles the step again.
+      ``forward(..., normalizer=n)`` overrides it for one call: that is where a
+      step's all-reduced positive count goes (a one-element tensor on the
+      inputs' device), see README, "Data-parallel training". A tensor given
+      here is a non-persistent buffer: ``.to()`` and ``.cuda()`` move it,
+      ``state_dict()`` leaves it out and ``.half()`` keeps its dtype. A divisor
+      that changes from step to step belongs in such a tensor, not in a Python
+      number: under torch.compile each new number compiles the step again.
     - ``layout``: ``"row_major"`` (``[B, P, C]`` logits, ``[B, P, 4]``
       boxes; the default) or ``"channel_major"`` (``[B, C, P]``, ``[B, 4, P]``:
       heads concatenated without a transpose). A property of the model, so
