@@ -661,7 +661,8 @@ def _loss_and_record(
     reads afterwards: on CUDA ``(workspace, shape, settings)`` (the workspace
     is small, and the forward's output anyway: keeping it allocates
     nothing); on the CPU, whose reference keeps no status, the inputs as
-    the op got them and the layout, for a check made only when asked."""
+    the op got them and the layout, for a check made only when asked; on
+    the meta device, nothing (there are no values)."""
     settings = _check_settings(neg_pos_ratio, min_negatives_per_image, beta)
     layout_kind = _check_layout(layout)
     kind, value, tensor = _check_normalizer(normalizer, confidence.device)
@@ -675,6 +676,8 @@ def _loss_and_record(
         else:
             b, c, p = confidence.shape
         record = ("cuda", workspace, (b, p, c), settings)
+    elif confidence.device.type == "meta":
+        record = ("meta",)
     else:
         # Detached: the values without the autograd graph that made them.
         inputs = (confidence.detach(), predicted_locations.detach(), labels, gt_locations.detach())
@@ -699,6 +702,8 @@ def _loss_status(record):
                 workspace.numel(), _capi.ctypes.c_void_p(stream), _capi.ctypes.byref(out),
             )
         return LossStatus(bool(out.invalid_label), bool(out.nonfinite_input))
+    if record[0] == "meta":
+        raise RuntimeError("last_status(): the last loss ran on meta tensors, which hold no values to check")
     _, confidence, predicted_locations, labels, gt_locations, layout = record
     with torch.no_grad():
         # What the kernels flag: any logit, and a positive's offset

@@ -398,6 +398,8 @@ def _assign_status(record):
     word in its workspace, read on the current stream, which this waits
     for; on the CPU the reference's, kept as it is."""
     status, shape, settings = record
+    if status.device.type == "meta":
+        raise RuntimeError("last_assign_status(): the last assignment ran on meta tensors, which hold no values")
     if not status.is_cuda:
         return TargetStatus(*(bool(v) for v in status.tolist()))
     device = status.device

@@ -533,6 +533,14 @@ def test_meta_tensors_give_the_outputs_shapes(dtype):
     criterion = multibox_torch.MultiboxLoss(torch.zeros(16, 4), 0.5, 3, 0.1, 0.2, "meta")
     reg, cls = criterion(confidence.to(dtype), locations.to(dtype), labels, gt)
     assert reg.device.type == "meta" and cls.shape == ()
+    # No values, so no status: a clear error, not "Cannot copy out of meta tensor".
+    with pytest.raises(RuntimeError, match="last_status\\(\\): the last loss ran on meta tensors"):
+        criterion.last_status()
+    boxes, box_labels = torch.zeros(1, 2, 4, device="meta"), torch.ones(1, 2, dtype=torch.int64, device="meta")
+    labels_out, _ = criterion.assign(boxes, box_labels, torch.ones(1, dtype=torch.int64, device="meta"))
+    assert labels_out.device.type == "meta" and labels_out.shape == (1, 16)
+    with pytest.raises(RuntimeError, match="last_assign_status\\(\\): the last assignment ran on meta tensors"):
+        criterion.last_assign_status()
     with pytest.raises(ValueError, match="labels must be \\[3, 16\\]"):
         multibox_loss(confidence, locations, labels[:, :4], gt)
 
