@@ -7,6 +7,11 @@ one (a skipif whose reason names CUDA)."""
 
 import os
 
+import pytest
+import torch
+
+from multibox_torch import _forward_op
+
 
 def _uses_gpu(item):
     if "cuda" in item.nodeid.lower():
@@ -24,3 +29,34 @@ def pytest_collection_modifyitems(config, items):
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+
+
+@pytest.fixture
+def opcheck_forward():
+    """``torch.library.opcheck`` of the forward op on ``args``. On CUDA its
+    comparison of eager and AOT-dispatched outputs is left out: the
+    workspace output holds bytes the kernels never write (the terms of
+    priors that are not positive, alignment padding, the status words of
+    row blocks beyond the grid), which differ between two allocations. The
+    losses and gradients under torch.compile are compared with eager ones
+    elsewhere."""
+
+    def check(args):
+        if args[0].is_cuda:
+            utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+            torch.library.opcheck(_forward_op, args, test_utils=utils)
+        else:
+            torch.library.opcheck(_forward_op, args)
+
+    return check
+
+
+@pytest.fixture
+def compile_backend():
+    """The ``torch.compile`` backend of the compile tests:
+    MULTIBOX_COMPILE_BACKEND, else Inductor (PyTorch's default).
+    scripts/gpu-check sets ``aot_eager``: the op still goes through Dynamo,
+    its fake kernel and AOTAutograd, without Inductor's code generation,
+    whose first compiles take minutes on a fresh GPU machine (CI runs the
+    CPU cases with Inductor)."""
+    return os.environ.get("MULTIBOX_COMPILE_BACKEND", "inductor")

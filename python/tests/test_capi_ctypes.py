@@ -8,9 +8,10 @@ import ctypes
 import importlib.util
 import math
 import os
-import subprocess
 import tempfile
 from pathlib import Path
+
+from _header import check_struct_layouts, run_c
 
 ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("_capi", ROOT / "python" / "multibox_torch" / "_capi.py")
@@ -18,31 +19,8 @@ capi = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(capi)
 
 
-def _run_c(body):
-    """Compiles ``main`` with ``body`` against include/multibox.h with the
-    system C compiler, runs it, returns its output."""
-    lines = ['#include <stdio.h>', '#include <stddef.h>', '#include "multibox.h"', "int main(void) {"]
-    lines += body + ["return 0; }"]
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "layout.c"
-        exe = Path(tmp) / "layout"
-        src.write_text("\n".join(lines))
-        cc = os.environ.get("CC", "cc")
-        subprocess.run([cc, "-I", str(ROOT / "include"), str(src), "-o", str(exe)], check=True)
-        return subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
-
-
 def test_struct_layouts_match_the_header():
-    body = []
-    for cname, cls in capi.STRUCTS.items():
-        body.append(f'printf("{cname} size %zu\\n", sizeof({cname}));')
-        for field, _ in cls._fields_:
-            body.append(f'printf("{cname} {field} %zu\\n", offsetof({cname}, {field}));')
-    for line in _run_c(body).splitlines():
-        cname, what, value = line.split()
-        cls = capi.STRUCTS[cname]
-        got = ctypes.sizeof(cls) if what == "size" else getattr(cls, what).offset
-        assert got == int(value), f"{cname}.{what}: ctypes {got}, C {value}"
+    check_struct_layouts(capi.STRUCTS)
 
 
 # The header's enum constants and their names in _capi.
@@ -57,7 +35,7 @@ ENUMS = {
 
 
 def test_enum_values_match_the_header():
-    out = _run_c([f'printf("{c} %d\\n", (int){c});' for c in ENUMS])
+    out = run_c([f'printf("{c} %d\\n", (int){c});' for c in ENUMS])
     for line in out.splitlines():
         cname, value = line.split()
         assert getattr(capi, ENUMS[cname]) == int(value), f"{cname}: _capi.{ENUMS[cname]} != {value}"

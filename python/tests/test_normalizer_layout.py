@@ -203,7 +203,7 @@ def test_channel_major_views_are_accepted(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_opcheck_with_the_new_arguments(device):
+def test_opcheck_with_the_new_arguments(device, opcheck_forward):
     confidence, locations, labels, gt = batch(device, seed=9, b=2, p=40, c=5)
     conf, loc, ground = cm(confidence), cm(locations), cm(gt)
     count = (labels > 0).sum()
@@ -215,7 +215,7 @@ def test_opcheck_with_the_new_arguments(device):
     for layout, kind, value, tensor in cases:
         args = (conf, loc, ground) if layout == _capi.CHANNEL_MAJOR else (confidence, locations, gt)
         c_, l_, g_ = (a.detach().requires_grad_(i < 2) for i, a in enumerate(args))
-        torch.library.opcheck(_forward_op, (c_, l_, labels, g_, 3.0, 0, 1.0, layout, kind, value, tensor))
+        opcheck_forward((c_, l_, labels, g_, 3.0, 0, 1.0, layout, kind, value, tensor))
         c_, l_ = c_.detach(), l_.detach()
         _, _, _, workspace = _forward_op(c_, l_, labels, g_, 3.0, 0, 1.0, layout, kind, value, tensor)
         upstream = torch.tensor([0.75, 2.5], device=device)
@@ -225,7 +225,7 @@ def test_opcheck_with_the_new_arguments(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_torch_compile_with_a_count_tensor_and_channel_major(device):
+def test_torch_compile_with_a_count_tensor_and_channel_major(device, compile_backend):
     confidence, locations, labels, gt = batch(device, seed=10)
     conf0, loc0, gt0 = cm(confidence), cm(locations), cm(gt)
 
@@ -242,7 +242,7 @@ def test_torch_compile_with_a_count_tensor_and_channel_major(device):
         return total.detach(), num_pos, conf.grad, loc.grad
 
     torch._dynamo.reset()
-    compiled = torch.compile(step, fullgraph=True)
+    compiled = torch.compile(step, fullgraph=True, backend=compile_backend)
     for got, want in zip(go(compiled), go(step)):
         assert torch.equal(got, want)
 

@@ -178,14 +178,14 @@ LAYOUTS = ["contiguous", "transposed", "sliced", "expanded"]
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_opcheck_forward_and_backward(device, layout):
+def test_opcheck_forward_and_backward(device, layout, opcheck_forward):
     confidence, locations, labels, gt = _layouts(device)[layout]
     if layout != "contiguous":
         assert not confidence.is_contiguous()
     for requires_grad in (True, False):
         conf = confidence.detach().requires_grad_(requires_grad)
         loc = locations.detach().requires_grad_(requires_grad)
-        torch.library.opcheck(_forward_op, (conf, loc, labels, gt, 3.0, 0, 1.0))
+        opcheck_forward((conf, loc, labels, gt, 3.0, 0, 1.0))
     _, _, _, workspace = _forward_op(confidence, locations, labels, gt, 3.0, 0, 1.0)
     upstream = torch.tensor([0.75, 2.5], device=device)
     torch.library.opcheck(_backward_op, (confidence, locations, labels, gt, workspace, upstream, 3.0, 0, 1.0))
@@ -193,7 +193,7 @@ def test_opcheck_forward_and_backward(device, layout):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["transposed", "sliced", "expanded"])
-def test_torch_compile_fullgraph_matches_eager(device, layout):
+def test_torch_compile_fullgraph_matches_eager(device, layout, compile_backend):
     confidence, locations, labels, gt = _layouts(device)[layout]
 
     def step(confidence, locations, labels, gt):
@@ -208,14 +208,14 @@ def test_torch_compile_fullgraph_matches_eager(device, layout):
         return total.detach(), num_pos, conf.grad, loc.grad
 
     torch._dynamo.reset()
-    compiled = torch.compile(step, fullgraph=True)
+    compiled = torch.compile(step, fullgraph=True, backend=compile_backend)
     for got, want in zip(run(compiled), run(step)):
         assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dynamic", [True, None])
-def test_torch_compile_with_symbolic_float_settings(device, dynamic):
+def test_torch_compile_with_symbolic_float_settings(device, dynamic, compile_backend):
     # Before, _check_settings and _check_normalizer called math.isfinite,
     # which Dynamo cannot trace on a symbolic float: fullgraph failed with
     # dynamic=True, and without it from the second float value on (the
@@ -235,7 +235,7 @@ def test_torch_compile_with_symbolic_float_settings(device, dynamic):
         return total.detach(), num_pos, conf.grad, loc.grad
 
     torch._dynamo.reset()
-    compiled = torch.compile(step, fullgraph=True, dynamic=dynamic)
+    compiled = torch.compile(step, fullgraph=True, dynamic=dynamic, backend=compile_backend)
     for settings in [(3.0, 1.0, 3.0), (2.5, 0.5, 4.0), (4.0, 2.0, 7.5), (1.5, 0.25, 9.0)]:
         for got, want in zip(run(compiled, *settings), run(step, *settings)):
             assert torch.equal(got, want), settings

@@ -163,7 +163,7 @@ def test_cuda_steps_do_not_synchronise_until_the_status_is_read():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dynamic", [None, True])
-def test_status_after_a_compiled_step(device, dynamic):
+def test_status_after_a_compiled_step(device, dynamic, compile_backend):
     # The loss call stays in the compiled graph (fullgraph); the module
     # keeps the status of the compiled call for an eager last_status().
     confidence, locations, labels, gt = batch(device)
@@ -174,7 +174,7 @@ def test_status_after_a_compiled_step(device, dynamic):
         return reg + cls
 
     torch._dynamo.reset()
-    compiled = torch.compile(train_step, fullgraph=True, dynamic=dynamic)
+    compiled = torch.compile(train_step, fullgraph=True, dynamic=dynamic, backend=compile_backend)
     for poisoned in (False, True, False):
         conf = confidence.clone()
         if poisoned:
@@ -184,7 +184,7 @@ def test_status_after_a_compiled_step(device, dynamic):
         assert module.last_status() == LossStatus(invalid_label=False, nonfinite_input=poisoned)
     # The module compiled as a whole, too.
     torch._dynamo.reset()
-    compiled_module = torch.compile(module, fullgraph=True, dynamic=dynamic)
+    compiled_module = torch.compile(module, fullgraph=True, dynamic=dynamic, backend=compile_backend)
     conf = confidence.clone()
     conf[(*first(labels, 0), 1)] = float("inf")
     compiled_module(conf, locations, labels, gt)

@@ -9,14 +9,14 @@ import ctypes
 import importlib.util
 import json
 import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PKG = ROOT / "python" / "multibox_torch"
 sys.path.insert(0, str(PKG))  # `import _capi` for _capi_targets loaded by path
+
+from _header import check_struct_layouts  # noqa: E402
 
 
 def _load(name):
@@ -34,23 +34,7 @@ GOLDENS = Path(os.environ.get("MULTIBOX_TARGET_GOLDENS", COMMITTED))
 
 
 def test_struct_layouts_match_the_header():
-    lines = ["#include <stdio.h>", "#include <stddef.h>", '#include "multibox.h"', "int main(void) {"]
-    for cname, cls in tcapi.STRUCTS.items():
-        lines.append(f'printf("{cname} size %zu\\n", sizeof({cname}));')
-        for field, _ in cls._fields_:
-            lines.append(f'printf("{cname} {field} %zu\\n", offsetof({cname}, {field}));')
-    lines.append("return 0; }")
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "layout.c"
-        exe = Path(tmp) / "layout"
-        src.write_text("\n".join(lines))
-        subprocess.run([os.environ.get("CC", "cc"), "-I", str(ROOT / "include"), str(src), "-o", str(exe)], check=True)
-        out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
-    for line in out.splitlines():
-        cname, what, value = line.split()
-        cls = tcapi.STRUCTS[cname]
-        got = ctypes.sizeof(cls) if what == "size" else getattr(cls, what).offset
-        assert got == int(value), f"{cname}.{what}: ctypes {got}, C {value}"
+    check_struct_layouts(tcapi.STRUCTS)
 
 
 def _case_names(folder):
