@@ -410,8 +410,9 @@ enum multibox_status_code multibox_loss_create(int32_t device_ordinal,
 
 // Frees a loss from `multibox_loss_create`; NULL is a no-op. Work queued
 // through it may still be running: this waits for the device
-// (`cuCtxSynchronize`, so not while another thread captures a graph in
-// global mode) before it unloads the kernels.
+// (`cuCtxSynchronize`, so not while any thread captures a graph on this
+// device: the wait invalidates that capture, whatever its mode) before it
+// unloads the kernels.
 //
 // # Safety
 // `loss` is NULL or came from `multibox_loss_create` and is not used again,
@@ -564,8 +565,9 @@ enum multibox_status_code multibox_assigner_create(int32_t device_ordinal,
 // `assigner` is NULL or came from `multibox_assigner_create` and is not
 // used again, nor is any CUDA graph that captured its launches. Work queued
 // through it may still be running: this waits for the device
-// (`cuCtxSynchronize`, so not while another thread captures a graph in
-// global mode) before it frees the assigner's priors.
+// (`cuCtxSynchronize`, so not while any thread captures a graph on this
+// device: the wait invalidates that capture, whatever its mode) before it
+// frees the assigner's priors.
 enum multibox_status_code multibox_assigner_destroy(struct multibox_assigner *assigner);
 
 // Assigns targets (3 launches on `stream`, a `CUstream`/`cudaStream_t` of

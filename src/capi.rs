@@ -719,8 +719,9 @@ pub unsafe extern "C" fn multibox_loss_create(
 
 /// Frees a loss from `multibox_loss_create`; NULL is a no-op. Work queued
 /// through it may still be running: this waits for the device
-/// (`cuCtxSynchronize`, so not while another thread captures a graph in
-/// global mode) before it unloads the kernels.
+/// (`cuCtxSynchronize`, so not while any thread captures a graph on this
+/// device: the wait invalidates that capture, whatever its mode) before it
+/// unloads the kernels.
 ///
 /// # Safety
 /// `loss` is NULL or came from `multibox_loss_create` and is not used again,
@@ -1436,8 +1437,9 @@ pub unsafe extern "C" fn multibox_assigner_create(
 /// `assigner` is NULL or came from `multibox_assigner_create` and is not
 /// used again, nor is any CUDA graph that captured its launches. Work queued
 /// through it may still be running: this waits for the device
-/// (`cuCtxSynchronize`, so not while another thread captures a graph in
-/// global mode) before it frees the assigner's priors.
+/// (`cuCtxSynchronize`, so not while any thread captures a graph on this
+/// device: the wait invalidates that capture, whatever its mode) before it
+/// frees the assigner's priors.
 #[no_mangle]
 pub unsafe extern "C" fn multibox_assigner_destroy(
     assigner: *mut multibox_assigner,

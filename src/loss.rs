@@ -142,8 +142,9 @@ impl Drop for MultiboxLoss {
     /// be running on the caller's streams, and the driver does not promise
     /// that unloading a module waits for its kernels. Dropping a loss is
     /// rare, so a context-wide wait costs nothing that matters; but, as
-    /// `TargetAssigner`'s drop, it is `cuCtxSynchronize`, which a graph
-    /// capture in global mode on another thread does not allow.
+    /// `TargetAssigner`'s drop, it is `cuCtxSynchronize`, which invalidates
+    /// a graph capture in progress on this device in any thread, whatever
+    /// its mode: do not drop a loss while capturing.
     fn drop(&mut self) {
         // An error here (a device already lost) leaves nothing to wait for.
         let _ = self.ctx.synchronize();

@@ -6,7 +6,9 @@
 
 mod common;
 
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
+use std::thread;
+use std::time::Duration;
 
 use common::emulated::{self, Call, HostInputs, KernelOutput, Normalizer, Upstream};
 use common::gpu::{self, DeviceCall};
@@ -189,9 +191,32 @@ fn gpu_results_are_bit_identical_run_after_run() {
         .all(|(a, b)| a.to_bits() == b.to_bits()));
 }
 
+/// The turns that keep a capturing test apart from the others (no GPU
+/// needed): a nested turn takes no second lock, and a turn alone waits for
+/// the shared ones to end.
+#[test]
+fn a_capturing_test_waits_for_the_others_to_leave_the_device() {
+    let shared = gpu::take_turn("shared", false).expect("a turn");
+    assert!(gpu::take_turn("nested", false).is_none());
+    let (sender, receiver) = mpsc::channel();
+    let capturing = thread::spawn(move || {
+        let turn = gpu::take_turn("alone", true).expect("a turn");
+        sender.send(()).unwrap();
+        drop(turn);
+    });
+    // Not a timing: nothing can arrive while this thread holds its turn.
+    assert!(receiver.recv_timeout(Duration::from_millis(100)).is_err());
+    drop(shared);
+    receiver
+        .recv()
+        .expect("the turn alone, once the shared one ended");
+    capturing.join().unwrap();
+    assert!(gpu::take_turn("again", false).is_some());
+}
+
 #[test]
 fn a_captured_cuda_graph_replays_the_same_outputs() {
-    let Some(ctx) = gpu::device("a_captured_cuda_graph_replays_the_same_outputs") else {
+    let Some(ctx) = gpu::device_alone("a_captured_cuda_graph_replays_the_same_outputs") else {
         return;
     };
     // cudarc's event tracking records events around buffer use, which
@@ -342,7 +367,8 @@ fn gpu_channel_major_is_the_row_major_call_bit_for_bit() {
 /// no host round-trip (what an all-reduced count needs).
 #[test]
 fn a_captured_graph_reads_the_device_divisor_at_each_replay() {
-    let Some(ctx) = gpu::device("a_captured_graph_reads_the_device_divisor_at_each_replay") else {
+    let Some(ctx) = gpu::device_alone("a_captured_graph_reads_the_device_divisor_at_each_replay")
+    else {
         return;
     };
     // SAFETY: no other stream of this test's context uses these buffers.

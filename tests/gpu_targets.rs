@@ -283,7 +283,7 @@ impl TrainStep {
 
 #[test]
 fn targets_then_loss_capture_in_one_cuda_graph() {
-    let Some(ctx) = gpu::device("targets_then_loss_capture_in_one_cuda_graph") else {
+    let Some(ctx) = gpu::device_alone("targets_then_loss_capture_in_one_cuda_graph") else {
         return;
     };
     // cudarc's event tracking records events around buffer use, which

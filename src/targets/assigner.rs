@@ -105,9 +105,10 @@ impl Drop for TargetAssigner {
     /// free after work queued on the caller's streams (a non-blocking stream
     /// does not wait for the one cudarc frees on). Dropping an assigner is
     /// rare, so a context-wide wait costs nothing that matters; but it is
-    /// `cuCtxSynchronize`, which a graph capture in global mode on another
-    /// thread does not allow (that capture fails), and a graph that captured
-    /// the assigner's launches must not be launched after the drop.
+    /// `cuCtxSynchronize`, which invalidates a graph capture in progress on
+    /// this device in any thread, whatever its mode (so do not drop an
+    /// assigner while capturing), and a graph that captured the assigner's
+    /// launches must not be launched after the drop.
     fn drop(&mut self) {
         // An error here (a device already lost) leaves nothing to wait for.
         let _ = self.ctx.synchronize();

@@ -324,6 +324,14 @@ pub fn buffer_traffic(traffic: &Traffic, buffer: &str) -> RegionTraffic {
     sum
 }
 
+/// `MULTIBOX_SKIP_EMULATOR=1`: the golden tests leave the emulated kernels
+/// out. scripts/gpu-check sets it on a GPU machine, where the GPU's results
+/// are what is new and CI has run the emulator already; each of its
+/// compute-sanitizer runs would spend ~15 s on the emulator otherwise.
+pub fn skipped() -> bool {
+    std::env::var("MULTIBOX_SKIP_EMULATOR").as_deref() == Ok("1")
+}
+
 /// Runs one call of the real kernels on the emulator. Outputs and the
 /// workspace start as garbage (`call.fill` bytes), so every element the test
 /// reads was written by a kernel.

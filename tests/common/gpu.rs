@@ -2,7 +2,8 @@
 //! one. Without a GPU the tests say why and pass, unless
 //! MULTIBOX_REQUIRE_GPU=1, where they fail.
 
-use std::sync::{Arc, Mutex};
+use std::cell::Cell;
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use multibox::cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use multibox::{
@@ -12,10 +13,83 @@ use multibox::{
 
 use super::emulated::{self, Call, HostInputs, KernelOutput, Upstream};
 
-/// The first GPU, or `None` with the reason printed.
-pub fn device(test: &str) -> Option<Arc<CudaContext>> {
-    match multibox::cuda_context(0) {
-        Ok(ctx) => Some(ctx),
+/// The first GPU, or `None` with the reason printed. The test shares the
+/// device with the executable's other tests for as long as it keeps the
+/// [`Gpu`].
+pub fn device(test: &str) -> Option<Gpu> {
+    open(test, false)
+}
+
+/// The first GPU, as [`device`], held by this test alone: for a test that
+/// captures a CUDA graph. The tests of one executable run in parallel
+/// threads on this device, and a context-wide synchronisation in one of
+/// them (dropping a `MultiboxLoss` waits for the device; so may freeing
+/// memory) invalidates a capture in progress in another, whatever its
+/// capture mode: CUDA scopes that to the device, not the thread.
+pub fn device_alone(test: &str) -> Option<Gpu> {
+    open(test, true)
+}
+
+/// The GPU's context, and this test's turn on it.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    _turn: Option<Turn>,
+}
+
+impl std::ops::Deref for Gpu {
+    type Target = Arc<CudaContext>;
+    fn deref(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+}
+
+/// A test's turn on the device: shared with other tests, or alone.
+pub struct Turn {
+    _guard: Guard,
+}
+
+enum Guard {
+    Shared(RwLockReadGuard<'static, ()>),
+    Alone(RwLockWriteGuard<'static, ()>),
+}
+
+static TURNS: RwLock<()> = RwLock::new(());
+
+thread_local! {
+    /// Whether this thread holds a turn.
+    static HOLDS_TURN: Cell<bool> = const { Cell::new(false) };
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        HOLDS_TURN.with(|held| held.set(false));
+    }
+}
+
+/// A turn on the device, waiting for one that excludes it to end; `None`
+/// where this thread holds one already (a nested [`device`] call: a second
+/// read lock could wait behind a waiting writer for ever).
+pub fn take_turn(test: &str, alone: bool) -> Option<Turn> {
+    if HOLDS_TURN.with(Cell::get) {
+        assert!(
+            !alone,
+            "{test}: device_alone() inside a test that holds the device"
+        );
+        return None;
+    }
+    // A test that panicked with its turn poisons the lock; the turns still work.
+    let guard = if alone {
+        Guard::Alone(TURNS.write().unwrap_or_else(PoisonError::into_inner))
+    } else {
+        Guard::Shared(TURNS.read().unwrap_or_else(PoisonError::into_inner))
+    };
+    HOLDS_TURN.with(|held| held.set(true));
+    Some(Turn { _guard: guard })
+}
+
+fn open(test: &str, alone: bool) -> Option<Gpu> {
+    let ctx = match multibox::cuda_context(0) {
+        Ok(ctx) => ctx,
         Err(why) => {
             if std::env::var("MULTIBOX_REQUIRE_GPU").is_ok_and(|v| v == "1") {
                 panic!("{test}: MULTIBOX_REQUIRE_GPU=1, but {why}");
@@ -24,9 +98,13 @@ pub fn device(test: &str) -> Option<Arc<CudaContext>> {
             // reason shows in every run.
             use std::io::Write;
             let _ = writeln!(std::io::stderr(), "{test}: skipped, {why}");
-            None
+            return None;
         }
-    }
+    };
+    Some(Gpu {
+        ctx,
+        _turn: take_turn(test, alone),
+    })
 }
 
 /// Device buffers of one call.
