@@ -57,6 +57,7 @@ fn main() {
     }
     println!("cargo:rerun-if-env-changed=MULTIBOX_EMU_SANITIZE");
     println!("cargo:rerun-if-env-changed=MULTIBOX_EMU_ASAN_DEMO");
+    println!("cargo:rerun-if-env-changed=MULTIBOX_EMU_COVERAGE");
 
     let asan = match env::var("MULTIBOX_EMU_SANITIZE").as_deref() {
         Ok("address") => true,
@@ -101,6 +102,23 @@ fn main() {
             // Only loads and stores: no calls at function entry and exit.
             .flag("--param=tsan-instrument-func-entry-exit=0");
         runtime_build.define("MULTIBOX_EMU_INSTRUMENTED", None);
+    }
+    // scripts/kernel-coverage: gcov's counters in the kernel objects.
+    // MULTIBOX_EMU_COVERAGE=1 keeps this build's -O2; O0 builds at -O0
+    // without forced inlining, so that each template instance is a function
+    // of its own. Atomic counter updates are `lock add`s, which the TSan
+    // instrumentation leaves alone: the checker never sees the counters.
+    let coverage = env::var("MULTIBOX_EMU_COVERAGE").unwrap_or_default();
+    if coverage == "1" || coverage == "O0" {
+        kernel_build
+            .flag("--coverage")
+            .flag("-fprofile-update=atomic");
+        if coverage == "O0" {
+            kernel_build
+                .flag("-O0")
+                .define("MULTIBOX_EMU_NO_FORCEINLINE", None);
+        }
+        println!("cargo:rustc-link-lib=gcov");
     }
     runtime_build.compile("multibox_emu_runtime");
     kernel_build.compile("multibox_emu_kernels");

@@ -2338,3 +2338,332 @@ fn the_traffic_model_sees_whole_sectors() {
         check::<f32, i64>(Shape::new(2, 2000, 81), channel_major, sliced, least, least);
     }
 }
+
+// ---------------------------------------------------------------------------
+// Paths the emulated suite did not run (gcov of kernels/*.cu, see
+// scripts/kernel-coverage): each test names the kernel code it reaches.
+
+/// A row-major and a channel-major plan of `shape` for T's dtype.
+fn plans<T: Float>(shape: Shape) -> [multibox::plan::LaunchPlan; 2] {
+    [Layout::RowMajor, Layout::ChannelMajor].map(|layout| {
+        multibox::plan::LaunchPlan::with_limits(shape, T::DTYPE, layout, Default::default())
+            .unwrap()
+    })
+}
+
+/// Rows too long for every shared-memory tile, in each type and label type:
+/// kernel 1 reads them from global memory (walk_tiles' unstaged branch,
+/// chunked_row_sums<false> / strided_row_sums<false>), kernel 3 row-major
+/// reads the set's rows from global memory (SET_ROWS_IN_GLOBAL) and
+/// channel-major writes unstaged planes (write_gradients_channel_major<...,
+/// false>). Before, f16 never took kernel 1's row-major global path,
+/// f16/i64 and f32/i32 no unstaged kernel 1 path at all, and kernel 3's
+/// global paths ran in f32/i64 and bf16/i32 only.
+fn long_rows<T: Float, L: Label>(shape: Shape, seed: u64) {
+    let [rm, cm] = plans::<T>(shape);
+    assert_eq!(rm.tile_rows, 0, "{shape}");
+    assert_eq!(cm.tile_rows, 0, "{shape}");
+    assert_eq!(
+        (rm.gradient_tile_rows, rm.set_slot_bytes),
+        (0, 0),
+        "{shape}"
+    );
+    assert_eq!(cm.gradient_plane_rows, 0, "{shape}");
+    let mut rng = SplitMix64(seed);
+    let c = shape.classes as u64;
+    let labels: Vec<L> = (0..shape.rows())
+        .map(|i| {
+            L::from_i64(match i % 9 {
+                0 | 4 => 1 + (rng.next_u64() % (c - 1)) as i64,
+                1 => -1,
+                _ => 0,
+            })
+        })
+        .collect();
+    let confidence: Vec<T> = (0..shape.confidence_len())
+        .map(|_| T::from_f64(rng.normal() * 3.0))
+        .collect();
+    let case = Drawn::with(shape, confidence, labels, &mut rng);
+    checked_in_both_layouts(
+        &format!("long rows {shape} {:?}/{:?}", T::DTYPE, L::LABEL_TYPE),
+        &case,
+    );
+}
+
+#[test]
+fn long_rows_in_every_type_and_label_type() {
+    // C = 3001: past every tile in f16/bf16 (kernel 1 at 2,926, kernel 3's
+    // slots at 2,681, its planes at 537), and odd, so rows start anywhere
+    // within 16 bytes.
+    let shape = Shape::new(2, 20, 3001);
+    long_rows::<f32, i32>(shape, 31);
+    long_rows::<f32, i64>(shape, 32);
+    long_rows::<f16, i32>(shape, 33);
+    long_rows::<f16, i64>(shape, 34);
+    long_rows::<bf16, i32>(shape, 35);
+    long_rows::<bf16, i64>(shape, 36);
+}
+
+/// The second try (against the row's maximum) of rows read from global
+/// memory in the half types: chunked_row_sums<false, f16> and
+/// strided_row_sums<false, f16> with FromMax never ran before.
+#[test]
+fn long_half_rows_that_overflow_at_their_own_shift_take_their_maximum() {
+    let global = Shape::new(1, 24, 7000);
+    assert_eq!(plans::<f16>(global)[0].tile_rows, 0);
+    rows_far_from_their_own_class::<f16>(global, 17);
+    rows_far_from_their_own_class::<bf16>(global, 18);
+    confident_rows::<f16>(global, 19);
+}
+
+/// A non-finite logit in a row too long for a tile: kernel 1 checks such
+/// rows as it reads them from global memory (rows.cu, `row_nonfinite`),
+/// a branch no test had reached; every type, both layouts.
+#[test]
+fn an_infinite_logit_in_a_long_row_is_flagged() {
+    fn check<T: Float, L: Label>(value: f32) {
+        let shape = Shape::new(2, 6, 3001);
+        assert_eq!(plans::<T>(shape).map(|p| p.tile_rows), [0, 0]);
+        let mut rng = SplitMix64(43);
+        let mut confidence: Vec<T> = (0..shape.confidence_len())
+            .map(|_| T::from_f64(rng.normal()))
+            .collect();
+        let labels: Vec<L> = (0..shape.rows() as i64)
+            .map(|i| L::from_i64(if i % 3 == 1 { 1 + i * 37 % 3000 } else { 0 }))
+            .collect();
+        let mut case = Drawn::with(shape, confidence.clone(), labels, &mut rng);
+        let clean = emulated::run(&case.config, shape, &case.host(), Call::default()).unwrap();
+        assert!(clean.status.is_ok(), "{:?} {value}", T::DTYPE);
+        // An ignored row, which no loss reads.
+        case.labels[8] = L::from_i64(-1);
+        confidence[8 * 3001 + 2999] = T::from_f32(value);
+        case.confidence = confidence;
+        let what = format!("{:?}/{:?} {value}", T::DTYPE, L::LABEL_TYPE);
+        let run = |inputs: &HostInputs<'_, T, L>, call: Call| {
+            let got = emulated::run(&case.config, shape, inputs, call)?;
+            assert!(
+                got.status.nonfinite_input && !got.status.invalid_label,
+                "{what} {:?}",
+                call.layout
+            );
+            Ok(got)
+        };
+        let got = run(&case.host(), Call::default()).unwrap();
+        let want = case.reference();
+        let rel = |a: f32, b: f64| ((f64::from(a) - b) / b).abs();
+        assert!(rel(got.classification_loss, want.losses.classification_loss) <= 1e-6);
+        assert!(rel(got.regression_loss, want.losses.regression_loss) <= 1e-6);
+        emulated::assert_channel_major_is_row_major(
+            &what,
+            shape,
+            &case.host(),
+            Call::default(),
+            &got,
+            run,
+        );
+    }
+    for value in [f32::INFINITY, f32::NAN] {
+        check::<f32, i32>(value);
+        check::<f32, i64>(value);
+        check::<f16, i32>(value);
+        check::<f16, i64>(value);
+        check::<bf16, i32>(value);
+        check::<bf16, i64>(value);
+    }
+}
+
+/// A call without a mask (`mask` 0, which the C ABI and the Rust API
+/// allow): the selection kernel's `if (p.mask)` had only ever been true.
+/// The same losses, count and gradients, bit for bit, in both layouts.
+#[test]
+fn no_mask_gives_the_same_losses_and_gradients() {
+    fn check<T: Float, L: Label>(seed: u64) {
+        let case = Drawn::<T, L>::draw(seed, 100_000);
+        let what = format!("seed {seed} {}", case.shape);
+        let run = |inputs: &HostInputs<'_, T, L>, call| {
+            emulated::run(&case.config, case.shape, inputs, call)
+        };
+        let a = run(&case.host(), Call::default()).unwrap();
+        let without = Call {
+            with_mask: false,
+            ..Call::default()
+        };
+        let b = run(&case.host(), without).unwrap();
+        assert!(b.mask.is_empty(), "{what}");
+        assert_eq!(a.num_pos, b.num_pos, "{what}");
+        assert_eq!(a.status, b.status, "{what}");
+        let losses =
+            |o: &KernelOutput<T>| [o.regression_loss.to_bits(), o.classification_loss.to_bits()];
+        assert_eq!(losses(&a), losses(&b), "{what}");
+        let bits = |v: &[T]| -> Vec<u8> { bytemuck::cast_slice(v).to_vec() };
+        assert_eq!(bits(&a.grad_confidence), bits(&b.grad_confidence), "{what}");
+        assert_eq!(bits(&a.grad_locations), bits(&b.grad_locations), "{what}");
+        // Channel-major without a mask: the same bits as row-major.
+        emulated::assert_channel_major_is_row_major(
+            &what,
+            case.shape,
+            &case.host(),
+            without,
+            &b,
+            run,
+        );
+    }
+    check::<f32, i64>(51);
+    check::<f16, i32>(52);
+}
+
+/// neg_pos_ratio at the ends of what the config accepts: f32::MAX and 1e20
+/// (k saturates: floor_ratio_times' `e >= 64 || product > ~0 >> e` branch,
+/// never taken before: every candidate is mined) and the smallest
+/// subnormal (k = 0 unless min_negatives_per_image asks for more).
+#[test]
+fn extreme_neg_pos_ratios_match_the_reference() {
+    for (seed, ratio) in [
+        (61, f32::MAX),
+        (62, 1e20),
+        (63, f32::from_bits(1)),
+        (64, 1e-30),
+    ] {
+        let mut case = Drawn::<f32, i64>::draw(seed, 100_000);
+        case.config.neg_pos_ratio = ratio;
+        let what = format!("ratio {ratio:e} {}", case.shape);
+        let want = case.reference();
+        let call = Call {
+            upstream: Upstream::Host(case.upstream.0, case.upstream.1),
+            ..Call::default()
+        };
+        let got = emulated::run(&case.config, case.shape, &case.host(), call)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        compare(
+            &what,
+            &case,
+            &want,
+            &got,
+            &case.divisors(Normalizer::Positives),
+        );
+    }
+}
+
+/// One prior an image, channel-major: a prior's four box gradients are
+/// contiguous (the plane stride is P = 1), which store_box writes as one
+/// store4; only bf16 had taken that branch. Every type, against the
+/// reference and bit for bit the row-major call.
+#[test]
+fn one_prior_an_image_in_every_type() {
+    fn check<T: Float>(seed: u64) {
+        let shape = Shape::new(9, 1, 21);
+        let mut rng = SplitMix64(seed);
+        let labels: Vec<i64> = (0..shape.rows() as i64)
+            .map(|i| [3, 0, 0, -1, 7][i as usize % 5])
+            .collect();
+        let confidence: Vec<T> = (0..shape.confidence_len())
+            .map(|_| T::from_f64(rng.normal() * 2.0))
+            .collect();
+        let case = Drawn::with(shape, confidence, labels, &mut rng);
+        checked_in_both_layouts(&format!("one prior {:?}", T::DTYPE), &case);
+    }
+    check::<f32>(71);
+    check::<f16>(72);
+    check::<bf16>(73);
+}
+
+/// Invalid labels beyond f32/i64 row-major staged rows, the one path
+/// `invalid_labels_make_the_losses_nan_and_set_the_status` runs: i32
+/// labels, the half types, channel-major, and rows too long for a tile,
+/// whose labels kernel 1 reads from global memory unclamped (rows.cu,
+/// `label_of`'s `load_label` arm) and must still refuse before indexing
+/// with them. The call flags it, both losses are NaN, the bad prior is out
+/// of the mask with zero gradients, and channel-major gives the same bits.
+#[test]
+fn invalid_labels_on_every_path() {
+    fn check<T: Float, L: Label>(shape: Shape, bads: &[i64]) {
+        for &bad in bads {
+            let c = shape.classes as i64;
+            let labels: Vec<L> = (0..shape.rows() as i64)
+                .map(|i| {
+                    L::from_i64(match (i, i % 3) {
+                        (5, _) => bad,
+                        (_, 0) => 0,
+                        (_, 1) => 1 + i % (c - 1),
+                        _ => -1,
+                    })
+                })
+                .collect();
+            let mut rng = SplitMix64(bad as u64);
+            let confidence: Vec<T> = (0..shape.confidence_len())
+                .map(|_| T::from_f64(rng.normal()))
+                .collect();
+            let case = Drawn::with(shape, confidence, labels, &mut rng);
+            let what = format!("{shape} {:?}/{:?} label {bad}", T::DTYPE, L::LABEL_TYPE);
+            let run = |inputs: &HostInputs<'_, T, L>, call: Call| {
+                let got = emulated::run(&case.config, shape, inputs, call)?;
+                assert!(got.status.invalid_label, "{what} {:?}", call.layout);
+                assert!(
+                    got.regression_loss.is_nan() && got.classification_loss.is_nan(),
+                    "{what} {:?}",
+                    call.layout
+                );
+                Ok(got)
+            };
+            let got = run(&case.host(), Call::default()).unwrap();
+            assert_eq!(got.mask[5], 0, "{what}");
+            let row = &got.grad_confidence[5 * shape.classes..6 * shape.classes];
+            assert!(row.iter().all(|g| g.to_f32() == 0.0), "{what}");
+            emulated::assert_channel_major_is_row_major(
+                &what,
+                shape,
+                &case.host(),
+                Call::default(),
+                &got,
+                run,
+            );
+        }
+    }
+    let staged = Shape::new(2, 40, 3);
+    let long = Shape::new(1, 8, 3001);
+    for shape in [staged, long] {
+        let c = shape.classes as i64;
+        check::<f32, i32>(shape, &[c, -2, i64::from(i32::MIN), i64::from(i32::MAX)]);
+        check::<f32, i64>(shape, &[c, -2, i64::MIN, (1 << 32) + 1]);
+        check::<f16, i32>(shape, &[c, -2]);
+        check::<bf16, i64>(shape, &[c, -(1 << 32)]);
+    }
+}
+
+/// A staged tile shorter than its run to the first 16-byte boundary: the
+/// last row-major tile of B * P = 257 rows holds one row of C = 2 f32 (C =
+/// 5 f16), and with the logits one element into their allocation that row
+/// lies inside one 16-byte word (head_to_16_bytes' `n < head`, which no
+/// test reached). The same bits as aligned logits.
+#[test]
+fn a_one_row_tile_inside_a_16_byte_word() {
+    fn check<T: Float>(classes: usize) {
+        let shape = Shape::new(1, 257, classes);
+        let mut rng = SplitMix64(81);
+        let labels: Vec<i64> = (0..shape.rows() as i64)
+            .map(|i| if i % 4 == 0 { 1 } else { 0 })
+            .collect();
+        let confidence: Vec<T> = (0..shape.confidence_len())
+            .map(|_| T::from_f64(rng.normal()))
+            .collect();
+        let case = Drawn::with(shape, confidence, labels, &mut rng);
+        let aligned = checked_in_both_layouts(&format!("{shape} {:?}", T::DTYPE), &case);
+        let shifted: Vec<T> = std::iter::once(case.confidence[0])
+            .chain(case.confidence.iter().copied())
+            .collect();
+        let inputs = HostInputs {
+            confidence: &shifted[1..],
+            ..case.host()
+        };
+        let got = emulated::run(&case.config, shape, &inputs, Call::default()).unwrap();
+        let bits = |v: &[T]| -> Vec<u8> { bytemuck::cast_slice(v).to_vec() };
+        assert_eq!(got.mask, aligned.mask);
+        assert_eq!(bits(&got.grad_confidence), bits(&aligned.grad_confidence));
+        assert_eq!(
+            got.classification_loss.to_bits(),
+            aligned.classification_loss.to_bits()
+        );
+    }
+    check::<f32>(2);
+    check::<f16>(5);
+}

@@ -576,3 +576,16 @@ fn plan_lays_out_the_workspace_without_overlap() {
         );
     }
 }
+
+/// The two encode instantiations no test launched (targets.cu,
+/// `targets_encode_f16_i32` and `targets_encode_bf16_i64`; gcov of
+/// kernels/*.cu, scripts/kernel-coverage): the other pairing of each half
+/// type with each label type.
+#[test]
+fn half_outputs_with_the_other_label_types() {
+    for seed in 106..109u64 {
+        let d = draw(seed);
+        compare::<f16, i32>(&d, &format!("f16/i32, seed {seed}"));
+        compare::<bf16, i64>(&d, &format!("bf16/i64, seed {seed}"));
+    }
+}

@@ -28,7 +28,13 @@
 // ThreadSanitizer pass, whose hooks the checker takes, leaves uninstrumented
 // a call whose aggregate result is stored straight to memory (`p[i] =
 // from_f32<f16>(x)`, when the call is not inlined).
+#if defined(MULTIBOX_EMU_NO_FORCEINLINE)
+// The O0 coverage build (scripts/kernel-coverage): every helper a function
+// of its own, so gcov reports each template instance apart.
+#define __forceinline__ inline
+#else
 #define __forceinline__ inline __attribute__((always_inline))
+#endif
 #define __noinline__ __attribute__((noinline))
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
