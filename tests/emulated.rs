@@ -300,6 +300,24 @@ fn ulps_apart<T: Float>(a: T, b: T) -> u32 {
     ordered(a).abs_diff(ordered(b))
 }
 
+/// The kernels on `case` with its upstream gradients, held to the reference.
+fn checked_with_its_upstream<T: Float, L: Label>(what: &str, case: &Drawn<T, L>) {
+    let want = case.reference();
+    let call = Call {
+        upstream: Upstream::Host(case.upstream.0, case.upstream.1),
+        ..Call::default()
+    };
+    let got = emulated::run(&case.config, case.shape, &case.host(), call)
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    compare(
+        what,
+        case,
+        &want,
+        &got,
+        &case.divisors(Normalizer::Positives),
+    );
+}
+
 fn randomized<T: Float, L: Label>(seeds: std::ops::Range<u64>, max_elements: usize) {
     for seed in seeds {
         let case = Drawn::<T, L>::draw(seed, max_elements);
@@ -310,20 +328,7 @@ fn randomized<T: Float, L: Label>(seeds: std::ops::Range<u64>, max_elements: usi
             case.shape,
             case.config
         );
-        let want = case.reference();
-        let call = Call {
-            upstream: Upstream::Host(case.upstream.0, case.upstream.1),
-            ..Call::default()
-        };
-        let got = emulated::run(&case.config, case.shape, &case.host(), call)
-            .unwrap_or_else(|e| panic!("{what}: {e}"));
-        compare(
-            &what,
-            &case,
-            &want,
-            &got,
-            &case.divisors(Normalizer::Positives),
-        );
+        checked_with_its_upstream(&what, &case);
     }
 }
 
@@ -1490,55 +1495,70 @@ fn non_finite_box_offsets_give_the_references_gradients() {
     check::<bf16>();
 }
 
-/// Kernel 1 checks every logit as it stages it: an infinity in an ignored
-/// prior's row, which no loss reads, is flagged too, and so is -inf (whose
-/// exponential is an ordinary 0). The losses stay the reference's, and the
+/// A non-finite `value` at `(row, class)`, in an ignored row that no loss
+/// reads: kernel 1 flags it, the losses stay the reference's, and the
 /// channel-major call flags it as well and gives the same bits.
+fn non_finite_logit_is_flagged<T: Float, L: Label>(
+    shape: Shape,
+    row: usize,
+    class: usize,
+    value: f32,
+) {
+    let mut rng = SplitMix64(41);
+    let mut confidence: Vec<T> = (0..shape.confidence_len())
+        .map(|_| T::from_f64(rng.normal()))
+        .collect();
+    let c = shape.classes as i64;
+    let labels: Vec<L> = (0..shape.rows() as i64)
+        .map(|i| L::from_i64(if i % 10 == 3 { 1 + i * 37 % (c - 1) } else { 0 }))
+        .collect();
+    let mut case = Drawn::with(shape, confidence.clone(), labels, &mut rng);
+    let what = format!("{shape} {:?}/{:?} {value}", T::DTYPE, L::LABEL_TYPE);
+    let clean = emulated::run(&case.config, shape, &case.host(), Call::default()).unwrap();
+    assert!(clean.status.is_ok(), "{what}");
+    case.labels[row] = L::from_i64(-1);
+    confidence[row * shape.classes + class] = T::from_f32(value);
+    case.confidence = confidence;
+    let run = |inputs: &HostInputs<'_, T, L>, call: Call| {
+        let got = emulated::run(&case.config, shape, inputs, call)?;
+        assert!(
+            got.status.nonfinite_input && !got.status.invalid_label,
+            "{what} {:?}",
+            call.layout
+        );
+        Ok(got)
+    };
+    let got = run(&case.host(), Call::default()).unwrap();
+    let want = case.reference();
+    let rel = |a: f32, b: f64| ((f64::from(a) - b) / b).abs();
+    assert!(
+        rel(got.classification_loss, want.losses.classification_loss) <= 1e-6,
+        "{what}"
+    );
+    assert!(
+        rel(got.regression_loss, want.losses.regression_loss) <= 1e-6,
+        "{what}"
+    );
+    emulated::assert_channel_major_is_row_major(
+        &what,
+        shape,
+        &case.host(),
+        Call::default(),
+        &got,
+        run,
+    );
+}
+
+/// Kernel 1 checks every logit as it stages it: an infinity in an ignored
+/// prior's row is flagged, and so is -inf (whose exponential is an
+/// ordinary 0).
 #[test]
 fn an_infinite_logit_anywhere_is_flagged() {
-    fn check<T: Float>(value: f32) {
-        let shape = Shape::new(2, 70, 81);
-        let mut rng = SplitMix64(41);
-        let mut confidence: Vec<T> = (0..shape.confidence_len())
-            .map(|_| T::from_f64(rng.normal()))
-            .collect();
-        let labels: Vec<i32> = (0..shape.rows() as i32)
-            .map(|i| if i % 10 == 3 { 1 + i % 80 } else { 0 })
-            .collect();
-        let mut case = Drawn::with(shape, confidence.clone(), labels, &mut rng);
-        let clean = emulated::run(&case.config, shape, &case.host(), Call::default()).unwrap();
-        assert!(clean.status.is_ok(), "{:?} {value}", T::DTYPE);
-        case.labels[117] = -1;
-        confidence[117 * 81 + 40] = T::from_f32(value);
-        case.confidence = confidence;
-        let what = format!("{:?} {value}", T::DTYPE);
-        let run = |inputs: &HostInputs<'_, T, i32>, call: Call| {
-            let got = emulated::run(&case.config, shape, inputs, call)?;
-            assert!(
-                got.status.nonfinite_input && !got.status.invalid_label,
-                "{what} {:?}",
-                call.layout
-            );
-            Ok(got)
-        };
-        let got = run(&case.host(), Call::default()).unwrap();
-        let want = case.reference();
-        let rel = |a: f32, b: f64| ((f64::from(a) - b) / b).abs();
-        assert!(rel(got.classification_loss, want.losses.classification_loss) <= 1e-6);
-        assert!(rel(got.regression_loss, want.losses.regression_loss) <= 1e-6);
-        emulated::assert_channel_major_is_row_major(
-            &what,
-            shape,
-            &case.host(),
-            Call::default(),
-            &got,
-            run,
-        );
-    }
+    let shape = Shape::new(2, 70, 81);
     for value in [f32::INFINITY, f32::NEG_INFINITY, f32::NAN] {
-        check::<f32>(value);
-        check::<f16>(value);
-        check::<bf16>(value);
+        non_finite_logit_is_flagged::<f32, i32>(shape, 117, 40, value);
+        non_finite_logit_is_flagged::<f16, i32>(shape, 117, 40, value);
+        non_finite_logit_is_flagged::<bf16, i32>(shape, 117, 40, value);
     }
 }
 
@@ -2424,45 +2444,9 @@ fn an_infinite_logit_in_a_long_row_is_flagged() {
     fn check<T: Float, L: Label>(value: f32) {
         let shape = Shape::new(2, 6, 3001);
         assert_eq!(plans::<T>(shape).map(|p| p.tile_rows), [0, 0]);
-        let mut rng = SplitMix64(43);
-        let mut confidence: Vec<T> = (0..shape.confidence_len())
-            .map(|_| T::from_f64(rng.normal()))
-            .collect();
-        let labels: Vec<L> = (0..shape.rows() as i64)
-            .map(|i| L::from_i64(if i % 3 == 1 { 1 + i * 37 % 3000 } else { 0 }))
-            .collect();
-        let mut case = Drawn::with(shape, confidence.clone(), labels, &mut rng);
-        let clean = emulated::run(&case.config, shape, &case.host(), Call::default()).unwrap();
-        assert!(clean.status.is_ok(), "{:?} {value}", T::DTYPE);
-        // An ignored row, which no loss reads.
-        case.labels[8] = L::from_i64(-1);
-        confidence[8 * 3001 + 2999] = T::from_f32(value);
-        case.confidence = confidence;
-        let what = format!("{:?}/{:?} {value}", T::DTYPE, L::LABEL_TYPE);
-        let run = |inputs: &HostInputs<'_, T, L>, call: Call| {
-            let got = emulated::run(&case.config, shape, inputs, call)?;
-            assert!(
-                got.status.nonfinite_input && !got.status.invalid_label,
-                "{what} {:?}",
-                call.layout
-            );
-            Ok(got)
-        };
-        let got = run(&case.host(), Call::default()).unwrap();
-        let want = case.reference();
-        let rel = |a: f32, b: f64| ((f64::from(a) - b) / b).abs();
-        assert!(rel(got.classification_loss, want.losses.classification_loss) <= 1e-6);
-        assert!(rel(got.regression_loss, want.losses.regression_loss) <= 1e-6);
-        emulated::assert_channel_major_is_row_major(
-            &what,
-            shape,
-            &case.host(),
-            Call::default(),
-            &got,
-            run,
-        );
+        non_finite_logit_is_flagged::<T, L>(shape, 8, 2999, value);
     }
-    for value in [f32::INFINITY, f32::NAN] {
+    for value in [f32::INFINITY, f32::NEG_INFINITY, f32::NAN] {
         check::<f32, i32>(value);
         check::<f32, i64>(value);
         check::<f16, i32>(value);
@@ -2527,20 +2511,7 @@ fn extreme_neg_pos_ratios_match_the_reference() {
         let mut case = Drawn::<f32, i64>::draw(seed, 100_000);
         case.config.neg_pos_ratio = ratio;
         let what = format!("ratio {ratio:e} {}", case.shape);
-        let want = case.reference();
-        let call = Call {
-            upstream: Upstream::Host(case.upstream.0, case.upstream.1),
-            ..Call::default()
-        };
-        let got = emulated::run(&case.config, case.shape, &case.host(), call)
-            .unwrap_or_else(|e| panic!("{what}: {e}"));
-        compare(
-            &what,
-            &case,
-            &want,
-            &got,
-            &case.divisors(Normalizer::Positives),
-        );
+        checked_with_its_upstream(&what, &case);
     }
 }
 
