@@ -265,7 +265,9 @@ fn device_status_records_each_bad_input_and_matches_the_reference() {
     }
     let degenerate = [
         [f32::NAN, 0.1, 0.4, 0.5],
+        [0.1, f32::NAN, 0.4, 0.5],
         [0.1, 0.1, f32::INFINITY, 0.5],
+        [0.1, 0.1, 0.4, f32::INFINITY],
         [f32::NEG_INFINITY, 0.1, 0.4, 0.5],
         [0.4, 0.1, 0.4, 0.5],
         [0.1, 0.5, 0.4, 0.1],
