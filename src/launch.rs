@@ -410,7 +410,7 @@ fn buffer_extents(call: &RawCall, plan: &LaunchPlan) -> [Extent; 13] {
 }
 
 fn check_alignment(name: &'static str, addr: u64, align: usize) -> Result<()> {
-    if addr % align as u64 != 0 {
+    if !addr.is_multiple_of(align as u64) {
         return Err(Error::Misaligned { name, align, addr });
     }
     Ok(())

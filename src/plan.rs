@@ -836,7 +836,7 @@ pub fn gradient_plane_rows(shape: Shape, layout: Layout, dtype: DType) -> u32 {
 /// a row); 16 bytes more spread consecutive planes over 8 banks.
 pub fn gradient_plane_stride(priors: usize, rows: u32, dtype: DType) -> u32 {
     let stride = plane_stride(priors, rows, dtype);
-    if (stride as usize * dtype.size()) % 32 == 0 {
+    if (stride as usize * dtype.size()).is_multiple_of(32) {
         stride + (16 / dtype.size()) as u32
     } else {
         stride
@@ -925,7 +925,7 @@ pub fn rows_plane_stride(shape: Shape, tile_rows: u32, dtype: DType) -> u32 {
     let (rows, per) = (32 / lanes, shape.classes.div_ceil(lanes));
     let spreads = |stride: u32| {
         let offset = per * stride as usize % 32;
-        offset % rows == 0 && (offset / rows) % 2 == 1
+        offset.is_multiple_of(rows) && (offset / rows) % 2 == 1
     };
     // A 16-byte word (4 elements) at a time keeps P's residue; 8 of them
     // try every stride modulo 32.

@@ -66,7 +66,7 @@ impl<T: Float, L: Label> Drawn<T, L> {
         let gt_locations = (0..shape.locations_len())
             .map(|_| T::from_f64(rng.normal()))
             .collect();
-        let empty_image = rng.next_u64() % 4 == 0;
+        let empty_image = rng.next_u64().is_multiple_of(4);
         let labels = (0..shape.rows())
             .map(|r| {
                 let u = rng.uniform();
@@ -581,7 +581,7 @@ fn long_images_with_heavy_ties() {
             .map(|_| (rng.next_u64() % 3) as f32 - 1.0)
             .collect();
         let labels: Vec<i64> = (0..shape.rows())
-            .map(|_| i64::from(rng.next_u64() % 50 == 0))
+            .map(|_| i64::from(rng.next_u64().is_multiple_of(50)))
             .collect();
         let case = Drawn::with(shape, confidence, labels, &mut rng);
         let want = case.reference();
@@ -1048,7 +1048,7 @@ fn set_rows_at_the_ends_of_the_buffer<T: Float, L: Label>(classes: usize, seed: 
     let shift = (1..16 / size)
         .find(|&s| {
             let start = padded[s..].as_ptr() as usize;
-            start % 16 != 0 && (start + len * size) % 16 != 0
+            !start.is_multiple_of(16) && !(start + len * size).is_multiple_of(16)
         })
         .expect("a shift that misaligns both ends");
     padded[shift..shift + len].copy_from_slice(&case.confidence);

@@ -69,7 +69,7 @@ struct Drawn {
 
 fn draw(seed: u64) -> Drawn {
     let mut rng = SplitMix64(seed);
-    let grid = rng.next_u64() % 3 == 0;
+    let grid = rng.next_u64().is_multiple_of(3);
     let coord = |rng: &mut SplitMix64, lo: f64, hi: f64| {
         let v = lo + (hi - lo) * rng.uniform();
         (if grid { (v * 8.0).round() / 8.0 } else { v }) as f32
@@ -107,7 +107,7 @@ fn draw(seed: u64) -> Drawn {
         counts.push(n as i32);
         for t in 0..n {
             let row = b * max_boxes + t;
-            let bx = if t > 0 && rng.next_u64() % 6 == 0 {
+            let bx = if t > 0 && rng.next_u64().is_multiple_of(6) {
                 // A duplicate of an earlier box: they share their best prior.
                 let src = b * max_boxes + (rng.next_u64() % t as u64) as usize;
                 [

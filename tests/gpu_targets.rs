@@ -150,7 +150,7 @@ fn random_batch(seed: u64, batch: usize, max_boxes: usize) -> (Vec<f32>, Vec<i64
         counts.push(n as i32);
         for t in 0..n {
             let row = b * max_boxes + t;
-            let bx = if t > 0 && rng.next_u64() % 5 == 0 {
+            let bx = if t > 0 && rng.next_u64().is_multiple_of(5) {
                 let s = row - 1;
                 [
                     boxes[s * 4],

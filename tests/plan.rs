@@ -498,7 +498,12 @@ fn kernel_3_stages_tiles_that_fit_shared_memory() {
                 let row_bytes = 256 * classes * size + 32;
                 let stride = |rows: usize| {
                     let stride = rows + priors % per_word;
-                    stride + if stride * size % 32 == 0 { per_word } else { 0 }
+                    stride
+                        + if (stride * size).is_multiple_of(32) {
+                            per_word
+                        } else {
+                            0
+                        }
                 };
                 let plane_bytes = |rows: usize| 16 - size + stride(rows) * size * classes;
                 let part = [256, 128, 64, 32]

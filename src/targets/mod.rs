@@ -262,7 +262,7 @@ pub fn is_valid_box(b: [f32; 4]) -> bool {
 /// Checks priors on the host: `P * 4` finite values, widths and heights
 /// positive. Returns P.
 pub fn validate_priors(priors: &[f32]) -> Result<usize> {
-    if priors.is_empty() || priors.len() % 4 != 0 {
+    if priors.is_empty() || !priors.len().is_multiple_of(4) {
         return Err(Error::InvalidPriors(format!(
             "priors must be [P, 4] with P >= 1, got {} values",
             priors.len()
