@@ -15,7 +15,11 @@
 //!   and keeps its workspace in the op; the backward runs kernel 3 with
 //!   candle's upstream gradients read from device memory, each gradient
 //!   rounded once. `MultiboxLosses::num_pos` is read back after the forward
-//!   (one 4-byte copy, which synchronises candle's stream). candle's `cuda`
+//!   (one 4-byte copy, which synchronises candle's stream). An invalid label
+//!   is an error on the CPU, and on CUDA makes both losses NaN (the kernels
+//!   see it on the device, and the adapter reads no status word). The
+//!   loaded kernels are kept for the life of the process, per context and
+//!   configuration: keep `MultiboxConfig` fixed rather than scheduled. candle's `cuda`
 //!   feature compiles candle's own kernels with `nvcc` at build time:
 //!   `scripts/setup-nvcc` installs one from PyPI (see the README). Without
 //!   `candle-cuda`, CUDA tensors get an error that says so, never a silent
@@ -55,7 +59,9 @@ use crate::{Float, MultiboxConfig, Shape};
 #[cfg(feature = "candle-cuda")]
 use cuda::CudaState;
 
-/// The losses of one call, as candle scalars (f32) in the autograd graph.
+/// The losses of one call, as candle scalars in the autograd graph: f32
+/// whatever the inputs' dtype, as the sums are f32 (`.to_dtype(DType::BF16)`
+/// before adding one to a bf16 loss).
 #[derive(Debug, Clone)]
 pub struct MultiboxLosses {
     /// Smooth-L1 over positives / the divisor (N by default): a 0-dim f32 tensor.
@@ -72,12 +78,18 @@ pub struct MultiboxLosses {
 /// `gt_locations` `[B, P, 4]` (converted to the inputs' dtype).
 ///
 /// `backward` on any function of the two losses gives the gradients of
-/// `confidence` and `predicted_locations`, computed by the CPU reference
-/// with the upstream gradients of the two losses.
+/// `confidence` and `predicted_locations` with the upstream gradients of
+/// the two losses: from the CPU reference on CPU tensors, from kernel 3 on
+/// CUDA ones (feature `candle-cuda`).
 ///
 /// # Errors
-/// Shapes that do not agree, dtypes outside the above, tensors not on the
-/// CPU, and every error of [`reference::forward`] (wrapped).
+/// Shapes that do not agree, dtypes outside the above, tensors on
+/// different devices or on a device this build does not serve (CUDA
+/// without `candle-cuda`), and on the CPU every error of
+/// [`reference::forward`] (wrapped), an invalid label included. On CUDA an
+/// invalid label is no error: both losses come out NaN, as SPEC.md's bad
+/// input asks of the kernels, so a step that skips non-finite losses skips
+/// it.
 pub fn multibox_loss(
     config: &MultiboxConfig,
     confidence: &Tensor,

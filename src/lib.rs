@@ -80,6 +80,10 @@ pub mod reference;
 pub mod synthetic;
 pub mod targets;
 
+/// candle-core (feature `candle`), re-exported so callers use the version
+/// [`candle`] takes tensors of (0.11).
+#[cfg(feature = "candle")]
+pub use candle_core;
 pub use config::{Layout, MultiboxConfig, Reduction, Shape};
 /// cudarc, re-exported so callers use the same version.
 pub use cudarc;

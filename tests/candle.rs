@@ -7,7 +7,7 @@
 #![cfg(feature = "candle")]
 
 use candle_core::{DType, Device, Tensor, Var};
-use half::f16;
+use half::{bf16, f16};
 use multibox::candle::multibox_loss;
 use multibox::reference::{self, Upstream};
 use multibox::synthetic::{Batch, BatchSpec};
@@ -125,6 +125,117 @@ fn a_non_finite_upstream_gradient_is_refused_on_the_cpu() -> candle_core::Result
 #[test]
 fn f16_inputs() -> candle_core::Result<()> {
     matches_reference::<f16>(Shape::new(1, 200, 8), 1.0, 1.0)
+}
+
+#[test]
+fn bf16_inputs() -> candle_core::Result<()> {
+    matches_reference::<bf16>(Shape::new(2, 50, 6), 0.5, 3.0)
+}
+
+/// Views as a candle model makes them: logits transposed out of a
+/// channel-major `Var`, boxes narrowed out of a wider one, strided labels
+/// and targets at an offset. The losses are the reference's, and the
+/// gradients reach the parent `Var`s in their own layout, zero in the
+/// columns the view leaves out.
+#[test]
+fn strided_views_and_their_gradients() -> candle_core::Result<()> {
+    let shape = Shape::new(2, 300, 5);
+    let (b, p, c) = (shape.batch, shape.priors, shape.classes);
+    let config = MultiboxConfig::default();
+    let batch = Batch::<f32, i64>::generate(shape, BatchSpec::default());
+    let (confidence, predicted, labels, gt) = tensors(&batch, shape)?;
+    let dev = Device::Cpu;
+
+    let channel_major = Var::from_tensor(&confidence.transpose(1, 2)?.contiguous()?)?;
+    let confidence_view = channel_major.transpose(1, 2)?;
+    let padding = Tensor::ones((b, p, 3), DType::F32, &dev)?;
+    let wide = Var::from_tensor(&Tensor::cat(&[predicted.as_tensor(), &padding], 2)?)?;
+    let predicted_view = wide.narrow(2, 0, 4)?;
+    let labels_view = labels.t()?.contiguous()?.t()?;
+    let gt_view =
+        Tensor::cat(&[&Tensor::zeros((1, p, 4), DType::F32, &dev)?, &gt], 0)?.narrow(0, 1, b)?;
+    for view in [&confidence_view, &predicted_view, &labels_view] {
+        assert!(!view.is_contiguous());
+    }
+
+    let loss = multibox_loss(
+        &config,
+        &confidence_view,
+        &predicted_view,
+        &labels_view,
+        &gt_view,
+    )?;
+    let grads = (&loss.regression_loss + &loss.classification_loss)?.backward()?;
+    let want = reference::forward_backward(
+        &config,
+        shape,
+        &batch.reference_inputs(),
+        Upstream::default(),
+    )
+    .map_err(candle_core::Error::wrap)?;
+    assert!(want.losses.num_pos > 0);
+    assert_eq!(loss.num_pos, want.losses.num_pos);
+    assert_eq!(
+        loss.regression_loss.to_scalar::<f32>()?,
+        want.losses.regression_loss as f32
+    );
+    assert_eq!(
+        loss.classification_loss.to_scalar::<f32>()?,
+        want.losses.classification_loss as f32
+    );
+    let d_channel_major = grads.get(&channel_major).expect("d confidence");
+    assert_eq!(d_channel_major.dims(), [b, c, p]);
+    let d_confidence = d_channel_major
+        .transpose(1, 2)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    assert!(d_confidence == want.grad_confidence_as::<f32>());
+    let d_wide = grads.get(&wide).expect("d locations");
+    let d_locations = d_wide.narrow(2, 0, 4)?.flatten_all()?.to_vec1::<f32>()?;
+    assert!(d_locations == want.grad_locations_as::<f32>());
+    assert!(d_wide
+        .narrow(2, 4, 3)?
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .all(|&g| g == 0.0));
+    Ok(())
+}
+
+/// Every integer dtype candle has serves as labels, with the same results
+/// (the unsigned ones without the -1 of ignored priors).
+#[test]
+fn every_integer_label_dtype() -> candle_core::Result<()> {
+    let shape = Shape::new(2, 300, 5);
+    let config = MultiboxConfig::default();
+    let batch = Batch::<f32, i64>::generate(shape, BatchSpec::default());
+    let (confidence, predicted, labels, gt) = tensors(&batch, shape)?;
+    let losses = |labels: &Tensor| -> candle_core::Result<(f32, f32, u64)> {
+        let loss = multibox_loss(&config, &confidence, &predicted, labels, &gt)?;
+        Ok((
+            loss.regression_loss.to_scalar()?,
+            loss.classification_loss.to_scalar()?,
+            loss.num_pos,
+        ))
+    };
+    let signed = losses(&labels)?;
+    assert_eq!(losses(&labels.to_dtype(DType::I32)?)?, signed);
+    assert_eq!(losses(&labels.to_dtype(DType::I16)?)?, signed);
+    let not_ignored = labels.maximum(0i64)?;
+    let unsigned = losses(&not_ignored)?;
+    assert!(unsigned.2 > 0);
+    for dtype in [DType::U8, DType::U32, DType::I16, DType::I32] {
+        assert_eq!(
+            losses(&not_ignored.to_dtype(dtype)?)?,
+            unsigned,
+            "{dtype:?}"
+        );
+    }
+    let err = losses(&labels.to_dtype(DType::F32)?)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("label"), "{err}");
+    Ok(())
 }
 
 #[test]
