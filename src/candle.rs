@@ -19,11 +19,11 @@
 //!   is an error on the CPU, and on CUDA makes both losses NaN (the kernels
 //!   see it on the device, and the adapter reads no status word). The
 //!   loaded kernels are kept for the life of the process, per context and
-//!   configuration: keep `MultiboxConfig` fixed rather than scheduled. candle's `cuda`
-//!   feature compiles candle's own kernels with `nvcc` at build time:
-//!   `scripts/setup-nvcc` installs one from PyPI (see the README). Without
-//!   `candle-cuda`, CUDA tensors get an error that says so, never a silent
-//!   copy to the host.
+//!   configuration: keep `MultiboxConfig` fixed rather than scheduled.
+//!   candle's `cuda` feature compiles candle's own kernels with `nvcc` at
+//!   build time: `scripts/setup-nvcc` installs one from PyPI (see the
+//!   README). Without `candle-cuda`, CUDA tensors get an error that says so,
+//!   never a silent copy to the host.
 //!
 //! ```
 //! use candle_core::{Device, Tensor, Var};
