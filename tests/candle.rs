@@ -31,6 +31,22 @@ fn tensors<T: multibox::Float + candle_core::WithDType>(
     ))
 }
 
+/// The two losses are the reference's, rounded once to f32.
+fn assert_losses_are(
+    loss: &multibox::candle::MultiboxLosses,
+    want: &reference::Output,
+) -> candle_core::Result<()> {
+    assert_eq!(
+        loss.regression_loss.to_scalar::<f32>()?,
+        want.losses.regression_loss as f32
+    );
+    assert_eq!(
+        loss.classification_loss.to_scalar::<f32>()?,
+        want.losses.classification_loss as f32
+    );
+    Ok(())
+}
+
 /// Losses, then d(g_reg * reg + g_cls * cls) through candle, against the reference.
 fn matches_reference<T: multibox::Float + candle_core::WithDType>(
     shape: Shape,
@@ -55,14 +71,7 @@ fn matches_reference<T: multibox::Float + candle_core::WithDType>(
     .map_err(candle_core::Error::wrap)?;
     assert_eq!(loss.num_pos, want.losses.num_pos);
     assert!(want.losses.num_pos > 0);
-    assert_eq!(
-        loss.regression_loss.to_scalar::<f32>()?,
-        want.losses.regression_loss as f32
-    );
-    assert_eq!(
-        loss.classification_loss.to_scalar::<f32>()?,
-        want.losses.classification_loss as f32
-    );
+    assert_losses_are(&loss, &want)?;
     let grad_confidence = grads
         .get(&confidence)
         .expect("d confidence")
@@ -175,14 +184,7 @@ fn strided_views_and_their_gradients() -> candle_core::Result<()> {
     .map_err(candle_core::Error::wrap)?;
     assert!(want.losses.num_pos > 0);
     assert_eq!(loss.num_pos, want.losses.num_pos);
-    assert_eq!(
-        loss.regression_loss.to_scalar::<f32>()?,
-        want.losses.regression_loss as f32
-    );
-    assert_eq!(
-        loss.classification_loss.to_scalar::<f32>()?,
-        want.losses.classification_loss as f32
-    );
+    assert_losses_are(&loss, &want)?;
     let d_channel_major = grads.get(&channel_major).expect("d confidence");
     assert_eq!(d_channel_major.dims(), [b, c, p]);
     let d_confidence = d_channel_major
@@ -310,14 +312,7 @@ fn channel_major_and_normalisers() -> candle_core::Result<()> {
             &options,
         )
         .map_err(candle_core::Error::wrap)?;
-        assert_eq!(
-            loss.regression_loss.to_scalar::<f32>()?,
-            want.losses.regression_loss as f32
-        );
-        assert_eq!(
-            loss.classification_loss.to_scalar::<f32>()?,
-            want.losses.classification_loss as f32
-        );
+        assert_losses_are(&loss, &want)?;
         let d_conf = grads.get(&conf_var).unwrap();
         assert_eq!(d_conf.dims(), [b, c, p]);
         assert_eq!(
