@@ -377,13 +377,8 @@ struct KeepCurrentContext {
 
 impl KeepCurrentContext {
     fn new() -> Self {
-        use cudarc::driver::{result::ctx, sys};
-        // Asked once: is_culib_present opens and closes the library each
-        // time, and the answer does not change while the process runs.
-        static DRIVER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        // SAFETY: is_culib_present only tries to load the driver library.
-        let driver = *DRIVER.get_or_init(|| unsafe { sys::is_culib_present() });
-        let previous = driver.then(|| {
+        use cudarc::driver::result::ctx;
+        let previous = crate::loss::driver_library_present().then(|| {
             // An error (CUDA_ERROR_NOT_INITIALIZED before any cuInit) means
             // no context is current either.
             ctx::get_current()

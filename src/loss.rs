@@ -801,16 +801,29 @@ impl Backend for DriverBackend<'_> {
     }
 }
 
+/// Whether the CUDA driver library can be loaded: cudarc panics at the
+/// first driver call where it cannot. Asked once, as the answer cannot
+/// change while the process runs and each question opens the library.
+#[cfg(not(feature = "candle-cuda"))]
+pub(crate) fn driver_library_present() -> bool {
+    static PRESENT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    // SAFETY: is_culib_present only tries to dlopen the driver library.
+    *PRESENT.get_or_init(|| unsafe { cudarc::driver::sys::is_culib_present() })
+}
+
+/// With candle's CUDA build (feature candle-cuda), cudarc links the driver
+/// library at build time instead of loading it (and has no
+/// `is_culib_present`), so a process that runs at all has it.
+#[cfg(feature = "candle-cuda")]
+pub(crate) fn driver_library_present() -> bool {
+    true
+}
+
 /// Opens CUDA device `ordinal`, or says why there is none: no driver library
 /// (`libcuda.so`) on this machine, or no such device. Unlike
 /// `CudaContext::new`, it never panics when the driver is missing.
 pub fn cuda_context(ordinal: usize) -> Result<Arc<CudaContext>> {
-    // With candle's CUDA build (feature candle-cuda), cudarc links the
-    // driver library at build time instead of loading it, so a process that
-    // runs at all has it.
-    #[cfg(not(feature = "candle-cuda"))]
-    // SAFETY: is_culib_present only tries to dlopen the driver library.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+    if !driver_library_present() {
         return Err(Error::NoDevice(
             "the CUDA driver library (libcuda.so) is not installed".into(),
         ));
