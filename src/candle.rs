@@ -14,8 +14,9 @@
 //!   configuration, built on first use). The forward runs kernels 1 and 2
 //!   and keeps its workspace in the op; the backward runs kernel 3 with
 //!   candle's upstream gradients read from device memory, each gradient
-//!   rounded once. `MultiboxLosses::num_pos` is read back after the forward
-//!   (one 4-byte copy, which synchronises candle's stream). An invalid label
+//!   rounded once. Nothing is read back: `MultiboxLosses::num_pos` is a
+//!   tensor the forward's kernels write, so a step that never reads it never
+//!   waits on the GPU. An invalid label
 //!   is an error on the CPU, and on CUDA makes both losses NaN (the kernels
 //!   see it on the device, and the adapter reads no status word). The
 //!   loaded kernels are kept for the life of the process, per context and
@@ -39,7 +40,7 @@
 //! let loss = multibox::candle::multibox_loss(&config, &confidence, &predicted, &labels, &gt)?;
 //! let total = (&loss.regression_loss + &loss.classification_loss)?;
 //! let grads = total.backward()?;
-//! assert_eq!(loss.num_pos, 1);
+//! assert_eq!(loss.num_pos.to_scalar::<u32>()?, 1);
 //! assert_eq!(loss.regression_loss.to_scalar::<f32>()?, 1.625);
 //! let d_loc = grads.get(&predicted).unwrap().flatten_all()?.to_vec1::<f32>()?;
 //! assert_eq!(d_loc[..4], [0.5, 0.0, 0.0, 1.0]);
@@ -68,8 +69,11 @@ pub struct MultiboxLosses {
     pub regression_loss: Tensor,
     /// Cross-entropy over positives and mined negatives / the divisor: a 0-dim f32 tensor.
     pub classification_loss: Tensor,
-    /// N, the positives in the batch (whatever the normaliser).
-    pub num_pos: u64,
+    /// N, the positives in the batch (whatever the normaliser): a 0-dim u32
+    /// tensor on the inputs' device, outside the autograd graph. On CUDA the
+    /// forward's kernels write it; reading it (`to_scalar::<u32>()`) waits
+    /// for them.
+    pub num_pos: Tensor,
 }
 
 /// The MultiBox loss of `confidence` `[B, P, C]` and `predicted_locations`
@@ -201,7 +205,10 @@ pub fn multibox_loss_with(
         }
         other => candle_core::bail!("multibox: labels are {other:?}; an integer dtype expected"),
     };
-    let num_pos = labels.iter().filter(|&&l| l > 0).count() as u64;
+    let num_pos = labels.iter().filter(|&&l| l > 0).count();
+    let num_pos = u32::try_from(num_pos).map_err(|_| {
+        candle_core::Error::Msg(format!("multibox: {num_pos} positives overflow u32"))
+    })?;
     let op = MultiboxOp {
         config: *config,
         shape,
@@ -219,7 +226,7 @@ pub fn multibox_loss_with(
     Ok(MultiboxLosses {
         regression_loss: losses.get(0)?,
         classification_loss: losses.get(1)?,
-        num_pos,
+        num_pos: Tensor::new(num_pos, confidence.device())?,
     })
 }
 
@@ -403,8 +410,9 @@ mod cuda {
 
     use candle_core::backend::BackendStorage;
     use candle_core::cuda::CudaDType;
+    use candle_core::op::BackpropOp;
     use candle_core::{CudaStorage, DType, Layout, Storage, Tensor};
-    use cudarc::driver::{CudaSlice, CudaStream, CudaView, DeviceRepr, ValidAsZeroBits};
+    use cudarc::driver::{CudaSlice, CudaStream, CudaView, DeviceRepr};
     use half::{bf16, f16};
 
     use super::{MultiboxLosses, MultiboxOp};
@@ -417,8 +425,9 @@ mod cuda {
         labels: Option<Tensor>,
         /// The forward's workspace: the mining decisions kernel 3 reads.
         workspace: Option<CudaSlice<u8>>,
-        /// The forward's `num_pos` (one i32).
-        num_pos: Option<CudaSlice<i32>>,
+        /// The forward's `num_pos`: one u32, which the kernels write as an
+        /// i32 (never negative, so the bits are the same number).
+        num_pos: Option<CudaSlice<u32>>,
     }
 
     fn err(e: impl std::fmt::Display) -> candle_core::Error {
@@ -467,7 +476,7 @@ mod cuda {
     }
 
     /// The CUDA half of `multibox_loss`: labels kept on the device, the op
-    /// applied, `num_pos` read back.
+    /// applied, `num_pos` handed on as a tensor (nothing is read back).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn multibox_loss(
         config: &MultiboxConfig,
@@ -512,18 +521,21 @@ mod cuda {
             &gt_locations.contiguous()?,
             op,
         )?;
-        let num_pos = {
-            let state = lock(&state)?;
-            let slice = state
-                .num_pos
-                .as_ref()
-                .ok_or_else(|| err("the forward did not run"))?;
-            slice.stream().clone_dtoh(slice).map_err(err)?[0]
-        };
+        let num_pos = lock(&state)?
+            .num_pos
+            .take()
+            .ok_or_else(|| err("the forward did not run"))?;
+        let device = confidence.device().as_cuda_device()?.clone();
+        let num_pos = Tensor::from_storage(
+            Storage::Cuda(CudaStorage::wrap_cuda_slice(num_pos, device)),
+            (),
+            BackpropOp::none(),
+            false,
+        );
         Ok(MultiboxLosses {
             regression_loss: losses.get(0)?,
             classification_loss: losses.get(1)?,
-            num_pos: u64::try_from(num_pos).map_err(err)?,
+            num_pos,
         })
     }
 
@@ -564,20 +576,33 @@ mod cuda {
         let Storage::Cuda(labels_storage) = &*labels_storage else {
             candle_core::bail!("multibox: labels are not on the GPU");
         };
-        let mut losses = stream.alloc_zeros::<f32>(2).map_err(err)?;
-        let mut num_pos = stream.alloc_zeros::<i32>(1).map_err(err)?;
-        let mut workspace = stream
-            .alloc_zeros::<u8>(crate::workspace_bytes(op.shape).map_err(err)?)
-            .map_err(err)?;
+        let workspace_bytes = crate::workspace_bytes(op.shape).map_err(err)?;
+        // SAFETY: every bit pattern is a valid f32, u32 and u8, and none of
+        // the three is read before it is written: kernel 2 writes both
+        // losses and `num_pos`, and the kernels need no zeroed workspace
+        // (kernel 1 resets the count kernel 2 reads; the PyTorch op passes
+        // `torch.empty` too). No memset, so no launch beyond the kernels.
+        let (mut losses, mut num_pos, mut workspace) = unsafe {
+            (
+                stream.alloc::<f32>(2).map_err(err)?,
+                stream.alloc::<u32>(1).map_err(err)?,
+                stream.alloc::<u8>(workspace_bytes).map_err(err)?,
+            )
+        };
         {
             let confidence = view::<T>(s[0].0, s[0].1, "confidence")?;
             let predicted_locations = view::<T>(s[1].0, s[1].1, "predicted_locations")?;
             let gt_locations = view::<T>(s[2].0, s[2].1, "gt_locations")?;
             let (mut reg, mut cls) = losses.split_at_mut(1);
+            // SAFETY: i32 and u32 have one size and alignment, and every bit
+            // pattern is a valid value of either; the view covers the one
+            // element `num_pos` holds.
+            let mut num_pos_i32 = unsafe { num_pos.transmute_mut::<i32>(1) }
+                .ok_or_else(|| err("num_pos: one i32 does not fit in one u32"))?;
             let mut outputs = Outputs {
                 regression_loss: &mut reg,
                 classification_loss: &mut cls,
-                num_pos: &mut num_pos,
+                num_pos: &mut num_pos_i32,
                 mask: None,
             };
             macro_rules! run {
@@ -671,7 +696,7 @@ mod cuda {
     }
 
     impl GradientOp {
-        fn run<T: Float + CudaDType + DeviceRepr + ValidAsZeroBits>(
+        fn run<T: Float + CudaDType + DeviceRepr>(
             &self,
             s: [(&CudaStorage, &Layout); 3],
         ) -> candle_core::Result<(CudaStorage, candle_core::Shape)> {
@@ -694,7 +719,11 @@ mod cuda {
                 .as_mut()
                 .ok_or_else(|| err("backward before forward: no workspace"))?;
             let (n, m) = (self.shape.confidence_len(), self.shape.locations_len());
-            let mut grads = stream.alloc_zeros::<T>(n + m).map_err(err)?;
+            // SAFETY: every bit pattern is a valid T (f32, f16 or bf16), and
+            // kernel 3 writes every element of both gradients, so nothing
+            // unwritten is ever read. Zeroing it first would be a memset of
+            // the gradients' whole size for nothing.
+            let mut grads = unsafe { stream.alloc::<T>(n + m) }.map_err(err)?;
             {
                 let confidence = view::<T>(s[0].0, s[0].1, "confidence")?;
                 let predicted_locations = view::<T>(s[1].0, s[1].1, "predicted_locations")?;
