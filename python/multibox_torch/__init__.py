@@ -90,10 +90,23 @@ def library_path():
     return _capi.library().path
 
 
+def _not_during_capture(what):
+    """Raises a clear error where a first call would load kernels (or read
+    the priors back) inside a CUDA graph capture, which the driver refuses
+    with an unclear one: such a call belongs to the warm-up run that
+    ``torch.cuda.graph`` asks for anyway."""
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"{what}: the first call on a device with these settings loads the kernels, which cannot "
+            "happen while a CUDA graph is being captured; run the step once before the capture (a warm-up)"
+        )
+
+
 def _loss_handle(device_index, neg_pos_ratio, min_negatives_per_image, beta):
     key = (device_index, float(neg_pos_ratio), int(min_negatives_per_image), float(beta))
     handle = _losses.get(key)
     if handle is None:
+        _not_during_capture("multibox_loss")
         lib = _capi.library()
         config = lib.config(neg_pos_ratio, min_negatives_per_image, beta)
         out = _capi.ctypes.c_void_p()
@@ -233,7 +246,7 @@ def _check(confidence, predicted_locations, labels, gt_locations, layout=_capi.R
             lambda: f"multibox_loss: confidence must be [B, P, C], got {tuple(confidence.shape)}",
         )
         b, p, c = confidence.shape
-        loc_shape, loc_text = (b, p, 4), f"[{b}, {p}, 4]"
+        loc_shape, loc_text = (b, p, 4), lambda: f"[{b}, {p}, 4]"
     else:
         torch._check_value(
             confidence.dim() == 3,
@@ -241,10 +254,10 @@ def _check(confidence, predicted_locations, labels, gt_locations, layout=_capi.R
             f"{tuple(confidence.shape)}",
         )
         b, c, p = confidence.shape
-        loc_shape, loc_text = (b, 4, p), f"[{b}, 4, {p}] (layout='channel_major')"
+        loc_shape, loc_text = (b, 4, p), lambda: f"[{b}, 4, {p}] (layout='channel_major')"
     torch._check_value(
         tuple(predicted_locations.shape) == loc_shape,
-        lambda: f"multibox_loss: predicted_locations must be {loc_text}, got {tuple(predicted_locations.shape)}",
+        lambda: f"multibox_loss: predicted_locations must be {loc_text()}, got {tuple(predicted_locations.shape)}",
     )
     torch._check_value(
         tuple(labels.shape) == (b, p),
@@ -252,7 +265,7 @@ def _check(confidence, predicted_locations, labels, gt_locations, layout=_capi.R
     )
     torch._check_value(
         tuple(gt_locations.shape) == loc_shape,
-        lambda: f"multibox_loss: gt_locations must be {loc_text}, got {tuple(gt_locations.shape)}",
+        lambda: f"multibox_loss: gt_locations must be {loc_text()}, got {tuple(gt_locations.shape)}",
     )
     devices = [t.device for t in (confidence, predicted_locations, labels, gt_locations)]
     torch._check_value(
@@ -612,11 +625,14 @@ def _backward(ctx, g_reg, g_cls, _g_num_pos, _g_workspace):
     d_gt = torch.zeros_like(gt_locations) if ctx.needs_input_grad[3] else None
     d_confidence = d_locations = None
     if need_confidence or need_locations:
-        zero = torch.zeros((), dtype=torch.float32, device=confidence.device)
-        g_reg = zero if g_reg is None else g_reg.to(torch.float32).reshape(())
-        g_cls = zero if g_cls is None else g_cls.to(torch.float32).reshape(())
+        if g_reg is None or g_cls is None:
+            # A loss that does not reach the output has no upstream gradient:
+            # 0. Made only then, so the usual step (a sum) allocates nothing.
+            zero = torch.zeros((), dtype=torch.float32, device=confidence.device)
+            g_reg = zero if g_reg is None else g_reg
+            g_cls = zero if g_cls is None else g_cls
         # [g_reg, g_cls] stays on the device: kernel 3 reads it there.
-        upstream = torch.stack([g_reg, g_cls])
+        upstream = torch.stack([g.to(torch.float32).reshape(()) for g in (g_reg, g_cls)])
         d_confidence, d_locations = _backward_op(
             confidence, predicted_locations, labels, gt_locations, workspace, upstream, *ctx.settings,
             *ctx.normalizer, normalizer_tensor,

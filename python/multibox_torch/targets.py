@@ -4,8 +4,11 @@ op, and ``MultiboxLoss``, a drop-in for the reference training code's module.
     from multibox_torch import MultiboxLoss, pad_targets
     criterion = MultiboxLoss(config.priors, iou_threshold=0.5, neg_pos_ratio=3,
                              center_variance=0.1, size_variance=0.2, device=device)
+    # In the DataLoader's collate_fn, on CPU tensors (and pin_memory=True):
     gt_boxes, gt_labels, gt_counts = pad_targets(boxes_per_image, labels_per_image)
-    labels, gt_locations = criterion.assign(gt_boxes.cuda(), gt_labels.cuda(), gt_counts.cuda())
+    # In the step: pinned copies, so the host does not wait for the GPU.
+    gt_boxes, gt_labels, gt_counts = (t.to("cuda", non_blocking=True) for t in (gt_boxes, gt_labels, gt_counts))
+    labels, gt_locations = criterion.assign(gt_boxes, gt_labels, gt_counts)
     regression_loss, classification_loss = criterion(confidence, locations, labels, gt_locations)
 
 The assignment is the reference's ``MatchPrior`` (SPEC.md, "Target
@@ -25,6 +28,9 @@ import torch
 from torch import Tensor, nn
 
 from . import _capi, _capi_targets
+
+# The package defines these before it imports this module.
+from . import _loss_and_record, _not_during_capture  # noqa: E402
 
 __all__ = ["assign_targets", "pad_targets", "standard_priors", "MultiboxLoss", "TargetStatus"]
 
@@ -83,7 +89,14 @@ def pad_targets(
     on the device of the first tensor. ``T`` is ``max_boxes`` if given (it
     must hold every image), else the largest count (at least 1). The labels
     keep their integer type (int64 or int32). Padding rows hold zeros; the
-    assignment never reads them."""
+    assignment never reads them.
+
+    The counts come from the host. On CUDA they are copied from pinned
+    memory without waiting for the stream, but a CUDA graph would replay
+    that copy from a buffer long gone, so a capture raises RuntimeError:
+    pad before it. Cheapest of all is padding CPU tensors in the
+    DataLoader's ``collate_fn`` with ``pin_memory=True``, then moving the
+    three with ``.to(device, non_blocking=True)``."""
     if len(boxes) != len(labels):
         raise ValueError(f"{len(boxes)} box tensors but {len(labels)} label tensors")
     if len(boxes) == 0:
@@ -104,13 +117,22 @@ def pad_targets(
     if t < longest:
         raise ValueError(f"max_boxes={max_boxes} is smaller than an image's {longest} boxes")
     device = boxes[0].device
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "pad_targets: the counts come from the host, and a CUDA graph would not copy them again when "
+            "replayed; pad the targets before the capture and copy them into the tensors the graph reads"
+        )
     label_dtype = labels[0].dtype
     gt_boxes = torch.zeros((len(boxes), t, 4), dtype=torch.float32, device=device)
     gt_labels = torch.zeros((len(boxes), t), dtype=label_dtype, device=device)
     for i, (b, l) in enumerate(zip(boxes, labels)):
         gt_boxes[i, : b.shape[0]] = b.to(device=device, dtype=torch.float32)
         gt_labels[i, : l.shape[0]] = l.to(device=device, dtype=label_dtype)
-    gt_counts = torch.tensor(counts, dtype=torch.int32, device=device)
+    gt_counts = torch.tensor(counts, dtype=torch.int32)
+    if device.type == "cuda":
+        # From pinned memory without waiting: a pageable copy would make the
+        # host wait for everything queued on the stream.
+        gt_counts = gt_counts.pin_memory().to(device, non_blocking=True)
     return gt_boxes, gt_labels, gt_counts
 
 
@@ -245,6 +267,7 @@ def _cuda_assign(priors, gt_boxes, gt_labels, gt_counts, thr, cv, sv, num_classe
         # graph capture cannot copy to the host: there, priors that no call
         # before the capture saw go unchecked.
         if handle is None:
+            _not_during_capture("assign_targets")
             handle = _assigner(device.index, priors.cpu(), thr, cv, sv, num_classes)
             _priors_seen(priors_key, priors_arg)
         elif not _priors_checked(priors_key, priors_arg) and not torch.cuda.is_current_stream_capturing():
@@ -594,8 +617,6 @@ class MultiboxLoss(nn.Module):
                 normalizer=None):
         """``(regression_loss, classification_loss)``; ``normalizer`` (not
         None) replaces the module's for this call."""
-        from . import _loss_and_record
-
         regression_loss, classification_loss, _, record = _loss_and_record(
             confidence,
             predicted_locations,

@@ -449,3 +449,110 @@ def test_cuda_num_classes_flags_box_labels_of_c_and_above():
         assert criterion.last_assign_status().invalid_box_label == flagged, classes
         assert torch.equal(labels.cpu(), want[0])
         assert (gt_locations.cpu() - want[1]).abs().max() <= 1e-6 * max(1.0, want[1].abs().max().item())
+
+
+def test_a_first_call_inside_a_graph_capture_asks_for_a_warm_up(monkeypatch):
+    # The check comes before the library is touched, so a CPU-only machine
+    # runs it with the capture faked; test_cuda_graph_capture_of_a_whole_step
+    # meets the real one.
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match=r"multibox_loss: .*while a CUDA graph is being captured.*warm-up"):
+        multibox_torch._loss_handle(0, 2.625, 0, 1.0)
+    assert (0, 2.625, 0, 1.0) not in multibox_torch._losses
+
+
+def _step_inputs(seed, b, t, p, c):
+    """Targets (corner-form boxes, labels, counts of 1..t) and network
+    outputs for one step, on the GPU."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand((b, t, 2), generator=g) * 0.6
+    size = 0.1 + torch.rand((b, t, 2), generator=g) * 0.3
+    return [
+        x.cuda()
+        for x in (
+            torch.cat([low, low + size], dim=-1),
+            torch.randint(1, c, (b, t), generator=g),
+            torch.randint(1, t + 1, (b,), generator=g, dtype=torch.int32),
+            torch.randn((b, p, c), generator=g),
+            torch.randn((b, p, 4), generator=g),
+        )
+    ]
+
+
+@needs_gpu
+def test_cuda_graph_capture_of_a_whole_step():
+    """Assignment, loss and gradients captured once in a CUDA graph give,
+    replayed on new inputs copied into the captured tensors, the eager
+    step's results bit for bit. A first call inside a capture (it would
+    load kernels) and ``pad_targets`` there (its counts come from the host)
+    raise errors that say what to do instead."""
+    priors = standard_priors("ssdlite300").cuda()
+    b, t, p, c = 2, 4, priors.shape[0], 21
+    # Settings no other test uses: their kernels are not loaded yet.
+    criterion = MultiboxLoss(priors, 0.4375, 2.375, 0.1, 0.2, "cuda")
+    boxes, box_labels, counts, conf_values, loc_values = _step_inputs(1, b, t, p, c)
+    confidence = conf_values.clone().requires_grad_()
+    locations = loc_values.clone().requires_grad_()
+
+    def step():
+        labels, gt_locations = criterion.assign(boxes, box_labels, counts)
+        reg, cls = criterion(confidence, locations, labels, gt_locations)
+        (reg + cls).backward()
+        return labels, reg, cls
+
+    with pytest.raises(RuntimeError, match=r"assign_targets: .*warm-up"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            step()
+    criterion.assign(boxes, box_labels, counts)  # loads the assignment's kernels
+    with pytest.raises(RuntimeError, match=r"multibox_loss: .*warm-up"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            step()
+    with pytest.raises(RuntimeError, match=r"pad_targets: .*before the capture"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            pad_targets([boxes[0]], [box_labels[0]])
+
+    # The warm-up PyTorch's CUDA graph notes ask for: on a side stream.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            confidence.grad = locations.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    confidence.grad = locations.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+
+    for seed in (2, 3):
+        new = _step_inputs(seed, b, t, p, c)
+        with torch.no_grad():
+            for static, value in zip((boxes, box_labels, counts, conf_values, loc_values), new):
+                static.copy_(value)
+            confidence.copy_(conf_values)
+            locations.copy_(loc_values)
+        graph.replay()
+        torch.cuda.synchronize()
+
+        eager_conf = new[3].clone().requires_grad_()
+        eager_loc = new[4].clone().requires_grad_()
+        labels, gt_locations = criterion.assign(*new[:3])
+        reg, cls = criterion(eager_conf, eager_loc, labels, gt_locations)
+        (reg + cls).backward()
+        assert (labels > 0).any(), "the case has positives"
+        for got, want in zip(captured, (labels, reg, cls)):
+            assert torch.equal(got, want)
+        assert torch.equal(confidence.grad, eager_conf.grad)
+        assert torch.equal(locations.grad, eager_loc.grad)
+
+
+@needs_gpu
+def test_cuda_pad_targets_match_the_cpus():
+    boxes = [torch.tensor([[0.1, 0.1, 0.4, 0.5], [0.2, 0.3, 0.6, 0.9]]), torch.zeros((0, 4))]
+    labels = [torch.tensor([5, 2]), torch.zeros((0,), dtype=torch.int64)]
+    want = pad_targets(boxes, labels)
+    got = pad_targets([x.cuda() for x in boxes], [x.cuda() for x in labels])
+    torch.cuda.synchronize()  # the counts' copy does not wait
+    for g, w in zip(got, want):
+        assert g.is_cuda and torch.equal(g.cpu(), w)
+
