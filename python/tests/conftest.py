@@ -3,7 +3,10 @@ bindings' checks of the library (test_*_ctypes.py), and deselects the rest:
 scripts/gpu-check runs this suite on a GPU machine within a short budget,
 after CI has run the CPU tests. A test uses a GPU when a parameter of it is
 a CUDA device or backend ("cuda" in its id) or when it is skipped without
-one (a skipif whose reason names CUDA)."""
+one (a skipif whose reason names CUDA).
+
+MULTIBOX_REQUIRE_GPU=1 makes those tests fail, rather than skip, where
+torch sees no GPU."""
 
 import os
 
@@ -29,6 +32,18 @@ def pytest_collection_modifyitems(config, items):
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """MULTIBOX_REQUIRE_GPU=1 (scripts/gpu-check sets it where there is a
+    GPU): a test that uses one fails where it would have skipped for want
+    of one, so a GPU run cannot pass by skipping its GPU tests."""
+    if os.environ.get("MULTIBOX_REQUIRE_GPU") == "1" and _uses_gpu(item) and not torch.cuda.is_available():
+        pytest.fail(
+            f"MULTIBOX_REQUIRE_GPU=1, but torch {torch.__version__} (CUDA {torch.version.cuda}) sees no CUDA device",
+            pytrace=False,
+        )
 
 
 @pytest.fixture

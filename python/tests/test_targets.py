@@ -556,3 +556,15 @@ def test_cuda_pad_targets_match_the_cpus():
     for g, w in zip(got, want):
         assert g.is_cuda and torch.equal(g.cpu(), w)
 
+
+def test_require_gpu_turns_a_gpu_tests_skip_into_a_failure():
+    test = f"{Path(__file__).resolve()}::test_cuda_pad_targets_match_the_cpus"
+    env = dict(os.environ, MULTIBOX_REQUIRE_GPU="1")
+    env.pop("MULTIBOX_GPU_TESTS_ONLY", None)
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], env=env,
+                         capture_output=True, text=True, timeout=300)
+    if torch.cuda.is_available():
+        assert out.returncode == 0, out.stdout + out.stderr
+    else:
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert "MULTIBOX_REQUIRE_GPU=1, but torch" in out.stdout, out.stdout
