@@ -801,22 +801,30 @@ impl Backend for DriverBackend<'_> {
     }
 }
 
-/// Whether the CUDA driver library can be loaded: cudarc panics at the
-/// first driver call where it cannot. Asked once, as the answer cannot
-/// change while the process runs and each question opens the library.
-#[cfg(not(feature = "candle-cuda"))]
+/// Whether the CUDA driver library can be loaded: where cudarc loads it at
+/// run time, its first driver call panics without it. Asked here by the
+/// driver's names rather than through cudarc's `is_culib_present`, which
+/// exists only where cudarc loads the library: where it links the library
+/// instead (candle's CUDA build, for one) the name resolves to the library
+/// already mapped. Asked once, as the answer cannot change while the
+/// process runs.
 pub(crate) fn driver_library_present() -> bool {
+    // The driver's own names: the soname on Linux (libcuda.so alone is a
+    // development symlink), the DLL on Windows.
+    const NAMES: &[&str] = if cfg!(windows) {
+        &["nvcuda.dll"]
+    } else {
+        &["libcuda.so.1", "libcuda.so"]
+    };
     static PRESENT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    // SAFETY: is_culib_present only tries to dlopen the driver library.
-    *PRESENT.get_or_init(|| unsafe { cudarc::driver::sys::is_culib_present() })
-}
-
-/// With candle's CUDA build (feature candle-cuda), cudarc links the driver
-/// library at build time instead of loading it (and has no
-/// `is_culib_present`), so a process that runs at all has it.
-#[cfg(feature = "candle-cuda")]
-pub(crate) fn driver_library_present() -> bool {
-    true
+    *PRESENT.get_or_init(|| {
+        NAMES.iter().any(|&name| {
+            // SAFETY: loading the driver library runs its initialisers,
+            // which cudarc's own first call would run as well; the handle
+            // is closed again at once.
+            unsafe { libloading::Library::new(name) }.is_ok()
+        })
+    })
 }
 
 /// Opens CUDA device `ordinal`, or says why there is none: no driver library

@@ -553,3 +553,22 @@ fn c_abi_calls_leave_the_callers_context_current() {
     let losses = stream.clone_dtoh(&buffers.regression_loss).unwrap();
     assert!(losses[0].is_finite(), "{losses:?}");
 }
+
+/// `cuda_context` answers with an error, never a panic, where there is no
+/// such device: an ordinal past the devices names their count, and a
+/// machine without the driver library says that instead.
+#[test]
+fn cuda_context_says_why_there_is_no_device() {
+    let why = match multibox::cuda_context(1 << 20) {
+        Err(Error::NoDevice(why)) => why,
+        Err(e) => panic!("expected Error::NoDevice, got {e}"),
+        Ok(_) => panic!("device 1048576 opened"),
+    };
+    let no_driver = why == "the CUDA driver library (libcuda.so) is not installed";
+    assert!(
+        no_driver
+            || why.starts_with("device 1048576 requested, ")
+            || why.starts_with("the CUDA driver failed"),
+        "{why}"
+    );
+}
