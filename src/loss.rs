@@ -801,6 +801,15 @@ impl Backend for DriverBackend<'_> {
     }
 }
 
+/// The CUDA driver library's names, in the order cudarc tries them: the
+/// development symlink, then the soname the driver installs; on Windows the
+/// DLL.
+const DRIVER_NAMES: &[&str] = if cfg!(windows) {
+    &["nvcuda.dll"]
+} else {
+    &["libcuda.so", "libcuda.so.1"]
+};
+
 /// Whether the CUDA driver library can be loaded: where cudarc loads it at
 /// run time, its first driver call panics without it. Asked here by the
 /// driver's names rather than through cudarc's `is_culib_present`, which
@@ -809,16 +818,9 @@ impl Backend for DriverBackend<'_> {
 /// already mapped. Asked once, as the answer cannot change while the
 /// process runs.
 pub(crate) fn driver_library_present() -> bool {
-    // The driver's own names: the soname on Linux (libcuda.so alone is a
-    // development symlink), the DLL on Windows.
-    const NAMES: &[&str] = if cfg!(windows) {
-        &["nvcuda.dll"]
-    } else {
-        &["libcuda.so.1", "libcuda.so"]
-    };
     static PRESENT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *PRESENT.get_or_init(|| {
-        NAMES.iter().any(|&name| {
+        DRIVER_NAMES.iter().any(|&name| {
             // SAFETY: loading the driver library runs its initialisers,
             // which cudarc's own first call would run as well; the handle
             // is closed again at once.
@@ -828,13 +830,14 @@ pub(crate) fn driver_library_present() -> bool {
 }
 
 /// Opens CUDA device `ordinal`, or says why there is none: no driver library
-/// (`libcuda.so`) on this machine, or no such device. Unlike
+/// (`libcuda.so`, `nvcuda.dll`) on this machine, or no such device. Unlike
 /// `CudaContext::new`, it never panics when the driver is missing.
 pub fn cuda_context(ordinal: usize) -> Result<Arc<CudaContext>> {
     if !driver_library_present() {
-        return Err(Error::NoDevice(
-            "the CUDA driver library (libcuda.so) is not installed".into(),
-        ));
+        return Err(Error::NoDevice(format!(
+            "the CUDA driver library is not installed (none of {})",
+            DRIVER_NAMES.join(", ")
+        )));
     }
     let count = CudaContext::device_count()
         .map_err(|e| Error::NoDevice(format!("the CUDA driver failed: {e}")))?;

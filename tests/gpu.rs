@@ -564,7 +564,7 @@ fn cuda_context_says_why_there_is_no_device() {
         Err(e) => panic!("expected Error::NoDevice, got {e}"),
         Ok(_) => panic!("device 1048576 opened"),
     };
-    let no_driver = why == "the CUDA driver library (libcuda.so) is not installed";
+    let no_driver = why.starts_with("the CUDA driver library is not installed (none of ");
     assert!(
         no_driver
             || why.starts_with("device 1048576 requested, ")
