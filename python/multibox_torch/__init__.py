@@ -94,7 +94,9 @@ def _not_during_capture(what):
     """Raises a clear error where a first call would load kernels (or read
     the priors back) inside a CUDA graph capture, which the driver refuses
     with an unclear one: such a call belongs to the warm-up run that
-    ``torch.cuda.graph`` asks for anyway."""
+    ``torch.cuda.graph`` asks for anyway. It sees this thread's capture
+    only: a capture in global mode on another thread is broken by the
+    load all the same."""
     if torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
             f"{what}: the first call on a device with these settings loads the kernels, which cannot "
@@ -626,8 +628,9 @@ def _backward(ctx, g_reg, g_cls, _g_num_pos, _g_workspace):
     d_confidence = d_locations = None
     if need_confidence or need_locations:
         if g_reg is None or g_cls is None:
-            # A loss that does not reach the output has no upstream gradient:
-            # 0. Made only then, so the usual step (a sum) allocates nothing.
+            # Autograd hands a loss that does not reach the output a zero
+            # gradient of its own; a None (from a direct caller of this
+            # function) means 0 as well.
             zero = torch.zeros((), dtype=torch.float32, device=confidence.device)
             g_reg = zero if g_reg is None else g_reg
             g_cls = zero if g_cls is None else g_cls

@@ -29,8 +29,8 @@ from torch import Tensor, nn
 
 from . import _capi, _capi_targets
 
-# The package defines these before it imports this module.
-from . import _loss_and_record, _not_during_capture  # noqa: E402
+# From the package, which defines them before it imports this module.
+from . import _loss_and_record, _not_during_capture
 
 __all__ = ["assign_targets", "pad_targets", "standard_priors", "MultiboxLoss", "TargetStatus"]
 
@@ -117,11 +117,15 @@ def pad_targets(
     if t < longest:
         raise ValueError(f"max_boxes={max_boxes} is smaller than an image's {longest} boxes")
     device = boxes[0].device
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(
-            "pad_targets: the counts come from the host, and a CUDA graph would not copy them again when "
-            "replayed; pad the targets before the capture and copy them into the tensors the graph reads"
-        )
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            capturing = torch.cuda.is_current_stream_capturing()
+        if capturing:
+            raise RuntimeError(
+                "pad_targets: the counts come from the host, and a CUDA graph would replay their copy from a "
+                "host buffer freed by then; pad the targets before the capture and copy them into the tensors "
+                "the graph reads"
+            )
     label_dtype = labels[0].dtype
     gt_boxes = torch.zeros((len(boxes), t, 4), dtype=torch.float32, device=device)
     gt_labels = torch.zeros((len(boxes), t), dtype=label_dtype, device=device)
