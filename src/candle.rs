@@ -11,20 +11,19 @@
 //!   the rows it scales, as in PyTorch.
 //! - **CUDA tensors** (feature `candle-cuda`): the kernels, on candle's own
 //!   stream, through [`crate::MultiboxLoss`] (one per CUDA context and
-//!   configuration, built on first use). The forward runs kernels 1 and 2
-//!   and keeps its workspace in the op; the backward runs kernel 3 with
-//!   candle's upstream gradients read from device memory, each gradient
-//!   rounded once. Nothing is read back: `MultiboxLosses::num_pos` is a
-//!   tensor the forward's kernels write, so a step that never reads it never
-//!   waits on the GPU. An invalid label
-//!   is an error on the CPU, and on CUDA makes both losses NaN (the kernels
-//!   see it on the device, and the adapter reads no status word). The
-//!   loaded kernels are kept for the life of the process, per context and
-//!   configuration: keep `MultiboxConfig` fixed rather than scheduled.
-//!   candle's `cuda` feature compiles candle's own kernels with `nvcc` at
-//!   build time: `scripts/setup-nvcc` installs one from PyPI (see the
-//!   README). Without `candle-cuda`, CUDA tensors get an error that says so,
-//!   never a silent copy to the host.
+//!   configuration, built on first use). The forward runs kernels 1 and 2 and
+//!   keeps its workspace in the op; the backward runs kernel 3 with candle's
+//!   upstream gradients read from device memory, each gradient rounded once.
+//!   Nothing is read back: `MultiboxLosses::num_pos` is a tensor the forward's
+//!   kernels write, so a step that never reads it never waits on the GPU. An
+//!   invalid label is an error on the CPU, and on CUDA makes both losses NaN
+//!   (the kernels see it on the device, and the adapter reads no status word).
+//!   The loaded kernels are kept for the life of the process, per context and
+//!   configuration: keep `MultiboxConfig` fixed rather than scheduled. candle's
+//!   `cuda` feature compiles candle's own kernels with `nvcc` at build time:
+//!   `scripts/setup-nvcc` installs one from PyPI (see the README). Without
+//!   `candle-cuda`, CUDA tensors get an error that says so, never a silent copy
+//!   to the host.
 //!
 //! ```
 //! use candle_core::{Device, Tensor, Var};
