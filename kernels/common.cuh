@@ -1,9 +1,14 @@
 // Shared by every kernel: integer types, the kernel declaration macro,
 // loads and stores per dtype, and the block-wide primitives.
 //
-// This header is the one place where the GPU build (NVRTC) and the CPU build
-// (the test-only emulator in emu/, a plain C++17 compiler) differ. Everything
-// below the `#if` is ordinary code that both compile unchanged.
+// The GPU build (NVRTC) and the CPU build (the test-only emulator in emu/, a
+// plain C++17 compiler) differ only inside `#if defined(MULTIBOX_EMULATOR)`
+// blocks, all in this header: CUDA's built-ins just below, and the few
+// loads, stores and bit conversions that each build writes its own way.
+// Elsewhere, `!defined(MULTIBOX_EMULATOR) && __CUDA_ARCH__ >= 800` guards an
+// sm_80 instruction (the bf16 conversion here, half2 maxima in rows.cu)
+// whose portable form, the one the emulator and sm_75 run, gives the same
+// bits.
 #pragma once
 
 typedef unsigned char u8;
@@ -349,7 +354,7 @@ __device__ __forceinline__ u32 block_index() {
 #endif
 }
 
-// Zeros over `n` elements from `p` by the LANES lanes of a warp (or group):
+// Zeros over `n` elements from `p` by `lanes` lanes of a warp (or group):
 // element stores up to the first 16-byte boundary, 16-byte stores, then
 // element stores for the tail.
 template <typename T>

@@ -3,7 +3,8 @@
 // Rows in the classification set (positives and mined negatives, ~10 % of
 // rows at neg_pos_ratio 3) get g_cls / D * (softmax(x) - one_hot(label));
 // every other row gets zeros, without its logits being read (but for the
-// bytes a set row's end words share with it, loaded and dropped). Positives get
+// bytes that share a 16-byte word with a set row's, or channel-major staged
+// a 32-byte sector with a set prior's: loaded and dropped). Positives get
 // g_reg / D * clamp(d / beta, -1, 1) for their box offsets, the rest zeros.
 // D is the divisor the forward's losses used, which kernel 2 left in Totals
 // (N, the caller's n, or B * pos_b for the row's image), so a backward call
@@ -24,8 +25,10 @@
 //   3. The tile's logit gradients are one contiguous run of global memory.
 //      Staged (`gradient_tile_rows`, when the tile fits shared memory), the
 //      run is built in shared memory, zeros first and the set's rows over
-//      them, and then stored with 16-byte stores: every sector of the run is
-//      written whole, by one request. Unstaged (long rows), step 1's scan
+//      them, and then stored by copy_run: 16-byte stores, each sector inside
+//      the run written whole by one request, and the partial 16-byte words
+//      at its two ends (shared with the neighbouring tiles) element by
+//      element. Unstaged (long rows), step 1's scan
 //      also lists the spans of rows between the set's rows; warps write
 //      zeros over the spans with 16-byte stores, and step 2 reads each set
 //      row from its group's slot of shared memory (`set_slot_bytes`; from
@@ -39,8 +42,8 @@
 // them. Two passes over the row: the second hits L1 or shared memory.
 // Kernel 3 reads only the set's rows, so it keeps expf and the per-class
 // test for `skip`: the softmax it writes is as exact as f32 allows. Class c
-// of the row is x[c * stride]: 1 for a row-major row, the priors between
-// two classes for a channel-major one; both layouts use the same lanes
+// of the row is x[c * stride]: 1 for a row-major row; channel-major, P in
+// global memory or the staged part's `gradient_plane_stride`; both layouts use the same lanes
 // (set_lanes depends on the shape and type, not the layout) in the same
 // order, so they give the same bits.
 struct RowStats {
@@ -93,8 +96,9 @@ __device__ __forceinline__ Scales gradient_scales(const MultiboxParams& p) {
     Scales s;
     s.g_reg = p.upstream ? p.upstream[0] : p.g_reg;
     s.g_cls = p.upstream ? p.upstream[1] : p.g_cls;
-    s.normalizer_kind = load_global_coherent(&p.totals->normalizer_kind);
-    s.divisor = load_global_coherent(&p.totals->divisor);
+    // Kernel 2 wrote Totals in an earlier launch: plain loads see it.
+    s.normalizer_kind = p.totals->normalizer_kind;
+    s.divisor = p.totals->divisor;
     return s;
 }
 

@@ -55,7 +55,7 @@ struct MultiboxParams {
     float beta;
     float g_reg;
     float g_cls;
-    u32 tile_rows;      // kernel 1's priors per tile in shared memory; 0: rows read from global memory
+    u32 tile_rows;      // kernel 1's priors per tile in shared memory (ROW_THREADS / lanes_per_row, which the kernel works out); 0: rows read from global memory
     u32 layout;         // LAYOUT_*
     u32 normalizer_kind;     // NORMALIZER_*
     float normalizer_value;  // NORMALIZER_GIVEN's n when `normalizer` is null
@@ -123,10 +123,14 @@ __device__ __forceinline__ float divide_or_zero(float g, float divisor) {
 //
 // A non-negative float's bits, with the top bit set, sort as unsigned
 // integers in the order of the floats, so the radix select can work on
-// integers. The background loss lse(x) - x[0] is never negative in f32 (lse
-// rounds to at least the row maximum), so the top half of the key space is
-// all candidates need; the bottom keeps two markers. NaN ranks above every
-// number, as in a descending torch.sort.
+// integers. The background loss is never negative (loss_of in rows.cu: the
+// log1p of a non-negative ratio, or the row's maximum minus x[0] plus the
+// log of a sum of at least 1), so the top half of the key space is all
+// candidates need; the bottom keeps two markers. candidate_key still maps
+// anything not above 0 to the smallest candidate key: a negative float's
+// sign bit is the candidates' top bit, and its other bits would rank it
+// among the largest losses. NaN ranks above every number, as in a
+// descending torch.sort.
 constexpr u32 KEY_IGNORED = 0u;     // label -1 (or invalid): not in any set
 constexpr u32 KEY_POSITIVE = 1u;    // label > 0: always in the set
 constexpr u32 KEY_CANDIDATE = 0x80000000u;

@@ -52,7 +52,7 @@ __device__ __forceinline__ float smooth_l1(float d, float beta) {
 // class computes the exponent: its only rounding is relative to the
 // result, and an error in the shift scales every term alike, which
 // log1p(rest / e) cancels. That holds while x_k log2(e) is below 2^24:
-// beyond, the product's own rounding (half its ulp, 2^7 at 2^32) moves the
+// beyond, the product's own rounding (half its ulp, 2^8 at 2^32) moves the
 // shift so far from x_k log2(e) that the own term itself over- or
 // underflows. Such a row (|x_k| above about 1.2e7), and the rare row whose
 // sum overflows at its own shift, take a second try against the row's
@@ -373,8 +373,10 @@ __device__ __forceinline__ RowSums chunked_row_sums(const T* row, u32 classes, u
 
 // RowSums element by element, class c of the row at x[c * stride], each
 // lane over its run of classes: the very terms of chunked_row_sums, in the
-// same order, at the same shifts (a term it pads out adds an exact 0; here
-// it is not added).
+// same order, at the same shifts. The own class adds an exact 0 (staged,
+// from the -inf that leave_out_own put there, or a 0 for a negative's
+// class 0), as a position chunked_row_sums pads out does, or, read from
+// global memory, is skipped: the sums are the same.
 // Every lane of the group calls it; inactive rows read nothing.
 template <bool STAGED, typename T>
 __device__ __forceinline__ RowSums strided_row_sums(const T* x, u64 stride, u32 classes, u32 own, float x_own,
@@ -658,10 +660,10 @@ __device__ __forceinline__ void stage_planes(T* dst, u32 stride, const T* src, u
     }
 }
 
-// One tile of kernel 1: `count` consecutive rows from global row `first`,
-// whose class c of tile row r is x[r * row_stride + c * class_stride]
-// (from `x`, in shared memory once staged), and whose boxes are `boxes`
-// with the same strides over 4 coordinates.
+// One tile of kernel 1: `count` consecutive rows from global row `first`.
+// Coordinate k of tile row r's box is element
+// box_first + r * box_row + k * box_coord of a box tensor (row-major 4 and
+// 1, channel-major 1 and P); walk_tiles works out the logits' strides.
 struct Tile {
     u64 first;
     u32 count;

@@ -65,9 +65,10 @@ __device__ __forceinline__ void count_in_warp(u32* histogram, u32 bucket, bool c
     if (remaining >> lane & 1u) atomicAdd(&histogram[bucket], 1u);
 }
 
-// Adds to the histogram the digit at `shift` of every candidate key whose
-// bits above the digit equal `prefix`.
-__device__ void count_digits(const u32* keys, u32 n, u32 prefix, u32 prefix_mask, u32 shift, u32* histogram) {
+// Adds to the histogram the digit at `shift` (`digit_mask` wide) of every
+// candidate key whose bits above the digit equal `prefix`.
+__device__ void count_digits(const u32* keys, u32 n, u32 prefix, u32 prefix_mask, u32 shift, u32 digit_mask,
+                             u32* histogram) {
     for (u32 b = threadIdx.x; b < BUCKETS; b += SELECT_THREADS) histogram[b] = 0;
     __syncthreads();
     // Every thread walks the same steps: count_in_warp needs whole warps.
@@ -75,7 +76,7 @@ __device__ void count_digits(const u32* keys, u32 n, u32 prefix, u32 prefix_mask
         const u32 i = base + threadIdx.x;
         const u32 key = i < n ? keys[i] : KEY_IGNORED;
         const bool counted = is_candidate(key) && (key & prefix_mask) == prefix;
-        count_in_warp(histogram, (key >> shift) & (BUCKETS - 1), counted);
+        count_in_warp(histogram, (key >> shift) & digit_mask, counted);
     }
     __syncthreads();
 }
@@ -138,7 +139,7 @@ __device__ ImageSelection select_top_k(SelectShared& sh, const u32* keys, u32 n,
     const u32 widths[3] = {DIGIT_BITS, DIGIT_BITS, 32 - 2 * DIGIT_BITS};
     for (int pass = 0; pass < 3; ++pass) {
         const u32 shift = shifts[pass], digit_mask = (1u << widths[pass]) - 1u;
-        if (pass > 0) count_digits(keys, n, prefix, prefix_mask, shift, sh.histogram);
+        if (pass > 0) count_digits(keys, n, prefix, prefix_mask, shift, digit_mask, sh.histogram);
         find_digit(sh, remaining);
         const u32 digit = sh.digit, in_bucket = sh.histogram[digit];
         remaining -= sh.above;

@@ -237,7 +237,7 @@ template <typename T, typename L> __device__ void encode(const TargetParams& p) 
     const PriorMatch m = p.prior_best[out];
     const u32 f = forced[threadIdx.x];
     const i32 index = f != 0u ? i32((f & ~FORCED_INVALID) - 1) : m.index;
-    const float v = f != 0u ? 2.0f : m.iou;
+    const float v = f != 0u ? 2.0f : m.iou;  // a forced match passes any threshold, as the reference's fill of 2
     T* loc = static_cast<T*>(p.gt_locations) + out * 4;
     L* labels = static_cast<L*>(p.labels);
     if (index < 0) {
