@@ -5,8 +5,9 @@
 //! small square (`min` size), the big square (`sqrt(min * max)`), then for
 //! each aspect ratio `r` the small box stretched to `(w * sqrt(r), h / sqrt(r))`
 //! and `(w / sqrt(r), h * sqrt(r))`. Everything is computed in f64 (Python
-//! floats, as the reference) and rounded to f32 once; then clamped to
-//! `[0, 1]`. The result is bit-identical to the reference's float32 priors.
+//! floats, as the reference) and rounded to f32 once; then, with `clamp`
+//! (as [`ssdlite300`] and [`ssd300`] use), clamped to `[0, 1]`. The result
+//! is bit-identical to the reference's float32 priors.
 
 /// The box sizes of one feature map, in pixels of the input image.
 #[derive(Debug, Clone, Copy, PartialEq)]
