@@ -11,7 +11,9 @@ use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-/// Architectures that get a CUBIN. Every other device loads the PTX.
+/// Architectures that get a CUBIN. Another device loads the CUBIN of its
+/// major version with the highest minor not above its own (sm_87 runs
+/// sm_86's), else the PTX; devices older than sm_75 load nothing.
 const CUBIN_ARCHS: &[u32] = &[75, 80, 86, 89, 90, 100, 120];
 /// The PTX fallback targets the oldest architecture we support, so any newer
 /// driver can JIT it.

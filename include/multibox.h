@@ -303,9 +303,10 @@ typedef struct multibox_target_status {
   // A `gt_counts[b]` outside 0..=T, clamped.
   bool count_clamped;
   // A box label below 1 (its priors get -2, which the loss refuses) or >= C
-  // when C is known (copied as it is; the loss refuses it too). A box
-  // that ends up with no prior (its best one forced to a later box, or
-  // itself degenerate) leaves no such label: this flag is its only record.
+  // when C is known (copied as it is; the loss refuses it too). Such a box
+  // keeps its best prior even where a later valid box shares it, so that
+  // it always labels one; only a degenerate one (skipped) leaves no such
+  // label, and this flag is its only record.
   bool invalid_box_label;
   // A non-finite box, or one with x1 <= x0 or y1 <= y0: skipped.
   bool degenerate_box;

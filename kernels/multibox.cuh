@@ -2,9 +2,9 @@
 // records, the mining keys, and the walk over rows (one row = one prior's
 // logits). Mirrored in src/plan.rs; the sizes are asserted on both sides.
 //
-// The launch sequence (src/loss.rs):
+// The launch sequence (src/plan.rs, `launches`; src/launch.rs runs it):
 //   1. multibox_rows_*     per prior: log-sum-exp, mining key, positive terms
-//   2. multibox_select_*   per image: radix select of the hard negatives,
+//   2. multibox_select     per image: radix select of the hard negatives,
 //                          then the last block to finish sums the losses
 //   3. multibox_gradient_* per prior: softmax - one-hot for the chosen set,
 //                          smooth-L1 gradient for positives, zeros elsewhere

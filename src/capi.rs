@@ -1237,9 +1237,10 @@ pub struct multibox_target_status {
     /// A `gt_counts[b]` outside 0..=T, clamped.
     pub count_clamped: bool,
     /// A box label below 1 (its priors get -2, which the loss refuses) or >= C
-    /// when C is known (copied as it is; the loss refuses it too). A box
-    /// that ends up with no prior (its best one forced to a later box, or
-    /// itself degenerate) leaves no such label: this flag is its only record.
+    /// when C is known (copied as it is; the loss refuses it too). Such a box
+    /// keeps its best prior even where a later valid box shares it, so that
+    /// it always labels one; only a degenerate one (skipped) leaves no such
+    /// label, and this flag is its only record.
     pub invalid_box_label: bool,
     /// A non-finite box, or one with x1 <= x0 or y1 <= y0: skipped.
     pub degenerate_box: bool,

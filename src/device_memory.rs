@@ -157,7 +157,13 @@ pub fn judge_end(
             ),
         });
     }
-    judge(name, addr + bytes as u64 - 1, 1, last, owner).map(|_| ())
+    judge(name, last_byte(addr, bytes), 1, last, owner).map(|_| ())
+}
+
+/// The address of a buffer's last byte (its first for an empty one),
+/// without overflow for any address a caller passes.
+fn last_byte(addr: u64, bytes: usize) -> u64 {
+    addr.saturating_add((bytes as u64).saturating_sub(1))
 }
 
 /// Asks the driver about `addr` (the thread's current context must be
@@ -225,7 +231,7 @@ pub fn check(owner: Owner, name: &'static str, addr: u64, bytes: usize) -> Resul
     };
     match judge(name, addr, bytes, &first, owner)? {
         Reach::Whole => Ok(()),
-        Reach::PastItsAllocation => match query(addr + bytes as u64 - 1) {
+        Reach::PastItsAllocation => match query(last_byte(addr, bytes)) {
             Ok(last) => judge_end(name, addr, bytes, &first, &last, owner),
             Err(_) => Ok(()),
         },

@@ -104,8 +104,9 @@ pub enum Error {
         /// The address passed.
         addr: u64,
     },
-    /// A buffer that lives on another device or context than the loss.
-    #[error("`{name}` belongs to another CUDA context than the MultiboxLoss (ordinal {expected_ordinal})")]
+    /// A buffer or stream that lives on another device or context than the
+    /// loss or assigner it was passed to.
+    #[error("`{name}` belongs to another CUDA context than the loss or assigner it was passed to (ordinal {expected_ordinal})")]
     WrongContext {
         /// The argument's name.
         name: &'static str,
@@ -125,8 +126,8 @@ pub enum Error {
         /// What the driver said of it.
         reason: String,
     },
-    /// This build has no kernels (`MULTIBOX_SKIP_KERNELS=1`) or none that
-    /// this device can load.
+    /// This build has no kernels (`MULTIBOX_SKIP_KERNELS=1`), or the device
+    /// is older than every architecture they are built for (sm_75).
     #[error("no kernel image for this device: {0}")]
     NoKernels(String),
     /// No usable CUDA device (see [`crate::cuda_context`]).

@@ -1,6 +1,12 @@
 //! The kernels compiled by build.rs: the embedded CUBIN and PTX images, the
 //! choice of image for a device, and what ptxas reported for each kernel.
 
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaModule};
+
+use crate::{Error, Result};
+
 /// Kind of an embedded image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ImageKind {
@@ -55,6 +61,34 @@ pub(crate) fn image_for(source: &str, major: i32, minor: i32) -> Option<&'static
         .or_else(|| same_source().find(|i| i.kind == ImageKind::Ptx && i.arch <= device))
 }
 
+/// [`image_for`], or why this build has no image of `source` for the
+/// device, in words that say what to do.
+pub(crate) fn image_or_why(
+    source: &str,
+    major: i32,
+    minor: i32,
+) -> std::result::Result<&'static EmbeddedImage, String> {
+    image_for(source, major, minor).ok_or_else(|| {
+        match IMAGES.iter().filter(|i| i.source == source).map(|i| i.arch).min() {
+            None => format!(
+                "this build of multibox has no `{source}` kernels: it was built with MULTIBOX_SKIP_KERNELS=1"
+            ),
+            Some(oldest) => format!(
+                "sm_{major}{minor} is older than sm_{oldest}, the oldest architecture multibox's kernels are built for"
+            ),
+        }
+    })
+}
+
+/// Loads the kernels of `source` (`rows`, `select`, ...) for `ctx`'s device
+/// as one module: the CUBIN for its architecture where this build has one,
+/// else the PTX ([`image_for`]).
+pub(crate) fn load_module(ctx: &Arc<CudaContext>, source: &str) -> Result<Arc<CudaModule>> {
+    let (major, minor) = ctx.compute_capability()?;
+    let image = image_or_why(source, major, minor).map_err(Error::NoKernels)?;
+    Ok(ctx.load_module(cudarc::nvrtc::Ptx::from_binary(image.bytes.to_vec()))?)
+}
+
 /// The stems of the kernel sources compiled into this build (`rows`, `select`, ...).
 pub fn sources() -> Vec<&'static str> {
     let mut s: Vec<&'static str> = IMAGES.iter().map(|i| i.source).collect();
@@ -69,4 +103,30 @@ pub fn images_of(source: &str) -> Vec<(u32, ImageKind)> {
         .filter(|i| i.source == source)
         .map(|i| (i.arch, i.kind))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_device_gets_the_image_of_its_architecture_or_a_reason() {
+        if sources().is_empty() {
+            // A MULTIBOX_SKIP_KERNELS=1 build: the reason says so.
+            let why = image_or_why("rows", 9, 0).unwrap_err();
+            assert!(why.contains("MULTIBOX_SKIP_KERNELS=1"), "{why}");
+            return;
+        }
+        let pick = |major, minor| image_or_why("rows", major, minor).map(|i| (i.arch, i.kind));
+        assert_eq!(pick(9, 0), Ok((90, ImageKind::Cubin)));
+        // CUDA's binary compatibility: the same major, the highest minor not above.
+        assert_eq!(pick(8, 7), Ok((86, ImageKind::Cubin)));
+        assert_eq!(pick(12, 1), Ok((120, ImageKind::Cubin)));
+        // A major without a CUBIN runs the PTX.
+        assert_eq!(pick(11, 0), Ok((75, ImageKind::Ptx)));
+        let why = pick(7, 0).unwrap_err();
+        assert!(why.contains("sm_70 is older than sm_75"), "{why}");
+        let why = image_or_why("no_such_source", 9, 0).unwrap_err();
+        assert!(why.contains("MULTIBOX_SKIP_KERNELS=1"), "{why}");
+    }
 }

@@ -156,9 +156,10 @@ pub struct RawCall {
 /// divisor included) may overlap one another.
 ///
 /// # Safety
-/// Every address in `call.buffers` must point to memory that `backend` can
-/// access, of at least the size the shape and types imply, and stay valid
-/// until the launched work completes.
+/// Every address in `call.buffers`, and a device upstream (two f32) or
+/// divisor (one f32) named by `call.upstream` or `call.normalizer`, must
+/// point to memory that `backend` can access, of at least the size the
+/// shape and types imply, and stay valid until the launched work completes.
 pub unsafe fn launch_call<B: Backend + ?Sized>(
     config: &MultiboxConfig,
     call: &RawCall,
@@ -181,8 +182,9 @@ pub unsafe fn launch_call<B: Backend + ?Sized>(
         let kernel = launch
             .step
             .kernel_name(call.dtype, call.label_type, call.layout);
-        // SAFETY: `params` holds the addresses the caller vouched for, checked
-        // against the shape above, in the layout of MultiboxParams.
+        // SAFETY: `params` holds the addresses the caller vouched for (their
+        // sizes included), checked above for null, alignment and overlaps,
+        // and by `backend` where it can, in the layout of MultiboxParams.
         unsafe {
             backend.launch(
                 kernel,

@@ -1,8 +1,9 @@
 //! Fused CUDA kernels for the SSD MultiBox loss: the training loss of SSD,
 //! SSDLite and MobileNetV2-SSDLite detectors, with its gradients, in three
-//! launches per step (radix-select hard negative mining, fused log-softmax
-//! cross-entropy, smooth-L1), with no host synchronisation, no allocation and
-//! bit-identical results run after run. A CPU reference in f64
+//! launches per step (per prior: the log-sum-exp, the mining key and the
+//! positives' cross-entropy and smooth-L1; per image: the hard negatives by
+//! radix select, and the sums; then the gradients), with no host
+//! synchronisation, no allocation and bit-identical results run after run. A CPU reference in f64
 //! ([`reference`](mod@reference)) computes the same thing for machines without a GPU.
 //!
 //! ```

@@ -156,18 +156,11 @@ impl MultiboxLoss {
     /// where this build has one, else the PTX.
     pub fn new(ctx: &Arc<CudaContext>, config: MultiboxConfig) -> Result<Self> {
         config.validate()?;
-        let (major, minor) = ctx.compute_capability()?;
         let mut functions = HashMap::new();
         // One module per kernel source, each loaded once; its kernels are
         // every type instantiation of that step.
         for step in [Step::Rows, Step::Select, Step::Gradient] {
-            let source = step.source();
-            let image = kernels::image_for(source, major, minor).ok_or_else(|| {
-                Error::NoKernels(format!(
-                    "this build embeds no image of `{source}` for sm_{major}{minor} (built with MULTIBOX_SKIP_KERNELS=1?)"
-                ))
-            })?;
-            let module = ctx.load_module(cudarc::nvrtc::Ptx::from_binary(image.bytes.to_vec()))?;
+            let module = kernels::load_module(ctx, step.source())?;
             for name in step.kernel_names() {
                 functions.insert(name, module.load_function(name)?);
             }
@@ -526,7 +519,9 @@ impl MultiboxLoss {
     ///   loss's context, at least as large as the shape and types imply
     ///   (`B*P*C` elements of T for confidence and its gradient, `B*P*4` for
     ///   the locations and their gradient, `B*P` labels and mask bytes, one
-    ///   element per loss output, [`crate::workspace_bytes`] of workspace).
+    ///   element per loss output, [`crate::workspace_bytes`] of workspace),
+    ///   and so is a device upstream (two f32, `call.upstream`) or divisor
+    ///   (one f32, `call.normalizer`).
     /// - The buffers stay allocated, and untouched by other streams, until
     ///   the work queued on `stream` completes.
     /// - `stream` is a live stream of this loss's context (or null for the

@@ -259,7 +259,7 @@ pub const MAX_BLOCKS_PER_SM: usize = 8;
 /// takes: what the occupancy calculator says for the kernel's registers,
 /// its static shared memory and the device. The tile a shape needs decides
 /// the blocks: kernel 3's row-major entry holds 5 an sm_90 SM up to C = 81
-/// in f16/bf16 (a 41,504-byte tile), and 4 from C = 83 (42,528 bytes).
+/// in f16/bf16 (a 41,504-byte tile), and 4 from C = 82 (42,016 bytes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Residency {
     /// Element `k - 1`: the most dynamic shared memory, in bytes, that each
@@ -772,6 +772,9 @@ pub fn set_copy_lanes(classes: usize, dtype: DType) -> u32 {
 /// row-major tile just fits (C = 90 and 91, and the top of each wider band
 /// of lanes per row), whether they fit depends on P (SSDLite's 3,000
 /// priors, a multiple of 8, need no padding).
+///
+/// # Panics
+/// If `lanes_per_row` is 0 ([`lanes_per_row`] gives 1 to 32).
 pub fn tile_rows(shape: Shape, lanes_per_row: u32, layout: Layout, dtype: DType) -> u32 {
     let rows = ROW_THREADS / lanes_per_row;
     if tile_shared_bytes(shape, rows, layout, dtype) as usize <= ROW_TILE_BYTES {

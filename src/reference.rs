@@ -143,9 +143,11 @@ pub struct Options {
 /// The two losses and the positive count, in f64.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Losses {
-    /// Smooth-L1 over positives' 4 coordinates, divided by `num_pos` (0 if `num_pos == 0`).
+    /// Smooth-L1 over positives' 4 coordinates, divided by the normaliser's
+    /// divisor (`num_pos` by default; a divisor of 0 gives 0: see [`Normalizer`]).
     pub regression_loss: f64,
-    /// Cross-entropy over positives and mined negatives, divided by `num_pos` (0 if `num_pos == 0`).
+    /// Cross-entropy over positives and mined negatives, divided as
+    /// `regression_loss` is.
     pub classification_loss: f64,
     /// `N`, the number of priors with a label > 0 in the whole batch.
     pub num_pos: u64,

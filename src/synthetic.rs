@@ -35,6 +35,9 @@ impl BoxBatch {
     /// Draws `batch` images of between T/4 and 3T/4 boxes (`T = max_boxes`),
     /// each 2 to 52 % of the image wide and high, inside the image, with a
     /// label in `1..classes`. Deterministic for a given seed.
+    ///
+    /// # Panics
+    /// If `classes < 2` (no label to draw) while there are boxes.
     pub fn generate(batch: usize, max_boxes: usize, classes: usize, seed: u64) -> Self {
         let mut rng = SplitMix64(seed);
         let mut b = Self {
@@ -89,6 +92,10 @@ impl Default for BatchSpec {
 impl<T: Float, L: Label> Batch<T, L> {
     /// Draws a batch: normal logits and offsets, positives with a class in
     /// 1..C spread over the priors.
+    ///
+    /// # Panics
+    /// If `shape.classes < 2` and a positive is drawn (no class to give it):
+    /// a loss shape has `C >= 2` ([`Shape::validate`]).
     pub fn generate(shape: Shape, spec: BatchSpec) -> Self {
         let mut rng = SplitMix64(spec.seed);
         let confidence = (0..shape.confidence_len())

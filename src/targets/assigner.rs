@@ -132,14 +132,7 @@ impl TargetAssigner {
     pub fn new(ctx: &Arc<CudaContext>, priors: &[f32], config: TargetConfig) -> Result<Self> {
         config.validate()?;
         let num_priors = validate_priors(priors)?;
-        let (major, minor) = ctx.compute_capability()?;
-        let source = TargetStep::Match.source();
-        let image = kernels::image_for(source, major, minor).ok_or_else(|| {
-            Error::NoKernels(format!(
-                "this build embeds no image of `{source}` for sm_{major}{minor} (built with MULTIBOX_SKIP_KERNELS=1?)"
-            ))
-        })?;
-        let module = ctx.load_module(cudarc::nvrtc::Ptx::from_binary(image.bytes.to_vec()))?;
+        let module = kernels::load_module(ctx, TargetStep::Match.source())?;
         let mut functions = HashMap::new();
         for name in TargetStep::all_kernel_names() {
             functions.insert(name, module.load_function(name)?);
@@ -248,7 +241,9 @@ impl TargetAssigner {
     /// The raw entry point, for other frameworks: device addresses and a
     /// `CUstream` of this assigner's context. `call.buffers.priors` = 0 uses
     /// the assigner's own priors (then `call.shape.priors` must be P);
-    /// another address uses those priors instead, unchecked.
+    /// another address uses those priors instead, checked as every address
+    /// is but not validated (finite, positive sizes) as [`TargetAssigner::new`]
+    /// validates its own.
     ///
     /// Validates the shape, the settings, null and misaligned addresses, the
     /// workspace size and overlaps (no output may overlap an input, another
@@ -325,9 +320,10 @@ impl TargetAssigner {
         workspace: &dyn DevicePtr<u8>,
     ) -> Result<TargetStatus> {
         self.check_context("stream", stream)?;
+        self.check_context("workspace", workspace.stream())?;
         let (base, _guard) = workspace.device_ptr(stream);
         // SAFETY: the workspace is a live cudarc buffer of `workspace.len()`
-        // bytes, and `stream` belongs to this context (checked above).
+        // bytes, and it and `stream` belong to this context (checked above).
         unsafe {
             self.status_raw(
                 self.shape(batch, max_boxes),
