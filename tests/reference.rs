@@ -488,9 +488,7 @@ fn mining_matches_a_stable_descending_sort_on_a_full_size_batch() {
         };
     }
     let config = ratio(3.0);
-    let start = std::time::Instant::now();
     let out = case.run(&config);
-    println!("B=32, P=8732, C=81 forward_backward: {:?}", start.elapsed());
 
     let p_count = shape.priors;
     for image in 0..shape.batch {

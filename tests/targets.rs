@@ -6,38 +6,16 @@ mod common;
 
 use common::target_golden::{
     check_against, committed_target_goldens_dir, load_target_cases, load_target_cases_from,
-    TargetCase,
 };
 use multibox::targets::{self, priors, reference, TargetConfig, TargetShape};
-use multibox::{Error, Label};
-
-fn run_reference<L: Label>(case: &TargetCase) -> (Vec<i64>, Vec<f32>, targets::TargetStatus) {
-    let out = reference::assign::<L>(
-        &case.config,
-        case.shape,
-        &case.priors,
-        &case.gt_boxes,
-        &case.gt_labels_as::<L>(),
-        &case.gt_counts,
-    )
-    .unwrap_or_else(|e| panic!("{}: {e}", case.name));
-    (
-        out.labels.iter().map(|l| l.to_i64()).collect(),
-        out.gt_locations,
-        out.status,
-    )
-}
+use multibox::Error;
 
 #[test]
 fn reference_matches_every_golden_case() {
     let cases = load_target_cases();
     let mut worst = 0.0f64;
     for case in &cases {
-        let (labels, locations, status) = if case.labels_i64 {
-            run_reference::<i64>(case)
-        } else {
-            run_reference::<i32>(case)
-        };
+        let (labels, locations, status) = case.run_reference();
         // Goldens come from the reference code, which skips nothing: a case
         // with a flagged input is still held to its outputs.
         if !status.is_ok() {

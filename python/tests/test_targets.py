@@ -29,6 +29,7 @@ COMMITTED = ROOT / "tests" / "goldens-targets"
 GOLDENS = Path(os.environ.get("MULTIBOX_TARGET_GOLDENS", COMMITTED))
 CASES = (json.loads((GOLDENS / "cases.json").read_text()) if (GOLDENS / "cases.json").exists()
          else sorted(p.name for p in GOLDENS.iterdir() if (p / "case.json").exists()))
+assert CASES, f"no target golden case in {GOLDENS}"  # an empty parameter list would only skip
 _DT = {"f32": torch.float32, "i32": torch.int32, "i64": torch.int64}
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

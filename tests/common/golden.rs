@@ -82,7 +82,10 @@ pub struct CaseMeta {
 }
 
 /// Every case under [`goldens_dir`], sorted by name. Panics with the
-/// folder's name when a case cannot be read.
+/// folder's name when a case cannot be read, and when there is no case at
+/// all (a test that checks nothing must not pass); names each subfolder
+/// without a `case.json` on stderr (a half-copied folder must not run fewer
+/// cases quietly).
 pub fn list_cases() -> Vec<CaseMeta> {
     list_cases_in(&goldens_dir())
 }
@@ -96,11 +99,25 @@ pub fn list_cases_in(dir: &Path) -> Vec<CaseMeta> {
             e.unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
                 .path()
         })
-        .filter(|p| p.join("case.json").is_file())
+        .filter(|p| p.is_dir() && has_case_json(p))
         .map(|p| CaseMeta::read(&p))
         .collect();
+    assert!(
+        !cases.is_empty(),
+        "no golden case found in {}",
+        dir.display()
+    );
     cases.sort_by(|a, b| a.name.cmp(&b.name));
     cases
+}
+
+/// Whether the folder `dir` holds a case; says so on stderr where it does not.
+pub fn has_case_json(dir: &Path) -> bool {
+    let found = dir.join("case.json").is_file();
+    if !found {
+        eprintln!("skipping {}: no case.json in it", dir.display());
+    }
+    found
 }
 
 impl CaseMeta {

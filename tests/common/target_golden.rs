@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use multibox::targets::{TargetConfig, TargetShape};
+use multibox::targets::{reference, TargetConfig, TargetShape, TargetStatus};
 use serde_json::Value;
 
 /// `$MULTIBOX_TARGET_GOLDENS` if set, else `tests/goldens-targets/`.
@@ -37,6 +37,32 @@ pub struct TargetCase {
 }
 
 impl TargetCase {
+    /// The CPU reference on this case, in its label type: labels (widened),
+    /// offsets and status word.
+    pub fn run_reference(&self) -> (Vec<i64>, Vec<f32>, TargetStatus) {
+        fn run<L: multibox::Label>(case: &TargetCase) -> (Vec<i64>, Vec<f32>, TargetStatus) {
+            let out = reference::assign::<L>(
+                &case.config,
+                case.shape,
+                &case.priors,
+                &case.gt_boxes,
+                &case.gt_labels_as::<L>(),
+                &case.gt_counts,
+            )
+            .unwrap_or_else(|e| panic!("{}: {e}", case.name));
+            (
+                out.labels.iter().map(|l| l.to_i64()).collect(),
+                out.gt_locations,
+                out.status,
+            )
+        }
+        if self.labels_i64 {
+            run::<i64>(self)
+        } else {
+            run::<i32>(self)
+        }
+    }
+
     pub fn gt_labels_as<L: multibox::Label>(&self) -> Vec<L> {
         self.gt_labels.iter().map(|&l| L::from_i64(l)).collect()
     }
@@ -82,8 +108,8 @@ pub fn load_target_cases_from(dir: &Path) -> Vec<TargetCase> {
         Err(_) => {
             let mut names: Vec<String> = std::fs::read_dir(&dir)
                 .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-                .filter_map(|e| e.ok())
-                .filter(|e| e.path().join("case.json").exists())
+                .map(|e| e.unwrap_or_else(|e| panic!("reading {}: {e}", dir.display())))
+                .filter(|e| e.path().is_dir() && super::golden::has_case_json(&e.path()))
                 .map(|e| e.file_name().to_string_lossy().into_owned())
                 .collect();
             names.sort();
@@ -172,6 +198,12 @@ pub fn check_against(case: &TargetCase, what: &str, labels: &[i64], gt_locations
     assert!(
         wrong.is_empty(),
         "{}/{what}: labels differ at (image, prior, got, golden) {wrong:?}",
+        case.name
+    );
+    assert_eq!(
+        gt_locations.len(),
+        case.gt_locations.len(),
+        "{}/{what}: gt_locations length",
         case.name
     );
     let mut worst = 0.0f64;
