@@ -1,13 +1,18 @@
 //! One call's launch sequence, written once for every backend: the CUDA
-//! driver in [`crate::MultiboxLoss`], the CPU emulator in the tests.
+//! driver ([`DriverBackend`], which the target assigner's launches use
+//! too), the CPU emulator in the tests.
 //!
 //! Everything a call needs is validated here, before the first launch.
+
+use std::collections::HashMap;
+
+use cudarc::driver::CudaFunction;
 
 use crate::plan::{
     layout_code, GridLimits, LaunchPlan, MultiboxParams, Pass, NORMALIZER_GIVEN,
     NORMALIZER_PER_IMAGE, NORMALIZER_POSITIVES,
 };
-use crate::{DType, Error, LabelType, Layout, MultiboxConfig, Result, Shape};
+use crate::{device_memory, DType, Error, LabelType, Layout, MultiboxConfig, Result, Shape};
 
 /// Where kernels run. The crate's own implementation drives the CUDA driver;
 /// the test suite plugs in a CPU emulator of the same kernels, so both run
@@ -41,6 +46,61 @@ pub trait Backend {
     /// entry points asks the driver ([`crate::device_memory`]).
     fn check_buffer(&self, name: &'static str, addr: u64, bytes: usize) -> Result<()> {
         let _ = (name, addr, bytes);
+        Ok(())
+    }
+}
+
+/// The [`Backend`] of a GPU: kernels loaded in a context, launched through
+/// the CUDA driver on one stream. The loss's and the assigner's.
+pub(crate) struct DriverBackend<'a> {
+    pub functions: &'a HashMap<&'static str, CudaFunction>,
+    pub stream: cudarc::driver::sys::CUstream,
+    /// The context and device to check each address against (the raw and
+    /// C entry points' bare addresses), if any.
+    pub check_memory: Option<device_memory::Owner>,
+    pub grid_limits: GridLimits,
+}
+
+impl Backend for DriverBackend<'_> {
+    fn grid_limits(&self) -> GridLimits {
+        self.grid_limits
+    }
+
+    fn check_buffer(&self, name: &'static str, addr: u64, bytes: usize) -> Result<()> {
+        match self.check_memory {
+            Some(owner) => device_memory::check(owner, name, addr, bytes),
+            None => Ok(()),
+        }
+    }
+
+    unsafe fn launch(
+        &self,
+        kernel: &'static str,
+        grid: u32,
+        block: u32,
+        shared_bytes: u32,
+        params: &[u8],
+    ) -> Result<()> {
+        let function = self.functions.get(kernel).ok_or_else(|| Error::Launch {
+            kernel,
+            message: "not loaded".into(),
+        })?;
+        // cuLaunchKernel reads (never writes) the argument bytes during the
+        // call, so pointing at the caller's bytes needs no copy.
+        let mut args = [params.as_ptr().cast_mut().cast::<std::ffi::c_void>()];
+        // SAFETY: every kernel takes exactly one argument, the params struct
+        // (MultiboxParams or TargetParams, 8-byte aligned) whose bytes
+        // `args[0]` points to; the caller vouches for the addresses inside it.
+        unsafe {
+            cudarc::driver::result::launch_kernel(
+                function.cu_function(),
+                (grid, 1, 1),
+                (block, 1, 1),
+                shared_bytes,
+                self.stream,
+                &mut args,
+            )?;
+        }
         Ok(())
     }
 }
@@ -229,9 +289,7 @@ fn params(config: &MultiboxConfig, call: &RawCall, plan: &LaunchPlan) -> Result<
         }
         check_alignment(name, addr, align)?;
     }
-    if b.mask != 0 && forward {
-        check_alignment("mask", b.mask, 1)?;
-    }
+    // The mask (bytes) is optional and needs no alignment.
     if b.workspace_bytes < plan.workspace.bytes {
         return Err(Error::WorkspaceTooSmall {
             expected: plan.workspace.bytes,
@@ -411,7 +469,7 @@ fn buffer_extents(call: &RawCall, plan: &LaunchPlan) -> [Extent; 13] {
     ]
 }
 
-fn check_alignment(name: &'static str, addr: u64, align: usize) -> Result<()> {
+pub(crate) fn check_alignment(name: &'static str, addr: u64, align: usize) -> Result<()> {
     if !addr.is_multiple_of(align as u64) {
         return Err(Error::Misaligned { name, align, addr });
     }

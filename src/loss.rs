@@ -6,7 +6,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DevicePtr, DevicePtrMut, DeviceSlice};
 
 use crate::launch::{
-    launch_call, Backend, DeviceStatus, RawBuffers, RawCall, RawNormalizer, RawUpstream,
+    launch_call, DeviceStatus, DriverBackend, RawBuffers, RawCall, RawNormalizer, RawUpstream,
 };
 use crate::plan::{GridLimits, Pass, Residency, Step, MAX_BLOCKS_PER_SM, ROW_THREADS};
 use crate::{device_memory, kernels, Error, Float, Label, Layout, MultiboxConfig, Result, Shape};
@@ -557,9 +557,10 @@ impl MultiboxLoss {
         });
         self.ctx.bind_to_thread()?;
         let backend = DriverBackend {
-            loss: self,
+            functions: &self.functions,
             stream,
-            check_memory,
+            check_memory: check_memory.then_some(self.owner),
+            grid_limits: self.grid_limits,
         };
         // SAFETY: the caller's contract is launch_call's.
         unsafe { launch_call(&self.config, call, &backend) }.map(|_| ())
@@ -737,63 +738,6 @@ fn resident_blocks(
             Step::Gradient.layout_kernel_names(Layout::ChannelMajor),
         )?,
     })
-}
-
-/// Launches through the CUDA driver on one stream.
-struct DriverBackend<'a> {
-    loss: &'a MultiboxLoss,
-    stream: cudarc::driver::sys::CUstream,
-    /// Whether to ask the driver about each address (bare addresses).
-    check_memory: bool,
-}
-
-impl Backend for DriverBackend<'_> {
-    fn grid_limits(&self) -> GridLimits {
-        self.loss.grid_limits
-    }
-
-    fn check_buffer(&self, name: &'static str, addr: u64, bytes: usize) -> Result<()> {
-        if !self.check_memory {
-            return Ok(());
-        }
-        device_memory::check(self.loss.owner, name, addr, bytes)
-    }
-
-    unsafe fn launch(
-        &self,
-        kernel: &'static str,
-        grid: u32,
-        block: u32,
-        shared_bytes: u32,
-        params: &[u8],
-    ) -> Result<()> {
-        let function = self
-            .loss
-            .functions
-            .get(kernel)
-            .ok_or_else(|| Error::Launch {
-                kernel,
-                message: "not loaded".into(),
-            })?;
-        // cuLaunchKernel reads (never writes) the argument bytes during the
-        // call, so pointing at the caller's bytes needs no copy.
-        let mut args = [params.as_ptr().cast_mut().cast::<std::ffi::c_void>()];
-        // SAFETY: the kernel takes exactly one argument, the params struct
-        // whose bytes `args[0]` points to (launch_call passes the bytes of a
-        // MultiboxParams, 8-byte aligned); the caller vouches for the
-        // addresses inside it.
-        unsafe {
-            cudarc::driver::result::launch_kernel(
-                function.cu_function(),
-                (grid, 1, 1),
-                (block, 1, 1),
-                shared_bytes,
-                self.stream,
-                &mut args,
-            )?;
-        }
-        Ok(())
-    }
 }
 
 /// The CUDA driver library's names, in the order cudarc tries them: the

@@ -10,7 +10,9 @@ use cudarc::driver::{
 use super::launch::{launch_assign, RawTargetBuffers, RawTargetCall};
 use super::plan::{TargetPlan, TargetStep};
 use super::{validate_priors, TargetConfig, TargetShape, TargetStatus};
-use crate::{device_memory, kernels, Backend, Error, Float, Label, Result};
+use crate::launch::DriverBackend;
+use crate::plan::GridLimits;
+use crate::{device_memory, kernels, Error, Float, Label, Result};
 
 /// The inputs of one assignment, on the device (any cudarc slice or view).
 pub struct TargetInputs<'a, L> {
@@ -303,6 +305,7 @@ impl TargetAssigner {
             functions: &self.functions,
             stream,
             check_memory: check_memory.then_some(self.owner),
+            grid_limits: GridLimits::default(),
         };
         // SAFETY: the caller's contract above is launch_assign's; the
         // assigner's priors live as long as `self`.
@@ -405,48 +408,3 @@ impl TargetAssigner {
     }
 }
 
-/// Launches through the CUDA driver on one stream.
-struct DriverBackend<'a> {
-    functions: &'a HashMap<&'static str, CudaFunction>,
-    stream: cudarc::driver::sys::CUstream,
-    /// The context and device to check each address against, if any.
-    check_memory: Option<device_memory::Owner>,
-}
-
-impl Backend for DriverBackend<'_> {
-    fn check_buffer(&self, name: &'static str, addr: u64, bytes: usize) -> Result<()> {
-        match self.check_memory {
-            Some(owner) => device_memory::check(owner, name, addr, bytes),
-            None => Ok(()),
-        }
-    }
-
-    unsafe fn launch(
-        &self,
-        kernel: &'static str,
-        grid: u32,
-        block: u32,
-        shared_bytes: u32,
-        params: &[u8],
-    ) -> Result<()> {
-        let function = self.functions.get(kernel).ok_or_else(|| Error::Launch {
-            kernel,
-            message: "not loaded".into(),
-        })?;
-        let mut args = [params.as_ptr().cast_mut().cast::<std::ffi::c_void>()];
-        // SAFETY: the kernel takes exactly one argument, the TargetParams
-        // whose bytes `args[0]` points to (read during the call only); the
-        // caller vouches for the addresses inside it.
-        unsafe {
-            cudarc::driver::result::launch_kernel(
-                function.cu_function(),
-                (grid, 1, 1),
-                (block, 1, 1),
-                shared_bytes,
-                self.stream,
-                &mut args,
-            )?;
-        }
-        Ok(())
-    }
-}

@@ -4,7 +4,7 @@
 
 use super::plan::{TargetParams, TargetPlan};
 use super::{TargetConfig, TargetShape};
-use crate::launch::{check_overlaps, Extent};
+use crate::launch::{check_alignment, check_overlaps, Extent};
 use crate::{Backend, DType, Error, LabelType, Result};
 
 /// Device addresses of one assignment's buffers. Arrays are contiguous and
@@ -120,9 +120,7 @@ fn params(config: &TargetConfig, call: &RawTargetCall, plan: &TargetPlan) -> Res
         if addr == 0 {
             return Err(Error::NullPointer { name });
         }
-        if addr % align as u64 != 0 {
-            return Err(Error::Misaligned { name, align, addr });
-        }
+        check_alignment(name, addr, align)?;
     }
     if b.workspace_bytes < plan.workspace.bytes {
         return Err(Error::TargetWorkspaceTooSmall {
