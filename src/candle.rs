@@ -163,6 +163,25 @@ pub fn multibox_loss_with(
             );
         }
     }
+    let dtype = confidence.dtype();
+    if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+        candle_core::bail!("multibox: confidence is {dtype:?}; f32, f16 or bf16 expected");
+    }
+    if predicted_locations.dtype() != dtype {
+        candle_core::bail!(
+            "multibox: predicted_locations is {:?}, confidence {dtype:?}; they must match",
+            predicted_locations.dtype()
+        );
+    }
+    if !matches!(
+        labels.dtype(),
+        DType::I64 | DType::I32 | DType::I16 | DType::U32 | DType::U8
+    ) {
+        candle_core::bail!(
+            "multibox: labels are {:?}; an integer dtype expected",
+            labels.dtype()
+        );
+    }
     if confidence.device().is_cuda() {
         #[cfg(feature = "candle-cuda")]
         return cuda::multibox_loss(
@@ -188,22 +207,8 @@ pub fn multibox_loss_with(
             confidence.device()
         );
     }
-    let dtype = confidence.dtype();
-    if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
-        candle_core::bail!("multibox: confidence is {dtype:?}; f32, f16 or bf16 expected");
-    }
-    if predicted_locations.dtype() != dtype {
-        candle_core::bail!(
-            "multibox: predicted_locations is {:?}, confidence {dtype:?}; they must match",
-            predicted_locations.dtype()
-        );
-    }
-    let labels: Vec<i64> = match labels.dtype() {
-        DType::I64 | DType::I32 | DType::I16 | DType::U32 | DType::U8 => {
-            labels.to_dtype(DType::I64)?.flatten_all()?.to_vec1()?
-        }
-        other => candle_core::bail!("multibox: labels are {other:?}; an integer dtype expected"),
-    };
+    // The dtypes were checked above, for both devices.
+    let labels: Vec<i64> = labels.to_dtype(DType::I64)?.flatten_all()?.to_vec1()?;
     let num_pos = labels.iter().filter(|&&l| l > 0).count();
     let num_pos = u32::try_from(num_pos).map_err(|_| {
         candle_core::Error::Msg(format!("multibox: {num_pos} positives overflow u32"))
@@ -486,22 +491,11 @@ mod cuda {
         labels: &Tensor,
         gt_locations: &Tensor,
     ) -> candle_core::Result<MultiboxLosses> {
+        // The dtypes were checked by the caller (the module's multibox_loss).
         let dtype = confidence.dtype();
-        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
-            candle_core::bail!("multibox: confidence is {dtype:?}; f32, f16 or bf16 expected");
-        }
-        if predicted_locations.dtype() != dtype {
-            candle_core::bail!(
-                "multibox: predicted_locations is {:?}, confidence {dtype:?}; they must match",
-                predicted_locations.dtype()
-            );
-        }
         let labels = match labels.dtype() {
             DType::I64 | DType::I32 => labels.contiguous()?,
-            DType::I16 | DType::U32 | DType::U8 => labels.to_dtype(DType::I64)?,
-            other => {
-                candle_core::bail!("multibox: labels are {other:?}; an integer dtype expected")
-            }
+            _ => labels.to_dtype(DType::I64)?,
         };
         let state = Arc::new(Mutex::new(CudaState {
             labels: Some(labels),

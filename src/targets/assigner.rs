@@ -407,4 +407,3 @@ impl TargetAssigner {
         Ok(())
     }
 }
-
