@@ -1479,10 +1479,20 @@ fn non_finite_box_offsets_give_the_references_gradients() {
             .collect();
         assert!(g[40].is_nan() && g[41].is_nan(), "{what}: {:?}", &g[40..44]);
         assert!(want.grad_locations[40].is_nan() && want.grad_locations[41].is_nan());
-        for i in (0..160).filter(|&i| i != 40 && i != 41) {
+        // SPEC.md's precision on the finite gradients: f32 within 1e-6 of
+        // the largest; a 16-bit type within its rounding (1e-2 relative).
+        let finite = |i: &usize| *i != 40 && *i != 41;
+        let largest = (0..160)
+            .filter(finite)
+            .fold(0f64, |m, i| m.max(want.grad_locations[i].abs()));
+        for i in (0..160).filter(finite) {
             let w = want.grad_locations[i];
+            let tolerance = match T::DTYPE {
+                multibox::DType::F32 => 1e-6 * largest,
+                _ => 1e-2 * w.abs().max(1e-3),
+            };
             assert!(
-                (g[i] - w).abs() <= 1e-2 * w.abs().max(1e-3),
+                (g[i] - w).abs() <= tolerance,
                 "{what}: grad_locations[{i}] {} against {w}",
                 g[i]
             );
@@ -2194,7 +2204,7 @@ fn the_traffic_model_sees_whole_sectors() {
     if !multibox_emu::checks_available() {
         // The AddressSanitizer build leaves out the instrumentation the
         // model counts with; the plain build runs this test.
-        println!("skipped: this emulator build has no traffic model (AddressSanitizer)");
+        eprintln!("skipped: this emulator build has no traffic model (AddressSanitizer)");
         return;
     }
 
