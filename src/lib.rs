@@ -3,8 +3,9 @@
 //! launches per step (per prior: the log-sum-exp, the mining key and the
 //! positives' cross-entropy and smooth-L1; per image: the hard negatives by
 //! radix select, and the sums; then the gradients), with no host
-//! synchronisation, no allocation and bit-identical results run after run. A CPU reference in f64
-//! ([`reference`](mod@reference)) computes the same thing for machines without a GPU.
+//! synchronisation, no allocation and bit-identical results run after run.
+//! A CPU reference in f64 ([`reference`](mod@reference)) computes the same
+//! thing for machines without a GPU.
 //!
 //! ```
 //! use multibox::cudarc::driver::CudaSlice;
