@@ -43,9 +43,9 @@
 // Kernel 3 reads only the set's rows, so it keeps expf and the per-class
 // test for `skip`: the softmax it writes is as exact as f32 allows. Class c
 // of the row is x[c * stride]: 1 for a row-major row; channel-major, P in
-// global memory or the staged part's `gradient_plane_stride`; both layouts use the same lanes
-// (set_lanes depends on the shape and type, not the layout) in the same
-// order, so they give the same bits.
+// global memory or the staged part's `gradient_plane_stride`. Both layouts
+// use the same lanes (set_lanes depends on the shape and type, not the
+// layout) in the same order, so they give the same bits.
 struct RowStats {
     float max;
     float sum_exp;
