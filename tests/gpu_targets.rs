@@ -204,6 +204,77 @@ fn gpu_matches_the_reference_on_random_batches() {
     }
 }
 
+/// The half-precision offsets, each type with each label type: the labels
+/// are the reference's, the offsets within one rounding of the type (the
+/// kernels round their f32 offsets once). Their only GPU run.
+#[test]
+fn gpu_half_outputs_round_the_references_offsets() {
+    let Some(ctx) = gpu::device("gpu_half_outputs_round_the_references_offsets") else {
+        return;
+    };
+    let priors = priors::ssdlite300();
+    let (batch, max_boxes) = (4, 50);
+    let (boxes, labels, counts) = random_batch(4, batch, max_boxes);
+    let config = TargetConfig::default();
+    let shape = multibox::targets::TargetShape::new(batch, 3000, max_boxes);
+    let want = reference::assign::<i64>(&config, shape, &priors, &boxes, &labels, &counts).unwrap();
+    let stream = ctx.default_stream();
+    let assigner = TargetAssigner::new(&ctx, &priors, config).unwrap();
+    let check = |d: (Vec<i64>, Vec<f64>, TargetStatus), what: &str, tolerance: f64| {
+        let (got_labels, got_loc, status) = d;
+        assert_eq!(status, want.status, "{what}");
+        assert_eq!(got_labels, want.labels, "{what}");
+        assert_eq!(got_loc.len(), want.gt_locations.len(), "{what}");
+        for (i, (g, w)) in got_loc.iter().zip(&want.gt_locations).enumerate() {
+            let w = f64::from(*w);
+            assert!(
+                (g - w).abs() <= tolerance * w.abs().max(1.0),
+                "{what}: offset {i}: {g} vs {w}"
+            );
+        }
+    };
+    fn run_as<T: Float, L: Label>(
+        stream: &Arc<CudaStream>,
+        assigner: &TargetAssigner,
+        shape: (usize, usize),
+        (boxes, labels, counts): (&[f32], &[i64], &[i32]),
+    ) -> (Vec<i64>, Vec<f64>, TargetStatus) {
+        let labels: Vec<L> = labels.iter().map(|&l| L::from_i64(l)).collect();
+        let mut d =
+            DeviceBatch::<T, L>::new(stream, assigner, shape, boxes, &labels, counts).unwrap();
+        d.assign(assigner, stream).unwrap();
+        let (l, loc, status) = d.read(assigner, stream);
+        (
+            l.iter().map(|x| x.to_i64()).collect(),
+            loc.iter().map(|x| f64::from(x.to_f32())).collect(),
+            status,
+        )
+    }
+    let inputs = (boxes.as_slice(), labels.as_slice(), counts.as_slice());
+    let shape = (batch, max_boxes);
+    use half::{bf16, f16};
+    check(
+        run_as::<f16, i32>(&stream, &assigner, shape, inputs),
+        "f16/i32",
+        1e-3,
+    );
+    check(
+        run_as::<f16, i64>(&stream, &assigner, shape, inputs),
+        "f16/i64",
+        1e-3,
+    );
+    check(
+        run_as::<bf16, i32>(&stream, &assigner, shape, inputs),
+        "bf16/i32",
+        8e-3,
+    );
+    check(
+        run_as::<bf16, i64>(&stream, &assigner, shape, inputs),
+        "bf16/i64",
+        8e-3,
+    );
+}
+
 #[test]
 fn gpu_status_records_bad_inputs() {
     let Some(ctx) = gpu::device("gpu_status_records_bad_inputs") else {
