@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use cudarc::driver::CudaFunction;
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
 
 use crate::plan::{
     layout_code, GridLimits, LaunchPlan, MultiboxParams, Pass, NORMALIZER_GIVEN,
@@ -103,6 +103,63 @@ impl Backend for DriverBackend<'_> {
         }
         Ok(())
     }
+}
+
+/// Fails with [`Error::WrongContext`] unless `stream` (a caller's stream, or
+/// the one a buffer was allocated on) belongs to `ctx`: kernels loaded in
+/// one context cannot run on another's stream or reach its memory.
+pub(crate) fn check_context(
+    ctx: &CudaContext,
+    name: &'static str,
+    stream: &CudaStream,
+) -> Result<()> {
+    if stream.context().cu_ctx() != ctx.cu_ctx() {
+        return Err(Error::WrongContext {
+            name,
+            expected_ordinal: ctx.ordinal(),
+        });
+    }
+    Ok(())
+}
+
+/// Reads the status word at byte `offset` of a workspace (the loss's or the
+/// assigner's) of `workspace_bytes` bytes, after checking that it is not
+/// null, that it holds the word (else `too_small(offset + 4)`, the error
+/// naming the caller's shape), and that the driver knows it as memory of
+/// `owner`. Synchronises with `stream`.
+///
+/// # Safety
+/// `workspace` is a device allocation of `ctx` of at least
+/// `workspace_bytes` bytes, and `stream` is a live stream of `ctx`, or null
+/// for the legacy default stream.
+pub(crate) unsafe fn read_status_word(
+    ctx: &CudaContext,
+    owner: device_memory::Owner,
+    workspace: u64,
+    workspace_bytes: usize,
+    offset: usize,
+    too_small: impl FnOnce(usize) -> Error,
+    stream: cudarc::driver::sys::CUstream,
+) -> Result<u32> {
+    if workspace == 0 {
+        return Err(Error::NullPointer { name: "workspace" });
+    }
+    if workspace_bytes < offset + 4 {
+        return Err(too_small(offset + 4));
+    }
+    // The copy below is a raw driver call: it runs in the thread's current
+    // context, which must be `ctx`.
+    ctx.bind_to_thread()?;
+    device_memory::check(owner, "workspace", workspace, offset + 4)?;
+    let mut bits = [0u32; 1];
+    // SAFETY: the word lies inside the workspace (its size was checked
+    // above), the destination is 4 bytes of host memory, and the stream is
+    // synchronised before `bits` is read.
+    unsafe {
+        cudarc::driver::result::memcpy_dtoh_async(&mut bits, workspace + offset as u64, stream)?;
+        cudarc::driver::result::stream::synchronize(stream)?;
+    }
+    Ok(bits[0])
 }
 
 /// The upstream gradients `g_reg` and `g_cls` (they carry loss scaling and

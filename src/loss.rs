@@ -6,7 +6,8 @@ use std::sync::Arc;
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DevicePtr, DevicePtrMut, DeviceSlice};
 
 use crate::launch::{
-    launch_call, DeviceStatus, DriverBackend, RawBuffers, RawCall, RawNormalizer, RawUpstream,
+    check_context, launch_call, read_status_word, DeviceStatus, DriverBackend, RawBuffers, RawCall,
+    RawNormalizer, RawUpstream,
 };
 use crate::plan::{GridLimits, Pass, Residency, Step, MAX_BLOCKS_PER_SM, ROW_THREADS};
 use crate::{device_memory, kernels, Error, Float, Label, Layout, MultiboxConfig, Result, Shape};
@@ -399,7 +400,7 @@ impl MultiboxLoss {
                 check("mask", mask, shape.rows(), shape, self)?;
             }
         }
-        self.check_context("workspace", workspace.stream())?;
+        check_context(&self.ctx, "workspace", workspace.stream())?;
         if let Some(g) = gradients.as_deref() {
             check("grad_confidence", &*g.confidence, n, shape, self)?;
             check("grad_locations", &*g.predicted_locations, loc, shape, self)?;
@@ -576,32 +577,12 @@ impl MultiboxLoss {
         workspace: &dyn DevicePtr<u8>,
     ) -> Result<DeviceStatus> {
         self.check_stream(stream)?;
-        self.check_context("workspace", workspace.stream())?;
-        let offset = crate::launch::status_offset(shape)?;
-        if workspace.len() < offset + 4 {
-            return Err(Error::WorkspaceTooSmall {
-                expected: offset + 4,
-                actual: workspace.len(),
-                shape,
-            });
-        }
+        check_context(&self.ctx, "workspace", workspace.stream())?;
         let (base, _guard) = workspace.device_ptr(stream);
-        // The copy below is a raw driver call: it runs in the thread's
-        // current context, which must be this loss's.
-        self.ctx.bind_to_thread()?;
-        let mut bits = [0u32; 1];
-        // SAFETY: the word lies inside the workspace (checked above), the
-        // destination is 4 bytes of host memory, and the stream is
-        // synchronised before `bits` is read.
-        unsafe {
-            cudarc::driver::result::memcpy_dtoh_async(
-                &mut bits,
-                base + offset as u64,
-                stream.cu_stream(),
-            )?;
-        }
-        stream.synchronize()?;
-        Ok(DeviceStatus::from_bits(bits[0]))
+        // SAFETY: the workspace is a live cudarc buffer of `workspace.len()`
+        // bytes, and it and `stream` belong to this loss's context (checked
+        // above).
+        unsafe { self.status_raw(shape, base, workspace.len(), stream.cu_stream()) }
     }
 
     /// [`MultiboxLoss::status`] for the raw entry point: the workspace as a
@@ -620,45 +601,28 @@ impl MultiboxLoss {
         stream: cudarc::driver::sys::CUstream,
     ) -> Result<DeviceStatus> {
         let offset = crate::launch::status_offset(shape)?;
-        if workspace == 0 {
-            return Err(Error::NullPointer { name: "workspace" });
-        }
-        if workspace_bytes < offset + 4 {
-            return Err(Error::WorkspaceTooSmall {
-                expected: offset + 4,
-                actual: workspace_bytes,
-                shape,
-            });
-        }
-        self.ctx.bind_to_thread()?;
-        device_memory::check(self.owner, "workspace", workspace, offset + 4)?;
-        let mut bits = [0u32; 1];
-        // SAFETY: the word lies inside the caller's workspace (its size was
-        // checked above), the destination is 4 bytes of host memory, and
-        // the stream is synchronised before `bits` is read.
-        unsafe {
-            cudarc::driver::result::memcpy_dtoh_async(
-                &mut bits,
-                workspace + offset as u64,
+        let too_small = |expected| Error::WorkspaceTooSmall {
+            expected,
+            actual: workspace_bytes,
+            shape,
+        };
+        // SAFETY: the caller's contract above is read_status_word's.
+        let bits = unsafe {
+            read_status_word(
+                &self.ctx,
+                self.owner,
+                workspace,
+                workspace_bytes,
+                offset,
+                too_small,
                 stream,
-            )?;
-            cudarc::driver::result::stream::synchronize(stream)?;
-        }
-        Ok(DeviceStatus::from_bits(bits[0]))
+            )?
+        };
+        Ok(DeviceStatus::from_bits(bits))
     }
 
     fn check_stream(&self, stream: &Arc<CudaStream>) -> Result<()> {
-        self.check_context("stream", stream)
-    }
-
-    fn check_context(&self, name: &'static str, stream: &Arc<CudaStream>) -> Result<()> {
-        if stream.context().cu_ctx() != self.ctx.cu_ctx() {
-            return Err(Error::WrongContext {
-                name,
-                expected_ordinal: self.ctx.ordinal(),
-            });
-        }
-        Ok(())
+        check_context(&self.ctx, "stream", stream)
     }
 }
 
@@ -669,7 +633,7 @@ fn check<T>(
     shape: Shape,
     loss: &MultiboxLoss,
 ) -> Result<()> {
-    loss.check_context(name, buffer.stream())?;
+    check_context(&loss.ctx, name, buffer.stream())?;
     if buffer.len() != expected {
         return Err(Error::LengthMismatch {
             name,

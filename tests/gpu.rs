@@ -350,6 +350,11 @@ fn gpu_refuses_bad_calls_before_launching() {
         call.launch(&loss, &stream, Call::default()),
         Err(Error::WorkspaceTooSmall { .. })
     ));
+    // The status word lies past the 16 bytes: refused, not read.
+    assert!(matches!(
+        loss.status(&stream, shape, &call.workspace),
+        Err(Error::WorkspaceTooSmall { actual: 16, .. })
+    ));
 }
 
 /// The raw entry point asks the driver about every address: host memory,

@@ -464,4 +464,8 @@ fn gpu_refuses_bad_calls_before_launching() {
         d.assign(&assigner, &stream),
         Err(Error::TargetWorkspaceTooSmall { .. })
     ));
+    assert!(matches!(
+        assigner.status(&stream, 2, 4, &d.workspace),
+        Err(Error::TargetWorkspaceTooSmall { actual: 16, .. })
+    ));
 }

@@ -10,7 +10,7 @@ use cudarc::driver::{
 use super::launch::{launch_assign, RawTargetBuffers, RawTargetCall};
 use super::plan::{TargetPlan, TargetStep};
 use super::{validate_priors, TargetConfig, TargetShape, TargetStatus};
-use crate::launch::DriverBackend;
+use crate::launch::{check_context, read_status_word, DriverBackend};
 use crate::plan::GridLimits;
 use crate::{device_memory, kernels, Error, Float, Label, Result};
 
@@ -194,7 +194,7 @@ impl TargetAssigner {
     ) -> Result<()> {
         let shape = self.shape(batch, max_boxes);
         shape.validate()?;
-        self.check_context("stream", stream)?;
+        check_context(&self.ctx, "stream", stream)?;
         self.check("gt_boxes", inputs.gt_boxes, shape.boxes_len(), shape)?;
         self.check("gt_labels", inputs.gt_labels, shape.box_labels_len(), shape)?;
         self.check("gt_counts", inputs.gt_counts, shape.batch, shape)?;
@@ -205,7 +205,7 @@ impl TargetAssigner {
             shape.locations_len(),
             shape,
         )?;
-        self.check_context("workspace", workspace.stream())?;
+        check_context(&self.ctx, "workspace", workspace.stream())?;
 
         // The guards record cudarc's events when they drop, after the
         // launches were queued.
@@ -322,8 +322,8 @@ impl TargetAssigner {
         max_boxes: usize,
         workspace: &dyn DevicePtr<u8>,
     ) -> Result<TargetStatus> {
-        self.check_context("stream", stream)?;
-        self.check_context("workspace", workspace.stream())?;
+        check_context(&self.ctx, "stream", stream)?;
+        check_context(&self.ctx, "workspace", workspace.stream())?;
         let (base, _guard) = workspace.device_ptr(stream);
         // SAFETY: the workspace is a live cudarc buffer of `workspace.len()`
         // bytes, and it and `stream` belong to this context (checked above).
@@ -351,41 +351,24 @@ impl TargetAssigner {
         stream: cudarc::driver::sys::CUstream,
     ) -> Result<TargetStatus> {
         let section = TargetPlan::new(shape)?.workspace.status;
-        if workspace == 0 {
-            return Err(Error::NullPointer { name: "workspace" });
-        }
-        if workspace_bytes < section.offset + 4 {
-            return Err(Error::TargetWorkspaceTooSmall {
-                expected: section.offset + 4,
-                actual: workspace_bytes,
-                shape,
-            });
-        }
-        self.ctx.bind_to_thread()?;
-        device_memory::check(self.owner, "workspace", workspace, section.offset + 4)?;
-        let mut bits = [0u32; 1];
-        // SAFETY: the word lies inside the caller's workspace (its size was
-        // checked above), the destination is 4 bytes of host memory, and the
-        // stream is synchronised before `bits` is read.
-        unsafe {
-            cudarc::driver::result::memcpy_dtoh_async(
-                &mut bits,
-                workspace + section.offset as u64,
+        let too_small = |expected| Error::TargetWorkspaceTooSmall {
+            expected,
+            actual: workspace_bytes,
+            shape,
+        };
+        // SAFETY: the caller's contract above is read_status_word's.
+        let bits = unsafe {
+            read_status_word(
+                &self.ctx,
+                self.owner,
+                workspace,
+                workspace_bytes,
+                section.offset,
+                too_small,
                 stream,
-            )?;
-            cudarc::driver::result::stream::synchronize(stream)?;
-        }
-        Ok(TargetStatus::from_bits(bits[0]))
-    }
-
-    fn check_context(&self, name: &'static str, stream: &Arc<CudaStream>) -> Result<()> {
-        if stream.context().cu_ctx() != self.ctx.cu_ctx() {
-            return Err(Error::WrongContext {
-                name,
-                expected_ordinal: self.ctx.ordinal(),
-            });
-        }
-        Ok(())
+            )?
+        };
+        Ok(TargetStatus::from_bits(bits))
     }
 
     fn check<E>(
@@ -395,7 +378,7 @@ impl TargetAssigner {
         expected: usize,
         shape: TargetShape,
     ) -> Result<()> {
-        self.check_context(name, buffer.stream())?;
+        check_context(&self.ctx, name, buffer.stream())?;
         if buffer.len() != expected {
             return Err(Error::TargetLengthMismatch {
                 name,
