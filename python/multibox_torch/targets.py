@@ -79,6 +79,16 @@ def standard_priors(name: str = "ssdlite300") -> Tensor:
     return torch.frombuffer(bytearray(values), dtype=torch.float32).reshape(-1, 4)
 
 
+def _to_device(host, device):
+    """A host tensor on ``device``; to CUDA from pinned memory without
+    waiting (a pageable copy would make the host wait for everything
+    queued on the stream; the caching host allocator keeps the pinned
+    block until the copy has run)."""
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def pad_targets(
     boxes: Sequence[Tensor],
     labels: Sequence[Tensor],
@@ -127,16 +137,22 @@ def pad_targets(
                 "the graph reads"
             )
     label_dtype = labels[0].dtype
-    gt_boxes = torch.zeros((len(boxes), t, 4), dtype=torch.float32, device=device)
-    gt_labels = torch.zeros((len(boxes), t), dtype=label_dtype, device=device)
-    for i, (b, l) in enumerate(zip(boxes, labels)):
-        gt_boxes[i, : b.shape[0]] = b.to(device=device, dtype=torch.float32)
-        gt_labels[i, : l.shape[0]] = l.to(device=device, dtype=label_dtype)
-    gt_counts = torch.tensor(counts, dtype=torch.int32)
-    if device.type == "cuda":
-        # From pinned memory without waiting: a pageable copy would make the
-        # host wait for everything queued on the stream.
-        gt_counts = gt_counts.pin_memory().to(device, non_blocking=True)
+    n = len(boxes)
+    gt_boxes = torch.zeros((n, t, 4), dtype=torch.float32, device=device)
+    gt_labels = torch.zeros((n, t), dtype=label_dtype, device=device)
+    host_counts = torch.tensor(counts, dtype=torch.int32)
+    if longest > 0:
+        # One concatenation and one scatter per output, whatever B is (not a
+        # copy per image): the rows image i's boxes go to in the [B * T]
+        # view, i * T + 0..n_i, are known on the host.
+        column = torch.arange(t)
+        rows = (torch.arange(n)[:, None] * t + column)[column < host_counts[:, None]]
+        rows = _to_device(rows, device)
+        flat_boxes = torch.cat([b.to(device) for b in boxes]).to(torch.float32)
+        flat_labels = torch.cat([l.to(device) for l in labels]).to(label_dtype)
+        gt_boxes.view(n * t, 4).index_copy_(0, rows, flat_boxes)
+        gt_labels.view(n * t).index_copy_(0, rows, flat_labels)
+    gt_counts = _to_device(host_counts, device)
     return gt_boxes, gt_labels, gt_counts
 
 

@@ -113,6 +113,13 @@ def test_pad_targets():
     assert gt_labels.shape == (3, 3) and gt_labels.dtype == torch.int64
     assert gt_counts.tolist() == [1, 0, 3] and gt_counts.dtype == torch.int32
     assert torch.equal(gt_boxes[2], boxes[2]) and torch.equal(gt_labels[2], labels[2])
+    assert torch.equal(gt_boxes[0, 0], boxes[0][0]) and gt_labels[0].tolist() == [3, 0, 0]
+    assert not gt_boxes[0, 1:].any() and not gt_boxes[1].any() and not gt_labels[1].any()
+    # Other float and integer types are converted: float32 boxes, and the
+    # first image's label type.
+    gb, gl, _ = pad_targets([boxes[0].double(), boxes[2].half()], [labels[0].int(), labels[2]])
+    assert gb.dtype == torch.float32 and gl.dtype == torch.int32
+    assert torch.equal(gb[1], boxes[2].half().float()) and gl.tolist() == [[3, 0, 0], [1, 2, 3]]
     assert pad_targets(boxes, labels, max_boxes=8)[0].shape == (3, 8, 4)
     # Every image empty: one padding row, count 0.
     gb, gl, gc = pad_targets([torch.zeros((0, 4))], [torch.zeros((0,), dtype=torch.int32)])
@@ -558,8 +565,8 @@ def test_cuda_graph_capture_of_a_whole_step():
 
 @needs_gpu
 def test_cuda_pad_targets_match_the_cpus():
-    boxes = [torch.tensor([[0.1, 0.1, 0.4, 0.5], [0.2, 0.3, 0.6, 0.9]]), torch.zeros((0, 4))]
-    labels = [torch.tensor([5, 2]), torch.zeros((0,), dtype=torch.int64)]
+    boxes = [torch.tensor([[0.1, 0.1, 0.4, 0.5], [0.2, 0.3, 0.6, 0.9]]), torch.zeros((0, 4)), torch.rand(3, 4)]
+    labels = [torch.tensor([5, 2]), torch.zeros((0,), dtype=torch.int64), torch.tensor([1, 2, 3])]
     want = pad_targets(boxes, labels)
     got = pad_targets([x.cuda() for x in boxes], [x.cuda() for x in labels])
     torch.cuda.synchronize()  # the counts' copy does not wait
