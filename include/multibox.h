@@ -32,7 +32,8 @@ typedef enum multibox_status_code {
   MULTIBOX_NO_KERNELS = 3,
   // A CUDA driver call or a kernel launch failed.
   MULTIBOX_CUDA_ERROR = 4,
-  // A bug: the library panicked. The message says where.
+  // A bug: the library panicked. The message gives the panic's text (the
+  // default panic hook has printed where, on stderr).
   MULTIBOX_PANIC = 5,
 } multibox_status_code;
 

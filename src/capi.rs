@@ -52,7 +52,8 @@ pub enum multibox_status_code {
     MULTIBOX_NO_KERNELS = 3,
     /// A CUDA driver call or a kernel launch failed.
     MULTIBOX_CUDA_ERROR = 4,
-    /// A bug: the library panicked. The message says where.
+    /// A bug: the library panicked. The message gives the panic's text (the
+    /// default panic hook has printed where, on stderr).
     MULTIBOX_PANIC = 5,
 }
 
@@ -1628,4 +1629,39 @@ pub unsafe extern "C" fn multibox_reference_assign_targets(
         }
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn last_error() -> String {
+        // SAFETY: multibox_last_error returns a NUL-terminated string owned
+        // by this thread, valid until its next failing call.
+        unsafe { std::ffi::CStr::from_ptr(multibox_last_error()) }
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    /// What crosses the boundary: success, an error's code and message,
+    /// and a panic (never an unwind into C) as MULTIBOX_PANIC with the
+    /// panic's text, for both kinds of payload.
+    #[test]
+    fn guard_turns_errors_and_panics_into_codes() {
+        assert_eq!(guard(|| Ok(())), MULTIBOX_OK);
+        let code = guard(|| Err(invalid("batch must be at least 1".into())));
+        assert_eq!(code, MULTIBOX_INVALID_ARGUMENT);
+        assert_eq!(last_error(), "batch must be at least 1");
+        let code = guard(|| Err(Error::NoDevice("no CUDA driver".into()).into()));
+        assert_eq!(code, MULTIBOX_NO_DEVICE);
+        assert!(last_error().contains("no CUDA driver"), "{}", last_error());
+
+        assert_eq!(guard(|| panic!("a static message")), MULTIBOX_PANIC);
+        let message = last_error();
+        assert!(message.starts_with("multibox panicked (a bug, please report)"));
+        assert!(message.ends_with("a static message"), "{message}");
+        let index = 7;
+        assert_eq!(guard(|| panic!("formatted {index}")), MULTIBOX_PANIC);
+        assert!(last_error().ends_with("formatted 7"), "{}", last_error());
+    }
 }
