@@ -65,10 +65,7 @@ def library_wheel():
     loads it), so one wheel serves every Python 3 on its platform, not only
     the interpreter that built it. Imported here, after the checks above:
     outside a checkout setup.py stops before it needs the wheel machinery."""
-    try:
-        from setuptools.command.bdist_wheel import bdist_wheel
-    except ImportError:  # setuptools < 70.1
-        from wheel.bdist_wheel import bdist_wheel
+    from setuptools.command.bdist_wheel import bdist_wheel
 
     class LibraryWheel(bdist_wheel):
         def get_tag(self):

@@ -234,6 +234,14 @@ def _check_normalizer_tensor(normalizer_tensor, device):
     )
 
 
+def _check_tensors(function, **tensors):
+    """A TypeError naming the argument that is not a Tensor (a list, a numpy
+    array), before anything reads a tensor's attributes."""
+    for name, value in tensors.items():
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{function}: {name} must be a Tensor, got {type(value).__name__}")
+
+
 def _check(confidence, predicted_locations, labels, gt_locations, layout=_capi.ROW_MAJOR):
     """(B, P, C) of the inputs in ``layout`` (a ``multibox_layout``); shapes,
     dtypes and devices checked: a wrong dtype raises TypeError, a wrong
@@ -257,6 +265,14 @@ def _check(confidence, predicted_locations, labels, gt_locations, layout=_capi.R
         )
         b, c, p = confidence.shape
         loc_shape, loc_text = (b, 4, p), lambda: f"[{b}, 4, {p}] (layout='channel_major')"
+    # The library's smallest shape (SPEC.md), refused here as the other
+    # shape errors are (a ValueError), and by the fake implementations too.
+    for value, least, text in ((b, 1, "B >= 1 images"), (p, 1, "P >= 1 priors"),
+                               (c, 2, "C >= 2 classes (background and one)")):
+        torch._check_value(
+            value >= least,
+            lambda text=text: f"multibox_loss: needs {text}, got confidence {tuple(confidence.shape)}",
+        )
     torch._check_value(
         tuple(predicted_locations.shape) == loc_shape,
         lambda: f"multibox_loss: predicted_locations must be {loc_text()}, got {tuple(predicted_locations.shape)}",
@@ -609,11 +625,13 @@ def _setup_context(ctx, inputs, output):
     # The inputs themselves (no copy) and the small workspace: nothing of
     # [B, P, C] is allocated to live until the backward. On CUDA the
     # workspace holds the forward's divisor; the CPU reference recomputes
-    # it, so there the normaliser (the tensor too, if any) goes along.
+    # it, so there the normaliser goes along: a copy of its tensor, if any,
+    # so that, as on CUDA, the backward divides by the value the forward
+    # read, even if the tensor is refilled in between (a count per
+    # micro-batch, say), rather than fail autograd's version check.
     on_cpu = confidence.device.type == "cpu"
-    ctx.save_for_backward(
-        confidence, predicted_locations, labels, gt_locations, workspace, normalizer_tensor if on_cpu else None
-    )
+    kept_normalizer = normalizer_tensor.detach().clone() if on_cpu and normalizer_tensor is not None else None
+    ctx.save_for_backward(confidence, predicted_locations, labels, gt_locations, workspace, kept_normalizer)
     ctx.settings = (neg_pos_ratio, min_negatives_per_image, beta)
     ctx.normalizer = (layout, normalizer, normalizer_value) if on_cpu else (layout, _capi.NORMALIZE_POSITIVES, 0.0)
     ctx.mark_non_differentiable(num_pos, workspace)
@@ -682,6 +700,8 @@ def _loss_and_record(
     nothing); on the CPU, whose reference keeps no status, the inputs as
     the op got them and the layout, for a check made only when asked; on
     the meta device, nothing (there are no values)."""
+    _check_tensors("multibox_loss", confidence=confidence, predicted_locations=predicted_locations, labels=labels,
+                   gt_locations=gt_locations)
     settings = _check_settings(neg_pos_ratio, min_negatives_per_image, beta)
     layout_kind = _check_layout(layout)
     kind, value, tensor = _check_normalizer(normalizer, confidence.device)

@@ -21,6 +21,7 @@ equal the reference's float32 labels bit for bit.
 
 import ctypes
 import numbers
+import operator
 import weakref
 from typing import NamedTuple, Optional, Sequence, Tuple
 
@@ -30,7 +31,7 @@ from torch import Tensor, nn
 from . import _capi, _capi_targets
 
 # From the package, which defines them before it imports this module.
-from . import _loss_and_record, _not_during_capture
+from . import _F32_HALF_TINY, _F32_MAX, _check_tensors, _loss_and_record, _not_during_capture
 
 __all__ = ["assign_targets", "pad_targets", "standard_priors", "MultiboxLoss", "TargetStatus"]
 
@@ -108,24 +109,36 @@ def pad_targets(
     DataLoader's ``collate_fn`` with ``pin_memory=True``, then moving the
     three with ``.to(device, non_blocking=True)``."""
     if len(boxes) != len(labels):
-        raise ValueError(f"{len(boxes)} box tensors but {len(labels)} label tensors")
+        raise ValueError(f"pad_targets: {len(boxes)} box tensors but {len(labels)} label tensors")
     if len(boxes) == 0:
         raise ValueError("pad_targets needs at least one image")
     counts = []
+    boxes = list(boxes)
     for i, (b, l) in enumerate(zip(boxes, labels)):
+        _check_tensors("pad_targets", **{f"boxes[{i}]": b, f"labels[{i}]": l})
+        if b.dim() == 1 and b.numel() == 0:
+            boxes[i] = b = b.reshape(0, 4)  # torch.tensor([]): an image without boxes
         if b.dim() != 2 or b.shape[-1] != 4:
-            raise ValueError(f"image {i}: boxes must be [n, 4], got {tuple(b.shape)}")
+            raise ValueError(f"pad_targets: image {i}'s boxes must be [n, 4], got {tuple(b.shape)}")
         if l.dim() != 1 or l.shape[0] != b.shape[0]:
-            raise ValueError(f"image {i}: labels must be [{b.shape[0]}], got {tuple(l.shape)}")
+            raise ValueError(f"pad_targets: image {i}'s labels must be [{b.shape[0]}], got {tuple(l.shape)}")
         if l.dtype not in _LABEL_TYPES:
-            raise ValueError(f"image {i}: labels must be int64 or int32, got {l.dtype}")
+            raise TypeError(f"pad_targets: image {i}'s labels must be int64 or int32, got {l.dtype}")
         counts.append(int(b.shape[0]))
     longest = max(counts)
-    t = max(1, longest) if max_boxes is None else int(max_boxes)
+    if max_boxes is None:
+        t = max(1, longest)
+    elif isinstance(max_boxes, bool):
+        raise TypeError(f"pad_targets: max_boxes must be None or an integer, got {max_boxes!r}")
+    else:
+        try:
+            t = operator.index(max_boxes)
+        except TypeError:
+            raise TypeError(f"pad_targets: max_boxes must be None or an integer, got {max_boxes!r}") from None
     if t < 1:
-        raise ValueError(f"max_boxes={max_boxes}: T must be at least 1 (an image without boxes takes one padding row)")
+        raise ValueError(f"pad_targets: max_boxes={max_boxes}: T must be at least 1 (an image without boxes takes one padding row)")
     if t < longest:
-        raise ValueError(f"max_boxes={max_boxes} is smaller than an image's {longest} boxes")
+        raise ValueError(f"pad_targets: max_boxes={max_boxes} is smaller than an image's {longest} boxes")
     device = boxes[0].device
     if device.type == "cuda":
         with torch.cuda.device(device):
@@ -197,7 +210,15 @@ def _check(priors, gt_boxes, gt_labels, gt_counts):
             x.device == gt_boxes.device,
             lambda: f"assign_targets: {name} is on {x.device}, gt_boxes on {gt_boxes.device}",
         )
-    return priors.shape[0], b, t
+    p = priors.shape[0]
+    for value, text in ((p, "P >= 1 priors"), (b, "B >= 1 images"),
+                        (t, "T >= 1 box rows (pad an image without boxes to one row with a count of 0)")):
+        torch._check_value(
+            value >= 1,
+            lambda text=text: f"assign_targets: needs {text}, got priors {tuple(priors.shape)}, "
+            f"gt_boxes {tuple(gt_boxes.shape)}",
+        )
+    return p, b, t
 
 
 def _counts_i32(gt_counts, t):
@@ -212,16 +233,26 @@ def _counts_i32(gt_counts, t):
 
 def _settings(iou_threshold, center_variance, size_variance, num_classes=None):
     """The settings as ``(iou_threshold, center_variance, size_variance,
-    num_classes)``: three floats, whose ranges are checked by the library,
-    and C as an int, 0 for None (unknown). Python's and numpy's real
-    numbers are taken; bool is refused (``float`` would make True a
-    threshold of 1.0), as are strings and tensors. ``num_classes`` is None
-    or an integer >= 2 (background and one class)."""
+    num_classes)``: three floats and C as an int, 0 for None (unknown).
+    Python's and numpy's real numbers are taken; bool is refused (``float``
+    would make True a threshold of 1.0), as are strings and tensors. The
+    ranges are the library's (SPEC.md), checked here so that a bad setting
+    is a ValueError when it is given (MultiboxLoss's constructor), not a
+    MultiboxError at the first assignment: ``iou_threshold`` in (0, 1],
+    both variances positive and finite, all three as float32s (a value
+    that rounds to 0 or overflows there is refused). ``num_classes`` is
+    None or an integer >= 2 (background and one class)."""
     settings = (("iou_threshold", iou_threshold), ("center_variance", center_variance),
                 ("size_variance", size_variance))
     for name, value in settings:
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"assign_targets: {name} must be a real number, got {value!r}")
+        if not isinstance(value, (int, float)):
+            value = float(value)  # numpy's float16 would overflow comparing with _F32_MAX
+        # Comparisons only, which NaN fails too (as _check_settings does).
+        top, within = (1.0, "in (0, 1]") if name == "iou_threshold" else (_F32_MAX, "positive and finite")
+        if not _F32_HALF_TINY < value <= top:
+            raise ValueError(f"assign_targets: {name} must be {within} (as a float32), got {value!r}")
     if num_classes is None:
         classes = 0
     elif isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):
@@ -498,6 +529,7 @@ def assign_targets(
     it is used and after it was written in place: pass one priors tensor,
     made once, rather than a new copy each call.
     """
+    _check_tensors("assign_targets", priors=priors, gt_boxes=gt_boxes, gt_labels=gt_labels, gt_counts=gt_counts)
     settings = _settings(iou_threshold, center_variance, size_variance, num_classes)
     labels, gt_locations, _ = _assign_op(priors, gt_boxes, gt_labels, gt_counts, *settings)
     return labels, gt_locations

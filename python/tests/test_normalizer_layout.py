@@ -115,6 +115,23 @@ def test_a_tensor_normalizer_equals_the_number(device, make):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_the_backward_divides_by_what_the_forward_read(device):
+    # Gradient accumulation that refills one count tensor per micro-batch
+    # before a single backward: the backward divides by each forward's n.
+    # Before, the CPU backward re-read the tensor, and autograd's version
+    # check refused the refilled one; CUDA keeps n in the workspace.
+    inputs = batch(device, seed=6)
+    want = run(*inputs, normalizer=37.0)
+    count = torch.tensor(37.0, device=device)
+    conf = inputs[0].detach().clone().requires_grad_()
+    loc = inputs[1].detach().clone().requires_grad_()
+    reg, cls, _ = multibox_loss(conf, loc, *inputs[2:], normalizer=count)
+    count.fill_(5.0)
+    (0.75 * reg + 2.5 * cls).backward()
+    assert torch.equal(conf.grad, want[3]) and torch.equal(loc.grad, want[4])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n", [0.0, -3.0, "tensor0", "tensor-2"])
 def test_given_n_at_most_zero_gives_zero_losses_and_gradients(device, n):
     inputs = batch(device, seed=3)

@@ -495,6 +495,18 @@ def test_bad_dtypes_raise_type_error_and_bad_shapes_or_devices_value_error():
     ):
         with pytest.raises(ValueError, match="^multibox_loss: "):
             multibox_loss(*args)
+    # The smallest shape SPEC.md allows, on the CPU and in shape inference
+    # alike (before: a MultiboxError from the library, and no error on meta).
+    for device in ("cpu", "meta"):
+        for (b, p, c), text in (((0, 5, 3), "B >= 1"), ((2, 0, 3), "P >= 1"), ((2, 5, 1), "C >= 2")):
+            args = (torch.zeros(b, p, c), torch.zeros(b, p, 4), torch.zeros(b, p, dtype=torch.int64),
+                    torch.zeros(b, p, 4))
+            with pytest.raises(ValueError, match=f"^multibox_loss: needs {text}"):
+                multibox_loss(*(t.to(device) for t in args))
+    # Not a tensor at all (before: AttributeError: 'list' object has no
+    # attribute 'device').
+    with pytest.raises(TypeError, match="^multibox_loss: confidence must be a Tensor, got list"):
+        multibox_loss(confidence.tolist(), locations, labels, gt)
     # The op itself checks its normaliser tensor the same way.
     settings = (3.0, 0, 1.0, _capi.ROW_MAJOR, _capi.NORMALIZE_GIVEN, 0.0)
     with pytest.raises(ValueError, match="^multibox_loss: the normalizer tensor must hold one element"):

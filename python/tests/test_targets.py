@@ -130,8 +130,18 @@ def test_pad_targets():
         pad_targets(boxes, labels, max_boxes=2)
     with pytest.raises(ValueError):
         pad_targets(boxes, labels[:2])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="pad_targets: image 0's boxes must be \\[n, 4\\], got \\(3,\\)"):
         pad_targets([torch.zeros(3)], [torch.zeros(3, dtype=torch.int64)])
+    # Types are TypeErrors, as assign_targets' are.
+    with pytest.raises(TypeError, match="pad_targets: image 2's labels must be int64 or int32, got torch.float32"):
+        pad_targets(boxes, labels[:2] + [labels[2].float()])
+    with pytest.raises(TypeError, match="pad_targets: max_boxes must be None or an integer, got 3.5"):
+        pad_targets(boxes, labels, max_boxes=3.5)
+    with pytest.raises(TypeError, match="pad_targets: boxes\\[1\\] must be a Tensor, got list"):
+        pad_targets([boxes[0], []], labels[:2])
+    # torch.tensor([]) is an image without boxes too.
+    gb, gl, gc = pad_targets([torch.tensor([]), boxes[0]], [torch.tensor([], dtype=torch.int64), labels[0]])
+    assert gb.shape == (2, 1, 4) and gc.tolist() == [0, 1] and torch.equal(gb[1, 0], boxes[0][0])
 
 
 def test_empty_image_and_bad_settings():
@@ -142,9 +152,19 @@ def test_empty_image_and_bad_settings():
     )
     labels, gt_locations = assign_targets(priors, gt_boxes, gt_labels, gt_counts)
     assert (labels[0] == 5).any() and (labels[1] == 0).all() and (gt_locations[1] == 0).all()
-    for bad in (dict(iou_threshold=0.0), dict(iou_threshold=1.5), dict(center_variance=0.0), dict(size_variance=-1.0)):
-        with pytest.raises(RuntimeError):
-            assign_targets(priors, gt_boxes, gt_labels, gt_counts, **bad)
+    settings = dict(iou_threshold=0.5, neg_pos_ratio=3, center_variance=0.1, size_variance=0.2)
+    for name, value, within in (
+        ("iou_threshold", 0.0, r"in \(0, 1\]"), ("iou_threshold", 1.5, r"in \(0, 1\]"),
+        ("iou_threshold", math.nan, r"in \(0, 1\]"), ("center_variance", 0.0, "positive and finite"),
+        ("size_variance", -1.0, "positive and finite"), ("size_variance", math.inf, "positive and finite"),
+        ("center_variance", 1e-46, "positive and finite"), ("center_variance", 1e39, "positive and finite"),
+    ):
+        message = f"assign_targets: {name} must be {within}"
+        with pytest.raises(ValueError, match=message):
+            assign_targets(priors, gt_boxes, gt_labels, gt_counts, **{name: value})
+        # When the module is made, not at its first step.
+        with pytest.raises(ValueError, match=message):
+            MultiboxLoss(priors, device="cpu", **{**settings, name: value})
     # A wrong dtype is a TypeError, a wrong shape or device a ValueError
     # (before, RuntimeErrors from torch._check; neither is one).
     with pytest.raises(TypeError, match="assign_targets: gt_labels must be int64 or int32, got torch.float32"):
@@ -155,6 +175,13 @@ def test_empty_image_and_bad_settings():
         assign_targets(priors, gt_boxes, gt_labels, gt_counts[:1])
     with pytest.raises(ValueError, match="assign_targets: gt_labels is on meta, gt_boxes on cpu"):
         assign_targets(priors, gt_boxes, gt_labels.to("meta"), gt_counts)
+    for args, text in (((priors[:0], gt_boxes, gt_labels, gt_counts), "P >= 1"),
+                       ((priors, gt_boxes[:0], gt_labels[:0], gt_counts[:0]), "B >= 1"),
+                       ((priors, gt_boxes[:, :0], gt_labels[:, :0], gt_counts), "T >= 1")):
+        with pytest.raises(ValueError, match=f"assign_targets: needs {text}"):
+            assign_targets(*args)
+    with pytest.raises(TypeError, match="assign_targets: priors must be a Tensor, got list"):
+        assign_targets(priors.tolist(), gt_boxes, gt_labels, gt_counts)
 
 
 def test_settings_take_numpy_scalars_and_refuse_other_types():
