@@ -100,6 +100,9 @@ impl<T: Float + DeviceRepr + ValidAsZeroBits> Elem for T {}
 /// L2 size assumed when the device does not say (H100/H200: 50 MB).
 const DEFAULT_L2_BYTES: usize = 50 << 20;
 
+/// Seconds of calls before each case's timing ([`Bench::warm_up`]).
+const WARM_UP_S: f64 = 0.2;
+
 fn main() {
     let started = Instant::now();
     // cargo bench passes `--bench` (and maybe a filter): a case runs when
@@ -627,6 +630,33 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 impl Bench<'_> {
+    /// Calls `call(i)` for i = 0, 1, ... in rounds of `round` calls until
+    /// the device has been kept busy for [`WARM_UP_S`] (one round when
+    /// quick): the module's load and the inputs' first touch, and the SM
+    /// clock, which idles low and rises only under load, over longer than
+    /// the timing loop of a small case lasts (2,000 calls of 12 µs).
+    fn warm_up(
+        &self,
+        stream: &CudaStream,
+        round: usize,
+        mut call: impl FnMut(usize) -> Result<()>,
+    ) -> Result<()> {
+        let busy = if self.quick { 0.0 } else { WARM_UP_S };
+        let start = Instant::now();
+        let mut i = 0;
+        loop {
+            for _ in 0..round {
+                call(i)?;
+                i += 1;
+            }
+            // Waiting each round: the host's clock then tracks the device's work.
+            stream.synchronize()?;
+            if start.elapsed().as_secs_f64() >= busy {
+                return Ok(());
+            }
+        }
+    }
+
     fn case<T: Elem>(&self, name: &str, host: &Batch<f32, i64>) -> Result<Record> {
         let shape = host.shape;
         let dtype = match T::DTYPE {
@@ -659,11 +689,9 @@ impl Bench<'_> {
             .collect::<Result<_>>()
             .context("allocating the input sets")?;
 
-        // Warm-up: module load, first-touch, clocks.
-        for i in 0..sets.max(10) {
-            calls[i % sets].call(&loss, &stream, shape, name)?;
-        }
-        stream.synchronize()?;
+        self.warm_up(&stream, sets.max(10), |i| {
+            calls[i % sets].call(&loss, &stream, shape, name)
+        })?;
 
         // As many calls as fit in ~0.3 s (0.05 s quick), at least 20.
         let start = Instant::now();
@@ -790,10 +818,9 @@ impl Bench<'_> {
                 })
             })
             .collect::<Result<_>>()?;
-        for i in 0..10 {
-            sets[i % 4].call(&assigner, &stream, batch, max_boxes)?;
-        }
-        stream.synchronize()?;
+        self.warm_up(&stream, 10, |i| {
+            sets[i % 4].call(&assigner, &stream, batch, max_boxes)
+        })?;
         let start = Instant::now();
         for s in sets.iter_mut() {
             s.call(&assigner, &stream, batch, max_boxes)?;
