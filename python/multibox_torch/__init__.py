@@ -40,6 +40,7 @@ import operator
 from typing import NamedTuple, Optional, Tuple
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from . import _capi
@@ -702,6 +703,15 @@ def _loss_and_record(
     the meta device, nothing (there are no values)."""
     _check_tensors("multibox_loss", confidence=confidence, predicted_locations=predicted_locations, labels=labels,
                    gt_locations=gt_locations)
+    # Forward-mode AD has no formula here (custom_op's autograd serves the
+    # backward only), and a dual input would get a zero tangent without a
+    # word. gt_locations may carry one: its derivative is 0 (SPEC.md).
+    for name, t in (("confidence", confidence), ("predicted_locations", predicted_locations)):
+        if _forward_ad.unpack_dual(t).tangent is not None:
+            raise NotImplementedError(
+                f"multibox_loss has no forward-mode derivative, and {name} carries a tangent (torch.func.jvp, "
+                "torch.autograd.forward_ad): take gradients with .backward() or torch.autograd.grad"
+            )
     settings = _check_settings(neg_pos_ratio, min_negatives_per_image, beta)
     layout_kind = _check_layout(layout)
     kind, value, tensor = _check_normalizer(normalizer, confidence.device)

@@ -271,8 +271,11 @@ def test_double_backward_is_refused_with_a_clear_error(device):
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_torch_func_transforms_are_as_the_readme_says():
-    # README, "PyTorch": not supported. If a PyTorch release changes any of
+    # README, "PyTorch": not supported, with an error where a transform
+    # would otherwise give a wrong answer. If a PyTorch release changes any of
     # this, the README's sentence must change with it.
+    import torch.autograd.forward_ad as fwAD
+
     confidence, locations, labels, gt = _small("cpu")
 
     def total(conf):
@@ -281,13 +284,18 @@ def test_torch_func_transforms_are_as_the_readme_says():
 
     with pytest.raises(RuntimeError, match="functorch transforms"):
         torch.func.grad(total)(confidence)
-    # jvp: no forward-mode formula, and no error either; the tangent is 0
-    # where autograd's directional derivative is not.
+    # jvp and forward_ad: no forward-mode formula, so an error (before, the
+    # tangent came back 0 without one, where autograd's directional
+    # derivative is not). A tangent on gt_locations alone is right as 0.
     tangent = torch.randn_like(confidence)
-    _, got = torch.func.jvp(total, (confidence,), (tangent,))
-    conf = confidence.detach().requires_grad_()
-    total(conf).backward()
-    assert got.item() == 0.0 and (conf.grad * tangent).sum().abs().item() > 1e-3
+    with pytest.raises(NotImplementedError, match="multibox_loss has no forward-mode derivative, and confidence"):
+        torch.func.jvp(total, (confidence,), (tangent,))
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(locations, torch.randn_like(locations))
+        with pytest.raises(NotImplementedError, match="and predicted_locations carries a tangent"):
+            multibox_loss(confidence, dual, labels, gt)
+        reg, _, _ = multibox_loss(confidence, locations, labels, fwAD.make_dual(gt, torch.randn_like(gt)))
+        assert fwAD.unpack_dual(reg).tangent is None
     # vmap: PyTorch's per-sample fallback, with the per-sample values.
     batch = torch.stack([confidence, confidence * 2])
     assert torch.equal(torch.func.vmap(total)(batch), torch.stack([total(confidence), total(confidence * 2)]))
