@@ -114,22 +114,25 @@ def main():
     print(f"sanitizer errors (goldens): {summary}")
 
     # NVIDIA's SSD loss (channel-major, per image) against our op with the
-    # same semantics on the same inputs, both eager PyTorch calls
-    # (scripts/pytorch_baseline.py, impls "nvidia" and "ours_channel_major").
+    # same semantics on the same inputs, eager PyTorch calls, and NVIDIA's
+    # under torch.compile (scripts/pytorch_baseline.py, impls "nvidia",
+    # "ours_channel_major" and "nvidia_compile").
     if any(k[0] in ("nvidia", "ours_channel_major") for k in torch_times):
         print()
         print("== NVIDIA's SSD loss vs our op (layout=channel_major, normalizer=per_image), "
               "forward+backward, median device time ==")
         nv_header = (f"{'shape':<13} {'B':>4} {'P':>5} {'C':>3} {'dtype':<5} | {'ours op us':>10} "
-                     f"{'NVIDIA us':>10} | {'NVIDIA/ours':>11}")
+                     f"{'NVIDIA us':>10} {'compiled':>10} | {'NVIDIA/ours':>11} {'comp/ours':>9}")
         print(nv_header)
         print("-" * len(nv_header))
         for dtype in DTYPES:
             for (name, b, p, c) in SHAPES:
                 ours = torch_times.get(("ours_channel_major", name, b, dtype), {}).get("us")
                 nv = torch_times.get(("nvidia", name, b, dtype), {}).get("us")
+                nvc = torch_times.get(("nvidia_compile", name, b, dtype), {}).get("us")
                 print(f"{name:<13} {b:>4} {p:>5} {c:>3} {dtype:<5} | {fmt(ours, '10.1f'):>10} "
-                      f"{fmt(nv, '10.1f'):>10} | {fmt(ratio(nv, ours), '11.1f'):>11}")
+                      f"{fmt(nv, '10.1f'):>10} {fmt(nvc, '10.1f'):>10} | {fmt(ratio(nv, ours), '11.1f'):>11} "
+                      f"{fmt(ratio(nvc, ours), '9.1f'):>9}")
 
     # Target assignment: ours (benches/gpu.rs, `assign_case` records) against
     # the reference MatchPrior per image on the CPU and batched on the GPU
