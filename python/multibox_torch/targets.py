@@ -99,15 +99,17 @@ def pad_targets(
     into ``(gt_boxes [B, T, 4] float32, gt_labels [B, T], gt_counts [B] int32)``,
     on the device of the first tensor. ``T`` is ``max_boxes`` if given (it
     must hold every image), else the largest count (at least 1). The labels
-    keep their integer type (int64 or int32). Padding rows hold zeros; the
-    assignment never reads them.
+    keep the first image's integer type (int64 or int32). An image without
+    boxes is ``[0, 4]`` (or ``torch.tensor([])``). Padding rows hold zeros;
+    the assignment never reads them.
 
-    The counts come from the host. On CUDA they are copied from pinned
-    memory without waiting for the stream, but a CUDA graph would replay
-    that copy from a buffer long gone, so a capture raises RuntimeError:
-    pad before it. Cheapest of all is padding CPU tensors in the
-    DataLoader's ``collate_fn`` with ``pin_memory=True``, then moving the
-    three with ``.to(device, non_blocking=True)``."""
+    The counts, and the rows the boxes go to, come from the host. On CUDA
+    they are copied from pinned memory without waiting for the stream (the
+    boxes are then placed by one scatter per output, whatever B), but a
+    CUDA graph would replay those copies from buffers long gone, so a
+    capture raises RuntimeError: pad before it. Cheapest of all is padding
+    CPU tensors in the DataLoader's ``collate_fn`` with ``pin_memory=True``,
+    then moving the three with ``.to(device, non_blocking=True)``."""
     if len(boxes) != len(labels):
         raise ValueError(f"pad_targets: {len(boxes)} box tensors but {len(labels)} label tensors")
     if len(boxes) == 0:
@@ -136,7 +138,9 @@ def pad_targets(
         except TypeError:
             raise TypeError(f"pad_targets: max_boxes must be None or an integer, got {max_boxes!r}") from None
     if t < 1:
-        raise ValueError(f"pad_targets: max_boxes={max_boxes}: T must be at least 1 (an image without boxes takes one padding row)")
+        raise ValueError(
+            f"pad_targets: max_boxes={max_boxes}: T must be at least 1 (an image without boxes takes one padding row)"
+        )
     if t < longest:
         raise ValueError(f"pad_targets: max_boxes={max_boxes} is smaller than an image's {longest} boxes")
     device = boxes[0].device
