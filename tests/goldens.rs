@@ -414,12 +414,15 @@ impl CaseVisitor for RunVariants {
                 labels: &case.labels,
                 gt_locations: &gt_locations,
             };
-            // The split form too: the backward must find the forward's divisor.
+            // The split form too: the backward must find the forward's
+            // divisor. It runs each launch's blocks last to first (a GPU
+            // promises no order), the fused form first to last.
             for split in [false, true] {
                 let call = emulated::Call {
                     layout,
                     normalizer,
                     split,
+                    reverse_blocks: split,
                     ..Default::default()
                 };
                 if !emulated::skipped() {

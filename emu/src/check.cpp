@@ -422,6 +422,7 @@ Access Checker::current(uint8_t bytes, unsigned kind, const void* pc, uint32_t c
     a.block = block_;
     a.epoch = epoch_;
     a.clock = clock;
+    a.warp_clock = threads_state_[cur_].vc[cur_ % 32];
     a.thread = uint16_t(cur_);
     a.bytes = bytes;
     a.kind = uint8_t(kind);
@@ -438,8 +439,16 @@ bool Checker::race(const char* space, const char* order, uintptr_t granule, cons
 }
 
 bool Checker::ordered_shared(const Access& a) const {
-    if (a.thread == cur_ || a.epoch < epoch_) return true;
-    return a.thread / 32 == cur_ / 32 && threads_state_[cur_].vc[a.thread % 32] > a.clock;
+    return ordered_in_block(a.thread, a.epoch, a.clock);
+}
+
+// Within one block, an earlier access of `thread` (at barrier count `epoch`,
+// its warp clock `clock`) is ordered before the current thread's by a
+// barrier since, or a warp synchronisation of both since: the rule for
+// shared memory, and for global memory between the threads of a block.
+bool Checker::ordered_in_block(uint32_t thread, uint32_t epoch, uint32_t clock) const {
+    if (thread == cur_ || epoch < epoch_) return true;
+    return thread / 32 == cur_ / 32 && threads_state_[cur_].vc[thread % 32] > clock;
 }
 
 bool Checker::check_shared(uintptr_t addr, uint8_t bytes, unsigned kind, const void* pc) {
@@ -494,8 +503,15 @@ bool Checker::ordered_global(const Access& a, uintptr_t addr) const {
 bool Checker::check_global(uintptr_t addr, uint8_t bytes, unsigned kind, const void* pc) {
     Granule& g = granule(addr);
     const Access now = current(bytes, kind, pc, threads_state_[cur_].fences);
+    // Another block's access: ordered only through fences and atomics.
+    // Another thread's of this block: by a barrier or a warp
+    // synchronisation, as in shared memory (two warps writing one element,
+    // say, leave which write lands to the hardware's schedule).
+    auto ordered = [&](const Access& a) {
+        return a.block == block_ ? ordered_in_block(a.thread, a.epoch, a.warp_clock) : ordered_global(a, addr);
+    };
     auto conflicts = [&](const Access& a) {
-        return a.kind && a.block != block_ && (a.bytes & bytes) && !both_atomic(a.kind, kind) && !ordered_global(a, addr);
+        return a.kind && (a.bytes & bytes) && !both_atomic(a.kind, kind) && !ordered(a);
     };
     if (conflicts(g.write)) return race("global", is_write(kind) ? "write-after-write" : "read-after-write", addr, g.write, now);
     if (is_write(kind)) {
@@ -505,10 +521,12 @@ bool Checker::check_global(uintptr_t addr, uint8_t bytes, unsigned kind, const v
         g.read[0] = g.read[1] = Access{};
         return true;
     }
-    // Keep the latest read of this block and one of another block.
-    auto replaceable = [&](const Access& r) { return !r.kind || r.block == block_ || ordered_global(r, addr); };
+    // A read ordered before this one is covered by it (a later write that
+    // follows this read follows that one too); otherwise keep two unordered
+    // reads, preferring one of another block, which no barrier can order.
+    auto replaceable = [&](const Access& r) { return !r.kind || ordered(r); };
     if (replaceable(g.read[0])) g.read[0] = now;
-    else g.read[1] = now;
+    else if (replaceable(g.read[1]) || g.read[1].block == block_) g.read[1] = now;
     return true;
 }
 

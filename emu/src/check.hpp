@@ -56,6 +56,7 @@ struct EmuTraffic {
 constexpr unsigned CHECK_RACES = 1u;
 constexpr unsigned CHECK_TRAFFIC = 2u;
 constexpr unsigned CHECK_BOUNDS = 4u;  // regions registered
+constexpr unsigned CHECK_REVERSE_BLOCKS = 8u;  // run the blocks last to first
 
 enum AccessKind : uint8_t { ACCESS_READ = 1, ACCESS_WRITE = 2, ACCESS_ATOMIC = 4 };
 
@@ -65,6 +66,7 @@ struct Access {
     uint32_t block;     // linear block index
     uint32_t epoch;     // the block's barrier count at the access
     uint32_t clock;     // shared: the thread's own warp clock; global: its fence count
+    uint32_t warp_clock;  // global: the thread's own warp clock (the order within a block)
     uint16_t thread;    // linear thread index within the block
     uint8_t bytes;      // which bytes of the 4-byte granule
     uint8_t kind;       // AccessKind bits; 0: empty
@@ -164,6 +166,7 @@ class Checker {
     bool check_shared(uintptr_t granule, uint8_t bytes, unsigned kind, const void* pc);
     bool check_global(uintptr_t granule, uint8_t bytes, unsigned kind, const void* pc);
     bool ordered_shared(const Access& a) const;
+    bool ordered_in_block(uint32_t thread, uint32_t epoch, uint32_t clock) const;
     bool ordered_global(const Access& a, uintptr_t granule) const;
     bool released_to(const Acquire& q, const Access& a, uintptr_t granule) const;
     Granule& granule(uintptr_t addr);

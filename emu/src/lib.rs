@@ -60,6 +60,10 @@ pub struct Checks {
     pub traffic: bool,
     /// The regions the launch may touch; empty: no bounds check.
     pub regions: Vec<Region>,
+    /// Run the blocks from the last to the first (default: first to last).
+    /// A GPU promises no order, and what the checker judges (which block
+    /// finishes a reduction last, say) is the order that ran.
+    pub reverse_blocks: bool,
 }
 
 /// Global memory traffic of one kind of access to one region.
@@ -192,6 +196,7 @@ struct RawRegion {
 const CHECK_RACES: u32 = 1;
 const CHECK_TRAFFIC: u32 = 2;
 const CHECK_BOUNDS: u32 = 4;
+const CHECK_REVERSE_BLOCKS: u32 = 8;
 
 extern "C" {
     fn multibox_emu_launch(
@@ -314,7 +319,8 @@ pub unsafe fn launch_checked(
     let flag = |on: bool, bit: u32| if on { bit } else { 0 };
     let flags = flag(checks.races, CHECK_RACES)
         | flag(checks.traffic, CHECK_TRAFFIC)
-        | flag(!checks.regions.is_empty(), CHECK_BOUNDS);
+        | flag(!checks.regions.is_empty(), CHECK_BOUNDS)
+        | flag(checks.reverse_blocks, CHECK_REVERSE_BLOCKS);
     let mut region_traffic = vec![RegionTraffic::default(); regions.len() + 1];
     let mut raw_traffic = RawTraffic::default();
     let mut err = vec![0u8; 8192];

@@ -348,29 +348,33 @@ std::string launch(const char* name, const unsigned grid[3], const unsigned bloc
     } unset;
     t_checker = checks ? &checker : nullptr;
     std::string error;
-    for (unsigned z = 0; z < grid[2] && error.empty(); ++z) {
-        for (unsigned y = 0; y < grid[1] && error.empty(); ++y) {
-            for (unsigned x = 0; x < grid[0] && error.empty(); ++x) {
-                blockIdx = uint3{x, y, z};
-                checker.begin_block(x + grid[0] * (y + grid[1] * z));
-                std::memset(smem.p, 0xff, dyn_bytes);  // uninitialised shared memory reads as NaN / -1
-                dynamic_shared = smem.p;
-                Block b;
-                b.kernel = k;
-                b.params = param_copy.data();
-                b.fibers = pool.fibers.data();
-                b.n = unsigned(threads);
-                b.scheduler = &pool.scheduler;
-                t_block = &b;
-                error = run_block(b);
-                t_block = nullptr;
-                checker.end_block();
-                if (checker.has_finding()) {
-                    error = fmt("kernel `%s`: ", name) + checker.describe(grid, block);
-                } else if (!error.empty()) {
-                    error = fmt("kernel `%s`, block (%u, %u, %u): ", name, x, y, z) + error;
-                }
-            }
+    // Blocks run one at a time, each to its end, in linear order or (with
+    // CHECK_REVERSE_BLOCKS) the reverse: a GPU promises no order, and the
+    // checker can only judge the order that ran ("the last block" of a
+    // reduction, say, is block 0 when reversed).
+    const unsigned long long n_blocks = 1ull * grid[0] * grid[1] * grid[2];
+    for (unsigned long long i = 0; i < n_blocks && error.empty(); ++i) {
+        const unsigned long long linear = (checks & CHECK_REVERSE_BLOCKS) ? n_blocks - 1 - i : i;
+        const unsigned x = unsigned(linear % grid[0]), y = unsigned(linear / grid[0] % grid[1]),
+                       z = unsigned(linear / grid[0] / grid[1]);
+        blockIdx = uint3{x, y, z};
+        checker.begin_block(unsigned(linear));
+        std::memset(smem.p, 0xff, dyn_bytes);  // uninitialised shared memory reads as NaN / -1
+        dynamic_shared = smem.p;
+        Block b;
+        b.kernel = k;
+        b.params = param_copy.data();
+        b.fibers = pool.fibers.data();
+        b.n = unsigned(threads);
+        b.scheduler = &pool.scheduler;
+        t_block = &b;
+        error = run_block(b);
+        t_block = nullptr;
+        checker.end_block();
+        if (checker.has_finding()) {
+            error = fmt("kernel `%s`: ", name) + checker.describe(grid, block);
+        } else if (!error.empty()) {
+            error = fmt("kernel `%s`, block (%u, %u, %u): ", name, x, y, z) + error;
         }
     }
     dynamic_shared = nullptr;

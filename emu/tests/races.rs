@@ -46,6 +46,8 @@ struct Buffers {
     n: usize,
     counter: Vec<u32>,
     partials: Vec<i32>,
+    /// Run the blocks last to first ([`Checks::reverse_blocks`]).
+    reverse_blocks: bool,
 }
 
 impl Buffers {
@@ -56,6 +58,7 @@ impl Buffers {
             n,
             counter: vec![0],
             partials: vec![0; 64],
+            reverse_blocks: false,
         }
     }
 
@@ -110,6 +113,7 @@ impl Buffers {
             races: true,
             traffic,
             regions: self.regions(),
+            reverse_blocks: self.reverse_blocks,
         };
         // SAFETY: the params point into self's Vecs, which the kernels index
         // within their lengths (or within a registered region's bounds: the
@@ -202,6 +206,23 @@ fn a_warp_synchronous_read_needs_syncwarp() {
 }
 
 #[test]
+fn two_warps_of_a_block_writing_one_global_location_is_a_write_after_write() {
+    planted(
+        "emu_race_warps_write_global",
+        2,
+        THREADS,
+        1,
+        &[
+            "data race (write-after-write) on global memory at `out` +0",
+            "block (0, 0, 0) thread (32, 0, 0) writes it at",
+            &at("warps_global_second"),
+            "block (0, 0, 0) thread (0, 0, 0) wrote it at",
+            &at("warps_global_first"),
+        ],
+    );
+}
+
+#[test]
 fn two_blocks_writing_one_location_is_a_write_after_write() {
     planted(
         "emu_race_blocks_write_write",
@@ -272,6 +293,48 @@ fn the_last_block_reduction_needs_both_fences_and_the_atomic_first() {
     );
 }
 
+/// A GPU runs blocks in no promised order: the correct reduction is clean
+/// and right with the blocks run last to first too, and a "last block"
+/// picked by its index rather than by the atomic's count passes in the
+/// usual order but not reversed, where block 4 reads the partials first.
+#[test]
+fn the_last_block_is_the_atomics_whatever_order_the_blocks_run() {
+    let blocks = 5;
+    let want: i32 = (0..blocks as i32)
+        .map(|blk| (0..THREADS as i32).map(|t| t + blk).sum::<i32>())
+        .sum();
+    for variant in [0, 4] {
+        let mut b = Buffers::new(1000);
+        b.launch("emu_race_last_block", blocks, THREADS, variant, false)
+            .unwrap();
+        assert_eq!(b.out()[0], want, "variant {variant}, blocks in order");
+    }
+    let mut b = Buffers::new(1000);
+    b.reverse_blocks = true;
+    b.launch("emu_race_last_block", blocks, THREADS, 0, false)
+        .unwrap();
+    assert_eq!(b.out()[0], want, "blocks reversed");
+    let mut b = Buffers::new(1000);
+    b.reverse_blocks = true;
+    let message = b
+        .launch("emu_race_last_block", blocks, THREADS, 4, false)
+        .expect_err("a last block by index was not reported with the blocks reversed");
+    assert_has(
+        &message,
+        &[
+            "data race (write-after-read) on global memory at `partials`",
+            &format!(
+                "block (3, 0, 0) thread (0, 0, 0) writes it at {}",
+                at("last_write")
+            ),
+            &format!(
+                "block (4, 0, 0) thread (0, 0, 0) read it at {}",
+                at("last_read")
+            ),
+        ],
+    );
+}
+
 #[test]
 fn a_read_past_a_registered_region_is_out_of_bounds() {
     planted(
@@ -332,8 +395,8 @@ fn regions_owned_by_one_block_and_read_only_regions_are_enforced() {
     };
     let checks = Checks {
         races: true,
-        traffic: false,
         regions,
+        ..Checks::default()
     };
     // SAFETY: as in Buffers::launch.
     let err = unsafe {

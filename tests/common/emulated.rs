@@ -27,6 +27,8 @@ pub struct Emulator {
     /// The device this emulator pretends to be: few resident blocks make
     /// every block of the row kernels walk several tiles.
     pub grid_limits: GridLimits,
+    /// Run each launch's blocks last to first (a GPU promises no order).
+    pub reverse_blocks: bool,
 }
 
 impl Emulator {
@@ -69,6 +71,7 @@ impl Default for Emulator {
             model_traffic: false,
             traffic: RefCell::default(),
             grid_limits: GridLimits::default(),
+            reverse_blocks: false,
         }
     }
 }
@@ -96,6 +99,7 @@ impl Backend for Emulator {
                 .find(|(k, _)| *k == kernel && multibox_emu::checks_available())
                 .map(|(_, r)| r.clone())
                 .unwrap_or_default(),
+            reverse_blocks: self.reverse_blocks,
         };
         // SAFETY: launch_call's caller vouched for the addresses in params;
         // here they are host addresses of live Vecs (see `run`).
@@ -193,6 +197,9 @@ pub struct Call {
     /// The layout of the inputs (and the gradients).
     pub layout: Layout,
     pub normalizer: Normalizer,
+    /// Run each launch's blocks last to first ([`Emulator::reverse_blocks`]);
+    /// the GPU ignores it.
+    pub reverse_blocks: bool,
 }
 
 impl Default for Call {
@@ -209,6 +216,7 @@ impl Default for Call {
             grid_limits: GridLimits::default(),
             layout: Layout::RowMajor,
             normalizer: Normalizer::Positives,
+            reverse_blocks: false,
         }
     }
 }
@@ -413,6 +421,7 @@ pub fn run<T: Float, L: Label>(
     emulator.model_traffic = call.model_traffic;
     emulator.races = call.races;
     emulator.grid_limits = call.grid_limits;
+    emulator.reverse_blocks = call.reverse_blocks;
     if backward && split {
         let forward = RawCall {
             pass: Pass::Forward,

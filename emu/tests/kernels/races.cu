@@ -51,6 +51,16 @@ MB_KERNEL(emu_race_warp_synchronous, RaceParams, WARP) {
     p.out[blockIdx.x * blockDim.x + threadIdx.x] = s[0];  // MARK:warp_read
 }
 
+// Two warps of one block write one global element: thread 0 first, then
+// thread 32. Variant 0 orders them with a barrier; variant 1 does not (WAW
+// within the block: which write lands is up to the warps' schedule).
+MB_KERNEL(emu_race_warps_write_global, RaceParams, RACE_THREADS) {
+    const u32 t = threadIdx.x;
+    if (t == 0) p.out[blockIdx.x] = 1;  // MARK:warps_global_first
+    if (p.variant == 0) __syncthreads();
+    if (t == 32) p.out[blockIdx.x] = 2;  // MARK:warps_global_second
+}
+
 // Variant 0: each block writes its own element. Variant 1: every block
 // writes element 0 (WAW between blocks).
 MB_KERNEL(emu_race_blocks_write_write, RaceParams, RACE_THREADS) {
@@ -62,7 +72,8 @@ MB_KERNEL(emu_race_blocks_write_write, RaceParams, RACE_THREADS) {
 // selection kernel does. Variant 0 is the correct pattern: write, fence,
 // atomic; the last block fences, then reads. Variant 1 drops the writer's
 // fence, 2 the reader's, 3 reads the earlier blocks' sums before the atomic
-// (and reports what the last block read so).
+// (and reports what the last block read so), 4 takes the block of the
+// highest index for the last (right only when it happens to finish last).
 MB_KERNEL(emu_race_last_block, RaceParams, RACE_THREADS) {
     __shared__ int partial[RACE_THREADS / WARP];
     __shared__ bool is_last;
@@ -79,7 +90,11 @@ MB_KERNEL(emu_race_last_block, RaceParams, RACE_THREADS) {
     int early = 0;
     if (p.variant == 3 && threadIdx.x == 0)
         for (u32 b = 0; b < blockIdx.x; ++b) early += p.partials[b];  // MARK:last_early_read
-    if (threadIdx.x == 0) is_last = atomicAdd(p.counter, 1u) == gridDim.x - 1;
+    if (threadIdx.x == 0) {
+        const u32 count = atomicAdd(p.counter, 1u);
+        // Variant 4 takes the block with the highest index for the last.
+        is_last = p.variant == 4 ? blockIdx.x == gridDim.x - 1 : count == gridDim.x - 1;
+    }
     __syncthreads();
     if (!is_last) return;
     if (p.variant != 2) __threadfence();
