@@ -640,7 +640,7 @@ pub struct Region {
 }
 
 impl Region {
-    fn new(name: &str, addr: u64, len: usize, writable: bool) -> Self {
+    pub(crate) fn new(name: &str, addr: u64, len: usize, writable: bool) -> Self {
         Self {
             name: name.to_owned(),
             addr,

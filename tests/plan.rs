@@ -788,3 +788,97 @@ fn f32_lane_groups_read_channel_major_planes_on_distinct_banks() {
         );
     }
 }
+
+#[test]
+fn target_regions_give_each_image_its_blocks_and_rows() {
+    use multibox::targets::plan::{TargetPlan, TargetStep};
+    use multibox::targets::{RawTargetBuffers, RawTargetCall, TargetShape};
+    // B = 3, P = 300 (2 tiles of 256 priors per image), T = 5, f16 offsets,
+    // i64 labels; each buffer at its own made-up address.
+    let shape = TargetShape::new(3, 300, 5);
+    let plan = TargetPlan::new(shape).unwrap();
+    let call = RawTargetCall {
+        shape,
+        dtype: DType::F16,
+        label_type: LabelType::I64,
+        buffers: RawTargetBuffers {
+            priors: 1 << 20,
+            gt_boxes: 2 << 20,
+            gt_labels: 3 << 20,
+            gt_counts: 4 << 20,
+            labels: 5 << 20,
+            gt_locations: 6 << 20,
+            workspace: 7 << 20,
+            workspace_bytes: plan.workspace.bytes,
+        },
+    };
+    let find = |regions: &[multibox::plan::Region], name: &str| {
+        regions
+            .iter()
+            .find(|r| r.name == name)
+            .unwrap_or_else(|| panic!("no region {name}"))
+            .clone()
+    };
+    let reset = plan.regions(TargetStep::Reset, &call);
+    assert_eq!(reset.len(), 2);
+    assert_eq!(find(&reset, "box_best").len, 3 * 5 * 8);
+    assert!(find(&reset, "status").writable);
+
+    let ws = call.buffers.workspace;
+    for step in [TargetStep::Match, TargetStep::Encode] {
+        let regions = plan.regions(step, &call);
+        let encode = step == TargetStep::Encode;
+        let priors = find(&regions, "priors");
+        assert_eq!(
+            (priors.addr, priors.len, priors.writable),
+            (1 << 20, 300 * 16, false)
+        );
+        assert_eq!(priors.blocks, None);
+        assert_eq!(regions.iter().any(|r| r.name == "status"), !encode);
+        for image in 0..3u32 {
+            let region = |name: &str| find(&regions, &format!("{name}[image {image}]"));
+            let i = image as u64;
+            // (region, address, bytes, written by this step)
+            let mut want = vec![
+                ("gt_counts", (4 << 20) + 4 * i, 4, false),
+                ("gt_boxes", (2 << 20) + 5 * 16 * i, 5 * 16, false),
+                ("gt_labels", (3 << 20) + 5 * 8 * i, 5 * 8, false),
+                (
+                    "box_best",
+                    ws + plan.workspace.box_best.offset as u64 + 40 * i,
+                    40,
+                    !encode,
+                ),
+                (
+                    "prior_best",
+                    ws + plan.workspace.prior_best.offset as u64 + 2400 * i,
+                    2400,
+                    !encode,
+                ),
+            ];
+            if encode {
+                want.push(("labels", (5 << 20) + 300 * 8 * i, 300 * 8, true));
+                want.push(("gt_locations", (6 << 20) + 300 * 8 * i, 300 * 8, true));
+            }
+            for (name, addr, len, writable) in want {
+                let r = region(name);
+                assert_eq!(
+                    (r.addr, r.len, r.writable),
+                    (addr, len, writable),
+                    "{step:?} {name}[{image}]"
+                );
+                assert_eq!(
+                    r.blocks,
+                    Some(2 * image..2 * image + 2),
+                    "{step:?} {name}[{image}]"
+                );
+            }
+        }
+        let per_image = if encode { 7 } else { 5 };
+        assert_eq!(
+            regions.len(),
+            1 + 3 * per_image + usize::from(!encode),
+            "{step:?}"
+        );
+    }
+}

@@ -159,6 +159,82 @@ impl TargetPlan {
     pub fn launches(&self) -> [TargetLaunch; 3] {
         [self.reset, self.matching, self.encode]
     }
+
+    /// The memory `step`'s blocks may touch for `call`, as
+    /// [`crate::plan::LaunchPlan::regions`] gives the loss's, for the test
+    /// suite's emulator. Blocks `image * tiles_per_image ..` of the match
+    /// and encode kernels own image `image`'s count, boxes, box labels,
+    /// workspace rows and outputs: a clamped count that reads one row past
+    /// its image, or a write into another image's labels, fails the launch
+    /// even where it stays inside the buffer. The priors are shared and
+    /// read-only; only the kernels that write a buffer may.
+    pub fn regions(
+        &self,
+        step: TargetStep,
+        call: &super::launch::RawTargetCall,
+    ) -> Vec<crate::plan::Region> {
+        use crate::plan::Region;
+        let (shape, b, ws) = (self.shape, &call.buffers, &self.workspace);
+        let (t, p) = (shape.max_boxes, shape.priors);
+        let label = call.label_type.size();
+        let box_best = |bytes_from: usize, len: usize, writable| {
+            Region::new(
+                "box_best",
+                b.workspace + (ws.box_best.offset + bytes_from) as u64,
+                len,
+                writable,
+            )
+        };
+        let status = Region::new("status", b.workspace + ws.status.offset as u64, 4, true);
+        if step == TargetStep::Reset {
+            return vec![box_best(0, ws.box_best.len, true), status];
+        }
+        let mut regions = vec![Region::new("priors", b.priors, p * 16, false)];
+        let encode = step == TargetStep::Encode;
+        for image in 0..shape.batch {
+            let first = image as u32 * self.tiles_per_image;
+            let owned = |name: &str, addr: u64, len: usize, writable| Region {
+                blocks: Some(first..first + self.tiles_per_image),
+                ..Region::new(&format!("{name}[image {image}]"), addr, len, writable)
+            };
+            let per_box = |base: u64, bytes: usize| base + (image * t * bytes) as u64;
+            let per_prior = |base: u64, bytes: usize| base + (image * p * bytes) as u64;
+            regions.push(owned("gt_counts", b.gt_counts + image as u64 * 4, 4, false));
+            regions.push(owned("gt_boxes", per_box(b.gt_boxes, 16), t * 16, false));
+            regions.push(owned(
+                "gt_labels",
+                per_box(b.gt_labels, label),
+                t * label,
+                false,
+            ));
+            regions.push(Region {
+                blocks: Some(first..first + self.tiles_per_image),
+                name: format!("box_best[image {image}]"),
+                ..box_best(image * t * 8, t * 8, !encode)
+            });
+            let prior_best = b.workspace + ws.prior_best.offset as u64;
+            regions.push(owned(
+                "prior_best",
+                per_prior(prior_best, 8),
+                p * 8,
+                !encode,
+            ));
+            if encode {
+                regions.push(owned("labels", per_prior(b.labels, label), p * label, true));
+                let bytes = 4 * call.dtype.size();
+                regions.push(owned(
+                    "gt_locations",
+                    per_prior(b.gt_locations, bytes),
+                    p * bytes,
+                    true,
+                ));
+            }
+        }
+        if !encode {
+            regions.push(status);
+        }
+        regions
+    }
 }
 
 /// Bytes of workspace an assignment with this shape needs.

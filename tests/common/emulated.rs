@@ -34,11 +34,25 @@ pub struct Emulator {
 impl Emulator {
     /// An emulator that holds each kernel of `call` to its regions.
     pub fn for_call(plan: &LaunchPlan, call: &RawCall) -> Self {
-        let regions = plan
-            .launches(Pass::ForwardBackward)
-            .map(|launch| {
-                let regions = plan
-                    .regions(launch.step, call)
+        Self::with_regions(plan.launches(Pass::ForwardBackward).map(|launch| {
+            (
+                launch
+                    .step
+                    .kernel_name(call.dtype, call.label_type, call.layout),
+                plan.regions(launch.step, call),
+            )
+        }))
+    }
+
+    /// An emulator that holds each named kernel to its plan's regions (a
+    /// kernel not named is not bounds-checked).
+    pub fn with_regions(
+        kernels: impl IntoIterator<Item = (&'static str, Vec<multibox::plan::Region>)>,
+    ) -> Self {
+        let regions = kernels
+            .into_iter()
+            .map(|(kernel, regions)| {
+                let regions = regions
                     .into_iter()
                     .map(|r| Region {
                         name: r.name,
@@ -48,12 +62,7 @@ impl Emulator {
                         writable: r.writable,
                     })
                     .collect();
-                (
-                    launch
-                        .step
-                        .kernel_name(call.dtype, call.label_type, call.layout),
-                    regions,
-                )
+                (kernel, regions)
             })
             .collect();
         Self {

@@ -40,9 +40,11 @@ fn garbage<T: bytemuck::Pod>() -> T {
     bytemuck::pod_read_unaligned(&[FILL; 8][..std::mem::size_of::<T>()])
 }
 
-/// Runs the three kernels on host arrays. Outputs and the workspace start
-/// as garbage, so every element read back was written; the guards around
-/// the outputs must come back untouched.
+/// Runs the three kernels on host arrays, each held to its regions of the
+/// plan. Outputs and the workspace start as garbage, so every element read
+/// back was written; the guards around the outputs must come back
+/// untouched (they also catch a stray write where the checker is absent,
+/// in AddressSanitizer builds).
 pub fn assign<T: Float, L: Label>(
     config: &TargetConfig,
     shape: TargetShape,
@@ -75,10 +77,18 @@ pub fn assign<T: Float, L: Label>(
             workspace_bytes: plan.workspace.bytes,
         },
     };
+    // Each kernel held to the plan's regions: per image its boxes, counts,
+    // workspace rows and outputs, for that image's blocks only.
+    let emulator = Emulator::with_regions(plan.launches().map(|launch| {
+        (
+            launch.step.kernel_name(T::DTYPE, L::LABEL_TYPE),
+            plan.regions(launch.step, &call),
+        )
+    }));
     // SAFETY: every address points into a live Vec of the length the shape
     // requires (asserted above, allocated so for the outputs); the emulator
     // runs synchronously.
-    unsafe { launch_assign(config, &call, &Emulator::default())? };
+    unsafe { launch_assign(config, &call, &emulator)? };
     let guard_ok = |bytes: &[u8]| bytes.iter().all(|&b| b == FILL);
     let lb: &[u8] = bytemuck::cast_slice(&labels);
     let tb: &[u8] = bytemuck::cast_slice(&locations);
