@@ -451,8 +451,35 @@ bool Checker::ordered_in_block(uint32_t thread, uint32_t epoch, uint32_t clock) 
     return thread / 32 == cur_ / 32 && threads_state_[cur_].vc[thread % 32] > clock;
 }
 
+// A read (or atomic) of static __shared__ bytes must follow a write of them
+// by a thread of the same block: before it, a GPU block sees whatever the
+// memory held (the emulator, the previous block's values, which would make
+// a kernel that forgets to set a value seem to work). Dynamic shared memory
+// is exempt: kernels read padding around their runs there and mask it, and
+// it is filled with 0xff (NaN, -1) before each block anyway.
+bool Checker::initialised_static_shared(Granule& g, uintptr_t addr, uint8_t bytes, unsigned kind, const void* pc) {
+    if (addr < tls_lo_ || addr >= tls_hi_) return true;
+    if (g.written_block != block_ + 1) {
+        g.written_block = block_ + 1;
+        g.written_bytes = 0;
+    }
+    const bool reads = !is_write(kind) || (kind & ACCESS_ATOMIC);
+    if (reads && (bytes & ~g.written_bytes)) {
+        finding_.what = "read of uninitialised shared memory";
+        finding_.addr = addr;
+        finding_.size = 4;
+        finding_.second = current(bytes, kind, pc, 0);
+        finding_.detail = "static __shared__ bytes that no thread of this block has written (a GPU gives "
+                          "whatever the memory held; the emulator would give the previous block's values)";
+        return false;
+    }
+    if (is_write(kind)) g.written_bytes |= bytes;
+    return true;
+}
+
 bool Checker::check_shared(uintptr_t addr, uint8_t bytes, unsigned kind, const void* pc) {
     Granule& g = granule(addr);
+    if (!initialised_static_shared(g, addr, bytes, kind, pc)) return false;
     const Access now = current(bytes, kind, pc, threads_state_[cur_].vc[cur_ % 32]);
     auto conflicts = [&](const Access& a) {
         return a.kind && a.block == block_ && a.thread != cur_ && (a.bytes & bytes) && !both_atomic(a.kind, kind) &&

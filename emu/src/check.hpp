@@ -123,6 +123,12 @@ class Checker {
     struct Granule {
         Access write;
         Access read[2];
+        // Static __shared__ only: which bytes a thread of block
+        // `written_block - 1` wrote (0: none this launch). A GPU gives a
+        // block whatever its shared memory held before; the emulator, the
+        // previous block's values.
+        uint32_t written_block;
+        uint8_t written_bytes;
     };
     struct Release {   // a global atomic by `thread` of `block`, after its last fence
         uint32_t block, thread, fences, fence_epoch;
@@ -174,6 +180,7 @@ class Checker {
     bool race(const char* space, const char* order, uintptr_t granule, const Access& earlier, const Access& now);
     void record_traffic(Space space, int region, uintptr_t addr, unsigned size, unsigned kind, const void* pc);
     bool out_of_bounds(uintptr_t addr, unsigned size, unsigned kind, const void* pc, std::string detail);
+    bool initialised_static_shared(Granule& g, uintptr_t addr, uint8_t bytes, unsigned kind, const void* pc);
     void converge(unsigned base, unsigned group);
 
     unsigned flags_ = 0;

@@ -223,6 +223,21 @@ fn two_warps_of_a_block_writing_one_global_location_is_a_write_after_write() {
 }
 
 #[test]
+fn a_static_shared_value_a_block_never_wrote_is_uninitialised() {
+    planted(
+        "emu_race_uninitialised_shared",
+        2,
+        THREADS,
+        1,
+        &[
+            "read of uninitialised shared memory: block (1, 0, 0) thread (",
+            &at("uninitialised_read"),
+            "no thread of this block has written",
+        ],
+    );
+}
+
+#[test]
 fn two_blocks_writing_one_location_is_a_write_after_write() {
     planted(
         "emu_race_blocks_write_write",

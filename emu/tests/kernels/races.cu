@@ -61,6 +61,16 @@ MB_KERNEL(emu_race_warps_write_global, RaceParams, RACE_THREADS) {
     if (t == 32) p.out[blockIdx.x] = 2;  // MARK:warps_global_second
 }
 
+// Thread 0 sets a static __shared__ value that every thread then reads.
+// Variant 1 sets it in block 0 only: block 1 reads bytes it never wrote
+// (on a GPU, whatever was there; in the emulator, block 0's 7).
+MB_KERNEL(emu_race_uninitialised_shared, RaceParams, RACE_THREADS) {
+    __shared__ int value;
+    if (threadIdx.x == 0 && (p.variant == 0 || blockIdx.x == 0)) value = 7;
+    __syncthreads();
+    p.out[blockIdx.x * blockDim.x + threadIdx.x] = value;  // MARK:uninitialised_read
+}
+
 // Variant 0: each block writes its own element. Variant 1: every block
 // writes element 0 (WAW between blocks).
 MB_KERNEL(emu_race_blocks_write_write, RaceParams, RACE_THREADS) {
