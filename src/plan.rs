@@ -23,6 +23,12 @@ pub const MAX_ROW_BLOCKS: u32 = 2048;
 /// Workspace sections are aligned to this many bytes.
 const ALIGN: usize = 256;
 
+/// The fewest bytes between two workspace sections (one 16-byte vector):
+/// a write one past a section's end lands in no section, where the test
+/// suite's emulator reports it, rather than in the next one, which the
+/// same kernel may be allowed to write.
+pub const SECTION_GAP: usize = 16;
+
 /// The three kernels of a call, in launch order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Step {
@@ -423,7 +429,7 @@ impl LaunchPlan {
         let mut offset = 0;
         let mut section = |len: usize| {
             let s = Section { offset, len };
-            offset = (offset + len).next_multiple_of(ALIGN);
+            offset = (offset + len + SECTION_GAP).next_multiple_of(ALIGN);
             s
         };
         let keys = section(shape.rows() * 4);

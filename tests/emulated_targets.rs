@@ -567,7 +567,11 @@ fn plan_lays_out_the_workspace_without_overlap() {
         assert_eq!(ws.prior_best.len, shape.batch * shape.priors * 8);
         assert_eq!(ws.status.len, 4);
         for pair in sections.windows(2) {
-            assert!(pair[0].offset + pair[0].len <= pair[1].offset, "{shape}");
+            let gap = multibox::plan::SECTION_GAP;
+            assert!(
+                pair[0].offset + pair[0].len + gap <= pair[1].offset,
+                "{shape}"
+            );
         }
         assert_eq!(ws.bytes, ws.status.offset + 4);
         let tiles = shape.priors.div_ceil(PRIOR_TILE as usize) as u32;

@@ -3,7 +3,7 @@
 use multibox::plan::{
     lanes_per_row, LaunchPlan, Step, MAX_ROW_BLOCKS, ROW_THREADS, SELECT_KEYS_BYTES, SELECT_THREADS,
 };
-use multibox::plan::{GridLimits, Residency, MAX_BLOCKS_PER_SM};
+use multibox::plan::{GridLimits, Residency, MAX_BLOCKS_PER_SM, SECTION_GAP};
 use multibox::{DType, LabelType, Layout, Pass, Shape};
 
 const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
@@ -133,8 +133,8 @@ fn workspace_sections_are_aligned_disjoint_and_large_enough() {
         let sections = [ws.keys, ws.terms, ws.block_status, ws.images, ws.totals];
         for pair in sections.windows(2) {
             assert!(
-                pair[0].offset + pair[0].len <= pair[1].offset,
-                "{shape}: overlapping sections"
+                pair[0].offset + pair[0].len + SECTION_GAP <= pair[1].offset,
+                "{shape}: sections overlap or touch"
             );
         }
         for s in sections {

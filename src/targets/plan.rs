@@ -128,7 +128,7 @@ impl TargetPlan {
         let mut offset = 0;
         let mut section = |len: usize| {
             let s = crate::plan::Section { offset, len };
-            offset = (offset + len).next_multiple_of(ALIGN);
+            offset = (offset + len + crate::plan::SECTION_GAP).next_multiple_of(ALIGN);
             s
         };
         let box_best = section(shape.batch * shape.max_boxes * 8);
