@@ -177,17 +177,14 @@ impl TargetPlan {
         let (shape, b, ws) = (self.shape, &call.buffers, &self.workspace);
         let (t, p) = (shape.max_boxes, shape.priors);
         let label = call.label_type.size();
-        let box_best = |bytes_from: usize, len: usize, writable| {
-            Region::new(
-                "box_best",
-                b.workspace + (ws.box_best.offset + bytes_from) as u64,
-                len,
-                writable,
-            )
-        };
+        let box_best = b.workspace + ws.box_best.offset as u64;
+        let prior_best = b.workspace + ws.prior_best.offset as u64;
         let status = Region::new("status", b.workspace + ws.status.offset as u64, 4, true);
         if step == TargetStep::Reset {
-            return vec![box_best(0, ws.box_best.len, true), status];
+            return vec![
+                Region::new("box_best", box_best, ws.box_best.len, true),
+                status,
+            ];
         }
         let mut regions = vec![Region::new("priors", b.priors, p * 16, false)];
         let encode = step == TargetStep::Encode;
@@ -207,12 +204,7 @@ impl TargetPlan {
                 t * label,
                 false,
             ));
-            regions.push(Region {
-                blocks: Some(first..first + self.tiles_per_image),
-                name: format!("box_best[image {image}]"),
-                ..box_best(image * t * 8, t * 8, !encode)
-            });
-            let prior_best = b.workspace + ws.prior_best.offset as u64;
+            regions.push(owned("box_best", per_box(box_best, 8), t * 8, !encode));
             regions.push(owned(
                 "prior_best",
                 per_prior(prior_best, 8),
