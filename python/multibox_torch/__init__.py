@@ -119,17 +119,23 @@ def _loss_handle(device_index, neg_pos_ratio, min_negatives_per_image, beta):
     return handle
 
 
+def _real_setting(function, name, value):
+    """A float setting as a Python int or float, ready for range checks by
+    comparison: numbers.Real takes numpy's scalars too (a config read with
+    numpy), which become floats (numpy's float16 would overflow comparing
+    with _F32_MAX); bool is refused, though Python counts it an int, as are
+    strings and tensors (a TypeError)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{function}: {name} must be a real number, got {value!r}")
+    return value if isinstance(value, (int, float)) else float(value)
+
+
 def _check_settings(neg_pos_ratio, min_negatives_per_image, beta):
     """The settings as the C ABI takes them, checked before they reach ctypes
     (whose uint32 would wrap -1 to 4294967295 and 2**32 to 0, and whose
     float would turn 1e39 into infinity and 1e-46 into 0)."""
     for name, value in (("neg_pos_ratio", neg_pos_ratio), ("beta", beta)):
-        # numbers.Real takes numpy's scalars too (a config read with numpy);
-        # bool is refused, though Python counts it an int.
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"multibox_loss: {name} must be a real number, got {value!r}")
-        if not isinstance(value, (int, float)):
-            value = float(value)  # numpy's float16 would overflow comparing with _F32_MAX
+        value = _real_setting("multibox_loss", name, value)
         # Comparisons only, which reject NaN and infinity too: torch.compile
         # traces them on a symbolic float, where math.isfinite fails.
         if not 0 < value <= _F32_MAX:

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from . import _capi, _capi_targets
 
 # From the package, which defines them before it imports this module.
-from . import _F32_HALF_TINY, _F32_MAX, _check_tensors, _loss_and_record, _not_during_capture
+from . import _F32_HALF_TINY, _F32_MAX, _check_tensors, _loss_and_record, _not_during_capture, _real_setting
 
 __all__ = ["assign_targets", "pad_targets", "standard_priors", "MultiboxLoss", "TargetStatus"]
 
@@ -249,10 +249,7 @@ def _settings(iou_threshold, center_variance, size_variance, num_classes=None):
     settings = (("iou_threshold", iou_threshold), ("center_variance", center_variance),
                 ("size_variance", size_variance))
     for name, value in settings:
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"assign_targets: {name} must be a real number, got {value!r}")
-        if not isinstance(value, (int, float)):
-            value = float(value)  # numpy's float16 would overflow comparing with _F32_MAX
+        value = _real_setting("assign_targets", name, value)
         # Comparisons only, which NaN fails too (as _check_settings does).
         top, within = (1.0, "in (0, 1]") if name == "iou_threshold" else (_F32_MAX, "positive and finite")
         if not _F32_HALF_TINY < value <= top:
