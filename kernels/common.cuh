@@ -105,8 +105,7 @@ __device__ __forceinline__ float to_f32(f16 x) {
 // exponential; kernel 3 keeps expf for the gradients it writes.
 __device__ __forceinline__ float exp2_approx(float x) {
 #if defined(MULTIBOX_EMULATOR)
-    const float y = exp2f(x);
-    return y < 0x1p-126f ? 0.0f : y;  // flushed like the GPU's; NaN stays NaN
+    return emu_ex2_approx_ftz(x);
 #else
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::emulated_targets::{assign, Assigned};
+use common::emulated_targets::{assign, assign_with, Assigned};
 use common::extents::Extents;
 use common::target_golden::{check_against, load_target_cases, TargetCase};
 use half::{bf16, f16};
@@ -18,40 +18,53 @@ use multibox::targets::{
 };
 use multibox::{DType, Error, Float, Label, LabelType};
 
-fn emulate_case<L: Label>(case: &TargetCase) -> Assigned<f32, L> {
-    assign::<f32, L>(
+fn emulate_case<L: Label>(case: &TargetCase, device_math: Option<u32>) -> Assigned<f32, L> {
+    assign_with::<f32, L>(
         &case.config,
         case.shape,
         &case.priors,
         &case.gt_boxes,
         &case.gt_labels_as::<L>(),
         &case.gt_counts,
+        device_math,
     )
     .unwrap_or_else(|e| panic!("{}: {e}", case.name))
 }
 
+/// Every golden case, with the host's logarithm and with one as a GPU's
+/// math library may compute it (a seed per case).
 #[test]
 fn emulated_kernels_match_every_golden_case() {
     let cases = load_target_cases();
     let mut worst = 0.0f64;
-    for case in &cases {
-        let (labels, locations, status) = if case.labels_i64 {
-            let a = emulate_case::<i64>(case);
-            (a.labels, a.gt_locations, a.status)
-        } else {
-            let a = emulate_case::<i32>(case);
-            (
-                a.labels.iter().map(|&l| i64::from(l)).collect(),
-                a.gt_locations,
-                a.status,
-            )
-        };
-        // The status word is the reference's on the same input (the
-        // goldens record none).
-        assert_eq!(status, case.run_reference().2, "{}: status", case.name);
-        worst = worst.max(check_against(case, "emulated kernels", &labels, &locations));
+    for (seed, case) in (1u32..).zip(&cases) {
+        for device_math in [None, Some(seed)] {
+            let (labels, locations, status) = if case.labels_i64 {
+                let a = emulate_case::<i64>(case, device_math);
+                (a.labels, a.gt_locations, a.status)
+            } else {
+                let a = emulate_case::<i32>(case, device_math);
+                (
+                    a.labels.iter().map(|&l| i64::from(l)).collect(),
+                    a.gt_locations,
+                    a.status,
+                )
+            };
+            // The status word is the reference's on the same input (the
+            // goldens record none).
+            assert_eq!(status, case.run_reference().2, "{}: status", case.name);
+            let backend = match device_math {
+                None => "emulated kernels".to_owned(),
+                Some(s) => format!("emulated kernels, device math {s}"),
+            };
+            worst = worst.max(check_against(case, &backend, &labels, &locations));
+        }
     }
-    println!("{} target cases on the emulated kernels; largest offset error / max(1, |golden|): {worst:e}", cases.len());
+    println!(
+        "{} target cases on the emulated kernels, with the host's and the device's logarithm; \
+         largest offset error / max(1, |golden|): {worst:e}",
+        cases.len()
+    );
 }
 
 /// A random batch drawn to reach the corners: random or standard priors,

@@ -12,7 +12,9 @@
 //! global memory between blocks, an access outside the [`Region`]s the
 //! caller registered, or a write to a read-only one stops the launch with an
 //! error naming both accesses' file:line. On request it also models the
-//! launch's memory traffic ([`Traffic`]).
+//! launch's memory traffic ([`Traffic`]), and computes exp and log as a
+//! GPU's math library may, within CUDA's error bounds
+//! ([`Checks::device_math`]).
 //!
 //! See `emu/README.md` for what it cannot catch.
 
@@ -64,6 +66,12 @@ pub struct Checks {
     /// A GPU promises no order, and what the checker judges (which block
     /// finishes a reduction last, say) is the order that ran.
     pub reverse_blocks: bool,
+    /// The device math model, with this seed: each result of `expf`,
+    /// `exp2f`, `logf`, `log1pf` and `ex2.approx` moves within CUDA's error
+    /// bound for it (2, 2, 1, 1 and 2 ulp), pseudo-randomly but as a
+    /// function of its argument, as on a GPU. `None`: the host's results.
+    /// Not a check: it works in every build.
+    pub device_math: Option<u32>,
 }
 
 /// Global memory traffic of one kind of access to one region.
@@ -211,6 +219,7 @@ extern "C" {
         n_regions: usize,
         region_traffic: *mut RegionTraffic,
         traffic: *mut RawTraffic,
+        math_seed: *const u32,
         err: *mut c_char,
         err_cap: usize,
     ) -> c_int;
@@ -327,7 +336,8 @@ pub unsafe fn launch_checked(
     // SAFETY: the name and region names are NUL-terminated and outlive the
     // call, grid/block point to 3 u32 each, regions/region_traffic/params/err
     // are valid for their lengths (region_traffic has one entry more than
-    // regions, as the C side writes); the caller vouches for the pointers
+    // regions, as the C side writes), math_seed is null or points to a u32
+    // that outlives the call; the caller vouches for the pointers
     // inside params. The C++ side catches its own exceptions.
     let rc = unsafe {
         multibox_emu_launch(
@@ -342,6 +352,10 @@ pub unsafe fn launch_checked(
             regions.len(),
             region_traffic.as_mut_ptr(),
             &mut raw_traffic,
+            checks
+                .device_math
+                .as_ref()
+                .map_or(std::ptr::null(), std::ptr::from_ref),
             err.as_mut_ptr().cast(),
             err.len(),
         )

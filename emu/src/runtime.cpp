@@ -3,13 +3,16 @@
 // warp collectives as rendezvous between those fibers. Deterministic: fibers
 // are resumed in thread order and switch only at barriers, collectives and
 // exit. A barrier that can never complete ends the launch with an error.
+#define MULTIBOX_EMU_RUNTIME  // no math macros over the standard headers below
 #include "multibox_emu.h"
 
 #include <sys/mman.h>
 
 #include "check.hpp"
 
+#include <algorithm>
 #include <cstdarg>
+#include <cstdint>
 #include <new>
 #include <stdexcept>
 #include <string>
@@ -301,9 +304,15 @@ std::string run_block(Block& b) {
     return std::string();
 }
 
+// The launch's device math model (emu::detail::device_math): off, or on
+// with this seed.
+__thread bool t_device_math;
+__thread unsigned t_math_seed;
+
 std::string launch(const char* name, const unsigned grid[3], const unsigned block[3], unsigned dyn_bytes,
                    const void* params, size_t params_len, unsigned checks, const EmuRegion* regions,
-                   size_t n_regions, EmuRegionTraffic* region_traffic, EmuTraffic* traffic) {
+                   size_t n_regions, EmuRegionTraffic* region_traffic, EmuTraffic* traffic,
+                   const unsigned* math_seed) {
     const Kernel* k = nullptr;
     for (const Kernel& r : registry()) {
         if (std::strcmp(r.name, name) != 0) continue;
@@ -344,9 +353,14 @@ std::string launch(const char* name, const unsigned grid[3], const unsigned bloc
     checker.exclude(&gridDim, sizeof gridDim);
     checker.exclude(&dynamic_shared, sizeof dynamic_shared);
     struct Unset {
-        ~Unset() { t_checker = nullptr; }
+        ~Unset() {
+            t_checker = nullptr;
+            t_device_math = false;
+        }
     } unset;
     t_checker = checks ? &checker : nullptr;
+    t_device_math = math_seed != nullptr;
+    t_math_seed = math_seed ? *math_seed : 0u;
     std::string error;
     // Blocks run one at a time, each to its end, in linear order or (with
     // CHECK_REVERSE_BLOCKS) the reverse: a GPU promises no order, and the
@@ -522,12 +536,12 @@ extern "C" int multibox_emu_launch(const char* name, const unsigned* grid, const
                                    const void* params, size_t params_len, unsigned checks,
                                    const emu::detail::EmuRegion* regions, size_t n_regions,
                                    emu::detail::EmuRegionTraffic* region_traffic, emu::detail::EmuTraffic* traffic,
-                                   char* err, size_t err_cap) noexcept {
+                                   const unsigned* math_seed, char* err, size_t err_cap) noexcept {
     std::string e;
     if (!multibox_emu_checks_available()) checks = 0;
     try {
         e = emu::detail::launch(name, grid, block, dyn_bytes, params, params_len, checks, regions, n_regions,
-                                region_traffic, traffic);
+                                region_traffic, traffic, math_seed);
     } catch (const std::exception& ex) {
         e = std::string("emulator failure: ") + ex.what();
     }
@@ -539,3 +553,34 @@ extern "C" int multibox_emu_launch(const char* name, const unsigned* grid, const
 extern "C" size_t multibox_emu_kernel_count() noexcept { return emu::detail::registry().size(); }
 
 extern "C" const char* multibox_emu_kernel_name(size_t i) noexcept { return emu::detail::registry()[i].name; }
+
+namespace emu {
+namespace detail {
+namespace {
+// splitmix64's finaliser: every bit of the input moves about half the output's.
+uint64_t mix(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+}  // namespace
+
+float device_math(float exact, float x, MathFunction function, unsigned ulps) {
+    if (!t_device_math || ulps == 0) return exact;
+    uint32_t bits, arg;
+    std::memcpy(&bits, &exact, sizeof bits);
+    std::memcpy(&arg, &x, sizeof arg);
+    const uint32_t magnitude = bits & 0x7fffffffu;
+    // Zeros, subnormals, infinities and NaN stay as they are: the bounds
+    // are stated for normal results.
+    if (magnitude < 0x00800000u || magnitude >= 0x7f800000u) return exact;
+    const uint64_t h = mix(arg ^ uint64_t(function) << 32 ^ uint64_t(t_math_seed) * 0x9e3779b97f4a7c15ull);
+    const long long moved = (long long)magnitude + (long long)(h % (2 * ulps + 1)) - (long long)ulps;
+    // Stay normal and finite: a step never crosses into another kind of value.
+    bits = (bits & 0x80000000u) | uint32_t(std::min(std::max(moved, 0x00800000ll), 0x7f7fffffll));
+    float y;
+    std::memcpy(&y, &bits, sizeof y);
+    return y;
+}
+}  // namespace detail
+}  // namespace emu

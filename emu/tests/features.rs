@@ -368,3 +368,137 @@ fn multi_dimensional_grid_and_block_indices() {
         }
     }
 }
+
+/// `emu_test_math` over `inputs` (a multiple of 64), with the device math
+/// model off (`None`) or on with a seed: per input, expf, exp2f, logf,
+/// log1pf and ex2.approx.ftz.
+fn math(inputs: &[f32], device_math: Option<u32>) -> Vec<[f32; 5]> {
+    let bits: Vec<i32> = inputs.iter().map(|x| x.to_bits() as i32).collect();
+    let mut out = vec![0i32; 5 * bits.len()];
+    let params = IoParams::new(&bits, &mut out, &mut []);
+    let checks = multibox_emu::Checks {
+        races: multibox_emu::races_checked_by_default(),
+        device_math,
+        ..Default::default()
+    };
+    // SAFETY: the kernel reads inputs.len() ints and writes five times as
+    // many, within the live Vecs whose addresses params carries.
+    unsafe {
+        multibox_emu::launch_checked(
+            "emu_test_math",
+            [(bits.len() / 64) as u32, 1, 1],
+            [64, 1, 1],
+            0,
+            bytemuck::bytes_of(&params),
+            &checks,
+        )
+    }
+    .unwrap();
+    out.chunks(5)
+        .map(|c| std::array::from_fn(|f| f32::from_bits(c[f] as u32)))
+        .collect()
+}
+
+/// Distance in ulps between two finite floats of one sign.
+fn ulps(a: f32, b: f32) -> u32 {
+    assert_eq!(a.is_sign_negative(), b.is_sign_negative(), "{a} vs {b}");
+    (a.to_bits() & 0x7fff_ffff).abs_diff(b.to_bits() & 0x7fff_ffff)
+}
+
+#[test]
+fn device_math_model_moves_results_within_cudas_bounds() {
+    // Arguments across the kernels' ranges, each twice, and special values.
+    let mut inputs: Vec<f32> = (0..448)
+        .map(|i| (i as f32 - 200.0) * 0.173 + 1e-3 * (i % 7) as f32)
+        .collect();
+    inputs.extend_from_within(0..448);
+    inputs.extend([
+        0.0,
+        -0.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        -200.0,
+        1e-40,
+        -1.0,
+    ]);
+    inputs.resize(960, 0.5);
+    let ex2 = |x: f32| {
+        let y = (if x.abs() < f32::MIN_POSITIVE { 0.0 } else { x }).exp2();
+        if y < f32::MIN_POSITIVE {
+            0.0
+        } else {
+            y
+        }
+    };
+    let host = |x: f32| [x.exp(), x.exp2(), x.ln(), x.ln_1p(), ex2(x)];
+    let same = |a: f32, b: f32| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
+
+    // Off: the host's results, bit for bit, the flush to zero included.
+    for (x, got) in inputs.iter().zip(math(&inputs, None)) {
+        let want = host(*x);
+        for f in 0..5 {
+            assert!(
+                same(got[f], want[f]),
+                "f{f}({x:e}) = {:e}, host {:e}",
+                got[f],
+                want[f]
+            );
+        }
+    }
+
+    let bound = [2, 2, 1, 1, 2];
+    let runs: Vec<Vec<[f32; 5]>> = [1u32, 2].iter().map(|&s| math(&inputs, Some(s))).collect();
+    let (mut moved, mut normal) = ([[0usize; 5]; 2], [[0usize; 5]; 2]);
+    for (r, run) in runs.iter().enumerate() {
+        for (i, (x, got)) in inputs.iter().zip(run).enumerate() {
+            let want = host(*x);
+            for f in 0..5 {
+                let (g, w) = (got[f], want[f]);
+                if w.is_nan() || w.is_infinite() || w.abs() < f32::MIN_POSITIVE {
+                    assert!(
+                        same(g, w),
+                        "f{f}({x:e}): {g:e} from {w:e}: not a normal result"
+                    );
+                    continue;
+                }
+                assert!(
+                    ulps(g, w) <= bound[f],
+                    "f{f}({x:e}) = {g:e}, host {w:e}: past {} ulp",
+                    bound[f]
+                );
+                moved[r][f] += usize::from(g != w);
+                normal[r][f] += 1;
+                // A function of the argument: the repeated inputs agree.
+                if i < 448 {
+                    assert!(
+                        same(g, run[i + 448][f]),
+                        "f{f}({x:e}) differs between calls"
+                    );
+                }
+            }
+        }
+    }
+    // Most normal results move (4 of 5 draws for 2 ulp, 2 of 3 for 1),
+    // and the seeds move them differently.
+    for r in 0..2 {
+        for f in 0..5 {
+            let (n, of) = (moved[r][f], normal[r][f]);
+            assert!(
+                of > 400 && 2 * n > of,
+                "seed {}: f{f} moved {n} of {of}",
+                r + 1
+            );
+        }
+    }
+    let differ = runs[0]
+        .iter()
+        .zip(&runs[1])
+        .filter(|(a, b)| (0..5).any(|f| !same(a[f], b[f])))
+        .count();
+    assert!(
+        differ > 800,
+        "seeds 1 and 2 agree on {} of 960 inputs",
+        960 - differ
+    );
+}

@@ -114,6 +114,7 @@ impl Buffers {
             traffic,
             regions: self.regions(),
             reverse_blocks: self.reverse_blocks,
+            ..Checks::default()
         };
         // SAFETY: the params point into self's Vecs, which the kernels index
         // within their lengths (or within a registered region's bounds: the

@@ -29,6 +29,9 @@ pub struct Emulator {
     pub grid_limits: GridLimits,
     /// Run each launch's blocks last to first (a GPU promises no order).
     pub reverse_blocks: bool,
+    /// The device math model's seed ([`multibox_emu::Checks::device_math`]):
+    /// exp and log within CUDA's error bounds instead of the host's.
+    pub device_math: Option<u32>,
 }
 
 impl Emulator {
@@ -81,6 +84,7 @@ impl Default for Emulator {
             traffic: RefCell::default(),
             grid_limits: GridLimits::default(),
             reverse_blocks: false,
+            device_math: None,
         }
     }
 }
@@ -109,6 +113,7 @@ impl Backend for Emulator {
                 .map(|(_, r)| r.clone())
                 .unwrap_or_default(),
             reverse_blocks: self.reverse_blocks,
+            device_math: self.device_math,
         };
         // SAFETY: launch_call's caller vouched for the addresses in params;
         // here they are host addresses of live Vecs (see `run`).
@@ -209,6 +214,9 @@ pub struct Call {
     /// Run each launch's blocks last to first ([`Emulator::reverse_blocks`]);
     /// the GPU ignores it.
     pub reverse_blocks: bool,
+    /// The device math model's seed ([`Emulator::device_math`]); the GPU
+    /// ignores it.
+    pub device_math: Option<u32>,
 }
 
 impl Default for Call {
@@ -226,6 +234,7 @@ impl Default for Call {
             layout: Layout::RowMajor,
             normalizer: Normalizer::Positives,
             reverse_blocks: false,
+            device_math: None,
         }
     }
 }
@@ -431,6 +440,7 @@ pub fn run<T: Float, L: Label>(
     emulator.races = call.races;
     emulator.grid_limits = call.grid_limits;
     emulator.reverse_blocks = call.reverse_blocks;
+    emulator.device_math = call.device_math;
     if backward && split {
         let forward = RawCall {
             pass: Pass::Forward,

@@ -53,6 +53,20 @@ pub fn assign<T: Float, L: Label>(
     gt_labels: &[L],
     gt_counts: &[i32],
 ) -> multibox::Result<Assigned<T, L>> {
+    assign_with(config, shape, priors, gt_boxes, gt_labels, gt_counts, None)
+}
+
+/// [`assign`] with the device math model's seed ([`Emulator::device_math`]):
+/// the logarithm of the encoding within CUDA's bound instead of the host's.
+pub fn assign_with<T: Float, L: Label>(
+    config: &TargetConfig,
+    shape: TargetShape,
+    priors: &[f32],
+    gt_boxes: &[f32],
+    gt_labels: &[L],
+    gt_counts: &[i32],
+    device_math: Option<u32>,
+) -> multibox::Result<Assigned<T, L>> {
     assert_eq!(priors.len(), shape.priors_len());
     assert_eq!(gt_boxes.len(), shape.boxes_len());
     assert_eq!(gt_labels.len(), shape.box_labels_len());
@@ -79,12 +93,13 @@ pub fn assign<T: Float, L: Label>(
     };
     // Each kernel held to the plan's regions: per image its boxes, counts,
     // workspace rows and outputs, for that image's blocks only.
-    let emulator = Emulator::with_regions(plan.launches().map(|launch| {
+    let mut emulator = Emulator::with_regions(plan.launches().map(|launch| {
         (
             launch.step.kernel_name(T::DTYPE, L::LABEL_TYPE),
             plan.regions(launch.step, &call),
         )
     }));
+    emulator.device_math = device_math;
     // SAFETY: every address points into a live Vec of the length the shape
     // requires (asserted above, allocated so for the outputs); the emulator
     // runs synchronously.

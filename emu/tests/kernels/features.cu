@@ -172,3 +172,17 @@ MB_KERNEL(emu_test_indices, IoParams, 1024) {
     o[4] = warp_sum(int(t));
     o[5] = int(g);
 }
+
+// The math functions the kernels use, on floats passed as bits: out[5 i + f]
+// for f = expf, exp2f, logf, log1pf, exp2_approx. With the device math
+// model on, each may move within CUDA's bound (emu/tests/features.rs).
+MB_KERNEL(emu_test_math, IoParams, 64) {
+    const u32 i = blockIdx.x * 64 + threadIdx.x;
+    const float x = __int_as_float(p.in[i]);
+    int* o = p.out + 5 * i;
+    o[0] = __float_as_int(expf(x));
+    o[1] = __float_as_int(exp2f(x));
+    o[2] = __float_as_int(logf(x));
+    o[3] = __float_as_int(log1pf(x));
+    o[4] = __float_as_int(exp2_approx(x));
+}
