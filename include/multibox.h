@@ -234,7 +234,7 @@ typedef struct multibox_device_status {
   // A label outside `-1..C-1` was found; both losses are NaN.
   bool invalid_label;
   // A NaN or infinity was among the logits (ignored priors' too) or a
-  // positive's box offsets.
+  // positive's box offset differences (predicted minus target, in f32).
   bool nonfinite_input;
 } multibox_device_status;
 
@@ -469,8 +469,9 @@ enum multibox_status_code multibox_forward_backward(const struct multibox_loss *
                                                     const struct multibox_call *call,
                                                     void *stream);
 
-// Reads the device status word the last call with this `workspace` (and
-// `shape`) left. Synchronises with `stream`.
+// Reads the device status word the last forward or forward-backward call
+// with this `workspace` (and `shape`) left; a backward call leaves it as
+// is. Synchronises with `stream`.
 //
 // # Safety
 // `loss`, `shape` and `out` are NULL or valid; `workspace` is a device

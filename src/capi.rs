@@ -207,7 +207,7 @@ pub struct multibox_device_status {
     /// A label outside `-1..C-1` was found; both losses are NaN.
     pub invalid_label: bool,
     /// A NaN or infinity was among the logits (ignored priors' too) or a
-    /// positive's box offsets.
+    /// positive's box offset differences (predicted minus target, in f32).
     pub nonfinite_input: bool,
 }
 
@@ -857,8 +857,9 @@ pub unsafe extern "C" fn multibox_forward_backward(
     device_guard(|| unsafe { launch(loss, call, stream, Pass::ForwardBackward) })
 }
 
-/// Reads the device status word the last call with this `workspace` (and
-/// `shape`) left. Synchronises with `stream`.
+/// Reads the device status word the last forward or forward-backward call
+/// with this `workspace` (and `shape`) left; a backward call leaves it as
+/// is. Synchronises with `stream`.
 ///
 /// # Safety
 /// `loss`, `shape` and `out` are NULL or valid; `workspace` is a device

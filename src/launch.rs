@@ -541,8 +541,10 @@ pub struct DeviceStatus {
     /// and the prior was treated as ignored (never used as an index).
     pub invalid_label: bool,
     /// A NaN or infinity was among the logits (every prior's, ignored ones
-    /// included) or a positive's box offsets; it propagates into the losses
-    /// as in the reference.
+    /// included) or a positive's box offset differences (predicted minus
+    /// target, in f32: two finite offsets of opposite sign beyond about
+    /// 1.7e38 overflow too); it propagates into the losses as in the
+    /// reference.
     pub nonfinite_input: bool,
 }
 

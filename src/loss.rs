@@ -567,9 +567,11 @@ impl MultiboxLoss {
         unsafe { launch_call(&self.config, call, &backend) }.map(|_| ())
     }
 
-    /// Reads the device status word of the last call that used `workspace`
-    /// (with this `shape`). This synchronises with `stream`; call it when
-    /// you choose, for example once per epoch, or when a loss is NaN.
+    /// Reads the device status word of the last forward (or fused
+    /// forward-backward) call that used `workspace` with this `shape`; a
+    /// backward call leaves it as its forward wrote it. This synchronises
+    /// with `stream`; call it when you choose, for example once per epoch,
+    /// or when a loss is NaN.
     pub fn status(
         &self,
         stream: &Arc<CudaStream>,

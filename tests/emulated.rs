@@ -1458,6 +1458,31 @@ fn non_finite_inputs_are_flagged_and_propagate() {
     );
 }
 
+/// A positive's box difference is taken in f32: finite f32 offsets of
+/// opposite sign beyond 1.7e38 overflow it (flagged, and the regression
+/// loss is infinite), finite f16 ones never do.
+#[test]
+fn box_differences_that_overflow_f32_are_flagged() {
+    fn run<T: Float>(big: f64) -> KernelOutput<T> {
+        let shape = Shape::new(1, 50, 3);
+        let mut case = Drawn::<T, i32>::draw(4, 0);
+        case.shape = shape;
+        case.confidence = (0..150).map(|i| T::from_f64((i % 5) as f64)).collect();
+        case.labels = (0..50).map(|i| i32::from(i % 10 == 0)).collect();
+        case.predicted_locations = vec![T::from_f64(0.25); 200];
+        case.gt_locations = vec![T::from_f64(0.0); 200];
+        case.predicted_locations[4 * 20 + 1] = T::from_f64(big); // prior 20: a positive
+        case.gt_locations[4 * 20 + 1] = T::from_f64(-big);
+        emulated::run(&case.config, shape, &case.host(), Call::default()).unwrap()
+    }
+    let f32_out = run::<f32>(3e38);
+    assert!(f32_out.status.nonfinite_input && !f32_out.status.invalid_label);
+    assert_eq!(f32_out.regression_loss, f32::INFINITY);
+    let f16_out = run::<f16>(60000.0);
+    assert!(f16_out.status.is_ok(), "{:?}", f16_out.status);
+    assert!(f16_out.regression_loss.is_finite());
+}
+
 /// Non-finite box offsets: the gradient of a positive's coordinate is the
 /// reference's, clamp(d / beta, -1, 1), a NaN difference (NaN, or inf -
 /// inf) giving NaN and an infinite one +-1, in f32 and in the half types,

@@ -92,6 +92,24 @@ def test_nonfinite_inputs_are_flagged(device, where):
     assert module.last_status() == CLEAN
 
 
+@pytest.mark.parametrize(
+    "device, dtype",
+    [("cpu", torch.float32), pytest.param("cuda", torch.float32, marks=needs_gpu),
+     pytest.param("cuda", torch.float16, marks=needs_gpu)],
+)
+def test_offset_differences_are_taken_in_f32(device, dtype):
+    # Finite offsets of opposite sign: their difference overflows f32, and
+    # is flagged, but never f16's range once widened to f32.
+    confidence, locations, labels, gt = batch(device)
+    big = 3e38 if dtype == torch.float32 else 60000.0
+    b, p = first(labels, 1)
+    locations[b, p, 0], gt[b, p, 0] = big, -big
+    module = criterion(device)
+    step(module, confidence.to(dtype), locations.to(dtype), labels, gt.to(dtype))
+    overflows = dtype == torch.float32
+    assert module.last_status() == LossStatus(invalid_label=False, nonfinite_input=overflows)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_background_prior_offsets_are_not_read(device):
     # Only positives' box offsets enter the loss, and only they are checked.
