@@ -5,10 +5,12 @@
 // plain C++17 compiler) differ only inside `#if defined(MULTIBOX_EMULATOR)`
 // blocks, all in this header: CUDA's built-ins just below, and the few
 // loads, stores and bit conversions that each build writes its own way.
-// Elsewhere, `!defined(MULTIBOX_EMULATOR) && __CUDA_ARCH__ >= 800` guards an
-// sm_80 instruction (the bf16 conversion here, half2 maxima in rows.cu)
-// whose portable form, the one the emulator and sm_75 run, gives the same
-// bits.
+// Elsewhere, `#if MB_SM80` guards a path built on sm_80 instructions (the
+// half2 maxima and finiteness checks of rows.cu) whose portable form, the
+// one sm_75 runs, gives the same results. The emulator builds each kernel
+// file twice, as sm_75 and as sm_90 run it (MULTIBOX_EMU_SM), and computes
+// those instructions here as PTX defines them, so that both paths run in
+// the tests.
 #pragma once
 
 typedef unsigned char u8;
@@ -44,6 +46,13 @@ typedef unsigned long long u64;
 #endif
 
 #define MB_ASSERT_SIZE(T, n) static_assert(sizeof(T) == (n), #T " must match its Rust mirror")
+
+// Whether this build takes the paths built on sm_80 instructions.
+#if defined(MULTIBOX_EMULATOR)
+#define MB_SM80 (MULTIBOX_EMU_SM >= 80)
+#else
+#define MB_SM80 (__CUDA_ARCH__ >= 800)
+#endif
 
 // ---------------------------------------------------------------------------
 // Storage types. Half types travel as their bits; all arithmetic is f32.
@@ -164,6 +173,68 @@ template <> __device__ __forceinline__ f16 from_f32<f16>(float x) {
 #endif
     return r;
 }
+
+#if MB_SM80
+// Two halves per instruction (sm_80 and later), the type given by a null
+// pointer's type. The emulator computes each half as PTX defines the
+// instruction: max returns the other operand where one is NaN, a NaN where
+// both are, else (a > b ? a : b); fma with b = 0 gives NaN once x is NaN
+// or infinite, else acc plus a signed zero, which is exact.
+#if defined(MULTIBOX_EMULATOR)
+template <typename T> inline T emu_half(u32 word, u32 j) { return T{u16(word >> (16 * j))}; }
+template <typename T> inline u32 emu_max2(u32 a, u32 b) {
+    u32 d = 0;
+    for (u32 j = 0; j < 2; ++j) {
+        const T x = emu_half<T>(a, j), y = emu_half<T>(b, j);
+        const float fx = to_f32(x), fy = to_f32(y);
+        const u16 m = isnan(fx) ? (isnan(fy) ? u16(0x7fffu) : y.bits) : isnan(fy) ? x.bits : fx > fy ? x.bits : y.bits;
+        d |= u32(m) << (16 * j);
+    }
+    return d;
+}
+template <typename T> inline u32 emu_times_zero_plus(u32 x, u32 acc) {
+    u32 d = 0;
+    for (u32 j = 0; j < 2; ++j)
+        d |= u32(from_f32<T>(fmaf(to_f32(emu_half<T>(x, j)), 0.0f, to_f32(emu_half<T>(acc, j)))).bits) << (16 * j);
+    return d;
+}
+#endif
+__device__ __forceinline__ u32 max2(const bf16*, u32 a, u32 b) {
+#if defined(MULTIBOX_EMULATOR)
+    return emu_max2<bf16>(a, b);
+#else
+    u32 d;
+    asm("max.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+#endif
+}
+__device__ __forceinline__ u32 max2(const f16*, u32 a, u32 b) {
+#if defined(MULTIBOX_EMULATOR)
+    return emu_max2<f16>(a, b);
+#else
+    u32 d;
+    asm("max.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+#endif
+}
+// x * 0 + acc, two halves at once.
+__device__ __forceinline__ u32 times_zero_plus(const bf16*, u32 x, u32 acc) {
+#if defined(MULTIBOX_EMULATOR)
+    return emu_times_zero_plus<bf16>(x, acc);
+#else
+    asm("fma.rn.bf16x2 %0, %1, %2, %0;" : "+r"(acc) : "r"(x), "r"(0u));
+    return acc;
+#endif
+}
+__device__ __forceinline__ u32 times_zero_plus(const f16*, u32 x, u32 acc) {
+#if defined(MULTIBOX_EMULATOR)
+    return emu_times_zero_plus<f16>(x, acc);
+#else
+    asm("fma.rn.f16x2 %0, %1, %2, %0;" : "+r"(acc) : "r"(x), "r"(0u));
+    return acc;
+#endif
+}
+#endif
 
 // ---------------------------------------------------------------------------
 // Warp and block primitives. Every kernel reduces through these.

@@ -149,28 +149,7 @@ template <typename T> struct MaxOf {
     __device__ __forceinline__ float value() const { return m; }
 };
 
-#if !defined(MULTIBOX_EMULATOR) && __CUDA_ARCH__ >= 800
-// Two halves at once, the type given by a null pointer's type.
-__device__ __forceinline__ u32 max2(const bf16*, u32 a, u32 b) {
-    u32 d;
-    asm("max.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-    return d;
-}
-__device__ __forceinline__ u32 max2(const f16*, u32 a, u32 b) {
-    u32 d;
-    asm("max.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-    return d;
-}
-// x * 0 + acc.
-__device__ __forceinline__ u32 times_zero_plus(const bf16*, u32 x, u32 acc) {
-    asm("fma.rn.bf16x2 %0, %1, %2, %0;" : "+r"(acc) : "r"(x), "r"(0u));
-    return acc;
-}
-__device__ __forceinline__ u32 times_zero_plus(const f16*, u32 x, u32 acc) {
-    asm("fma.rn.f16x2 %0, %1, %2, %0;" : "+r"(acc) : "r"(x), "r"(0u));
-    return acc;
-}
-
+#if MB_SM80
 template <typename T> struct PackedMax {
     u32 m = u32(HALF_NEG_INF<T>) * 0x10001u;  // two halves
     __device__ __forceinline__ void add(const Chunk<T>& c) {
@@ -452,7 +431,7 @@ template <typename T> struct TwoMax {
     }
     __device__ __forceinline__ float value(u32 j) const { return m[j]; }
 };
-#if !defined(MULTIBOX_EMULATOR) && __CUDA_ARCH__ >= 800
+#if MB_SM80
 template <typename T> struct PackedTwoMax {
     TwoOf<T> m = {u32(HALF_NEG_INF<T>) * 0x10001u};
     __device__ __forceinline__ void add(const TwoOf<T>& x) { m.w = max2(static_cast<const T*>(nullptr), m.w, x.w); }
@@ -567,7 +546,7 @@ template <typename T> struct FiniteCheck {
             for (u32 j = 0; j < 4; ++j) product = fmaf(c.at(j), 0.0f, product);
             return;
         }
-#if !defined(MULTIBOX_EMULATOR) && __CUDA_ARCH__ >= 800
+#if MB_SM80
         if constexpr (sizeof(T) == 2) {
             const T* t = nullptr;
             for (u32 i = 0; i < 4; ++i) acc = times_zero_plus(t, c.w[i], acc);

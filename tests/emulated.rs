@@ -13,6 +13,7 @@ use multibox::{
     launch_call, Backend, Error, Float, Label, Layout, MultiboxConfig, Pass, RawBuffers, RawCall,
     RawNormalizer, RawUpstream, Shape,
 };
+use multibox_emu::Arch;
 
 /// One randomized case, drawn to reach the corners: heavy ties, images with
 /// no positive or only positives, ignored priors, odd shapes.
@@ -300,17 +301,23 @@ fn ulps_apart<T: Float>(a: T, b: T) -> u32 {
     ordered(a).abs_diff(ordered(b))
 }
 
-/// The kernels on `case` with its upstream gradients, held to the reference,
-/// with the host's math or the device math model's (`device_math`).
+/// The kernels on `case` with its upstream gradients, held to the reference:
+/// as sm_75 runs them with the host's math, or (`gpu_like`, a seed) as
+/// sm_90 does with the device math model's.
 fn checked_with_its_upstream<T: Float, L: Label>(
     what: &str,
     case: &Drawn<T, L>,
-    device_math: Option<u32>,
+    gpu_like: Option<u32>,
 ) {
     let want = case.reference();
     let call = Call {
         upstream: Upstream::Host(case.upstream.0, case.upstream.1),
-        device_math,
+        device_math: gpu_like,
+        arch: if gpu_like.is_some() {
+            Arch::Sm90
+        } else {
+            Arch::Sm75
+        },
         ..Call::default()
     };
     let got = emulated::run(&case.config, case.shape, &case.host(), call)
@@ -324,20 +331,21 @@ fn checked_with_its_upstream<T: Float, L: Label>(
     );
 }
 
-/// Cases drawn from `seeds`, odd seeds with exp and log as a GPU's math
-/// library may compute them (the emulator's device math model).
+/// Cases drawn from `seeds`, odd seeds as sm_90 runs the kernels, with exp
+/// and log as a GPU's math library may compute them (the emulator's device
+/// math model).
 fn randomized<T: Float, L: Label>(seeds: std::ops::Range<u64>, max_elements: usize) {
     for seed in seeds {
         let case = Drawn::<T, L>::draw(seed, max_elements);
-        let device_math = (seed % 2 == 1).then_some(seed as u32);
+        let gpu_like = (seed % 2 == 1).then_some(seed as u32);
         let what = format!(
-            "seed {seed} {:?}/{:?} {} {:?} device math {device_math:?}",
+            "seed {seed} {:?}/{:?} {} {:?} sm_90 and device math {gpu_like:?}",
             T::DTYPE,
             L::LABEL_TYPE,
             case.shape,
             case.config
         );
-        checked_with_its_upstream(&what, &case, device_math);
+        checked_with_its_upstream(&what, &case, gpu_like);
     }
 }
 
@@ -682,7 +690,9 @@ fn confident_rows<T: Float>(shape: Shape, seed: u64) {
 }
 
 /// Runs `case` row-major, close to the reference, and channel-major, bit
-/// for bit the row-major call; returns the row-major output.
+/// for bit the row-major call; then both layouts as sm_90 runs the kernels
+/// (packed half maxima), bit for bit as sm_75 does. Returns the row-major
+/// output.
 fn checked_in_both_layouts<T: Float, L: Label>(what: &str, case: &Drawn<T, L>) -> KernelOutput<T> {
     let want = case.reference();
     let got = emulated::run(&case.config, case.shape, &case.host(), Call::default()).unwrap();
@@ -694,6 +704,13 @@ fn checked_in_both_layouts<T: Float, L: Label>(what: &str, case: &Drawn<T, L>) -
         &case.divisors(Normalizer::Positives),
     );
     assert_channel_major_is_row_major(what, case, Call::default(), &got);
+    let sm90 = Call {
+        arch: Arch::Sm90,
+        ..Call::default()
+    };
+    let on_sm90 = emulated::run(&case.config, case.shape, &case.host(), sm90).unwrap();
+    emulated::assert_same_bits(&format!("{what} sm_90"), &on_sm90, &got);
+    assert_channel_major_is_row_major(&format!("{what} sm_90"), case, sm90, &got);
     got
 }
 
@@ -1540,14 +1557,20 @@ fn non_finite_box_offsets_give_the_references_gradients() {
 }
 
 /// A non-finite `value` at `(row, class)`, in an ignored row that no loss
-/// reads: kernel 1 flags it, the losses stay the reference's, and the
-/// channel-major call flags it as well and gives the same bits.
+/// reads: kernel 1 (built for `arch`) flags it, the losses stay the
+/// reference's, and the channel-major call flags it as well and gives the
+/// same bits.
 fn non_finite_logit_is_flagged<T: Float, L: Label>(
     shape: Shape,
     row: usize,
     class: usize,
     value: f32,
+    arch: Arch,
 ) {
+    let call = Call {
+        arch,
+        ..Call::default()
+    };
     let mut rng = SplitMix64(41);
     let mut confidence: Vec<T> = (0..shape.confidence_len())
         .map(|_| T::from_f64(rng.normal()))
@@ -1557,8 +1580,12 @@ fn non_finite_logit_is_flagged<T: Float, L: Label>(
         .map(|i| L::from_i64(if i % 10 == 3 { 1 + i * 37 % (c - 1) } else { 0 }))
         .collect();
     let mut case = Drawn::with(shape, confidence.clone(), labels, &mut rng);
-    let what = format!("{shape} {:?}/{:?} {value}", T::DTYPE, L::LABEL_TYPE);
-    let clean = emulated::run(&case.config, shape, &case.host(), Call::default()).unwrap();
+    let what = format!(
+        "{shape} {:?}/{:?} {value} {arch:?}",
+        T::DTYPE,
+        L::LABEL_TYPE
+    );
+    let clean = emulated::run(&case.config, shape, &case.host(), call).unwrap();
     assert!(clean.status.is_ok(), "{what}");
     case.labels[row] = L::from_i64(-1);
     confidence[row * shape.classes + class] = T::from_f32(value);
@@ -1572,7 +1599,7 @@ fn non_finite_logit_is_flagged<T: Float, L: Label>(
         );
         Ok(got)
     };
-    let got = run(&case.host(), Call::default()).unwrap();
+    let got = run(&case.host(), call).unwrap();
     let want = case.reference();
     let rel = |a: f32, b: f64| ((f64::from(a) - b) / b).abs();
     assert!(
@@ -1583,26 +1610,26 @@ fn non_finite_logit_is_flagged<T: Float, L: Label>(
         rel(got.regression_loss, want.losses.regression_loss) <= 1e-6,
         "{what}"
     );
-    emulated::assert_channel_major_is_row_major(
-        &what,
-        shape,
-        &case.host(),
-        Call::default(),
-        &got,
-        run,
-    );
+    emulated::assert_channel_major_is_row_major(&what, shape, &case.host(), call, &got, run);
 }
 
 /// Kernel 1 checks every logit as it stages it: an infinity in an ignored
 /// prior's row is flagged, and so is -inf (whose exponential is an
-/// ordinary 0).
+/// ordinary 0). Both builds: sm_80 and later check half types two at a
+/// time with a packed fma, so the value goes in either half of a word
+/// (elements 117 * 81 + 40 and + 41: odd and even).
 #[test]
 fn an_infinite_logit_anywhere_is_flagged() {
     let shape = Shape::new(2, 70, 81);
     for value in [f32::INFINITY, f32::NEG_INFINITY, f32::NAN] {
-        non_finite_logit_is_flagged::<f32, i32>(shape, 117, 40, value);
-        non_finite_logit_is_flagged::<f16, i32>(shape, 117, 40, value);
-        non_finite_logit_is_flagged::<bf16, i32>(shape, 117, 40, value);
+        for (arch, class) in [Arch::Sm75, Arch::Sm90]
+            .into_iter()
+            .flat_map(|a| [(a, 40), (a, 41)])
+        {
+            non_finite_logit_is_flagged::<f32, i32>(shape, 117, class, value, arch);
+            non_finite_logit_is_flagged::<f16, i32>(shape, 117, class, value, arch);
+            non_finite_logit_is_flagged::<bf16, i32>(shape, 117, class, value, arch);
+        }
     }
 }
 
@@ -2488,7 +2515,7 @@ fn an_infinite_logit_in_a_long_row_is_flagged() {
     fn check<T: Float, L: Label>(value: f32) {
         let shape = Shape::new(2, 6, 3001);
         assert_eq!(plans::<T>(shape).map(|p| p.tile_rows), [0, 0]);
-        non_finite_logit_is_flagged::<T, L>(shape, 8, 2999, value);
+        non_finite_logit_is_flagged::<T, L>(shape, 8, 2999, value, Arch::Sm75);
     }
     for value in [f32::INFINITY, f32::NEG_INFINITY, f32::NAN] {
         check::<f32, i32>(value);

@@ -12,6 +12,7 @@ use common::{
 use half::{bf16, f16};
 use multibox::reference::{self, Upstream};
 use multibox::{DType, Float, Label, Layout};
+use multibox_emu::Arch;
 
 /// A backend computes a case with upstream gradients 1.0, or returns `None`
 /// when it is not available here (no GPU, ...), which is reported, not failed.
@@ -417,7 +418,8 @@ impl CaseVisitor for RunVariants {
             // The split form too: the backward must find the forward's
             // divisor. It runs each launch's blocks last to first (a GPU
             // promises no order), the fused form first to last. And it
-            // computes exp and log as a GPU's math library may (a seed per
+            // runs the kernels as sm_90 does (the fused form as sm_75),
+            // computing exp and log as a GPU's math library may (a seed per
             // variant): the mined set and the tolerances must not hang on
             // the host's more accurate results.
             for split in [false, true] {
@@ -427,6 +429,7 @@ impl CaseVisitor for RunVariants {
                     split,
                     reverse_blocks: split,
                     device_math: split.then_some(v),
+                    arch: if split { Arch::Sm90 } else { Arch::Sm75 },
                     ..Default::default()
                 };
                 if !emulated::skipped() {

@@ -15,6 +15,13 @@
 #include <cstring>
 #include <type_traits>
 
+// The GPU architecture whose code paths this build of a kernel file takes
+// (`MB_SM80` in common.cuh): emu/build.rs builds kernels/*.cu once as sm_75
+// runs it and once, in a namespace of its own, as sm_90 does.
+#if !defined(MULTIBOX_EMU_SM)
+#define MULTIBOX_EMU_SM 75
+#endif
+
 // ---------------------------------------------------------------------------
 // Qualifiers. `__shared__` variables are per OS thread: a launch runs its
 // blocks one after another on the calling thread, all fibers of a block on
@@ -113,7 +120,7 @@ enum Op : int {
 
 using Trampoline = void (*)(const void* params);
 struct Registrar {
-    Registrar(const char* name, Trampoline fn, unsigned long params_size);
+    Registrar(const char* name, Trampoline fn, unsigned long params_size, unsigned sm);
 };
 
 extern __thread void* dynamic_shared;
@@ -177,7 +184,8 @@ inline void* dynamic_shared_memory() { return detail::dynamic_shared; }
         std::memcpy(static_cast<void*>(&params), bytes, sizeof(Params));                            \
         name(params);                                                                               \
     }                                                                                               \
-    static const ::emu::detail::Registrar name##_emu_registrar(#name, &name##_emu_trampoline, sizeof(Params)); \
+    static const ::emu::detail::Registrar name##_emu_registrar(#name, &name##_emu_trampoline, sizeof(Params), \
+                                                               MULTIBOX_EMU_SM);                            \
     static void name([[maybe_unused]] const Params p)
 
 // ---------------------------------------------------------------------------

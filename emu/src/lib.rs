@@ -14,7 +14,8 @@
 //! error naming both accesses' file:line. On request it also models the
 //! launch's memory traffic ([`Traffic`]), and computes exp and log as a
 //! GPU's math library may, within CUDA's error bounds
-//! ([`Checks::device_math`]).
+//! ([`Checks::device_math`]). Each kernel file is built as sm_75 and as
+//! sm_90 runs it ([`Arch`]).
 //!
 //! See `emu/README.md` for what it cannot catch.
 
@@ -72,6 +73,40 @@ pub struct Checks {
     /// function of its argument, as on a GPU. `None`: the host's results.
     /// Not a check: it works in every build.
     pub device_math: Option<u32>,
+    /// Which build of the kernel runs: as sm_75 or as sm_90 would run it.
+    pub arch: Arch,
+}
+
+/// The GPU architecture whose code paths a launch takes. `build.rs` builds
+/// every `kernels/*.cu` twice; the emulator's own test kernels only for
+/// sm_75.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Arch {
+    /// The portable paths, as sm_75 runs them.
+    #[default]
+    Sm75,
+    /// The paths built on sm_80 instructions (`MB_SM80` in common.cuh:
+    /// packed half maxima and finiteness checks), as sm_80 and later run
+    /// them, the instructions computed as PTX defines them.
+    Sm90,
+}
+
+impl Arch {
+    /// The compute capability, as `MULTIBOX_EMU_SM` spells it.
+    pub fn sm(self) -> u32 {
+        match self {
+            Arch::Sm75 => 75,
+            Arch::Sm90 => 90,
+        }
+    }
+
+    fn from_sm(sm: u32) -> Self {
+        match sm {
+            90 => Arch::Sm90,
+            75 => Arch::Sm75,
+            other => panic!("a kernel registered for sm_{other}, which build.rs never builds"),
+        }
+    }
 }
 
 /// Global memory traffic of one kind of access to one region.
@@ -220,12 +255,14 @@ extern "C" {
         region_traffic: *mut RegionTraffic,
         traffic: *mut RawTraffic,
         math_seed: *const u32,
+        sm: u32,
         err: *mut c_char,
         err_cap: usize,
     ) -> c_int;
     fn multibox_emu_checks_available() -> c_int;
     fn multibox_emu_kernel_count() -> usize;
     fn multibox_emu_kernel_name(index: usize) -> *const c_char;
+    fn multibox_emu_kernel_sm(index: usize) -> u32;
 }
 
 /// Whether the checker works in this build: the kernels carry the access
@@ -356,6 +393,7 @@ pub unsafe fn launch_checked(
                 .device_math
                 .as_ref()
                 .map_or(std::ptr::null(), std::ptr::from_ref),
+            checks.arch.sm(),
             err.as_mut_ptr().cast(),
             err.len(),
         )
@@ -384,19 +422,28 @@ pub unsafe fn launch_checked(
     Err(EmuError { message })
 }
 
-/// The names of every registered kernel, sorted.
-pub fn kernel_names() -> Vec<String> {
+/// Every registered build of a kernel: its name and architecture, sorted.
+pub fn kernel_builds() -> Vec<(String, Arch)> {
     // SAFETY: the registry is filled by static constructors before main and
     // never changes afterwards.
     let count = unsafe { multibox_emu_kernel_count() };
-    let mut names: Vec<String> = (0..count)
+    let mut builds: Vec<(String, Arch)> = (0..count)
         .map(|i| {
             // SAFETY: i < count, and every name is a NUL-terminated string
             // literal with static lifetime.
             let name = unsafe { CStr::from_ptr(multibox_emu_kernel_name(i)) };
-            name.to_string_lossy().into_owned()
+            // SAFETY: as above.
+            let sm = unsafe { multibox_emu_kernel_sm(i) };
+            (name.to_string_lossy().into_owned(), Arch::from_sm(sm))
         })
         .collect();
-    names.sort();
+    builds.sort();
+    builds
+}
+
+/// The names of every registered kernel, sorted, each once.
+pub fn kernel_names() -> Vec<String> {
+    let mut names: Vec<String> = kernel_builds().into_iter().map(|(name, _)| name).collect();
+    names.dedup();
     names
 }

@@ -46,6 +46,7 @@ struct Kernel {
     const char* name;
     Trampoline fn;
     unsigned long params_size;
+    unsigned sm;  // the architecture whose paths this build takes (MULTIBOX_EMU_SM)
 };
 
 std::vector<Kernel>& registry() {
@@ -312,14 +313,21 @@ __thread unsigned t_math_seed;
 std::string launch(const char* name, const unsigned grid[3], const unsigned block[3], unsigned dyn_bytes,
                    const void* params, size_t params_len, unsigned checks, const EmuRegion* regions,
                    size_t n_regions, EmuRegionTraffic* region_traffic, EmuTraffic* traffic,
-                   const unsigned* math_seed) {
+                   const unsigned* math_seed, unsigned sm) {
     const Kernel* k = nullptr;
+    bool known = false;
     for (const Kernel& r : registry()) {
         if (std::strcmp(r.name, name) != 0) continue;
-        if (k) return fmt("kernel `%s` is registered twice (two kernels/*.cu define it)", name);
+        known = true;
+        if (r.sm != sm) continue;
+        if (k) return fmt("kernel `%s` is registered twice for sm_%u (two kernels/*.cu define it)", name, sm);
         k = &r;
     }
-    if (!k) return fmt("unknown kernel `%s` (not in kernels/*.cu or emu/tests/kernels/*.cu)", name);
+    if (!known) return fmt("unknown kernel `%s` (not in kernels/*.cu or emu/tests/kernels/*.cu)", name);
+    if (!k)
+        return fmt("kernel `%s` has no sm_%u build (emu/build.rs builds kernels/*.cu for sm_75 and sm_90, "
+                   "its own test kernels for sm_75)",
+                   name, sm);
     if (params_len != k->params_size)
         return fmt("kernel `%s`: params are %zu bytes, its params struct is %lu", name, params_len, k->params_size);
     const unsigned long long threads = 1ull * block[0] * block[1] * block[2];
@@ -398,8 +406,8 @@ std::string launch(const char* name, const unsigned grid[3], const unsigned bloc
 
 }  // namespace
 
-Registrar::Registrar(const char* name, Trampoline fn, unsigned long params_size) {
-    registry().push_back(Kernel{name, fn, params_size});
+Registrar::Registrar(const char* name, Trampoline fn, unsigned long params_size, unsigned sm) {
+    registry().push_back(Kernel{name, fn, params_size, sm});
 }
 
 int block_barrier(const Site& site, Op op, int pred) {
@@ -536,12 +544,12 @@ extern "C" int multibox_emu_launch(const char* name, const unsigned* grid, const
                                    const void* params, size_t params_len, unsigned checks,
                                    const emu::detail::EmuRegion* regions, size_t n_regions,
                                    emu::detail::EmuRegionTraffic* region_traffic, emu::detail::EmuTraffic* traffic,
-                                   const unsigned* math_seed, char* err, size_t err_cap) noexcept {
+                                   const unsigned* math_seed, unsigned sm, char* err, size_t err_cap) noexcept {
     std::string e;
     if (!multibox_emu_checks_available()) checks = 0;
     try {
         e = emu::detail::launch(name, grid, block, dyn_bytes, params, params_len, checks, regions, n_regions,
-                                region_traffic, traffic, math_seed);
+                                region_traffic, traffic, math_seed, sm);
     } catch (const std::exception& ex) {
         e = std::string("emulator failure: ") + ex.what();
     }
@@ -553,6 +561,8 @@ extern "C" int multibox_emu_launch(const char* name, const unsigned* grid, const
 extern "C" size_t multibox_emu_kernel_count() noexcept { return emu::detail::registry().size(); }
 
 extern "C" const char* multibox_emu_kernel_name(size_t i) noexcept { return emu::detail::registry()[i].name; }
+
+extern "C" unsigned multibox_emu_kernel_sm(size_t i) noexcept { return emu::detail::registry()[i].sm; }
 
 namespace emu {
 namespace detail {

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{addr, mark_line, run};
-use multibox_emu::kernel_names;
+use multibox_emu::{kernel_names, Arch};
 
 const FAULTS: &str = include_str!("kernels/faults.cu");
 
@@ -167,6 +167,19 @@ fn launch_checks() {
     assert!(refused(k, [0, 1, 1], [32, 1, 1], 0, bytes).contains("grid (0, 1, 1)"));
     assert!(refused(k, [1, 65536, 1], [32, 1, 1], 0, bytes).contains("grid (1, 65536, 1)"));
     assert!(refused(k, [1; 3], [32, 1, 1], 1 << 20, bytes).contains("dynamic shared memory"));
+    // The emulator's test kernels have no sm_90 build.
+    let checks = multibox_emu::Checks {
+        arch: Arch::Sm90,
+        ..Default::default()
+    };
+    // SAFETY: refused before any thread runs, as above.
+    let err = unsafe { multibox_emu::launch_checked(k, [1; 3], [32, 1, 1], 0, bytes, &checks) }
+        .unwrap_err()
+        .message;
+    assert!(
+        err.contains("kernel `emu_fault_trap` has no sm_90 build"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -180,7 +193,24 @@ fn every_kernel_is_registered_once() {
     ] {
         assert!(names.iter().any(|n| n == k), "{k} missing from {names:?}");
     }
-    let mut unique = names.clone();
+    let builds = multibox_emu::kernel_builds();
+    let mut unique = builds.clone();
     unique.dedup();
-    assert_eq!(unique, names, "a kernel name is registered twice");
+    assert_eq!(
+        unique, builds,
+        "a kernel is registered twice for one architecture"
+    );
+    // kernels/*.cu for both architectures, the emulator's test kernels for sm_75.
+    for (name, archs) in [
+        ("multibox_select", vec![Arch::Sm75, Arch::Sm90]),
+        ("multibox_logsumexp_f32", vec![Arch::Sm75]),
+        ("emu_test_shuffles", vec![Arch::Sm75]),
+    ] {
+        let got: Vec<Arch> = builds
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|&(_, a)| a)
+            .collect();
+        assert_eq!(got, archs, "{name}");
+    }
 }

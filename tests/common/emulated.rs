@@ -9,7 +9,7 @@ use multibox::{
     launch_call, Backend, DeviceStatus, Float, Label, Layout, MultiboxConfig, Pass, RawBuffers,
     RawCall, RawNormalizer, RawUpstream, Shape,
 };
-use multibox_emu::{Checks, Region, RegionTraffic, Traffic};
+use multibox_emu::{Arch, Checks, Region, RegionTraffic, Traffic};
 
 /// The emulator as a launch backend, with its checker: data races always
 /// (unless `MULTIBOX_EMU_RACECHECK=0`), and, for a call it was made for
@@ -32,6 +32,8 @@ pub struct Emulator {
     /// The device math model's seed ([`multibox_emu::Checks::device_math`]):
     /// exp and log within CUDA's error bounds instead of the host's.
     pub device_math: Option<u32>,
+    /// Which build of the kernels runs ([`multibox_emu::Arch`]).
+    pub arch: Arch,
 }
 
 impl Emulator {
@@ -85,6 +87,7 @@ impl Default for Emulator {
             grid_limits: GridLimits::default(),
             reverse_blocks: false,
             device_math: None,
+            arch: Arch::default(),
         }
     }
 }
@@ -114,6 +117,7 @@ impl Backend for Emulator {
                 .unwrap_or_default(),
             reverse_blocks: self.reverse_blocks,
             device_math: self.device_math,
+            arch: self.arch,
         };
         // SAFETY: launch_call's caller vouched for the addresses in params;
         // here they are host addresses of live Vecs (see `run`).
@@ -217,6 +221,9 @@ pub struct Call {
     /// The device math model's seed ([`Emulator::device_math`]); the GPU
     /// ignores it.
     pub device_math: Option<u32>,
+    /// The kernels as sm_75 or as sm_90 runs them ([`Emulator::arch`]); the
+    /// GPU runs its own.
+    pub arch: Arch,
 }
 
 impl Default for Call {
@@ -235,6 +242,7 @@ impl Default for Call {
             normalizer: Normalizer::Positives,
             reverse_blocks: false,
             device_math: None,
+            arch: Arch::default(),
         }
     }
 }
@@ -441,6 +449,7 @@ pub fn run<T: Float, L: Label>(
     emulator.grid_limits = call.grid_limits;
     emulator.reverse_blocks = call.reverse_blocks;
     emulator.device_math = call.device_math;
+    emulator.arch = call.arch;
     if backward && split {
         let forward = RawCall {
             pass: Pass::Forward,
@@ -527,24 +536,34 @@ pub fn assert_channel_major_is_row_major<T: Float, L: Label>(
     };
     let got = run(&transposed, Call { layout: cm, ..call })
         .unwrap_or_else(|e| panic!("{what} channel-major: {e}"));
-    assert_eq!(got.mask, row_major.mask, "{what}: mask");
-    assert_eq!(got.num_pos, row_major.num_pos, "{what}: num_pos");
+    let got = KernelOutput {
+        grad_confidence: cm.convert(&got.grad_confidence, shape, shape.classes, rm),
+        grad_locations: cm.convert(&got.grad_locations, shape, 4, rm),
+        ..got
+    };
+    assert_same_bits(&format!("{what} channel-major"), &got, row_major);
+}
+
+/// Asserts that two calls wrote the same bits: mask, num_pos, status,
+/// losses and gradients (in one layout).
+pub fn assert_same_bits<T: Float>(what: &str, got: &KernelOutput<T>, want: &KernelOutput<T>) {
+    assert_eq!(got.mask, want.mask, "{what}: mask");
+    assert_eq!(got.num_pos, want.num_pos, "{what}: num_pos");
+    assert_eq!(got.status, want.status, "{what}: status");
     let bits = |o: &KernelOutput<T>| [o.regression_loss.to_bits(), o.classification_loss.to_bits()];
-    assert_eq!(bits(&got), bits(row_major), "{what}: losses");
+    assert_eq!(bits(got), bits(want), "{what}: losses");
     let same_bits = |a: &[T], b: &[T]| {
         a.len() == b.len()
             && a.iter()
                 .zip(b)
                 .all(|(x, y)| bytemuck::bytes_of(x) == bytemuck::bytes_of(y))
     };
-    let grad_confidence = cm.convert(&got.grad_confidence, shape, shape.classes, rm);
-    let grad_locations = cm.convert(&got.grad_locations, shape, 4, rm);
     assert!(
-        same_bits(&grad_confidence, &row_major.grad_confidence),
+        same_bits(&got.grad_confidence, &want.grad_confidence),
         "{what}: grad_confidence"
     );
     assert!(
-        same_bits(&grad_locations, &row_major.grad_locations),
+        same_bits(&got.grad_locations, &want.grad_locations),
         "{what}: grad_locations"
     );
 }
