@@ -56,8 +56,9 @@ pub fn assign<T: Float, L: Label>(
     assign_with(config, shape, priors, gt_boxes, gt_labels, gt_counts, None)
 }
 
-/// [`assign`] with the device math model's seed ([`Emulator::device_math`]):
-/// the logarithm of the encoding within CUDA's bound instead of the host's.
+/// [`assign`], or with `gpu_like` (a seed) the kernels as sm_90 runs them
+/// and the device math model on ([`Emulator::device_math`]): the logarithm
+/// of the encoding within CUDA's bound instead of the host's.
 pub fn assign_with<T: Float, L: Label>(
     config: &TargetConfig,
     shape: TargetShape,
@@ -65,7 +66,7 @@ pub fn assign_with<T: Float, L: Label>(
     gt_boxes: &[f32],
     gt_labels: &[L],
     gt_counts: &[i32],
-    device_math: Option<u32>,
+    gpu_like: Option<u32>,
 ) -> multibox::Result<Assigned<T, L>> {
     assert_eq!(priors.len(), shape.priors_len());
     assert_eq!(gt_boxes.len(), shape.boxes_len());
@@ -99,7 +100,10 @@ pub fn assign_with<T: Float, L: Label>(
             plan.regions(launch.step, &call),
         )
     }));
-    emulator.device_math = device_math;
+    emulator.device_math = gpu_like;
+    if gpu_like.is_some() {
+        emulator.arch = multibox_emu::Arch::Sm90;
+    }
     // SAFETY: every address points into a live Vec of the length the shape
     // requires (asserted above, allocated so for the outputs); the emulator
     // runs synchronously.
