@@ -78,8 +78,8 @@ pub struct Checks {
 }
 
 /// The GPU architecture whose code paths a launch takes. `build.rs` builds
-/// every `kernels/*.cu` twice; the emulator's own test kernels only for
-/// sm_75.
+/// every `kernels/*.cu` twice; the emulator's own test kernels once, for
+/// sm_75 unless their file defines `MULTIBOX_EMU_SM`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Arch {
     /// The portable paths, as sm_75 runs them.

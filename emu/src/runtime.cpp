@@ -326,7 +326,7 @@ std::string launch(const char* name, const unsigned grid[3], const unsigned bloc
     if (!known) return fmt("unknown kernel `%s` (not in kernels/*.cu or emu/tests/kernels/*.cu)", name);
     if (!k)
         return fmt("kernel `%s` has no sm_%u build (emu/build.rs builds kernels/*.cu for sm_75 and sm_90, "
-                   "its own test kernels for sm_75)",
+                   "its own test kernels for the one their file names, sm_75 by default)",
                    name, sm);
     if (params_len != k->params_size)
         return fmt("kernel `%s`: params are %zu bytes, its params struct is %lu", name, params_len, k->params_size);
