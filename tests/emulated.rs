@@ -2509,13 +2509,15 @@ fn long_half_rows_that_overflow_at_their_own_shift_take_their_maximum() {
 
 /// A non-finite logit in a row too long for a tile: kernel 1 checks such
 /// rows as it reads them from global memory (rows.cu, `row_nonfinite`),
-/// a branch no test had reached; every type, both layouts.
+/// a branch no test had reached; every type, both layouts, both builds.
 #[test]
 fn an_infinite_logit_in_a_long_row_is_flagged() {
     fn check<T: Float, L: Label>(value: f32) {
         let shape = Shape::new(2, 6, 3001);
         assert_eq!(plans::<T>(shape).map(|p| p.tile_rows), [0, 0]);
-        non_finite_logit_is_flagged::<T, L>(shape, 8, 2999, value, Arch::Sm75);
+        for arch in [Arch::Sm75, Arch::Sm90] {
+            non_finite_logit_is_flagged::<T, L>(shape, 8, 2999, value, arch);
+        }
     }
     for value in [f32::INFINITY, f32::NEG_INFINITY, f32::NAN] {
         check::<f32, i32>(value);
