@@ -176,13 +176,14 @@ template <> __device__ __forceinline__ f16 from_f32<f16>(float x) {
 
 #if MB_SM80
 // Two halves per instruction (sm_80 and later), the type given by a null
-// pointer's type. The emulator computes each half as PTX defines the
-// instruction: max returns the other operand where one is NaN, a NaN where
-// both are, else (a > b ? a : b); fma with b = 0 gives NaN once x is NaN
-// or infinite, else acc plus a signed zero, which is exact.
+// pointer's type: max2 is max.{bf16,f16}x2, times_zero_plus(x, acc) is
+// fma.rn.{bf16,f16}x2 with b = 0. The emulator computes each half as PTX
+// defines the instruction: max returns the other operand where one is NaN,
+// a NaN where both are, else (a > b ? a : b); x * 0 + acc is NaN once x is
+// NaN or infinite, else acc plus a signed zero, which is exact.
 #if defined(MULTIBOX_EMULATOR)
 template <typename T> inline T emu_half(u32 word, u32 j) { return T{u16(word >> (16 * j))}; }
-template <typename T> inline u32 emu_max2(u32 a, u32 b) {
+template <typename T> inline u32 max2(const T*, u32 a, u32 b) {
     u32 d = 0;
     for (u32 j = 0; j < 2; ++j) {
         const T x = emu_half<T>(a, j), y = emu_half<T>(b, j);
@@ -192,48 +193,32 @@ template <typename T> inline u32 emu_max2(u32 a, u32 b) {
     }
     return d;
 }
-template <typename T> inline u32 emu_times_zero_plus(u32 x, u32 acc) {
+template <typename T> inline u32 times_zero_plus(const T*, u32 x, u32 acc) {
     u32 d = 0;
     for (u32 j = 0; j < 2; ++j)
         d |= u32(from_f32<T>(fmaf(to_f32(emu_half<T>(x, j)), 0.0f, to_f32(emu_half<T>(acc, j)))).bits) << (16 * j);
     return d;
 }
-#endif
-__device__ __forceinline__ u32 max2(const bf16*, u32 a, u32 b) {
-#if defined(MULTIBOX_EMULATOR)
-    return emu_max2<bf16>(a, b);
 #else
+__device__ __forceinline__ u32 max2(const bf16*, u32 a, u32 b) {
     u32 d;
     asm("max.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
     return d;
-#endif
 }
 __device__ __forceinline__ u32 max2(const f16*, u32 a, u32 b) {
-#if defined(MULTIBOX_EMULATOR)
-    return emu_max2<f16>(a, b);
-#else
     u32 d;
     asm("max.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
     return d;
-#endif
 }
-// x * 0 + acc, two halves at once.
 __device__ __forceinline__ u32 times_zero_plus(const bf16*, u32 x, u32 acc) {
-#if defined(MULTIBOX_EMULATOR)
-    return emu_times_zero_plus<bf16>(x, acc);
-#else
     asm("fma.rn.bf16x2 %0, %1, %2, %0;" : "+r"(acc) : "r"(x), "r"(0u));
     return acc;
-#endif
 }
 __device__ __forceinline__ u32 times_zero_plus(const f16*, u32 x, u32 acc) {
-#if defined(MULTIBOX_EMULATOR)
-    return emu_times_zero_plus<f16>(x, acc);
-#else
     asm("fma.rn.f16x2 %0, %1, %2, %0;" : "+r"(acc) : "r"(x), "r"(0u));
     return acc;
-#endif
 }
+#endif
 #endif
 
 // ---------------------------------------------------------------------------

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::emulated_targets::{assign, assign_with, Assigned};
+use common::emulated_targets::{assign, Assigned};
 use common::extents::Extents;
 use common::target_golden::{check_against, load_target_cases, TargetCase};
 use half::{bf16, f16};
@@ -19,7 +19,7 @@ use multibox::targets::{
 use multibox::{DType, Error, Float, Label, LabelType};
 
 fn emulate_case<L: Label>(case: &TargetCase, gpu_like: Option<u32>) -> Assigned<f32, L> {
-    assign_with::<f32, L>(
+    assign::<f32, L>(
         &case.config,
         case.shape,
         &case.priors,
@@ -161,13 +161,13 @@ fn draw(seed: u64) -> Drawn {
 /// The emulated kernels against the CPU reference: labels exact, offsets
 /// within SPEC's tolerance (in f32), status identical.
 /// The kernels on `d` against the reference: odd seeds as sm_90 runs them,
-/// with the device math model (`assign_with`).
+/// with the device math model (`assign`).
 fn compare<T: Float, L: Label>(d: &Drawn, seed: u64, what: &str) {
     let labels: Vec<L> = d.labels.iter().map(|&l| L::from_i64(l)).collect();
     let want = reference::assign::<L>(&d.config, d.shape, &d.priors, &d.boxes, &labels, &d.counts)
         .unwrap_or_else(|e| panic!("{what}: reference: {e}"));
     let gpu_like = (seed % 2 == 1).then_some(seed as u32);
-    let got = assign_with::<T, L>(
+    let got = assign::<T, L>(
         &d.config, d.shape, &d.priors, &d.boxes, &labels, &d.counts, gpu_like,
     )
     .unwrap_or_else(|e| panic!("{what}: emulated: {e}"));
@@ -255,7 +255,7 @@ fn device_status_records_each_bad_input_and_matches_the_reference() {
     let run = |boxes: &[f32], labels: &[i64], counts: &[i32]| {
         let want =
             reference::assign::<i64>(&config, shape, &priors, boxes, labels, counts).unwrap();
-        let got = assign::<f32, i64>(&config, shape, &priors, boxes, labels, counts).unwrap();
+        let got = assign::<f32, i64>(&config, shape, &priors, boxes, labels, counts, None).unwrap();
         assert_eq!(got.status, want.status);
         assert_eq!(got.labels, want.labels);
         for (g, w) in got.gt_locations.iter().zip(&want.gt_locations) {
@@ -302,7 +302,8 @@ fn device_status_records_each_bad_input_and_matches_the_reference() {
         for t in 0..4 {
             b[t * 4..t * 4 + 4].copy_from_slice(&bx);
         }
-        let got = assign::<f32, i64>(&config, shape, &priors, &b, &labels, &[4, 2, 0]).unwrap();
+        let got =
+            assign::<f32, i64>(&config, shape, &priors, &b, &labels, &[4, 2, 0], None).unwrap();
         assert!(got.labels[..3000].iter().all(|&l| l == 0));
         assert!(got.gt_locations[..12000].iter().all(|&v| v == 0.0));
     }
@@ -336,7 +337,7 @@ fn an_invalid_box_label_keeps_its_forced_prior() {
         let labels = [first, 1];
         let want =
             reference::assign::<i64>(&config, shape, &priors, &boxes, &labels, &[2]).unwrap();
-        let got = assign::<f32, i64>(&config, shape, &priors, &boxes, &labels, &[2]).unwrap();
+        let got = assign::<f32, i64>(&config, shape, &priors, &boxes, &labels, &[2], None).unwrap();
         assert_eq!(want.labels, [prior_0, 0, 0], "box 0 labelled {first}");
         assert_eq!(got.labels, want.labels, "box 0 labelled {first}");
         assert_eq!(got.status.invalid_box_label, invalid);

@@ -41,25 +41,13 @@ fn garbage<T: bytemuck::Pod>() -> T {
 }
 
 /// Runs the three kernels on host arrays, each held to its regions of the
-/// plan. Outputs and the workspace start as garbage, so every element read
-/// back was written; the guards around the outputs must come back
-/// untouched (they also catch a stray write where the checker is absent,
-/// in AddressSanitizer builds).
+/// plan: as sm_75 runs them, or with `gpu_like` (a seed) as sm_90 does with
+/// the device math model on ([`Emulator::device_math`]: the logarithm of
+/// the encoding within CUDA's bound instead of the host's). Outputs and the
+/// workspace start as garbage, so every element read back was written; the
+/// guards around the outputs must come back untouched (they also catch a
+/// stray write where the checker is absent, in AddressSanitizer builds).
 pub fn assign<T: Float, L: Label>(
-    config: &TargetConfig,
-    shape: TargetShape,
-    priors: &[f32],
-    gt_boxes: &[f32],
-    gt_labels: &[L],
-    gt_counts: &[i32],
-) -> multibox::Result<Assigned<T, L>> {
-    assign_with(config, shape, priors, gt_boxes, gt_labels, gt_counts, None)
-}
-
-/// [`assign`], or with `gpu_like` (a seed) the kernels as sm_90 runs them
-/// and the device math model on ([`Emulator::device_math`]): the logarithm
-/// of the encoding within CUDA's bound instead of the host's.
-pub fn assign_with<T: Float, L: Label>(
     config: &TargetConfig,
     shape: TargetShape,
     priors: &[f32],
