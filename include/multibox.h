@@ -236,6 +236,10 @@ typedef struct multibox_device_status {
   // A NaN or infinity was among the logits (ignored priors' too) or a
   // positive's box offset differences (predicted minus target, in f32).
   bool nonfinite_input;
+  // A backward found no forward of its own call (shape, layout, types,
+  // configuration) in the workspace: every gradient element it wrote is
+  // NaN. Replaces the other flags.
+  bool stale_workspace;
 } multibox_device_status;
 
 // The losses from the CPU reference, in double.
@@ -450,7 +454,10 @@ enum multibox_status_code multibox_forward(const struct multibox_loss *loss,
 // must hold what the last `multibox_forward` with this loss, this shape
 // and inputs of the same contents wrote, untouched since, and that forward
 // must be ordered before this call on `stream`. Otherwise the gradients
-// are wrong, though every access stays in bounds.
+// are wrong, though every access stays in bounds; where no forward of
+// this shape, layout, types and configuration wrote the workspace (a
+// fresh or zeroed one), every gradient element is NaN and the status word
+// says `stale_workspace`.
 //
 // # Safety
 // As `multibox_forward_backward`, and the workspace holds a forward's
@@ -471,7 +478,8 @@ enum multibox_status_code multibox_forward_backward(const struct multibox_loss *
 
 // Reads the device status word the last forward or forward-backward call
 // with this `workspace` (and `shape`) left; a backward call leaves it as
-// is. Synchronises with `stream`.
+// is, unless it found no forward of its own call there
+// (`stale_workspace`). Synchronises with `stream`.
 //
 // # Safety
 // `loss`, `shape` and `out` are NULL or valid; `workspace` is a device
@@ -624,6 +632,6 @@ enum multibox_status_code multibox_reference_assign_targets(const struct multibo
 // multibox_abi()'s value for this header: a program built against it
 // checks at start-up that the library it loaded was built from it too
 // (`if (multibox_abi() != MULTIBOX_ABI_HASH) ...`).
-#define MULTIBOX_ABI_HASH 0x77C6D3CB69DF6223ULL
+#define MULTIBOX_ABI_HASH 0xE3F65D31A65856A7ULL
 
 #endif  /* MULTIBOX_H */

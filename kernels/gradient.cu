@@ -587,6 +587,28 @@ __device__ void write_gradients_channel_major(const MultiboxParams& p, ColumnSha
     }
 }
 
+// Every gradient element NaN, and the status word STATUS_STALE_WORKSPACE,
+// when the workspace's Totals hold no stamp of this call's forward: a
+// backward on a workspace that no forward wrote (fresh, zeroed, or
+// another call's since) would otherwise compute gradients from whatever
+// the keys hold, silently (zeros, for a zeroed workspace). NaN is loud:
+// a loss scaler skips the step, and a plain loop's weights show it. Every
+// thread reads the same stamp, so the branch is uniform and the rest of
+// the kernel never runs. The two gradients are B * P * C and B * P * 4
+// contiguous elements in either layout, written an element a thread (their
+// addresses are only element-aligned); only block 0 writes the status
+// word, which no block of this kernel reads.
+template <typename T> __device__ bool stale_workspace_gives_nan(const MultiboxParams& p) {
+    if (p.totals->forward_stamp == p.forward_stamp) return false;
+    const T nan = from_f32<T>(f32_from_bits(0x7fc00000u));
+    const u64 rows = u64(p.batch) * p.priors, step = u64(gridDim.x) * blockDim.x;
+    const u64 first = u64(blockIdx.x) * blockDim.x + threadIdx.x;
+    for (u64 i = first; i < rows * p.classes; i += step) static_cast<T*>(p.grad_confidence)[i] = nan;
+    for (u64 i = first; i < rows * 4; i += step) static_cast<T*>(p.grad_locations)[i] = nan;
+    if (first == 0) p.totals->status = STATUS_STALE_WORKSPACE;
+    return true;
+}
+
 // One kernel entry per layout. A kernel gets the registers of its most
 // demanding path, and the channel-major staging holds more live values
 // (the part's offsets, its plane stride, the sector tests) than any
@@ -608,6 +630,7 @@ constexpr u32 GRADIENT_BLOCKS = 5;
 
 template <typename T, typename L> __device__ void write_gradients_rows(const MultiboxParams& p) {
     __shared__ GradientShared sh;
+    if (stale_workspace_gives_nan<T>(p)) return;
     if (p.gradient_tile_rows != 0)
         write_gradients_row_major<T, L, SET_ROWS_IN_TILE>(p, sh);
     else if (p.set_slot_bytes != 0)
@@ -618,6 +641,7 @@ template <typename T, typename L> __device__ void write_gradients_rows(const Mul
 
 template <typename T, typename L> __device__ void write_gradients_planes(const MultiboxParams& p) {
     __shared__ ColumnShared sh;
+    if (stale_workspace_gives_nan<T>(p)) return;
     if (p.gradient_plane_rows != 0)
         write_gradients_channel_major<T, L, true>(p, sh);
     else

@@ -15,6 +15,7 @@
 // Bits of the device status word.
 constexpr u32 STATUS_INVALID_LABEL = 1u;    // a label outside -1..C-1
 constexpr u32 STATUS_NONFINITE_INPUT = 2u;  // a NaN or inf among the values the loss read
+constexpr u32 STATUS_STALE_WORKSPACE = 4u;  // a backward found no forward of its call in the workspace
 
 // The layouts of a call's four tensors (Layout in src/config.rs).
 constexpr u32 LAYOUT_ROW_MAJOR = 0u;      // [B, P, C] logits, [B, P, 4] boxes
@@ -66,8 +67,10 @@ struct MultiboxParams {
     u32 gradient_plane_rows;    // channel-major: priors of each staged part of kernel 3's tile, or 0 (from global)
     u32 gradient_plane_stride;  // elements between that part's class planes in shared memory
     u32 select_staged_keys;     // 1: kernel 2 keeps an image's keys in dynamic shared memory; 0: it reads them from L2
+    u32 forward_stamp;          // the call's stamp (src/launch.rs): kernel 2 leaves it in Totals, kernel 3 checks it
+    u32 unused;
 };
-MB_ASSERT_SIZE(MultiboxParams, 224);
+MB_ASSERT_SIZE(MultiboxParams, 232);
 
 // A positive prior's two loss terms, from kernel 1 to kernel 2, which adds
 // them up per image (for NORMALIZER_PER_IMAGE, and so that every normaliser
@@ -94,14 +97,16 @@ MB_ASSERT_SIZE(ImageSelection, 32);
 
 // Batch-wide results of kernel 2's last block, for kernel 3: the divisor
 // its gradients use is the one the losses used, whatever a later backward
-// call is given.
+// call is given, and the stamp that tells it a forward of its own call
+// (shape, layout, types, configuration) wrote this workspace.
 struct Totals {
     u32 images_done;      // kernel 2's arrival counter; kernel 1 zeroes it
     u32 num_pos;          // N
     u32 status;
     u32 normalizer_kind;  // NORMALIZER_*
     float divisor;        // the batch's divisor (N or n); 0: zeros; NaN: NaN. Unused per image
-    u32 unused[3];
+    u32 forward_stamp;    // the forward's MultiboxParams::forward_stamp, never 0
+    u32 unused[2];
 };
 MB_ASSERT_SIZE(Totals, 32);
 

@@ -302,7 +302,8 @@ __device__ void select_and_reduce(const MultiboxParams& p) {
         t.status = status;
         t.normalizer_kind = p.normalizer_kind;
         t.divisor = divisor;
-        t.unused[0] = t.unused[1] = t.unused[2] = 0;
+        t.forward_stamp = p.forward_stamp;
+        t.unused[0] = t.unused[1] = 0;
         *p.totals = t;
     }
 }

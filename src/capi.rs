@@ -209,6 +209,10 @@ pub struct multibox_device_status {
     /// A NaN or infinity was among the logits (ignored priors' too) or a
     /// positive's box offset differences (predicted minus target, in f32).
     pub nonfinite_input: bool,
+    /// A backward found no forward of its own call (shape, layout, types,
+    /// configuration) in the workspace: every gradient element it wrote is
+    /// NaN. Replaces the other flags.
+    pub stale_workspace: bool,
 }
 
 /// One CPU reference call on host arrays: f32 inputs and gradients, i32 or
@@ -826,7 +830,10 @@ pub unsafe extern "C" fn multibox_forward(
 /// must hold what the last `multibox_forward` with this loss, this shape
 /// and inputs of the same contents wrote, untouched since, and that forward
 /// must be ordered before this call on `stream`. Otherwise the gradients
-/// are wrong, though every access stays in bounds.
+/// are wrong, though every access stays in bounds; where no forward of
+/// this shape, layout, types and configuration wrote the workspace (a
+/// fresh or zeroed one), every gradient element is NaN and the status word
+/// says `stale_workspace`.
 ///
 /// # Safety
 /// As `multibox_forward_backward`, and the workspace holds a forward's
@@ -859,7 +866,8 @@ pub unsafe extern "C" fn multibox_forward_backward(
 
 /// Reads the device status word the last forward or forward-backward call
 /// with this `workspace` (and `shape`) left; a backward call leaves it as
-/// is. Synchronises with `stream`.
+/// is, unless it found no forward of its own call there
+/// (`stale_workspace`). Synchronises with `stream`.
 ///
 /// # Safety
 /// `loss`, `shape` and `out` are NULL or valid; `workspace` is a device
@@ -890,6 +898,7 @@ pub unsafe extern "C" fn multibox_status(
         let value = multibox_device_status {
             invalid_label: status.invalid_label,
             nonfinite_input: status.nonfinite_input,
+            stale_workspace: status.stale_workspace,
         };
         // SAFETY: the caller's contract above.
         unsafe { write_out("out", out, value) }

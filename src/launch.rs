@@ -433,7 +433,39 @@ fn params(config: &MultiboxConfig, call: &RawCall, plan: &LaunchPlan) -> Result<
         gradient_plane_rows: plan.gradient_plane_rows,
         gradient_plane_stride: plan.gradient_plane_stride,
         select_staged_keys: u32::from(plan.select.shared_bytes != 0),
+        forward_stamp: forward_stamp(config, call),
+        unused: 0,
     })
+}
+
+/// What a forward leaves in the workspace (`Totals::forward_stamp`) and a
+/// backward checks before it trusts the mining decisions there: a hash
+/// (FNV-1a) of everything those decisions depend on but the inputs'
+/// contents: the shape, the layout, the types and the configuration. Never
+/// 0, so that a zeroed workspace never passes; garbage, or another call's
+/// forward, passes by a 2^-32 chance. The normaliser is left out: the
+/// backward uses the forward's, whatever it is given.
+fn forward_stamp(config: &MultiboxConfig, call: &RawCall) -> u32 {
+    let shape = call.shape;
+    // LaunchPlan::new validated that the shape fits in 32 bits.
+    let words = [
+        shape.batch as u32,
+        shape.priors as u32,
+        shape.classes as u32,
+        call.dtype as u32,
+        call.label_type as u32,
+        layout_code(call.layout),
+        config.neg_pos_ratio.to_bits(),
+        config.min_negatives_per_image,
+        config.beta.to_bits(),
+    ];
+    let hash = words
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .fold(0x811c_9dc5_u32, |h, byte| {
+            (h ^ u32::from(byte)).wrapping_mul(0x0100_0193)
+        });
+    hash.max(1)
 }
 
 /// One buffer a call's kernels touch.
@@ -546,6 +578,12 @@ pub struct DeviceStatus {
     /// 1.7e38 overflow too); it propagates into the losses as in the
     /// reference.
     pub nonfinite_input: bool,
+    /// A backward found no forward of its own call in the workspace
+    /// (nothing written there since it was allocated, or a forward of
+    /// another shape, layout, input type or configuration since): every
+    /// gradient element it wrote is NaN. It replaces the word's other
+    /// flags: read with the backward's shape, the word is the backward's.
+    pub stale_workspace: bool,
 }
 
 impl DeviceStatus {
@@ -554,12 +592,13 @@ impl DeviceStatus {
         Self {
             invalid_label: bits & crate::plan::STATUS_INVALID_LABEL != 0,
             nonfinite_input: bits & crate::plan::STATUS_NONFINITE_INPUT != 0,
+            stale_workspace: bits & crate::plan::STATUS_STALE_WORKSPACE != 0,
         }
     }
 
-    /// Neither flag is set.
+    /// No flag is set.
     pub fn is_ok(&self) -> bool {
-        !self.invalid_label && !self.nonfinite_input
+        !self.invalid_label && !self.nonfinite_input && !self.stale_workspace
     }
 }
 

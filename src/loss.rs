@@ -261,7 +261,11 @@ impl MultiboxLoss {
     ///
     /// Otherwise the gradients are wrong (computed from stale mining
     /// decisions), though every access stays in bounds: the keys are read
-    /// as data, never as indices.
+    /// as data, never as indices. What the device can tell, it does: where
+    /// the last forward on the workspace was not of this shape, layout,
+    /// input and label type and configuration, or no forward wrote it (a
+    /// fresh or zeroed workspace), every gradient element is NaN and
+    /// [`MultiboxLoss::status`] says [`DeviceStatus::stale_workspace`].
     pub fn backward<T: Float, L: Label>(
         &self,
         stream: &Arc<CudaStream>,
@@ -569,7 +573,9 @@ impl MultiboxLoss {
 
     /// Reads the device status word of the last forward (or fused
     /// forward-backward) call that used `workspace` with this `shape`; a
-    /// backward call leaves it as its forward wrote it. This synchronises
+    /// backward call leaves it as its forward wrote it, unless it found no
+    /// forward of its own call there
+    /// ([`DeviceStatus::stale_workspace`]). This synchronises
     /// with `stream`; call it when you choose, for example once per epoch,
     /// or when a loss is NaN.
     pub fn status(

@@ -611,7 +611,21 @@ impl LaunchPlan {
                 }
                 regions.push(section("keys", ws.keys, false));
                 regions.push(section("images", ws.images, false));
-                regions.push(section("totals", ws.totals, false));
+                // The forward's divisor and stamp; block 0 writes the status
+                // word when the stamp is not this call's (a stale workspace).
+                let totals = b.workspace + ws.totals.offset as u64;
+                let status = std::mem::offset_of!(Totals, status);
+                let rest = std::mem::offset_of!(Totals, normalizer_kind);
+                regions.push(Region {
+                    blocks: Some(0..1),
+                    ..Region::new("totals.status", totals + status as u64, 4, true)
+                });
+                regions.push(Region::new(
+                    "totals",
+                    totals + rest as u64,
+                    std::mem::size_of::<Totals>() - rest,
+                    false,
+                ));
                 regions.push(Region::new(
                     "grad_confidence",
                     b.grad_confidence,
@@ -1015,7 +1029,9 @@ pub struct Totals {
     pub normalizer_kind: u32,
     /// The batch's divisor (N or n; 0: zero losses and gradients; NaN: NaN).
     pub divisor: f32,
-    unused: [u32; 3],
+    /// The forward's call stamp, which a backward checks (never 0).
+    pub forward_stamp: u32,
+    unused: [u32; 2],
 }
 
 /// The kernels' host arguments (`MultiboxParams` in multibox.cuh): device
@@ -1062,9 +1078,11 @@ pub(crate) struct MultiboxParams {
     pub(crate) gradient_plane_rows: u32,
     pub(crate) gradient_plane_stride: u32,
     pub(crate) select_staged_keys: u32,
+    pub(crate) forward_stamp: u32,
+    pub(crate) unused: u32,
 }
 
-const _: () = assert!(std::mem::size_of::<MultiboxParams>() == 224);
+const _: () = assert!(std::mem::size_of::<MultiboxParams>() == 232);
 const _: () = assert!(std::mem::size_of::<PositiveTerms>() == 8);
 const _: () = assert!(std::mem::size_of::<ImageSelection>() == 32);
 const _: () = assert!(std::mem::size_of::<Totals>() == 32);
@@ -1072,6 +1090,7 @@ const _: () = assert!(std::mem::size_of::<Totals>() == 32);
 /// Bits of the device status word (`STATUS_*` in multibox.cuh).
 pub(crate) const STATUS_INVALID_LABEL: u32 = 1;
 pub(crate) const STATUS_NONFINITE_INPUT: u32 = 2;
+pub(crate) const STATUS_STALE_WORKSPACE: u32 = 4;
 
 /// `MultiboxParams::layout` (`LAYOUT_*` in multibox.cuh).
 pub(crate) fn layout_code(layout: Layout) -> u32 {

@@ -4,7 +4,9 @@
 
 mod common;
 
-use common::emulated::{self, Call, HostInputs, KernelOutput, Normalizer, Placed, Upstream};
+use common::emulated::{
+    self, Call, Forward, HostInputs, KernelOutput, Normalizer, Placed, Upstream,
+};
 use common::extents::Extents;
 use half::{bf16, f16};
 use multibox::reference;
@@ -1241,6 +1243,61 @@ fn forward_then_backward_equals_forward_backward_bit_for_bit() {
         check::<f32, i64>(100 + seed);
         check::<f16, i32>(200 + seed);
         check::<bf16, i64>(300 + seed);
+    }
+}
+
+/// A backward on a workspace that no forward of its own call wrote (none
+/// at all, zeroed or not; or another shape's, layout's, type's or
+/// configuration's) writes NaN over both gradients, every element, and says
+/// `stale_workspace` in the status word: never gradients from whatever the
+/// keys happen to hold (zeros, on a zeroed workspace). Its own forward
+/// still passes. Every input type, both layouts.
+#[test]
+fn a_backward_without_its_forward_gives_nan_and_says_so() {
+    use multibox::synthetic::{Batch, BatchSpec};
+
+    fn check<T: Float, L: Label>(layout: Layout) {
+        let shape = Shape::new(3, 700, 21);
+        let batch = Batch::<T, L>::generate(shape, BatchSpec::default());
+        let inputs = HostInputs {
+            confidence: &batch.confidence,
+            predicted_locations: &batch.predicted_locations,
+            labels: &batch.labels,
+            gt_locations: &batch.gt_locations,
+        };
+        let config = MultiboxConfig::default();
+        let run = |forward, fill| {
+            let call = Call {
+                split: true,
+                forward,
+                fill,
+                layout,
+                ..Call::default()
+            };
+            emulated::run(&config, shape, &inputs, call).unwrap()
+        };
+        let nan = |g: &[T]| g.iter().all(|x| x.to_f32().is_nan());
+        let own = run(Forward::Same, 0xab);
+        assert!(own.status.is_ok(), "{layout:?}: {:?}", own.status);
+        let finite = |g: &[T]| g.iter().all(|x| x.to_f32().is_finite());
+        assert!(finite(&own.grad_confidence) && finite(&own.grad_locations));
+
+        for (what, forward, fill) in emulated::stale_forwards(L::LABEL_TYPE) {
+            let got = run(forward, fill);
+            let what = format!("{} {layout:?}: {what}", T::DTYPE.name());
+            let stale = multibox::DeviceStatus {
+                stale_workspace: true,
+                ..Default::default()
+            };
+            assert_eq!(got.status, stale, "{what}");
+            assert!(nan(&got.grad_confidence), "{what}: grad_confidence");
+            assert!(nan(&got.grad_locations), "{what}: grad_locations");
+        }
+    }
+    for layout in [Layout::RowMajor, Layout::ChannelMajor] {
+        check::<f32, i64>(layout);
+        check::<f16, i32>(layout);
+        check::<bf16, i64>(layout);
     }
 }
 

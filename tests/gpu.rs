@@ -326,6 +326,57 @@ fn gpu_records_bad_labels_and_non_finite_logits_in_the_status() {
     );
 }
 
+/// A backward that finds no forward of its own call in the workspace
+/// writes NaN over both gradients and says `stale_workspace`, as the
+/// emulated kernels do, for each of `stale_forwards`; its own forward
+/// passes. The gradients start as zeros, so that NaN is the kernel's.
+#[test]
+fn gpu_backward_on_a_stale_workspace_gives_nan_and_says_so() {
+    let Some(ctx) = gpu::device("gpu_backward_on_a_stale_workspace_gives_nan_and_says_so") else {
+        return;
+    };
+    let config = MultiboxConfig::default();
+    let shape = Shape::new(3, 700, 21);
+    let b = batch(shape, 10);
+    let stream = ctx.default_stream();
+    let loss = MultiboxLoss::new(&ctx, config).unwrap();
+    let mut forwards = emulated::stale_forwards(multibox::LabelType::I64);
+    forwards.push(("its own forward", emulated::Forward::Same, 0xab));
+    for layout in [Layout::RowMajor, Layout::ChannelMajor] {
+        for &(what, forward, fill) in &forwards {
+            let call = Call {
+                split: true,
+                forward,
+                fill,
+                layout,
+                ..Call::default()
+            };
+            let mut d = DeviceCall::filled(&stream, shape, &host(&b), fill).unwrap();
+            stream.memset_zeros(&mut d.grad_confidence).unwrap();
+            stream.memset_zeros(&mut d.grad_locations).unwrap();
+            d.launch(&loss, &stream, call).unwrap();
+            let on_gpu = d.read(&loss, &stream, call).unwrap();
+            let emulated = emulated::run(&config, shape, &host(&b), call).unwrap();
+            let what = format!("{layout:?}: {what}");
+            assert_eq!(on_gpu.status, emulated.status, "{what}");
+            let own = matches!(forward, emulated::Forward::Same);
+            assert_eq!(on_gpu.status.stale_workspace, !own, "{what}");
+            let all = |test: fn(f32) -> bool| {
+                let mut gradients = on_gpu.grad_confidence.iter().chain(&on_gpu.grad_locations);
+                gradients.all(|&g| test(g))
+            };
+            assert!(
+                if own {
+                    all(f32::is_finite)
+                } else {
+                    all(f32::is_nan)
+                },
+                "{what}"
+            );
+        }
+    }
+}
+
 #[test]
 fn gpu_refuses_bad_calls_before_launching() {
     let Some(ctx) = gpu::device("gpu_refuses_bad_calls_before_launching") else {

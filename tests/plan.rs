@@ -326,6 +326,20 @@ fn regions_give_each_kernel_its_buffers_and_the_selection_one_image_per_block() 
     assert!(!find(Step::Gradient, "keys").writable);
     assert!(find(Step::Gradient, "grad_confidence").writable);
     assert_eq!(find(Step::Gradient, "upstream").len, 8);
+    // Kernel 3 reads the forward's divisor and stamp (Totals from
+    // normalizer_kind on), and only its block 0 may write the status word
+    // before them, for a stale workspace.
+    let totals = 0x90_0000 + plan.workspace.totals.offset as u64;
+    let read = find(Step::Gradient, "totals");
+    assert_eq!(
+        (read.addr, read.len, read.writable, read.blocks),
+        (totals + 12, 20, false, None)
+    );
+    let status = find(Step::Gradient, "totals.status");
+    assert_eq!(
+        (status.addr, status.len, status.writable, status.blocks),
+        (totals + 8, 4, true, Some(0..1))
+    );
     // The device-side divisor is read by the selection's last block only.
     let n = find(Step::Select, "normalizer");
     assert_eq!((n.addr, n.len, n.writable), (0x70_0400, 4, false));

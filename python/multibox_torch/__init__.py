@@ -756,6 +756,8 @@ def _loss_status(record):
                 "multibox_status", handle, _capi.ctypes.byref(_capi.Shape(*shape)), workspace.data_ptr(),
                 workspace.numel(), _capi.ctypes.c_void_p(stream), _capi.ctypes.byref(out),
             )
+        # out.stale_workspace stays clear: the op's backward always gets its
+        # own forward's workspace.
         return LossStatus(bool(out.invalid_label), bool(out.nonfinite_input))
     if record[0] == "meta":
         raise RuntimeError("last_status(): the last loss ran on meta tensors, which hold no values to check")

@@ -34,7 +34,7 @@ CODE_NAMES = {
 # header is refused instead of being handed structs of the wrong layout.
 # python/tests/test_capi_ctypes.py fails when the header changes: check the
 # structs against it, then set the value the test prints.
-ABI = 0x77C6D3CB69DF6223
+ABI = 0xE3F65D31A65856A7
 
 F32, F16, BF16 = 0, 1, 2
 I32, I64 = 0, 1
@@ -92,6 +92,7 @@ class DeviceStatus(ctypes.Structure):
     _fields_ = [
         ("invalid_label", ctypes.c_bool),
         ("nonfinite_input", ctypes.c_bool),
+        ("stale_workspace", ctypes.c_bool),
     ]
 
 

@@ -6,8 +6,8 @@ use std::cell::RefCell;
 
 use multibox::plan::{GridLimits, LaunchPlan};
 use multibox::{
-    launch_call, Backend, DeviceStatus, Float, Label, Layout, MultiboxConfig, Pass, RawBuffers,
-    RawCall, RawNormalizer, RawUpstream, Shape,
+    launch_call, Backend, DType, DeviceStatus, Float, Label, LabelType, Layout, MultiboxConfig,
+    Pass, RawBuffers, RawCall, RawNormalizer, RawUpstream, Shape,
 };
 use multibox_emu::{Arch, Checks, Region, RegionTraffic, Traffic};
 
@@ -198,6 +198,8 @@ pub struct Call {
     /// With `backward`: the forward, then the backward as a call of its own
     /// on the same workspace (instead of one forward_backward call).
     pub split: bool,
+    /// With `split`: which forward runs before the backward.
+    pub forward: Forward,
     /// Ask for the mined mask.
     pub with_mask: bool,
     /// The byte every output and the workspace start with.
@@ -232,6 +234,7 @@ impl Default for Call {
             upstream: Upstream::Host(1.0, 1.0),
             backward: true,
             split: false,
+            forward: Forward::Same,
             with_mask: true,
             fill: 0xab,
             model_traffic: false,
@@ -245,6 +248,92 @@ impl Default for Call {
             arch: Arch::default(),
         }
     }
+}
+
+/// The forward before a split call's backward ([`Call::forward`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub enum Forward {
+    /// The backward's own call's.
+    #[default]
+    Same,
+    /// None: the backward finds the workspace as [`Call::fill`] left it.
+    Nothing,
+    /// Another call's on the same buffers: the backward's call and
+    /// configuration, edited.
+    Other(fn(&mut RawCall, &mut MultiboxConfig)),
+}
+
+/// Forwards whose workspace a backward of its own call must not trust
+/// (what [`Forward::Other`] edits, or none), each with its
+/// [`Call::fill`]: none on a zeroed and on a garbage workspace, and the
+/// forward of another layout, shape, input type, label type (narrower
+/// only: every edit keeps the forward's reads within the backward's
+/// buffers) or configuration. For shapes of B >= 2, P >= 2 and C >= 3.
+pub fn stale_forwards(labels: LabelType) -> Vec<(&'static str, Forward, u8)> {
+    let mut forwards = vec![
+        ("no forward, zeroed", Forward::Nothing, 0x00),
+        ("no forward, garbage", Forward::Nothing, 0xab),
+        (
+            "another layout",
+            Forward::Other(|c, _| {
+                c.layout = match c.layout {
+                    Layout::RowMajor => Layout::ChannelMajor,
+                    Layout::ChannelMajor => Layout::RowMajor,
+                }
+            }),
+            0x00,
+        ),
+        (
+            "one image fewer",
+            Forward::Other(|c, _| {
+                c.shape = Shape::new(c.shape.batch - 1, c.shape.priors, c.shape.classes)
+            }),
+            0x00,
+        ),
+        (
+            "one prior fewer",
+            Forward::Other(|c, _| {
+                c.shape = Shape::new(c.shape.batch, c.shape.priors - 1, c.shape.classes)
+            }),
+            0x00,
+        ),
+        (
+            "one class fewer",
+            Forward::Other(|c, _| {
+                c.shape = Shape::new(c.shape.batch, c.shape.priors, c.shape.classes - 1)
+            }),
+            0x00,
+        ),
+        (
+            "another input type",
+            Forward::Other(|c, _| {
+                c.dtype = match c.dtype {
+                    DType::F32 | DType::BF16 => DType::F16,
+                    DType::F16 => DType::BF16,
+                }
+            }),
+            0x00,
+        ),
+        (
+            "another neg_pos_ratio",
+            Forward::Other(|_, k| k.neg_pos_ratio += 1.0),
+            0x00,
+        ),
+        (
+            "another min_negatives_per_image",
+            Forward::Other(|_, k| k.min_negatives_per_image += 1),
+            0x00,
+        ),
+        ("another beta", Forward::Other(|_, k| k.beta *= 0.5), 0x00),
+    ];
+    if labels == LabelType::I64 {
+        forwards.push((
+            "another label type",
+            Forward::Other(|c, _| c.label_type = LabelType::I32),
+            0x00,
+        ));
+    }
+    forwards
 }
 
 /// Inputs of one emulated call.
@@ -443,13 +532,17 @@ pub fn run<T: Float, L: Label>(
         normalizer,
     };
     check_lengths(shape, inputs);
-    let mut emulator = Emulator::for_call(&plan, &raw);
-    emulator.model_traffic = call.model_traffic;
-    emulator.races = call.races;
-    emulator.grid_limits = call.grid_limits;
-    emulator.reverse_blocks = call.reverse_blocks;
-    emulator.device_math = call.device_math;
-    emulator.arch = call.arch;
+    let emulator_for = |plan: &LaunchPlan, raw: &RawCall| {
+        let mut emulator = Emulator::for_call(plan, raw);
+        emulator.model_traffic = call.model_traffic;
+        emulator.races = call.races;
+        emulator.grid_limits = call.grid_limits;
+        emulator.reverse_blocks = call.reverse_blocks;
+        emulator.device_math = call.device_math;
+        emulator.arch = call.arch;
+        emulator
+    };
+    let emulator = emulator_for(&plan, &raw);
     if backward && split {
         let forward = RawCall {
             pass: Pass::Forward,
@@ -466,9 +559,27 @@ pub fn run<T: Float, L: Label>(
         backward.buffers.num_pos = 0;
         backward.buffers.mask = 0;
         // SAFETY: as below; the backward reads the workspace the forward
-        // filled, on the same inputs.
+        // filled, on the same inputs (another call's forward reads no more
+        // of them than the backward's shape and types cover, and fits the
+        // workspace, or is refused).
         unsafe {
-            launch_call(config, &forward, &emulator)?;
+            match call.forward {
+                Forward::Same => {
+                    launch_call(config, &forward, &emulator)?;
+                }
+                Forward::Nothing => {}
+                Forward::Other(edit) => {
+                    let (mut other, mut other_config) = (forward, *config);
+                    edit(&mut other, &mut other_config);
+                    let other_plan = LaunchPlan::with_limits(
+                        other.shape,
+                        other.dtype,
+                        other.layout,
+                        call.grid_limits,
+                    )?;
+                    launch_call(&other_config, &other, &emulator_for(&other_plan, &other))?;
+                }
+            }
             launch_call(config, &backward, &emulator)?;
         }
     } else {

@@ -11,7 +11,7 @@ use multibox::{
     Normalizer, Outputs, Shape,
 };
 
-use super::emulated::{self, Call, HostInputs, KernelOutput, Upstream};
+use super::emulated::{self, Call, Forward, HostInputs, KernelOutput, Upstream};
 
 /// The first GPU, or `None` with the reason printed. The test shares the
 /// device with the executable's other tests for as long as it keeps the
@@ -133,7 +133,18 @@ impl<T: Float, L: Label> DeviceCall<T, L> {
         shape: Shape,
         inputs: &HostInputs<'_, T, L>,
     ) -> multibox::Result<Self> {
-        let garbage = |n: usize| stream.clone_htod(&vec![0xabu8; n]);
+        Self::filled(stream, shape, inputs, 0xab)
+    }
+
+    /// As [`DeviceCall::new`], with the mask and the workspace starting as
+    /// `fill` bytes.
+    pub fn filled(
+        stream: &Arc<CudaStream>,
+        shape: Shape,
+        inputs: &HostInputs<'_, T, L>,
+        fill: u8,
+    ) -> multibox::Result<Self> {
+        let garbage = |n: usize| stream.clone_htod(&vec![fill; n]);
         let fill_t = |n: usize| stream.clone_htod(&vec![T::from_f32(f32::NAN); n]);
         Ok(Self {
             shape,
@@ -194,6 +205,21 @@ impl<T: Float, L: Label> DeviceCall<T, L> {
         if let emulated::Normalizer::GivenOnDevice(n) = call.normalizer {
             stream.memcpy_htod(&[n], &mut self.normalizer)?;
         }
+        // Another call's forward, through the raw entry point on these
+        // buffers (before the typed calls borrow them).
+        let other_forward = match call.forward {
+            Forward::Other(edit) if call.split => {
+                let mut raw = multibox::RawCall {
+                    pass: multibox::Pass::Forward,
+                    layout: call.layout,
+                    ..self.raw_call(stream)
+                };
+                let mut config = *loss.config();
+                edit(&mut raw, &mut config);
+                Some((raw, config))
+            }
+            _ => None,
+        };
         let options = || CallOptions {
             layout: call.layout,
             normalizer: match call.normalizer {
@@ -243,14 +269,23 @@ impl<T: Float, L: Label> DeviceCall<T, L> {
             predicted_locations: &mut self.grad_locations,
         };
         if call.split {
-            loss.forward_with(
-                stream,
-                self.shape,
-                &inputs,
-                &mut outputs,
-                &mut self.workspace,
-                options(),
-            )?;
+            match (call.forward, other_forward) {
+                (Forward::Same, _) => loss.forward_with(
+                    stream,
+                    self.shape,
+                    &inputs,
+                    &mut outputs,
+                    &mut self.workspace,
+                    options(),
+                )?,
+                (_, Some((raw, config))) => {
+                    let other = loss_for(stream.context(), &config)?;
+                    // SAFETY: `raw` names this call's live buffers; the
+                    // edits keep its reads within them (Forward::Other).
+                    unsafe { other.launch_raw(&raw, stream.cu_stream()) }?
+                }
+                _ => {}
+            }
             return loss.backward_with(
                 stream,
                 self.shape,
@@ -345,7 +380,7 @@ pub fn run<T: Float, L: Label>(
 ) -> multibox::Result<KernelOutput<T>> {
     let stream = ctx.default_stream();
     let loss = loss_for(ctx, config)?;
-    let mut buffers = DeviceCall::new(&stream, shape, inputs)?;
+    let mut buffers = DeviceCall::filled(&stream, shape, inputs, call.fill)?;
     buffers.launch(&loss, &stream, call)?;
     buffers.read(&loss, &stream, call)
 }
