@@ -31,7 +31,10 @@ from torch import Tensor, nn
 from . import _capi, _capi_targets
 
 # From the package, which defines them before it imports this module.
-from . import _F32_HALF_TINY, _F32_MAX, _check_tensors, _loss_and_record, _not_during_capture, _real_setting
+from . import (
+    _F32_HALF_TINY, _F32_MAX, _check_tensors, _check_type, _check_value, _loss_and_record, _not_during_capture,
+    _real_setting,
+)
 
 __all__ = ["assign_targets", "pad_targets", "standard_priors", "MultiboxLoss", "TargetStatus"]
 
@@ -177,47 +180,47 @@ def _check(priors, gt_boxes, gt_labels, gt_counts):
     """(P, B, T) of the inputs; a wrong dtype raises TypeError, a wrong shape
     or device ValueError, through torch's checks (which fake and symbolic
     shapes go through too)."""
-    torch._check_value(
+    _check_value(
         priors.dim() == 2 and priors.shape[-1] == 4,
         lambda: f"assign_targets: priors must be [P, 4], got {tuple(priors.shape)}",
     )
-    torch._check_value(
+    _check_value(
         gt_boxes.dim() == 3 and gt_boxes.shape[-1] == 4,
         lambda: f"assign_targets: gt_boxes must be [B, T, 4], got {tuple(gt_boxes.shape)}",
     )
     b, t = gt_boxes.shape[0], gt_boxes.shape[1]
-    torch._check_value(
+    _check_value(
         tuple(gt_labels.shape) == (b, t),
         lambda: f"assign_targets: gt_labels must be [{b}, {t}], got {tuple(gt_labels.shape)}",
     )
-    torch._check_value(
+    _check_value(
         tuple(gt_counts.shape) == (b,),
         lambda: f"assign_targets: gt_counts must be [{b}], got {tuple(gt_counts.shape)}",
     )
-    torch._check_type(
+    _check_type(
         gt_labels.dtype in _LABEL_TYPES,
         lambda: f"assign_targets: gt_labels must be int64 or int32, got {gt_labels.dtype}",
     )
-    torch._check_type(
+    _check_type(
         priors.is_floating_point(), lambda: f"assign_targets: priors must be floating point, got {priors.dtype}"
     )
-    torch._check_type(
+    _check_type(
         gt_boxes.is_floating_point(),
         lambda: f"assign_targets: gt_boxes must be floating point, got {gt_boxes.dtype}",
     )
-    torch._check_type(
+    _check_type(
         not gt_counts.is_floating_point() and not gt_counts.is_complex() and gt_counts.dtype != torch.bool,
         lambda: f"assign_targets: gt_counts must be integers, got {gt_counts.dtype}",
     )
     for name, x in (("priors", priors), ("gt_labels", gt_labels), ("gt_counts", gt_counts)):
-        torch._check_value(
+        _check_value(
             x.device == gt_boxes.device,
             lambda: f"assign_targets: {name} is on {x.device}, gt_boxes on {gt_boxes.device}",
         )
     p = priors.shape[0]
     for value, text in ((p, "P >= 1 priors"), (b, "B >= 1 images"),
                         (t, "T >= 1 box rows (pad an image without boxes to one row with a count of 0)")):
-        torch._check_value(
+        _check_value(
             value >= 1,
             lambda text=text: f"assign_targets: needs {text}, got priors {tuple(priors.shape)}, "
             f"gt_boxes {tuple(gt_boxes.shape)}",
@@ -429,7 +432,7 @@ def _assign_op(
     args = (priors, gt_boxes, gt_labels, gt_counts, iou_threshold, center_variance, size_variance, num_classes)
     if gt_boxes.is_cuda:
         return _cuda_assign(*args)
-    torch._check_value(
+    _check_value(
         gt_boxes.device.type == "cpu", lambda: f"assign_targets runs on CUDA and CPU tensors, got {gt_boxes.device}"
     )
     return _cpu_assign(*args)
