@@ -362,21 +362,37 @@ Checker::Space Checker::classify(uintptr_t addr, unsigned size, unsigned kind, i
     auto it = std::upper_bound(by_start_.begin(), by_start_.end(), addr,
                                [&](uintptr_t a, unsigned i) { return a < regions_[i].r.start; });
     const RegionState* before = it == by_start_.begin() ? nullptr : &regions_[*(it - 1)];
-    if (before && addr + size <= before->r.start + before->r.len) {
-        const EmuRegion& r = before->r;
+    // The region that holds the access: usually that one, but inputs may
+    // overlap (a call may pass parts of one buffer as two inputs), and then
+    // an earlier, longer region may hold what runs past a later one. (The
+    // kernels' own constants are no region's: no search for them.) Without
+    // a holder, `before` becomes the one, of those starting at or before
+    // addr, that reaches furthest: the message names it.
+    const RegionState* holder = before && addr + size <= before->r.start + before->r.len ? before : nullptr;
+    if (before && !holder && !in_program_image(addr)) {
+        for (auto j = it - 1; j != by_start_.begin() && !holder; --j) {
+            const RegionState& r = regions_[*(j - 1)];
+            if (addr + size <= r.r.start + r.r.len)
+                holder = &r;
+            else if (r.r.start + r.r.len > before->r.start + before->r.len)
+                before = &r;
+        }
+    }
+    if (holder) {
+        const EmuRegion& r = holder->r;
         if (r.end_block != 0 && (block_ < r.first_block || block_ >= r.end_block)) {
             out_of_bounds(addr, size, kind, pc,
-                          fmt("inside `%s` (+%" PRIu64 "), which only block%s %u%s may touch", before->name.c_str(),
+                          fmt("inside `%s` (+%" PRIu64 "), which only block%s %u%s may touch", holder->name.c_str(),
                               uint64_t(addr - r.start), r.end_block - r.first_block > 1 ? "s" : "", r.first_block,
                               r.end_block - r.first_block > 1 ? fmt("..%u", r.end_block - 1).c_str() : ""));
             return SPACE_LOCAL;
         }
         if (is_write(kind) && !r.writable) {
-            out_of_bounds(addr, size, kind, pc, fmt("a write to read-only `%s` (+%" PRIu64 ")", before->name.c_str(),
+            out_of_bounds(addr, size, kind, pc, fmt("a write to read-only `%s` (+%" PRIu64 ")", holder->name.c_str(),
                                                     uint64_t(addr - r.start)));
             return SPACE_LOCAL;
         }
-        *region = int(before - regions_.data());
+        *region = int(holder - regions_.data());
         return SPACE_GLOBAL;
     }
     if (in_program_image(addr)) return SPACE_LOCAL;

@@ -456,6 +456,63 @@ fn regions_owned_by_one_block_and_read_only_regions_are_enforced() {
     );
 }
 
+/// Regions may overlap, as a call's inputs may (parts of one buffer): an
+/// access past the end of the later region but inside an earlier, longer
+/// one is in bounds, and one past both is reported against the later.
+#[test]
+fn overlapping_regions_hold_what_either_holds() {
+    let mut b = Buffers::new(1000);
+    let mut regions = b.regions();
+    // `in` again, from its second element to its tenth.
+    let head = Region {
+        name: "in_head".to_owned(),
+        start: regions[1].start + 4,
+        len: 36,
+        ..regions[1].clone()
+    };
+    regions.push(head);
+    let params = RaceParams {
+        out: addr(b.out.as_mut_ptr()),
+        input: addr(b.input.as_ptr()),
+        n: 1000,
+        variant: 0,
+        counter: addr(b.counter.as_mut_ptr()),
+        partials: addr(b.partials.as_mut_ptr()),
+    };
+    let launch = |params: &RaceParams| {
+        let checks = Checks {
+            races: true,
+            regions: regions.clone(),
+            ..Checks::default()
+        };
+        // SAFETY: as in Buffers::launch.
+        unsafe {
+            launch_checked(
+                "emu_race_bounds",
+                [1, 1, 1],
+                [THREADS, 1, 1],
+                0,
+                bytemuck::bytes_of(params),
+                &checks,
+            )
+        }
+    };
+    launch(&params).expect("reads of `in` past `in_head` were refused");
+    let past = RaceParams {
+        variant: 1,
+        ..params
+    };
+    let err = launch(&past).unwrap_err();
+    assert_has(
+        &err.message,
+        &[
+            "reads 4 bytes",
+            &at("bounds_read"),
+            "just past the end of `in`",
+        ],
+    );
+}
+
 #[test]
 fn contiguous_copy_is_four_sectors_per_request_fully_used() {
     let n = 1024;
