@@ -589,9 +589,10 @@ __device__ void write_gradients_channel_major(const MultiboxParams& p, ColumnSha
 
 // Every gradient element NaN, and the status word STATUS_STALE_WORKSPACE,
 // when the workspace's Totals hold no stamp of this call's forward: a
-// backward on a workspace that no forward wrote (fresh, zeroed, or
-// another call's since) would otherwise compute gradients from whatever
-// the keys hold, silently (zeros, for a zeroed workspace). NaN is loud:
+// backward on a workspace whose last forward was another call's (Totals
+// sit at offset 0 for every shape, so any forward overwrites the stamp),
+// or on one no forward wrote, would otherwise compute gradients from
+// whatever the keys hold, silently (zeros, for a zeroed workspace). NaN is loud:
 // a loss scaler skips the step, and a plain loop's weights show it. Every
 // thread reads the same stamp, so the branch is uniform and the rest of
 // the kernel never runs. The two gradients are B * P * C and B * P * 4

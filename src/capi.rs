@@ -209,9 +209,9 @@ pub struct multibox_device_status {
     /// A NaN or infinity was among the logits (ignored priors' too) or a
     /// positive's box offset differences (predicted minus target, in f32).
     pub nonfinite_input: bool,
-    /// A backward found no forward of its own call (shape, layout, types,
-    /// configuration) in the workspace: every gradient element it wrote is
-    /// NaN. Replaces the other flags.
+    /// A backward found that the workspace's last forward was not of its own
+    /// call (shape, layout, types, configuration), or no forward there:
+    /// every gradient element it wrote is NaN. Replaces the other flags.
     pub stale_workspace: bool,
 }
 
@@ -830,10 +830,10 @@ pub unsafe extern "C" fn multibox_forward(
 /// must hold what the last `multibox_forward` with this loss, this shape
 /// and inputs of the same contents wrote, untouched since, and that forward
 /// must be ordered before this call on `stream`. Otherwise the gradients
-/// are wrong, though every access stays in bounds; where no forward of
-/// this shape, layout, types and configuration wrote the workspace (a
-/// fresh or zeroed one), every gradient element is NaN and the status word
-/// says `stale_workspace`.
+/// are wrong, though every access stays in bounds; where the workspace's
+/// last forward was of another shape, layout, types or configuration, or
+/// the workspace is zeroed, every gradient element is NaN and the status
+/// word says `stale_workspace`.
 ///
 /// # Safety
 /// As `multibox_forward_backward`, and the workspace holds a forward's

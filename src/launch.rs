@@ -442,8 +442,8 @@ fn params(config: &MultiboxConfig, call: &RawCall, plan: &LaunchPlan) -> Result<
 /// backward checks before it trusts the mining decisions there: a hash
 /// (FNV-1a) of everything those decisions depend on but the inputs'
 /// contents: the shape, the layout, the types and the configuration. Never
-/// 0, so that a zeroed workspace never passes; garbage, or another call's
-/// forward, passes by a 2^-32 chance. The normaliser is left out: the
+/// 0, so that a zeroed workspace never passes; random bytes, or another
+/// call's stamp, pass by a 2^-32 chance. The normaliser is left out: the
 /// backward uses the forward's, whatever it is given.
 fn forward_stamp(config: &MultiboxConfig, call: &RawCall) -> u32 {
     let shape = call.shape;
@@ -567,7 +567,10 @@ pub(crate) fn check_alignment(name: &'static str, addr: u64, align: usize) -> Re
 
 /// What the kernels saw that only the device can see. Read it with
 /// [`crate::MultiboxLoss::status`] when you choose (it synchronises).
+/// Later versions may add flags: build one with [`DeviceStatus::from_bits`]
+/// or `Default`, and test it with [`DeviceStatus::is_ok`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub struct DeviceStatus {
     /// A label outside `-1..C` was found; both losses are NaN for that call,
     /// and the prior was treated as ignored (never used as an index).
@@ -578,11 +581,11 @@ pub struct DeviceStatus {
     /// 1.7e38 overflow too); it propagates into the losses as in the
     /// reference.
     pub nonfinite_input: bool,
-    /// A backward found no forward of its own call in the workspace
-    /// (nothing written there since it was allocated, or a forward of
-    /// another shape, layout, input type or configuration since): every
-    /// gradient element it wrote is NaN. It replaces the word's other
-    /// flags: read with the backward's shape, the word is the backward's.
+    /// A backward found that the workspace's last forward was not of its
+    /// own call (another shape, layout, input or label type or
+    /// configuration), or that no forward had written it (it found zeros or
+    /// other bytes): every gradient element it wrote is NaN. It replaces
+    /// the word's other flags.
     pub stale_workspace: bool,
 }
 

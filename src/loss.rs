@@ -263,9 +263,10 @@ impl MultiboxLoss {
     /// decisions), though every access stays in bounds: the keys are read
     /// as data, never as indices. What the device can tell, it does: where
     /// the last forward on the workspace was not of this shape, layout,
-    /// input and label type and configuration, or no forward wrote it (a
-    /// fresh or zeroed workspace), every gradient element is NaN and
-    /// [`MultiboxLoss::status`] says [`DeviceStatus::stale_workspace`].
+    /// input and label type and configuration, or the workspace is zeroed,
+    /// every gradient element is NaN and [`MultiboxLoss::status`] says
+    /// [`DeviceStatus::stale_workspace`]. A forward of this call on other
+    /// inputs, or memory recycled from a workspace of this call, passes.
     pub fn backward<T: Float, L: Label>(
         &self,
         stream: &Arc<CudaStream>,

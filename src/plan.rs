@@ -172,7 +172,8 @@ pub struct Launch {
     pub shared_bytes: u32,
 }
 
-/// Byte ranges of the workspace's sections.
+/// Byte ranges of the workspace's sections, [`WorkspaceLayout::totals`]
+/// first (at offset 0 for every shape), then the others in field order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WorkspaceLayout {
     /// `u32` mining key per prior, `[B * P]`.
@@ -183,7 +184,7 @@ pub struct WorkspaceLayout {
     pub block_status: Section,
     /// One [`ImageSelection`] per image.
     pub images: Section,
-    /// One [`Totals`].
+    /// One [`Totals`], at offset 0.
     pub totals: Section,
     /// Total bytes.
     pub bytes: usize,
@@ -432,6 +433,10 @@ impl LaunchPlan {
             offset = (offset + len + SECTION_GAP).next_multiple_of(ALIGN);
             s
         };
+        // Totals first, at the same offset for every shape: each forward
+        // overwrites the stamp a backward checks, and a stale backward's
+        // status word lands on a forward's, whatever their shapes.
+        let totals = section(std::mem::size_of::<Totals>());
         let keys = section(shape.rows() * 4);
         let terms = section(shape.rows() * std::mem::size_of::<PositiveTerms>());
         // Channel-major tiles stop at image boundaries, so that layout has
@@ -446,8 +451,7 @@ impl LaunchPlan {
         let most_row_blocks = most_tiles.min(MAX_ROW_BLOCKS as usize);
         let block_status = section(most_row_blocks * 4);
         let images = section(shape.batch * std::mem::size_of::<ImageSelection>());
-        let totals = section(std::mem::size_of::<Totals>());
-        let bytes = totals.offset + totals.len;
+        let bytes = images.offset + images.len;
 
         Ok(Self {
             shape,

@@ -258,17 +258,18 @@ pub enum Forward {
     Same,
     /// None: the backward finds the workspace as [`Call::fill`] left it.
     Nothing,
-    /// Another call's on the same buffers: the backward's call and
-    /// configuration, edited.
+    /// The backward's own, then another call's on the same buffers and
+    /// workspace: the backward's call and configuration, edited.
     Other(fn(&mut RawCall, &mut MultiboxConfig)),
 }
 
 /// Forwards whose workspace a backward of its own call must not trust
 /// (what [`Forward::Other`] edits, or none), each with its
-/// [`Call::fill`]: none on a zeroed and on a garbage workspace, and the
-/// forward of another layout, shape, input type, label type (narrower
-/// only: every edit keeps the forward's reads within the backward's
-/// buffers) or configuration. For shapes of B >= 2, P >= 2 and C >= 3.
+/// [`Call::fill`]: none on a zeroed and on a garbage workspace, and, after
+/// the backward's own, the forward of another layout, shape, input type,
+/// label type (narrower only: every edit keeps the forward's reads within
+/// the backward's buffers) or configuration. For shapes of B >= 2, P >= 2
+/// and C >= 3.
 pub fn stale_forwards(labels: LabelType) -> Vec<(&'static str, Forward, u8)> {
     let mut forwards = vec![
         ("no forward, zeroed", Forward::Nothing, 0x00),
@@ -569,6 +570,7 @@ pub fn run<T: Float, L: Label>(
                 }
                 Forward::Nothing => {}
                 Forward::Other(edit) => {
+                    launch_call(config, &forward, &emulator)?;
                     let (mut other, mut other_config) = (forward, *config);
                     edit(&mut other, &mut other_config);
                     let other_plan = LaunchPlan::with_limits(

@@ -279,6 +279,14 @@ impl<T: Float, L: Label> DeviceCall<T, L> {
                     options(),
                 )?,
                 (_, Some((raw, config))) => {
+                    loss.forward_with(
+                        stream,
+                        self.shape,
+                        &inputs,
+                        &mut outputs,
+                        &mut self.workspace,
+                        options(),
+                    )?;
                     let other = loss_for(stream.context(), &config)?;
                     // SAFETY: `raw` names this call's live buffers; the
                     // edits keep its reads within them (Forward::Other).
