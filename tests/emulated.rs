@@ -1246,12 +1246,13 @@ fn forward_then_backward_equals_forward_backward_bit_for_bit() {
     }
 }
 
-/// A backward on a workspace that no forward of its own call wrote (none
-/// at all, zeroed or not; or another shape's, layout's, type's or
-/// configuration's) writes NaN over both gradients, every element, and says
-/// `stale_workspace` in the status word: never gradients from whatever the
-/// keys happen to hold (zeros, on a zeroed workspace). Its own forward
-/// still passes. Every input type, both layouts.
+/// A backward on a workspace whose last forward was not of its own call
+/// (another shape's, layout's, type's or configuration's, after its own),
+/// or that no forward wrote (zeroed or not), writes NaN over both
+/// gradients, every element, and says `stale_workspace` in the status
+/// word: never gradients from whatever the keys happen to hold (zeros, on
+/// a zeroed workspace). After its own forward it passes. Every input type,
+/// both layouts.
 #[test]
 fn a_backward_without_its_forward_gives_nan_and_says_so() {
     use multibox::synthetic::{Batch, BatchSpec};

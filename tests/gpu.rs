@@ -326,10 +326,11 @@ fn gpu_records_bad_labels_and_non_finite_logits_in_the_status() {
     );
 }
 
-/// A backward that finds no forward of its own call in the workspace
-/// writes NaN over both gradients and says `stale_workspace`, as the
-/// emulated kernels do, for each of `stale_forwards`; its own forward
-/// passes. The gradients start as zeros, so that NaN is the kernel's.
+/// A backward whose workspace's last forward was not of its own call, or
+/// that finds none, writes NaN over both gradients and says
+/// `stale_workspace`, as the emulated kernels do, for each of
+/// `stale_forwards`; after its own forward it passes. The gradients start
+/// as zeros, so that NaN is the kernel's.
 #[test]
 fn gpu_backward_on_a_stale_workspace_gives_nan_and_says_so() {
     let Some(ctx) = gpu::device("gpu_backward_on_a_stale_workspace_gives_nan_and_says_so") else {

@@ -564,23 +564,19 @@ pub fn run<T: Float, L: Label>(
         // of them than the backward's shape and types cover, and fits the
         // workspace, or is refused).
         unsafe {
-            match call.forward {
-                Forward::Same => {
-                    launch_call(config, &forward, &emulator)?;
-                }
-                Forward::Nothing => {}
-                Forward::Other(edit) => {
-                    launch_call(config, &forward, &emulator)?;
-                    let (mut other, mut other_config) = (forward, *config);
-                    edit(&mut other, &mut other_config);
-                    let other_plan = LaunchPlan::with_limits(
-                        other.shape,
-                        other.dtype,
-                        other.layout,
-                        call.grid_limits,
-                    )?;
-                    launch_call(&other_config, &other, &emulator_for(&other_plan, &other))?;
-                }
+            if !matches!(call.forward, Forward::Nothing) {
+                launch_call(config, &forward, &emulator)?;
+            }
+            if let Forward::Other(edit) = call.forward {
+                let (mut other, mut other_config) = (forward, *config);
+                edit(&mut other, &mut other_config);
+                let other_plan = LaunchPlan::with_limits(
+                    other.shape,
+                    other.dtype,
+                    other.layout,
+                    call.grid_limits,
+                )?;
+                launch_call(&other_config, &other, &emulator_for(&other_plan, &other))?;
             }
             launch_call(config, &backward, &emulator)?;
         }

@@ -205,8 +205,9 @@ impl<T: Float, L: Label> DeviceCall<T, L> {
         if let emulated::Normalizer::GivenOnDevice(n) = call.normalizer {
             stream.memcpy_htod(&[n], &mut self.normalizer)?;
         }
-        // Another call's forward, through the raw entry point on these
-        // buffers (before the typed calls borrow them).
+        // Another call's forward after the call's own (Forward::Other),
+        // through the raw entry point on these buffers: described here,
+        // before the typed calls borrow them.
         let other_forward = match call.forward {
             Forward::Other(edit) if call.split => {
                 let mut raw = multibox::RawCall {
@@ -269,30 +270,21 @@ impl<T: Float, L: Label> DeviceCall<T, L> {
             predicted_locations: &mut self.grad_locations,
         };
         if call.split {
-            match (call.forward, other_forward) {
-                (Forward::Same, _) => loss.forward_with(
+            if !matches!(call.forward, Forward::Nothing) {
+                loss.forward_with(
                     stream,
                     self.shape,
                     &inputs,
                     &mut outputs,
                     &mut self.workspace,
                     options(),
-                )?,
-                (_, Some((raw, config))) => {
-                    loss.forward_with(
-                        stream,
-                        self.shape,
-                        &inputs,
-                        &mut outputs,
-                        &mut self.workspace,
-                        options(),
-                    )?;
-                    let other = loss_for(stream.context(), &config)?;
-                    // SAFETY: `raw` names this call's live buffers; the
-                    // edits keep its reads within them (Forward::Other).
-                    unsafe { other.launch_raw(&raw, stream.cu_stream()) }?
-                }
-                _ => {}
+                )?;
+            }
+            if let Some((raw, config)) = other_forward {
+                let other = loss_for(stream.context(), &config)?;
+                // SAFETY: `raw` names this call's live buffers; the edits
+                // keep its reads within them (Forward::Other).
+                unsafe { other.launch_raw(&raw, stream.cu_stream()) }?;
             }
             return loss.backward_with(
                 stream,
