@@ -287,13 +287,9 @@ fn gpu_status_records_bad_inputs() {
         ..Default::default()
     };
     let (_, _, s) = run::<i64>(&ctx, config, &priors, (2, 1), &boxes, &[1, 30], &[1, 5]);
-    assert_eq!(
-        s,
-        TargetStatus {
-            count_clamped: true,
-            invalid_box_label: true,
-            degenerate_box: true
-        }
+    assert!(
+        s.count_clamped && s.invalid_box_label && s.degenerate_box,
+        "{s:?}"
     );
 }
 

@@ -203,8 +203,10 @@ impl TargetShape {
 pub const INVALID_PRIOR_LABEL: i64 = -2;
 
 /// What assignment saw in its inputs that SPEC.md has it record rather than
-/// refuse (on the GPU it cannot refuse: it never reads back).
+/// refuse (on the GPU it cannot refuse: it never reads back). Later
+/// versions may add flags, as [`crate::DeviceStatus`]'s.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub struct TargetStatus {
     /// A `gt_counts[b]` outside `0..=T`, clamped to that range.
     pub count_clamped: bool,
