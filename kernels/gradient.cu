@@ -592,10 +592,10 @@ __device__ void write_gradients_channel_major(const MultiboxParams& p, ColumnSha
 // backward on a workspace whose last forward was another call's (Totals
 // sit at offset 0 for every shape, so any forward overwrites the stamp),
 // or on one no forward wrote, would otherwise compute gradients from
-// whatever the keys hold, silently (zeros, for a zeroed workspace). NaN is loud:
-// a loss scaler skips the step, and a plain loop's weights show it. Every
-// thread reads the same stamp, so the branch is uniform and the rest of
-// the kernel never runs. The two gradients are B * P * C and B * P * 4
+// whatever the keys hold, silently (zeros, for a zeroed workspace). NaN
+// is loud: a loss scaler skips the step, and a plain loop's weights show
+// it. Every thread reads the same stamp, so the branch is uniform and the
+// rest of the kernel never runs. The two gradients are B * P * C and B * P * 4
 // contiguous elements in either layout, written an element a thread (their
 // addresses are only element-aligned); only block 0 writes the status
 // word, which no block of this kernel reads.
