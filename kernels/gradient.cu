@@ -594,13 +594,16 @@ __device__ void write_gradients_channel_major(const MultiboxParams& p, ColumnSha
 // or on one no forward wrote, would otherwise compute gradients from
 // whatever the keys hold, silently (zeros, for a zeroed workspace). NaN
 // is loud: a loss scaler skips the step, and a plain loop's weights show
-// it. Every thread reads the same stamp, so the branch is uniform and the
-// rest of the kernel never runs. The two gradients are B * P * C and B * P * 4
-// contiguous elements in either layout, written an element a thread (their
-// addresses are only element-aligned); only block 0 writes the status
-// word, which no block of this kernel reads.
+// it. Only a backward alone checks (check_forward_stamp): a
+// forward_backward's kernel 3 follows its own kernel 2, and the check
+// would only put the stamp's round trip to L2 ahead of its first loads.
+// Every thread reads the same stamp, so the branch is uniform and the
+// rest of the kernel never runs. The two gradients are B * P * C and
+// B * P * 4 contiguous elements in either layout, written an element a
+// thread (their addresses are only element-aligned); only block 0 writes
+// the status word, which no block of this kernel reads.
 template <typename T> __device__ bool stale_workspace_gives_nan(const MultiboxParams& p) {
-    if (p.totals->forward_stamp == p.forward_stamp) return false;
+    if (!p.check_forward_stamp || p.totals->forward_stamp == p.forward_stamp) return false;
     const T nan = from_f32<T>(f32_from_bits(0x7fc00000u));
     const u64 rows = u64(p.batch) * p.priors, step = u64(gridDim.x) * blockDim.x;
     const u64 first = u64(blockIdx.x) * blockDim.x + threadIdx.x;

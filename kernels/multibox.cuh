@@ -67,8 +67,8 @@ struct MultiboxParams {
     u32 gradient_plane_rows;    // channel-major: priors of each staged part of kernel 3's tile, or 0 (from global)
     u32 gradient_plane_stride;  // elements between that part's class planes in shared memory
     u32 select_staged_keys;     // 1: kernel 2 keeps an image's keys in dynamic shared memory; 0: it reads them from L2
-    u32 forward_stamp;          // the call's stamp (src/launch.rs): kernel 2 leaves it in Totals, kernel 3 checks it
-    u32 unused;
+    u32 forward_stamp;          // the call's stamp (src/launch.rs): kernel 2 leaves it in Totals
+    u32 check_forward_stamp;    // 1: kernel 3 checks Totals' stamp (a backward alone); 0: its kernel 2 just wrote it
 };
 MB_ASSERT_SIZE(MultiboxParams, 232);
 

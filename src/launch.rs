@@ -434,7 +434,8 @@ fn params(config: &MultiboxConfig, call: &RawCall, plan: &LaunchPlan) -> Result<
         gradient_plane_stride: plan.gradient_plane_stride,
         select_staged_keys: u32::from(plan.select.shared_bytes != 0),
         forward_stamp: forward_stamp(config, call),
-        unused: 0,
+        // A forward_backward's kernel 3 follows its own kernel 2.
+        check_forward_stamp: u32::from(call.pass == Pass::Backward),
     })
 }
 

@@ -1083,7 +1083,7 @@ pub(crate) struct MultiboxParams {
     pub(crate) gradient_plane_stride: u32,
     pub(crate) select_staged_keys: u32,
     pub(crate) forward_stamp: u32,
-    pub(crate) unused: u32,
+    pub(crate) check_forward_stamp: u32,
 }
 
 const _: () = assert!(std::mem::size_of::<MultiboxParams>() == 232);
