@@ -97,6 +97,21 @@ impl Buffers {
         variant: u32,
         traffic: bool,
     ) -> Result<Option<Traffic>, String> {
+        let regions = self.regions();
+        self.launch_in(kernel, blocks, threads, variant, traffic, regions)
+    }
+
+    /// As [`Buffers::launch`], with `regions` registered instead of
+    /// [`Buffers::regions`].
+    fn launch_in(
+        &mut self,
+        kernel: &str,
+        blocks: u32,
+        threads: u32,
+        variant: u32,
+        traffic: bool,
+        regions: Vec<Region>,
+    ) -> Result<Option<Traffic>, String> {
         assert!(
             multibox_emu::checks_available(),
             "this build has no checker (AddressSanitizer build?)"
@@ -112,7 +127,7 @@ impl Buffers {
         let checks = Checks {
             races: true,
             traffic,
-            regions: self.regions(),
+            regions,
             reverse_blocks: self.reverse_blocks,
             ..Checks::default()
         };
@@ -401,33 +416,11 @@ fn regions_owned_by_one_block_and_read_only_regions_are_enforced() {
     let mut regions = b.regions();
     // `in` may be read by block 1 only: block 0's read is refused.
     regions[1].blocks = Some(1..2);
-    let params = RaceParams {
-        out: addr(b.out.as_mut_ptr()),
-        input: addr(b.input.as_ptr()),
-        n: 1000,
-        variant: 0,
-        counter: addr(b.counter.as_mut_ptr()),
-        partials: addr(b.partials.as_mut_ptr()),
-    };
-    let checks = Checks {
-        races: true,
-        regions,
-        ..Checks::default()
-    };
-    // SAFETY: as in Buffers::launch.
-    let err = unsafe {
-        launch_checked(
-            "emu_race_bounds",
-            [2, 1, 1],
-            [THREADS, 1, 1],
-            0,
-            bytemuck::bytes_of(&params),
-            &checks,
-        )
-    }
-    .unwrap_err();
+    let err = b
+        .launch_in("emu_race_bounds", 2, THREADS, 0, false, regions.clone())
+        .unwrap_err();
     assert_has(
-        &err.message,
+        &err,
         &[
             "block (0, 0, 0)",
             "inside `in` (+0), which only block 1 may touch",
@@ -435,30 +428,18 @@ fn regions_owned_by_one_block_and_read_only_regions_are_enforced() {
         ],
     );
     // `out` read-only: the first store is refused.
-    let mut checks = checks;
-    checks.regions[1].blocks = None;
-    checks.regions[0].writable = false;
-    // SAFETY: as in Buffers::launch.
-    let err = unsafe {
-        launch_checked(
-            "emu_race_bounds",
-            [1, 1, 1],
-            [THREADS, 1, 1],
-            0,
-            bytemuck::bytes_of(&params),
-            &checks,
-        )
-    }
-    .unwrap_err();
-    assert_has(
-        &err.message,
-        &["writes 4 bytes", "a write to read-only `out` (+0)"],
-    );
+    regions[1].blocks = None;
+    regions[0].writable = false;
+    let err = b
+        .launch_in("emu_race_bounds", 1, THREADS, 0, false, regions)
+        .unwrap_err();
+    assert_has(&err, &["writes 4 bytes", "a write to read-only `out` (+0)"]);
 }
 
 /// Regions may overlap, as a call's inputs may (parts of one buffer): an
 /// access past the end of the later region but inside an earlier, longer
-/// one is in bounds, and one past both is reported against the later.
+/// one is in bounds, and one past both names the region that reaches
+/// furthest.
 #[test]
 fn overlapping_regions_hold_what_either_holds() {
     let mut b = Buffers::new(1000);
@@ -471,40 +452,13 @@ fn overlapping_regions_hold_what_either_holds() {
         ..regions[1].clone()
     };
     regions.push(head);
-    let params = RaceParams {
-        out: addr(b.out.as_mut_ptr()),
-        input: addr(b.input.as_ptr()),
-        n: 1000,
-        variant: 0,
-        counter: addr(b.counter.as_mut_ptr()),
-        partials: addr(b.partials.as_mut_ptr()),
-    };
-    let launch = |params: &RaceParams| {
-        let checks = Checks {
-            races: true,
-            regions: regions.clone(),
-            ..Checks::default()
-        };
-        // SAFETY: as in Buffers::launch.
-        unsafe {
-            launch_checked(
-                "emu_race_bounds",
-                [1, 1, 1],
-                [THREADS, 1, 1],
-                0,
-                bytemuck::bytes_of(params),
-                &checks,
-            )
-        }
-    };
-    launch(&params).expect("reads of `in` past `in_head` were refused");
-    let past = RaceParams {
-        variant: 1,
-        ..params
-    };
-    let err = launch(&past).unwrap_err();
+    b.launch_in("emu_race_bounds", 1, THREADS, 0, false, regions.clone())
+        .expect("reads of `in` past `in_head` were refused");
+    let err = b
+        .launch_in("emu_race_bounds", 1, THREADS, 1, false, regions)
+        .unwrap_err();
     assert_has(
-        &err.message,
+        &err,
         &[
             "reads 4 bytes",
             &at("bounds_read"),
