@@ -277,7 +277,8 @@ def _check(confidence, predicted_locations, labels, gt_locations, layout=_capi.R
     """(B, P, C) of the inputs in ``layout`` (a ``multibox_layout``); shapes,
     dtypes and devices checked: a wrong dtype raises TypeError, a wrong
     shape, device or layout ValueError (as the settings' checks do), through
-    torch's checks, which fake and symbolic shapes go through too."""
+    ``_check_value`` and ``_check_type``, which fake and symbolic shapes go
+    through too."""
     _check_value(
         layout in (_capi.ROW_MAJOR, _capi.CHANNEL_MAJOR), lambda: f"multibox_loss: bad layout {layout}"
     )

@@ -178,8 +178,8 @@ def pad_targets(
 
 def _check(priors, gt_boxes, gt_labels, gt_counts):
     """(P, B, T) of the inputs; a wrong dtype raises TypeError, a wrong shape
-    or device ValueError, through torch's checks (which fake and symbolic
-    shapes go through too)."""
+    or device ValueError, through ``_check_value`` and ``_check_type`` (which
+    fake and symbolic shapes go through too)."""
     _check_value(
         priors.dim() == 2 and priors.shape[-1] == 4,
         lambda: f"assign_targets: priors must be [P, 4], got {tuple(priors.shape)}",
