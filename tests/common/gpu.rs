@@ -248,15 +248,20 @@ impl<T: Float, L: Label> DeviceCall<T, L> {
                 None
             },
         };
-        if !call.backward {
-            return loss.forward_with(
+        // The call's own forward: all of a forward-only call, the first
+        // half of a split one (unless the case has none).
+        if !call.backward || (call.split && !matches!(call.forward, Forward::Nothing)) {
+            loss.forward_with(
                 stream,
                 self.shape,
                 &inputs,
                 &mut outputs,
                 &mut self.workspace,
                 options(),
-            );
+            )?;
+        }
+        if !call.backward {
+            return Ok(());
         }
         let upstream = match call.upstream {
             Upstream::Host(g_reg, g_cls) => multibox::Upstream::Host { g_reg, g_cls },
@@ -270,16 +275,6 @@ impl<T: Float, L: Label> DeviceCall<T, L> {
             predicted_locations: &mut self.grad_locations,
         };
         if call.split {
-            if !matches!(call.forward, Forward::Nothing) {
-                loss.forward_with(
-                    stream,
-                    self.shape,
-                    &inputs,
-                    &mut outputs,
-                    &mut self.workspace,
-                    options(),
-                )?;
-            }
             if let Some((raw, config)) = other_forward {
                 let other = loss_for(stream.context(), &config)?;
                 // SAFETY: `raw` names this call's live buffers; the edits
