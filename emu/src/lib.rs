@@ -263,6 +263,7 @@ extern "C" {
     fn multibox_emu_kernel_count() -> usize;
     fn multibox_emu_kernel_name(index: usize) -> *const c_char;
     fn multibox_emu_kernel_sm(index: usize) -> u32;
+    fn multibox_emu_kernel_params_size(index: usize) -> usize;
 }
 
 /// Whether the checker works in this build: the kernels carry the access
@@ -439,6 +440,23 @@ pub fn kernel_builds() -> Vec<(String, Arch)> {
         .collect();
     builds.sort();
     builds
+}
+
+/// The size in bytes of the params struct of `kernel`'s build for `arch`,
+/// which [`launch`] expects `params` to have; `None` for a kernel that has
+/// no such build.
+pub fn params_size(kernel: &str, arch: Arch) -> Option<usize> {
+    // SAFETY: as in `kernel_builds`.
+    let count = unsafe { multibox_emu_kernel_count() };
+    (0..count).find_map(|i| {
+        // SAFETY: i < count; the name is a static NUL-terminated literal.
+        let name = unsafe { CStr::from_ptr(multibox_emu_kernel_name(i)) };
+        // SAFETY: as above.
+        let sm = unsafe { multibox_emu_kernel_sm(i) };
+        // SAFETY: as above.
+        (name.to_bytes() == kernel.as_bytes() && sm == arch.sm())
+            .then(|| unsafe { multibox_emu_kernel_params_size(i) })
+    })
 }
 
 /// The names of every registered kernel, sorted, each once.

@@ -564,6 +564,10 @@ extern "C" const char* multibox_emu_kernel_name(size_t i) noexcept { return emu:
 
 extern "C" unsigned multibox_emu_kernel_sm(size_t i) noexcept { return emu::detail::registry()[i].sm; }
 
+extern "C" size_t multibox_emu_kernel_params_size(size_t i) noexcept {
+    return emu::detail::registry()[i].params_size;
+}
+
 namespace emu {
 namespace detail {
 namespace {

@@ -1,0 +1,154 @@
+//! The model's rules, called as a driver's user calls them.
+
+use std::ffi::{c_uint, c_void};
+use std::ptr::null_mut;
+
+use cudarc::driver::sys::{
+    CUcontext, CUdeviceptr, CUmemorytype, CUpointer_attribute as P, CUresult, CUstream,
+    CUstreamCaptureMode as Mode,
+};
+
+use crate::device::{cuCtxSetCurrent, cuDevicePrimaryCtxRetain};
+use crate::memory::{cuMemAlloc_v2, cuMemFree_v2, cuMemsetD8Async, cuPointerGetAttributes};
+use crate::work::{cuStreamBeginCapture_v2, cuStreamCreate, cuStreamEndCapture};
+
+/// The driver's state is the process's: a global-mode capture in one test
+/// would forbid another's allocations. One test at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Binds the primary context to the calling thread, and holds the turn.
+fn bind() -> (CUcontext, std::sync::MutexGuard<'static, ()>) {
+    let turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut ctx = null_mut();
+    // SAFETY: `ctx` is writable.
+    assert_eq!(
+        unsafe { cuDevicePrimaryCtxRetain(&mut ctx, 0) },
+        CUresult::CUDA_SUCCESS
+    );
+    assert_eq!(cuCtxSetCurrent(ctx), CUresult::CUDA_SUCCESS);
+    (ctx, turn)
+}
+
+fn stream() -> CUstream {
+    let mut s = null_mut();
+    // SAFETY: `s` is writable.
+    assert_eq!(unsafe { cuStreamCreate(&mut s, 0) }, CUresult::CUDA_SUCCESS);
+    s
+}
+
+fn alloc(bytes: usize) -> Result<CUdeviceptr, CUresult> {
+    let mut p = 0;
+    // SAFETY: `p` is writable.
+    match unsafe { cuMemAlloc_v2(&mut p, bytes) } {
+        CUresult::CUDA_SUCCESS => Ok(p),
+        e => Err(e),
+    }
+}
+
+/// The end of a capture: its graph, or the error.
+fn end(s: CUstream) -> CUresult {
+    let mut graph = null_mut();
+    // SAFETY: `graph` is writable.
+    unsafe { cuStreamEndCapture(s, &mut graph) }
+}
+
+#[test]
+fn an_allocation_during_a_thread_local_capture_fails_and_invalidates_it() {
+    let _turn = bind();
+    let s = stream();
+    let mode = Mode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL as c_uint;
+    assert_eq!(cuStreamBeginCapture_v2(s, mode), CUresult::CUDA_SUCCESS);
+    assert_eq!(
+        alloc(64),
+        Err(CUresult::CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED)
+    );
+    assert_eq!(end(s), CUresult::CUDA_ERROR_STREAM_CAPTURE_INVALIDATED);
+    // Relaxed mode allows it, and the capture survives.
+    let mode = Mode::CU_STREAM_CAPTURE_MODE_RELAXED as c_uint;
+    assert_eq!(cuStreamBeginCapture_v2(s, mode), CUresult::CUDA_SUCCESS);
+    let p = alloc(64).unwrap();
+    assert_eq!(end(s), CUresult::CUDA_SUCCESS);
+    assert_eq!(cuMemFree_v2(p), CUresult::CUDA_SUCCESS);
+}
+
+#[test]
+fn a_captured_set_runs_at_replay_not_before() {
+    use crate::work::{cuGraphInstantiateWithFlags, cuGraphLaunch};
+    let _turn = bind();
+    let s = stream();
+    let p = alloc(16).unwrap();
+    assert_eq!(cuMemsetD8Async(p, 0, 16, s), CUresult::CUDA_SUCCESS);
+    let mode = Mode::CU_STREAM_CAPTURE_MODE_GLOBAL as c_uint;
+    assert_eq!(cuStreamBeginCapture_v2(s, mode), CUresult::CUDA_SUCCESS);
+    assert_eq!(cuMemsetD8Async(p, 7, 16, s), CUresult::CUDA_SUCCESS);
+    let mut graph = null_mut();
+    // SAFETY: `graph` is writable.
+    assert_eq!(
+        unsafe { cuStreamEndCapture(s, &mut graph) },
+        CUresult::CUDA_SUCCESS
+    );
+    // SAFETY: `p` holds 16 bytes, written by the set before the capture.
+    let bytes = || unsafe { std::slice::from_raw_parts(p as *const u8, 16) }.to_vec();
+    assert_eq!(bytes(), [0; 16]);
+    let mut exec = null_mut();
+    // SAFETY: `exec` is writable, `graph` came from the capture.
+    assert_eq!(
+        unsafe { cuGraphInstantiateWithFlags(&mut exec, graph, 0) },
+        CUresult::CUDA_SUCCESS
+    );
+    // SAFETY: `exec` was just instantiated.
+    assert_eq!(unsafe { cuGraphLaunch(exec, s) }, CUresult::CUDA_SUCCESS);
+    assert_eq!(bytes(), [7; 16]);
+    assert_eq!(cuMemFree_v2(p), CUresult::CUDA_SUCCESS);
+}
+
+#[test]
+fn copies_and_sets_must_stay_inside_one_allocation() {
+    let _turn = bind();
+    let p = alloc(16).unwrap();
+    assert_eq!(
+        cuMemsetD8Async(p + 8, 1, 8, null_mut()),
+        CUresult::CUDA_SUCCESS
+    );
+    assert_eq!(
+        cuMemsetD8Async(p + 8, 1, 9, null_mut()),
+        CUresult::CUDA_ERROR_INVALID_VALUE
+    );
+    assert_eq!(cuMemFree_v2(p), CUresult::CUDA_SUCCESS);
+    assert_eq!(cuMemFree_v2(p), CUresult::CUDA_ERROR_INVALID_VALUE);
+}
+
+/// Memory type, context, range start and size of `addr`.
+fn attributes(addr: u64) -> (u32, CUcontext, u64, usize) {
+    let (mut kind, mut start, mut size) = (0u32, 0u64, 0usize);
+    let mut ctx: CUcontext = null_mut();
+    let which = [
+        P::CU_POINTER_ATTRIBUTE_MEMORY_TYPE as c_uint,
+        P::CU_POINTER_ATTRIBUTE_CONTEXT as c_uint,
+        P::CU_POINTER_ATTRIBUTE_RANGE_START_ADDR as c_uint,
+        P::CU_POINTER_ATTRIBUTE_RANGE_SIZE as c_uint,
+    ];
+    let mut data: [*mut c_void; 4] = [
+        (&raw mut kind).cast(),
+        (&raw mut ctx).cast(),
+        (&raw mut start).cast(),
+        (&raw mut size).cast(),
+    ];
+    // SAFETY: each entry of `data` points to a local of its attribute's type.
+    let done = unsafe { cuPointerGetAttributes(4, which.as_ptr(), data.as_mut_ptr(), addr) };
+    assert_eq!(done, CUresult::CUDA_SUCCESS);
+    (kind, ctx, start, size)
+}
+
+#[test]
+fn the_driver_knows_its_allocations_and_nothing_else() {
+    let (ctx, _turn) = bind();
+    let p = alloc(100).unwrap();
+    let device = CUmemorytype::CU_MEMORYTYPE_DEVICE as u32;
+    assert_eq!(attributes(p + 99), (device, ctx, p, 100));
+    assert_eq!(attributes(p + 100).0, 0);
+    let host = [0u8; 8];
+    assert_eq!(attributes(host.as_ptr() as u64), (0, null_mut(), 0, 0));
+    assert_eq!(cuMemFree_v2(p), CUresult::CUDA_SUCCESS);
+    assert_eq!(attributes(p).0, 0);
+}
