@@ -2,6 +2,8 @@
 //! against the CPU reference, the status word, CUDA-graph capture of
 //! targets-then-loss, and the refusals. Without a GPU each test prints why
 //! it is skipped; with MULTIBOX_REQUIRE_GPU=1 it fails instead.
+//! `scripts/emulated-gpu-tests` runs them on the emulated driver of
+//! `emu/driver`.
 
 mod common;
 
