@@ -30,6 +30,9 @@ fn description(error: CUresult) -> &'static str {
         CUDA_ERROR_STREAM_CAPTURE_INVALIDATED => {
             "operation failed due to a previous error during capture"
         }
+        CUDA_ERROR_STREAM_CAPTURE_IMPLICIT => {
+            "operation would make the legacy stream depend on a capturing blocking stream"
+        }
         CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD => {
             "attempt to terminate a thread-local capture sequence from another thread"
         }

@@ -152,3 +152,24 @@ fn the_driver_knows_its_allocations_and_nothing_else() {
     assert_eq!(cuMemFree_v2(p), CUresult::CUDA_SUCCESS);
     assert_eq!(attributes(p).0, 0);
 }
+
+#[test]
+fn the_legacy_stream_may_not_wait_for_a_blocking_stream_being_captured() {
+    let _turn = bind();
+    let blocking = stream();
+    let p = alloc(16).unwrap();
+    let mode = Mode::CU_STREAM_CAPTURE_MODE_RELAXED as c_uint;
+    assert_eq!(
+        cuStreamBeginCapture_v2(blocking, mode),
+        CUresult::CUDA_SUCCESS
+    );
+    assert_eq!(
+        cuMemsetD8Async(p, 1, 16, null_mut()),
+        CUresult::CUDA_ERROR_STREAM_CAPTURE_IMPLICIT
+    );
+    assert_eq!(
+        end(blocking),
+        CUresult::CUDA_ERROR_STREAM_CAPTURE_INVALIDATED
+    );
+    assert_eq!(cuMemFree_v2(p), CUresult::CUDA_SUCCESS);
+}

@@ -101,6 +101,9 @@ struct Capture {
 /// A stream, and the capture it is in, if any.
 struct Stream {
     context: usize,
+    /// Created without `CU_STREAM_NON_BLOCKING`: the legacy default stream
+    /// waits for it, and it for the legacy stream.
+    blocking: bool,
     capture: Option<Capture>,
 }
 
@@ -122,16 +125,33 @@ fn entry(streams: &mut BTreeMap<usize, Stream>, stream: CUstream) -> Result<&mut
 /// Queues `op` on `stream`: records it where the stream is capturing, else
 /// runs it.
 pub(crate) fn submit(stream: CUstream, op: Op) -> Status {
-    if !stream.is_null() {
-        let mut streams = streams();
-        if let Some(capture) = &mut entry(&mut streams, stream)?.capture {
-            if capture.invalidated {
-                return Err(CUresult::CUDA_ERROR_STREAM_CAPTURE_INVALIDATED);
+    let mut streams = streams();
+    if stream.is_null() {
+        // The legacy stream waits for every blocking stream of its context,
+        // which a capture in progress cannot allow.
+        let context = device::current()? as usize;
+        let mut implicit = false;
+        for s in streams
+            .values_mut()
+            .filter(|s| s.blocking && s.context == context)
+        {
+            if let Some(c) = &mut s.capture {
+                c.invalidated = true;
+                implicit = true;
             }
-            capture.ops.push(op);
-            return Ok(());
         }
+        if implicit {
+            eprintln!("multibox-emu driver: work on the legacy stream while a blocking stream is captured");
+            return Err(CUresult::CUDA_ERROR_STREAM_CAPTURE_IMPLICIT);
+        }
+    } else if let Some(capture) = &mut entry(&mut streams, stream)?.capture {
+        if capture.invalidated {
+            return Err(CUresult::CUDA_ERROR_STREAM_CAPTURE_INVALIDATED);
+        }
+        capture.ops.push(op);
+        return Ok(());
     }
+    drop(streams);
     op.run()
 }
 
@@ -182,17 +202,20 @@ pub(crate) fn context_synchronize(context: usize) -> Status {
 /// # Safety
 /// `stream` is valid for a write.
 #[no_mangle]
-pub unsafe extern "C" fn cuStreamCreate(stream: *mut CUstream, _flags: c_uint) -> CUresult {
+pub unsafe extern "C" fn cuStreamCreate(stream: *mut CUstream, flags: c_uint) -> CUresult {
     call(|| {
         let context = device::current()? as usize;
         // Handles are never reused: 16-byte steps from a non-null start, so
         // that they read as aligned addresses.
         static NEXT: AtomicUsize = AtomicUsize::new(0x5000_0000);
         let handle = NEXT.fetch_add(16, Ordering::Relaxed);
+        const NON_BLOCKING: c_uint = 1;
+        let blocking = flags & NON_BLOCKING == 0;
         streams().insert(
             handle,
             Stream {
                 context,
+                blocking,
                 capture: None,
             },
         );
