@@ -114,11 +114,14 @@ fn check_device(dev: CUdevice) -> Status {
     }
 }
 
+/// Nothing to initialise: the device exists from the start.
 #[no_mangle]
 pub extern "C" fn cuInit(_flags: c_uint) -> CUresult {
     CUresult::CUDA_SUCCESS
 }
 
+/// The CUDA API version this model follows: 12.8.
+///
 /// # Safety
 /// `version` is valid for a write.
 #[no_mangle]
@@ -127,6 +130,8 @@ pub unsafe extern "C" fn cuDriverGetVersion(version: *mut c_int) -> CUresult {
     call(|| unsafe { put(version, 12080) })
 }
 
+/// One device.
+///
 /// # Safety
 /// `count` is valid for a write.
 #[no_mangle]
@@ -135,6 +140,8 @@ pub unsafe extern "C" fn cuDeviceGetCount(count: *mut c_int) -> CUresult {
     call(|| unsafe { put(count, 1) })
 }
 
+/// Device 0, the only one.
+///
 /// # Safety
 /// `device` is valid for a write.
 #[no_mangle]
@@ -146,6 +153,8 @@ pub unsafe extern "C" fn cuDeviceGet(device: *mut CUdevice, ordinal: c_int) -> C
     })
 }
 
+/// "multibox emulator (CPU)", cut to `len - 1` bytes and terminated.
+///
 /// # Safety
 /// `name` is valid for `len` bytes of writes.
 #[no_mangle]
@@ -165,6 +174,8 @@ pub unsafe extern "C" fn cuDeviceGetName(name: *mut c_char, len: c_int, dev: CUd
     })
 }
 
+/// An attribute of the device (see `attribute`).
+///
 /// # Safety
 /// `value` is valid for a write.
 #[no_mangle]
@@ -180,6 +191,8 @@ pub unsafe extern "C" fn cuDeviceGetAttribute(
     })
 }
 
+/// The device's memory: 16 GiB, of host memory.
+///
 /// # Safety
 /// `bytes` is valid for a write.
 #[no_mangle]
@@ -191,6 +204,8 @@ pub unsafe extern "C" fn cuDeviceTotalMem_v2(bytes: *mut usize, dev: CUdevice) -
     })
 }
 
+/// The primary context, made on first use.
+///
 /// # Safety
 /// `ctx` is valid for a write.
 #[no_mangle]
@@ -202,11 +217,13 @@ pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(ctx: *mut CUcontext, dev: CUde
     })
 }
 
+/// Nothing to release: the primary context lives as long as the process.
 #[no_mangle]
 pub extern "C" fn cuDevicePrimaryCtxRelease_v2(dev: CUdevice) -> CUresult {
     call(|| check_device(dev))
 }
 
+/// Replaces the top of the thread's context stack; null pops it.
 #[no_mangle]
 pub extern "C" fn cuCtxSetCurrent(ctx: CUcontext) -> CUresult {
     call(|| {
@@ -220,6 +237,8 @@ pub extern "C" fn cuCtxSetCurrent(ctx: CUcontext) -> CUresult {
     })
 }
 
+/// The top of the thread's context stack, or null.
+///
 /// # Safety
 /// `ctx` is valid for a write.
 #[no_mangle]
@@ -229,6 +248,7 @@ pub unsafe extern "C" fn cuCtxGetCurrent(ctx: *mut CUcontext) -> CUresult {
     call(|| unsafe { put(ctx, top.unwrap_or(std::ptr::null_mut())) })
 }
 
+/// Pushes a context on the thread's stack.
 #[no_mangle]
 pub extern "C" fn cuCtxPushCurrent_v2(ctx: CUcontext) -> CUresult {
     call(|| {
@@ -240,6 +260,8 @@ pub extern "C" fn cuCtxPushCurrent_v2(ctx: CUcontext) -> CUresult {
     })
 }
 
+/// Pops the thread's current context.
+///
 /// # Safety
 /// `ctx` is null or valid for a write.
 #[no_mangle]
@@ -256,6 +278,8 @@ pub unsafe extern "C" fn cuCtxPopCurrent_v2(ctx: *mut CUcontext) -> CUresult {
     })
 }
 
+/// Device 0, where a context is current.
+///
 /// # Safety
 /// `device` is valid for a write.
 #[no_mangle]
@@ -267,6 +291,8 @@ pub unsafe extern "C" fn cuCtxGetDevice(device: *mut CUdevice) -> CUresult {
     })
 }
 
+/// A new context, pushed on the thread's stack.
+///
 /// # Safety
 /// `ctx` is valid for a write.
 #[no_mangle]
@@ -287,6 +313,7 @@ pub unsafe extern "C" fn cuCtxCreate_v2(
     })
 }
 
+/// Unbinds a created context from the calling thread (the primary one cannot be destroyed).
 #[no_mangle]
 pub extern "C" fn cuCtxDestroy_v2(ctx: CUcontext) -> CUresult {
     call(|| {
@@ -298,6 +325,7 @@ pub extern "C" fn cuCtxDestroy_v2(ctx: CUcontext) -> CUresult {
     })
 }
 
+/// Work has run already; invalidates the context's captures (see `work::context_synchronize`).
 #[no_mangle]
 pub extern "C" fn cuCtxSynchronize() -> CUresult {
     call(|| {
@@ -306,6 +334,8 @@ pub extern "C" fn cuCtxSynchronize() -> CUresult {
     })
 }
 
+/// Priorities 0 (least) to -5 (greatest), as on recent GPUs; they change nothing here.
+///
 /// # Safety
 /// Both are valid for a write.
 #[no_mangle]

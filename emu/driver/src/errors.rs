@@ -61,6 +61,8 @@ fn text(error: CUresult, name: bool) -> *const c_char {
         .as_ptr()
 }
 
+/// The error's enum name, e.g. `CUDA_ERROR_INVALID_VALUE`.
+///
 /// # Safety
 /// `out` is valid for a write.
 #[no_mangle]
@@ -69,6 +71,8 @@ pub unsafe extern "C" fn cuGetErrorName(error: CUresult, out: *mut *const c_char
     call(|| unsafe { put(out, text(error, true)) })
 }
 
+/// The error's description.
+///
 /// # Safety
 /// `out` is valid for a write.
 #[no_mangle]

@@ -68,6 +68,8 @@ pub(crate) fn regions() -> Vec<multibox_emu::Region> {
         .collect()
 }
 
+/// `bytes` bytes of device memory: host memory, 256-byte aligned, filled with 0xff bytes.
+///
 /// # Safety
 /// `dptr` is valid for a write.
 #[no_mangle]
@@ -99,6 +101,7 @@ pub unsafe extern "C" fn cuMemAlloc_v2(dptr: *mut CUdeviceptr, bytes: usize) -> 
     })
 }
 
+/// Frees an allocation, given its first address.
 #[no_mangle]
 pub extern "C" fn cuMemFree_v2(dptr: CUdeviceptr) -> CUresult {
     call(|| {
@@ -114,6 +117,8 @@ pub extern "C" fn cuMemFree_v2(dptr: CUdeviceptr) -> CUresult {
     })
 }
 
+/// Free and total device memory.
+///
 /// # Safety
 /// Both are valid for a write.
 #[no_mangle]
@@ -156,6 +161,8 @@ unsafe fn copy(
     work::submit(stream, work::Op::Copy { dst, src, bytes })
 }
 
+/// A synchronous copy to device memory.
+///
 /// # Safety
 /// `src` is valid for `bytes` bytes of reads.
 #[no_mangle]
@@ -178,6 +185,8 @@ pub unsafe extern "C" fn cuMemcpyHtoD_v2(
     })
 }
 
+/// A synchronous copy from device memory.
+///
 /// # Safety
 /// `dst` is valid for `bytes` bytes of writes.
 #[no_mangle]
@@ -200,12 +209,15 @@ pub unsafe extern "C" fn cuMemcpyDtoH_v2(
     })
 }
 
+/// A synchronous copy within device memory.
 #[no_mangle]
 pub extern "C" fn cuMemcpyDtoD_v2(dst: CUdeviceptr, src: CUdeviceptr, bytes: usize) -> CUresult {
     // SAFETY: both ends are device memory, checked against the table.
     call(|| unsafe { copy(dst, true, src, true, bytes, std::ptr::null_mut(), true) })
 }
 
+/// A copy to device memory queued on `stream`.
+///
 /// # Safety
 /// `src` stays valid for `bytes` bytes of reads until the copy runs (at
 /// once, or at each replay of a graph that captured it).
@@ -220,6 +232,8 @@ pub unsafe extern "C" fn cuMemcpyHtoDAsync_v2(
     call(|| unsafe { copy(dst, true, src as u64, false, bytes, stream, false) })
 }
 
+/// A copy from device memory queued on `stream`.
+///
 /// # Safety
 /// As for `cuMemcpyHtoDAsync_v2`, for writes to `dst`.
 #[no_mangle]
@@ -233,6 +247,7 @@ pub unsafe extern "C" fn cuMemcpyDtoHAsync_v2(
     call(|| unsafe { copy(dst as u64, false, src, true, bytes, stream, false) })
 }
 
+/// A copy within device memory queued on `stream`.
 #[no_mangle]
 pub extern "C" fn cuMemcpyDtoDAsync_v2(
     dst: CUdeviceptr,
@@ -252,11 +267,13 @@ fn set(dst: u64, value: u8, bytes: usize, stream: CUstream, sync: bool) -> Statu
     work::submit(stream, work::Op::Set { dst, value, bytes })
 }
 
+/// A synchronous byte set of device memory.
 #[no_mangle]
 pub extern "C" fn cuMemsetD8_v2(dst: CUdeviceptr, value: u8, bytes: usize) -> CUresult {
     call(|| set(dst, value, bytes, std::ptr::null_mut(), true))
 }
 
+/// A byte set of device memory queued on `stream`.
 #[no_mangle]
 pub extern "C" fn cuMemsetD8Async(
     dst: CUdeviceptr,
@@ -315,6 +332,8 @@ unsafe fn write_attribute(attribute: c_uint, data: *mut c_void, addr: u64) -> St
     }
 }
 
+/// What the driver knows of `addr`, one value for each attribute asked.
+///
 /// # Safety
 /// `attributes` and `data` hold `count` entries; each `data` entry points
 /// to a value of its attribute's type.
@@ -338,6 +357,8 @@ pub unsafe extern "C" fn cuPointerGetAttributes(
     })
 }
 
+/// One attribute of `addr`, which must be device memory.
+///
 /// # Safety
 /// `data` points to a value of the attribute's type.
 #[no_mangle]

@@ -202,6 +202,8 @@ fn holds(image: &[u8], name: &str) -> bool {
         .any(|p| image.windows(p.len()).any(|w| w == p.as_bytes()))
 }
 
+/// Loads a CUBIN or PTX image into the current context.
+///
 /// # Safety
 /// `module` is valid for a write; `image` points to a whole CUBIN or to
 /// NUL-terminated PTX.
@@ -231,6 +233,7 @@ pub unsafe extern "C" fn cuModuleLoadData(module: *mut CUmodule, image: *const c
     })
 }
 
+/// Unloads a module.
 #[no_mangle]
 pub extern "C" fn cuModuleUnload(module: CUmodule) -> CUresult {
     call(|| {
@@ -244,6 +247,8 @@ pub extern "C" fn cuModuleUnload(module: CUmodule) -> CUresult {
     })
 }
 
+/// The function `name` of a module: a kernel its image holds and the emulator builds.
+///
 /// # Safety
 /// `function` is valid for a write, `module` is a loaded module, `name` is
 /// NUL-terminated.
@@ -302,6 +307,8 @@ pub(crate) fn function(f: CUfunction) -> Result<&'static Function, CUresult> {
     Ok(unsafe { &*f.cast::<Function>() })
 }
 
+/// An attribute of a function: registers and static shared memory from its CUBIN, the dynamic shared memory it may take.
+///
 /// # Safety
 /// `value` is valid for a write.
 #[no_mangle]
@@ -331,6 +338,7 @@ pub unsafe extern "C" fn cuFuncGetAttribute(
     })
 }
 
+/// Sets the dynamic shared memory a function may take (other attributes are accepted and ignored).
 #[no_mangle]
 pub extern "C" fn cuFuncSetAttribute(f: CUfunction, attribute: c_uint, value: c_int) -> CUresult {
     call(|| {
@@ -348,6 +356,7 @@ pub extern "C" fn cuFuncSetAttribute(f: CUfunction, attribute: c_uint, value: c_
     })
 }
 
+/// Accepted and ignored: the model has no L1 split.
 #[no_mangle]
 pub extern "C" fn cuFuncSetCacheConfig(f: CUfunction, _config: c_uint) -> CUresult {
     call(|| function(f).map(|_| ()))
@@ -378,6 +387,8 @@ fn resident(f: &Function, block: usize, shared: usize) -> usize {
         .min(BLOCKS_PER_SM)
 }
 
+/// Blocks of a function one multiprocessor holds (see `resident`).
+///
 /// # Safety
 /// `blocks` is valid for a write.
 #[no_mangle]
@@ -397,6 +408,8 @@ pub unsafe extern "C" fn cuOccupancyMaxActiveBlocksPerMultiprocessor(
     })
 }
 
+/// As `cuOccupancyMaxActiveBlocksPerMultiprocessor`; the flags change nothing here.
+///
 /// # Safety
 /// As for `cuOccupancyMaxActiveBlocksPerMultiprocessor`.
 #[no_mangle]
@@ -411,6 +424,8 @@ pub unsafe extern "C" fn cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(
     unsafe { cuOccupancyMaxActiveBlocksPerMultiprocessor(blocks, f, block, shared) }
 }
 
+/// The most dynamic shared memory each of `blocks` blocks of a function may take on one multiprocessor.
+///
 /// # Safety
 /// `shared` is valid for a write.
 #[no_mangle]

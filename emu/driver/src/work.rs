@@ -199,6 +199,8 @@ pub(crate) fn context_synchronize(context: usize) -> Status {
     Ok(())
 }
 
+/// A stream of the current context; blocking unless `flags` says `CU_STREAM_NON_BLOCKING`.
+///
 /// # Safety
 /// `stream` is valid for a write.
 #[no_mangle]
@@ -224,6 +226,8 @@ pub unsafe extern "C" fn cuStreamCreate(stream: *mut CUstream, flags: c_uint) ->
     })
 }
 
+/// As `cuStreamCreate`; the priority changes nothing here.
+///
 /// # Safety
 /// `stream` is valid for a write.
 #[no_mangle]
@@ -236,6 +240,7 @@ pub unsafe extern "C" fn cuStreamCreateWithPriority(
     unsafe { cuStreamCreate(stream, flags) }
 }
 
+/// Destroys a stream.
 #[no_mangle]
 pub extern "C" fn cuStreamDestroy_v2(stream: CUstream) -> CUresult {
     call(|| {
@@ -246,6 +251,8 @@ pub extern "C" fn cuStreamDestroy_v2(stream: CUstream) -> CUresult {
     })
 }
 
+/// The context of a stream (the current one for the legacy stream).
+///
 /// # Safety
 /// `context` is valid for a write.
 #[no_mangle]
@@ -261,6 +268,7 @@ pub unsafe extern "C" fn cuStreamGetCtx(stream: CUstream, context: *mut CUcontex
     })
 }
 
+/// Work has run already; fails on a stream being captured, and invalidates the capture.
 #[no_mangle]
 pub extern "C" fn cuStreamSynchronize(stream: CUstream) -> CUresult {
     call(|| {
@@ -277,6 +285,7 @@ pub extern "C" fn cuStreamSynchronize(stream: CUstream) -> CUresult {
     })
 }
 
+/// Always done: work runs when it is queued.
 #[no_mangle]
 pub extern "C" fn cuStreamQuery(stream: CUstream) -> CUresult {
     call(|| {
@@ -287,6 +296,7 @@ pub extern "C" fn cuStreamQuery(stream: CUstream) -> CUresult {
     })
 }
 
+/// Work runs when it is queued, so every wait is over at once.
 #[no_mangle]
 pub extern "C" fn cuStreamWaitEvent(stream: CUstream, event: CUevent, _flags: c_uint) -> CUresult {
     call(|| {
@@ -300,6 +310,7 @@ pub extern "C" fn cuStreamWaitEvent(stream: CUstream, event: CUevent, _flags: c_
     })
 }
 
+/// Starts recording the stream's work into a graph, in capture mode `mode`.
 #[no_mangle]
 pub extern "C" fn cuStreamBeginCapture_v2(stream: CUstream, mode: c_uint) -> CUresult {
     call(|| {
@@ -328,6 +339,8 @@ struct Graph {
     _context: usize,
 }
 
+/// Ends a capture: its graph, or `CUDA_ERROR_STREAM_CAPTURE_INVALIDATED`.
+///
 /// # Safety
 /// `graph` is valid for a write.
 #[no_mangle]
@@ -361,6 +374,8 @@ pub unsafe extern "C" fn cuStreamEndCapture(stream: CUstream, graph: *mut CUgrap
     })
 }
 
+/// Whether the stream is capturing, and whether its capture was invalidated.
+///
 /// # Safety
 /// `status` is valid for a write.
 #[no_mangle]
@@ -385,6 +400,8 @@ pub unsafe extern "C" fn cuStreamIsCapturing(
     })
 }
 
+/// An executable copy of a captured graph.
+///
 /// # Safety
 /// `exec` is valid for a write; `graph` came from `cuStreamEndCapture`.
 #[no_mangle]
@@ -408,6 +425,8 @@ pub unsafe extern "C" fn cuGraphInstantiateWithFlags(
     })
 }
 
+/// Queues a graph's work on `stream`, in the order it was captured.
+///
 /// # Safety
 /// `exec` came from `cuGraphInstantiateWithFlags` and is not destroyed.
 #[no_mangle]
@@ -422,6 +441,7 @@ pub unsafe extern "C" fn cuGraphLaunch(exec: CUgraphExec, stream: CUstream) -> C
     })
 }
 
+/// Nothing to upload.
 #[no_mangle]
 pub extern "C" fn cuGraphUpload(exec: CUgraphExec, _stream: CUstream) -> CUresult {
     call(|| {
@@ -433,6 +453,8 @@ pub extern "C" fn cuGraphUpload(exec: CUgraphExec, _stream: CUstream) -> CUresul
     })
 }
 
+/// Destroys a captured graph.
+///
 /// # Safety
 /// `graph` came from `cuStreamEndCapture` and is destroyed once.
 #[no_mangle]
@@ -444,6 +466,8 @@ pub unsafe extern "C" fn cuGraphDestroy(graph: CUgraph) -> CUresult {
     })
 }
 
+/// Destroys an executable graph.
+///
 /// # Safety
 /// `exec` came from `cuGraphInstantiateWithFlags` and is destroyed once.
 #[no_mangle]
@@ -455,6 +479,8 @@ pub unsafe extern "C" fn cuGraphExecDestroy(exec: CUgraphExec) -> CUresult {
     })
 }
 
+/// Queues a kernel on `stream`: its argument bytes are copied now, and it runs on the emulator when the stream runs it.
+///
 /// # Safety
 /// `params` holds one pointer, to the kernel's params struct; `extra` is
 /// null.
@@ -523,6 +549,8 @@ struct Event {
     recorded: Mutex<Option<Instant>>,
 }
 
+/// An event, timing unless `flags` says `CU_EVENT_DISABLE_TIMING`.
+///
 /// # Safety
 /// `event` is valid for a write.
 #[no_mangle]
@@ -536,6 +564,8 @@ pub unsafe extern "C" fn cuEventCreate(event: *mut CUevent, flags: c_uint) -> CU
     call(|| unsafe { put(event, Box::into_raw(e).cast()) })
 }
 
+/// Destroys an event.
+///
 /// # Safety
 /// `event` came from `cuEventCreate` and is destroyed once.
 #[no_mangle]
@@ -559,6 +589,7 @@ fn event(e: CUevent) -> Result<&'static Event, CUresult> {
     Ok(unsafe { &*e.cast::<Event>() })
 }
 
+/// Records the time on the host (work before it has run); a node of no effect in a capture.
 #[no_mangle]
 pub extern "C" fn cuEventRecord(e: CUevent, stream: CUstream) -> CUresult {
     call(|| {
@@ -572,16 +603,20 @@ pub extern "C" fn cuEventRecord(e: CUevent, stream: CUstream) -> CUresult {
     })
 }
 
+/// Always done: work runs when it is queued.
 #[no_mangle]
 pub extern "C" fn cuEventQuery(e: CUevent) -> CUresult {
     call(|| event(e).map(|_| ()))
 }
 
+/// Always done: work runs when it is queued.
 #[no_mangle]
 pub extern "C" fn cuEventSynchronize(e: CUevent) -> CUresult {
     call(|| event(e).map(|_| ()))
 }
 
+/// Milliseconds between two recorded timing events, on the host's clock (the emulator's time, not a GPU's).
+///
 /// # Safety
 /// `ms` is valid for a write.
 #[no_mangle]
@@ -609,6 +644,8 @@ pub unsafe extern "C" fn cuEventElapsedTime(
     })
 }
 
+/// As `cuEventElapsedTime`.
+///
 /// # Safety
 /// As for `cuEventElapsedTime`.
 #[no_mangle]
