@@ -55,8 +55,13 @@ impl Op {
                 shared,
                 params,
             } => {
+                // A GPU promises no order among blocks: every other launch
+                // runs them last to first.
+                static LAUNCHES: AtomicUsize = AtomicUsize::new(0);
+                let reverse_blocks = LAUNCHES.fetch_add(1, Ordering::Relaxed) % 2 == 1;
                 let checked = multibox_emu::checks_available();
                 let checks = multibox_emu::Checks {
+                    reverse_blocks,
                     races: multibox_emu::races_checked_by_default(),
                     regions: if checked {
                         memory::regions()
