@@ -12,6 +12,11 @@ use crate::{call, put, work, Status};
 /// The device's name, as `cuDeviceGetName` gives it.
 const NAME: &str = "multibox emulator (CPU)";
 
+/// The compute capability: 9.0, an H100's or H200's.
+pub(crate) const CC_MAJOR: u32 = 9;
+/// See [`CC_MAJOR`].
+pub(crate) const CC_MINOR: u32 = 0;
+
 /// Multiprocessors: few, so that the row kernels' grids are small and their
 /// grid-stride loops take several turns even on small test batches.
 pub(crate) const SMS: i32 = 8;
@@ -38,7 +43,9 @@ pub(crate) const BLOCKS_PER_SM: usize = 32;
 fn attribute(attribute: c_uint) -> c_int {
     let is = |a: A| attribute == a as c_uint;
     if is(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR) {
-        9
+        CC_MAJOR as c_int
+    } else if is(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR) {
+        CC_MINOR as c_int
     } else if is(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT) {
         SMS
     } else if is(A::CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_BLOCK)

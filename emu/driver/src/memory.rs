@@ -105,6 +105,7 @@ pub unsafe extern "C" fn cuMemAlloc_v2(dptr: *mut CUdeviceptr, bytes: usize) -> 
 #[no_mangle]
 pub extern "C" fn cuMemFree_v2(dptr: CUdeviceptr) -> CUresult {
     call(|| {
+        device::current()?;
         work::forbid_unsafe_call()?;
         let a = allocations()
             .remove(&dptr)
@@ -150,6 +151,7 @@ unsafe fn copy(
     sync: bool,
 ) -> Status {
     if sync {
+        device::current()?;
         work::forbid_unsafe_call()?;
     }
     if dst_device {
@@ -261,6 +263,7 @@ pub extern "C" fn cuMemcpyDtoDAsync_v2(
 
 fn set(dst: u64, value: u8, bytes: usize, stream: CUstream, sync: bool) -> Status {
     if sync {
+        device::current()?;
         work::forbid_unsafe_call()?;
     }
     check(dst, bytes)?;

@@ -11,8 +11,8 @@ use cudarc::driver::sys::{CUfunction, CUfunction_attribute as F, CUmodule, CUres
 use multibox_emu::Arch;
 
 use crate::device::{
-    BLOCKS_PER_SM, REGISTERS_PER_SM, RESERVED_SHARED, SHARED_PER_BLOCK, SHARED_PER_BLOCK_OPTIN,
-    SHARED_PER_SM, THREADS_PER_SM,
+    BLOCKS_PER_SM, CC_MAJOR, CC_MINOR, REGISTERS_PER_SM, RESERVED_SHARED, SHARED_PER_BLOCK,
+    SHARED_PER_BLOCK_OPTIN, SHARED_PER_SM, THREADS_PER_SM,
 };
 use crate::{call, device, put, Status};
 
@@ -145,7 +145,9 @@ unsafe fn elf_len(image: *const u8) -> usize {
         header.read(0x3a, 2),
         header.read(0x3c, 2),
     );
-    let tables = (shoff + shentsize * shnum).max(phoff + phentsize * phnum);
+    let tables = (shoff + shentsize * shnum)
+        .max(phoff + phentsize * phnum)
+        .max(64);
     // SAFETY: the image holds its section header table.
     let elf = Elf(unsafe { std::slice::from_raw_parts(image, tables) });
     const SHT_NOBITS: usize = 8;
@@ -157,12 +159,18 @@ unsafe fn elf_len(image: *const u8) -> usize {
 }
 
 /// The image's bytes and the architecture its code was built for: a CUBIN's
-/// from its ELF flags, a PTX module's from its `.target`. Images for sm_80
-/// and later run the emulator's sm_90 build (the `MB_SM80` paths).
+/// from its ELF flags (the SM in bits 0..8 up to ELF ABI version 7, in bits
+/// 8..16 from version 8, which sm_100 and later use), a PTX module's from
+/// its `.target`. The device loads a CUBIN of its own major version and a
+/// minor not above its own, and PTX of any target not above it (compiled
+/// for it), as CUDA's compatibility rules say; else the image has no
+/// binary for it. Images for sm_80 and later run the emulator's sm_90
+/// build (the `MB_SM80` paths).
 ///
 /// # Safety
 /// `image` points to a whole CUBIN, or to NUL-terminated PTX.
 unsafe fn read_image(image: *const u8) -> Result<(Vec<u8>, Arch), CUresult> {
+    let device = CC_MAJOR * 10 + CC_MINOR;
     // SAFETY: every image has at least 4 bytes (PTX text is far longer).
     let magic = unsafe { std::slice::from_raw_parts(image, 4) };
     let (bytes, sm) = if magic == b"\x7fELF" {
@@ -170,14 +178,27 @@ unsafe fn read_image(image: *const u8) -> Result<(Vec<u8>, Arch), CUresult> {
         let len = unsafe { elf_len(image) };
         // SAFETY: as above: it holds `len` bytes.
         let bytes = unsafe { std::slice::from_raw_parts(image, len) }.to_vec();
-        let sm = u32::from_le_bytes(bytes[0x30..0x34].try_into().expect("4 bytes")) & 0xff;
+        let elf = Elf(&bytes);
+        const EI_ABIVERSION: usize = 8;
+        let flags = elf.read(0x30, 4) as u32;
+        let sm = if bytes[EI_ABIVERSION] >= 8 {
+            (flags >> 8) & 0xff
+        } else {
+            flags & 0xff
+        };
+        if sm / 10 != device / 10 || sm % 10 > device % 10 {
+            eprintln!(
+                "multibox-emu driver: a CUBIN for sm_{sm} cannot load on this sm_{device} device"
+            );
+            return Err(CUresult::CUDA_ERROR_NO_BINARY_FOR_GPU);
+        }
         (bytes, sm)
     } else {
         // SAFETY: the caller's promise: NUL-terminated.
         let text = unsafe { CStr::from_ptr(image.cast::<c_char>()) }
             .to_bytes()
             .to_vec();
-        let target = String::from_utf8_lossy(&text)
+        let target: u32 = String::from_utf8_lossy(&text)
             .lines()
             .find_map(|l| {
                 l.trim().strip_prefix(".target sm_").map(|t| {
@@ -188,6 +209,9 @@ unsafe fn read_image(image: *const u8) -> Result<(Vec<u8>, Arch), CUresult> {
             })
             .and_then(|sm| sm.parse().ok())
             .ok_or(CUresult::CUDA_ERROR_INVALID_PTX)?;
+        if target > device {
+            return Err(CUresult::CUDA_ERROR_NO_BINARY_FOR_GPU);
+        }
         (text, target)
     };
     Ok((bytes, if sm >= 80 { Arch::Sm90 } else { Arch::Sm75 }))

@@ -173,3 +173,103 @@ fn the_legacy_stream_may_not_wait_for_a_blocking_stream_being_captured() {
     );
     assert_eq!(cuMemFree_v2(p), CUresult::CUDA_SUCCESS);
 }
+
+/// The result of loading `image` into the current context.
+fn load(image: &[u8]) -> CUresult {
+    use crate::module::{cuModuleLoadData, cuModuleUnload};
+    let mut module = null_mut();
+    // SAFETY: `module` is writable; `image` is an ELF header or NUL-terminated PTX.
+    let loaded = unsafe { cuModuleLoadData(&mut module, image.as_ptr().cast()) };
+    if loaded == CUresult::CUDA_SUCCESS {
+        assert_eq!(cuModuleUnload(module), CUresult::CUDA_SUCCESS);
+    }
+    loaded
+}
+
+/// A bare ELF64 header (no sections) of ELF ABI version `abi`, flags `flags`.
+fn cubin(abi: u8, flags: u32) -> Vec<u8> {
+    let mut h = vec![0u8; 64];
+    h[..4].copy_from_slice(b"\x7fELF");
+    h[8] = abi;
+    h[0x30..0x34].copy_from_slice(&flags.to_le_bytes());
+    h
+}
+
+#[test]
+fn a_9_0_device_loads_sm_90_cubins_and_older_ptx_only() {
+    let _turn = bind();
+    assert_eq!(load(&cubin(7, 0x5a055a)), CUresult::CUDA_SUCCESS);
+    for (abi, flags) in [(7, 0x500550), (7, 0x4b054b), (8, 0xa006402), (8, 0xa007802)] {
+        assert_eq!(
+            load(&cubin(abi, flags)),
+            CUresult::CUDA_ERROR_NO_BINARY_FOR_GPU,
+            "{flags:#x}"
+        );
+    }
+    assert_eq!(
+        load(b".version 8.7\n.target sm_75\n\0"),
+        CUresult::CUDA_SUCCESS
+    );
+    assert_eq!(
+        load(b".version 8.7\n.target sm_100\n\0"),
+        CUresult::CUDA_ERROR_NO_BINARY_FOR_GPU
+    );
+}
+
+#[test]
+fn a_capturing_stream_may_not_be_queried_nor_the_legacy_stream_used() {
+    use crate::work::{cuEventCreate, cuEventRecord, cuStreamQuery};
+    let _turn = bind();
+    let blocking = stream();
+    let mut e = null_mut();
+    // SAFETY: `e` is writable.
+    assert_eq!(unsafe { cuEventCreate(&mut e, 0) }, CUresult::CUDA_SUCCESS);
+    let mode = Mode::CU_STREAM_CAPTURE_MODE_RELAXED as c_uint;
+    assert_eq!(
+        cuStreamBeginCapture_v2(blocking, mode),
+        CUresult::CUDA_SUCCESS
+    );
+    assert_eq!(
+        cuEventRecord(e, null_mut()),
+        CUresult::CUDA_ERROR_STREAM_CAPTURE_IMPLICIT
+    );
+    assert_eq!(
+        end(blocking),
+        CUresult::CUDA_ERROR_STREAM_CAPTURE_INVALIDATED
+    );
+    assert_eq!(
+        cuStreamBeginCapture_v2(blocking, mode),
+        CUresult::CUDA_SUCCESS
+    );
+    assert_eq!(
+        cuStreamQuery(blocking),
+        CUresult::CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED
+    );
+    assert_eq!(
+        end(blocking),
+        CUresult::CUDA_ERROR_STREAM_CAPTURE_INVALIDATED
+    );
+}
+
+#[test]
+fn bad_handles_are_errors_not_crashes() {
+    use crate::work::{cuGraphDestroy, cuGraphExecDestroy};
+    let (ctx, _turn) = bind();
+    // SAFETY: null handles, which the driver refuses.
+    unsafe {
+        assert_eq!(
+            cuGraphDestroy(null_mut()),
+            CUresult::CUDA_ERROR_INVALID_VALUE
+        );
+        assert_eq!(
+            cuGraphExecDestroy(null_mut()),
+            CUresult::CUDA_ERROR_INVALID_VALUE
+        );
+    }
+    // Without a current context, memory calls fail.
+    let p = alloc(16).unwrap();
+    assert_eq!(cuCtxSetCurrent(null_mut()), CUresult::CUDA_SUCCESS);
+    assert_eq!(cuMemFree_v2(p), CUresult::CUDA_ERROR_INVALID_CONTEXT);
+    assert_eq!(cuCtxSetCurrent(ctx), CUresult::CUDA_SUCCESS);
+    assert_eq!(cuMemFree_v2(p), CUresult::CUDA_SUCCESS);
+}

@@ -55,10 +55,12 @@ impl Op {
                 shared,
                 params,
             } => {
-                // A GPU promises no order among blocks: every other launch
-                // runs them last to first.
+                // A GPU promises no order among blocks: a launch runs them
+                // last to first where a bit of its count's hash says so, an
+                // order that differs from call to call (a plain alternation
+                // would repeat with the three launches of a call).
                 static LAUNCHES: AtomicUsize = AtomicUsize::new(0);
-                let reverse_blocks = LAUNCHES.fetch_add(1, Ordering::Relaxed) % 2 == 1;
+                let reverse_blocks = mix(LAUNCHES.fetch_add(1, Ordering::Relaxed) as u64) & 1 == 1;
                 let checked = multibox_emu::checks_available();
                 let checks = multibox_emu::Checks {
                     reverse_blocks,
@@ -92,6 +94,14 @@ impl Op {
         }
         Ok(())
     }
+}
+
+/// splitmix64's finaliser: each bit of the output depends on every bit of
+/// the input.
+fn mix(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
 }
 
 /// A capture in progress.
@@ -132,23 +142,7 @@ fn entry(streams: &mut BTreeMap<usize, Stream>, stream: CUstream) -> Result<&mut
 pub(crate) fn submit(stream: CUstream, op: Op) -> Status {
     let mut streams = streams();
     if stream.is_null() {
-        // The legacy stream waits for every blocking stream of its context,
-        // which a capture in progress cannot allow.
-        let context = device::current()? as usize;
-        let mut implicit = false;
-        for s in streams
-            .values_mut()
-            .filter(|s| s.blocking && s.context == context)
-        {
-            if let Some(c) = &mut s.capture {
-                c.invalidated = true;
-                implicit = true;
-            }
-        }
-        if implicit {
-            eprintln!("multibox-emu driver: work on the legacy stream while a blocking stream is captured");
-            return Err(CUresult::CUDA_ERROR_STREAM_CAPTURE_IMPLICIT);
-        }
+        legacy_stream_use(&mut streams)?;
     } else if let Some(capture) = &mut entry(&mut streams, stream)?.capture {
         if capture.invalidated {
             return Err(CUresult::CUDA_ERROR_STREAM_CAPTURE_INVALIDATED);
@@ -158,6 +152,46 @@ pub(crate) fn submit(stream: CUstream, op: Op) -> Status {
     }
     drop(streams);
     op.run()
+}
+
+/// Fails, and invalidates the captures, where a use of the legacy default
+/// stream (work, a synchronisation, an event, a query) would make it wait
+/// for a blocking stream of the current context that is being captured:
+/// CUDA's implicit synchronisation, which a capture cannot hold.
+fn legacy_stream_use(streams: &mut BTreeMap<usize, Stream>) -> Status {
+    let context = device::current()? as usize;
+    let mut implicit = false;
+    for s in streams
+        .values_mut()
+        .filter(|s| s.blocking && s.context == context)
+    {
+        if let Some(c) = &mut s.capture {
+            c.invalidated = true;
+            implicit = true;
+        }
+    }
+    if implicit {
+        eprintln!(
+            "multibox-emu driver: the legacy stream used while a blocking stream is captured"
+        );
+        return Err(CUresult::CUDA_ERROR_STREAM_CAPTURE_IMPLICIT);
+    }
+    Ok(())
+}
+
+/// Fails, and invalidates the capture, where `stream` is capturing: a
+/// synchronisation or a query of it.
+fn forbid_on_capture(
+    streams: &mut BTreeMap<usize, Stream>,
+    stream: CUstream,
+    call: &str,
+) -> Status {
+    if let Some(c) = &mut entry(streams, stream)?.capture {
+        c.invalidated = true;
+        eprintln!("multibox-emu driver: {call} on a stream being captured");
+        return Err(CUresult::CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED);
+    }
+    Ok(())
 }
 
 /// Fails, and invalidates the captures that forbid it, where a
@@ -278,26 +312,22 @@ pub unsafe extern "C" fn cuStreamGetCtx(stream: CUstream, context: *mut CUcontex
 pub extern "C" fn cuStreamSynchronize(stream: CUstream) -> CUresult {
     call(|| {
         if stream.is_null() {
+            legacy_stream_use(&mut streams())?;
             return forbid_unsafe_call();
         }
-        let mut streams = streams();
-        if let Some(c) = &mut entry(&mut streams, stream)?.capture {
-            c.invalidated = true;
-            eprintln!("multibox-emu driver: cuStreamSynchronize on a stream being captured");
-            return Err(CUresult::CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED);
-        }
-        Ok(())
+        forbid_on_capture(&mut streams(), stream, "cuStreamSynchronize")
     })
 }
 
-/// Always done: work runs when it is queued.
+/// Always done: work runs when it is queued. A capturing stream may not be
+/// queried.
 #[no_mangle]
 pub extern "C" fn cuStreamQuery(stream: CUstream) -> CUresult {
     call(|| {
-        if !stream.is_null() {
-            entry(&mut streams(), stream)?;
+        if stream.is_null() {
+            return legacy_stream_use(&mut streams());
         }
-        Ok(())
+        forbid_on_capture(&mut streams(), stream, "cuStreamQuery")
     })
 }
 
@@ -308,10 +338,10 @@ pub extern "C" fn cuStreamWaitEvent(stream: CUstream, event: CUevent, _flags: c_
         if event.is_null() {
             return Err(CUresult::CUDA_ERROR_INVALID_HANDLE);
         }
-        if !stream.is_null() {
-            entry(&mut streams(), stream)?;
+        if stream.is_null() {
+            return legacy_stream_use(&mut streams());
         }
-        Ok(())
+        entry(&mut streams(), stream).map(|_| ())
     })
 }
 
@@ -466,6 +496,9 @@ pub extern "C" fn cuGraphUpload(exec: CUgraphExec, _stream: CUstream) -> CUresul
 pub unsafe extern "C" fn cuGraphDestroy(graph: CUgraph) -> CUresult {
     // SAFETY: the caller's promise.
     call(|| {
+        if graph.is_null() {
+            return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
+        }
         drop(unsafe { Box::from_raw(graph.cast::<Graph>()) });
         Ok(())
     })
@@ -479,6 +512,9 @@ pub unsafe extern "C" fn cuGraphDestroy(graph: CUgraph) -> CUresult {
 pub unsafe extern "C" fn cuGraphExecDestroy(exec: CUgraphExec) -> CUresult {
     // SAFETY: the caller's promise.
     call(|| {
+        if exec.is_null() {
+            return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
+        }
         drop(unsafe { Box::from_raw(exec.cast::<Graph>()) });
         Ok(())
     })
@@ -599,7 +635,9 @@ fn event(e: CUevent) -> Result<&'static Event, CUresult> {
 pub extern "C" fn cuEventRecord(e: CUevent, stream: CUstream) -> CUresult {
     call(|| {
         let e = event(e)?;
-        if !stream.is_null() && entry(&mut streams(), stream)?.capture.is_some() {
+        if stream.is_null() {
+            legacy_stream_use(&mut streams())?;
+        } else if entry(&mut streams(), stream)?.capture.is_some() {
             // A node of the graph: ordering only, which replays keep.
             return Ok(());
         }
