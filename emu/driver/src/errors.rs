@@ -1,7 +1,7 @@
 //! Error names and descriptions, as `cuGetErrorName` and
 //! `cuGetErrorString` give them.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::ffi::{c_char, CStr, CString};
 use std::sync::Mutex;
 
@@ -43,13 +43,10 @@ fn description(error: CUresult) -> &'static str {
 /// The name or the description of `error`, as a C string that lives as
 /// long as the process (made once per code and kind).
 fn text(error: CUresult, name: bool) -> *const c_char {
-    static TEXTS: Mutex<Vec<HashMap<u32, &'static CStr>>> = Mutex::new(Vec::new());
+    static TEXTS: Mutex<BTreeMap<(u32, bool), &'static CStr>> = Mutex::new(BTreeMap::new());
     let mut texts = TEXTS.lock().unwrap_or_else(|e| e.into_inner());
-    if texts.is_empty() {
-        texts.extend([HashMap::new(), HashMap::new()]);
-    }
-    texts[usize::from(name)]
-        .entry(error as u32)
+    texts
+        .entry((error as u32, name))
         .or_insert_with(|| {
             let s = if name {
                 format!("{error:?}")

@@ -64,5 +64,20 @@ pub(crate) unsafe fn put<T>(out: *mut T, value: T) -> Status {
     Ok(())
 }
 
+/// Frees a handle this driver made with `Box::into_raw` (a module, graph
+/// or event), or refuses a null one with `null_error`.
+///
+/// # Safety
+/// `handle` is null or came from `Box::into_raw` of a `Box<T>`, and is
+/// freed once.
+pub(crate) unsafe fn free_handle<T>(handle: *mut T, null_error: CUresult) -> Status {
+    if handle.is_null() {
+        return Err(null_error);
+    }
+    // SAFETY: the caller's promise.
+    drop(unsafe { Box::from_raw(handle) });
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests;

@@ -14,7 +14,7 @@ use crate::device::{
     BLOCKS_PER_SM, CC_MAJOR, CC_MINOR, REGISTERS_PER_SM, RESERVED_SHARED, SHARED_PER_BLOCK,
     SHARED_PER_BLOCK_OPTIN, SHARED_PER_SM, THREADS_PER_SM,
 };
-use crate::{call, device, put, Status};
+use crate::{call, device, free_handle, put, Status};
 
 /// A loaded image.
 struct Module {
@@ -260,15 +260,9 @@ pub unsafe extern "C" fn cuModuleLoadData(module: *mut CUmodule, image: *const c
 /// Unloads a module.
 #[no_mangle]
 pub extern "C" fn cuModuleUnload(module: CUmodule) -> CUresult {
-    call(|| {
-        if module.is_null() {
-            return Err(CUresult::CUDA_ERROR_INVALID_HANDLE);
-        }
-        // SAFETY: made by cuModuleLoadData and unloaded once; its functions
-        // are leaked, so a handle kept past the unload stays readable.
-        drop(unsafe { Box::from_raw(module.cast::<Module>()) });
-        Ok(())
-    })
+    // SAFETY: made by cuModuleLoadData and unloaded once; its functions
+    // are leaked, so a handle kept past the unload stays readable.
+    call(|| unsafe { free_handle(module.cast::<Module>(), CUresult::CUDA_ERROR_INVALID_HANDLE) })
 }
 
 /// The function `name` of a module: a kernel its image holds and the emulator builds.

@@ -16,7 +16,7 @@ use cudarc::driver::sys::{
 };
 
 use crate::module::{self, Function};
-use crate::{call, device, memory, put, Status};
+use crate::{call, device, free_handle, memory, put, Status};
 
 /// One piece of work.
 #[derive(Clone)]
@@ -154,29 +154,43 @@ pub(crate) fn submit(stream: CUstream, op: Op) -> Status {
     op.run()
 }
 
+/// Invalidates every capture in progress on a stream `hit` picks, and
+/// fails with `error`, saying `why`, where there was one.
+fn invalidate(
+    streams: &mut BTreeMap<usize, Stream>,
+    hit: impl Fn(&Stream, &Capture) -> bool,
+    error: CUresult,
+    why: &str,
+) -> Status {
+    let mut any = false;
+    for s in streams.values_mut() {
+        if !s.capture.as_ref().is_some_and(|c| hit(s, c)) {
+            continue;
+        }
+        if let Some(c) = &mut s.capture {
+            c.invalidated = true;
+            any = true;
+        }
+    }
+    if any {
+        eprintln!("multibox-emu driver: {why}");
+        return Err(error);
+    }
+    Ok(())
+}
+
 /// Fails, and invalidates the captures, where a use of the legacy default
 /// stream (work, a synchronisation, an event, a query) would make it wait
 /// for a blocking stream of the current context that is being captured:
 /// CUDA's implicit synchronisation, which a capture cannot hold.
 fn legacy_stream_use(streams: &mut BTreeMap<usize, Stream>) -> Status {
     let context = device::current()? as usize;
-    let mut implicit = false;
-    for s in streams
-        .values_mut()
-        .filter(|s| s.blocking && s.context == context)
-    {
-        if let Some(c) = &mut s.capture {
-            c.invalidated = true;
-            implicit = true;
-        }
-    }
-    if implicit {
-        eprintln!(
-            "multibox-emu driver: the legacy stream used while a blocking stream is captured"
-        );
-        return Err(CUresult::CUDA_ERROR_STREAM_CAPTURE_IMPLICIT);
-    }
-    Ok(())
+    invalidate(
+        streams,
+        |s, _| s.blocking && s.context == context,
+        CUresult::CUDA_ERROR_STREAM_CAPTURE_IMPLICIT,
+        "the legacy stream used while a blocking stream is captured",
+    )
 }
 
 /// Fails, and invalidates the capture, where `stream` is capturing: a
@@ -201,41 +215,26 @@ fn forbid_on_capture(
 /// "potentially unsafe API calls" under stream capture.
 pub(crate) fn forbid_unsafe_call() -> Status {
     let me = thread::current().id();
-    let mut forbidden = false;
-    for s in streams().values_mut() {
-        if let Some(c) = &mut s.capture {
+    invalidate(
+        &mut streams(),
+        |_, c| {
             let mine = c.thread == me && c.mode != Mode::CU_STREAM_CAPTURE_MODE_RELAXED as c_uint;
-            let global = c.mode == Mode::CU_STREAM_CAPTURE_MODE_GLOBAL as c_uint;
-            if mine || global {
-                c.invalidated = true;
-                forbidden = true;
-            }
-        }
-    }
-    if forbidden {
-        eprintln!(
-            "multibox-emu driver: a synchronising call during a stream capture that forbids it"
-        );
-        return Err(CUresult::CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED);
-    }
-    Ok(())
+            mine || c.mode == Mode::CU_STREAM_CAPTURE_MODE_GLOBAL as c_uint
+        },
+        CUresult::CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED,
+        "a synchronising call during a stream capture that forbids it",
+    )
 }
 
 /// `cuCtxSynchronize`: waits for the whole context, which invalidates every
 /// capture in progress in it, whatever its mode or thread.
 pub(crate) fn context_synchronize(context: usize) -> Status {
-    let mut any = false;
-    for s in streams().values_mut().filter(|s| s.context == context) {
-        if let Some(c) = &mut s.capture {
-            c.invalidated = true;
-            any = true;
-        }
-    }
-    if any {
-        eprintln!("multibox-emu driver: cuCtxSynchronize during a stream capture in its context");
-        return Err(CUresult::CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED);
-    }
-    Ok(())
+    invalidate(
+        &mut streams(),
+        |s, _| s.context == context,
+        CUresult::CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED,
+        "cuCtxSynchronize during a stream capture in its context",
+    )
 }
 
 /// A stream of the current context; blocking unless `flags` says `CU_STREAM_NON_BLOCKING`.
@@ -494,14 +493,8 @@ pub extern "C" fn cuGraphUpload(exec: CUgraphExec, _stream: CUstream) -> CUresul
 /// `graph` came from `cuStreamEndCapture` and is destroyed once.
 #[no_mangle]
 pub unsafe extern "C" fn cuGraphDestroy(graph: CUgraph) -> CUresult {
-    // SAFETY: the caller's promise.
-    call(|| {
-        if graph.is_null() {
-            return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
-        }
-        drop(unsafe { Box::from_raw(graph.cast::<Graph>()) });
-        Ok(())
-    })
+    // SAFETY: the caller's promise: made by this driver, freed once.
+    call(|| unsafe { free_handle(graph.cast::<Graph>(), CUresult::CUDA_ERROR_INVALID_VALUE) })
 }
 
 /// Destroys an executable graph.
@@ -510,14 +503,8 @@ pub unsafe extern "C" fn cuGraphDestroy(graph: CUgraph) -> CUresult {
 /// `exec` came from `cuGraphInstantiateWithFlags` and is destroyed once.
 #[no_mangle]
 pub unsafe extern "C" fn cuGraphExecDestroy(exec: CUgraphExec) -> CUresult {
-    // SAFETY: the caller's promise.
-    call(|| {
-        if exec.is_null() {
-            return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
-        }
-        drop(unsafe { Box::from_raw(exec.cast::<Graph>()) });
-        Ok(())
-    })
+    // SAFETY: the caller's promise: made by this driver, freed once.
+    call(|| unsafe { free_handle(exec.cast::<Graph>(), CUresult::CUDA_ERROR_INVALID_VALUE) })
 }
 
 /// Queues a kernel on `stream`: its argument bytes are copied now, and it runs on the emulator when the stream runs it.
@@ -611,14 +598,8 @@ pub unsafe extern "C" fn cuEventCreate(event: *mut CUevent, flags: c_uint) -> CU
 /// `event` came from `cuEventCreate` and is destroyed once.
 #[no_mangle]
 pub unsafe extern "C" fn cuEventDestroy_v2(event: CUevent) -> CUresult {
-    call(|| {
-        if event.is_null() {
-            return Err(CUresult::CUDA_ERROR_INVALID_HANDLE);
-        }
-        // SAFETY: the caller's promise.
-        drop(unsafe { Box::from_raw(event.cast::<Event>()) });
-        Ok(())
-    })
+    // SAFETY: the caller's promise: made by this driver, freed once.
+    call(|| unsafe { free_handle(event.cast::<Event>(), CUresult::CUDA_ERROR_INVALID_HANDLE) })
 }
 
 fn event(e: CUevent) -> Result<&'static Event, CUresult> {
