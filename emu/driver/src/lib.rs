@@ -24,7 +24,7 @@
 //! none), and timing (events measure the emulator).
 //!
 //! Exported functions take the C types of `cuda.h` and are called by the
-//! driver's users only; each body runs under [`call`], which turns a panic
+//! driver's users only; each body runs under `call`, which turns a panic
 //! into `CUDA_ERROR_UNKNOWN` rather than unwinding into C.
 
 #![allow(non_snake_case)]
