@@ -942,10 +942,12 @@ pub fn plane_stride(priors: usize, tile_rows: u32, dtype: DType) -> u32 {
 /// wavefronts of every read in both passes. The stride must stay congruent
 /// to P modulo 4, so P = 2 modulo 4 has no such stride; the half types have
 /// one lane a row up to C = 91, where a warp reads 32 consecutive
-/// elements whatever the stride, and keep [`plane_stride`] beyond.
+/// elements whatever the stride, and keep [`plane_stride`] beyond, as does
+/// a tile of fewer than 8 rows (more than a warp's lanes a row: the plan
+/// never makes one).
 pub fn rows_plane_stride(shape: Shape, tile_rows: u32, dtype: DType) -> u32 {
     let least = plane_stride(shape.priors, tile_rows, dtype);
-    if dtype != DType::F32 || tile_rows == 0 || tile_rows >= ROW_THREADS {
+    if dtype != DType::F32 || !(ROW_THREADS / 32..ROW_THREADS).contains(&tile_rows) {
         return least;
     }
     let lanes = (ROW_THREADS / tile_rows) as usize;

@@ -804,6 +804,21 @@ fn f32_lane_groups_read_channel_major_planes_on_distinct_banks() {
             plane_stride(8732, rows, dtype)
         );
     }
+    // Any tile the function is asked about, the plan's or not (fewer than 8
+    // rows: more than a warp's lanes a row), gets a stride that keeps P's
+    // residue, and the least one where no warp reads several rows.
+    for tile in 0..=256 {
+        for (priors, classes) in [(4, 64), (8732, 2), (8732, 81), (3000, 64), (8730, 21)] {
+            let shape = Shape::new(1, priors, classes);
+            let stride = rows_plane_stride(shape, tile, DType::F32);
+            let what = format!("tile {tile}, P = {priors}, C = {classes}");
+            assert!(stride >= tile, "{what}");
+            assert_eq!(stride as usize % 4, priors % 4, "{what}");
+            if tile < 8 {
+                assert_eq!(stride, plane_stride(priors, tile, DType::F32), "{what}");
+            }
+        }
+    }
 }
 
 #[test]
