@@ -87,10 +87,13 @@ def _to_device(host, device):
     """A host tensor on ``device``; to CUDA from pinned memory without
     waiting (a pageable copy would make the host wait for everything
     queued on the stream; the caching host allocator keeps the pinned
-    block until the copy has run)."""
-    if device.type != "cuda":
+    block until the copy has run). Other devices (meta, say) get a plain
+    copy, so that all three outputs share the boxes' device."""
+    if device.type == "cpu":
         return host
-    return host.pin_memory().to(device, non_blocking=True)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 def pad_targets(
@@ -560,10 +563,12 @@ class MultiboxLoss(nn.Module):
       ``forward(..., normalizer=n)`` overrides it for one call: that is where a
       step's all-reduced positive count goes (a one-element tensor on the
       inputs' device), see README, "Data-parallel training". A tensor given
-      here is a non-persistent buffer: ``.to()`` and ``.cuda()`` move it,
-      ``state_dict()`` leaves it out and ``.half()`` keeps its dtype. A divisor
-      that changes from step to step belongs in such a tensor, not in a Python
-      number: under torch.compile each new number compiles the step again.
+      here is moved to ``device`` (a copy, if it was elsewhere) and kept as
+      a non-persistent buffer: ``.to()`` and ``.cuda()`` move it,
+      ``state_dict()`` leaves it out and ``.half()`` keeps its dtype. A
+      divisor that changes from step to step belongs in such a tensor, not
+      in a Python number: under torch.compile each new number compiles the
+      step again.
     - ``layout``: ``"row_major"`` (``[B, P, C]`` logits, ``[B, P, 4]``
       boxes; the default) or ``"channel_major"`` (``[B, C, P]``, ``[B, 4, P]``:
       heads concatenated without a transpose). A property of the model, so
@@ -615,7 +620,9 @@ class MultiboxLoss(nn.Module):
         _settings(iou_threshold, center_variance, size_variance, num_classes)
         _check_settings(neg_pos_ratio, 0, 1.0)
         _check_layout(layout)
-        self.normalizer = normalizer  # checked by the property's setter
+        # Checked by the property's setter; a tensor goes to `device`, as
+        # the priors do.
+        self.normalizer = normalizer.to(device) if isinstance(normalizer, Tensor) else normalizer
         self.layout = layout
         self.num_classes = num_classes
         # What last_status() and last_assign_status() read.

@@ -435,6 +435,21 @@ def test_module_takes_the_normalizer_and_layout():
         MultiboxLoss(priors, 0.5, 3, 0.1, 0.2, "cpu", normalizer="mean")
 
 
+def test_module_moves_a_normalizer_tensor_to_its_device():
+    # As the constructor's device= moves the priors; the meta device stands
+    # in for a GPU, and the forward refuses a divisor on another device.
+    priors = multibox_torch.standard_priors("ssdlite300")
+    criterion = MultiboxLoss(priors, 0.5, 3, 0.1, 0.2, "meta", normalizer=torch.tensor(5.0))
+    assert criterion.priors.device.type == "meta" and criterion.normalizer.device.type == "meta"
+    meta = [torch.empty(2, 3000, c, device="meta") for c in (21, 4)]
+    labels = torch.empty(2, 3000, dtype=torch.int64, device="meta")
+    reg, cls = criterion(meta[0], meta[1], labels, meta[1])
+    assert reg.device.type == "meta" and reg.shape == ()
+    # On its own device already: the caller's tensor itself, refills and all.
+    count = torch.tensor(5.0)
+    assert MultiboxLoss(priors, 0.5, 3, 0.1, 0.2, "cpu", normalizer=count).normalizer is count
+
+
 def test_module_assign_gives_channel_major_targets():
     priors = multibox_torch.standard_priors("ssdlite300")
     boxes = [torch.tensor([[0.1, 0.1, 0.4, 0.5], [0.5, 0.5, 0.9, 0.8]]), torch.tensor([[0.2, 0.3, 0.6, 0.9]])]

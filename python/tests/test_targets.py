@@ -264,6 +264,15 @@ def test_meta_tensors_give_the_assignments_shapes():
     labels, gt_locations = criterion.assign(*meta[1:])
     assert labels.shape == (2, 3000) and gt_locations.shape == (2, 4, 3000)
     assert gt_locations.device.type == "meta"
+    # Padding on the meta device: all three outputs there, as for CUDA.
+    padded = pad_targets(
+        [torch.empty((2, 4), device="meta"), torch.empty((0, 4), device="meta")],
+        [torch.empty(2, dtype=torch.int64, device="meta"), torch.empty(0, dtype=torch.int64, device="meta")],
+    )
+    assert [t.device.type for t in padded] == ["meta"] * 3
+    assert [tuple(t.shape) for t in padded] == [(2, 2, 4), (2, 2), (2,)]
+    labels, gt_locations = criterion.assign(*padded)
+    assert labels.shape == (2, 3000) and gt_locations.shape == (2, 4, 3000)
 
 
 def test_module_copies_its_priors_to_another_device_once():
