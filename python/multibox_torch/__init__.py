@@ -45,6 +45,10 @@ from torch import Tensor
 
 from . import _capi
 
+# Whether a tensor is a torch.func.grad (vjp, jacrev) wrapper; None where
+# this PyTorch lacks the (private) query, and the check is left out.
+_is_grad_tracking = getattr(getattr(torch._C, "_functorch", None), "is_gradtrackingtensor", None)
+
 __all__ = ["multibox_loss", "library_path", "MultiboxError", "LossStatus", "__version__"]
 
 MultiboxError = _capi.MultiboxError
@@ -742,6 +746,18 @@ def _loss_and_record(
             raise NotImplementedError(
                 f"multibox_loss has no forward-mode derivative, and {name} carries a tangent (torch.func.jvp, "
                 "torch.autograd.forward_ad): take gradients with .backward() or torch.autograd.grad"
+            )
+    # torch.func.grad, vjp and jacrev: custom_op's autograd does not serve
+    # them, and PyTorch's own error speaks of an autograd.Function the
+    # caller never wrote. (Not while torch.compile traces: fake tensors are
+    # no functorch wrappers, and the check would break the graph.)
+    if _is_grad_tracking is not None and not torch.compiler.is_compiling():
+        tensors = (confidence, predicted_locations, labels, gt_locations)
+        if any(_is_grad_tracking(t) for t in tensors):
+            raise NotImplementedError(
+                "multibox_loss does not support torch.func.grad, vjp or jacrev (its backward is a custom "
+                "op's autograd formula, which functorch's transforms do not call): take gradients with "
+                ".backward() or torch.autograd.grad"
             )
     settings = _check_settings(neg_pos_ratio, min_negatives_per_image, beta)
     layout_kind = _check_layout(layout)
