@@ -452,10 +452,11 @@ def _host_call(
 
 
 def _workspace_bytes(device, b, p, c):
-    """The forward's workspace: what the kernels need on CUDA; none on the
-    CPU, whose reference keeps no state between forward and backward."""
+    """The forward's workspace: what the kernels need on CUDA; on the CPU,
+    whose reference recomputes the rest, one float32, the divisor Given's
+    forward read (so that the backward divides by it, as on CUDA)."""
     if device.type != "cuda":
-        return 0
+        return 4
     return _capi.library().workspace_bytes(b, p, c)
 
 
@@ -491,8 +492,9 @@ def _forward_op(
     normalizer_tensor: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(regression_loss, classification_loss, num_pos, workspace): the losses
-    (kernels 1 and 2), and the mining decisions ``multibox::backward`` needs
-    (a uint8 workspace on CUDA; empty on the CPU). ``layout`` is a
+    (kernels 1 and 2), and what ``multibox::backward`` needs: a uint8
+    workspace, on CUDA the mining decisions and the divisor, on the CPU
+    Given's n as one float32 (0 for the other normalisers). ``layout`` is a
     ``multibox_layout``, ``normalizer`` a ``multibox_normalizer``; Given's n
     is ``normalizer_tensor`` (one element on the inputs' device) when it is
     not None, else ``normalizer_value``."""
@@ -536,6 +538,11 @@ def _forward_op(
     reg = torch.tensor(losses.regression_loss, dtype=torch.float32)
     cls = torch.tensor(losses.classification_loss, dtype=torch.float32)
     num_pos = torch.tensor(losses.num_pos, dtype=torch.int32)
+    # The n the reference divided by (a float32 in the C call), for the
+    # backward: an output of this op, which torch.compile does not
+    # recompute, so a normaliser tensor refilled before the backward (a
+    # count per micro-batch) changes nothing, as on CUDA.
+    workspace.view(torch.float32)[0] = call.normalizer_value if kind == _capi.NORMALIZE_GIVEN else 0.0
     return reg, cls, num_pos, workspace
 
 
@@ -546,9 +553,7 @@ def _(confidence, predicted_locations, labels, gt_locations, neg_pos_ratio, min_
     b, p, c = _check(confidence, predicted_locations, labels, gt_locations, layout)
     device = confidence.device
     _check_normalizer_tensor(normalizer_tensor, device)
-    if device.type != "cuda":
-        size = 0
-    elif all(isinstance(n, int) for n in (b, p, c)):
+    if device.type != "cuda" or all(isinstance(n, int) for n in (b, p, c)):
         size = _workspace_bytes(device, b, p, c)
     else:
         # Symbolic shapes (torch.compile with dynamic=True): the layout is
@@ -574,16 +579,14 @@ def _backward_op(
     beta: float,
     layout: int = 0,
     normalizer: int = 0,
-    normalizer_value: float = 0.0,
-    normalizer_tensor: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """(d total / d confidence, d total / d predicted_locations), contiguous,
     in the inputs' dtype and layout, for ``upstream = [g_reg, g_cls]`` (two
     float32 on the inputs' device): kernel 3 on the workspace of a
     ``multibox::forward`` on the same inputs and settings, which holds the
-    forward's divisor (so the normaliser arguments are not read on CUDA).
-    The CPU recomputes through the crate's reference instead (it keeps no
-    workspace), so there the normaliser must be the forward's."""
+    forward's divisor (so ``normalizer`` is not read on CUDA). The CPU
+    recomputes through the crate's reference instead, with the forward's
+    ``normalizer`` kind and, for Given, the n its workspace holds."""
     settings = _check_settings(neg_pos_ratio, min_negatives_per_image, beta)
     b, p, c = _check(confidence, predicted_locations, labels, gt_locations, layout)
     device = confidence.device
@@ -608,14 +611,14 @@ def _backward_op(
         )
         _launch("multibox_backward", device, settings, call)
         return grad_confidence, grad_locations
-    _check_normalizer_tensor(normalizer_tensor, device)
+    _check_with(RuntimeError, workspace.dtype == torch.uint8 and workspace.shape == (4,), lambda: "bad workspace")
     lib = _capi.library()
     config = lib.config(*settings)
     g_reg, g_cls = upstream.to(torch.float32).tolist()
-    kind, value = _host_normalizer(normalizer, normalizer_value, normalizer_tensor)
+    value = float(workspace.view(torch.float32)[0])
     call = _host_call(
         b, p, c, *args, upstream=(g_reg, g_cls), grads=(grad_confidence, grad_locations),
-        layout=layout, normalizer=kind, normalizer_value=value,
+        layout=layout, normalizer=normalizer, normalizer_value=value,
     )
     lib.call("multibox_reference_backward_f32", _capi.ctypes.byref(config), _capi.ctypes.byref(call), None)
     return grad_confidence, grad_locations
@@ -623,7 +626,7 @@ def _backward_op(
 
 @_backward_op.register_fake
 def _(confidence, predicted_locations, labels, gt_locations, workspace, upstream, neg_pos_ratio,
-      min_negatives_per_image, beta, layout=0, normalizer=0, normalizer_value=0.0, normalizer_tensor=None):
+      min_negatives_per_image, beta, layout=0, normalizer=0):
     _check_settings(neg_pos_ratio, min_negatives_per_image, beta)
     _check(confidence, predicted_locations, labels, gt_locations, layout)
     # Exactly what the real implementation allocates: contiguous, the
@@ -659,22 +662,17 @@ def _setup_context(ctx, inputs, output):
      layout, normalizer, normalizer_value, normalizer_tensor) = inputs
     _, _, num_pos, workspace = output
     # The inputs themselves (no copy) and the small workspace: nothing of
-    # [B, P, C] is allocated to live until the backward. On CUDA the
-    # workspace holds the forward's divisor; the CPU reference recomputes
-    # it, so there the normaliser goes along: a copy of its tensor, if any,
-    # so that, as on CUDA, the backward divides by the value the forward
-    # read, even if the tensor is refilled in between (a count per
-    # micro-batch, say), rather than fail autograd's version check.
-    on_cpu = confidence.device.type == "cpu"
-    kept_normalizer = normalizer_tensor.detach().clone() if on_cpu and normalizer_tensor is not None else None
-    ctx.save_for_backward(confidence, predicted_locations, labels, gt_locations, workspace, kept_normalizer)
-    ctx.settings = (neg_pos_ratio, min_negatives_per_image, beta)
-    ctx.normalizer = (layout, normalizer, normalizer_value) if on_cpu else (layout, _capi.NORMALIZE_POSITIVES, 0.0)
+    # [B, P, C] is allocated to live until the backward. The workspace
+    # holds the divisor the forward read (on both devices), so the
+    # normaliser's own tensor is not kept: refilling it before the
+    # backward (a count per micro-batch, say) changes nothing.
+    ctx.save_for_backward(confidence, predicted_locations, labels, gt_locations, workspace)
+    ctx.settings = (neg_pos_ratio, min_negatives_per_image, beta, layout, normalizer)
     ctx.mark_non_differentiable(num_pos, workspace)
 
 
 def _backward(ctx, g_reg, g_cls, _g_num_pos, _g_workspace):
-    confidence, predicted_locations, labels, gt_locations, workspace, normalizer_tensor = ctx.saved_tensors
+    confidence, predicted_locations, labels, gt_locations, workspace = ctx.saved_tensors
     need_confidence, need_locations = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     # SPEC.md: no gradient flows to gt_locations (targets are constants);
     # a gt_locations that requires grad gets zeros rather than an error.
@@ -691,8 +689,7 @@ def _backward(ctx, g_reg, g_cls, _g_num_pos, _g_workspace):
         # [g_reg, g_cls] stays on the device: kernel 3 reads it there.
         upstream = torch.stack([g.to(torch.float32).reshape(()) for g in (g_reg, g_cls)])
         d_confidence, d_locations = _backward_op(
-            confidence, predicted_locations, labels, gt_locations, workspace, upstream, *ctx.settings,
-            *ctx.normalizer, normalizer_tensor,
+            confidence, predicted_locations, labels, gt_locations, workspace, upstream, *ctx.settings
         )
         d_confidence = d_confidence if need_confidence else None
         d_locations = d_locations if need_locations else None
