@@ -77,8 +77,10 @@ pub struct MultiboxLosses {
 
 /// The MultiBox loss of `confidence` `[B, P, C]` and `predicted_locations`
 /// `[B, P, 4]` (f32, f16 or bf16, one dtype), against `labels` `[B, P]` (an
-/// integer dtype: -1 ignore, 0 background, 1..C-1 class) and
-/// `gt_locations` `[B, P, 4]` (converted to the inputs' dtype).
+/// integer dtype: -1 ignore, 0 background, 1..C-1 class; on CUDA i64, u32,
+/// u8 or contiguous i32, as candle has no CUDA kernel that converts i16 or
+/// copies strided i32) and `gt_locations` `[B, P, 4]` (converted to the
+/// inputs' dtype).
 ///
 /// `backward` on any function of the two losses gives the gradients of
 /// `confidence` and `predicted_locations` with the upstream gradients of
@@ -479,6 +481,27 @@ mod cuda {
         }
     }
 
+    /// `labels` as the kernels read them: i64 or i32, contiguous, on the
+    /// device. The copy or conversion is candle's, and candle 0.11's CUDA
+    /// kernels cannot convert i16 nor copy a strided i32 tensor: the
+    /// driver's "named symbol not found" would name neither the labels nor
+    /// their dtype, so for those two the error says what to pass instead.
+    fn device_labels(labels: &Tensor) -> candle_core::Result<Tensor> {
+        let dtype = labels.dtype();
+        let prepared = match dtype {
+            DType::I64 | DType::I32 => labels.contiguous(),
+            _ => labels.to_dtype(DType::I64),
+        };
+        prepared.map_err(|e| match dtype {
+            DType::I16 | DType::I32 => err(format!(
+                "the {dtype:?} labels could not be made contiguous i64 or i32 labels on CUDA \
+                 ({e}): candle's CUDA kernels convert no i16 and copy no strided i32; pass \
+                 i64, u32 or u8 labels, or contiguous i32 ones"
+            )),
+            _ => e,
+        })
+    }
+
     /// The CUDA half of `multibox_loss`: labels kept on the device, the op
     /// applied, `num_pos` handed on as a tensor (nothing is read back).
     #[allow(clippy::too_many_arguments)]
@@ -493,10 +516,7 @@ mod cuda {
     ) -> candle_core::Result<MultiboxLosses> {
         // The dtypes were checked by the caller (the module's multibox_loss).
         let dtype = confidence.dtype();
-        let labels = match labels.dtype() {
-            DType::I64 | DType::I32 => labels.contiguous()?,
-            _ => labels.to_dtype(DType::I64)?,
-        };
+        let labels = device_labels(labels)?;
         let state = Arc::new(Mutex::new(CudaState {
             labels: Some(labels),
             ..Default::default()

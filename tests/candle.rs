@@ -219,8 +219,9 @@ fn strided_views_and_their_gradients() -> candle_core::Result<()> {
     Ok(())
 }
 
-/// Every integer dtype candle has serves as labels, with the same results
-/// (the unsigned ones without the -1 of ignored priors).
+/// Every integer dtype candle has serves as labels on the CPU, with the same
+/// results (the unsigned ones without the -1 of ignored priors); CUDA:
+/// `cuda_label_dtypes`.
 #[test]
 fn every_integer_label_dtype() -> candle_core::Result<()> {
     let shape = Shape::new(2, 300, 5);
@@ -410,25 +411,89 @@ fn bad_input_is_an_error() -> candle_core::Result<()> {
     Ok(())
 }
 
+/// Device 0 for a CUDA test named `test`; None, said on stderr, without a
+/// GPU, unless MULTIBOX_REQUIRE_GPU=1, which makes that a failure.
+#[cfg(feature = "candle-cuda")]
+fn cuda_device(test: &str) -> candle_core::Result<Option<Device>> {
+    match multibox::cuda_context(0) {
+        Ok(_) => Ok(Some(Device::new_cuda(0)?)),
+        Err(why) => {
+            if std::env::var("MULTIBOX_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                panic!("{test}: MULTIBOX_REQUIRE_GPU=1, but {why}");
+            }
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "{test}: skipped, {why}");
+            Ok(None)
+        }
+    }
+}
+
+/// On CUDA the labels go to the kernels as i64 or i32, through candle's own
+/// copy or conversion. Those it has kernels for (i64 strided or not, u32,
+/// u8, contiguous i32) give the CPU's losses; those candle 0.11 cannot
+/// convert on CUDA (i16, strided i32) give an error that names the labels
+/// and what to pass, or, with a candle that can, the same losses.
+#[cfg(feature = "candle-cuda")]
+#[test]
+fn cuda_label_dtypes() -> candle_core::Result<()> {
+    let Some(device) = cuda_device("cuda_label_dtypes")? else {
+        return Ok(());
+    };
+    let shape = Shape::new(2, 300, 5);
+    let config = MultiboxConfig::default();
+    let batch = Batch::<f32, i64>::generate(shape, BatchSpec::default());
+    let (confidence, predicted, labels, gt) = tensors(&batch, shape)?;
+    let on = |t: &Tensor| t.to_device(&device);
+    let (confidence, predicted, gt) = (
+        on(confidence.as_tensor())?,
+        on(predicted.as_tensor())?,
+        on(&gt)?,
+    );
+    let losses = |labels: &Tensor| -> candle_core::Result<(f32, f32, u64)> {
+        let loss = multibox_loss(&config, &confidence, &predicted, labels, &gt)?;
+        Ok((
+            loss.regression_loss.to_device(&Device::Cpu)?.to_scalar()?,
+            loss.classification_loss
+                .to_device(&Device::Cpu)?
+                .to_scalar()?,
+            num_pos(&loss)?,
+        ))
+    };
+    let want = losses(&on(&labels)?)?;
+    // A strided [B, P] view: the transpose of a contiguous [P, B] tensor.
+    let strided = |dtype: DType| -> candle_core::Result<Tensor> {
+        on(&labels.t()?.contiguous()?.to_dtype(dtype)?)?.t()
+    };
+    let unsigned = labels.maximum(0i64)?;
+    let want_unsigned = losses(&on(&unsigned)?)?;
+    assert_eq!(losses(&strided(DType::I64)?)?, want);
+    assert_eq!(losses(&on(&labels.to_dtype(DType::I32)?)?)?, want);
+    for dtype in [DType::U32, DType::U8] {
+        assert_eq!(losses(&on(&unsigned.to_dtype(dtype)?)?)?, want_unsigned);
+    }
+    for labels in [on(&labels.to_dtype(DType::I16)?)?, strided(DType::I32)?] {
+        match losses(&labels) {
+            Ok(got) => assert_eq!(got, want),
+            Err(e) => {
+                let text = e.to_string();
+                assert!(
+                    text.contains("labels on CUDA") && text.contains("pass i64, u32 or u8 labels"),
+                    "{text}"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The CUDA path (feature `candle-cuda`): the same batch on the GPU gives the
 /// reference's losses, `num_pos` and gradients (f32 and f16, upstream
 /// gradients other than 1), through candle's autograd on candle's stream.
 #[cfg(feature = "candle-cuda")]
 #[test]
 fn cuda_tensors_match_the_reference() -> candle_core::Result<()> {
-    let device = match multibox::cuda_context(0) {
-        Ok(_) => Device::new_cuda(0)?,
-        Err(why) => {
-            if std::env::var("MULTIBOX_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-                panic!("cuda_tensors_match_the_reference: MULTIBOX_REQUIRE_GPU=1, but {why}");
-            }
-            use std::io::Write;
-            let _ = writeln!(
-                std::io::stderr(),
-                "cuda_tensors_match_the_reference: skipped, {why}"
-            );
-            return Ok(());
-        }
+    let Some(device) = cuda_device("cuda_tensors_match_the_reference")? else {
+        return Ok(());
     };
     fn check<T: multibox::Float + candle_core::WithDType>(
         device: &Device,
