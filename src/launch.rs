@@ -122,6 +122,18 @@ pub(crate) fn check_context(
     Ok(())
 }
 
+/// Waits for all work queued in `ctx` (`cuCtxSynchronize`): the drops of
+/// the loss and the assigner, before their modules and priors go.
+/// cudarc's `CudaContext::synchronize` first hands back an error an earlier
+/// cudarc drop recorded on the context (a failed free, say) and then does
+/// not wait, so that error is taken first and recorded again after the
+/// wait, for the caller's next cudarc call to report, as is the wait's own.
+pub(crate) fn wait_for_context(ctx: &CudaContext) {
+    let recorded = ctx.check_err();
+    ctx.record_err(ctx.synchronize());
+    ctx.record_err(recorded);
+}
+
 /// Reads the status word at byte `offset` of a workspace (the loss's or the
 /// assigner's) of `workspace_bytes` bytes, after checking that it is not
 /// null, that it holds the word (else `too_small(offset + 4)`, the error

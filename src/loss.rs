@@ -147,8 +147,7 @@ impl Drop for MultiboxLoss {
     /// a graph capture in progress on this device in any thread, whatever
     /// its mode: do not drop a loss while capturing.
     fn drop(&mut self) {
-        // An error here (a device already lost) leaves nothing to wait for.
-        let _ = self.ctx.synchronize();
+        crate::launch::wait_for_context(&self.ctx);
     }
 }
 

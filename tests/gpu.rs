@@ -704,6 +704,31 @@ fn c_abi_calls_leave_the_callers_context_current() {
 /// `cuda_context` answers with an error, never a panic, where there is no
 /// such device: an ordinal past the devices names their count, and a
 /// machine without the driver library says that instead.
+/// Dropping a loss or an assigner waits for the device even when cudarc
+/// holds an error that an earlier drop recorded on the context (cudarc's
+/// `CudaContext::synchronize` would hand that error back without waiting,
+/// and clear it), and leaves the error recorded for the caller's next call.
+#[test]
+fn drops_keep_an_error_cudarc_recorded_on_the_context() {
+    use multibox::cudarc::driver::{sys::CUresult, DriverError};
+    use multibox::targets::{priors, TargetAssigner, TargetConfig};
+    // Alone: the error is recorded on the context every test shares.
+    let Some(ctx) = gpu::device_alone("drops_keep_an_error_cudarc_recorded_on_the_context") else {
+        return;
+    };
+    let recorded = DriverError(CUresult::CUDA_ERROR_NOT_PERMITTED);
+    let loss = MultiboxLoss::new(&ctx, MultiboxConfig::default()).unwrap();
+    let assigner =
+        TargetAssigner::new(&ctx, &priors::ssdlite300(), TargetConfig::default()).unwrap();
+    ctx.record_err::<()>(Err(recorded));
+    drop(loss);
+    assert_eq!(ctx.check_err(), Err(recorded), "after the loss's drop");
+    ctx.record_err::<()>(Err(recorded));
+    drop(assigner);
+    assert_eq!(ctx.check_err(), Err(recorded), "after the assigner's drop");
+    assert_eq!(ctx.check_err(), Ok(()));
+}
+
 #[test]
 fn cuda_context_says_why_there_is_no_device() {
     let why = match multibox::cuda_context(1 << 20) {

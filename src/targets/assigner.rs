@@ -112,8 +112,7 @@ impl Drop for TargetAssigner {
     /// assigner while capturing), and a graph that captured the assigner's
     /// launches must not be launched after the drop.
     fn drop(&mut self) {
-        // An error here (a device already lost) leaves nothing to wait for.
-        let _ = self.ctx.synchronize();
+        crate::launch::wait_for_context(&self.ctx);
     }
 }
 
