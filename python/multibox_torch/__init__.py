@@ -109,6 +109,17 @@ def _not_during_capture(what):
         )
 
 
+def _no_wait_during_capture(what):
+    """Raises a clear error where a status read, which waits for the current
+    stream, is made inside a CUDA graph capture of this thread: the driver
+    would refuse the wait and invalidate the caller's capture."""
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"{what}: reading the status waits for the stream, which cannot happen while a CUDA graph is "
+            "being captured (the capture would break); read it after the capture, or after a replay"
+        )
+
+
 def _loss_handle(device_index, neg_pos_ratio, min_negatives_per_image, beta):
     key = (device_index, float(neg_pos_ratio), int(min_negatives_per_image), float(beta))
     handle = _losses.get(key)
@@ -788,6 +799,7 @@ def _loss_status(record):
         lib = _capi.library()
         out = _capi.DeviceStatus()
         with torch.cuda.device(device):
+            _no_wait_during_capture("MultiboxLoss.last_status()")
             handle = _loss_handle(device.index, *settings)
             stream = torch.cuda.current_stream(device).cuda_stream
             lib.call(

@@ -32,8 +32,8 @@ from . import _capi, _capi_targets
 
 # From the package, which defines them before it imports this module.
 from . import (
-    _F32_HALF_TINY, _F32_MAX, _check_tensors, _check_type, _check_value, _loss_and_record, _not_during_capture,
-    _real_setting,
+    _F32_HALF_TINY, _F32_MAX, _check_tensors, _check_type, _check_value, _loss_and_record, _no_wait_during_capture,
+    _not_during_capture, _real_setting,
 )
 
 __all__ = ["assign_targets", "pad_targets", "standard_priors", "MultiboxLoss", "TargetStatus"]
@@ -487,6 +487,7 @@ def _assign_status(record):
     lib = _capi_targets.library()
     out = _capi_targets.TargetStatus()
     with torch.cuda.device(device):
+        _no_wait_during_capture("MultiboxLoss.last_assign_status()")
         handle = _assigners[(device.index, *settings)]
         stream = torch.cuda.current_stream(device).cuda_stream
         lib.call(

@@ -598,6 +598,15 @@ def test_cuda_graph_capture_of_a_whole_step():
         assert torch.equal(confidence.grad, eager_conf.grad)
         assert torch.equal(locations.grad, eager_loc.grad)
 
+    # A status read waits for the stream: refused inside a capture, in words
+    # of the package's, and the capture goes on.
+    with torch.cuda.graph(torch.cuda.CUDAGraph()):
+        torch.ones(1, device="cuda").add_(1)
+        for read in (criterion.last_status, criterion.last_assign_status):
+            with pytest.raises(RuntimeError, match="while a CUDA graph is being captured"):
+                read()
+    assert not any(criterion.last_status()) and not any(criterion.last_assign_status())
+
 
 @needs_gpu
 def test_cuda_pad_targets_match_the_cpus():
