@@ -109,15 +109,19 @@ def _not_during_capture(what):
         )
 
 
-def _no_wait_during_capture(what):
-    """Raises a clear error where a status read, which waits for the current
-    stream, is made inside a CUDA graph capture of this thread: the driver
-    would refuse the wait and invalidate the caller's capture."""
+def _wait_for_status(what, device):
+    """Waits for every stream of ``device`` before a status read, so that
+    the read sees the step whichever stream it ran on (a side stream's,
+    say, read from the default one); an occasional call, so the device-wide
+    wait costs nothing that matters. Inside a CUDA graph capture of this
+    thread the driver would refuse the wait and invalidate the caller's
+    capture: a clear error instead."""
     if torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
-            f"{what}: reading the status waits for the stream, which cannot happen while a CUDA graph is "
+            f"{what}: reading the status waits for the device, which cannot happen while a CUDA graph is "
             "being captured (the capture would break); read it after the capture, or after a replay"
         )
+    torch.cuda.synchronize(device)
 
 
 def _loss_handle(device_index, neg_pos_ratio, min_negatives_per_image, beta):
@@ -791,15 +795,15 @@ def _loss_and_record(
 
 def _loss_status(record):
     """The ``LossStatus`` of the call ``record`` (from ``_loss_and_record``)
-    describes. On CUDA the status word in its workspace, read on the current
-    stream, which this waits for; on the CPU the inputs checked now."""
+    describes. On CUDA the status word in its workspace, read once the
+    device has finished its work; on the CPU the inputs checked now."""
     if record[0] == "cuda":
         _, workspace, shape, settings = record
         device = workspace.device
         lib = _capi.library()
         out = _capi.DeviceStatus()
         with torch.cuda.device(device):
-            _no_wait_during_capture("MultiboxLoss.last_status()")
+            _wait_for_status("MultiboxLoss.last_status()", device)
             handle = _loss_handle(device.index, *settings)
             stream = torch.cuda.current_stream(device).cuda_stream
             lib.call(

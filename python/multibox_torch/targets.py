@@ -32,8 +32,8 @@ from . import _capi, _capi_targets
 
 # From the package, which defines them before it imports this module.
 from . import (
-    _F32_HALF_TINY, _F32_MAX, _check_tensors, _check_type, _check_value, _loss_and_record, _no_wait_during_capture,
-    _not_during_capture, _real_setting,
+    _F32_HALF_TINY, _F32_MAX, _check_tensors, _check_type, _check_value, _loss_and_record, _not_during_capture,
+    _real_setting, _wait_for_status,
 )
 
 __all__ = ["assign_targets", "pad_targets", "standard_priors", "MultiboxLoss", "TargetStatus"]
@@ -476,8 +476,8 @@ _assign_op.register_autograd(_assign_backward, setup_context=_assign_setup_conte
 def _assign_status(record):
     """The ``TargetStatus`` of the assignment ``record`` (``(status, shape,
     settings)`` from ``MultiboxLoss.assign``) describes: on CUDA the status
-    word in its workspace, read on the current stream, which this waits
-    for; on the CPU the reference's, kept as it is."""
+    word in its workspace, read once the device has finished its work; on
+    the CPU the reference's, kept as it is."""
     status, shape, settings = record
     if status.device.type == "meta":
         raise RuntimeError("last_assign_status(): the last assignment ran on meta tensors, which hold no values")
@@ -487,7 +487,7 @@ def _assign_status(record):
     lib = _capi_targets.library()
     out = _capi_targets.TargetStatus()
     with torch.cuda.device(device):
-        _no_wait_during_capture("MultiboxLoss.last_assign_status()")
+        _wait_for_status("MultiboxLoss.last_assign_status()", device)
         handle = _assigners[(device.index, *settings)]
         stream = torch.cuda.current_stream(device).cuda_stream
         lib.call(
@@ -595,8 +595,10 @@ class MultiboxLoss(nn.Module):
     recorded in a status word on the device. ``last_status()`` (a
     ``LossStatus``) and ``last_assign_status()`` (a ``TargetStatus``) read
     the last ``forward``'s and ``assign``'s: one explicit call that waits
-    for the current stream, made when the caller chooses (every N steps, or
-    when a loss turns NaN); the steps themselves never synchronise. The
+    for the device (every stream, so a step on a side stream is seen too;
+    refused inside a CUDA graph capture, which a wait would break), made
+    when the caller chooses (every N steps, or when a loss turns NaN); the
+    steps themselves never synchronise. The
     module keeps the last call's workspace for this (a few bytes per prior),
     so the calls allocate nothing more. On the CPU, where the reference
     raises MultiboxError on an invalid label (so ``invalid_label`` is always
@@ -698,9 +700,9 @@ class MultiboxLoss(nn.Module):
     @torch.compiler.disable
     def last_status(self):
         """The ``LossStatus`` (invalid_label, nonfinite_input) of the last
-        ``forward``: on CUDA its device status word, read on the current
-        stream, which this waits for (call it on the stream the loss ran on,
-        the usual case). See the class's documentation."""
+        ``forward``: on CUDA its device status word, read once the device
+        has finished its work (every stream). See the class's
+        documentation."""
         from . import _loss_status
 
         if self._last_loss is None:

@@ -179,6 +179,24 @@ def test_cuda_steps_do_not_synchronise_until_the_status_is_read():
     assert module.last_status() == CLEAN
 
 
+@needs_gpu
+def test_cuda_status_read_from_another_stream_sees_a_side_streams_step():
+    # The step runs on a side stream held back by a sleep; the read comes
+    # from the default stream, which does not wait for the side one: the
+    # read waits for the device, so it sees that step's status.
+    confidence, locations, labels, gt = batch("cuda")
+    bad = labels.clone()
+    bad[0, 0] = 5
+    module = criterion("cuda")
+    step(module, confidence, locations, labels, gt)  # loads the kernels
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(100_000_000)  # some 50 ms of GPU cycles
+        step(module, confidence, locations, bad, gt)
+    assert module.last_status() == LossStatus(invalid_label=True, nonfinite_input=False)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dynamic", [None, True])
 def test_status_after_a_compiled_step(device, dynamic, compile_backend):
