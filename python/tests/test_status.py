@@ -44,6 +44,14 @@ def step(module, confidence, locations, labels, gt):
     return reg.detach(), cls.detach()
 
 
+def with_invalid_label(labels):
+    """A copy of ``labels`` with prior 0 of image 0 labelled 5, outside the
+    C = 5 classes of ``batch``."""
+    bad = labels.clone()
+    bad[0, 0] = 5
+    return bad
+
+
 def first(labels, value):
     """(image, prior) of the first prior whose label is ``value`` (> 0: any positive)."""
     hits = (labels > 0) if value > 0 else (labels == value)
@@ -142,8 +150,7 @@ def test_cpu_invalid_label_raises_and_keeps_the_last_status():
     confidence, locations, labels, gt = batch("cpu")
     module = criterion("cpu")
     step(module, *batch("cpu"))
-    bad = labels.clone()
-    bad[0, 0] = 5
+    bad = with_invalid_label(labels)
     with pytest.raises(MultiboxError, match="label 5"):
         module(confidence, locations, bad, gt)
     assert module.last_status() == CLEAN
@@ -152,8 +159,7 @@ def test_cpu_invalid_label_raises_and_keeps_the_last_status():
 @needs_gpu
 def test_cuda_invalid_label_is_flagged_and_gives_nan_losses():
     confidence, locations, labels, gt = batch("cuda")
-    bad = labels.clone()
-    bad[0, 0] = 5
+    bad = with_invalid_label(labels)
     module = criterion("cuda")
     reg, cls = step(module, confidence, locations, bad, gt)
     assert torch.isnan(reg) and torch.isnan(cls)
@@ -185,8 +191,7 @@ def test_cuda_status_read_from_another_stream_sees_a_side_streams_step():
     # from the default stream, which does not wait for the side one: the
     # read waits for the device, so it sees that step's status.
     confidence, locations, labels, gt = batch("cuda")
-    bad = labels.clone()
-    bad[0, 0] = 5
+    bad = with_invalid_label(labels)
     module = criterion("cuda")
     step(module, confidence, locations, labels, gt)  # loads the kernels
     side = torch.cuda.Stream()
