@@ -31,12 +31,11 @@ typedef unsigned long long u64;
 // Kernels take their host arguments as one struct, mirrored in Rust with a
 // size check on both sides, rather than ten loose integers.
 //
-// Kernels of up to 256 threads promise ptxas 1024 resident threads per SM
-// (at most 64 registers): left to itself, ptxas for sm_100 aims at full
-// occupancy, 32 registers, and spills. Larger blocks (the 512-thread
-// selection) state no minimum (0), which leaves them as they were. A kernel
-// that fits in fewer registers states its own minimum (MB_KERNEL_BLOCKS).
-#define MB_MIN_BLOCKS(threads) ((threads) <= 256 ? 1024 / (threads) : 0)
+// Kernels promise ptxas 1024 resident threads per SM (at most 64
+// registers): left to itself, ptxas for sm_100 aims at full occupancy, 32
+// registers, and spills. A kernel that fits in fewer registers states its
+// own minimum (MB_KERNEL_BLOCKS).
+#define MB_MIN_BLOCKS(threads) (1024 / (threads))
 #define MB_KERNEL(name, Params, threads) MB_KERNEL_BLOCKS(name, Params, threads, MB_MIN_BLOCKS(threads))
 #define MB_KERNEL_BLOCKS(name, Params, threads, blocks) \
     extern "C" __global__ void __launch_bounds__(threads, blocks) name(const Params p)
@@ -77,6 +76,16 @@ __device__ __forceinline__ float f32_from_bits(u32 u) {
     return x;
 #else
     return __uint_as_float(u);
+#endif
+}
+
+// Copies the bytes of a value: how a value changes type without undefined
+// behaviour (the compiler turns it into moves, or nothing).
+__device__ __forceinline__ void copy_bytes(void* to, const void* from, u32 n) {
+#if defined(MULTIBOX_EMULATOR)
+    __builtin_memcpy(to, from, n);
+#else
+    memcpy(to, from, n);
 #endif
 }
 
@@ -227,29 +236,63 @@ __device__ __forceinline__ u32 times_zero_plus(const f16*, u32 x, u32 acc) {
 constexpr u32 FULL_MASK = 0xffffffffu;
 constexpr int WARP = 32;
 
-template <typename T> __device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-    for (int offset = WARP / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(FULL_MASK, v, offset);
-    return v;
-}
-
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
     for (int offset = WARP / 2; offset > 0; offset /= 2) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, offset));
     return v;
 }
 
-// Sum over a block of THREADS threads, in a fixed order (so the result is
-// bit-identical run after run). Every thread gets the total. `scratch` holds
-// THREADS / 32 values and may be reused once this returns.
-template <int THREADS, typename T> __device__ __forceinline__ T block_sum(T v, T* scratch) {
-    static_assert(THREADS % WARP == 0 && THREADS <= 1024, "whole warps only");
+// Shuffles a value of 4-byte words (a number, or a struct of numbers) word by
+// word: one xor shuffle per word.
+template <typename T> __device__ __forceinline__ T shfl_xor_words(T v, int offset) {
+    static_assert(sizeof(T) % 4 == 0, "4-byte words only");
+    u32 words[sizeof(T) / 4];
+    copy_bytes(words, &v, sizeof(T));
+#pragma unroll
+    for (u32 w = 0; w < sizeof(T) / 4; ++w) words[w] = __shfl_xor_sync(FULL_MASK, words[w], offset);
+    copy_bytes(&v, words, sizeof(T));
+    return v;
+}
+
+// The combines of the reductions below.
+struct Plus {
+    template <typename T> __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }
+};
+struct BitOr {
+    __device__ __forceinline__ u32 operator()(u32 a, u32 b) const { return a | b; }
+};
+
+// Reduces `v` over each group of LANES lanes (a power of two, aligned) of
+// a warp with `combine` (associative and commutative) by a butterfly; every
+// lane gets its group's result. At each step the two lanes of a pair combine
+// the same two values, in either order (a + b == b + a in floats too), so
+// the lanes agree bit for bit.
+template <int LANES = WARP, typename T, typename Combine>
+__device__ __forceinline__ T warp_reduce(T v, Combine combine) {
+    static_assert(LANES >= 1 && LANES <= WARP && (LANES & (LANES - 1)) == 0, "a power of two up to 32 lanes");
+#pragma unroll
+    for (int offset = LANES / 2; offset > 0; offset /= 2) v = combine(v, shfl_xor_words(v, offset));
+    return v;
+}
+
+// Reduces `v` over a block of THREADS threads with `combine`; every thread
+// gets the result. The order is fixed, each warp's butterfly and then one
+// over the warps' results, so a float sum is bit-identical run after run.
+// T may be a struct of 4-byte numbers, so that several reductions share one
+// pair of barriers, their shuffles interleaved, where each alone would wait
+// out two barriers and two dependent shuffle chains. `scratch` holds
+// THREADS / 32 values of T and may be reused once this returns.
+template <int THREADS, typename T, typename Combine>
+__device__ __forceinline__ T block_reduce(T v, T* scratch, Combine combine) {
+    constexpr int WARPS = THREADS / WARP;
+    static_assert(THREADS % WARP == 0 && THREADS <= 1024 && (WARPS & (WARPS - 1)) == 0,
+                  "a power-of-two count of whole warps");
     const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
-    v = warp_sum(v);
+    v = warp_reduce(v, combine);
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
-    T total = lane < THREADS / WARP ? scratch[lane] : T(0);
-    total = warp_sum(total);
+    // Every group of WARPS lanes holds all the warps' results.
+    const T total = warp_reduce<WARPS>(scratch[lane % WARPS], combine);
     __syncthreads();
     return total;
 }
@@ -287,32 +330,10 @@ template <int THREADS> __device__ __forceinline__ u32 block_exclusive_scan(u32 v
     return result;
 }
 
-// Bitwise OR over a block; every thread gets the result.
-template <int THREADS> __device__ __forceinline__ u32 block_or(u32 v, u32* scratch) {
-    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
-#pragma unroll
-    for (int offset = WARP / 2; offset > 0; offset /= 2) v |= __shfl_xor_sync(FULL_MASK, v, offset);
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    u32 total = lane < THREADS / WARP ? scratch[lane] : 0u;
-#pragma unroll
-    for (int offset = WARP / 2; offset > 0; offset /= 2) total |= __shfl_xor_sync(FULL_MASK, total, offset);
-    __syncthreads();
-    return total;
-}
-
 // ---------------------------------------------------------------------------
 // Vector memory access. User buffers are only element-aligned (a PyTorch
 // slice can start anywhere), so these take the wide path when the address
 // allows and fall back to element accesses otherwise.
-
-__device__ __forceinline__ void copy_bytes(void* to, const void* from, u32 n) {
-#if defined(MULTIBOX_EMULATOR)
-    __builtin_memcpy(to, from, n);
-#else
-    memcpy(to, from, n);
-#endif
-}
 
 // The vector type as wide as four elements of T: one prior's box.
 template <typename T> struct Vec4Of;

@@ -881,7 +881,7 @@ template <typename T, typename L> __device__ void mining_keys_and_positive_terms
 
     u32 status = pairs_of_priors<T>(p) ? walk_tiles<T, L, true>(p, tile_labels, tile_keys)
                                        : walk_tiles<T, L, false>(p, tile_labels, tile_keys);
-    status = block_or<ROW_THREADS>(status, status_scratch);
+    status = block_reduce<ROW_THREADS>(status, status_scratch, BitOr{});
     if (threadIdx.x == 0) p.block_status[block_index()] = status;
 }
 

@@ -27,15 +27,34 @@
 #include "multibox.cuh"
 
 constexpr int SELECT_THREADS = 512;
-constexpr u32 LOADS = 4;  // keys a thread loads at once in the first pass
+constexpr u32 LOADS = 4;  // keys a thread loads at once (load_chunk)
 constexpr int DIGIT_BITS = 11;
 constexpr u32 BUCKETS = 1u << DIGIT_BITS;
 constexpr u32 BUCKETS_PER_THREAD = BUCKETS / SELECT_THREADS;
 
+constexpr int SELECT_WARPS = SELECT_THREADS / WARP;
+
+// What the block adds up, each in one block_reduce: an image's counts, which
+// k needs; its loss sums; and, in the last block, the batch's.
+struct ImageCounts {
+    u32 positives, candidates;
+};
+struct ImageSums {
+    float negative_ce, positive_ce, regression;
+};
+struct BatchSums {
+    u32 num_pos, status;
+    float regression, classification;
+};
+
 struct SelectShared {
     u32 histogram[BUCKETS];
-    u32 scan[SELECT_THREADS / WARP + 1];
-    float sums[SELECT_THREADS / WARP];
+    union {  // one use at a time: each ends with a barrier
+        u32 scan[SELECT_WARPS + 1];
+        ImageCounts counts[SELECT_WARPS];
+        ImageSums sums[SELECT_WARPS];
+        BatchSums batch[SELECT_WARPS];
+    } scratch;
     u32 digit;
     u32 above;  // keys with the current prefix and a larger digit
     i32 tie_cutoff;
@@ -94,7 +113,7 @@ __device__ void find_digit(SelectShared& sh, u32 remaining) {
         local += counts[j];
     }
     u32 total;
-    u32 above = block_exclusive_scan<SELECT_THREADS>(local, sh.scan, &total);
+    u32 above = block_exclusive_scan<SELECT_THREADS>(local, sh.scratch.scan, &total);
     for (u32 j = 0; j < BUCKETS_PER_THREAD; ++j) {
         if (above < remaining && above + counts[j] >= remaining) {
             sh.digit = BUCKETS - 1 - (threadIdx.x * BUCKETS_PER_THREAD + j);
@@ -112,7 +131,7 @@ __device__ i32 nth_tie(SelectShared& sh, const u32* keys, u32 n, u32 key, u32 ra
         const u32 i = base + threadIdx.x;
         const u32 tie = i < n && keys[i] == key;
         u32 in_chunk;
-        const u32 before = block_exclusive_scan<SELECT_THREADS>(tie, sh.scan, &in_chunk);
+        const u32 before = block_exclusive_scan<SELECT_THREADS>(tie, sh.scratch.scan, &in_chunk);
         if (tie && seen + before + 1 == rank) sh.tie_cutoff = i32(i);
         seen += in_chunk;  // the same on every thread, so the exit is uniform
         if (seen >= rank) break;
@@ -170,6 +189,22 @@ __device__ __forceinline__ ImageSelection load_image(const ImageSelection* at) {
     return s;
 }
 
+// The passes that wait on L2 (the first, for the keys, and the one that adds
+// up the sums, for the positives' terms) take an image's priors in chunks
+// of LOADS a thread: thread t's j-th prior of the chunk at `base` is
+// base + j * SELECT_THREADS + t, so a warp's loads for one j are contiguous.
+__device__ __forceinline__ u32 chunk_prior(u32 base, u32 j) { return base + j * SELECT_THREADS + threadIdx.x; }
+
+// A thread's LOADS keys of the chunk at `base` (KEY_IGNORED past the end),
+// all loads issued before any key is used, so their round trips overlap.
+__device__ __forceinline__ void load_chunk(const u32* keys, u32 n, u32 base, u32 (&key)[LOADS]) {
+#pragma unroll
+    for (u32 j = 0; j < LOADS; ++j) {
+        const u32 i = chunk_prior(base, j);
+        key[j] = i < n ? keys[i] : KEY_IGNORED;
+    }
+}
+
 __device__ void select_and_reduce(const MultiboxParams& p) {
     __shared__ SelectShared sh;
     MB_DYNAMIC_SHARED(u32, staged_keys);  // the image's keys, where they fit
@@ -183,26 +218,24 @@ __device__ void select_and_reduce(const MultiboxParams& p) {
     // and, staged, copies them to shared memory.
     for (u32 b = threadIdx.x; b < BUCKETS; b += SELECT_THREADS) sh.histogram[b] = 0;
     __syncthreads();
-    u32 positives = 0, candidates = 0;
+    ImageCounts counts{0, 0};
     for (u32 base = 0; base < n; base += LOADS * SELECT_THREADS) {  // whole warps, for count_in_warp
         u32 key[LOADS];
+        load_chunk(image_keys, n, base, key);
 #pragma unroll
         for (u32 j = 0; j < LOADS; ++j) {
-            const u32 i = base + j * SELECT_THREADS + threadIdx.x;
-            key[j] = i < n ? image_keys[i] : KEY_IGNORED;
-        }
-#pragma unroll
-        for (u32 j = 0; j < LOADS; ++j) {
-            const u32 i = base + j * SELECT_THREADS + threadIdx.x;
+            const u32 i = chunk_prior(base, j);
             if (staged && i < n) staged_keys[i] = key[j];
-            positives += key[j] == KEY_POSITIVE;
-            candidates += is_candidate(key[j]);
+            counts.positives += key[j] == KEY_POSITIVE;
+            counts.candidates += is_candidate(key[j]);
             count_in_warp(sh.histogram, key[j] >> (32 - DIGIT_BITS), is_candidate(key[j]));
         }
     }
-    // The sums' barriers also complete the histogram and the staged keys.
-    positives = block_sum<SELECT_THREADS>(positives, sh.scan);
-    candidates = block_sum<SELECT_THREADS>(candidates, sh.scan);
+    // The reduction's barriers also complete the histogram and the staged keys.
+    counts = block_reduce<SELECT_THREADS>(counts, sh.scratch.counts, [](ImageCounts a, ImageCounts b) {
+        return ImageCounts{a.positives + b.positives, a.candidates + b.candidates};
+    });
+    const u32 positives = counts.positives, candidates = counts.candidates;
     const u32* const keys = staged ? staged_keys : image_keys;
 
     // k = min(max(floor(ratio * pos), min_neg), candidates), as in
@@ -216,23 +249,38 @@ __device__ void select_and_reduce(const MultiboxParams& p) {
 
     // The mined negatives' cross-entropy is their background loss, which the
     // key holds exactly; the positives' terms are where kernel 1 left them.
-    // Add up the image's sums here, and write the mask on the way.
+    // Add up the image's sums here, and write the mask on the way. A
+    // thread reads LOADS keys, then its positives' terms (from L2), before it
+    // adds any, so the round trips overlap instead of stalling each step
+    // that holds a positive; it still adds its priors in index order.
     const PositiveTerms* terms = p.terms + u64(image) * n;
-    float negative_ce = 0.0f, positive_ce = 0.0f, regression = 0.0f;
-    for (u32 i = threadIdx.x; i < n; i += SELECT_THREADS) {
-        const u32 key = keys[i];
-        const bool mined = is_mined(s, key, i);
-        if (mined) negative_ce += key_loss(key);
-        if (key == KEY_POSITIVE) {
-            const PositiveTerms t = terms[i];
-            positive_ce += t.cross_entropy;
-            regression += t.regression;
+    u8* const mask = p.mask ? p.mask + u64(image) * n : nullptr;
+    ImageSums sums{0.0f, 0.0f, 0.0f};
+    for (u32 base = 0; base < n; base += LOADS * SELECT_THREADS) {
+        u32 key[LOADS];
+        load_chunk(keys, n, base, key);
+        PositiveTerms t[LOADS];
+#pragma unroll
+        for (u32 j = 0; j < LOADS; ++j)
+            t[j] = key[j] == KEY_POSITIVE ? terms[chunk_prior(base, j)] : PositiveTerms{0.0f, 0.0f};
+#pragma unroll
+        for (u32 j = 0; j < LOADS; ++j) {
+            const u32 i = chunk_prior(base, j);
+            const bool mined = is_mined(s, key[j], i);
+            if (mined) sums.negative_ce += key_loss(key[j]);
+            if (key[j] == KEY_POSITIVE) {
+                sums.positive_ce += t[j].cross_entropy;
+                sums.regression += t[j].regression;
+            }
+            if (mask && i < n) mask[i] = u8(mined || key[j] == KEY_POSITIVE);
         }
-        if (p.mask) p.mask[u64(image) * n + i] = u8(mined || key == KEY_POSITIVE);
     }
-    s.negative_ce = block_sum<SELECT_THREADS>(negative_ce, sh.sums);
-    s.positive_ce = block_sum<SELECT_THREADS>(positive_ce, sh.sums);
-    s.regression = block_sum<SELECT_THREADS>(regression, sh.sums);
+    sums = block_reduce<SELECT_THREADS>(sums, sh.scratch.sums, [](ImageSums a, ImageSums b) {
+        return ImageSums{a.negative_ce + b.negative_ce, a.positive_ce + b.positive_ce, a.regression + b.regression};
+    });
+    s.negative_ce = sums.negative_ce;
+    s.positive_ce = sums.positive_ce;
+    s.regression = sums.regression;
     s.unused[0] = s.unused[1] = 0;
     if (threadIdx.x == 0) p.images[image] = s;
 
@@ -254,52 +302,50 @@ __device__ void select_and_reduce(const MultiboxParams& p) {
     // Per image in index order, then over the block in a fixed order. Under
     // NORMALIZER_PER_IMAGE each image's sums are divided by B * pos_b first.
     const bool per_image = p.normalizer_kind == NORMALIZER_PER_IMAGE;
-    u32 num_pos = 0;
-    float total_regression = 0.0f, total_classification = 0.0f;
+    BatchSums batch{0u, 0u, 0.0f, 0.0f};
     for (u32 b = threadIdx.x; b < p.batch; b += SELECT_THREADS) {
         const ImageSelection img = load_image(p.images + b);
-        num_pos += img.num_pos;
+        batch.num_pos += img.num_pos;
         const float cls = img.positive_ce + img.negative_ce;
         if (per_image) {
             const float d = row_divisor(NORMALIZER_PER_IMAGE, 0.0f, p.batch, img.num_pos);
-            total_regression += divide_or_zero(img.regression, d);
-            total_classification += divide_or_zero(cls, d);
+            batch.regression += divide_or_zero(img.regression, d);
+            batch.classification += divide_or_zero(cls, d);
         } else {
-            total_regression += img.regression;
-            total_classification += cls;
+            batch.regression += img.regression;
+            batch.classification += cls;
         }
     }
-    u32 status = 0;
     for (u32 r = threadIdx.x; r < p.row_blocks; r += SELECT_THREADS)
-        status |= load_global_coherent(p.block_status + r);
-    num_pos = block_sum<SELECT_THREADS>(num_pos, sh.scan);
-    total_regression = block_sum<SELECT_THREADS>(total_regression, sh.sums);
-    total_classification = block_sum<SELECT_THREADS>(total_classification, sh.sums);
-    status = block_or<SELECT_THREADS>(status, sh.scan);
+        batch.status |= load_global_coherent(p.block_status + r);
+    batch = block_reduce<SELECT_THREADS>(batch, sh.scratch.batch, [](BatchSums a, BatchSums b) {
+        return BatchSums{a.num_pos + b.num_pos, a.status | b.status, a.regression + b.regression,
+                         a.classification + b.classification};
+    });
     if (threadIdx.x == 0) {
         // The batch's divisor: N == 0 and n <= 0 make both losses 0, not
         // 0 / 0; a non-finite n makes them NaN.
         float divisor = 1.0f;  // per image: the division is done
         if (p.normalizer_kind == NORMALIZER_POSITIVES) {
-            divisor = float(num_pos);
+            divisor = float(batch.num_pos);
         } else if (p.normalizer_kind == NORMALIZER_GIVEN) {
             const float n = p.normalizer ? *p.normalizer : p.normalizer_value;
             divisor = !isfinite(n) ? f32_from_bits(0x7fc00000u) : n > 0.0f ? n : 0.0f;
         }
-        float reg = divide_or_zero(total_regression, divisor);
-        float cls = divide_or_zero(total_classification, divisor);
-        if (status & STATUS_INVALID_LABEL) {
+        float reg = divide_or_zero(batch.regression, divisor);
+        float cls = divide_or_zero(batch.classification, divisor);
+        if (batch.status & STATUS_INVALID_LABEL) {
             // A step with a bad label must not train: NaN makes loss scalers skip it.
             reg = f32_from_bits(0x7fc00000u);
             cls = reg;
         }
         *p.regression_loss = reg;
         *p.classification_loss = cls;
-        *p.num_pos = i32(num_pos);
+        *p.num_pos = i32(batch.num_pos);
         Totals t;
         t.images_done = 0;
-        t.num_pos = num_pos;
-        t.status = status;
+        t.num_pos = batch.num_pos;
+        t.status = batch.status;
         t.normalizer_kind = p.normalizer_kind;
         t.divisor = divisor;
         t.forward_stamp = p.forward_stamp;
@@ -308,4 +354,8 @@ __device__ void select_and_reduce(const MultiboxParams& p) {
     }
 }
 
-MB_KERNEL(multibox_select, MultiboxParams, SELECT_THREADS) { select_and_reduce(p); }
+// Three blocks an SM, so at most 42 registers (sm_90 takes 38): at SSD300's
+// 8,732 priors a block's staged keys and histogram (43 KiB) fit five times
+// in an H100 SM's shared memory, so registers set the limit, and three
+// blocks run 396 images in one wave on 132 SMs where two would run 264.
+MB_KERNEL_BLOCKS(multibox_select, MultiboxParams, SELECT_THREADS, 3) { select_and_reduce(p); }

@@ -123,7 +123,7 @@ bool in_program_image(uintptr_t addr) {
     return false;
 }
 
-// "kernels/common.cuh:160 (block_sum), inlined at kernels/select.cu:106"
+// "kernels/common.cuh:313 (block_exclusive_scan), inlined at kernels/select.cu:116"
 std::string site(const void* pc) {
     if (!pc) return "?";
     Dl_info info{};
@@ -150,7 +150,7 @@ std::string site(const void* pc) {
         if (!root.empty() && s.rfind(root, 0) == 0) s = s.substr(root.size());
         return s;
     };
-    // "float block_sum<256, float>(float, float*)" -> "block_sum"
+    // "unsigned int block_reduce<256, unsigned int, BitOr>(unsigned int, ...)" -> "block_reduce"
     std::string function = lines[0];
     const size_t cut = function.find_first_of("<(");
     if (cut != std::string::npos) function.resize(cut);

@@ -101,7 +101,7 @@ fn shuffle_with_mismatched_masks() {
 }
 
 #[test]
-fn warp_sum_missing_a_lane_while_another_warp_waits_at_syncthreads() {
+fn warp_reduce_missing_a_lane_while_another_warp_waits_at_syncthreads() {
     let m = fault("emu_fault_warp_vs_block", [1, 1, 1], [64, 1, 1]);
     assert_has(&m, &["thread (0, 0, 0)", "common.cuh:", "lane 5 exited"]);
 }

@@ -27,6 +27,48 @@ fn block_sum_gives_every_thread_its_blocks_total() {
 }
 
 #[test]
+fn block_reduce_of_a_struct_gives_every_thread_each_reduction() {
+    for threads in [32usize, 512] {
+        let blocks = 3;
+        let input: Vec<i32> = (0..blocks * threads)
+            .map(|i| (i as i32 * 7919 % 1009) - 500)
+            .collect();
+        let (mut every, mut firsts) = (vec![0; 3 * input.len()], vec![0; 3 * blocks]);
+        run(
+            &format!("emu_test_block_reduce_{threads}"),
+            [blocks as u32, 1, 1],
+            [threads as u32, 1, 1],
+            0,
+            &IoParams::new(&input, &mut every, &mut firsts),
+        )
+        .unwrap();
+        for b in 0..blocks {
+            let block = &input[b * threads..(b + 1) * threads];
+            let bits = block
+                .iter()
+                .fold(0u32, |acc, &v| acc | 1 << (v as u32 % 32));
+            let want = [
+                block.iter().sum::<i32>(),
+                bits as i32,
+                *block.iter().min().unwrap(),
+            ];
+            assert_eq!(
+                firsts[3 * b..3 * b + 3],
+                want,
+                "{threads} threads, block {b}"
+            );
+            for t in b * threads..(b + 1) * threads {
+                assert_eq!(
+                    every[3 * t..3 * t + 3],
+                    want,
+                    "{threads} threads, thread {t}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn warp_collectives_in_divergent_code_involve_only_their_lanes() {
     let input: Vec<i32> = (0..128).map(|t| t * t % 97 + 1).collect();
     let mut out = vec![0; 128];

@@ -45,7 +45,7 @@ MB_KERNEL(emu_fault_mask_mismatch, FaultParams, 32) {
 // Warp 0 waits at a shuffle, warp 1 at __syncthreads.
 MB_KERNEL(emu_fault_warp_vs_block, FaultParams, 64) {
     if (threadIdx.x < 32) {
-        if (threadIdx.x != 5) p.out[threadIdx.x] = warp_sum(1);
+        if (threadIdx.x != 5) p.out[threadIdx.x] = warp_reduce(1, Plus{});
     } else {
         __syncthreads();
     }

@@ -9,21 +9,46 @@ struct IoParams {
 };
 MB_ASSERT_SIZE(IoParams, 24);
 
-// block_sum from common.cuh: every thread gets its block's total.
+// block_reduce from common.cuh: every thread gets its block's sum.
 MB_KERNEL(emu_test_block_sum, IoParams, 256) {
     __shared__ int scratch[256 / WARP];
     const u32 i = blockIdx.x * 256 + threadIdx.x;
-    const int total = block_sum<256>(p.in[i], scratch);
+    const int total = block_reduce<256>(p.in[i], scratch, Plus{});
     p.out[i] = total;
     if (threadIdx.x == 0) p.out2[blockIdx.x] = total;
 }
+
+// block_reduce of a struct, three reductions at once: out[3 * thread ..] is
+// what that thread got (sum, OR, minimum), out2[3 * block ..] thread 0's.
+struct SumOrMin {
+    int sum;
+    u32 bits;
+    int min;
+};
+template <int THREADS> __device__ void block_reduce_struct(const IoParams& p) {
+    __shared__ SumOrMin scratch[THREADS / WARP];
+    const u32 i = blockIdx.x * THREADS + threadIdx.x;
+    const int v = p.in[i];
+    const SumOrMin mine{v, 1u << (u32(v) % 32), v};
+    const SumOrMin total = block_reduce<THREADS>(mine, scratch, [](SumOrMin a, SumOrMin b) {
+        return SumOrMin{a.sum + b.sum, a.bits | b.bits, a.min < b.min ? a.min : b.min};
+    });
+    const int got[3] = {total.sum, int(total.bits), total.min};
+    for (int k = 0; k < 3; ++k) {
+        p.out[3 * i + k] = got[k];
+        if (threadIdx.x == 0) p.out2[3 * blockIdx.x + k] = got[k];
+    }
+}
+// One warp (no second stage) and the selection's 16.
+MB_KERNEL(emu_test_block_reduce_32, IoParams, 32) { block_reduce_struct<32>(p); }
+MB_KERNEL(emu_test_block_reduce_512, IoParams, 512) { block_reduce_struct<512>(p); }
 
 // Warp collectives in divergent code: only the lanes they name take part.
 MB_KERNEL(emu_test_divergent_warp, IoParams, 128) {
     const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
     int v = p.in[threadIdx.x];
     if (warp == 1) {
-        v = warp_sum(v);
+        v = warp_reduce(v, Plus{});
     } else if (warp == 2) {
         if (lane < 16) v = __shfl_down_sync(0x0000ffffu, v, 1, 16);
     } else if (warp == 3 && lane >= 8) {
@@ -169,7 +194,7 @@ MB_KERNEL(emu_test_indices, IoParams, 1024) {
     o[1] = int(blockIdx.x | blockIdx.y << 8 | blockIdx.z << 16);
     o[2] = int(blockDim.x | blockDim.y << 8 | blockDim.z << 16);
     o[3] = int(gridDim.x | gridDim.y << 8 | gridDim.z << 16);
-    o[4] = warp_sum(int(t));
+    o[4] = warp_reduce(int(t), Plus{});
     o[5] = int(g);
 }
 

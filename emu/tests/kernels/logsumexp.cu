@@ -27,7 +27,7 @@ template <typename T> __device__ void logsumexp_rows(const LseParams& p) {
     m = warp_max(m);
     float s = 0.0f;
     for (u32 c = lane; c < p.classes; c += WARP) s += expf(to_f32(x[c]) - m);
-    s = warp_sum(s);
+    s = warp_reduce(s, Plus{});
     if (lane == 0) p.lse[row] = m + logf(s);
 }
 

@@ -24,7 +24,7 @@ MB_KERNEL(emu_race_missing_barrier, RaceParams, RACE_THREADS) {
     p.out[blockIdx.x * blockDim.x + t] = t >= 32 ? s[t - 32] : 0;  // MARK:missing_barrier_read
 }
 
-// Two block sums through one scratch array, as block_sum does. Variant 1
+// Two block sums through one scratch array, as block_reduce does. Variant 1
 // drops the barrier after the first sum's reads: a fast warp overwrites its
 // slot for the second sum while slower warps still read the first (WAR).
 MB_KERNEL(emu_race_scratch_reuse, RaceParams, RACE_THREADS) {
@@ -32,7 +32,7 @@ MB_KERNEL(emu_race_scratch_reuse, RaceParams, RACE_THREADS) {
     const u32 lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
     int total = 0;
     for (int round = 0; round < 2; ++round) {
-        const int v = warp_sum(int(threadIdx.x) + round);
+        const int v = warp_reduce(int(threadIdx.x) + round, Plus{});
         if (lane == 0) scratch[warp] = v;  // MARK:scratch_write
         __syncthreads();
         total += scratch[lane % (RACE_THREADS / WARP)];  // MARK:scratch_read
@@ -88,7 +88,7 @@ MB_KERNEL(emu_race_last_block, RaceParams, RACE_THREADS) {
     __shared__ int partial[RACE_THREADS / WARP];
     __shared__ bool is_last;
     const u32 lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
-    int v = warp_sum(int(threadIdx.x + blockIdx.x));
+    int v = warp_reduce(int(threadIdx.x + blockIdx.x), Plus{});
     if (lane == 0) partial[warp] = v;
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -201,9 +201,9 @@ MB_KERNEL(emu_race_primitives_reuse_scratch, RaceParams, RACE_THREADS) {
     u32 total;
     const u32 before = block_exclusive_scan<RACE_THREADS>(1u, scratch, &total);
     reuse();
-    const u32 bits = block_or<RACE_THREADS>(1u << (threadIdx.x % 32), scratch);
+    const u32 bits = block_reduce<RACE_THREADS>(1u << (threadIdx.x % 32), scratch, BitOr{});
     reuse();
-    const u32 sum = block_sum<RACE_THREADS>(u32(threadIdx.x), scratch);
+    const u32 sum = block_reduce<RACE_THREADS>(u32(threadIdx.x), scratch, Plus{});
     reuse();
     u32* out = reinterpret_cast<u32*>(p.out) + 4 * (blockIdx.x * blockDim.x + threadIdx.x);
     out[0] = before;
