@@ -10,7 +10,9 @@
 //!   whose bytes together exceed the L2 cache several times, so a repeated
 //!   call does not read its inputs from L2),
 //! - the median time of one replay of a CUDA graph holding the same call
-//!   (the three launches without the host's launch gaps),
+//!   (the three launches without the host's launch gaps), and of graphs of
+//!   its halves apart: the forward (the row walk and the selection) and the
+//!   backward (the gradients), to show where the time goes,
 //! - the fewest bytes a call must move (logits read and their gradient
 //!   written, boxes read and their gradient written, labels read), the
 //!   bandwidth that implies at the better of the two times, and its share of two
@@ -261,7 +263,7 @@ impl Run {
     /// The row-major cases, or the channel-major (`_cm`) ones.
     fn loss_cases(&mut self, bench: &Bench, channel_major: bool) {
         println!(
-            "{:<14} {:>4} {:>5} {:>3} {:>5} | {:>9} {:>9} | {:>8} {:>8} {:>6} {:>6} | sets",
+            "{:<14} {:>4} {:>5} {:>3} {:>5} | {:>9} {:>9} | {:>7} {:>7} | {:>8} {:>8} {:>6} {:>6} | sets",
             "case",
             "B",
             "P",
@@ -269,6 +271,8 @@ impl Run {
             "dtype",
             "call us",
             "graph us",
+            "fwd us",
+            "bwd us",
             "min MB",
             "GB/s",
             "%peak",
@@ -497,33 +501,67 @@ impl<T: Elem> CallSet<T> {
         stream: &Arc<CudaStream>,
         shape: Shape,
         name: &str,
+        pass: Pass,
     ) -> Result<()> {
         let (layout, normalizer) = options(name);
-        loss.forward_backward_with(
-            stream,
-            shape,
-            &multibox::Inputs {
-                confidence: &self.confidence,
-                predicted_locations: &self.predicted_locations,
-                labels: &self.labels,
-                gt_locations: &self.gt_locations,
-            },
-            multibox::Upstream::default(),
-            &mut multibox::Gradients {
-                confidence: &mut self.grad_confidence,
-                predicted_locations: &mut self.grad_locations,
-            },
-            &mut multibox::Outputs {
-                regression_loss: &mut self.regression_loss,
-                classification_loss: &mut self.classification_loss,
-                num_pos: &mut self.num_pos,
-                mask: None,
-            },
-            &mut self.workspace,
-            CallOptions { layout, normalizer },
-        )?;
+        let inputs = multibox::Inputs {
+            confidence: &self.confidence,
+            predicted_locations: &self.predicted_locations,
+            labels: &self.labels,
+            gt_locations: &self.gt_locations,
+        };
+        let mut gradients = multibox::Gradients {
+            confidence: &mut self.grad_confidence,
+            predicted_locations: &mut self.grad_locations,
+        };
+        let mut outputs = multibox::Outputs {
+            regression_loss: &mut self.regression_loss,
+            classification_loss: &mut self.classification_loss,
+            num_pos: &mut self.num_pos,
+            mask: None,
+        };
+        let upstream = multibox::Upstream::default();
+        let options = CallOptions { layout, normalizer };
+        let workspace = &mut self.workspace;
+        match pass {
+            Pass::ForwardBackward => loss.forward_backward_with(
+                stream,
+                shape,
+                &inputs,
+                upstream,
+                &mut gradients,
+                &mut outputs,
+                workspace,
+                options,
+            )?,
+            Pass::Forward => {
+                loss.forward_with(stream, shape, &inputs, &mut outputs, workspace, options)?
+            }
+            // The workspace holds the last forward of this set (every call
+            // before this one was a forward_backward or a forward).
+            Pass::Backward => loss.backward_with(
+                stream,
+                shape,
+                &inputs,
+                upstream,
+                &mut gradients,
+                workspace,
+                layout,
+            )?,
+        }
         Ok(())
     }
+}
+
+/// What a timed call runs: the fused call that the table is about, or one
+/// of its halves, timed apart as graph replays to show where the time goes:
+/// the forward (kernel 1, the row walk, and kernel 2, the selection) and the
+/// backward (kernel 3, the gradients).
+#[derive(Clone, Copy, Debug)]
+enum Pass {
+    ForwardBackward,
+    Forward,
+    Backward,
 }
 
 struct Record {
@@ -534,6 +572,9 @@ struct Record {
     call_us: f64,
     graph_us: Option<f64>,
     graph_error: Option<String>,
+    /// Graph replays of the forward alone and of the backward alone.
+    forward_graph_us: Option<f64>,
+    backward_graph_us: Option<f64>,
     bytes: usize,
     peak: Option<f64>,
     copy: Option<f64>,
@@ -562,16 +603,18 @@ impl Record {
     }
 
     fn row(&self) -> String {
-        let graph = self
-            .graph_us
-            .map_or(format!("{:>9}", "n/a"), |us| format!("{us:9.1}"));
+        let us = |t: Option<f64>, width: usize| {
+            t.map_or(format!("{:>width$}", "n/a"), |us| format!("{us:width$.1}"))
+        };
+        let graph = us(self.graph_us, 9);
+        let (forward, backward) = (us(self.forward_graph_us, 7), us(self.backward_graph_us, 7));
         let pct = |ceiling| {
             self.pct_of(ceiling)
                 .map_or(format!("{:>6}", "n/a"), |p| format!("{p:6.1}"))
         };
         let (peak, copy) = (pct(self.peak), pct(self.copy));
         let mut row = format!(
-            "{:<14} {:>4} {:>5} {:>3} {:>5} | {:9.1} {graph} | {:8.1} {:8.0} {peak} {copy} | {}",
+            "{:<14} {:>4} {:>5} {:>3} {:>5} | {:9.1} {graph} | {forward} {backward} | {:8.1} {:8.0} {peak} {copy} | {}",
             self.name,
             self.shape.batch,
             self.shape.priors,
@@ -606,6 +649,8 @@ impl Record {
             "launch_bound": self.launch_bound(),
             "graph_us": self.graph_us,
             "graph_error": self.graph_error,
+            "forward_graph_us": self.forward_graph_us,
+            "backward_graph_us": self.backward_graph_us,
             "min_bytes": self.bytes,
             "gbps": self.bandwidth() / 1e9,
             "peak_gbps": self.peak.map(|p| p / 1e9),
@@ -690,13 +735,13 @@ impl Bench<'_> {
             .context("allocating the input sets")?;
 
         self.warm_up(&stream, sets.max(10), |i| {
-            calls[i % sets].call(&loss, &stream, shape, name)
+            calls[i % sets].call(&loss, &stream, shape, name, Pass::ForwardBackward)
         })?;
 
         // As many calls as fit in ~0.3 s (0.05 s quick), at least 20.
         let start = Instant::now();
         for c in calls.iter_mut() {
-            c.call(&loss, &stream, shape, name)?;
+            c.call(&loss, &stream, shape, name, Pass::ForwardBackward)?;
         }
         stream.synchronize()?;
         let per_call = start.elapsed().as_secs_f64() / sets as f64;
@@ -711,7 +756,7 @@ impl Bench<'_> {
         // never waits on the host between calls longer than the launches take.
         events[0].record(&stream)?;
         for i in 0..n {
-            calls[i % sets].call(&loss, &stream, shape, name)?;
+            calls[i % sets].call(&loss, &stream, shape, name, Pass::ForwardBackward)?;
             events[i + 1].record(&stream)?;
         }
         stream.synchronize()?;
@@ -721,11 +766,18 @@ impl Bench<'_> {
             .collect::<Result<_, _>>()?;
         let call_us = median(times);
 
-        let (graph_us, graph_error) =
-            match self.graph_time(&loss, &stream, name, shape, &mut calls, n) {
-                Ok(us) => (Some(us), None),
-                Err(e) => (None, Some(format!("{e:#}"))),
-            };
+        let mut graph = |pass| self.graph_time(&loss, &stream, name, shape, &mut calls, n, pass);
+        let (graph_us, graph_error) = match graph(Pass::ForwardBackward) {
+            Ok(us) => (Some(us), None),
+            Err(e) => (None, Some(format!("{e:#}"))),
+        };
+        // The halves apart where the fused call captured (a failure there
+        // is the fused call's, reported above).
+        let (forward_graph_us, backward_graph_us) = if graph_us.is_some() {
+            (graph(Pass::Forward).ok(), graph(Pass::Backward).ok())
+        } else {
+            (None, None)
+        };
 
         if let Ok(status) = loss.status(&stream, shape, &calls[0].workspace) {
             if !status.is_ok() {
@@ -740,6 +792,8 @@ impl Bench<'_> {
             call_us,
             graph_us,
             graph_error,
+            forward_graph_us,
+            backward_graph_us,
             bytes,
             peak: self.peak,
             copy: self.copy,
@@ -748,8 +802,9 @@ impl Bench<'_> {
         })
     }
 
-    /// One graph per input set, each holding one forward_backward; the
+    /// One graph per input set, each holding one call of `pass`; the
     /// median time of one replay, rotating among the graphs.
+    #[allow(clippy::too_many_arguments)]
     fn graph_time<T: Elem>(
         &self,
         loss: &MultiboxLoss,
@@ -758,14 +813,15 @@ impl Bench<'_> {
         shape: Shape,
         calls: &mut [CallSet<T>],
         n: usize,
+        pass: Pass,
     ) -> Result<f64> {
         let mut graphs = Vec::with_capacity(calls.len());
         for c in calls.iter_mut() {
             stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
-            let captured = c.call(loss, stream, shape, name);
+            let captured = c.call(loss, stream, shape, name, pass);
             // End the capture even when the call failed, so the stream is usable.
             let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
-            captured.context("forward_backward during capture")?;
+            captured.with_context(|| format!("{pass:?} during capture"))?;
             let graph = graph?.context("the capture recorded no work")?;
             graph.upload()?;
             graphs.push(graph);

@@ -113,6 +113,21 @@ def main():
     print("-" * len(header))
     print(f"sanitizer errors (goldens): {summary}")
 
+    # The bench's graph replays of each half apart: the forward (the row
+    # walk and the selection) and the backward (the gradients).
+    split = [(name, b, p, c, dtype, bench[(name, b, dtype)]) for dtype in DTYPES for (name, b, p, c) in SHAPES
+             if bench.get((name, b, dtype), {}).get("forward_graph_us") is not None]
+    if split:
+        print()
+        print("== forward and backward apart, one graph replay each, median device time ==")
+        split_header = (f"{'shape':<13} {'B':>4} {'P':>5} {'C':>3} {'dtype':<5} | {'graph us':>8} | "
+                        f"{'fwd us':>8} {'bwd us':>8}")
+        print(split_header)
+        print("-" * len(split_header))
+        for (name, b, p, c, dtype, ours) in split:
+            print(f"{name:<13} {b:>4} {p:>5} {c:>3} {dtype:<5} | {fmt(ours.get('graph_us'), '8.1f'):>8} | "
+                  f"{fmt(ours.get('forward_graph_us'), '8.1f'):>8} {fmt(ours.get('backward_graph_us'), '8.1f'):>8}")
+
     # NVIDIA's SSD loss (channel-major, per image) against our op with the
     # same semantics on the same inputs, eager PyTorch calls, and NVIDIA's
     # under torch.compile (scripts/pytorch_baseline.py, impls "nvidia",
