@@ -766,15 +766,18 @@ impl Bench<'_> {
             .collect::<Result<_, _>>()?;
         let call_us = median(times);
 
-        let mut graph = |pass| self.graph_time(&loss, &stream, name, shape, &mut calls, n, pass);
-        let (graph_us, graph_error) = match graph(Pass::ForwardBackward) {
+        let mut graph = |pass, n| self.graph_time(&loss, &stream, name, shape, &mut calls, n, pass);
+        let (graph_us, graph_error) = match graph(Pass::ForwardBackward, n) {
             Ok(us) => (Some(us), None),
             Err(e) => (None, Some(format!("{e:#}"))),
         };
         // The halves apart where the fused call captured (a failure there
-        // is the fused call's, reported above).
+        // is the fused call's, reported above), on a quarter of the
+        // replays: a breakdown, which must not push later cases past the
+        // bench's deadline.
         let (forward_graph_us, backward_graph_us) = if graph_us.is_some() {
-            (graph(Pass::Forward).ok(), graph(Pass::Backward).ok())
+            let n = (n / 4).max(20);
+            (graph(Pass::Forward, n).ok(), graph(Pass::Backward, n).ok())
         } else {
             (None, None)
         };
