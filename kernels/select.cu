@@ -354,8 +354,9 @@ __device__ void select_and_reduce(const MultiboxParams& p) {
     }
 }
 
-// Three blocks an SM, so at most 42 registers (sm_90 takes 38): at SSD300's
-// 8,732 priors a block's staged keys and histogram (43 KiB) fit five times
-// in an H100 SM's shared memory, so registers set the limit, and three
-// blocks run 396 images in one wave on 132 SMs where two would run 264.
+// Three blocks an SM, so at most 40 registers (a warp's are allocated 256
+// at a time; sm_90 takes 38): at SSD300's 8,732 priors a block's staged
+// keys and histogram (43 KiB) fit five times in an H100 SM's shared memory,
+// so registers set the limit, and three blocks run 396 images in one wave
+// on 132 SMs where two would run 264.
 MB_KERNEL_BLOCKS(multibox_select, MultiboxParams, SELECT_THREADS, 3) { select_and_reduce(p); }
