@@ -50,7 +50,7 @@ use multibox::cudarc::driver::{
 };
 use multibox::synthetic::{Batch, BatchSpec, BoxBatch};
 use multibox::targets::{priors, TargetAssigner, TargetConfig, TargetInputs, TargetOutputs};
-use multibox::{CallOptions, Float, Layout, MultiboxConfig, MultiboxLoss, Normalizer, Shape};
+use multibox::{CallOptions, Float, Layout, MultiboxConfig, MultiboxLoss, Normalizer, Pass, Shape};
 
 /// The shapes of SSD training that the crate is for, row-major and
 /// normalised by N; then the `_cm` cases: channel-major inputs (`[B, C, P]`,
@@ -495,6 +495,10 @@ impl<T: Elem> CallSet<T> {
         })
     }
 
+    /// One call of `pass` on this set: the fused call the table is about,
+    /// or one of its halves, timed apart to show where the time goes. A
+    /// backward reads the workspace the set's last forward (or fused call)
+    /// left.
     fn call(
         &mut self,
         loss: &MultiboxLoss,
@@ -537,8 +541,6 @@ impl<T: Elem> CallSet<T> {
             Pass::Forward => {
                 loss.forward_with(stream, shape, &inputs, &mut outputs, workspace, options)?
             }
-            // The workspace holds the last forward of this set (every call
-            // before this one was a forward_backward or a forward).
             Pass::Backward => loss.backward_with(
                 stream,
                 shape,
@@ -551,17 +553,6 @@ impl<T: Elem> CallSet<T> {
         }
         Ok(())
     }
-}
-
-/// What a timed call runs: the fused call that the table is about, or one
-/// of its halves, timed apart as graph replays to show where the time goes:
-/// the forward (kernel 1, the row walk, and kernel 2, the selection) and the
-/// backward (kernel 3, the gradients).
-#[derive(Clone, Copy, Debug)]
-enum Pass {
-    ForwardBackward,
-    Forward,
-    Backward,
 }
 
 struct Record {

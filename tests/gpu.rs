@@ -701,9 +701,6 @@ fn c_abi_calls_leave_the_callers_context_current() {
     assert!(losses[0].is_finite(), "{losses:?}");
 }
 
-/// `cuda_context` answers with an error, never a panic, where there is no
-/// such device: an ordinal past the devices names their count, and a
-/// machine without the driver library says that instead.
 /// Dropping a loss or an assigner waits for the device even when cudarc
 /// holds an error that an earlier drop recorded on the context (cudarc's
 /// `CudaContext::synchronize` would hand that error back without waiting,
@@ -729,6 +726,9 @@ fn drops_keep_an_error_cudarc_recorded_on_the_context() {
     assert_eq!(ctx.check_err(), Ok(()));
 }
 
+/// `cuda_context` answers with an error, never a panic, where there is no
+/// such device: an ordinal past the devices names their count, and a
+/// machine without the driver library says that instead.
 #[test]
 fn cuda_context_says_why_there_is_no_device() {
     let why = match multibox::cuda_context(1 << 20) {
